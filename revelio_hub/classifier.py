@@ -1,0 +1,331 @@
+"""Diff-C: a small classifier head on top of frozen diffusion features.
+
+Diff-C is the paper's evidence that diffusion features carry usable semantics:
+a light convolutional head trained on one block's *unpooled* feature map at one
+timestep reaches competitive transfer accuracy. The app uses it to show
+predicted classes next to the SAE neurons.
+
+Two heads share one class so that a release holds either behind the same API:
+
+``head="conv"`` (the paper's head)
+    parameter-free BatchNorm → Conv3×3 (C→hidden) + BN + ReLU + Dropout2d →
+    3 × [Conv3×3 stride 2 + BN + ReLU + Dropout2d] → global average pool →
+    Dropout → Linear. Padding 1 keeps every stride-2 block at ≥ 1×1, so the
+    small maps of a bottleneck at 256 px (4×4, even 1×1) work too.
+
+``head="linear"`` (the cheap probe used by the layer × timestep sweep)
+    global average pool → parameter-free BatchNorm → Linear. It pools *before*
+    normalising so that a feature map and its mean-pooled vector (what a feature
+    store keeps as ``pooled``) give exactly the same logits; the probe can then
+    be trained on pooled vectors and applied to maps.
+
+The model carries its :class:`~revelio_hub.recipe.FeatureRecipe` in
+``config.json`` so features from the wrong backbone, layer, timestep or image
+size are refused with a clear error instead of yielding confident nonsense.
+Loading is strict: a checkpoint whose tensors do not match the architecture in
+its config is an error, never a silently half-initialised model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, constants, snapshot_download
+from safetensors.torch import load_file
+from torch import nn
+
+from .recipe import FeatureRecipe
+
+HEADS = ("conv", "linear")
+#: Number of stride-2 blocks after the first convolution (the paper uses 3).
+NUM_DOWN_BLOCKS = 3
+
+RecipeLike = Union[FeatureRecipe, dict, None]
+
+
+def _conv_block(c_in: int, c_out: int, stride: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(dropout),
+    )
+
+
+class DiffC(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="revelio-hub",
+    tags=["revelio-hub", "diffusion-features", "image-classification", "diff-c"],
+    pipeline_tag="image-classification",
+    repo_url="https://github.com/revelio-hub/revelio-hub",
+):
+    """Classifier head over a diffusion block's feature map.
+
+    Args:
+        in_channels: channels C of the feature map (e.g. 1280 for SD1.5 ``up_ft1``).
+        class_names: one name per output, in label order.
+        head: ``"conv"`` (paper head, needs N×C×H×W maps) or ``"linear"``
+            (pooled probe, takes maps or N×C pooled vectors).
+        hidden: width of the conv head.
+        dropout: probability used by every Dropout2d and the final Dropout (conv head only).
+        recipe: the feature recipe (``FeatureRecipe.to_dict()``) the head was trained on,
+            or ``None`` when unknown (then only the channel count is checked).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        class_names: list[str],
+        head: str = "conv",
+        hidden: int = 1024,
+        dropout: float = 0.3,
+        recipe: Optional[dict] = None,
+    ) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"Unknown Diff-C head {head!r}; valid heads: {list(HEADS)}.")
+        if int(in_channels) <= 0:
+            raise ValueError(f"in_channels must be positive, got {in_channels}.")
+        class_names = [str(c) for c in class_names]
+        if len(class_names) < 2:
+            raise ValueError(f"Diff-C needs at least two classes, got {class_names}.")
+        if len(set(class_names)) != len(class_names):
+            raise ValueError("class_names must be unique.")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        if isinstance(recipe, FeatureRecipe):
+            recipe = recipe.to_dict()
+        if recipe is not None:
+            parsed = FeatureRecipe.from_dict(recipe)  # validates the keys
+            if parsed.d_in != int(in_channels):
+                raise ValueError(
+                    f"recipe.d_in={parsed.d_in} disagrees with in_channels={in_channels}."
+                )
+        self.in_channels = int(in_channels)
+        self.class_names = class_names
+        self.head = head
+        self.hidden = int(hidden)
+        self.dropout = float(dropout)
+        self.recipe: Optional[dict] = dict(recipe) if recipe is not None else None
+        # What save_pretrained writes to config.json: the normalised arguments,
+        # whatever form they were passed in (e.g. a FeatureRecipe object).
+        self._hub_mixin_config = {
+            "in_channels": self.in_channels,
+            "class_names": list(self.class_names),
+            "head": self.head,
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+            "recipe": self.recipe,
+        }
+
+        n_classes = len(class_names)
+        if head == "conv":
+            # Diffusion activations have wildly different scales per channel;
+            # a parameter-free BN standardises them without adding capacity.
+            self.input_norm: nn.Module = nn.BatchNorm2d(self.in_channels, affine=False)
+            blocks = [_conv_block(self.in_channels, self.hidden, 1, self.dropout)]
+            blocks += [
+                _conv_block(self.hidden, self.hidden, 2, self.dropout) for _ in range(NUM_DOWN_BLOCKS)
+            ]
+            self.blocks = nn.Sequential(*blocks)
+            self.head_dropout = nn.Dropout(self.dropout)
+            self.fc = nn.Linear(self.hidden, n_classes)
+        else:
+            self.input_norm = nn.BatchNorm1d(self.in_channels, affine=False)
+            self.fc = nn.Linear(self.in_channels, n_classes)
+
+    # ------------------------------------------------------------------ checks
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def feature_recipe(self) -> Optional[FeatureRecipe]:
+        """The recipe this head was trained on, as a :class:`FeatureRecipe` (``None`` if unknown)."""
+        return FeatureRecipe.from_dict(self.recipe) if self.recipe is not None else None
+
+    def _recipe_text(self) -> str:
+        if self.recipe is None:
+            return "an unrecorded feature recipe"
+        r = self.recipe
+        return (
+            f"backbone={r.get('backbone')!r}, layer={r.get('layer')!r}, t={r.get('timestep')}, "
+            f"image_size={r.get('image_size')}"
+        )
+
+    def check_recipe(self, recipe: RecipeLike) -> None:
+        """Raise ``ValueError`` if features made with ``recipe`` cannot be fed to this head.
+
+        Compares backbone, layer, timestep, image size and channel count (see
+        :meth:`FeatureRecipe.check_compatible`). A head without a recorded
+        recipe only checks the channel count.
+        """
+        if recipe is None:
+            return
+        other = recipe if isinstance(recipe, FeatureRecipe) else FeatureRecipe.from_dict(recipe)
+        mine = self.feature_recipe()
+        if mine is None:
+            if other.d_in != self.in_channels:
+                raise ValueError(
+                    f"Diff-C expects {self.in_channels}-channel features, the recipe gives {other.d_in}."
+                )
+            return
+        mine.check_compatible(other, what="features for this Diff-C head")
+
+    def _check_input(self, maps: torch.Tensor) -> torch.Tensor:
+        if not isinstance(maps, torch.Tensor):
+            raise ValueError(f"Diff-C expects a torch.Tensor of features, got {type(maps).__name__}.")
+        if maps.ndim == 4:
+            channels = maps.shape[1]
+        elif maps.ndim == 2:
+            if self.head == "conv":
+                raise ValueError(
+                    "The conv Diff-C head needs unpooled feature maps N×C×H×W, got pooled vectors "
+                    f"of shape {tuple(maps.shape)}; only head='linear' accepts N×C."
+                )
+            channels = maps.shape[1]
+        else:
+            raise ValueError(
+                f"Diff-C expects feature maps N×C×H×W (or N×C for the linear head), got shape {tuple(maps.shape)}."
+            )
+        if channels != self.in_channels:
+            raise ValueError(
+                f"Diff-C expects {self.in_channels} channels, got {channels} (input shape "
+                f"{tuple(maps.shape)}). It was trained on {self._recipe_text()}; extract features "
+                "with that recipe."
+            )
+        if not maps.is_floating_point():
+            raise ValueError(f"Diff-C expects floating-point features, got dtype {maps.dtype}.")
+        return maps
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Logits ``N×num_classes`` for feature maps ``N×C×H×W`` (or pooled ``N×C``, linear head)."""
+        maps = self._check_input(maps)
+        param = self.fc.weight
+        maps = maps.to(device=param.device, dtype=param.dtype)
+        if self.head == "linear":
+            pooled = maps.mean(dim=(2, 3)) if maps.ndim == 4 else maps
+            return self.fc(self.input_norm(pooled))
+        x = self.blocks(self.input_norm(maps))
+        return self.fc(self.head_dropout(x.mean(dim=(2, 3))))
+
+    @torch.no_grad()
+    def predict_proba(self, maps: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities ``N×num_classes`` (eval mode, batched, float32 on CPU)."""
+        if isinstance(maps, torch.Tensor) and (
+            (maps.ndim == 3 and self.head == "conv") or (maps.ndim == 1 and self.head == "linear")
+        ):
+            maps = maps.unsqueeze(0)  # a single map / vector
+        self._check_input(maps)
+        was_training = self.training
+        self.eval()
+        try:
+            out = [
+                torch.softmax(self(maps[i : i + batch_size]).float(), dim=-1).cpu()
+                for i in range(0, maps.shape[0], batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.num_classes)
+
+    def predict(self, maps: torch.Tensor, top_k: int = 5) -> list[dict[str, float]]:
+        """For each input, ``{class_name: probability}`` of the ``top_k`` classes, most likely first."""
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {top_k}.")
+        probs = self.predict_proba(maps)
+        k = min(int(top_k), self.num_classes)
+        values, indices = probs.topk(k, dim=-1)
+        return [
+            {self.class_names[int(i)]: float(v) for v, i in zip(row_v, row_i)}
+            for row_v, row_i in zip(values, indices)
+        ]
+
+    # --------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, Path],
+        *,
+        subfolder: Optional[str] = None,
+        revision: Optional[str] = None,
+        cache_dir: Optional[Union[str, Path]] = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: Optional[Union[str, bool]] = None,
+        **model_kwargs: Any,
+    ) -> "DiffC":
+        """Load a head from a local folder, a Hub repo id, or a ``subfolder`` of either.
+
+        Only the files of that folder are downloaded (``allow_patterns``), so
+        loading one entry of a release (``subfolder="up_ft1/t25/diffc"``) does
+        not fetch the rest. Loading is strict: see :meth:`_from_pretrained`.
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            folder = os.path.join(path, subfolder) if subfolder else path
+        else:
+            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+            root = snapshot_download(
+                repo_id=path,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                local_files_only=local_files_only,
+                token=token,
+                allow_patterns=[prefix + constants.CONFIG_NAME, prefix + constants.SAFETENSORS_SINGLE_FILE],
+            )
+            folder = os.path.join(root, subfolder) if subfolder else root
+        for name in (constants.CONFIG_NAME, constants.SAFETENSORS_SINGLE_FILE):
+            if not os.path.isfile(os.path.join(folder, name)):
+                where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+                raise ValueError(f"No Diff-C head at {where}: {name} is missing.")
+        return super().from_pretrained(folder, **model_kwargs)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: Optional[str] = None,
+        cache_dir: Any = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: Any = None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> "DiffC":
+        """Strict safetensors load: any missing, unexpected or mis-shaped tensor is an error.
+
+        The mixin's default loads non-strictly; a head whose weights do not
+        match its config would then run with random layers and silently
+        produce garbage, which is worse than failing.
+        """
+        model = cls(**model_kwargs)
+        weights = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
+        state = load_file(weights, device=str(map_location))
+        expected, got = set(model.state_dict()), set(state)
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match the Diff-C architecture in its config.json "
+                f"(head={model.head!r}, in_channels={model.in_channels}, hidden={model.hidden}): "
+                f"missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}."
+            )
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # shape mismatches
+            raise ValueError(f"{weights} does not match its config.json: {exc}") from exc
+        model.to(map_location)
+        model.eval()
+        return model
+
+
+__all__ = ["DiffC", "HEADS"]
