@@ -101,7 +101,7 @@ def test_shape_from_fill_ratio_and_mask_agrees_with_pixels(ds):
         shape = FACTORS["shape"][row["shape"]]
         if shape in expected and spec.size == "large":
             ys, xs = np.nonzero(mask)
-            fill = mask.sum() / ((ys.ptp() + 1) * (xs.ptp() + 1))
+            fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
             lo, hi = expected[shape]
             assert lo <= fill <= hi, (shape, fill)
 
