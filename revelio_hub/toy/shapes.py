@@ -37,7 +37,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "blue": (35, 60, 235),
     "magenta": (220, 35, 210),
 }
-SIZES: dict[str, float] = {"small": 0.14, "large": 0.25}  # object radius as a fraction of the side
+SIZES: dict[str, float] = {"small": 0.16, "large": 0.27}  # object radius as a fraction of the side
 POSITIONS: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
 BACKGROUNDS: tuple[str, ...] = ("dark", "light", "stripes")
 
