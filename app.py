@@ -1,0 +1,68 @@
+"""Revelio Hub app: upload an image, pick a layer and a timestep, see its neurons and classes.
+
+    python app.py                                  # the bundled toy release, http://127.0.0.1:7860
+    python app.py --release user/revelio-sd15-pets --release ./my-release --device cuda --dtype bfloat16
+    REVELIO_RELEASE=user/a,user/b python app.py   # same as two --release flags
+
+All logic lives in ``revelio_hub.app``; this file only parses options and launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from revelio_hub.app.state import DEFAULT_RELEASE_PATH, RELEASE_ENV, default_concurrency
+
+    parser = argparse.ArgumentParser(
+        description="Revelio Hub: explore diffusion-model neurons (k-SAE), their atlas and Diff-C predictions in a browser.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--release", action="append", metavar="ID_OR_PATH",
+        help="Release to serve: a Hub repo id or a local release folder. Repeat to offer several "
+        f"(a dropdown switches between them; the first is the default). Default: ${RELEASE_ENV} "
+        f"(comma-separated) or the bundled toy release ({DEFAULT_RELEASE_PATH.name}).",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for the backbone and heads (cpu, cuda, cuda:1, mps).")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="backbone dtype.")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="interface to listen on (0.0.0.0 to accept remote connections; $GRADIO_SERVER_NAME).")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                        help="port to listen on ($GRADIO_SERVER_PORT).")
+    parser.add_argument("--share", action="store_true", help="also create a temporary public gradio.live link.")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help=f"analyses run at once (default: from the CPU count, here {default_concurrency()}).")
+    parser.add_argument("--cache-size", type=int, default=64, help="images × timesteps whose backbone features are kept in memory.")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="do not load the default backbone in the background after start-up (first request pays for it).")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from revelio_hub.app.state import AppConfig, AppState, default_release_ids
+    from revelio_hub.app.ui import build_ui, launch_kwargs
+
+    config = AppConfig(
+        releases=args.release or default_release_ids(),
+        device=args.device,
+        dtype=args.dtype,
+        concurrency=args.concurrency,
+        feature_cache_size=args.cache_size,
+    )
+    state = AppState.from_config(config)
+    demo = build_ui(state)
+    if not args.no_warmup:
+        threading.Thread(target=state.warmup, name="revelio-warmup", daemon=True).start()
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(state))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""The analyses behind every button of the app, as plain functions.
+
+The UI (:mod:`revelio_hub.app.ui`) and the JSON API call these, and tests call
+them directly: each takes an :class:`~revelio_hub.app.state.AppState` and plain
+values, and returns plain data (dataclasses, dicts, PIL images). Bad input is a
+``ValueError`` whose message is written for the person who made the request;
+the UI turns it into ``gr.Error``.
+
+The costly step, the backbone pass, happens only in :func:`analyze` (and only
+on a feature-cache miss). Picking another neuron (:func:`neuron_view`) reuses
+the cached maps: it runs the SAE on one small map and reads the atlas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from revelio_hub.app.state import AppState, LoadedRelease, image_digest
+from revelio_hub.app.validation import ImageLimits, read_image
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+#: Side of the image shown under the heat map (the backbone's centre crop, upsampled for display).
+DISPLAY_SIZE = 384
+#: Ways the neuron browser can sort neurons.
+SORT_KEYS = ("frequency", "purity", "mean_activation")
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class NeuronHit:
+    """One of an image's strongest neurons."""
+
+    id: int
+    activation: float
+    summary: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "activation": self.activation, "summary": self.summary}
+
+
+@dataclass
+class Analysis:
+    """The result of analysing one image at one (release, layer, t).
+
+    ``digest`` keys the cached feature maps, so follow-up calls (another neuron,
+    the heat map) find them without running the backbone again.
+    """
+
+    release: str
+    layer: str
+    timestep: int
+    predictions: dict[str, float]
+    neurons: list[NeuronHit]
+    digest: str
+    image: "Image.Image" = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``/analyze_json`` payload (neurons sorted by activation, strongest first)."""
+        return {
+            "release": self.release,
+            "layer": self.layer,
+            "timestep": self.timestep,
+            "predictions": dict(self.predictions),
+            "neurons": [n.to_dict() for n in self.neurons],
+        }
+
+
+@dataclass
+class NeuronDetails:
+    """What the neuron browser shows about one neuron."""
+
+    id: int
+    summary: str
+    frequency: float
+    mean_activation: float
+    purity: float
+    histogram: dict[str, float]
+    top_images: list[tuple[Any, str]]
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def resolve_entry(
+    state: AppState, release: Optional[str], layer: Optional[str], timestep: Any
+) -> tuple[LoadedRelease, str, int]:
+    """Validate the (release, layer, t) choice; missing layer/t fall back to the release's first entry."""
+    rel = state.get_release(release)
+    default_layer, default_t = rel.default_entry()
+    if layer in (None, ""):
+        layer = default_layer
+    if timestep in (None, ""):
+        ts = rel.timesteps(layer)
+        timestep = default_t if default_t in ts else (ts[0] if ts else default_t)
+    if isinstance(timestep, float) and not timestep.is_integer():
+        raise ValueError(f"Timestep must be a whole number, got {timestep}.")
+    layer, t = rel.check_entry(str(layer), timestep)
+    return rel, layer, t
+
+
+def _check_neuron(entry: Any, neuron: Any) -> int:
+    n_latents = int(entry.sae.n_latents)
+    try:
+        value = float(neuron)
+    except (TypeError, ValueError):
+        raise ValueError(f"Neuron id must be a whole number, got {neuron!r}.") from None
+    if not value.is_integer() or not 0 <= value < n_latents:
+        raise ValueError(f"Neuron id must be a whole number from 0 to {n_latents - 1}, got {neuron!r}.")
+    return int(value)
+
+
+def _atlas_summary(atlas: Any, i: int) -> str:
+    try:
+        return str(atlas.summary(i))
+    except Exception:  # an atlas without statistics for i still lets the app show the activation
+        return ""
+
+
+def display_image(image: "Image.Image", size: int = DISPLAY_SIZE) -> "Image.Image":
+    """The backbone's view of ``image`` (same resize + centre crop), at display resolution."""
+    from revelio_hub.images import center_crop_resize
+
+    return center_crop_resize(image, size)
+
+
+# -------------------------------------------------------------------- analyses
+
+
+def analyze(
+    state: AppState,
+    image: Any,
+    layer: Optional[str] = None,
+    timestep: Any = None,
+    release: Optional[str] = "",
+    *,
+    progress: Optional[ProgressFn] = None,
+    limits: ImageLimits = ImageLimits(),
+) -> Analysis:
+    """Predict classes and list the strongest neurons of ``image`` at ``(release, layer, t)``.
+
+    ``image`` is anything :func:`~revelio_hub.app.validation.read_image`
+    accepts. Predictions are the entry's Diff-C top-k probabilities (so they sum
+    to at most 1); neurons are the SAE's image-level activations, strongest
+    first, with the atlas' one-line summary of each.
+    """
+    import torch
+
+    rel, layer, t = resolve_entry(state, release, layer, timestep)
+    if progress:
+        progress(0.0, "Reading the image…")
+    img = read_image(image, limits)
+    digest = image_digest(img)
+    maps = state.feature_maps(img, rel, t, digest=digest, progress=progress)
+    entry = rel.entry(layer, t)
+    if progress:
+        progress(0.8, "Decoding neurons and classes…")
+    fmap = maps[layer]
+    with torch.inference_mode():
+        acts = entry.sae.image_activations(fmap)[0].float()
+        predictions = entry.diffc.predict(fmap, top_k=state.config.top_classes)[0] if entry.diffc is not None else {}
+    k = min(state.config.top_neurons, acts.numel())
+    values, ids = torch.topk(acts, k)
+    neurons = [
+        NeuronHit(int(i), round(float(v), 6), _atlas_summary(entry.atlas, int(i)))
+        for v, i in zip(values.tolist(), ids.tolist())
+        if v > 0
+    ]
+    predictions = {str(name): round(float(p), 6) for name, p in predictions.items()}
+    return Analysis(rel.id, layer, t, predictions, neurons, digest, display_image(img))
+
+
+def activation_map(state: AppState, analysis: Analysis, neuron: Any) -> "torch.Tensor":
+    """Where ``neuron`` fires on the analysed image: an ``H×W`` map from the cached features.
+
+    Raises ``ValueError`` if the features fell out of the cache (the caller
+    should analyse the image again).
+    """
+    import torch
+
+    rel = state.get_release(analysis.release)
+    entry = rel.entry(analysis.layer, analysis.timestep)
+    neuron_id = _check_neuron(entry, neuron)
+    maps = state.features.get((analysis.digest, rel.id, analysis.timestep))
+    if maps is None:
+        raise ValueError("This image's features are no longer cached; click Analyze again.")
+    with torch.inference_mode():
+        amap = entry.sae.activation_map(maps[analysis.layer], [neuron_id])
+    return amap[0, 0].float()
+
+
+def overlay_heatmap(
+    image: "Image.Image", amap: "torch.Tensor", *, scale: Optional[float] = None, alpha: float = 0.65, cmap: str = "inferno"
+) -> "Image.Image":
+    """Colour-map ``amap`` (H×W, upsampled to the image) and alpha-blend it over ``image``.
+
+    Opacity follows activation, so where the neuron is silent the image shows
+    through. ``scale`` is the activation drawn at full colour (default: the
+    map's maximum); a neuron that never fires leaves the image untouched.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from matplotlib import colormaps
+    from PIL import Image
+
+    w, h = image.size
+    up = F.interpolate(amap[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    peak = float(scale) if scale else float(up.max())
+    if peak <= 0:
+        return image.copy()
+    norm = (up / peak).clamp(0, 1).numpy()
+    rgba = colormaps[cmap](norm)  # H×W×4 floats in [0, 1]
+    heat = (rgba[..., :3] * 255).astype(np.float32)
+    weight = (alpha * np.sqrt(norm))[..., None]  # sqrt: weak but real activation stays visible
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    out = base * (1 - weight) + heat * weight
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def neuron_gallery(state: AppState, release: Optional[str], layer: str, timestep: Any, neuron: Any, n: Optional[int] = None) -> list[tuple[Any, str]]:
+    """The atlas' top-activating dataset images of ``neuron`` as (image, caption) pairs."""
+    rel, layer, t = resolve_entry(state, release, layer, timestep)
+    entry = rel.entry(layer, t)
+    neuron_id = _check_neuron(entry, neuron)
+    return _top_images(entry.atlas, neuron_id, n or state.config.top_images)
+
+
+def _top_images(atlas: Any, neuron_id: int, n: int) -> list[tuple[Any, str]]:
+    items = []
+    for item in atlas.top_images(neuron_id, n):
+        if isinstance(item, dict):
+            image = item.get("image") or item.get("path") or item.get("thumbnail")
+            label = item.get("label") or item.get("class_name") or ""
+            act = item.get("activation")
+        elif isinstance(item, (tuple, list)):
+            image, label = item[0], item[1] if len(item) > 1 else ""
+            act = item[2] if len(item) > 2 else None
+        else:
+            image = getattr(item, "image", None) or getattr(item, "path", None)
+            label = getattr(item, "label", "") or ""
+            act = getattr(item, "activation", None)
+        caption = f"{label} · {float(act):.2f}" if act is not None else str(label)
+        items.append((str(image) if not hasattr(image, "size") else image, caption))
+    return items
+
+
+def neuron_view(state: AppState, analysis: Analysis, neuron: Any) -> tuple[list[tuple[Any, str]], "Image.Image", str]:
+    """Gallery, heat-map overlay and a one-line caption for ``neuron`` on an analysed image.
+
+    Uses only cached features: no backbone pass.
+    """
+    rel = state.get_release(analysis.release)
+    entry = rel.entry(analysis.layer, analysis.timestep)
+    neuron_id = _check_neuron(entry, neuron)
+    amap = activation_map(state, analysis, neuron_id)
+    overlay = overlay_heatmap(analysis.image, amap)
+    gallery = _top_images(entry.atlas, neuron_id, state.config.top_images)
+    peak = float(amap.max())
+    summary = _atlas_summary(entry.atlas, neuron_id)
+    where = f"peak activation {peak:.3g}" if peak > 0 else "does not fire anywhere on this image"
+    caption = f"Neuron {neuron_id}" + (f" — {summary}" if summary else "") + f" ({where})"
+    return gallery, overlay, caption
+
+
+# -------------------------------------------------------------- neuron browser
+
+
+def _stat(atlas: Any, record: Any, name: str) -> float:
+    if isinstance(record, dict) and name in record:
+        value = record[name]
+    else:
+        value = getattr(record, name, None)
+    if value is None:
+        return float("nan")
+    return float(value)
+
+
+def neuron_details(state: AppState, release: Optional[str], layer: str, timestep: Any, neuron: Any) -> NeuronDetails:
+    """Everything the neuron browser shows about one neuron."""
+    rel, layer, t = resolve_entry(state, release, layer, timestep)
+    entry = rel.entry(layer, t)
+    neuron_id = _check_neuron(entry, neuron)
+    atlas = entry.atlas
+    record = atlas.neuron(neuron_id)
+    histogram = {str(k): float(v) for k, v in dict(atlas.label_histogram(neuron_id)).items()}
+    total = sum(histogram.values())
+    if total > 0:
+        histogram = {k: v / total for k, v in histogram.items()}
+    return NeuronDetails(
+        id=neuron_id,
+        summary=_atlas_summary(atlas, neuron_id),
+        frequency=_stat(atlas, record, "frequency"),
+        mean_activation=_stat(atlas, record, "mean_activation"),
+        purity=_stat(atlas, record, "purity"),
+        histogram=histogram,
+        top_images=_top_images(atlas, neuron_id, state.config.top_images),
+    )
+
+
+def _neuron_rows(atlas: Any, ids: Sequence[int], n: int) -> list[list[Any]]:
+    rows = []
+    for i in list(ids)[:n]:
+        record = atlas.neuron(int(i))
+        rows.append(
+            [
+                int(i),
+                round(_stat(atlas, record, "frequency"), 5),
+                round(_stat(atlas, record, "purity"), 3),
+                round(_stat(atlas, record, "mean_activation"), 3),
+                _atlas_summary(atlas, int(i)),
+            ]
+        )
+    return rows
+
+
+#: Column names of :func:`sorted_neurons` and :func:`class_neurons` rows.
+NEURON_TABLE_HEADERS = ["neuron", "frequency", "purity", "mean activation", "summary"]
+
+
+def sorted_neurons(
+    state: AppState, release: Optional[str], layer: str, timestep: Any, by: str = "frequency", n: int = 50
+) -> list[list[Any]]:
+    """Rows of the neuron list sorted ``by`` one of :data:`SORT_KEYS` (as the atlas defines the order)."""
+    if by not in SORT_KEYS:
+        raise ValueError(f"Cannot sort neurons by {by!r}; choose one of: {', '.join(SORT_KEYS)}.")
+    rel, layer, t = resolve_entry(state, release, layer, timestep)
+    atlas = rel.entry(layer, t).atlas
+    return _neuron_rows(atlas, atlas.sorted_neurons(by), n)
+
+
+def class_names(state: AppState, release: Optional[str], layer: str, timestep: Any) -> list[str]:
+    rel, layer, t = resolve_entry(state, release, layer, timestep)
+    return [str(c) for c in rel.entry(layer, t).atlas.class_names]
+
+
+def class_neurons(
+    state: AppState, release: Optional[str], layer: str, timestep: Any, class_name: str, n: int = 50
+) -> list[list[Any]]:
+    """Rows of neurons whose top images are mostly ``class_name``."""
+    names = class_names(state, release, layer, timestep)
+    if class_name not in names:
+        raise ValueError(f"Unknown class {class_name!r}; this release's classes are: {', '.join(names)}.")
+    rel, layer, t = resolve_entry(state, release, layer, timestep)
+    atlas = rel.entry(layer, t).atlas
+    return _neuron_rows(atlas, atlas.neurons_for_class(class_name), n)
+
+
+__all__ = [
+    "Analysis",
+    "NeuronHit",
+    "NeuronDetails",
+    "analyze",
+    "activation_map",
+    "overlay_heatmap",
+    "neuron_view",
+    "neuron_gallery",
+    "neuron_details",
+    "sorted_neurons",
+    "class_neurons",
+    "class_names",
+    "resolve_entry",
+    "NEURON_TABLE_HEADERS",
+    "SORT_KEYS",
+    "DISPLAY_SIZE",
+]

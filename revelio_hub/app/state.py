@@ -1,0 +1,466 @@
+"""What the app keeps in memory between requests, and why each cache exists.
+
+One process serves many users, so three things are loaded or computed once:
+
+* **Releases** (:class:`LoadedRelease`): the metadata (``release.json``, card,
+  examples) is read at start-up; each ``(layer, t)`` entry's SAE, Diff-C and
+  atlas are loaded on first use and kept.
+* **Backbones** (:class:`BackboneCache`): the diffusion model is by far the
+  largest object. It is cached by backbone id (plus device and dtype), so
+  switching layer, timestep, or even between two releases of the same backbone
+  never reloads it.
+* **Features** (:class:`FeatureCache`): one backbone pass per image and
+  timestep. The pass reads every layer the release offers at that timestep, so
+  switching layer, selecting another neuron, or asking for the heat map reuses
+  the stored maps (LRU keyed by image hash, release and t).
+
+All three are guarded by locks: the Gradio queue runs several events at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence
+
+if TYPE_CHECKING:  # heavy imports stay lazy: the app must answer within seconds of starting
+    import torch
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming releases (comma-separated ids or paths) when ``--release`` is not given.
+RELEASE_ENV = "REVELIO_RELEASE"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The bundled default release (the toy shapes model), used when no release is named.
+DEFAULT_RELEASE_PATH = _REPO_ROOT / "releases" / "toy-shapes"
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def default_release_ids() -> list[str]:
+    """Release ids from ``$REVELIO_RELEASE`` (comma-separated), else the bundled toy release."""
+    env = os.environ.get(RELEASE_ENV, "")
+    ids = [part.strip() for part in env.split(",") if part.strip()]
+    return ids or [str(DEFAULT_RELEASE_PATH)]
+
+
+def default_concurrency() -> int:
+    """How many analyses may run at once.
+
+    On CPU one backbone pass already uses every core through intra-op
+    threads, so more than ``cores / 2`` concurrent passes only adds contention;
+    on a GPU a couple of concurrent requests keep the device busy while the
+    other side decodes and encodes images.
+    """
+    cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+@dataclass
+class AppConfig:
+    """Settings of one app process (mirrors ``app.py``'s command line).
+
+    Attributes:
+        releases: release ids (Hub) or local folders; the first is the default.
+        device: torch device for the backbone and the heads (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+        dtype: backbone dtype; SAE/Diff-C/atlas always run in float32.
+        feature_cache_size: images × timesteps whose feature maps are kept (LRU).
+        top_neurons: how many of an image's strongest neurons are listed.
+        top_images: how many top-activating dataset images are shown per neuron.
+        top_classes: how many predicted classes are shown.
+        concurrency: events run at once (``None``: :func:`default_concurrency`).
+        queue_size: requests waiting beyond that before new ones are refused.
+    """
+
+    releases: list[str] = field(default_factory=default_release_ids)
+    device: str = "cpu"
+    dtype: str = "float32"
+    feature_cache_size: int = 64
+    top_neurons: int = 10
+    top_images: int = 10
+    top_classes: int = 5
+    concurrency: Optional[int] = None
+    queue_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.releases:
+            raise ValueError("At least one release is needed (a Hub id or a local release folder).")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}.")
+        if self.feature_cache_size < 1:
+            raise ValueError(f"feature_cache_size must be at least 1, got {self.feature_cache_size}.")
+        for name in ("top_neurons", "top_images", "top_classes", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.concurrency is None:
+            self.concurrency = default_concurrency()
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+class FeatureCache:
+    """A thread-safe LRU map from a hashable key to computed feature maps."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = int(maxsize)
+        self._data: "OrderedDict[Hashable, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._data
+
+
+class BackboneCache:
+    """One backbone per (backbone id, device, dtype) for the life of the process.
+
+    ``loads`` counts real loads, so tests (and curious operators) can check that
+    switching layer, timestep or release did not reload the model.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str, str], Any] = {}
+        self._locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.loads = 0
+
+    def get(self, key: tuple[str, str, str], loader: Callable[[], Any]) -> Any:
+        model = self._models.get(key)
+        if model is not None:
+            return model
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # only one thread loads a given backbone; the others wait for it
+            model = self._models.get(key)
+            if model is None:
+                logger.info("Loading backbone %s on %s (%s)", *key)
+                model = loader()
+                self._models[key] = model
+                self.loads += 1
+        return model
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+def image_digest(image: "Image.Image") -> str:
+    """A content hash of an RGB image: the same pixels give the same key, whatever the file name."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+class LoadedRelease:
+    """A release as the app uses it: metadata now, entries on demand.
+
+    Attributes:
+        id: the id or path the user gave (what the release dropdown and ``/analyze_json`` accept).
+        name: a short display name (the folder or repo name).
+        release: the :class:`revelio_hub.release.Release`.
+    """
+
+    def __init__(self, release_id: str, release: Any) -> None:
+        self.id = release_id
+        self.name = Path(release_id.rstrip("/\\")).name or release_id
+        self.release = release
+        self._entries: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, release_id: str) -> "LoadedRelease":
+        from revelio_hub.release import Release
+
+        return cls(release_id, Release.from_pretrained(release_id))
+
+    # ----------------------------------------------------------------- metadata
+
+    @property
+    def entries(self) -> list[tuple[str, int]]:
+        """``(layer, t)`` pairs in the release's own order."""
+        return [(str(layer), int(t)) for layer, t in self.release.entries]
+
+    @property
+    def layers(self) -> list[str]:
+        seen: list[str] = []
+        for layer, _ in self.entries:
+            if layer not in seen:
+                seen.append(layer)
+        return seen
+
+    def timesteps(self, layer: Optional[str] = None) -> list[int]:
+        """Timesteps offered for ``layer`` (all timesteps when ``layer`` is None), ascending."""
+        return sorted({t for l, t in self.entries if layer is None or l == layer})
+
+    def default_entry(self) -> tuple[str, int]:
+        entries = self.entries
+        if not entries:
+            raise ValueError(f"Release {self.id!r} has no entries.")
+        return entries[0]
+
+    def check_entry(self, layer: str, t: int) -> tuple[str, int]:
+        """Validate a (layer, t) choice; the error lists what this release offers."""
+        try:
+            t = int(t)
+        except (TypeError, ValueError):
+            raise ValueError(f"Timestep must be an integer, got {t!r}.") from None
+        if (layer, t) not in self.entries:
+            offered = ", ".join(f"{l} t={tt}" for l, tt in self.entries)
+            if layer not in self.layers:
+                raise ValueError(
+                    f"Layer {layer!r} is not in release {self.name!r}; it offers: {offered}."
+                )
+            raise ValueError(
+                f"Timestep {t} is not available for layer {layer!r} in release {self.name!r}; "
+                f"available: {', '.join(map(str, self.timesteps(layer)))}."
+            )
+        return layer, t
+
+    @property
+    def card(self) -> str:
+        card = getattr(self.release, "card", "")
+        if card is None:
+            return ""
+        text = card if isinstance(card, str) else getattr(card, "text", None) or str(card)
+        return text
+
+    @property
+    def examples(self) -> list[tuple[str, str]]:
+        """``(image path, caption)`` pairs the release ships as examples."""
+        out: list[tuple[str, str]] = []
+        for item in getattr(self.release, "examples", None) or []:
+            if isinstance(item, (tuple, list)):
+                path, caption = str(item[0]), str(item[1]) if len(item) > 1 else Path(str(item[0])).stem
+            elif isinstance(item, dict):
+                path = str(item.get("path") or item.get("image"))
+                caption = str(item.get("label") or item.get("caption") or Path(path).stem)
+            else:
+                path, caption = str(item), Path(str(item)).stem
+            out.append((path, caption))
+        return out
+
+    @property
+    def local_dir(self) -> Optional[Path]:
+        """The folder holding the release's files (a local release, or its Hub download in the cache)."""
+        for attr in ("path", "root", "local_dir"):
+            value = getattr(self.release, attr, None)
+            if isinstance(value, (str, os.PathLike)) and Path(value).is_dir():
+                return Path(value).resolve()
+        if Path(self.id).is_dir():
+            return Path(self.id).resolve()
+        return None
+
+    # ------------------------------------------------------------------ entries
+
+    def entry(self, layer: str, t: int) -> Any:
+        """The ``ReleaseEntry(sae, diffc, atlas)`` of ``(layer, t)``, loaded once, in eval mode."""
+        key = self.check_entry(layer, t)
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self.release.load(*key)
+                for module in (getattr(entry, "sae", None), getattr(entry, "diffc", None)):
+                    if module is not None and hasattr(module, "eval"):
+                        module.eval()
+                self._entries[key] = entry
+        return entry
+
+    def backbone_key(self, device: str, dtype: str) -> tuple[str, str, str]:
+        """Cache key of this release's backbone: releases sharing a backbone share one model."""
+        rel = self.release
+        ident = None
+        for attr in ("backbone_id", "backbone"):
+            value = getattr(rel, attr, None)
+            if isinstance(value, (str, os.PathLike)):
+                ident = str(value)
+                break
+        if ident is None:
+            config = getattr(rel, "config", None) or getattr(rel, "manifest", None) or {}
+            if isinstance(config, dict) and isinstance(config.get("backbone"), str):
+                ident = config["backbone"]
+                rev = config.get("backbone_revision") or config.get("revision")
+                if rev:
+                    ident = f"{ident}@{rev}"
+        if ident is None or not Path(ident).is_absolute() and Path(ident).parts[:1] == ("backbone",):
+            # An embedded backbone folder belongs to this release alone.
+            ident = f"{self.id}::{ident or 'backbone'}"
+        return (ident, device, dtype)
+
+
+class AppState:
+    """Everything one app process holds: the releases and the shared caches.
+
+    Create it with :meth:`from_config`; the UI and the API functions in
+    :mod:`revelio_hub.app.analysis` take it as their first argument.
+    """
+
+    def __init__(self, config: AppConfig, releases: Sequence[LoadedRelease]) -> None:
+        if not releases:
+            raise ValueError("AppState needs at least one release.")
+        self.config = config
+        self.releases: dict[str, LoadedRelease] = {}
+        for rel in releases:
+            self.releases[rel.id] = rel
+        self.default_id = releases[0].id
+        self.backbones = BackboneCache()
+        self.features = FeatureCache(config.feature_cache_size)
+        self.backbone_calls = 0  # backbone passes run (cache misses), for tests and the benchmark
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> "AppState":
+        loaded = []
+        for rid in config.releases:
+            try:
+                loaded.append(LoadedRelease.open(rid))
+            except Exception as exc:  # say which release failed, keep the cause
+                raise ValueError(f"Could not load release {rid!r}: {exc}") from exc
+        return cls(config, loaded)
+
+    # ------------------------------------------------------------------ lookup
+
+    @property
+    def release_ids(self) -> list[str]:
+        return list(self.releases)
+
+    def get_release(self, release_id: Optional[str] = None) -> LoadedRelease:
+        """The release named ``release_id`` (id, path or short name); ``None``/``""`` is the default."""
+        if not release_id:
+            return self.releases[self.default_id]
+        release_id = str(release_id).strip()
+        if release_id in self.releases:
+            return self.releases[release_id]
+        for rel in self.releases.values():
+            if release_id == rel.name or os.path.normpath(release_id) == os.path.normpath(rel.id):
+                return rel
+        raise ValueError(
+            f"Unknown release {release_id!r}; this app serves: {', '.join(self.release_ids)} "
+            "(or pass \"\" for the default)."
+        )
+
+    def allowed_paths(self) -> list[str]:
+        """Local folders of the releases: Gradio may serve atlas thumbnails and examples from them only."""
+        paths = []
+        for rel in self.releases.values():
+            root = rel.local_dir
+            if root is not None:
+                paths.append(str(root))
+        return paths
+
+    # ----------------------------------------------------------------- compute
+
+    def backbone(self, rel: LoadedRelease) -> Any:
+        cfg = self.config
+        key = rel.backbone_key(cfg.device, cfg.dtype)
+        return self.backbones.get(key, lambda: rel.release.load_backbone(device=cfg.device, dtype=cfg.torch_dtype))
+
+    def warmup(self) -> None:
+        """Load the default release's backbone and first entry (called in the background after launch)."""
+        rel = self.get_release()
+        self.backbone(rel)
+        rel.entry(*rel.default_entry())
+
+    def feature_maps(
+        self,
+        image: "Image.Image",
+        rel: LoadedRelease,
+        t: int,
+        *,
+        digest: Optional[str] = None,
+        progress: Optional[Callable[[float, str], None]] = None,
+    ) -> dict[str, "torch.Tensor"]:
+        """Unpooled ``1×C×H×W`` maps of every layer ``rel`` offers at ``t``, from cache when possible.
+
+        One backbone pass captures all the layers at once, so switching layer
+        afterwards is free; the noise seed and ensemble come from the release's
+        recipe so the app sees the features the models were trained on.
+        """
+        digest = digest or image_digest(image)
+        key = (digest, rel.id, int(t))
+        maps = self.features.get(key)
+        if maps is not None:
+            return maps
+        layers = [l for l, tt in rel.entries if tt == int(t)]
+        if progress:
+            progress(0.1, "Loading the diffusion backbone…")
+        backbone = self.backbone(rel)
+        seed, ensemble = _noise_settings(rel, layers[0], int(t))
+        if progress:
+            progress(0.4, f"Running the backbone at t={t}…")
+        import torch
+
+        with torch.inference_mode():
+            out = backbone.extract(
+                [image], layers, [int(t)], pool=None, seed=seed, ensemble=ensemble, image_ids=[0]
+            )
+        self.backbone_calls += 1
+        maps = {layer: out[(layer, int(t))].float().cpu() for layer in layers}
+        self.features.put(key, maps)
+        return maps
+
+
+def _noise_settings(rel: LoadedRelease, layer: str, t: int) -> tuple[int, int]:
+    """(noise seed, ensemble size) of the release's recipe, defaulting to (0, 1)."""
+    recipe: Any = None
+    for attr in ("recipe", "feature_recipe"):
+        value = getattr(rel.release, attr, None)
+        if callable(value):
+            try:
+                value = value(layer, t)
+            except TypeError:
+                value = None
+        if value is not None:
+            recipe = value
+            break
+    if recipe is None:
+        config = getattr(rel.release, "config", None) or {}
+        recipe = config if isinstance(config, dict) else {}
+    if not isinstance(recipe, dict):
+        recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else vars(recipe)
+    return int(recipe.get("noise_seed", 0) or 0), int(recipe.get("ensemble", 1) or 1)
+
+
+__all__ = [
+    "AppConfig",
+    "AppState",
+    "BackboneCache",
+    "FeatureCache",
+    "LoadedRelease",
+    "DEFAULT_RELEASE_PATH",
+    "RELEASE_ENV",
+    "default_release_ids",
+    "default_concurrency",
+    "image_digest",
+]
