@@ -1,0 +1,943 @@
+"""Training and evaluating Diff-C heads, and the layer × timestep probe sweep.
+
+The paper recomputes diffusion features every epoch, paying the backbone thirty
+times for a thirty-epoch run. Here the default path trains from a *feature
+store* holding a few augmented views per image (RandomResizedCrop 0.8–1.0 +
+flip), sampling one view per image per epoch, so the backbone runs once.
+:func:`train_diffc_online` keeps the paper's fresh-augmentation-every-epoch
+behaviour for those who want it; both share one training loop (:func:`fit`)
+and differ only in where batches come from (:class:`CachedSource`,
+:class:`OnlineSource`).
+
+Protocol guarantees a user relies on:
+
+* the validation split is carved from the *training* images by image id,
+  stratified and deterministic, with all views of an image on the same side;
+  validation uses the plain view (view 0) only;
+* model selection (best validation top-1) happens inside :func:`fit`, which
+  never receives the test data; the test set is handed over as a callable that
+  :func:`train_diffc` calls only once the best model is on disk;
+* every epoch is a deterministic function of (seed, epoch), so a run killed
+  and restarted with the same command resumes from its last checkpoint and
+  ends with exactly the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .classifier import HEADS, DiffC
+from .data import carve_validation
+from .metrics import per_class_accuracy, topk_accuracy
+from .recipe import FeatureRecipe
+
+VIEW_MODES = ("sample", "all")
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.json"
+
+
+# ------------------------------------------------------------------- config
+
+
+@dataclass
+class DiffCTrainConfig:
+    """Hyper-parameters of a Diff-C run; defaults follow the paper (DESIGN.md §1).
+
+    Attributes:
+        head: ``"conv"`` (paper head) or ``"linear"`` (pooled probe).
+        hidden: width of the conv head.
+        dropout: dropout probability of the conv head.
+        epochs: passes over the training images (30 in the paper).
+        batch_size: images per optimiser step (16 in the paper).
+        lr: AdamW learning rate (1e-4 in the paper).
+        weight_decay: AdamW weight decay.
+        warmup_fraction: fraction of all steps spent in linear warm-up before the cosine decay.
+        val_fraction: fraction of training images (per class) held out for model selection.
+        views: ``"sample"`` draws one cached view per image each epoch (all views,
+            the plain one included, equally likely); ``"all"`` uses every cached view each epoch.
+        seed: seeds the validation split, the view sampling, shuffling, init and dropout.
+        eval_batch_size: batch size for validation and test passes.
+        checkpoint_every: save a resumable checkpoint every this many epochs (and at the end).
+        mixed_precision: passed to ``accelerate.Accelerator`` (``"no"``, ``"bf16"``, ``"fp16"``).
+    """
+
+    head: str = "conv"
+    hidden: int = 1024
+    dropout: float = 0.3
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    val_fraction: float = 0.1
+    views: str = "sample"
+    seed: int = 0
+    eval_batch_size: int = 128
+    checkpoint_every: int = 1
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"Unknown head {self.head!r}; valid: {list(HEADS)}.")
+        if self.views not in VIEW_MODES:
+            raise ValueError(f"Unknown views mode {self.views!r}; valid: {list(VIEW_MODES)}.")
+        for name in ("epochs", "batch_size", "hidden", "eval_batch_size", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}.")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}.")
+
+    # Fields that change the result; a checkpoint made with different values is not resumed.
+    def identity(self) -> dict[str, Any]:
+        data = asdict(self)
+        for volatile in ("eval_batch_size", "checkpoint_every"):
+            data.pop(volatile)
+        return data
+
+
+# --------------------------------------------------------------------- data
+
+
+class FeatureSetLike(Protocol):
+    features: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+    views: torch.Tensor
+
+
+@dataclass
+class LabeledFeatures:
+    """Features with one row per (image, view): the in-memory form the trainer works on.
+
+    Mirrors ``revelio_hub.features.FeatureSet`` (any object with ``features``,
+    ``labels``, ``image_ids`` and ``views`` converts via :meth:`of`), so the
+    trainer can be driven by a feature store or by tensors built in a test.
+    ``features`` is ``N×C×H×W`` (any float dtype; fp16 from stores is cast per batch) or ``N×C``.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+    views: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.features.shape[0]
+        self.labels = torch.as_tensor(self.labels, dtype=torch.long).reshape(-1)
+        self.image_ids = (
+            torch.arange(n) if self.image_ids is None else torch.as_tensor(self.image_ids, dtype=torch.long).reshape(-1)
+        )
+        self.views = (
+            torch.zeros(n, dtype=torch.long) if self.views is None else torch.as_tensor(self.views, dtype=torch.long).reshape(-1)
+        )
+        for name in ("labels", "image_ids", "views"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"{name} has {getattr(self, name).shape[0]} rows, features have {n}.")
+        if n and self.labels.min() < 0:
+            raise ValueError("Diff-C needs labelled features; found negative (missing) labels.")
+
+    @classmethod
+    def of(cls, data: Any) -> "LabeledFeatures":
+        if isinstance(data, LabeledFeatures):
+            return data
+        missing = [a for a in ("features", "labels") if not hasattr(data, a)]
+        if missing:
+            raise ValueError(f"Expected a FeatureSet-like object with features/labels/image_ids/views, missing {missing}.")
+        return cls(data.features, data.labels, getattr(data, "image_ids", None), getattr(data, "views", None))
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def rows(self, index: torch.Tensor) -> "LabeledFeatures":
+        return LabeledFeatures(self.features[index], self.labels[index], self.image_ids[index], self.views[index])
+
+    def plain_view(self) -> "LabeledFeatures":
+        """Only the un-augmented view of each image (what evaluation uses)."""
+        mask = self.views == 0
+        if not bool(mask.any()):
+            # A store without plain views: fall back to the first view of each image.
+            _, first = np.unique(self.image_ids.numpy(), return_index=True)
+            return self.rows(torch.as_tensor(np.sort(first)))
+        return self.rows(mask.nonzero().squeeze(1))
+
+    def image_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unique image ids (sorted) and the label of each."""
+        ids, first = np.unique(self.image_ids.numpy(), return_index=True)
+        return ids, self.labels.numpy()[first]
+
+    def select_images(self, image_ids: np.ndarray) -> "LabeledFeatures":
+        mask = torch.from_numpy(np.isin(self.image_ids.numpy(), image_ids))
+        return self.rows(mask.nonzero().squeeze(1))
+
+
+def split_by_image(
+    data: LabeledFeatures, val_fraction: float, seed: int = 0
+) -> tuple[LabeledFeatures, LabeledFeatures]:
+    """Stratified, deterministic train/val split by image id (all views of an image stay together)."""
+    ids, labels = data.image_table()
+    train_idx, val_idx = carve_validation(labels, val_fraction, seed=seed)
+    return data.select_images(ids[train_idx]), data.select_images(ids[val_idx])
+
+
+def _batch_slices(n: int, batch_size: int) -> list[slice]:
+    """Contiguous batches; a trailing batch of one joins the previous one (BatchNorm needs ≥ 2)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [slice(s, starts[i + 1] if i + 1 < len(starts) else n) for i, s in enumerate(starts)]
+
+
+def _epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919 + salt) % (2**63))
+
+
+class TrainSource(Protocol):
+    """Where training batches come from; :func:`fit` only sees this."""
+
+    def num_batches(self, batch_size: int) -> int: ...
+
+    def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class CachedSource:
+    """Training batches drawn from cached feature views (one extraction serves every epoch)."""
+
+    def __init__(self, data: LabeledFeatures, views: str = "sample", shard: tuple[int, int] = (0, 1)) -> None:
+        if views not in VIEW_MODES:
+            raise ValueError(f"Unknown views mode {views!r}; valid: {list(VIEW_MODES)}.")
+        self.data = data
+        self.views = views
+        self.shard = shard
+        ids = data.image_ids.numpy()
+        order = np.argsort(ids, kind="stable")
+        uniq, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
+        self._order = torch.from_numpy(order)
+        self._starts = torch.from_numpy(starts)
+        self._counts = torch.from_numpy(counts)
+        self.num_images = len(uniq)
+
+    def _epoch_rows(self, epoch: int, seed: int) -> torch.Tensor:
+        gen = _epoch_generator(seed, epoch, salt=1)
+        if self.views == "all":
+            rows = torch.arange(len(self.data))
+        else:
+            pick = (torch.rand(self.num_images, generator=gen) * self._counts).long()
+            rows = self._order[self._starts + pick]
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        rank, world = self.shard
+        return rows[rank::world]
+
+    def num_batches(self, batch_size: int) -> int:
+        n = len(self.data) if self.views == "all" else self.num_images
+        rank, world = self.shard
+        return len(_batch_slices(len(range(rank, n, world)), batch_size))
+
+    def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rows = self._epoch_rows(epoch, seed)
+        for sl in _batch_slices(len(rows), batch_size):
+            idx = rows[sl]
+            yield self.data.features[idx].float(), self.data.labels[idx]
+
+
+# -------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, features: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Logits for every row, in eval mode, float32 on CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        out = [
+            model(features[i : i + batch_size].to(device).float()).float().cpu()
+            for i in range(0, features.shape[0], batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    n_classes = model.fc.out_features if hasattr(model, "fc") else 0
+    return torch.cat(out) if out else torch.empty(0, n_classes)
+
+
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
+    """Top-1 / top-5 / per-class accuracy, loss and the confusion matrix (rows: true, cols: predicted)."""
+    labels = labels.long()
+    n_classes = len(class_names)
+    pred = logits.argmax(1)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class = per_class_accuracy(pred, labels, n_classes)
+    return {
+        "num_samples": int(labels.numel()),
+        "top1": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
+        "loss": float(F.cross_entropy(logits, labels)) if labels.numel() else math.nan,
+        "per_class_accuracy": {
+            name: (None if math.isnan(float(a)) else float(a)) for name, a in zip(class_names, per_class)
+        },
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def save_confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Union[str, Path], title: str = "") -> None:
+    """Row-normalised confusion matrix as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(class_names)
+    side = min(4 + 0.28 * n, 24)
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    if n <= 60:
+        ax.set_xticks(range(n), labels=list(class_names), rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels=list(class_names), fontsize=7)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "Diff-C confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` leaves behind: the best model (saved in the output folder) and its history."""
+
+    model: DiffC
+    best_epoch: int
+    best_val: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: Optional[int] = None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def fit(
+    model: DiffC,
+    source: TrainSource,
+    val: Optional[LabeledFeatures],
+    config: DiffCTrainConfig,
+    output_dir: Union[str, Path],
+    *,
+    progress: bool = True,
+    stop_after_epoch: Optional[int] = None,
+    accelerator: Any = None,
+) -> FitResult:
+    """Train ``model`` and keep the epoch with the best validation top-1 in ``output_dir``.
+
+    Writes ``output_dir/{config.json, model.safetensors}`` (best model so far),
+    ``metrics.jsonl`` (one line per epoch) and ``checkpoint/`` (the last
+    epoch's model/optimiser/scheduler via ``accelerate`` plus ``trainer_state.json``).
+    If a checkpoint made with the same config exists, training continues from
+    it. ``stop_after_epoch`` ends the run early (as if killed), for tests.
+    The test split is deliberately not a parameter: selection cannot see it.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT_DIR
+    metrics_path = out / "metrics.jsonl"
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+
+    steps_per_epoch = source.num_batches(config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw = accelerator.unwrap_model(model)
+
+    start_epoch, best_epoch, best_key, resumed_from = 0, -1, None, None
+    best_val: dict[str, Any] = {}
+    state_path = ckpt / STATE_FILE
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("config") != config.identity():
+            raise ValueError(
+                f"{out} holds a checkpoint of a run with a different configuration "
+                f"({state.get('config')}); use a new output folder or delete {ckpt}."
+            )
+        accelerator.load_state(str(ckpt))
+        start_epoch = resumed_from = int(state["epoch"]) + 1
+        best_epoch, best_val = int(state["best_epoch"]), dict(state["best_val"])
+        best_key = tuple(state["best_key"]) if state.get("best_key") is not None else None
+    history = [r for r in _read_jsonl(metrics_path) if r.get("epoch", 0) < start_epoch]
+    if accelerator.is_main_process:
+        _write_jsonl(metrics_path, history)  # drop lines of an epoch that never reached its checkpoint
+
+    last_epoch = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
+    for epoch in range(start_epoch, last_epoch + 1):
+        set_seed(config.seed * 1_000 + epoch)  # dropout etc. depend on (seed, epoch) only: exact resume
+        model.train()
+        started = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            source.batches(epoch, config.batch_size, config.seed),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not (progress and accelerator.is_local_main_process),
+            leave=False,
+        )
+        for x, y in bar:
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_top1": correct / max(seen, 1),
+            "lr": scheduler.get_last_lr()[0],
+            "train_seconds": time.perf_counter() - started,
+        }
+        if val is not None and len(val):
+            report = classification_report(predict_logits(raw, val.features, config.eval_batch_size), val.labels, raw.class_names)
+            row.update(val_loss=report["loss"], val_top1=report["top1"], val_top5=report["top5"])
+            key = (report["top1"], -report["loss"])
+        else:
+            key = (float(epoch), 0.0)  # no validation split: keep the last epoch
+        improved = best_key is None or key > best_key
+        if improved:
+            best_key, best_epoch = key, epoch
+            best_val = {k: row[k] for k in ("val_top1", "val_top5", "val_loss") if k in row}
+        row["best_epoch"] = best_epoch
+        history.append(row)
+        if accelerator.is_main_process:
+            if improved:
+                raw.save_pretrained(out)
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if (epoch + 1) % config.checkpoint_every == 0 or epoch == last_epoch:
+            _save_checkpoint(accelerator, ckpt, {
+                "epoch": epoch, "best_epoch": best_epoch, "best_key": list(best_key),
+                "best_val": best_val, "config": config.identity(),
+            })
+    accelerator.wait_for_everyone()
+    best = DiffC.from_pretrained(out) if (out / "model.safetensors").exists() else raw
+    return FitResult(best, best_epoch, best_val, history, resumed_from)
+
+
+def _save_checkpoint(accelerator: Any, ckpt: Path, state: dict[str, Any]) -> None:
+    """Write the checkpoint next to the old one, then swap, so a kill never leaves a half checkpoint."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        old = ckpt.with_name(ckpt.name + ".old")
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------ entry points
+
+
+TestData = Union[LabeledFeatures, FeatureSetLike, Callable[[], Any], None]
+
+
+@dataclass
+class DiffCResult:
+    model: DiffC
+    output_dir: Path
+    eval: dict[str, Any]
+    fit: FitResult
+
+
+def _new_model(in_channels: int, class_names: Sequence[str], config: DiffCTrainConfig, recipe: Optional[dict]) -> DiffC:
+    torch.manual_seed(config.seed)
+    return DiffC(in_channels, list(class_names), head=config.head, hidden=config.hidden,
+                 dropout=config.dropout, recipe=recipe)
+
+
+def _finish(
+    fitted: FitResult, output_dir: Path, test: TestData, class_names: Sequence[str],
+    config: DiffCTrainConfig, recipe: Optional[dict], split_sizes: dict[str, int],
+    to_eval: Callable[[Any], LabeledFeatures],
+) -> DiffCResult:
+    """Evaluate the selected model on the test data (first read here) and write eval.json + confusion.png."""
+    model = fitted.model
+    result: dict[str, Any] = {
+        "head": config.head,
+        "best_epoch": fitted.best_epoch,
+        "epochs": config.epochs,
+        "validation": fitted.best_val,
+        "recipe": recipe,
+        "class_names": list(class_names),
+        **split_sizes,
+    }
+    if test is not None:
+        data = to_eval(test() if callable(test) else test)
+        report = classification_report(predict_logits(model, data.features, config.eval_batch_size), data.labels, class_names)
+        result.update(split="test", **{k: v for k, v in report.items()})
+        save_confusion_png(report["confusion_matrix"], class_names, output_dir / "confusion.png",
+                           title=f"Diff-C ({config.head}) test top-1 {report['top1']:.1%}")
+    else:
+        result["split"] = None
+    (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return DiffCResult(model, output_dir, result, fitted)
+
+
+def train_diffc(
+    train: Union[LabeledFeatures, FeatureSetLike],
+    class_names: Sequence[str],
+    output_dir: Union[str, Path],
+    config: Optional[DiffCTrainConfig] = None,
+    *,
+    test: TestData = None,
+    recipe: Union[FeatureRecipe, dict, None] = None,
+    progress: bool = True,
+    stop_after_epoch: Optional[int] = None,
+) -> DiffCResult:
+    """Train Diff-C on cached features and evaluate the selected model on ``test``.
+
+    ``train`` holds every cached view of the training images. ``test`` (view 0
+    is used) may be a callable returning the test features: it is called only
+    after training and model selection are over, so loading a test store can be
+    deferred until then. Writes the model, ``metrics.jsonl``, ``eval.json`` and
+    ``confusion.png`` to ``output_dir``; rerunning the same call resumes.
+    """
+    config = config or DiffCTrainConfig()
+    data = LabeledFeatures.of(train)
+    class_names = [str(c) for c in class_names]
+    if len(data) == 0:
+        raise ValueError("No training features given.")
+    if int(data.labels.max()) >= len(class_names):
+        raise ValueError(f"Labels go up to {int(data.labels.max())} but only {len(class_names)} class names were given.")
+    if config.head == "conv" and data.features.ndim != 4:
+        raise ValueError(
+            f"The conv head trains on spatial maps N×C×H×W, got features of shape {tuple(data.features.shape)}; "
+            "extract with spatial features or use head='linear'."
+        )
+    recipe_dict = recipe.to_dict() if isinstance(recipe, FeatureRecipe) else recipe
+    train_part, val_part = split_by_image(data, config.val_fraction, config.seed)
+    val_plain = val_part.plain_view() if len(val_part) else None
+    model = _new_model(int(data.features.shape[1]), class_names, config, recipe_dict)
+    out = Path(output_dir)
+    fitted = fit(model, CachedSource(train_part, config.views), val_plain, config, out,
+                 progress=progress, stop_after_epoch=stop_after_epoch)
+    sizes = {"num_train_images": len(np.unique(train_part.image_ids.numpy())),
+             "num_val_images": 0 if val_plain is None else len(val_plain),
+             "num_train_rows": len(train_part)}
+    if stop_after_epoch is not None and stop_after_epoch < config.epochs - 1:
+        return DiffCResult(fitted.model, out, {}, fitted)
+    return _finish(fitted, out, test, class_names, config, recipe_dict, sizes,
+                   lambda t: LabeledFeatures.of(t).plain_view())
+
+
+def train_diffc_from_store(
+    train_store: Union[str, Path, Any],
+    output_dir: Union[str, Path],
+    layer: str,
+    timestep: int,
+    config: Optional[DiffCTrainConfig] = None,
+    *,
+    test_store: Union[str, Path, Any, None] = None,
+    progress: bool = True,
+) -> DiffCResult:
+    """Glue: train on ``train_store``'s spatial (or, for the linear head, pooled) features of (layer, t).
+
+    The test store is opened inside a callable, i.e. only after model selection.
+    """
+    from .features import FeatureStore
+
+    config = config or DiffCTrainConfig()
+    store = train_store if hasattr(train_store, "load") else FeatureStore(train_store)
+    kind = "spatial" if config.head == "conv" else "pooled"
+    train = store.load(layer, timestep, kind=kind)
+    recipe = store.recipe(layer, timestep, kind)
+
+    def load_test() -> Any:
+        ts = test_store if hasattr(test_store, "load") else FeatureStore(test_store)
+        recipe_obj = recipe if isinstance(recipe, FeatureRecipe) else FeatureRecipe.from_dict(recipe)
+        test_recipe = ts.recipe(layer, timestep, kind)
+        recipe_obj.check_compatible(
+            test_recipe if isinstance(test_recipe, FeatureRecipe) else FeatureRecipe.from_dict(test_recipe),
+            what="test features",
+        )
+        if list(ts.class_names) != list(store.class_names):
+            raise ValueError("The test store's class names differ from the training store's.")
+        return ts.load(layer, timestep, kind=kind)
+
+    return train_diffc(train, store.class_names, output_dir, config,
+                       test=load_test if test_store is not None else None, recipe=recipe, progress=progress)
+
+
+# ------------------------------------------------------------ online mode
+
+
+def random_resized_crop_flip(image: Any, size: int, generator: torch.Generator,
+                             scale: tuple[float, float] = (0.8, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Any:
+    """The paper's training augmentation on one PIL image: RandomResizedCrop(size, scale) + horizontal flip.
+
+    Takes a crop covering ``scale`` of the area with aspect ratio in ``ratio``
+    (falling back to the central square crop), resizes it to ``size``×``size``
+    and flips it with probability ½. Driven by ``generator`` so runs are reproducible.
+    """
+    from PIL import Image
+
+    from .images import center_crop_resize, to_rgb
+
+    img = to_rgb(image)
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        u = torch.rand(3, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0 = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+            y0 = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+            out = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.Resampling.BICUBIC)
+            break
+    else:
+        out = center_crop_resize(img, size)
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
+
+
+class OnlineSource:
+    """Training batches computed by the backbone from freshly augmented images every epoch (the seed's way).
+
+    ``images`` is a sequence of images (PIL/arrays) indexed like ``labels``, or
+    any object with ``load_images(ids) -> (ok_ids, images, skipped)`` such as
+    :class:`revelio_hub.data.ImageSource`; ``image_ids`` are the ids the
+    backbone seeds its noise with.
+    """
+
+    def __init__(self, backbone: Any, images: Any, labels: Sequence[int], image_ids: Sequence[int],
+                 layer: str, timestep: int, *, noise_seed: int = 0, ensemble: int = 1) -> None:
+        self.backbone = backbone
+        self.images = images
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.image_ids = torch.as_tensor(np.asarray(image_ids), dtype=torch.long)
+        self.layer, self.timestep = layer, int(timestep)
+        self.noise_seed, self.ensemble = noise_seed, ensemble
+        self.size = int(backbone.image_size)
+        self.extract_seconds = 0.0
+
+    def _load(self, positions: torch.Tensor) -> list[Any]:
+        if hasattr(self.images, "load_images"):
+            ids = [int(self.image_ids[p]) for p in positions]
+            ok, imgs, skipped = self.images.load_images(ids)
+            if skipped:
+                raise ValueError(f"Images {skipped} could not be decoded.")
+            return imgs
+        return [self.images[int(p)] for p in positions]
+
+    def num_batches(self, batch_size: int) -> int:
+        return len(_batch_slices(len(self.labels), batch_size))
+
+    def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.labels), generator=_epoch_generator(seed, epoch, salt=1))
+        for sl in _batch_slices(len(order), batch_size):
+            pos = order[sl]
+            aug = [
+                random_resized_crop_flip(img, self.size, _epoch_generator(seed, epoch, salt=10 + int(self.image_ids[p])))
+                for p, img in zip(pos, self._load(pos))
+            ]
+            started = time.perf_counter()
+            maps = self.backbone.extract(aug, [self.layer], [self.timestep], pool=None, seed=self.noise_seed,
+                                         ensemble=self.ensemble, batch_size=len(aug),
+                                         image_ids=[int(self.image_ids[p]) for p in pos])
+            self.extract_seconds += time.perf_counter() - started
+            yield maps[(self.layer, self.timestep)].float(), self.labels[pos]
+
+
+def train_diffc_online(
+    backbone: Any,
+    images: Any,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    layer: str,
+    timestep: int,
+    output_dir: Union[str, Path],
+    config: Optional[DiffCTrainConfig] = None,
+    *,
+    image_ids: Optional[Sequence[int]] = None,
+    test_images: Any = None,
+    test_labels: Optional[Sequence[int]] = None,
+    progress: bool = True,
+    stop_after_epoch: Optional[int] = None,
+) -> DiffCResult:
+    """``--online`` mode: features recomputed from freshly augmented images every epoch.
+
+    Validation (carved from the training images, as in cached mode) and test
+    use the plain Resize+CenterCrop view, extracted once.
+    """
+    config = config or DiffCTrainConfig()
+    labels_np = np.asarray(labels, dtype=np.int64)
+    ids = np.arange(len(labels_np)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
+    train_idx, val_idx = carve_validation(labels_np, config.val_fraction, seed=config.seed)
+
+    def plain(imgs: Any, positions: np.ndarray, lab: np.ndarray, img_ids: np.ndarray) -> LabeledFeatures:
+        if hasattr(imgs, "load_images"):
+            _, loaded, _ = imgs.load_images(img_ids[positions].tolist())
+        else:
+            loaded = [imgs[int(p)] for p in positions]
+        maps = backbone.extract(loaded, [layer], [timestep], pool=None, image_ids=img_ids[positions].tolist(),
+                                batch_size=config.eval_batch_size)[(layer, timestep)]
+        return LabeledFeatures(maps, torch.from_numpy(lab[positions]), torch.from_numpy(img_ids[positions]), None)
+
+    if hasattr(images, "load_images"):
+        source_images: Any = images
+    else:
+        source_images = [images[int(i)] for i in train_idx]
+    source = OnlineSource(backbone, source_images, labels_np[train_idx], ids[train_idx], layer, timestep)
+    val = plain(images, val_idx, labels_np, ids) if len(val_idx) else None
+    recipe = backbone.recipe(layer, timestep, granularity="spatial").to_dict()
+    model = _new_model(backbone.channels(layer), class_names, config, recipe)
+    out = Path(output_dir)
+    fitted = fit(model, source, val, config, out, progress=progress, stop_after_epoch=stop_after_epoch)
+    sizes = {"num_train_images": int(len(train_idx)), "num_val_images": int(len(val_idx))}
+    test = None
+    if test_images is not None:
+        tl = np.asarray(test_labels, dtype=np.int64)
+        test = lambda: plain(test_images, np.arange(len(tl)), tl, np.arange(len(tl)))  # noqa: E731
+    return _finish(fitted, out, test, class_names, config, recipe, sizes, LabeledFeatures.of)
+
+
+# ------------------------------------------------------------------ sweep
+
+
+@dataclass
+class SweepConfig:
+    """Linear-probe settings for :func:`sweep` (cheap: pooled features, large batches).
+
+    Attributes:
+        steps: optimiser steps per (layer, t).
+        batch_size: rows per step (the whole training set when smaller).
+        lr: AdamW learning rate of the probe.
+        weight_decay: AdamW weight decay.
+        eval_every: validate every this many steps and keep the best probe.
+        val_fraction: fraction of training images held out (by image id) for selection.
+        seed: seeds split, sampling and init.
+    """
+
+    steps: int = 300
+    batch_size: int = 4096
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    eval_every: int = 25
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+def train_linear_probe(train: LabeledFeatures, val: Optional[LabeledFeatures], class_names: Sequence[str],
+                       config: SweepConfig, recipe: Optional[dict] = None) -> tuple[DiffC, dict[str, Any]]:
+    """Fit a ``head="linear"`` Diff-C on pooled features; returns the best-on-validation probe."""
+    feats = train.features.float()
+    if feats.ndim == 4:
+        feats = feats.mean(dim=(2, 3))
+    torch.manual_seed(config.seed)
+    probe = DiffC(feats.shape[1], list(class_names), head="linear", recipe=recipe)
+    opt = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    best: tuple[tuple[float, float], dict[str, torch.Tensor], dict[str, Any]] | None = None
+    n = feats.shape[0]
+    for step in range(1, config.steps + 1):
+        probe.train()
+        idx = torch.randperm(n, generator=gen)[: config.batch_size] if n > config.batch_size else slice(None)
+        loss = F.cross_entropy(probe(feats[idx]), train.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if val is not None and len(val) and (step % config.eval_every == 0 or step == config.steps):
+            rep = classification_report(predict_logits(probe, val.features), val.labels, class_names)
+            key = (rep["top1"], -rep["loss"])
+            if best is None or key > best[0]:
+                best = (key, {k: v.clone() for k, v in probe.state_dict().items()},
+                        {"val_top1": rep["top1"], "val_top5": rep["top5"], "best_step": step})
+    if best is None:
+        return probe.eval(), {"best_step": config.steps}
+    probe.load_state_dict(best[1])
+    return probe.eval(), best[2]
+
+
+def sweep(
+    store: Any,
+    output_dir: Union[str, Path],
+    layers: Optional[Sequence[str]] = None,
+    timesteps: Optional[Sequence[int]] = None,
+    *,
+    test_store: Any = None,
+    config: Optional[SweepConfig] = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Linear probes for every cached (layer, t): the paper's Figure-4 analysis for any model and dataset.
+
+    ``store``/``test_store`` are feature stores (paths or objects with
+    ``entries``, ``class_names``, ``load``, ``recipe``). Writes ``sweep.json``,
+    ``sweep.csv`` and ``sweep.png`` (heat map of test top-1, or validation
+    top-1 without a test store, by layer × timestep) to ``output_dir``.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or SweepConfig()
+    if not hasattr(store, "load"):
+        from .features import FeatureStore
+
+        store = FeatureStore(store)
+    if test_store is not None and not hasattr(test_store, "load"):
+        from .features import FeatureStore
+
+        test_store = FeatureStore(test_store)
+    entries = [(str(l), int(t)) for l, t in store.entries]
+    available_layers = sorted({l for l, _ in entries})
+    available_t = sorted({t for _, t in entries})
+    for name, wanted, have in (("layers", layers, available_layers), ("timesteps", timesteps, available_t)):
+        unknown = sorted(set(wanted or []) - set(have))
+        if unknown:
+            raise ValueError(f"Unknown {name} {unknown}: the store has {have}.")
+    chosen = [(l, t) for l, t in entries if (layers is None or l in layers) and (timesteps is None or t in timesteps)]
+    if not chosen:
+        raise ValueError("No (layer, timestep) entries selected; the store has " + str(entries))
+    class_names = list(store.class_names)
+    rows: list[dict[str, Any]] = []
+    for layer, t in tqdm(chosen, desc="sweep", disable=not progress):
+        data = LabeledFeatures.of(store.load(layer, t, kind="pooled"))
+        train_part, val_part = split_by_image(data, config.val_fraction, config.seed)
+        recipe = store.recipe(layer, t, "pooled")
+        recipe = recipe.to_dict() if isinstance(recipe, FeatureRecipe) else recipe
+        probe, info = train_linear_probe(train_part, val_part.plain_view() if len(val_part) else None,
+                                         class_names, config, recipe)
+        row: dict[str, Any] = {"layer": layer, "timestep": t, "d_in": int(data.features.shape[1]),
+                               "num_train_rows": len(train_part), **info}
+        if test_store is not None:
+            test = LabeledFeatures.of(test_store.load(layer, t, kind="pooled")).plain_view()
+            rep = classification_report(predict_logits(probe, test.features), test.labels, class_names)
+            row.update(test_top1=rep["top1"], test_top5=rep["top5"], num_test=rep["num_samples"])
+        rows.append(row)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metric = "test_top1" if test_store is not None else "val_top1"
+    (out / "sweep.json").write_text(json.dumps({"metric": metric, "class_names": class_names, "rows": rows}, indent=2))
+    columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("layer", "timestep"), k))
+    with (out / "sweep.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    save_sweep_heatmap(rows, metric, out / "sweep.png")
+    return rows
+
+
+def _layer_order(name: str) -> tuple[int, int, str]:
+    """down blocks, bottleneck, then up blocks / transformer blocks, in network order."""
+    import re
+
+    m = re.match(r"(down_ft|up_ft|block)(\d+)$", name)
+    if name == "bottleneck":
+        return (1, 0, name)
+    if m:
+        return ({"down_ft": 0, "up_ft": 2, "block": 3}[m.group(1)], int(m.group(2)), name)
+    return (4, 0, name)
+
+
+def save_sweep_heatmap(rows: Sequence[dict[str, Any]], metric: str, path: Union[str, Path]) -> None:
+    """Heat map of ``metric`` (rows: layers in network order, columns: timesteps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({r["layer"] for r in rows}, key=_layer_order)
+    steps = sorted({int(r["timestep"]) for r in rows})
+    grid = np.full((len(layers), len(steps)), np.nan)
+    for r in rows:
+        grid[layers.index(r["layer"]), steps.index(int(r["timestep"]))] = r.get(metric, np.nan)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(steps), 1.2 + 0.6 * len(layers)))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(steps)), labels=[str(s) for s in steps])
+    ax.set_yticks(range(len(layers)), labels=layers)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("layer")
+    for i in range(len(layers)):
+        for j in range(len(steps)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1%}", ha="center", va="center", fontsize=8,
+                        color="black" if grid[i, j] > 0.6 else "white")
+    fig.colorbar(im, ax=ax, label=metric.replace("_", " "))
+    ax.set_title(f"Linear-probe {metric.replace('_', ' ')} by layer × timestep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = [
+    "DiffCTrainConfig",
+    "LabeledFeatures",
+    "split_by_image",
+    "CachedSource",
+    "OnlineSource",
+    "fit",
+    "FitResult",
+    "train_diffc",
+    "train_diffc_from_store",
+    "train_diffc_online",
+    "DiffCResult",
+    "classification_report",
+    "save_confusion_png",
+    "random_resized_crop_flip",
+    "SweepConfig",
+    "train_linear_probe",
+    "sweep",
+    "save_sweep_heatmap",
+]
