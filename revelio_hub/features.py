@@ -202,26 +202,33 @@ class FeatureStoreWriter:
             ValueError: the directory holds a store with a different recipe or
                 something that is not a feature store, and ``overwrite`` is false.
         """
+        self.validate(overwrite)
         summary = _read_summary(self.root)
         if overwrite and self.root.exists():
-            if summary is None and any(self.root.iterdir()):
-                raise ValueError(
-                    f"Refusing to overwrite {self.root}: it is not empty and not a feature store "
-                    f"(no {SUMMARY_NAME}). Choose another output directory."
-                )
             shutil.rmtree(self.root)
             summary = None
         if summary is None:
-            if self.root.exists() and any(self.root.iterdir()):
-                raise ValueError(
-                    f"{self.root} is not empty and is not a feature store (no {SUMMARY_NAME}). "
-                    "Choose an empty or new output directory."
-                )
             self.root.mkdir(parents=True, exist_ok=True)
             _atomic_write_json(self.root / SUMMARY_NAME, self._summary(complete=False))
             return
         self._check_same_setup(summary)
         self._remove_leftovers()
+
+    def validate(self, overwrite: bool = False) -> None:
+        """Read-only check that this run may write to ``out_dir``; safe to call on every rank.
+
+        Every rank calls it before the main process touches anything, so a bad
+        setup fails on all processes alike instead of leaving some waiting at a barrier.
+        """
+        summary = _read_summary(self.root)
+        not_empty = self.root.is_dir() and any(self.root.iterdir())
+        if summary is None and not_empty:
+            raise ValueError(
+                f"{self.root} is not empty and is not a feature store (no {SUMMARY_NAME}); "
+                "refusing to write or delete there. Choose an empty or new output directory."
+            )
+        if summary is not None and not overwrite:
+            self._check_same_setup(summary)
 
     def check(self) -> None:
         """Validate the store from any rank (after :meth:`initialize` ran on the main process)."""
@@ -488,6 +495,9 @@ def extract_to_store(
         backbone, source, layers, timesteps, spatial=spatial, views=views, seed=seed, ensemble=ensemble
     )
     writer = FeatureStoreWriter(out_dir, header, rank=rank, world_size=world_size)
+    writer.validate(overwrite)  # every rank, before anyone writes: a bad setup fails everywhere
+    if barrier is not None:
+        barrier()
     if rank == 0:
         writer.initialize(overwrite=overwrite)
     if barrier is not None:
