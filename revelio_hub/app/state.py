@@ -432,24 +432,11 @@ class AppState:
 
 
 def _noise_settings(rel: LoadedRelease, layer: str, t: int) -> tuple[int, int]:
-    """(noise seed, ensemble size) of the release's recipe, defaulting to (0, 1)."""
-    recipe: Any = None
-    for attr in ("recipe", "feature_recipe"):
-        value = getattr(rel.release, attr, None)
-        if callable(value):
-            try:
-                value = value(layer, t)
-            except TypeError:
-                value = None
-        if value is not None:
-            recipe = value
-            break
-    if recipe is None:
-        config = getattr(rel.release, "config", None) or {}
-        recipe = config if isinstance(config, dict) else {}
+    """(noise seed, ensemble size) from the recipe the entry's SAE was trained with (default (0, 1))."""
+    recipe = getattr(rel.entry(layer, t).sae, "recipe", None) or {}
     if not isinstance(recipe, dict):
-        recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else vars(recipe)
-    return int(recipe.get("noise_seed", 0) or 0), int(recipe.get("ensemble", 1) or 1)
+        recipe = recipe.to_dict()
+    return int(recipe.get("noise_seed") or 0), int(recipe.get("ensemble") or 1)
 
 
 __all__ = [

@@ -89,7 +89,7 @@ def build_ui(state: AppState) -> gr.Blocks:
     with gr.Blocks(title="Revelio Hub", fill_width=True) as demo:
         with gr.Row(equal_height=True):
             gr.Markdown(
-                "# 🔍 Revelio Hub\nSee what a diffusion model knows: which sparse-autoencoder neurons an image "
+                "# Revelio Hub\nSee what a diffusion model knows: which sparse-autoencoder neurons an image "
                 "lights up, where they fire, what they mean, and the classes a light probe reads from the same features.",
                 elem_id="revelio-title",
             )

@@ -44,13 +44,14 @@ class ImageLimits:
     max_side: int = 1024
 
 
-def _path_from_payload(value: Mapping[str, Any]) -> str:
+def _path_from_payload(value: Mapping[str, Any]) -> tuple[str, str]:
     path = value.get("path")
     if not path:
         # gradio_client sends {"path": ..., "meta": {"_type": "gradio.FileData"}}; a data URL
         # or a remote url without a local path means the upload did not happen.
         raise ValueError("The image upload did not arrive; upload the file again.")
-    return str(path)
+    name = value.get("orig_name") or os.path.basename(str(path))
+    return str(path), str(name)
 
 
 def read_image(value: Any, limits: ImageLimits = ImageLimits()) -> Image.Image:
@@ -62,10 +63,17 @@ def read_image(value: Any, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError("No image given: upload an image (PNG, JPEG, WebP, ...) or pick an example.")
+    shown_name = None
     if isinstance(value, Mapping):
-        value = _path_from_payload(value)
+        value, shown_name = _path_from_payload(value)
     if isinstance(value, (str, os.PathLike, bytes, bytearray)):
-        img = load_image(value, max_pixels=limits.max_pixels, min_side=limits.min_side)
+        try:
+            img = load_image(value, max_pixels=limits.max_pixels, min_side=limits.min_side)
+        except ValueError as exc:
+            if shown_name is None:
+                raise
+            # Name the file as the user knows it, not by the server's upload path.
+            raise ValueError(str(exc).replace(repr(os.fspath(value)), f"The file {shown_name!r}")) from None
     else:
         if isinstance(value, Image.Image):
             w, h = value.size

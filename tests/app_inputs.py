@@ -1,0 +1,121 @@
+"""Image files that exercise the app's input handling (shared by the app tests).
+
+Each maker writes one file into a folder and returns its path. ``BAD_INPUTS``
+maps a case name to (maker, regex the user-facing error must match);
+``GOOD_ODD_INPUTS`` are unusual but valid images the app must accept.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+
+def shape_image(path: Path, color=(220, 40, 40), size: int = 96, bg=(245, 245, 235)) -> Path:
+    """A simple red disc on a light background, like the toy release's training data."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (size, size), bg)
+    ImageDraw.Draw(img).ellipse((size * 0.25, size * 0.25, size * 0.75, size * 0.75), fill=color)
+    img.save(path)
+    return path
+
+
+def not_an_image(folder: Path) -> Path:
+    path = folder / "notes.png"
+    path.write_text("this is a text file with a .png name\n")
+    return path
+
+
+def corrupt_png(folder: Path) -> Path:
+    good = shape_image(folder / "good_for_corrupt.png")
+    data = good.read_bytes()
+    path = folder / "corrupt.png"
+    path.write_bytes(data[: len(data) // 2])  # truncated mid-IDAT
+    return path
+
+
+def huge_png(folder: Path) -> Path:
+    """A tiny file whose header claims 60000×60000 pixels (a decompression bomb)."""
+    src = folder / "small_for_huge.png"
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(src)
+    data = bytearray(src.read_bytes())
+    # IHDR chunk: 8-byte signature, 4-byte length, b"IHDR", width, height, ...; CRC over type+data.
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", 60000, 60000)
+    crc = zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF
+    data[29:33] = struct.pack(">I", crc)
+    path = folder / "huge.png"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def tiny_png(folder: Path) -> Path:
+    path = folder / "tiny.png"
+    Image.new("RGB", (4, 4), (200, 0, 0)).save(path)
+    return path
+
+
+def grayscale_png(folder: Path) -> Path:
+    path = folder / "gray.png"
+    Image.open(shape_image(folder / "g_src.png")).convert("L").save(path)
+    return path
+
+
+def rgba_png(folder: Path) -> Path:
+    path = folder / "rgba.png"
+    Image.open(shape_image(folder / "a_src.png")).convert("RGBA").save(path)
+    return path
+
+
+def cmyk_jpeg(folder: Path) -> Path:
+    path = folder / "cmyk.jpg"
+    Image.open(shape_image(folder / "c_src.png")).convert("CMYK").save(path, quality=95)
+    return path
+
+
+def png16(folder: Path) -> Path:
+    path = folder / "gray16.png"
+    arr = (np.linspace(0, 65535, 96 * 96).reshape(96, 96)).astype(np.uint16)
+    Image.fromarray(arr).save(path)  # mode I;16
+    return path
+
+
+def animated_gif(folder: Path) -> Path:
+    path = folder / "anim.gif"
+    frames = [Image.open(shape_image(folder / f"f{i}.png", color=c)) for i, c in enumerate([(220, 40, 40), (40, 40, 220)])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return path
+
+
+def exif_rotated_jpeg(folder: Path) -> Path:
+    """A 120×80 JPEG whose EXIF orientation says 'rotate 90°' (viewers show it 80×120)."""
+    path = folder / "rotated.jpg"
+    img = Image.new("RGB", (120, 80), (240, 240, 240))
+    img.paste((200, 30, 30), (0, 0, 60, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(path, exif=exif, quality=95)
+    return path
+
+
+BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "not_an_image": (not_an_image, "not an image"),
+    "corrupt": (corrupt_png, "corrupt or truncated"),
+    "huge": (huge_png, "decompression bomb|more than the allowed"),
+    "tiny": (tiny_png, "at least"),
+}
+
+GOOD_ODD_INPUTS: dict[str, Callable[[Path], Path]] = {
+    "grayscale": grayscale_png,
+    "rgba": rgba_png,
+    "cmyk": cmyk_jpeg,
+    "16bit": png16,
+    "animated": animated_gif,
+    "exif_rotated": exif_rotated_jpeg,
+}
