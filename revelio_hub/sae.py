@@ -1,0 +1,384 @@
+"""The k-sparse autoencoder: the paper's lens on diffusion features.
+
+``z = ReLU(TopK(W_enc (x·s − b_pre) + b_enc))``, ``x̂ = (W_dec z + b_pre) / s``
+with unit-norm decoder rows (DESIGN.md §1). ``s`` is an optional scalar input
+normalisation recorded in the config (``input_norm={"scale": s}``), so users
+feed the raw backbone features and get reconstructions in the same units.
+
+The model is a ``PyTorchModelHubMixin``: ``save_pretrained`` writes
+``config.json`` (d_in, n_latents, k, granularity, the full feature recipe,
+input normalisation) and ``model.safetensors``; ``from_pretrained`` reads a
+local folder, a Hub repo, or a ``subfolder`` of either (one entry of a
+release), strictly. Codes are kept sparse, as ``(values, indices)`` with last
+dimension k; decoding gathers the k active decoder rows (``embedding_bag``)
+and never builds an N × n_latents matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, constants, snapshot_download
+from safetensors.torch import load_file
+from torch import nn
+
+from .recipe import FeatureRecipe
+from .sae_kernels import sparse_decode
+
+__all__ = ["KSparseAutoencoder", "GRANULARITIES"]
+
+GRANULARITIES = ("pooled", "token")
+
+
+class KSparseAutoencoder(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="revelio-hub",
+    tags=["sparse-autoencoder", "k-sparse-autoencoder", "interpretability", "diffusion-features"],
+    repo_url="https://github.com/revelio-hub/revelio-hub",
+):
+    """TopK sparse autoencoder over diffusion-model features.
+
+    Args:
+        d_in: feature dimension (channels of the backbone block).
+        n_latents: dictionary size (expansion × d_in; the paper uses 64×).
+        k: number of active latents per input.
+        granularity: what it was trained on: ``"pooled"`` (one mean-pooled
+            vector per image, the paper) or ``"token"`` (vectors of single
+            spatial positions). Decides how :meth:`image_activations` turns a
+            feature map into image-level activations.
+        recipe: ``FeatureRecipe.to_dict()`` of the training features; used by
+            :meth:`check_recipe` and in error messages. ``None`` for SAEs
+            trained on anonymous tensors.
+        input_norm: ``None`` or ``{"scale": s}``: inputs are multiplied by
+            ``s`` before encoding and reconstructions divided by ``s``.
+        relu: apply ReLU after TopK (ours, default). ``False`` reproduces the
+            seed code's plain TopK (see :meth:`from_seed_checkpoint`).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        k: int = 32,
+        granularity: str = "pooled",
+        recipe: Optional[dict] = None,
+        input_norm: Optional[dict] = None,
+        relu: bool = True,
+    ) -> None:
+        super().__init__()
+        if d_in < 1 or n_latents < 1:
+            raise ValueError(f"d_in and n_latents must be positive, got d_in={d_in}, n_latents={n_latents}")
+        if not 1 <= k <= n_latents:
+            raise ValueError(f"k must lie in [1, n_latents={n_latents}], got {k}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if input_norm is not None:
+            scale = input_norm.get("scale") if isinstance(input_norm, dict) else None
+            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"input_norm must be None or {{'scale': positive float}}, got {input_norm!r}")
+        if recipe is not None:
+            if isinstance(recipe, FeatureRecipe):
+                recipe = recipe.to_dict()
+            parsed = FeatureRecipe.from_dict(recipe)
+            if parsed.d_in != d_in:
+                raise ValueError(f"recipe d_in={parsed.d_in} differs from the SAE's d_in={d_in}")
+        self.d_in = int(d_in)
+        self.n_latents = int(n_latents)
+        self.k = int(k)
+        self.granularity = granularity
+        self.recipe = dict(recipe) if recipe is not None else None
+        self.input_norm = dict(input_norm) if input_norm is not None else None
+        self.relu = bool(relu)
+
+        # Tied, unit-norm initialisation (OpenAI TopK paper): W_enc starts as W_decᵀ.
+        w_dec = torch.randn(n_latents, d_in)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_pre = nn.Parameter(torch.zeros(d_in))
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def scale(self) -> float:
+        return float(self.input_norm["scale"]) if self.input_norm else 1.0
+
+    def _describe_training(self) -> str:
+        if not self.recipe:
+            return "no recorded recipe"
+        r = self.recipe
+        return f"trained on {r.get('backbone')!r} layer {r.get('layer')!r} at t={r.get('timestep')}, {r.get('image_size')} px"
+
+    def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple[int, int, int]]]:
+        """N×d → (N×d, None); N×d×H×W → ((N·H·W)×d, (N, H, W)). Raises on anything else."""
+        if x.dim() not in (2, 4):
+            raise ValueError(
+                f"KSparseAutoencoder expects features of shape N×{self.d_in} or N×{self.d_in}×H×W, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.d_in:
+            raise ValueError(
+                f"This SAE expects d_in={self.d_in} features ({self._describe_training()}), "
+                f"got {x.shape[1]} channels (input shape {tuple(x.shape)}). Extract features with the SAE's recipe."
+            )
+        if x.dim() == 2:
+            return x, None
+        n, _, h, w = x.shape
+        return x.permute(0, 2, 3, 1).reshape(n * h * w, self.d_in), (n, h, w)
+
+    def _to_param(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
+
+    def preactivations(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """Dense pre-activations of already-normalised N×d inputs (used by the trainer and tests)."""
+        return F.linear(x_norm - self.b_pre, self.W_enc, self.b_enc)
+
+    def _encode_flat(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, idx = self.preactivations(x_norm).topk(self.k, dim=-1)
+        if self.relu:
+            vals = vals.clamp_min(0)
+        return vals, idx
+
+    # ------------------------------------------------------------------ public API
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse code of ``x``: (values, indices), last dimension k, sorted by value.
+
+        ``x``: N×d_in → N×k; a map N×d_in×H×W is encoded per position → N×H×W×k.
+        With ReLU some of the k values can be 0 (fewer than k latents active).
+        """
+        flat, grid = self._flatten(x)
+        vals, idx = self._encode_flat(self._to_param(flat) * self.scale)
+        if grid is not None:
+            vals, idx = vals.reshape(*grid, self.k), idx.reshape(*grid, self.k)
+        return vals, idx
+
+    def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense code: N×n_latents for N×d_in inputs, N×n_latents×H×W for maps.
+
+        Memory is N·n_latents floats (times H·W): chunk large batches.
+        """
+        vals, idx = self.encode(x)
+        dense = vals.new_zeros(*vals.shape[:-1], self.n_latents).scatter_(-1, idx, vals)
+        return dense.permute(0, 3, 1, 2) if x.dim() == 4 else dense
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Reconstruct from a sparse code (``...×k`` each) → ``...×d_in`` in input units."""
+        if values.shape != indices.shape:
+            raise ValueError(f"values and indices must have the same shape, got {tuple(values.shape)} and {tuple(indices.shape)}")
+        out = sparse_decode(values.to(self.W_dec.dtype), indices, self.W_dec) + self.b_pre
+        return out / self.scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction shaped like ``x``, values, indices)."""
+        vals, idx = self.encode(x)
+        recon = self.decode(vals, idx)
+        if x.dim() == 4:
+            recon = recon.permute(0, 3, 1, 2)
+        return recon, vals, idx
+
+    def image_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense image-level activations N×n_latents, respecting the training granularity.
+
+        Pooled SAE: a map N×d×H×W is mean-pooled over space first (what it was
+        trained on). Token SAE: every position is encoded and an image's
+        activation of a neuron is its max over positions (0 where it never
+        fires). N×d inputs are encoded as they are. Callers chunk large N.
+        """
+        if x.dim() == 4 and self.granularity == "pooled":
+            x = x.mean(dim=(2, 3))
+        if x.dim() == 2:
+            return self.encode_dense(x)
+        vals, idx = self.encode(x)
+        n = vals.shape[0]
+        out = vals.new_zeros(n, self.n_latents)
+        return out.scatter_reduce_(1, idx.reshape(n, -1), vals.reshape(n, -1), reduce="amax", include_self=True)
+
+    def activation_map(self, x_map: torch.Tensor, neuron_ids: Union[torch.Tensor, list[int], int]) -> torch.Tensor:
+        """Per-position activations of selected neurons: N×len(neuron_ids)×H×W heat maps.
+
+        Each position's vector is encoded on its own. For a token-level SAE
+        that is exactly its training distribution; a pooled SAE never saw
+        single-position vectors (their norm and mixture differ from an image
+        mean), so its maps are an off-distribution approximation: useful for
+        *where*, not calibrated for *how much*.
+        """
+        if x_map.dim() != 4:
+            raise ValueError(f"activation_map needs a feature map N×{self.d_in}×H×W, got shape {tuple(x_map.shape)}")
+        ids = torch.as_tensor(neuron_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.n_latents):
+            raise ValueError(f"neuron ids must lie in [0, {self.n_latents}), got {ids.tolist()[:10]}")
+        vals, idx = self.encode(x_map)  # N×H×W×k
+        ids = ids.to(idx.device)
+        hit = idx.unsqueeze(-1) == ids  # N×H×W×k×m
+        maps = (vals.unsqueeze(-1) * hit).sum(-2)  # N×H×W×m
+        return maps.permute(0, 3, 1, 2)
+
+    def check_recipe(self, recipe: Union[FeatureRecipe, dict, None]) -> None:
+        """Raise ``ValueError`` if features made with ``recipe`` are not what this SAE expects.
+
+        Compares backbone, layer, timestep, image size and d_in (granularity is
+        not compared: a token SAE consumes maps, a pooled SAE their means).
+        """
+        if recipe is None:
+            return
+        other = recipe if isinstance(recipe, FeatureRecipe) else FeatureRecipe.from_dict(recipe)
+        if other.d_in != self.d_in:
+            raise ValueError(
+                f"This SAE expects d_in={self.d_in} features ({self._describe_training()}), "
+                f"the features have d_in={other.d_in} ({other.backbone!r} layer {other.layer!r})."
+            )
+        if self.recipe is not None:
+            FeatureRecipe.from_dict(self.recipe).check_compatible(other, what="features")
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (the trainer calls this after every step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the component of each decoder row's gradient parallel to the row.
+
+        With unit-norm rows that component only changes the norm, which the
+        renormalisation undoes anyway; removing it keeps Adam's moments honest.
+        """
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, Path],
+        *,
+        subfolder: Optional[str] = None,
+        revision: Optional[str] = None,
+        cache_dir: Optional[Union[str, Path]] = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: Optional[Union[str, bool]] = None,
+        **model_kwargs: Any,
+    ) -> "KSparseAutoencoder":
+        """Load from a local folder, a Hub repo id, or a ``subfolder`` of either.
+
+        Only that folder's ``config.json`` and ``model.safetensors`` are
+        downloaded, so one release entry (``subfolder="up_ft1/t25/sae"``) does
+        not fetch the others. Loading is strict (see :meth:`_from_pretrained`).
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            folder = os.path.join(path, subfolder) if subfolder else path
+        else:
+            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+            root = snapshot_download(
+                repo_id=path,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                local_files_only=local_files_only,
+                token=token,
+                allow_patterns=[prefix + constants.CONFIG_NAME, prefix + constants.SAFETENSORS_SINGLE_FILE],
+            )
+            folder = os.path.join(root, subfolder) if subfolder else root
+        for name in (constants.CONFIG_NAME, constants.SAFETENSORS_SINGLE_FILE):
+            if not os.path.isfile(os.path.join(folder, name)):
+                where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+                raise ValueError(f"No k-SAE at {where}: {name} is missing.")
+        return super().from_pretrained(folder, **model_kwargs)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: Optional[str] = None,
+        cache_dir: Any = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: Any = None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> "KSparseAutoencoder":
+        """Strict safetensors load: missing, unexpected or mis-shaped tensors are an error.
+
+        The mixin's default is non-strict (and falls back to pickles); an SAE
+        with a silently random decoder would produce plausible-looking but
+        meaningless neurons, so we refuse instead.
+        """
+        model = cls(**model_kwargs)
+        weights = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
+        state = load_file(weights, device="cpu")
+        expected, got = set(model.state_dict()), set(state)
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match the k-SAE in its config.json (d_in={model.d_in}, "
+                f"n_latents={model.n_latents}): missing tensors {missing}, unexpected tensors {unexpected}."
+            )
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # shape mismatches
+            raise ValueError(f"{weights} does not match its config.json: {exc}") from exc
+        model.to(map_location)
+        model.eval()
+        return model
+
+    @classmethod
+    def from_seed_checkpoint(
+        cls,
+        path: Union[str, Path],
+        *,
+        k: Optional[int] = None,
+        relu: bool = False,
+        granularity: str = "pooled",
+        recipe: Optional[dict] = None,
+    ) -> "KSparseAutoencoder":
+        """Import the seed code's ``.pt`` checkpoint (``{"state_dict": {W_enc, W_dec, b_enc, b_dec}}``).
+
+        Read with ``torch.load(weights_only=True)``: tensors and plain
+        containers only, never arbitrary pickled objects. The seed's layout is
+        ``W_enc`` d_in×n, ``W_dec`` n×d_in, ``b_dec`` the pre-encoder bias
+        (our ``b_pre``). ``k`` comes from the checkpoint (``k`` key) unless given.
+
+        The seed encodes ``z = TopK(W_encᵀ(x − b_dec) + b_enc)`` *without* a
+        ReLU, so by default (``relu=False``) the imported model reproduces its
+        reconstructions exactly. ``relu=True`` switches to our activation; the
+        two agree whenever the k selected pre-activations are positive. Decoder
+        rows are kept as stored (not renormalised), to keep reconstructions equal.
+        """
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} is not a seed k-SAE checkpoint (expected a dict with 'state_dict')")
+        need = ("W_enc", "W_dec", "b_enc", "b_dec")
+        missing = [n for n in need if n not in state]
+        if missing:
+            raise ValueError(f"{path} lacks seed tensors {missing}; found keys {sorted(state)}")
+        w_enc, w_dec = state["W_enc"], state["W_dec"]
+        d_in, n_latents = w_enc.shape
+        if tuple(w_dec.shape) != (n_latents, d_in):
+            raise ValueError(f"seed W_dec has shape {tuple(w_dec.shape)}, expected {(n_latents, d_in)} from W_enc {tuple(w_enc.shape)}")
+        if k is None:
+            stored = ckpt.get("k", state.get("k")) if isinstance(ckpt, dict) else None
+            if stored is None:
+                raise ValueError(f"{path} does not record k; pass k=... (the paper uses 32)")
+            k = int(stored)
+        model = cls(d_in, n_latents, k=int(k), granularity=granularity, recipe=recipe, relu=relu)
+        with torch.no_grad():
+            model.W_enc.copy_(w_enc.t())
+            model.W_dec.copy_(w_dec)
+            model.b_enc.copy_(state["b_enc"].reshape(-1))
+            model.b_pre.copy_(state["b_dec"].reshape(-1))
+        return model

@@ -1,0 +1,150 @@
+"""Sparse kernels for the k-SAE: a TopK encoder whose backward only touches active latents.
+
+Why: with plain autograd the TopK's gradient is scattered into a dense
+N × n_latents matrix and pushed back through two dense matmuls (grad wrt the
+input and wrt ``W_enc``), which costs twice the forward matmul although only
+k of the n_latents entries per sample are non-zero. Here the backward gathers
+the k active encoder rows per sample (``embedding_bag``) for the input
+gradient and sums the inputs of the samples that activated each latent (again
+``embedding_bag``, with samples grouped by latent) for the weight gradient, so
+backward costs O(N · k · d) instead of O(N · n_latents · d). The same trick,
+with the decoder rows, gives the sparse decoder: :func:`sparse_decode`.
+
+The optional auxiliary ("AuxK") code of OpenAI's TopK paper is the top
+``k_aux`` pre-activations among dead latents; it shares the forward matmul
+and the sparse backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["sparse_decode", "topk_encode", "TopKEncode"]
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_j values[i, j] · weight[indices[i, j]] for every row i, without a dense code.
+
+    ``values``/``indices``: ``...×k``; ``weight``: n_latents × d. Returns ``...×d``
+    in ``values``' dtype. ``embedding_bag`` gathers only the k decoder rows per
+    sample, and its backward scatters only into those rows.
+    """
+    lead = values.shape[:-1]
+    k = values.shape[-1]
+    flat_v = values.reshape(-1, k)
+    flat_i = indices.reshape(-1, k)
+    out = F.embedding_bag(flat_i, weight.to(flat_v.dtype), mode="sum", per_sample_weights=flat_v)
+    return out.reshape(*lead, weight.shape[1])
+
+
+def _latent_grad(
+    sample_x: torch.Tensor, flat_idx: torch.Tensor, flat_grad: torch.Tensor, k_total: int, n_latents: int
+) -> torch.Tensor:
+    """grad_W[j] = Σ_{(i, slot): idx[i, slot] = j} g[i, slot] · x[i], as one embedding_bag.
+
+    Entries are sorted by latent so each latent is one "bag" over sample rows;
+    bag offsets come from a bincount, so there is no host sync.
+    """
+    order = torch.argsort(flat_idx)
+    samples = torch.div(order, k_total, rounding_mode="floor")
+    counts = torch.bincount(flat_idx, minlength=n_latents)
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(
+        samples, sample_x, offsets, mode="sum", per_sample_weights=flat_grad[order].to(sample_x.dtype)
+    )
+
+
+class TopKEncode(torch.autograd.Function):
+    """(x_centred, W_enc, b_enc) → top-k (and optional aux top-k) codes with a sparse backward.
+
+    Forward: ``pre = x W_encᵀ + b_enc`` (dense matmul in ``compute_dtype``), then
+    ``topk``; ReLU applied to the selected values when ``relu``. Outputs are
+    ``(values, indices, aux_values, aux_indices)``; the aux pair is empty (N×0)
+    unless ``dead_mask`` is given. Gradients flow to x, W_enc and b_enc only at
+    the selected (sample, latent) pairs, which is exactly what autograd would
+    compute through the dense path.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        k: int,
+        relu: bool,
+        dead_mask: Optional[torch.Tensor],
+        k_aux: int,
+        compute_dtype: Optional[torch.dtype],
+    ):
+        cd = compute_dtype or x.dtype
+        xc = x.to(cd)
+        pre = F.linear(xc, weight.to(cd), bias.to(cd))
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        if dead_mask is not None and k_aux > 0:
+            masked = pre.masked_fill(~dead_mask, float("-inf"))
+            aux_vals, aux_idx = masked.topk(min(k_aux, pre.shape[-1]), dim=-1, sorted=False)
+            # non-dead picks (only when fewer than k_aux latents are dead) carry -inf: zero them
+            aux_vals = torch.where(torch.isfinite(aux_vals), aux_vals, torch.zeros_like(aux_vals))
+            aux_vals = aux_vals * dead_mask[aux_idx]
+        else:
+            aux_vals = vals.new_zeros(vals.shape[0], 0)
+            aux_idx = idx.new_zeros(idx.shape[0], 0)
+        if relu:
+            vals = vals.clamp_min(0)
+            aux_vals = aux_vals.clamp_min(0)
+        all_idx = torch.cat([idx, aux_idx], dim=-1)
+        all_live = torch.cat([vals, aux_vals], dim=-1) > 0 if relu else None
+        if dead_mask is not None and k_aux > 0 and not relu:
+            all_live = torch.cat([torch.ones_like(vals, dtype=torch.bool), dead_mask[aux_idx]], dim=-1)
+        ctx.save_for_backward(xc, weight, all_idx, all_live if all_live is not None else torch.empty(0))
+        ctx.has_mask = all_live is not None
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.widths = (vals.shape[-1], aux_vals.shape[-1])
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, g_idx, g_aux, g_aux_idx):  # type: ignore[override]
+        xc, weight, all_idx, live = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        n = all_idx.shape[0]
+        if g_vals is None:
+            g_vals = torch.zeros(n, ctx.widths[0], dtype=xc.dtype, device=xc.device)
+        if g_aux is None:
+            g_aux = torch.zeros(n, ctx.widths[1], dtype=g_vals.dtype, device=xc.device)
+        g = torch.cat([g_vals, g_aux], dim=-1)
+        if ctx.has_mask:
+            g = g * live
+        n_latents, k_total = weight.shape[0], all_idx.shape[1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(all_idx, weight.to(xc.dtype), mode="sum", per_sample_weights=g.to(xc.dtype))
+            grad_x = grad_x.to(x_dtype)
+        flat_idx = all_idx.reshape(-1)
+        flat_g = g.reshape(-1)
+        if ctx.needs_input_grad[1]:
+            grad_w = _latent_grad(xc, flat_idx, flat_g, k_total, n_latents).to(w_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(n_latents, dtype=torch.float32, device=flat_g.device)
+            grad_b.index_add_(0, flat_idx, flat_g.float())
+            grad_b = grad_b.to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def topk_encode(
+    x_centred: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+    *,
+    relu: bool = True,
+    dead_mask: Optional[torch.Tensor] = None,
+    k_aux: int = 0,
+    compute_dtype: Optional[torch.dtype] = None,
+):
+    """Functional entry point of :class:`TopKEncode` (see there)."""
+    return TopKEncode.apply(x_centred, weight, bias, k, relu, dead_mask, k_aux, compute_dtype)

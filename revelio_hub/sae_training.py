@@ -1,0 +1,555 @@
+"""Training k-sparse autoencoders: config, data helpers, the trainer loop, evaluation.
+
+The loop follows the paper's recipe (DESIGN.md §1: k 32, 64× expansion, Adam
+4e-4 with 500 warm-up steps, batch 8192, normalised MSE, ``b_pre`` at the data
+mean, unit-norm decoder rows with the parallel gradient component removed) and
+adds what the seed lacks: AuxK on dead latents (OpenAI's TopK paper), a
+held-out evaluation, resumable checkpoints and data parallelism.
+
+Design choices that make runs reproducible:
+
+* Batches are a pure function of (seed, step): epoch e uses the permutation
+  ``randperm(n_train, seed + e)``; the global batch is sliced across ranks.
+  Nothing in the loop draws random numbers, so a resumed run needs only the
+  step, the weights, Adam's moments and the dead-latent counters, and a
+  2-process run sees exactly the samples of the 1-process run.
+* The MSE is normalised by the training set's variance (a constant), not the
+  batch variance, so per-rank losses sum to the global loss and gradients can be
+  summed across ranks (at batch 8192 the two normalisers agree to <1%).
+* No host syncs in the inner loop: metrics are accumulated on device and read
+  back at logging steps only.
+
+Speed: the encoder is :class:`~revelio_hub.sae_kernels.TopKEncode` (dense
+forward matmul + topk, backward only at the k active latents per sample), the
+decoder is ``embedding_bag`` over the k active rows, matmuls run in bf16 on CUDA
+(``mixed_precision="auto"``) with fp32 master weights and fp32 loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import metrics as M
+from .sae import KSparseAutoencoder
+from .sae_kernels import sparse_decode, topk_encode
+
+__all__ = ["SAETrainConfig", "TrainResult", "train_sae", "evaluate_sae", "sample_tokens", "geometric_median"]
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+
+# Config fields that may change between a run and its resumption.
+_RESUMABLE_CHANGES = {"checkpoint_every", "eval_batch_size"}
+
+
+@dataclass
+class SAETrainConfig:
+    """Hyper-parameters of one k-SAE run (defaults: the paper's, plus AuxK).
+
+    Attributes:
+        k: active latents per sample.
+        expansion: n_latents = expansion × d_in (ignored when ``n_latents`` is set).
+        n_latents: explicit dictionary size.
+        batch_size: global batch (split evenly across processes).
+        total_samples: training length in samples (83.9M in the paper); ``steps`` overrides it.
+        steps: training length in optimizer steps.
+        lr: Adam learning rate after warm-up.
+        warmup_steps: linear warm-up length.
+        lr_decay_fraction: final fraction of training with linear decay to 0 (0 = constant, the paper).
+        adam_betas / adam_eps: Adam settings.
+        aux_k: latents in the AuxK code (default d_in // 2, as OpenAI); 0 disables AuxK.
+        aux_coef: AuxK loss weight (1/32).
+        dead_window: a latent is dead if it did not fire in this many samples (10M; clamped to
+            the training-set size, so on small data sets "dead" means "silent for an epoch").
+        b_pre_init: ``"mean"`` (paper), ``"geometric_median"`` (OpenAI) or ``"zeros"``.
+        normalize_input: record a scalar input scale so the centred mean squared norm is d_in.
+        eval_fraction: held-out share of the samples for the final evaluation.
+        eval_batch_size: chunk size of the evaluation.
+        checkpoint_every: steps between resumable checkpoints (0 = only at the end).
+        log_every: steps between log lines (and AuxK dead-latent refreshes).
+        seed: seeds the init, the split and the batch order.
+        mixed_precision: ``"auto"`` (bf16 matmuls on CUDA, fp32 on CPU), ``"bf16"`` or ``"no"``.
+        relu: ReLU after TopK (keep True; False reproduces the seed's activation).
+    """
+
+    k: int = 32
+    expansion: int = 64
+    n_latents: Optional[int] = None
+    batch_size: int = 8192
+    total_samples: int = 83_886_080
+    steps: Optional[int] = None
+    lr: float = 4e-4
+    warmup_steps: int = 500
+    lr_decay_fraction: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    aux_k: Optional[int] = None
+    aux_coef: float = 1 / 32
+    dead_window: int = 10_000_000
+    b_pre_init: str = "mean"
+    normalize_input: bool = True
+    eval_fraction: float = 0.05
+    eval_batch_size: int = 8192
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    mixed_precision: str = "auto"
+    relu: bool = True
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if self.b_pre_init not in ("mean", "geometric_median", "zeros"):
+            raise ValueError(f"b_pre_init must be 'mean', 'geometric_median' or 'zeros', got {self.b_pre_init!r}")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
+        for name in ("k", "expansion", "batch_size", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {self.steps}")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise ValueError(f"lr_decay_fraction must lie in [0, 1], got {self.lr_decay_fraction}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else max(1, math.ceil(self.total_samples / self.batch_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SAETrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_sae` returns: the trained model (on CPU, eval mode) and its held-out metrics."""
+
+    model: KSparseAutoencoder
+    eval: dict[str, Any]
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- data helpers
+
+
+def sample_tokens(maps: torch.Tensor, n_per_image: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample per-position vectors from spatial maps to train a token-level SAE.
+
+    ``maps``: N×C×H×W. Draws ``n_per_image`` distinct positions per image
+    (all positions when ``n_per_image ≥ H·W``) with a seeded generator.
+    Returns ``(tokens (N·n)×C, image_index (N·n))`` where ``image_index[i]`` is
+    the row of ``maps`` token i came from.
+    """
+    if maps.dim() != 4:
+        raise ValueError(f"sample_tokens needs maps of shape N×C×H×W, got {tuple(maps.shape)}")
+    if n_per_image < 1:
+        raise ValueError(f"n_per_image must be ≥ 1, got {n_per_image}")
+    n, c, h, w = maps.shape
+    flat = maps.reshape(n, c, h * w)
+    m = min(n_per_image, h * w)
+    if m == h * w:
+        pos = torch.arange(h * w).expand(n, -1)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        pos = torch.rand(n, h * w, generator=g).argsort(dim=1)[:, :m]
+    pos = pos.to(maps.device)
+    tokens = torch.gather(flat, 2, pos.unsqueeze(1).expand(n, c, m))  # N×C×m
+    tokens = tokens.permute(0, 2, 1).reshape(n * m, c)
+    image_index = torch.arange(n, device=maps.device).repeat_interleave(m)
+    return tokens, image_index
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to rows of ``x``.
+
+    More robust than the mean to the heavy-tailed outliers of diffusion features
+    (OpenAI initialise ``b_pre`` with it).
+    """
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= 1e-7 * y.norm().clamp_min(1.0):
+            y = y_new
+            break
+        y = y_new
+    return y.float()
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_sae(model: KSparseAutoencoder, features: torch.Tensor, batch_size: int = 8192) -> dict[str, Any]:
+    """Held-out metrics in the units users see: FVU, explained variance, L0, dead fraction, cosine.
+
+    ``dead_fraction`` here is the share of latents that never fire on these samples.
+    """
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"evaluate_sae needs ≥ 2 samples of shape N×d, got {tuple(features.shape)}")
+    device = model.W_enc.device
+    resid = torch.zeros((), dtype=torch.float64, device=device)
+    nnz = torch.zeros((), dtype=torch.float64, device=device)
+    cos = torch.zeros((), dtype=torch.float64, device=device)
+    fired = torch.zeros(model.n_latents, dtype=torch.long, device=device)
+    total_sum = torch.zeros(features.shape[1], dtype=torch.float64, device=device)
+    total_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, features.shape[0], batch_size):
+        x = features[start : start + batch_size].to(device=device, dtype=torch.float32)
+        recon, vals, idx = model(x)
+        resid += (x - recon).double().pow(2).sum()
+        nnz += (vals != 0).sum()
+        cos += torch.nn.functional.cosine_similarity(x.double(), recon.double(), dim=-1, eps=1e-12).sum()
+        fired.scatter_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).long())
+        total_sum += x.double().sum(0)
+        total_sq += x.double().pow(2).sum()
+    n = features.shape[0]
+    centred = total_sq - total_sum.pow(2).sum() / n
+    fvu = float(resid / centred)
+    return {
+        "fvu": fvu,
+        "explained_variance": 1.0 - fvu,
+        "l0": float(nnz / n),
+        "dead_fraction": M.dead_fraction(fired),
+        "cosine": float(cos / n),
+        "n_samples": int(n),
+    }
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def _lr_at(step: int, cfg: SAETrainConfig, total: int) -> float:
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+    decay_steps = int(round(cfg.lr_decay_fraction * total))
+    if decay_steps > 0 and step >= total - decay_steps:
+        lr *= (total - step) / decay_steps
+    return lr
+
+
+def _save_checkpoint(path: Path, step: int, model, opt, tracker, aux_active: bool, cfg: SAETrainConfig) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, param in model.named_parameters():
+        for key, val in opt.state.get(param, {}).items():
+            t = torch.as_tensor(val).detach().cpu()
+            tensors[f"optim.{name}.{key}"] = (t.reshape(1) if t.dim() == 0 else t).contiguous()
+    tensors["tracker.since_fired"] = tracker.since_fired.cpu()
+    meta = {
+        "step": str(step),
+        "aux_active": json.dumps(aux_active),
+        "train_config": json.dumps(cfg.to_dict()),
+        "model_config": json.dumps(model._hub_mixin_config),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> tuple[int, bool]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    saved_cfg = json.loads(meta["train_config"])
+    diffs = {
+        k: (saved_cfg.get(k), v)
+        for k, v in cfg.to_dict().items()
+        if k not in _RESUMABLE_CHANGES and saved_cfg.get(k) != v
+    }
+    if diffs:
+        raise ValueError(
+            f"{path} was written by a run with different settings {diffs} (saved, now); "
+            "rerun with the original settings to resume, or pass overwrite=True (--overwrite) to start over."
+        )
+    tensors = load_file(str(path), device=str(model.W_enc.device))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    for name, p in model.named_parameters():
+        state = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            t = tensors.get(f"optim.{name}.{key}")
+            if t is not None:
+                state[key] = t.reshape(()) if key == "step" else t
+        if state:
+            state["step"] = state["step"].cpu().float()
+            opt.state[p] = state
+    tracker.load_state_dict({"since_fired": tensors["tracker.since_fired"]})
+    return int(meta["step"]), json.loads(meta["aux_active"])
+
+
+def train_sae(
+    features: torch.Tensor,
+    config: Optional[SAETrainConfig] = None,
+    *,
+    out_dir: Optional[Union[str, Path]] = None,
+    recipe: Optional[dict] = None,
+    granularity: str = "pooled",
+    accelerator: Any = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after_step: Optional[int] = None,
+) -> TrainResult:
+    """Train a k-SAE on ``features`` (N×d_in, pooled vectors or sampled tokens).
+
+    Args:
+        features: training + held-out samples (any float dtype; kept on the
+            accelerator device when it fits).
+        config: hyper-parameters (default: the paper's).
+        out_dir: where to write ``config.json``/``model.safetensors`` (the
+            weights), ``eval.json``, ``metrics.jsonl`` and ``checkpoint/``.
+            ``None`` trains in memory without checkpoints.
+        recipe: ``FeatureRecipe.to_dict()`` recorded in the model config.
+        granularity: ``"pooled"`` or ``"token"`` (what ``features`` are).
+        accelerator: an ``accelerate.Accelerator``; default creates one. With
+            several processes each rank computes batch_size / world samples and
+            gradients are summed, so results match one process.
+        resume: continue from ``out_dir/checkpoint`` if present (the settings must match).
+        overwrite: delete a previous run in ``out_dir`` first.
+        progress: show a tqdm bar (main process only).
+        stop_after_step: stop after this many steps without the final save;
+            simulates a killed run (tests) or splits a run into sessions.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg = config or SAETrainConfig()
+    if features.dim() != 2:
+        raise ValueError(f"features must be N×d_in (pooled vectors or sampled tokens), got shape {tuple(features.shape)}")
+    if not features.dtype.is_floating_point:
+        raise ValueError(f"features must be floating point, got {features.dtype}")
+    acc = accelerator or Accelerator()
+    world, rank, device = acc.num_processes, acc.process_index, acc.device
+    n_all, d_in = features.shape
+    n_latents = cfg.n_latents or cfg.expansion * d_in
+    if cfg.k > n_latents:
+        raise ValueError(f"k={cfg.k} exceeds n_latents={n_latents}")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+
+    # ---- split (seeded, identical on every rank)
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(n_all, generator=g)
+    n_eval = int(round(n_all * cfg.eval_fraction))
+    if cfg.eval_fraction > 0:
+        n_eval = max(n_eval, 2)
+    n_train = n_all - n_eval
+    if n_train < cfg.batch_size:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} exceeds the {n_train} training samples "
+            f"({n_all} features, eval_fraction={cfg.eval_fraction}); use a smaller batch or more data."
+        )
+    eval_x = features[perm[:n_eval]].float()
+    train_cpu = features[perm[n_eval:]].float()
+
+    # keep the training data on the device when it fits comfortably
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        on_device = train_cpu.numel() * 4 < 0.4 * free
+    else:
+        on_device = True
+    train = train_cpu.to(device) if on_device else train_cpu.pin_memory() if device.type == "cuda" else train_cpu
+
+    # ---- normalisation and init
+    mean = train_cpu.double().mean(0)
+    centred_sq = (train_cpu.double() - mean).pow(2).sum(1).mean()
+    if centred_sq <= 0:
+        raise ValueError("the training features have zero variance; nothing to learn")
+    scale = float(torch.sqrt(d_in / centred_sq)) if cfg.normalize_input else 1.0
+    var_total = float(centred_sq) * scale**2  # mean centred squared norm after scaling
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = KSparseAutoencoder(
+            d_in,
+            n_latents,
+            k=cfg.k,
+            granularity=granularity,
+            recipe=recipe,
+            input_norm={"scale": scale} if cfg.normalize_input else None,
+            relu=cfg.relu,
+        )
+    with torch.no_grad():
+        if cfg.b_pre_init == "mean":
+            model.b_pre.copy_((mean * scale).float())
+        elif cfg.b_pre_init == "geometric_median":
+            sub = train_cpu[torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:32768]]
+            model.b_pre.copy_(geometric_median(sub * scale))
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+
+    aux_k = cfg.aux_k if cfg.aux_k is not None else d_in // 2
+    aux_k = min(aux_k, n_latents)
+    window = min(cfg.dead_window, n_train)
+    tracker = M.DeadLatentTracker(n_latents, window, device=device)
+    compute_dtype = (
+        torch.bfloat16
+        if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+        else None
+    )
+
+    # ---- output folder and resume
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT_DIR / CHECKPOINT_FILE if out else None
+    start, aux_active = 0, False
+    if out is not None:
+        if overwrite and acc.is_main_process:
+            for name in (CHECKPOINT_DIR, METRICS_FILE, EVAL_FILE, "config.json", "model.safetensors"):
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        if resume and ckpt_path.exists():
+            start, aux_active = _load_checkpoint(ckpt_path, model, opt, tracker, cfg)
+        elif not overwrite and (out / "model.safetensors").exists():
+            raise ValueError(f"{out} already holds a trained SAE but no checkpoint to resume; pass overwrite=True (--overwrite)")
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            _truncate_log(out / METRICS_FILE, start)
+
+    total = cfg.total_steps
+    local_b = cfg.batch_size // world
+    steps_per_epoch = n_train // cfg.batch_size
+    params = list(model.parameters())
+    history: list[dict[str, Any]] = []
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fvu, l0, aux
+    n_acc = 0
+    cached_epoch, epoch_perm = -1, None
+    bar = tqdm(total=total, initial=start, desc="k-SAE", disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+
+    completed = start
+    for step in range(start, total):
+        if stop_after_step is not None and step >= stop_after_step:
+            break
+        epoch, pos = divmod(step, steps_per_epoch)
+        if epoch != cached_epoch:
+            ep_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 1)
+            epoch_perm = torch.randperm(n_train, generator=ep_gen).to(train.device)
+            cached_epoch = epoch
+        gidx = epoch_perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+        x = train[gidx[rank * local_b : (rank + 1) * local_b]].to(device, non_blocking=True) * scale
+
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg, total)
+
+        use_aux = aux_active and aux_k > 0 and cfg.aux_coef > 0
+        vals, idx, aux_vals, aux_idx = topk_encode(
+            x - model.b_pre,
+            model.W_enc,
+            model.b_enc,
+            cfg.k,
+            relu=cfg.relu,
+            dead_mask=tracker.dead_mask if use_aux else None,
+            k_aux=aux_k if use_aux else 0,
+            compute_dtype=compute_dtype,
+        )
+        recon = sparse_decode(vals, idx, model.W_dec).float() + model.b_pre
+        err = x - recon
+        main = err.pow(2).sum() / (cfg.batch_size * var_total)
+        loss = main
+        aux_loss = torch.zeros((), device=device)
+        if use_aux:
+            e = err.detach()
+            denom = e.pow(2).sum()
+            if world > 1:
+                denom = acc.reduce(denom, "sum")
+            e_hat = sparse_decode(aux_vals, aux_idx, model.W_dec).float()
+            aux_loss = (e - e_hat).pow(2).sum() / denom.clamp_min(1e-12)
+            loss = loss + cfg.aux_coef * aux_loss
+        loss.backward()
+
+        counts = torch.zeros(n_latents, dtype=torch.float32, device=device)
+        counts.index_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).float())
+        stats = torch.stack([loss.detach(), main.detach(), (vals != 0).sum().float() / cfg.batch_size, aux_loss.detach()])
+        if world > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params] + [counts, stats.float()])
+            flat = acc.reduce(flat, "sum")
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            counts = flat[offset : offset + n_latents]
+            stats = flat[offset + n_latents :]
+        model.remove_parallel_decoder_grad()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.normalize_decoder()
+        tracker.update(counts > 0, cfg.batch_size)
+        sums += stats.double()
+        n_acc += 1
+
+        done = completed = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            means = (sums / n_acc).tolist()
+            dead = tracker.fraction()
+            aux_active = dead > 0  # refreshed only here: a host sync we allow at log steps
+            rec = {
+                "step": done,
+                "samples": done * cfg.batch_size,
+                "lr": _lr_at(step, cfg, total),
+                "loss": means[0],
+                "fvu": means[1],
+                "l0": means[2],
+                "aux_loss": means[3],
+                "dead_fraction": dead,
+            }
+            history.append(rec)
+            bar.set_postfix(loss=f"{means[0]:.4f}", fvu=f"{means[1]:.4f}", l0=f"{means[2]:.1f}", dead=f"{100 * dead:.1f}%")
+            if out is not None and acc.is_main_process:
+                with open(out / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            sums.zero_()
+            n_acc = 0
+        if out is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < total:
+            if acc.is_main_process:
+                _save_checkpoint(ckpt_path, done, model, opt, tracker, aux_active, cfg)
+            acc.wait_for_everyone()
+        bar.update(1)
+    bar.close()
+
+    finished = stop_after_step is None or stop_after_step >= total
+    model.eval()
+    eval_metrics: dict[str, Any] = {}
+    if finished:
+        if eval_x.shape[0] >= 2:
+            eval_metrics = evaluate_sae(model, eval_x, cfg.eval_batch_size)
+        eval_metrics.update(
+            {"dead_fraction_train": tracker.fraction(), "dead_window_samples": window, "steps": total,
+             "samples_seen": total * cfg.batch_size, "n_train": n_train}
+        )
+        if out is not None and acc.is_main_process:
+            _save_checkpoint(ckpt_path, total, model, opt, tracker, aux_active, cfg)
+            model.save_pretrained(out)
+            with open(out / EVAL_FILE, "w") as f:
+                json.dump(eval_metrics, f, indent=2)
+            with open(out / "train_config.json", "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+        if out is not None:
+            acc.wait_for_everyone()
+    return TrainResult(model=model.cpu(), eval=eval_metrics, steps=completed, history=history)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so metrics.jsonl reads like one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
