@@ -79,12 +79,136 @@ def _entry_updates(rel: LoadedRelease, layer: Optional[str] = None) -> tuple[dic
     return gr.update(choices=layers, value=layer), gr.update(choices=ts, value=t)
 
 
+def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
+    return (
+        f"### Neuron {d.id}\n{d.summary or ''}\n\n"
+        "| frequency | mean activation | purity (σ of top-image labels; lower = more specific) |\n|---|---|---|\n"
+        f"| {d.frequency:.3%} | {d.mean_activation:.3f} | {d.purity:.2f} |"
+    )
+
+
+class Events:
+    """The event functions of the Blocks, bound to one :class:`AppState`.
+
+    Kept as methods (not closures inside :func:`build_ui`) so tests call them
+    directly with the values the components would send.
+    """
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    # ---------------------------------------------------------------- Analyze
+
+    def analyze(self, image, layer, timestep, release, progress=gr.Progress()):
+        """Analyze an image: predicted classes, its top neurons, and the strongest neuron's images and heat map."""
+        with user_errors("analysing the image"):
+            result = A.analyze(
+                self.state, image, layer, timestep, release,
+                progress=(lambda frac, desc: progress(frac, desc=desc)) if progress is not None else None,
+            )
+            rows = [[n.id, round(n.activation, 4), n.summary] for n in result.neurons]
+            if not result.neurons:
+                return (result.predictions, rows, gr.update(choices=[], value=None),
+                        "No neuron fires on this image.", [], result.image, result)
+            top = result.neurons[0].id
+            gal, overlay, text = A.neuron_view(self.state, result, top)
+            choices = [(f"{n.id} · {n.summary}" if n.summary else str(n.id), n.id) for n in result.neurons]
+            return result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result
+
+    def select_neuron(self, result, neuron):
+        """Show another neuron of the analysed image (cached features: no backbone pass)."""
+        with user_errors("showing the neuron"):
+            if result is None:
+                raise ValueError("Analyze an image first.")
+            if neuron is None:
+                return "", [], result.image
+            gal, overlay, text = A.neuron_view(self.state, result, neuron)
+            return text, gal, overlay
+
+    def select_row(self, result, evt: gr.SelectData):
+        """A click on a row of the image's neuron table selects that neuron."""
+        with user_errors("showing the neuron"):
+            row = evt.row_value or []
+            if not row:
+                raise ValueError("Click a row of the neuron table.")
+            neuron = int(row[0])
+            text, gal, overlay = self.select_neuron(result, neuron)
+            return gr.update(value=neuron), text, gal, overlay
+
+    @staticmethod
+    def pick_example(evt: gr.SelectData):
+        value = evt.value or {}
+        image = value.get("image") if isinstance(value, dict) else None
+        path = image.get("path") if isinstance(image, dict) else None
+        if not path:
+            raise gr.Error("Could not load that example; upload an image instead.", print_exception=False)
+        return path
+
+    def change_layer(self, release, layer):
+        """Offer the timesteps the release has for the chosen layer."""
+        with user_errors("changing the layer"):
+            return _entry_updates(self.state.get_release(release), layer)[1]
+
+    def change_release(self, release):
+        with user_errors("switching release"):
+            rel = self.state.get_release(release)
+            layer_u, t_u = _entry_updates(rel)
+            layer_b, t_b = _entry_updates(rel)
+            return (layer_u, t_u, rel.examples, rel.card or "_This release has no card._", layer_b, t_b,
+                    None, [], gr.update(choices=[], value=None), "", [], None, None)
+
+    # --------------------------------------------------------- Neuron browser
+
+    def neuron_details(self, release, layer, timestep, neuron):
+        with user_errors("showing the neuron"):
+            d = A.neuron_details(self.state, release, layer, timestep, neuron)
+            return _neuron_stats_markdown(d), d.histogram, d.top_images
+
+    def sorted_neurons(self, release, layer, timestep, by):
+        with user_errors("listing neurons"):
+            return A.sorted_neurons(self.state, release, layer, timestep, by)
+
+    def class_neurons(self, release, layer, timestep, name):
+        with user_errors("finding neurons for the class"):
+            if not name:
+                return []
+            return A.class_neurons(self.state, release, layer, timestep, name)
+
+    def browser_entry(self, release, layer, timestep, by, name):
+        """Fill the browser's lists for the chosen (release, layer, t)."""
+        with user_errors("loading the release entry"):
+            classes = A.class_names(self.state, release, layer, timestep)
+            name = name if name in classes else None
+            return (A.sorted_neurons(self.state, release, layer, timestep, by),
+                    gr.update(choices=classes, value=name),
+                    A.class_neurons(self.state, release, layer, timestep, name) if name else [])
+
+    def browser_row(self, release, layer, timestep, evt: gr.SelectData):
+        row = evt.row_value or []
+        if not row:
+            raise gr.Error("Click a row of the list.", print_exception=False)
+        neuron = int(row[0])
+        return (neuron, *self.neuron_details(release, layer, timestep, neuron))
+
+    # ------------------------------------------------------------------- API
+
+    def analyze_json(self, image: FileData, layer: str = "", timestep: int = -1, release: str = "") -> dict:
+        """Analyze an image file. Returns {"release", "layer", "timestep", "predictions": {class: prob},
+        "neurons": [{"id", "activation", "summary"}]} with neurons sorted by activation (strongest first).
+        layer "" and timestep -1 mean the release's default entry; release "" the app's default release."""
+        with user_errors("analysing the image"):
+            t = None if timestep is None or (isinstance(timestep, (int, float)) and timestep < 0) else timestep
+            return A.analyze(self.state, image, layer or None, t, release).to_json()
+
+
 def build_ui(state: AppState) -> gr.Blocks:
     """The app for ``state``'s releases, with its queue configured (concurrency sized for the backbone)."""
     cfg = state.config
+    ev = Events(state)
     rel0 = state.get_release()
     layer0, t0 = rel0.default_entry()
     release_choices = [(rel.name, rel.id) for rel in state.releases.values()]
+    private = {"api_visibility": "private"}
 
     with gr.Blocks(title="Revelio Hub", fill_width=True) as demo:
         with gr.Row(equal_height=True):
@@ -95,12 +219,11 @@ def build_ui(state: AppState) -> gr.Blocks:
             )
             release_dd = gr.Dropdown(
                 release_choices, value=rel0.id, label="Release", scale=0, min_width=240,
-                interactive=len(release_choices) > 1,
+                interactive=len(release_choices) > 1, elem_id="release",
             )
         analysis_state = gr.State(None)
 
         with gr.Tabs():
-            # ------------------------------------------------------------ Analyze
             with gr.Tab("Analyze", id="analyze"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=300):
@@ -113,26 +236,29 @@ def build_ui(state: AppState) -> gr.Blocks:
                             t_dd = gr.Dropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
                         analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
                         examples = gr.Gallery(
-                            rel0.examples, label="Examples (click one to load it)", columns=5, height=170,
+                            rel0.examples, label="Examples (click one to load it)", columns=5, height="auto",
                             allow_preview=False, object_fit="cover", elem_id="examples",
                         )
                     with gr.Column(scale=3, min_width=380):
                         with gr.Row(equal_height=True):
-                            preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)", elem_id="predictions")
-                            heatmap = gr.Image(label="Where the selected neuron fires", height=260, interactive=False, format="png", elem_id="heatmap")
+                            preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
+                                             elem_id="predictions")
+                            heatmap = gr.Image(label="Where the selected neuron fires", height=260, interactive=False,
+                                               format="png", elem_id="heatmap")
                         neuron_table = gr.Dataframe(
-                            headers=NEURON_HEADERS, datatype=["number", "number", "str"], label="Top neurons of this image (click a row)",
-                            interactive=False, max_height=260, column_widths=["15%", "18%", "67%"], elem_id="neurons",
+                            headers=NEURON_HEADERS, datatype=["number", "number", "str"],
+                            label="Top neurons of this image (click a row)", interactive=False, max_height=260,
+                            column_widths=["15%", "18%", "67%"], elem_id="neurons",
                         )
                         with gr.Row(equal_height=True):
-                            neuron_dd = gr.Dropdown([], label="Selected neuron", scale=1, min_width=160, elem_id="neuron-select")
+                            neuron_dd = gr.Dropdown([], label="Selected neuron", scale=1, min_width=160,
+                                                    elem_id="neuron-select")
                             caption = gr.Markdown("", elem_classes=["revelio-caption"])
                         gallery = gr.Gallery(
-                            label="Its top-activating dataset images", columns=5, height=240, object_fit="contain",
-                            allow_preview=True, elem_id="neuron-gallery",
+                            label="Its top-activating dataset images", columns=5, height="auto",
+                            object_fit="contain", allow_preview=True, elem_id="neuron-gallery",
                         )
 
-            # ---------------------------------------------------- Neuron browser
             with gr.Tab("Neuron browser", id="browser"):
                 with gr.Row():
                     b_layer = gr.Dropdown(rel0.layers, value=layer0, label="Layer")
@@ -144,161 +270,55 @@ def build_ui(state: AppState) -> gr.Blocks:
                         b_stats = gr.Markdown("Pick a neuron id, or click a row of a list below.")
                         b_hist = gr.Label(label="Labels of its top images", num_top_classes=8)
                     with gr.Column(scale=3):
-                        b_gallery = gr.Gallery(label="Top-activating images", columns=5, height=300, object_fit="contain")
+                        b_gallery = gr.Gallery(label="Top-activating images", columns=5, height="auto",
+                                               object_fit="contain")
                 with gr.Row():
                     with gr.Column():
                         b_sort = gr.Radio(list(A.SORT_KEYS), value="frequency", label="Sort neurons by")
-                        b_sorted = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False, max_height=320, label="Neurons")
+                        b_sorted = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False, max_height=320,
+                                                label="Neurons (click a row)")
                     with gr.Column():
                         b_class = gr.Dropdown([], label="Neurons whose top images are mostly this class")
-                        b_class_table = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False, max_height=320, label="Class-specific neurons")
+                        b_class_table = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False,
+                                                     max_height=320, label="Class-specific neurons (click a row)")
 
-            # ------------------------------------------------------------- About
             with gr.Tab("About", id="about"):
                 card_md = gr.Markdown(rel0.card or "_This release has no card._")
 
-        # ================================================================ events
-
-        def on_analyze(image, layer, timestep, release, progress=gr.Progress()):
-            """Analyze an image: predicted classes, its top neurons, and the strongest neuron's images and heat map."""
-            with user_errors("analysing the image"):
-                result = A.analyze(
-                    state, image, layer, timestep, release,
-                    progress=lambda frac, desc: progress(frac, desc=desc),
-                )
-                rows = [[n.id, round(n.activation, 4), n.summary] for n in result.neurons]
-                if not result.neurons:
-                    return (result.predictions, rows, gr.update(choices=[], value=None),
-                            "No neuron fires on this image.", [], result.image, result)
-                top = result.neurons[0].id
-                gal, overlay, text = A.neuron_view(state, result, top)
-                choices = [(f"{n.id} · {n.summary}" if n.summary else str(n.id), n.id) for n in result.neurons]
-                return (result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result)
-
-        analyze_outputs = [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state]
+        # ---------------------------------------------------------------- events
         analyze_btn.click(
-            on_analyze, [image_in, layer_dd, t_dd, release_dd], analyze_outputs,
+            ev.analyze, [image_in, layer_dd, t_dd, release_dd],
+            [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state],
             api_name="analyze", preprocess=False, show_progress="full",
         )
+        neuron_dd.input(ev.select_neuron, [analysis_state, neuron_dd], [caption, gallery, heatmap], **private)
+        neuron_table.select(ev.select_row, [analysis_state], [neuron_dd, caption, gallery, heatmap], **private)
+        examples.select(ev.pick_example, None, image_in, **private)
+        layer_dd.input(ev.change_layer, [release_dd, layer_dd], t_dd, **private)
+        b_layer.input(ev.change_layer, [release_dd, b_layer], b_t, **private)
 
-        def on_neuron(result, neuron):
-            with user_errors("showing the neuron"):
-                if result is None:
-                    raise ValueError("Analyze an image first.")
-                if neuron is None:
-                    return "", [], result.image
-                gal, overlay, text = A.neuron_view(state, result, neuron)
-                return text, gal, overlay
-
-        neuron_dd.input(on_neuron, [analysis_state, neuron_dd], [caption, gallery, heatmap], api_visibility="private")
-
-        def on_row(result, evt: gr.SelectData):
-            with user_errors("showing the neuron"):
-                if result is None:
-                    raise ValueError("Analyze an image first.")
-                row = evt.row_value or []
-                if not row:
-                    raise ValueError("Click a row of the neuron table.")
-                neuron = int(row[0])
-                text, gal, overlay = on_neuron(result, neuron)
-                return gr.update(value=neuron), text, gal, overlay
-
-        neuron_table.select(on_row, [analysis_state], [neuron_dd, caption, gallery, heatmap], api_visibility="private")
-
-        def on_example(evt: gr.SelectData):
-            value = evt.value or {}
-            image = value.get("image") if isinstance(value, dict) else None
-            path = image.get("path") if isinstance(image, dict) else None
-            if not path:
-                raise gr.Error("Could not load that example; upload an image instead.", print_exception=False)
-            return path
-
-        examples.select(on_example, None, image_in, api_visibility="private")
-
-        def on_layer(release, layer):
-            with user_errors("changing the layer"):
-                rel = state.get_release(release)
-                return _entry_updates(rel, layer)[1]
-
-        layer_dd.input(on_layer, [release_dd, layer_dd], t_dd, api_visibility="private")
-        b_layer.input(on_layer, [release_dd, b_layer], b_t, api_visibility="private")
-
-        # -- neuron browser
-        def on_details(release, layer, timestep, neuron):
-            with user_errors("showing the neuron"):
-                d = A.neuron_details(state, release, layer, timestep, neuron)
-                stats = (
-                    f"### Neuron {d.id}\n{d.summary or ''}\n\n"
-                    f"| frequency | mean activation | purity (std of top labels; lower = more specific) |\n|---|---|---|\n"
-                    f"| {d.frequency:.4%} | {d.mean_activation:.3f} | {d.purity:.2f} |"
-                )
-                return stats, d.histogram, d.top_images
-
-        b_show.click(on_details, [release_dd, b_layer, b_t, b_neuron], [b_stats, b_hist, b_gallery], api_name="neuron")
-        b_neuron.submit(on_details, [release_dd, b_layer, b_t, b_neuron], [b_stats, b_hist, b_gallery], api_visibility="private")
-
-        def on_sorted(release, layer, timestep, by):
-            with user_errors("listing neurons"):
-                return A.sorted_neurons(state, release, layer, timestep, by)
-
-        def on_class(release, layer, timestep, name):
-            with user_errors("finding neurons for the class"):
-                if not name:
-                    return []
-                return A.class_neurons(state, release, layer, timestep, name)
-
-        def on_browser_entry(release, layer, timestep, by, name):
-            with user_errors("loading the release entry"):
-                classes = A.class_names(state, release, layer, timestep)
-                name = name if name in classes else None
-                return (on_sorted(release, layer, timestep, by), gr.update(choices=classes, value=name),
-                        on_class(release, layer, timestep, name))
-
+        details_io = ([release_dd, b_layer, b_t, b_neuron], [b_stats, b_hist, b_gallery])
+        b_show.click(ev.neuron_details, *details_io, api_name="neuron")
+        b_neuron.submit(ev.neuron_details, *details_io, **private)
         browser_inputs = [release_dd, b_layer, b_t, b_sort, b_class]
         browser_outputs = [b_sorted, b_class, b_class_table]
-        b_t.change(on_browser_entry, browser_inputs, browser_outputs, api_visibility="private")
-        b_sort.change(on_sorted, [release_dd, b_layer, b_t, b_sort], b_sorted, api_visibility="private")
-        b_class.input(on_class, [release_dd, b_layer, b_t, b_class], b_class_table, api_visibility="private")
-
-        def on_browser_row(release, layer, timestep, evt: gr.SelectData):
-            row = evt.row_value or []
-            if not row:
-                raise gr.Error("Click a row of the list.", print_exception=False)
-            neuron = int(row[0])
-            return (neuron, *on_details(release, layer, timestep, neuron))
-
+        b_t.change(ev.browser_entry, browser_inputs, browser_outputs, **private)
+        b_sort.change(ev.sorted_neurons, [release_dd, b_layer, b_t, b_sort], b_sorted, **private)
+        b_class.input(ev.class_neurons, [release_dd, b_layer, b_t, b_class], b_class_table, **private)
         for table in (b_sorted, b_class_table):
-            table.select(on_browser_row, [release_dd, b_layer, b_t], [b_neuron, b_stats, b_hist, b_gallery], api_visibility="private")
-
-        # -- switching release
-        def on_release(release):
-            with user_errors("switching release"):
-                rel = state.get_release(release)
-                layer_u, t_u = _entry_updates(rel)
-                layer_b, t_b = _entry_updates(rel)
-                return (layer_u, t_u, rel.examples, rel.card or "_This release has no card._", layer_b, t_b,
-                        None, [], gr.update(choices=[], value=None), "", [], None)
+            table.select(ev.browser_row, [release_dd, b_layer, b_t], [b_neuron, b_stats, b_hist, b_gallery], **private)
 
         release_dd.input(
-            on_release, release_dd,
-            [layer_dd, t_dd, examples, card_md, b_layer, b_t, preds, neuron_table, neuron_dd, caption, gallery, heatmap],
-            api_visibility="private",
+            ev.change_release, release_dd,
+            [layer_dd, t_dd, examples, card_md, b_layer, b_t, preds, neuron_table, neuron_dd, caption, gallery,
+             heatmap, analysis_state],
+            **private,
         )
-        demo.load(on_browser_entry, browser_inputs, browser_outputs, api_visibility="private")
-
-        # -- JSON API for gradio_client users
-        def analyze_json(image: FileData, layer: str = "", timestep: int = -1, release: str = "") -> dict:
-            """Analyze an image file; returns {"release", "layer", "timestep", "predictions": {class: prob},
-            "neurons": [{"id", "activation", "summary"}]} with neurons sorted by activation (strongest first).
-            Leave layer "" and timestep -1 for the release's default entry, release "" for the app's default release."""
-            with user_errors("analysing the image"):
-                t = None if timestep is None or (isinstance(timestep, (int, float)) and timestep < 0) else timestep
-                return A.analyze(state, image, layer or None, t, release).to_json()
-
-        gr.api(analyze_json, api_name="analyze_json")
+        demo.load(ev.browser_entry, browser_inputs, browser_outputs, **private)
+        gr.api(ev.analyze_json, api_name="analyze_json")
 
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     return demo
 
 
-__all__ = ["build_ui", "launch_kwargs", "user_errors", "theme", "CSS"]
+__all__ = ["Events", "build_ui", "launch_kwargs", "user_errors", "theme", "CSS"]
