@@ -119,3 +119,28 @@ GOOD_ODD_INPUTS: dict[str, Callable[[Path], Path]] = {
     "animated": animated_gif,
     "exif_rotated": exif_rotated_jpeg,
 }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LaunchedApp:
+    """The real app (``build_ui`` + ``launch``) served in this process on a free loopback port."""
+
+    def __init__(self, state) -> None:
+        from revelio_hub.app.ui import build_ui, launch_kwargs
+
+        self.state = state
+        self.demo = build_ui(state)
+        self.port = free_port()
+        kwargs = launch_kwargs(state)
+        self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True, quiet=True, **kwargs)
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def close(self) -> None:
+        self.demo.close()

@@ -1,0 +1,266 @@
+"""The app's event functions, called directly (no server): what a user of the UI relies on.
+
+Runs on the bundled toy release (``releases/toy-shapes``), or on the release
+named by ``$REVELIO_TEST_RELEASE``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import BAD_INPUTS, GOOD_ODD_INPUTS, shape_image  # noqa: E402
+
+gr = pytest.importorskip("gradio")
+torch = pytest.importorskip("torch")
+
+from revelio_hub.app import analysis as A  # noqa: E402
+from revelio_hub.app.state import DEFAULT_RELEASE_PATH, AppConfig, AppState, FeatureCache  # noqa: E402
+from revelio_hub.app.validation import read_image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def release_path() -> str:
+    path = os.environ.get("REVELIO_TEST_RELEASE") or str(DEFAULT_RELEASE_PATH)
+    if not Path(path, "release.json").is_file():
+        pytest.skip(f"no release at {path}: build the bundled toy release first (training/build_toy_release.py)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def state() -> AppState:
+    return AppState.from_config(AppConfig(releases=[release_path()], feature_cache_size=8))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("app_images")
+    return {
+        "red": shape_image(folder / "red.png", color=(220, 40, 40)),
+        "blue": shape_image(folder / "blue.png", color=(40, 40, 220), bg=(30, 30, 30)),
+    }
+
+
+@pytest.fixture()
+def count_backbone_calls(state):
+    """Wrap the real backbone's ``extract`` to count passes; yields a one-element list."""
+    rel = state.get_release()
+    backbone = state.backbone(rel)
+    original = backbone.extract
+    calls = [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    backbone.extract = counting
+    try:
+        yield calls
+    finally:
+        backbone.extract = original
+
+
+def library_result(state: AppState, image_path: Path, layer: str, t: int):
+    """What a user gets calling the library directly, without the app."""
+    from revelio_hub.images import load_image
+    from revelio_hub.release import Release
+
+    rel = Release.from_pretrained(state.get_release().id)
+    entry = rel.load(layer, t)
+    backbone = state.backbone(state.get_release())  # same weights; loading twice would only cost time
+    recipe = entry.sae.recipe or {}
+    maps = backbone.extract(
+        [load_image(image_path)], [layer], [t], seed=int(recipe.get("noise_seed") or 0),
+        ensemble=int(recipe.get("ensemble") or 1),
+    )[(layer, t)]
+    acts = entry.sae.image_activations(maps)[0]
+    preds = entry.diffc.predict(maps, top_k=5)[0] if entry.diffc is not None else {}
+    return acts, preds
+
+
+def test_analyze_matches_library_and_is_sorted(state, images):
+    rel = state.get_release()
+    layer, t = rel.default_entry()
+    result = A.analyze(state, str(images["red"]), layer, t)
+    acts, preds = library_result(state, images["red"], layer, t)
+
+    assert (result.layer, result.timestep, result.release) == (layer, t, rel.id)
+    got = [n.activation for n in result.neurons]
+    assert got == sorted(got, reverse=True) and all(a > 0 for a in got)
+    expected_ids = torch.topk(acts, len(result.neurons)).indices.tolist()
+    assert [n.id for n in result.neurons] == expected_ids
+    for n in result.neurons:
+        assert n.activation == pytest.approx(float(acts[n.id]), rel=1e-4, abs=1e-5)
+    # Predictions are the entry's Diff-C top-5: probabilities, summing to at most 1.
+    assert set(result.predictions) == set(preds)
+    for name, p in preds.items():
+        assert result.predictions[name] == pytest.approx(p, abs=1e-5)
+    assert len(result.predictions) <= 5
+    assert sum(result.predictions.values()) <= 1 + 1e-5
+    assert all(0 <= p <= 1 for p in result.predictions.values())
+    payload = result.to_json()
+    assert set(payload) == {"release", "layer", "timestep", "predictions", "neurons"}
+    assert set(payload["neurons"][0]) == {"id", "activation", "summary"}
+
+
+def test_selecting_neurons_and_layers_reuses_backbone_features(state, images, count_backbone_calls):
+    rel = state.get_release()
+    layer, t = rel.default_entry()
+    events = __import__("revelio_hub.app.ui", fromlist=["Events"]).Events(state)
+    path = str(images["blue"])
+    loads_before = state.backbones.loads
+
+    out = events.analyze({"path": path, "orig_name": "blue.png"}, layer, t, "", progress=None)
+    preds, rows, neuron_update, caption, gallery, overlay, result = out
+    assert count_backbone_calls[0] == 1
+    assert [r[0] for r in rows] == [n.id for n in result.neurons]
+    assert neuron_update["value"] == result.neurons[0].id
+    assert overlay.size == (A.DISPLAY_SIZE, A.DISPLAY_SIZE)
+    assert 0 < len(gallery) <= state.config.top_images
+
+    # Another neuron: new gallery and heat map, no backbone pass.
+    other = result.neurons[-1].id
+    caption2, gallery2, overlay2 = events.select_neuron(result, other)
+    assert f"Neuron {other}" in caption2
+    assert count_backbone_calls[0] == 1
+    assert gallery2 == A.neuron_gallery(state, "", layer, t, other)
+
+    # Analysing again, or at another layer with the same t: cached features.
+    events.analyze({"path": path}, layer, t, "", progress=None)
+    for other_layer in [l for l, tt in rel.entries if tt == t]:
+        A.analyze(state, path, other_layer, t)
+    assert count_backbone_calls[0] == 1
+    # Another timestep is a new pass; the backbone itself is never reloaded.
+    others = [(l, tt) for l, tt in rel.entries if tt != t]
+    if others:
+        A.analyze(state, path, *others[0])
+        assert count_backbone_calls[0] == 2
+    assert state.backbones.loads == loads_before == 1
+
+
+def test_heatmap_overlay_marks_where_the_neuron_fires():
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    amap = torch.zeros(4, 4)
+    amap[0, 3] = 2.0  # top-right corner
+    out = torch.from_numpy(np.asarray(A.overlay_heatmap(image, amap), dtype=np.float32))
+    changed = (out - 128).abs().sum(-1)
+    assert changed[:16, 48:].mean() > 50 and changed[48:, :16].mean() < 1
+    # A neuron that never fires leaves the picture as it was.
+    assert np.array_equal(np.asarray(A.overlay_heatmap(image, torch.zeros(4, 4))), np.asarray(image))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_give_plain_errors(state, tmp_path, case):
+    make, pattern = BAD_INPUTS[case]
+    path = make(tmp_path)
+    with pytest.raises(ValueError, match=pattern):
+        A.analyze(state, str(path))
+    events = __import__("revelio_hub.app.ui", fromlist=["Events"]).Events(state)
+    with pytest.raises(gr.Error) as info:
+        events.analyze({"path": str(path), "orig_name": path.name}, "", None, "", progress=None)
+    message = str(info.value)
+    assert re.search(pattern, message) and path.name in message
+    assert "Traceback" not in message and str(tmp_path) not in message  # no server paths, no stack
+
+
+def test_missing_image_and_bad_choices(state, images):
+    events = __import__("revelio_hub.app.ui", fromlist=["Events"]).Events(state)
+    with pytest.raises(gr.Error, match="No image given"):
+        events.analyze(None, "", None, "", progress=None)
+    rel = state.get_release()
+    layer, t = rel.default_entry()
+    with pytest.raises(ValueError, match=f"Layer 'nope' is not in release.*{layer}"):
+        A.analyze(state, str(images["red"]), "nope", t)
+    with pytest.raises(ValueError, match="Timestep 999 is not available"):
+        A.analyze(state, str(images["red"]), layer, 999)
+    with pytest.raises(ValueError, match="Unknown release 'other'.*this app serves"):
+        A.analyze(state, str(images["red"]), layer, t, "other")
+    n = state.get_release().entry(layer, t).sae.n_latents
+    with pytest.raises(ValueError, match=f"from 0 to {n - 1}"):
+        A.neuron_details(state, "", layer, t, n)
+    with pytest.raises(ValueError, match="Cannot sort neurons by 'name'"):
+        A.sorted_neurons(state, "", layer, t, "name")
+    with pytest.raises(ValueError, match="Unknown class 'unicorn'"):
+        A.class_neurons(state, "", layer, t, "unicorn")
+
+
+@pytest.mark.parametrize("case", sorted(GOOD_ODD_INPUTS))
+def test_unusual_but_valid_images_are_analysed(state, tmp_path, case):
+    path = GOOD_ODD_INPUTS[case](tmp_path)
+    result = A.analyze(state, str(path))
+    assert result.neurons and result.image.mode == "RGB"
+    if case == "exif_rotated":  # the model sees the image upright, as a viewer shows it
+        assert read_image(str(path)).size == (80, 120)
+
+
+def test_large_images_are_downscaled_before_the_backbone(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (3000, 1500), (10, 200, 10)).save(path)
+    img = read_image(str(path))
+    assert max(img.size) == 1024 and img.size == (1024, 512)
+
+
+def test_neuron_browser(state):
+    rel = state.get_release()
+    layer, t = rel.default_entry()
+    rows = A.sorted_neurons(state, "", layer, t, "frequency", n=20)
+    assert 0 < len(rows) <= 20 and len(rows[0]) == len(A.NEURON_TABLE_HEADERS)
+    freqs = [r[1] for r in rows]
+    assert freqs == sorted(freqs, reverse=True)
+    details = A.neuron_details(state, "", layer, t, rows[0][0])
+    assert details.id == rows[0][0] and details.frequency == pytest.approx(rows[0][1], abs=1e-4)
+    assert sum(details.histogram.values()) == pytest.approx(1.0)
+    assert 0 < len(details.top_images) <= state.config.top_images
+    for image, caption in details.top_images:
+        assert Path(image).is_file() and caption
+    classes = A.class_names(state, "", layer, t)
+    found = {c: A.class_neurons(state, "", layer, t, c) for c in classes}
+    assert any(found.values())
+    for c, rows_c in found.items():
+        for row in rows_c[:3]:  # a neuron listed for c has top images that are mostly c
+            hist = A.neuron_details(state, "", layer, t, row[0]).histogram
+            assert max(hist, key=hist.get) == c
+
+
+def test_release_lookup_and_shared_backbone():
+    path = release_path()
+    st = AppState.from_config(AppConfig(releases=[path, path.rstrip("/") + "/"]))
+    assert st.get_release("").id == path
+    assert st.get_release(Path(path).name).id == path
+    a, b = (st.get_release(r) for r in st.release_ids)
+    assert st.backbone(a) is st.backbone(b) and st.backbones.loads == 1
+
+
+def test_feature_cache_is_lru():
+    cache = FeatureCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert "b" not in cache and cache.get("a") == 1 and cache.get("c") == 3
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        AppConfig(releases=["x"], dtype="int8")
+    with pytest.raises(ValueError, match="At least one release"):
+        AppConfig(releases=[])
+
+
+def test_app_help_lists_options():
+    out = subprocess.run([sys.executable, str(REPO / "app.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--release", "--device", "--dtype", "--port", "--host", "--share"):
+        assert flag in out.stdout
