@@ -1,0 +1,102 @@
+"""The app in a real headless Chromium: upload, Analyze, and everything appears.
+
+Drives Debian's ``/usr/bin/chromium`` through Python Playwright (no browser
+download). Saves a screenshot to the test's tmp folder, and also to the path
+in ``$REVELIO_SCREENSHOT`` when set (``REVELIO_SCREENSHOT=docs/screenshot.png``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import LaunchedApp, shape_image  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def release_path() -> str:
+    from revelio_hub.app.state import DEFAULT_RELEASE_PATH
+
+    path = os.environ.get("REVELIO_TEST_RELEASE") or str(DEFAULT_RELEASE_PATH)
+    if not Path(path, "release.json").is_file():
+        pytest.skip(f"no release at {path}: build the bundled toy release first (training/build_toy_release.py)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def app():
+    from revelio_hub.app.state import AppConfig, AppState
+
+    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[release_path()])))
+    try:
+        yield launched
+    finally:
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_upload_analyze_and_see_everything(app, browser, tmp_path):
+    image = shape_image(tmp_path / "upload.png", color=(220, 40, 40), size=128)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#analyze-btn", timeout=60_000)
+
+    page.locator("#image-in input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#image-in img", timeout=30_000)
+    page.click("#analyze-btn")
+
+    # (a) predictions, (b) neuron list, (c) gallery, (d) heat map
+    page.wait_for_selector("#predictions .output-class, #predictions [data-testid='label-output-value']", timeout=90_000)
+    page.wait_for_function(
+        "() => document.querySelectorAll('#neurons tbody tr').length > 0", timeout=90_000
+    )
+    page.wait_for_selector("#neuron-gallery img", timeout=90_000)
+    page.wait_for_selector("#heatmap img", timeout=90_000)
+
+    state = app.state
+    rel = state.get_release()
+    entry = rel.entry(*rel.default_entry())
+    class_names = [str(c) for c in entry.diffc.class_names] if entry.diffc is not None else []
+    predictions_text = page.locator("#predictions").inner_text()
+    assert any(name in predictions_text for name in class_names), predictions_text
+    first_row = page.locator("#neurons tbody tr").first.inner_text()
+    assert first_row.split()[0].isdigit(), first_row
+    assert page.locator("#neuron-gallery img").count() >= 1
+    assert "Error" not in page.locator("body").inner_text()[:20000].split("Errors")[0] or not errors
+
+    page.wait_for_timeout(500)  # let images finish painting before the screenshot
+    shot = tmp_path / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    target = os.environ.get("REVELIO_SCREENSHOT")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
+    assert not errors, errors
+    page.close()

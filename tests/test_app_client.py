@@ -1,0 +1,136 @@
+"""The launched app driven through ``gradio_client``, as API users drive it.
+
+The server runs in this process (``Blocks.launch(prevent_thread_lock=True)``)
+on a free loopback port, with the same queue settings as ``python app.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import BAD_INPUTS, LaunchedApp, shape_image  # noqa: E402
+
+pytest.importorskip("gradio")
+client_mod = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from revelio_hub.app import analysis as A  # noqa: E402
+from revelio_hub.app.state import DEFAULT_RELEASE_PATH, AppConfig, AppState  # noqa: E402
+
+
+def release_path() -> str:
+    path = os.environ.get("REVELIO_TEST_RELEASE") or str(DEFAULT_RELEASE_PATH)
+    if not Path(path, "release.json").is_file():
+        pytest.skip(f"no release at {path}: build the bundled toy release first (training/build_toy_release.py)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def app():
+    state = AppState.from_config(AppConfig(releases=[release_path()], queue_size=64))
+    launched = LaunchedApp(state)
+    try:
+        yield launched
+    finally:
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def client(app) -> Client:
+    return Client(app.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("client_images")
+    colors = [(220, 40, 40), (40, 180, 40), (40, 40, 220), (220, 200, 40)]
+    return [shape_image(folder / f"img{i}.png", color=c, size=64 + 16 * i) for i, c in enumerate(colors)]
+
+
+def test_endpoints_are_exposed(client):
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert "/analyze" in api and "/analyze_json" in api
+    params = [p["parameter_name"] for p in api["/analyze_json"]["parameters"]]
+    assert params == ["image", "layer", "timestep", "release"]
+
+
+def test_analyze_json_matches_the_library(app, client, images):
+    rel = app.state.get_release()
+    for layer, t in rel.entries[:2]:
+        got = client.predict(handle_file(str(images[0])), layer, t, "", api_name="/analyze_json")
+        # The library called directly, without the server, on the same file.
+        direct = A.analyze(AppState(app.state.config, [rel]), str(images[0]), layer, t).to_json()
+        assert got["release"] == rel.id and got["layer"] == layer and got["timestep"] == t
+        assert [n["id"] for n in got["neurons"]] == [n["id"] for n in direct["neurons"]]
+        for a, b in zip(got["neurons"], direct["neurons"]):
+            assert a["activation"] == pytest.approx(b["activation"], rel=1e-5) and a["summary"] == b["summary"]
+        acts = [n["activation"] for n in got["neurons"]]
+        assert acts == sorted(acts, reverse=True)
+        assert got["predictions"] == pytest.approx(direct["predictions"])
+        assert sum(got["predictions"].values()) <= 1 + 1e-5
+
+
+def test_analyze_json_defaults_and_release_by_name(app, client, images):
+    rel = app.state.get_release()
+    default = client.predict(handle_file(str(images[1])), "", -1, "", api_name="/analyze_json")
+    by_name = client.predict(handle_file(str(images[1])), "", -1, rel.name, api_name="/analyze_json")
+    assert (default["layer"], default["timestep"]) == rel.default_entry()
+    assert by_name == default
+
+
+def test_ui_analyze_endpoint(client, images):
+    preds, table, neuron, caption, gallery, heatmap = client.predict(
+        handle_file(str(images[2])), None, None, None, api_name="/analyze"
+    )
+    assert preds["confidences"] and table["data"]
+    assert neuron["value"] == table["data"][0][0]
+    assert gallery and Path(heatmap).is_file()
+
+
+def test_sixteen_concurrent_calls_all_succeed(app, client, images):
+    jobs = [
+        client.submit(handle_file(str(images[i % len(images)])), "", -1, "", api_name="/analyze_json")
+        for i in range(16)
+    ]
+    results = [job.result(timeout=300) for job in jobs]
+    assert len(results) == 16
+    by_image: dict[int, list] = {}
+    for i, r in enumerate(results):
+        assert r["neurons"] and r["predictions"]
+        by_image.setdefault(i % len(images), []).append([n["id"] for n in r["neurons"]])
+    for runs in by_image.values():  # concurrency does not mix up results
+        assert all(run == runs[0] for run in runs)
+
+    # Independent clients at once too (each its own session and upload).
+    def one(i: int):
+        c = Client(app.url, verbose=False)
+        return c.predict(handle_file(str(images[i % len(images)])), "", -1, "", api_name="/analyze_json")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(r["neurons"] for r in pool.map(one, range(8)))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_give_their_plain_message(client, tmp_path, case):
+    make, pattern = BAD_INPUTS[case]
+    path = make(tmp_path)
+    with pytest.raises(AppError) as info:
+        client.predict(handle_file(str(path)), "", -1, "", api_name="/analyze_json")
+    message = str(info.value)
+    assert re.search(pattern, message), message
+    assert path.name in message and "Traceback" not in message and "/tmp/gradio" not in message
+
+
+def test_bad_choices_give_plain_messages(client, images):
+    with pytest.raises(AppError, match="Layer 'nope' is not in release"):
+        client.predict(handle_file(str(images[0])), "nope", -1, "", api_name="/analyze_json")
+    with pytest.raises(AppError, match="Unknown release 'elsewhere'"):
+        client.predict(handle_file(str(images[0])), "", -1, "elsewhere", api_name="/analyze_json")
