@@ -1,0 +1,719 @@
+"""The neuron atlas: what makes each k-SAE neuron fire, readable without the dataset.
+
+An SAE with 80k latents is only useful when each latent can be read. The atlas
+records, per neuron, its top-activating dataset images (id, activation, label),
+how often it fires, how strongly when it does, and how class-specific its top
+images are (the paper's label purity: std of the class ids of the top-10
+images, plus the label entropy, which does not depend on how classes are
+numbered). Top images are stored as small WebP thumbnails inside the atlas
+folder so the app and a Hub release never need the dataset itself.
+
+Building streams over image batches: a running per-neuron top-N is merged with
+each batch's top-N, so memory is O(n_latents × (N + batch)) and never
+O(n_images × n_latents) — 100k images × 80k latents would be 32 GB dense.
+
+Folder format (CONTRACTS.md)::
+
+    stats.safetensors   frequency, mean_activation, purity, entropy (n),
+                        top_image_ids, top_activations, top_labels (n×K; id -1 = empty slot)
+    atlas.json          class_names, num_images, summary, thumbnail size, granularity, ...
+    thumbnails/<image_id>.webp
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from . import metrics as M
+
+__all__ = [
+    "AtlasConfig",
+    "TopKAccumulator",
+    "NeuronInfo",
+    "NeuronAtlas",
+    "build_atlas",
+    "STATS_FILE",
+    "ATLAS_FILE",
+    "THUMBNAIL_DIR",
+]
+
+STATS_FILE = "stats.safetensors"
+ATLAS_FILE = "atlas.json"
+THUMBNAIL_DIR = "thumbnails"
+HEATMAP_DIR = "heatmaps"
+FORMAT_VERSION = 1
+SORT_KEYS = ("frequency", "purity", "entropy", "mean_activation")
+
+PathLike = Union[str, os.PathLike]
+Batch = tuple  # (x, labels, image_ids)
+
+
+@dataclass
+class AtlasConfig:
+    """How an atlas is built.
+
+    Attributes:
+        top_n: top images kept per neuron (the seed keeps 20 and shows 10).
+        purity_top: how many top images the purity / entropy use (the paper: 10).
+        summary_neurons: the layer summary averages purity over this many most
+            frequently firing neurons (the paper: 1,000).
+        thumbnail_size: side of the square WebP thumbnails, in pixels.
+        thumbnail_quality: WebP quality (0–100); 80 keeps a 128-px thumbnail ≈ 3–5 kB.
+        threshold: an activation above this counts as firing.
+    """
+
+    top_n: int = 20
+    purity_top: int = 10
+    summary_neurons: int = 1000
+    thumbnail_size: int = 128
+    thumbnail_quality: int = 80
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.top_n < 1:
+            raise ValueError(f"top_n must be ≥ 1, got {self.top_n}")
+        if not 1 <= self.purity_top <= self.top_n:
+            raise ValueError(f"purity_top must lie in [1, top_n={self.top_n}], got {self.purity_top}")
+        if self.summary_neurons < 1:
+            raise ValueError(f"summary_neurons must be ≥ 1, got {self.summary_neurons}")
+        if self.thumbnail_size < 8:
+            raise ValueError(f"thumbnail_size must be ≥ 8 pixels, got {self.thumbnail_size}")
+
+
+class TopKAccumulator:
+    """Streaming per-neuron statistics over image batches.
+
+    Keeps, for every neuron, the ``top_n`` largest activations seen so far with
+    their image ids and labels, the number of images on which it fired and the
+    sum of its activations when firing. State is stored neuron-minor
+    (``top_n × n``) so a batch's ``topk`` over dim 0 merges without transposes.
+    Two accumulators (e.g. from two processes) combine with :meth:`merge`.
+    """
+
+    def __init__(self, n_latents: int, top_n: int = 20, threshold: float = 0.0, device: Union[str, torch.device] = "cpu"):
+        if n_latents < 1:
+            raise ValueError(f"n_latents must be ≥ 1, got {n_latents}")
+        if top_n < 1:
+            raise ValueError(f"top_n must be ≥ 1, got {top_n}")
+        self.n_latents = int(n_latents)
+        self.top_n = int(top_n)
+        self.threshold = float(threshold)
+        self.values = torch.full((top_n, n_latents), -math.inf, device=device)
+        self.image_ids = torch.full((top_n, n_latents), -1, dtype=torch.long, device=device)
+        self.labels = torch.full((top_n, n_latents), -1, dtype=torch.long, device=device)
+        self.fire_count = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.fire_sum = torch.zeros(n_latents, dtype=torch.float64, device=device)
+        self.num_images = 0
+
+    def update(self, acts: torch.Tensor, labels: torch.Tensor, image_ids: torch.Tensor) -> None:
+        """Fold in one batch: ``acts`` B×n image-level activations, ``labels``/``image_ids`` B."""
+        if acts.dim() != 2 or acts.shape[1] != self.n_latents:
+            raise ValueError(f"activations must be B×{self.n_latents}, got shape {tuple(acts.shape)}")
+        b = acts.shape[0]
+        if labels.shape != (b,) or image_ids.shape != (b,):
+            raise ValueError(
+                f"labels and image_ids must have shape ({b},), got {tuple(labels.shape)} and {tuple(image_ids.shape)}"
+            )
+        if b == 0:
+            return
+        device = self.values.device
+        acts = acts.to(device=device, dtype=torch.float32)
+        labels = labels.to(device=device, dtype=torch.long)
+        image_ids = image_ids.to(device=device, dtype=torch.long)
+
+        fired = acts > self.threshold
+        self.fire_count += fired.sum(0)
+        self.fire_sum += torch.where(fired, acts, torch.zeros((), device=device)).sum(0, dtype=torch.float64)
+        self.num_images += b
+
+        k = min(self.top_n, b)
+        batch_vals, rows = torch.topk(acts, k, dim=0)  # k×n
+        self._merge(batch_vals, image_ids[rows], labels[rows])
+
+    def _merge(self, values: torch.Tensor, image_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        all_vals = torch.cat([self.values, values], 0)
+        keep_vals, pos = torch.topk(all_vals, self.top_n, dim=0)
+        self.values = keep_vals
+        self.image_ids = torch.cat([self.image_ids, image_ids], 0).gather(0, pos)
+        self.labels = torch.cat([self.labels, labels], 0).gather(0, pos)
+
+    def merge(self, other: "TopKAccumulator") -> None:
+        """Combine with an accumulator that saw a disjoint set of images."""
+        if (other.n_latents, other.top_n) != (self.n_latents, self.top_n):
+            raise ValueError("can only merge accumulators with the same n_latents and top_n")
+        self._merge(other.values.to(self.values.device), other.image_ids.to(self.values.device),
+                    other.labels.to(self.values.device))
+        self.fire_count += other.fire_count.to(self.fire_count.device)
+        self.fire_sum += other.fire_sum.to(self.fire_sum.device)
+        self.num_images += other.num_images
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors that fully describe the state (for gathering across processes)."""
+        return {"values": self.values, "image_ids": self.image_ids, "labels": self.labels,
+                "fire_count": self.fire_count, "fire_sum": self.fire_sum,
+                "num_images": torch.tensor([self.num_images], device=self.values.device)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], threshold: float = 0.0) -> "TopKAccumulator":
+        top_n, n = state["values"].shape
+        acc = cls(n, top_n, threshold, device=state["values"].device)
+        acc.values, acc.image_ids, acc.labels = state["values"], state["image_ids"], state["labels"]
+        acc.fire_count, acc.fire_sum = state["fire_count"], state["fire_sum"]
+        acc.num_images = int(state["num_images"].sum())
+        return acc
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Per-neuron tensors in atlas layout (n×K), empty slots as id -1 / activation 0.
+
+        A slot is empty when the image in it did not fire (activation ≤
+        threshold): a neuron that fired on 3 images lists exactly 3.
+        """
+        empty = ~(self.values > self.threshold)
+        ids = self.image_ids.masked_fill(empty, -1).T.contiguous().cpu()
+        vals = self.values.masked_fill(empty, 0.0).T.contiguous().cpu()
+        labels = self.labels.masked_fill(empty, -1).T.contiguous().cpu()
+        count = self.fire_count.cpu()
+        frequency = (count.double() / max(self.num_images, 1)).float()
+        mean_act = (self.fire_sum.cpu() / count.clamp_min(1).double()).float()
+        return {"top_image_ids": ids, "top_activations": vals.float(), "top_labels": labels,
+                "frequency": frequency, "mean_activation": mean_act, "fire_count": count}
+
+
+def _purity_and_entropy(top_labels: torch.Tensor, num_classes: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Purity (std of class ids) and entropy over each neuron's filled top slots (at most ``top``).
+
+    Uses :func:`revelio_hub.metrics.label_purity` / ``label_entropy`` on groups of
+    neurons with the same number of labelled top images, so a neuron that
+    fired on only 4 images is judged on those 4 (NaN when it has none).
+    """
+    labels = top_labels[:, :top]
+    n = labels.shape[0]
+    purity = torch.full((n,), math.nan, dtype=torch.float32)
+    entropy = torch.full((n,), math.nan, dtype=torch.float32)
+    filled = labels >= 0
+    # Slots fill from the front (sorted by activation), except when labels are unknown (-1) mid-list.
+    counts = filled.sum(1)
+    contiguous = (filled == (torch.arange(labels.shape[1]) < counts.unsqueeze(1))).all(1)
+    for m in range(1, labels.shape[1] + 1):
+        rows = torch.nonzero((counts == m) & contiguous).flatten()
+        if rows.numel():
+            sub = labels[rows, :m]
+            purity[rows] = M.label_purity(sub, top=m).float()
+            entropy[rows] = M.label_entropy(sub, num_classes=max(num_classes, 1), top=m).float()
+    for row in torch.nonzero(~contiguous & (counts > 0)).flatten().tolist():
+        sub = labels[row][filled[row]].unsqueeze(0)
+        purity[row] = M.label_purity(sub, top=sub.shape[1]).float()
+        entropy[row] = M.label_entropy(sub, num_classes=max(num_classes, 1), top=sub.shape[1]).float()
+    return purity, entropy
+
+
+@dataclass
+class NeuronInfo:
+    """Everything the atlas knows about one neuron."""
+
+    index: int
+    frequency: float
+    mean_activation: float
+    purity: float
+    entropy: float
+    top_image_ids: list[int]
+    top_activations: list[float]
+    top_labels: list[Optional[str]]
+    dead: bool
+    summary: str
+
+    @property
+    def fire_rate_percent(self) -> float:
+        return 100.0 * self.frequency
+
+
+@dataclass
+class NeuronAtlas:
+    """Per-neuron statistics and top images of one SAE on one dataset.
+
+    Create with :func:`build_atlas` or :meth:`load`; write with :meth:`save`.
+    ``stats`` holds the tensors of ``stats.safetensors``; ``meta`` the content
+    of ``atlas.json``.
+    """
+
+    stats: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    path: Optional[Path] = None
+    _thumbnails: dict[int, Any] = field(default_factory=dict, repr=False)
+    _heatmaps: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ basic properties
+    @property
+    def num_neurons(self) -> int:
+        return int(self.stats["frequency"].shape[0])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.meta.get("num_images", 0))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or [])
+
+    @property
+    def summary_stats(self) -> dict[str, Any]:
+        """Per-layer summary: dead count/fraction, mean purity over the most active neurons, ..."""
+        return dict(self.meta.get("summary") or {})
+
+    @property
+    def dead_neurons(self) -> list[int]:
+        """Neurons that never fired on the atlas images."""
+        return torch.nonzero(self.stats["frequency"] <= 0).flatten().tolist()
+
+    def __len__(self) -> int:
+        return self.num_neurons
+
+    def __repr__(self) -> str:
+        s = self.summary_stats
+        return (f"NeuronAtlas(neurons={self.num_neurons}, images={self.num_images}, dead={s.get('dead_count')}, "
+                f"mean_purity_top{s.get('summary_neurons')}={s.get('mean_purity')}, path={str(self.path)!r})")
+
+    def _check(self, i: int) -> int:
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise ValueError(f"neuron index must be an integer, got {i!r}") from None
+        if not 0 <= i < self.num_neurons:
+            raise ValueError(f"neuron {i} does not exist: this atlas has neurons 0..{self.num_neurons - 1}")
+        return i
+
+    def _label_name(self, label: int) -> Optional[str]:
+        names = self.class_names
+        return names[label] if 0 <= label < len(names) else None
+
+    def _filled(self, i: int) -> int:
+        return int((self.stats["top_image_ids"][i] >= 0).sum())
+
+    # ------------------------------------------------------------------ per-neuron queries
+    def neuron(self, i: int) -> NeuronInfo:
+        i = self._check(i)
+        m = self._filled(i)
+        freq = float(self.stats["frequency"][i])
+        return NeuronInfo(
+            index=i,
+            frequency=freq,
+            mean_activation=float(self.stats["mean_activation"][i]),
+            purity=float(self.stats["purity"][i]),
+            entropy=float(self.stats["entropy"][i]),
+            top_image_ids=self.stats["top_image_ids"][i, :m].tolist(),
+            top_activations=self.stats["top_activations"][i, :m].tolist(),
+            top_labels=[self._label_name(int(c)) for c in self.stats["top_labels"][i, :m]],
+            dead=freq <= 0,
+            summary=self.summary(i),
+        )
+
+    def label_histogram(self, i: int, top: Optional[int] = None) -> dict[str, int]:
+        """Class name → count among the neuron's top images (``top`` defaults to ``purity_top``), most common first."""
+        i = self._check(i)
+        top = int(top or self.meta.get("purity_top", 10))
+        labels = self.stats["top_labels"][i, : min(top, self._filled(i))].tolist()
+        counts = Counter(self._label_name(c) or "unlabelled" for c in labels)
+        return dict(counts.most_common())
+
+    def summary(self, i: int) -> str:
+        """One line for a UI, e.g. ``"circle 9/10 · purity 0.30 · fires on 4.1% of images"``."""
+        i = self._check(i)
+        freq = float(self.stats["frequency"][i])
+        if freq <= 0:
+            return f"dead neuron (never fired on {self.num_images} images)"
+        hist = self.label_histogram(i)
+        total = sum(hist.values())
+        parts = []
+        if hist and self.class_names:
+            name, count = next(iter(hist.items()))
+            parts.append(f"{name} {count}/{total}")
+        purity = float(self.stats["purity"][i])
+        if not math.isnan(purity):
+            parts.append(f"purity {purity:.2f}")
+        parts.append(f"fires on {100 * freq:.1f}% of images")
+        return " · ".join(parts)
+
+    def thumbnail(self, image_id: int):
+        """The stored thumbnail of ``image_id`` (PIL), or a grey placeholder if it is missing."""
+        from PIL import Image
+
+        image_id = int(image_id)
+        if image_id in self._thumbnails:
+            return self._thumbnails[image_id]
+        if self.path is not None:
+            file = self.path / THUMBNAIL_DIR / f"{image_id}.webp"
+            if file.is_file():
+                with Image.open(file) as im:
+                    im.load()
+                    image = im.convert("RGB")
+                self._thumbnails[image_id] = image
+                return image
+        size = int(self.meta.get("thumbnail_size", 128))
+        return Image.new("RGB", (size, size), (128, 128, 128))
+
+    def heatmap(self, i: int, image_id: int):
+        """Overlay thumbnail of neuron ``i``'s spatial activation on ``image_id``, or ``None`` if not stored."""
+        from PIL import Image
+
+        i = self._check(i)
+        key = (i, int(image_id))
+        if key in self._heatmaps:
+            return self._heatmaps[key]
+        if self.path is not None:
+            file = self.path / HEATMAP_DIR / str(i) / f"{int(image_id)}.webp"
+            if file.is_file():
+                with Image.open(file) as im:
+                    im.load()
+                    return im.convert("RGB")
+        return None
+
+    def top_images(self, i: int, n: int = 10, heatmaps: bool = False) -> list[tuple[Any, Optional[str], float]]:
+        """Up to ``n`` top images of neuron ``i`` as ``(PIL thumbnail, label name, activation)``.
+
+        With ``heatmaps=True`` the stored heat-map overlay replaces the plain
+        thumbnail where one exists.
+        """
+        i = self._check(i)
+        if n < 1:
+            raise ValueError(f"n must be ≥ 1, got {n}")
+        m = min(n, self._filled(i))
+        out = []
+        for slot in range(m):
+            image_id = int(self.stats["top_image_ids"][i, slot])
+            image = self.heatmap(i, image_id) if heatmaps else None
+            out.append((image if image is not None else self.thumbnail(image_id),
+                        self._label_name(int(self.stats["top_labels"][i, slot])),
+                        float(self.stats["top_activations"][i, slot])))
+        return out
+
+    # ------------------------------------------------------------------ whole-atlas queries
+    def sorted_neurons(self, by: str = "frequency", descending: Optional[bool] = None,
+                       include_dead: bool = False, limit: Optional[int] = None) -> list[int]:
+        """Neuron ids ordered by a statistic.
+
+        ``descending`` defaults to the useful direction: most frequent / strongest
+        first, purest (lowest purity or entropy) first. Neurons without a value
+        (dead, or unlabelled for purity) come last; dead ones are dropped unless
+        ``include_dead``.
+        """
+        if by not in SORT_KEYS:
+            raise ValueError(f"cannot sort by {by!r}; choose one of {list(SORT_KEYS)}")
+        if descending is None:
+            descending = by in ("frequency", "mean_activation")
+        values = self.stats[by].double().clone()
+        keep = torch.ones(self.num_neurons, dtype=torch.bool) if include_dead else self.stats["frequency"] > 0
+        missing = torch.isnan(values)
+        values[missing] = -math.inf if descending else math.inf
+        order = torch.sort(values, descending=descending, stable=True).indices
+        order = order[keep[order]]
+        ids = order.tolist()
+        return ids[:limit] if limit is not None else ids
+
+    def neurons_for_class(self, name: str, min_fraction: float = 0.5, top: Optional[int] = None) -> list[int]:
+        """Neurons whose top images are at least ``min_fraction`` of class ``name``.
+
+        Ordered by that fraction, then by firing frequency. ``top`` (default
+        ``purity_top``) is how many top images are counted.
+        """
+        names = self.class_names
+        if name not in names:
+            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+            raise ValueError(f"unknown class {name!r}; this atlas knows: {shown or '(no class names)'}")
+        if not 0 < min_fraction <= 1:
+            raise ValueError(f"min_fraction must lie in (0, 1], got {min_fraction}")
+        top = int(top or self.meta.get("purity_top", 10))
+        label = names.index(name)
+        labels = self.stats["top_labels"][:, :top]
+        filled = (labels >= 0).sum(1)
+        hits = (labels == label).sum(1)
+        fraction = hits.double() / filled.clamp_min(1).double()
+        ok = (filled > 0) & (fraction >= min_fraction)
+        ids = torch.nonzero(ok).flatten()
+        ids = ids[torch.argsort(self.stats["frequency"][ids], descending=True, stable=True)]  # ties: most frequent
+        return ids[torch.argsort(fraction[ids], descending=True, stable=True)].tolist()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: PathLike) -> Path:
+        """Write the folder format (stats, atlas.json, thumbnails, heat maps)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.stats.items()}, str(path / STATS_FILE))
+        (path / ATLAS_FILE).write_text(json.dumps(self.meta, indent=2))
+        quality = int(self.meta.get("thumbnail_quality", 80))
+        if self._thumbnails:
+            (path / THUMBNAIL_DIR).mkdir(exist_ok=True)
+            for image_id, image in self._thumbnails.items():
+                image.save(path / THUMBNAIL_DIR / f"{image_id}.webp", format="WEBP", quality=quality)
+        for (i, image_id), image in self._heatmaps.items():
+            folder = path / HEATMAP_DIR / str(i)
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{image_id}.webp", format="WEBP", quality=quality)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: PathLike) -> "NeuronAtlas":
+        """Read an atlas folder; missing or corrupt files raise an error naming the file."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"No neuron atlas at {path}: the folder does not exist")
+        meta_file, stats_file = path / ATLAS_FILE, path / STATS_FILE
+        for file in (meta_file, stats_file):
+            if not file.is_file():
+                raise FileNotFoundError(f"Neuron atlas {path} is incomplete: {file} is missing")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{meta_file} is not valid JSON: {error}") from error
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_file} must hold a JSON object, got {type(meta).__name__}")
+        try:
+            stats = load_file(str(stats_file))
+        except Exception as error:  # safetensors raises its own error types for truncation/garbage
+            raise ValueError(f"{stats_file} is corrupt or truncated ({type(error).__name__}: {error})") from error
+        required = ("frequency", "mean_activation", "purity", "entropy", "top_image_ids", "top_activations",
+                    "top_labels")
+        missing = [k for k in required if k not in stats]
+        if missing:
+            raise ValueError(f"{stats_file} lacks the tensors {missing}; rebuild the atlas with build_atlas")
+        n = stats["frequency"].shape[0]
+        bad = [k for k in required if stats[k].shape[0] != n]
+        if bad or stats["top_image_ids"].shape != stats["top_labels"].shape:
+            raise ValueError(f"{stats_file} is inconsistent: tensors {bad} do not have {n} neurons")
+        return cls(stats=stats, meta=meta, path=path)
+
+
+# ---------------------------------------------------------------------- building
+
+
+def _as_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=dtype)
+
+
+def _make_thumbnail(image: Any, size: int):
+    from PIL import Image, ImageOps
+
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"thumbnails(image_id) must return a PIL image or None, got {type(image).__name__}")
+    return ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
+
+
+def _overlay(thumb: Any, heat: torch.Tensor, vmax: float):
+    """Blend a red-yellow heat map (H×W, scaled by ``vmax``) over a thumbnail."""
+    from PIL import Image
+
+    h = (heat.float().clamp_min(0) / max(vmax, 1e-12)).clamp(0, 1)
+    size = thumb.size
+    h = torch.nn.functional.interpolate(h[None, None], size=(size[1], size[0]), mode="bilinear",
+                                        align_corners=False)[0, 0].clamp(0, 1)
+    rgb = torch.stack([torch.ones_like(h), h, torch.zeros_like(h)], -1)  # red -> yellow
+    colour = Image.fromarray((rgb * 255).byte().numpy(), "RGB")
+    alpha = Image.fromarray((h * 0.6 * 255).byte().numpy(), "L")
+    out = thumb.copy()
+    out.paste(colour, (0, 0), alpha)
+    return out
+
+
+def build_atlas(
+    batches: Iterable[Batch],
+    class_names: Optional[Sequence[str]] = None,
+    *,
+    sae: Any = None,
+    config: Optional[AtlasConfig] = None,
+    thumbnails: Optional[Callable[[int], Any]] = None,
+    heatmap_maps: Optional[Callable[[Sequence[int]], torch.Tensor]] = None,
+    heatmap_neurons: Optional[Sequence[int]] = None,
+    out: Optional[PathLike] = None,
+    extra_meta: Optional[dict[str, Any]] = None,
+    accumulator: Optional[TopKAccumulator] = None,
+    progress: bool = False,
+    device: Union[str, torch.device, None] = None,
+) -> NeuronAtlas:
+    """Build a :class:`NeuronAtlas` by streaming over batches.
+
+    Args:
+        batches: iterable of ``(x, labels, image_ids)``. Without ``sae``, ``x``
+            is already B×n_latents image-level activations; with ``sae``, ``x``
+            is a feature batch (B×d pooled, or B×d×H×W maps) that is turned into
+            activations with ``sae.image_activations`` (which respects the SAE's
+            granularity). ``labels`` may be ``None`` (unlabelled data) and
+            ``image_ids`` index the dataset rows used for thumbnails.
+        class_names: names of the class ids in ``labels``.
+        sae: optional :class:`~revelio_hub.sae.KSparseAutoencoder`.
+        config: :class:`AtlasConfig` (top-N, purity top, thumbnail size, ...).
+        thumbnails: ``image_id -> PIL image`` (or ``None`` if unavailable);
+            only images that appear in some neuron's top list are loaded.
+        heatmap_maps: optional ``image_ids -> N×d×H×W`` feature maps; with
+            ``sae`` and ``thumbnails`` given, stores a heat-map overlay of each
+            of ``heatmap_neurons`` (default: the 64 most frequent) on its top
+            images, via ``sae.activation_map``.
+        out: folder to write; the atlas is also returned in memory.
+        extra_meta: merged into ``atlas.json`` (e.g. recipe, layer, timestep).
+        accumulator: continue from (or merge into) an existing accumulator,
+            e.g. one gathered from several processes.
+        progress: show a tqdm bar.
+        device: where to run the SAE and the top-k merge (default: the SAE's device or CPU).
+    """
+    config = config or AtlasConfig()
+    class_names = list(class_names or [])
+    if device is None:
+        device = next(sae.parameters()).device if sae is not None else "cpu"
+    acc = accumulator
+    iterator: Iterator = iter(batches)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = iter(tqdm(batches, desc="atlas", unit="batch"))
+    with torch.no_grad():
+        for batch in iterator:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+                raise ValueError("each batch must be a tuple (x, labels, image_ids)")
+            x, labels, image_ids = batch
+            x = _as_tensor(x, torch.float32)
+            if sae is not None:
+                acts = sae.image_activations(x.to(device=device, dtype=next(sae.parameters()).dtype)).float()
+            else:
+                acts = x
+            ids = _as_tensor(image_ids, torch.long).reshape(-1)
+            labs = torch.full_like(ids, -1) if labels is None else _as_tensor(labels, torch.long).reshape(-1)
+            if class_names and labs.numel() and int(labs.max()) >= len(class_names):
+                raise ValueError(f"label {int(labs.max())} has no name: only {len(class_names)} class names given")
+            if acc is None:
+                acc = TopKAccumulator(acts.shape[1], config.top_n, config.threshold, device=device)
+            acc.update(acts, labs, ids)
+    if acc is None:
+        raise ValueError("build_atlas got no batches: there is nothing to build an atlas from")
+    return finalize_atlas(acc, class_names, config=config, sae=sae, thumbnails=thumbnails,
+                          heatmap_maps=heatmap_maps, heatmap_neurons=heatmap_neurons, out=out,
+                          extra_meta=extra_meta, progress=progress)
+
+
+def finalize_atlas(
+    acc: TopKAccumulator,
+    class_names: Sequence[str],
+    *,
+    config: Optional[AtlasConfig] = None,
+    sae: Any = None,
+    thumbnails: Optional[Callable[[int], Any]] = None,
+    heatmap_maps: Optional[Callable[[Sequence[int]], torch.Tensor]] = None,
+    heatmap_neurons: Optional[Sequence[int]] = None,
+    out: Optional[PathLike] = None,
+    extra_meta: Optional[dict[str, Any]] = None,
+    progress: bool = False,
+) -> NeuronAtlas:
+    """Turn accumulated statistics into an atlas: purity, entropy, summary, thumbnails, heat maps."""
+    config = config or AtlasConfig()
+    class_names = list(class_names)
+    res = acc.result()
+    purity, entropy = _purity_and_entropy(res["top_labels"], len(class_names), config.purity_top)
+    stats = {
+        "frequency": res["frequency"],
+        "mean_activation": res["mean_activation"],
+        "purity": purity,
+        "entropy": entropy,
+        "top_image_ids": res["top_image_ids"],
+        "top_activations": res["top_activations"],
+        "top_labels": res["top_labels"],
+    }
+    freq = res["frequency"]
+    alive = freq > 0
+    order = torch.sort(freq.double(), descending=True, stable=True).indices
+    order = order[alive[order]][: config.summary_neurons]
+    chosen_purity = purity[order]
+    chosen_purity = chosen_purity[~torch.isnan(chosen_purity)]
+    chosen_entropy = entropy[order]
+    chosen_entropy = chosen_entropy[~torch.isnan(chosen_entropy)]
+    n = acc.n_latents
+    dead = int((~alive).sum())
+    summary = {
+        "num_neurons": n,
+        "dead_count": dead,
+        "dead_fraction": dead / n,
+        "summary_neurons": config.summary_neurons,
+        "mean_purity": float(chosen_purity.mean()) if chosen_purity.numel() else None,
+        "mean_entropy": float(chosen_entropy.mean()) if chosen_entropy.numel() else None,
+        "mean_frequency": float(freq.mean()),
+        "median_frequency_alive": float(freq[alive].median()) if alive.any() else None,
+    }
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "class_names": class_names,
+        "num_images": acc.num_images,
+        "top_n": config.top_n,
+        "purity_top": config.purity_top,
+        "threshold": config.threshold,
+        "thumbnail_size": config.thumbnail_size,
+        "thumbnail_quality": config.thumbnail_quality,
+        "granularity": getattr(sae, "granularity", None),
+        "summary": summary,
+        "purity_metric": "std of the class ids of the top images (lower = more class-specific)",
+        "entropy_unit": "bits",
+    }
+    if sae is not None and getattr(sae, "recipe", None):
+        meta["recipe"] = dict(sae.recipe)
+    meta.update(extra_meta or {})
+    atlas = NeuronAtlas(stats=stats, meta=meta)
+
+    if thumbnails is not None:
+        ids = torch.unique(res["top_image_ids"])
+        ids = ids[ids >= 0].tolist()
+        missing = []
+        iterator: Iterable[int] = ids
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(ids, desc="thumbnails", unit="img")
+        for image_id in iterator:
+            image = thumbnails(int(image_id))
+            if image is None:
+                missing.append(int(image_id))
+                continue
+            atlas._thumbnails[int(image_id)] = _make_thumbnail(image, config.thumbnail_size)
+        meta["thumbnails"] = len(atlas._thumbnails)
+        meta["missing_thumbnails"] = missing
+        if heatmap_maps is not None and sae is not None:
+            _add_heatmaps(atlas, sae, heatmap_maps, heatmap_neurons, config)
+    if out is not None:
+        atlas.save(out)
+    return atlas
+
+
+def _add_heatmaps(atlas: NeuronAtlas, sae: Any, maps: Callable[[Sequence[int]], torch.Tensor],
+                  neurons: Optional[Sequence[int]], config: AtlasConfig) -> None:
+    """Store heat-map overlays of selected neurons on their top images (one feature-map read per image)."""
+    neurons = list(neurons) if neurons is not None else atlas.sorted_neurons("frequency", limit=64)
+    wanted: dict[int, list[int]] = {}
+    for i in neurons:
+        i = atlas._check(i)
+        for image_id in atlas.stats["top_image_ids"][i, : config.purity_top].tolist():
+            if image_id >= 0 and image_id in atlas._thumbnails:
+                wanted.setdefault(image_id, []).append(i)
+    device = next(sae.parameters()).device
+    ids = sorted(wanted)
+    with torch.no_grad():
+        for start in range(0, len(ids), 32):
+            chunk = ids[start : start + 32]
+            x = maps(chunk)
+            if x.dim() != 4 or x.shape[0] != len(chunk):
+                raise ValueError(f"heatmap_maps must return {len(chunk)}×d×H×W maps, got {tuple(x.shape)}")
+            for row, image_id in enumerate(chunk):
+                ns = wanted[image_id]
+                heat = sae.activation_map(x[row : row + 1].to(device=device, dtype=torch.float32), ns)[0].cpu()
+                for j, i in enumerate(ns):
+                    vmax = float(heat[j].max())
+                    if vmax > 0:
+                        atlas._heatmaps[(i, image_id)] = _overlay(atlas._thumbnails[image_id], heat[j], vmax)
+    atlas.meta["heatmap_neurons"] = sorted({i for (i, _) in atlas._heatmaps})

@@ -1,0 +1,201 @@
+"""Neuron atlas: streaming statistics, purity on planted neurons, folder round trip, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from revelio_hub.atlas import (
+    ATLAS_FILE,
+    STATS_FILE,
+    AtlasConfig,
+    NeuronAtlas,
+    TopKAccumulator,
+    build_atlas,
+)
+
+CLASSES = ["circle", "square", "triangle", "star"]
+
+
+def _batches(acts: torch.Tensor, labels: torch.Tensor, sizes: list[int]):
+    ids = torch.arange(acts.shape[0])
+    start = 0
+    for size in sizes:
+        yield acts[start : start + size], labels[start : start + size], ids[start : start + size]
+        start += size
+    assert start == acts.shape[0]
+
+
+def _image(image_id: int) -> Image.Image:
+    """A distinct solid-colour 200×160 image per id (so thumbnails can be told apart)."""
+    return Image.new("RGB", (200, 160), ((37 * image_id) % 256, (91 * image_id) % 256, (13 * image_id) % 256))
+
+
+def _planted(n_images: int = 120, n_latents: int = 12, seed: int = 0):
+    """Sparse random activations, with neuron 3 firing only on 'triangle' images and neuron 7 dead."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_images) % len(CLASSES)
+    acts = torch.rand(n_images, n_latents, generator=g) * (torch.rand(n_images, n_latents, generator=g) < 0.3)
+    acts[:, 3] = torch.where(labels == 2, 1.0 + torch.rand(n_images, generator=g), torch.zeros(n_images))
+    acts[:, 7] = 0.0
+    return acts, labels
+
+
+def test_streaming_topk_equals_dense_topk():
+    g = torch.Generator().manual_seed(1)
+    n_images, n_latents, top_n = 203, 50, 7
+    acts = torch.relu(torch.randn(n_images, n_latents, generator=g))
+    labels = torch.randint(0, 4, (n_images,), generator=g)
+    acc = TopKAccumulator(n_latents, top_n)
+    for x, y, ids in _batches(acts, labels, [3, 64, 1, 100, 35]):  # batches smaller and larger than top_n
+        acc.update(x, y, ids)
+        assert acc.values.shape == (top_n, n_latents)  # state never grows with the number of images
+    res = acc.result()
+
+    dense_vals, dense_ids = torch.topk(acts, top_n, dim=0)
+    dense_vals, dense_ids = dense_vals.T, dense_ids.T
+    fired = dense_vals > 0
+    assert torch.equal(res["top_image_ids"], torch.where(fired, dense_ids, torch.full_like(dense_ids, -1)))
+    assert torch.allclose(res["top_activations"], torch.where(fired, dense_vals, torch.zeros_like(dense_vals)))
+    assert torch.equal(res["top_labels"], torch.where(fired, labels[dense_ids], torch.full_like(dense_ids, -1)))
+    assert torch.allclose(res["frequency"], (acts > 0).float().mean(0))
+    mean_when_active = acts.sum(0) / (acts > 0).sum(0).clamp_min(1)
+    assert torch.allclose(res["mean_activation"], mean_when_active, atol=1e-6)
+
+
+def test_merging_two_accumulators_equals_one_pass():
+    g = torch.Generator().manual_seed(2)
+    acts = torch.relu(torch.randn(90, 20, generator=g))
+    labels = torch.randint(0, 3, (90,), generator=g)
+    ids = torch.arange(90)
+    whole = TopKAccumulator(20, 5)
+    whole.update(acts, labels, ids)
+    a, b = TopKAccumulator(20, 5), TopKAccumulator(20, 5)
+    a.update(acts[::2], labels[::2], ids[::2])
+    b.update(acts[1::2], labels[1::2], ids[1::2])
+    a.merge(TopKAccumulator.from_state(b.state()))
+    for key, value in whole.result().items():
+        assert torch.allclose(value.double(), a.result()[key].double()), key
+    assert a.num_images == 90
+
+
+def test_planted_class_neuron_is_pure_and_finds_its_images(tmp_path):
+    acts, labels = _planted()
+    atlas = build_atlas(_batches(acts, labels, [50, 50, 20]), CLASSES, thumbnails=_image, out=tmp_path / "atlas")
+
+    # The planted neuron: purity 0 (all top-10 share one class id), entropy 0, right images in order.
+    info = atlas.neuron(3)
+    assert info.purity == 0.0 and info.entropy == 0.0
+    expected = torch.argsort(acts[:, 3], descending=True)[:20].tolist()
+    assert info.top_image_ids == expected
+    assert set(info.top_labels) == {"triangle"}
+    assert info.frequency == pytest.approx(0.25)
+    assert atlas.summary(3).startswith("triangle 10/10 · purity 0.00")
+    assert atlas.label_histogram(3) == {"triangle": 10}
+    assert atlas.neurons_for_class("triangle", min_fraction=1.0) == [3]
+    assert atlas.sorted_neurons("purity")[0] == 3
+
+    # Mixed neurons are less pure; dead neurons are listed and excluded from the summary.
+    assert all(atlas.neuron(i).purity > 0 for i in range(12) if i not in (3, 7))
+    assert atlas.dead_neurons == [7]
+    assert atlas.neuron(7).dead and "dead" in atlas.summary(7)
+    assert 7 not in atlas.sorted_neurons("frequency")
+    s = atlas.summary_stats
+    assert s["dead_count"] == 1 and s["num_neurons"] == 12
+    alive_purity = torch.stack([torch.tensor(atlas.neuron(i).purity) for i in range(12) if i != 7])
+    assert s["mean_purity"] == pytest.approx(float(alive_purity.mean()), rel=1e-5)
+
+    # Top images come back as 128-px thumbnails of the right images, from the folder alone.
+    loaded = NeuronAtlas.load(tmp_path / "atlas")
+    top = loaded.top_images(3, 5)
+    assert [label for _, label, _ in top] == ["triangle"] * 5
+    assert [a for _, _, a in top] == pytest.approx(acts[expected[:5], 3].tolist())
+    thumb = top[0][0]
+    assert thumb.size == (128, 128)
+    assert thumb.getpixel((64, 64)) == pytest.approx(_image(expected[0]).getpixel((0, 0)), abs=6)
+    stored = {p.stem for p in (tmp_path / "atlas" / "thumbnails").iterdir()}
+    referenced = {i for i in loaded.stats["top_image_ids"].flatten().tolist() if i >= 0}
+    assert stored == {str(i) for i in referenced}  # only referenced images are stored
+    assert json.loads((tmp_path / "atlas" / ATLAS_FILE).read_text())["class_names"] == CLASSES
+
+
+def test_rarely_firing_neuron_lists_only_its_images():
+    acts = torch.zeros(30, 2)
+    acts[[4, 9, 17], 0] = torch.tensor([0.5, 2.0, 1.0])
+    acts[:, 1] = torch.linspace(0.1, 1, 30)
+    labels = torch.tensor([i % 3 for i in range(30)])
+    atlas = build_atlas([(acts, labels, torch.arange(30))], ["a", "b", "c"])
+    info = atlas.neuron(0)
+    assert info.top_image_ids == [9, 17, 4]
+    assert info.top_labels == ["a", "c", "b"]
+    assert info.purity == pytest.approx(torch.tensor([0.0, 2.0, 1.0]).std(unbiased=False).item())
+    assert len(atlas.top_images(0, 10)) == 3
+
+
+def test_build_from_sae_and_feature_batches_matches_activations():
+    from revelio_hub.sae import KSparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = KSparseAutoencoder(d_in=8, n_latents=32, k=4)
+    features = torch.randn(40, 8, 3, 3)  # maps: a pooled SAE mean-pools them itself
+    labels = torch.arange(40) % 2
+    ids = torch.arange(40)
+    batches = [(features[i : i + 16], labels[i : i + 16], ids[i : i + 16]) for i in range(0, 40, 16)]
+    via_sae = build_atlas(batches, ["a", "b"], sae=sae, config=AtlasConfig(top_n=5, purity_top=5))
+    with torch.no_grad():
+        acts = sae.image_activations(features)
+    direct = build_atlas([(acts, labels, ids)], ["a", "b"], config=AtlasConfig(top_n=5, purity_top=5))
+    assert torch.equal(via_sae.stats["top_image_ids"], direct.stats["top_image_ids"])
+    assert torch.allclose(via_sae.stats["frequency"], direct.stats["frequency"])
+
+
+def test_heatmap_overlays_for_top_images(tmp_path):
+    from revelio_hub.sae import KSparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = KSparseAutoencoder(d_in=8, n_latents=16, k=4, granularity="token")
+    maps = torch.randn(12, 8, 4, 4)
+    atlas = build_atlas([(maps, torch.zeros(12, dtype=torch.long), torch.arange(12))], ["x"], sae=sae,
+                        thumbnails=_image, heatmap_maps=lambda ids: maps[list(ids)], heatmap_neurons=[0, 1],
+                        config=AtlasConfig(top_n=3, purity_top=3), out=tmp_path / "a")
+    loaded = NeuronAtlas.load(tmp_path / "a")
+    for i in loaded.meta["heatmap_neurons"]:
+        first = loaded.neuron(i).top_image_ids[0]
+        overlay = loaded.heatmap(i, first)
+        assert overlay is not None and overlay.size == (128, 128)
+        assert loaded.top_images(i, 1, heatmaps=True)[0][0].tobytes() == overlay.tobytes()
+
+
+def test_bad_queries_name_what_is_valid():
+    acts, labels = _planted(n_images=40)
+    atlas = build_atlas([(acts, labels, torch.arange(40))], CLASSES)
+    with pytest.raises(ValueError, match=r"neurons 0\.\.11"):
+        atlas.neuron(12)
+    with pytest.raises(ValueError, match="frequency"):
+        atlas.sorted_neurons(by="loudness")
+    with pytest.raises(ValueError, match="circle"):
+        atlas.neurons_for_class("hexagon")
+    with pytest.raises(ValueError, match="class names"):
+        build_atlas([(acts, labels + 10, torch.arange(40))], CLASSES)
+    with pytest.raises(ValueError, match="no batches"):
+        build_atlas([], CLASSES)
+
+
+def test_missing_or_corrupt_atlas_files_are_named(tmp_path):
+    acts, labels = _planted(n_images=40)
+    folder = tmp_path / "atlas"
+    build_atlas([(acts, labels, torch.arange(40))], CLASSES, out=folder)
+    stats = folder / STATS_FILE
+    data = stats.read_bytes()
+    stats.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=STATS_FILE):
+        NeuronAtlas.load(folder)
+    (folder / ATLAS_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=ATLAS_FILE):
+        NeuronAtlas.load(folder)
+    stats.unlink()
+    with pytest.raises(FileNotFoundError, match=STATS_FILE):
+        NeuronAtlas.load(folder)
