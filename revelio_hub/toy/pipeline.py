@@ -1,0 +1,323 @@
+"""End-to-end build of the toy release: shapes → backbone → features → k-SAEs → Diff-C → atlases → release.
+
+Every stage calls the project's own library entry points (the same code the
+real SD releases go through), writes into a work directory and is skipped or
+resumed when its output already exists with the same settings, so rerunning a
+killed build continues where it stopped and rerunning a finished one only
+rebuilds the release folder.
+
+Sizes: :meth:`ToyBuildConfig.full` fits in about 30 minutes on two CPU cores
+(the backbone training is most of it); :meth:`ToyBuildConfig.smoke` runs the
+same stages with tiny sizes in well under two minutes for CI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .backbone_training import (
+    SAMPLE_GRID_FILE,
+    ToyBackboneConfig,
+    is_trained_backbone,
+    train_toy_backbone,
+)
+from .shapes import FACTORS, make_shapes_dataset
+
+logger = logging.getLogger(__name__)
+
+#: The backbone id recorded in every recipe of the toy release. Features are only
+#: comparable when the backbone *name* matches, so the build and every consumer
+#: load the embedded folder under this stable name instead of its path.
+TOY_BACKBONE_NAME = "revelio-hub/toy-shapes-ddpm"
+LABEL_FACTOR = "shape"
+#: The build settings, written into the release so the benchmark can train its control the same way.
+TOY_BUILD_FILE = "toy_build.json"
+
+
+@dataclass
+class ToyBuildConfig:
+    """Sizes and seeds of one toy-release build (everything that changes the result).
+
+    ``train_seed``/``test_seed`` select disjoint shape streams (and the backbone's
+    own ``data_seed`` a third), so the test split and the benchmark's images are
+    never seen in training.
+    """
+
+    backbone: ToyBackboneConfig = field(default_factory=ToyBackboneConfig)
+    train_images: int = 3000
+    test_images: int = 1000
+    train_seed: int = 0
+    test_seed: int = 1
+    layers: tuple[str, ...] = ("down_ft1", "bottleneck", "up_ft0", "up_ft1")
+    timesteps: tuple[int, ...] = (25, 100, 200)
+    noise_seed: int = 0
+    extract_batch_size: int = 64
+    # token-level k-SAE
+    sae_expansion: int = 8
+    sae_k: int = 8
+    sae_tokens_per_image: int = 32
+    sae_steps: int = 1500
+    sae_batch_size: int = 1024
+    sae_lr: float = 2e-3
+    sae_warmup_steps: int = 100
+    # Diff-C (conv head on spatial maps, small hidden width for CPU)
+    diffc_hidden: int = 64
+    diffc_epochs: int = 6
+    diffc_batch_size: int = 64
+    diffc_lr: float = 1e-3
+    # atlas
+    atlas_top_k: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = ToyBackboneConfig.from_dict(self.backbone)
+        self.layers = tuple(self.layers)
+        self.timesteps = tuple(int(t) for t in self.timesteps)
+        if self.train_images < 16 or self.test_images < 16:
+            raise ValueError("train_images and test_images must be at least 16")
+
+    @classmethod
+    def full(cls) -> "ToyBuildConfig":
+        """The committed release's settings."""
+        return cls()
+
+    @classmethod
+    def smoke(cls) -> "ToyBuildConfig":
+        """Same stages, tiny sizes: a CI check that the pipeline is wired correctly (not a useful model)."""
+        return cls(
+            backbone=ToyBackboneConfig(block_out_channels=(16, 32, 32), cross_attention_dim=32, steps=4,
+                                       batch_size=8, warmup_steps=2, checkpoint_every=0, sample_steps=4,
+                                       sample_count=16),
+            train_images=48, test_images=32, layers=("bottleneck", "up_ft0"), timesteps=(25, 200),
+            extract_batch_size=32, sae_expansion=2, sae_k=4, sae_tokens_per_image=8, sae_steps=20,
+            sae_batch_size=64, sae_warmup_steps=2, diffc_hidden=16, diffc_epochs=1, diffc_batch_size=16,
+            atlas_top_k=5,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["backbone"] = self.backbone.to_dict()
+        d["layers"] = list(self.layers)
+        d["timesteps"] = list(self.timesteps)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ToyBuildConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class BuildPaths:
+    """Where each stage writes inside the work directory."""
+
+    work: Path
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+    @property
+    def backbone(self) -> Path:
+        return self.work / "backbone"
+
+    def store(self, split: str) -> Path:
+        return self.work / "features" / split
+
+    def sae(self, layer: str, t: int) -> Path:
+        return self.work / "sae" / layer / f"t{t}"
+
+    def diffc(self, layer: str, t: int) -> Path:
+        return self.work / "diffc" / layer / f"t{t}"
+
+    def atlas(self, layer: str, t: int) -> Path:
+        return self.work / "atlas" / layer / f"t{t}"
+
+
+def _stage(name: str, log: Callable[[str], None]):
+    class _Timer:
+        def __enter__(self):
+            self.t0 = time.perf_counter()
+            log(f"[toy build] {name} ...")
+            return self
+
+        def __exit__(self, *exc):
+            log(f"[toy build] {name} done in {time.perf_counter() - self.t0:.1f} s")
+
+    return _Timer()
+
+
+def make_splits(config: ToyBuildConfig, folder: Path) -> dict[str, Any]:
+    """Generate (or reuse) the train/test shape datasets, saved with ``save_to_disk``."""
+    import datasets
+
+    out = {}
+    for split, n, seed in (("train", config.train_images, config.train_seed), ("test", config.test_images, config.test_seed)):
+        path = folder / split
+        meta = {"n": n, "seed": seed, "image_size": config.backbone.image_size}
+        meta_file = folder / f"{split}.json"
+        if path.exists() and meta_file.exists() and json.loads(meta_file.read_text()) == meta:
+            out[split] = datasets.load_from_disk(str(path))
+            continue
+        if path.exists():
+            shutil.rmtree(path)
+        ds = make_shapes_dataset(n, seed=seed, image_size=config.backbone.image_size)
+        ds.save_to_disk(str(path))
+        meta_file.write_text(json.dumps(meta))
+        out[split] = datasets.load_from_disk(str(path))
+    return out
+
+
+def load_toy_backbone(folder: str | Path, **kwargs: Any):
+    """Open a toy backbone folder under the release's stable backbone name (see :data:`TOY_BACKBONE_NAME`)."""
+    from ..backbones import PixelBackbone
+
+    kwargs.setdefault("name", TOY_BACKBONE_NAME)
+    return PixelBackbone.from_pretrained(str(folder), **kwargs)
+
+
+def factor_labels(dataset, image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All factor labels of the given dataset rows (feature stores only carry the shape label)."""
+    ids = image_ids.long().tolist()
+    cols = {f: torch.tensor(dataset[f], dtype=torch.long) for f in FACTORS}
+    return {f: col[ids] for f, col in cols.items()}
+
+
+def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, out: Optional[Path] = None,
+                     progress: bool = False):
+    """Token-level k-SAE on ``sae_tokens_per_image`` sampled positions of each N×C×H×W map.
+
+    Used for the release's SAEs and, with the same settings, for the benchmark's
+    random-weights control, so both sides get exactly the same training.
+    """
+    from ..sae_training import SAETrainConfig, sample_tokens, train_sae
+
+    tokens, _ = sample_tokens(maps.float(), config.sae_tokens_per_image, seed=config.seed)
+    cfg = SAETrainConfig(
+        k=config.sae_k, expansion=config.sae_expansion, batch_size=min(config.sae_batch_size, len(tokens) // 2),
+        steps=config.sae_steps, lr=config.sae_lr, warmup_steps=config.sae_warmup_steps,
+        dead_window=len(tokens), checkpoint_every=0, log_every=max(1, config.sae_steps // 10), seed=config.seed,
+    )
+    return train_sae(tokens, cfg, out_dir=out, recipe=recipe, granularity="token", progress=progress)
+
+
+def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path, progress: bool = False):
+    """The release SAE of one (layer, t), trained on the train store's spatial maps."""
+    maps = store.load(layer, t, kind="spatial", views=0).features
+    return train_tokens_sae(config, maps, store.recipe(layer, t, "token").to_dict(), out, progress)
+
+
+def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: str, t: int, out: Path,
+                      progress: bool = False):
+    """Diff-C (conv head) on the shape label of one (layer, t); evaluated on the test split."""
+    from ..classifier_training import DiffCTrainConfig, train_diffc_from_store
+
+    cfg = DiffCTrainConfig(head="conv", hidden=config.diffc_hidden, epochs=config.diffc_epochs,
+                           batch_size=config.diffc_batch_size, lr=config.diffc_lr, seed=config.seed,
+                           checkpoint_every=max(1, config.diffc_epochs))
+    return train_diffc_from_store(train_store, out, layer, t, cfg, test_store=test_store, progress=progress)
+
+
+def _store_complete(path: Path, config: ToyBuildConfig) -> bool:
+    summary = path / "summary.json"
+    if not summary.exists():
+        return False
+    s = json.loads(summary.read_text())
+    return bool(s.get("complete")) and s.get("layers") == list(config.layers) and \
+        s.get("timesteps") == list(config.timesteps)
+
+
+def extract_stores(config: ToyBuildConfig, backbone, paths: BuildPaths, progress: bool = False) -> dict[str, Any]:
+    """Spatial + pooled features of both splits at every (layer, t), in resumable feature stores."""
+    from ..data import open_image_dataset
+    from ..features import FeatureStore, extract_to_store
+
+    stores = {}
+    for split in ("train", "test"):
+        out = paths.store(split)
+        if _store_complete(out, config):
+            stores[split] = FeatureStore(out)
+            continue
+        source = open_image_dataset(str(paths.data / split), label_column=LABEL_FACTOR)
+        stores[split] = extract_to_store(
+            backbone, source, out, list(config.layers), list(config.timesteps), spatial=True, views=1,
+            batch_size=config.extract_batch_size, seed=config.noise_seed, progress=progress, overwrite=True,
+            num_workers=0,
+        )
+    return stores
+
+
+def _load_done(out: Path, marker: str) -> Optional[dict]:
+    f = out / marker
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def build_toy_release(
+    config: ToyBuildConfig,
+    out: str | Path,
+    work: str | Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every stage and write the release folder ``out``; returns the build report (metrics, timings).
+
+    ``work`` keeps the intermediate products (datasets, backbone checkpoints,
+    feature stores, training runs); a finished stage whose settings match is
+    reused, so a rerun after a kill resumes and a rerun after success only
+    re-assembles the release.
+    """
+    paths = BuildPaths(Path(work))
+    paths.work.mkdir(parents=True, exist_ok=True)
+    (paths.work / TOY_BUILD_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    timings: dict[str, float] = {}
+    report: dict[str, Any] = {"config": config.to_dict(), "timings_s": timings, "entries": {}}
+    t_start = time.perf_counter()
+
+    def timed(name: str):
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                log(f"[toy build] {name} ...")
+
+            def __exit__(self, *exc):
+                timings[name] = round(time.perf_counter() - self.t0, 2)
+                if exc[0] is None:
+                    log(f"[toy build] {name}: {timings[name]:.1f} s")
+
+        return _T()
+
+    with timed("shapes"):
+        splits = make_splits(config, paths.data)
+    with timed("backbone"):
+        if is_trained_backbone(paths.backbone, config.backbone):
+            log(f"[toy build] reusing the backbone trained with identical settings in {paths.backbone}")
+        else:
+            train_toy_backbone(config.backbone, paths.backbone, progress=progress)
+    backbone = load_toy_backbone(paths.backbone)
+    with timed("features"):
+        stores = extract_stores(config, backbone, paths, progress=progress)
+    with timed("sae"):
+        for layer in config.layers:
+            for t in config.timesteps:
+                res = train_entry_sae(config, stores["train"], layer, t, paths.sae(layer, t), progress=False)
+                report["entries"].setdefault(f"{layer}/t{t}", {})["sae"] = res.eval
+                log(f"[toy build] SAE {layer} t={t}: FVU {res.eval.get('fvu', float('nan')):.3f}, "
+                    f"L0 {res.eval.get('l0', float('nan')):.1f}, dead {res.eval.get('dead_fraction', float('nan')):.2%}")
+    with timed("diffc"):
+        for layer in config.layers:
+            for t in config.timesteps:
+                res = train_entry_diffc(config, stores["train"], stores["test"], layer, t, paths.diffc(layer, t))
+                report["entries"][f"{layer}/t{t}"]["diffc"] = {k: res.eval.get(k) for k in ("top1", "top5", "best_epoch")}
+                log(f"[toy build] Diff-C {layer} t={t}: test top-1 {res.eval.get('top1', float('nan')):.3f}")
+    timings["total"] = round(time.perf_counter() - t_start, 2)
+    return report
