@@ -22,8 +22,10 @@ examples:
   accelerate launch --num_processes 4 training/extract_features.py --backbone ... \\
       --dataset ./my_images --layers up_ft1 --timesteps 25 --spatial --views 4 --out stores/diffc
 
-  # two CPU processes on a local image folder (class subfolders become labels)
-  accelerate launch --num_processes 2 --cpu training/extract_features.py \\
+  # two CPU processes on a local image folder (class subfolders become labels); on a CPU-only
+  # machine use torchrun (or `accelerate launch --multi_gpu --num_processes 2`): with --cpu,
+  # accelerate launch starts a single process unless MPI is set up
+  torchrun --nproc_per_node 2 training/extract_features.py \\
       --backbone ./toy_backbone --dataset ./images --layers bottleneck --timesteps 25 --out stores/toy
 
 Killing the job and rerunning the same command resumes where it stopped (no
@@ -64,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Noise draws averaged per image (DIFT-style; default: %(default)s).")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="Compute precision (features are stored in fp32/fp16 regardless; default: %(default)s).")
+    p.add_argument("--cpu", action="store_true",
+                   help="Force the CPU (also chosen automatically for multi-process runs without CUDA).")
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster on GPUs).")
     p.add_argument("--max-images", type=int, default=None, help="Only the first N images (quick trials).")
     p.add_argument("--shard-size", type=int, default=None,
@@ -76,6 +80,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _use_cpu(requested: bool) -> bool:
+    """Run on CPU when asked, or when launched multi-process on a machine without CUDA.
+
+    ``accelerate`` only forms a CPU process group (gloo) when told to use the CPU;
+    under ``torchrun``/``accelerate launch --multi_gpu`` on a CPU-only machine it
+    would otherwise start N independent single-process runs.
+    """
+    import os
+
+    import torch
+
+    if requested or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world > 1 and not torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -86,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from revelio_hub.data import open_image_dataset
     from revelio_hub.features import extract_to_store
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=_use_cpu(args.cpu))
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format=f"[rank {accelerator.process_index}] %(levelname)s %(name)s: %(message)s",
