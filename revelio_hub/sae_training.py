@@ -33,7 +33,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -309,6 +309,7 @@ def train_sae(
     overwrite: bool = False,
     progress: bool = True,
     stop_after_step: Optional[int] = None,
+    init_fn: Optional[Callable[[KSparseAutoencoder], None]] = None,
 ) -> TrainResult:
     """Train a k-SAE on ``features`` (N×d_in, pooled vectors or sampled tokens).
 
@@ -329,6 +330,9 @@ def train_sae(
         progress: show a tqdm bar (main process only).
         stop_after_step: stop after this many steps without the final save;
             simulates a killed run (tests) or splits a run into sessions.
+        init_fn: called (under ``torch.no_grad``) on the freshly initialised
+            model before training, e.g. to warm-start from another SAE's weights.
+            Must be deterministic: it also runs before a resume overwrites the weights.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -394,6 +398,8 @@ def train_sae(
         elif cfg.b_pre_init == "geometric_median":
             sub = train_cpu[torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:32768]]
             model.b_pre.copy_(geometric_median(sub * scale))
+        if init_fn is not None:
+            init_fn(model)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
 

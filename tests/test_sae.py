@@ -1,0 +1,361 @@
+"""k-SAE: model API, loading, seed import, sparse kernels and the trainer (offline, CPU, seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from revelio_hub.recipe import FeatureRecipe
+from revelio_hub.sae import KSparseAutoencoder
+from revelio_hub.sae_kernels import sparse_decode, topk_encode
+from revelio_hub.sae_training import SAETrainConfig, evaluate_sae, sample_tokens, train_sae
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: on a shared 2-core machine, thread hand-offs cost more than the maths.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _recipe(d_in=16, layer="up_ft1", granularity="pooled"):
+    return FeatureRecipe(backbone="toy", layer=layer, timestep=25, image_size=64, d_in=d_in, granularity=granularity).to_dict()
+
+
+def _sparse_data(n, d, m, seed=0, low=4, high=8):
+    """Samples from a known dictionary: m unit atoms in d dims, low..high active, positive coefficients."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(m, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    n_active = torch.randint(low, high + 1, (n,), generator=g)
+    scores = torch.rand(n, m, generator=g)
+    threshold = scores.sort(1).values.gather(1, (m - n_active)[:, None])
+    coef = (0.5 + torch.rand(n, m, generator=g)) * (scores >= threshold)
+    return coef @ atoms, atoms
+
+
+def _model(d_in=16, n_latents=64, k=4, **kw):
+    torch.manual_seed(0)
+    m = KSparseAutoencoder(d_in, n_latents, k=k, **kw)
+    with torch.no_grad():
+        m.b_enc.normal_(0, 0.1)
+        m.b_pre.normal_(0, 0.1)
+    return m
+
+
+# ---------------------------------------------------------------- model API
+
+
+def test_encode_decode_shapes_and_sparse_decode_matches_dense():
+    sae = _model()
+    x = torch.randn(5, 16)
+    vals, idx = sae.encode(x)
+    assert vals.shape == idx.shape == (5, 4)
+    assert (vals >= 0).all() and (vals[:, :-1] >= vals[:, 1:]).all()  # ReLU, sorted
+    dense = sae.encode_dense(x)
+    assert dense.shape == (5, 64) and ((dense != 0).sum(1) <= 4).all()
+    recon, v2, i2 = sae(x)
+    assert torch.allclose(recon, dense @ sae.W_dec + sae.b_pre, atol=1e-6)
+    assert torch.equal(v2, vals) and torch.equal(i2, idx)
+
+    # maps are encoded per position: N×d×H×W -> N×H×W×k, identical to encoding each vector
+    maps = torch.randn(2, 16, 3, 5)
+    mv, mi = sae.encode(maps)
+    assert mv.shape == (2, 3, 5, 4)
+    pv, pi = sae.encode(maps[1, :, 2, 4][None])
+    assert torch.allclose(mv[1, 2, 4], pv[0]) and torch.equal(mi[1, 2, 4], pi[0])
+    rmap, _, _ = sae(maps)
+    assert rmap.shape == maps.shape
+    assert torch.allclose(rmap[1, :, 2, 4], sae(maps[1, :, 2, 4][None])[0][0], atol=1e-6)
+    assert sae.encode_dense(maps).shape == (2, 64, 3, 5)
+
+
+def test_image_activations_respect_granularity_and_heat_maps():
+    maps = torch.randn(3, 16, 4, 4)
+    pooled = _model(granularity="pooled")
+    assert torch.allclose(pooled.image_activations(maps), pooled.encode_dense(maps.mean((2, 3))))
+
+    token = _model(granularity="token")
+    acts = token.image_activations(maps)
+    per_pos = token.encode_dense(maps)  # N×n×H×W
+    assert torch.allclose(acts, per_pos.amax(dim=(2, 3)))
+
+    heat = token.activation_map(maps, [3, 7, 3])
+    assert heat.shape == (3, 3, 4, 4)
+    assert torch.allclose(heat[:, 0], per_pos[:, 3]) and torch.allclose(heat[:, 1], per_pos[:, 7])
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        token.activation_map(maps, [64])
+
+
+def test_wrong_inputs_and_recipes_fail_clearly():
+    sae = KSparseAutoencoder(16, 64, k=4, recipe=_recipe(16))
+    with pytest.raises(ValueError, match=r"d_in=16.*'toy' layer 'up_ft1' at t=25.*got 8 channels"):
+        sae.encode(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="N×16 or N×16×H×W"):
+        sae.encode(torch.randn(16))
+    sae.check_recipe(_recipe(16, granularity="token"))  # granularity is not identity
+    with pytest.raises(ValueError, match="layer: expected 'up_ft1', got 'bottleneck'"):
+        sae.check_recipe(_recipe(16, layer="bottleneck"))
+    with pytest.raises(ValueError, match="expects d_in=16.*d_in=8"):
+        sae.check_recipe(FeatureRecipe(backbone="toy", layer="up_ft1", timestep=25, image_size=64, d_in=8))
+    with pytest.raises(ValueError, match="granularity"):
+        KSparseAutoencoder(16, 64, k=4, granularity="spatial")
+    with pytest.raises(ValueError, match="k must lie"):
+        KSparseAutoencoder(16, 64, k=65)
+    with pytest.raises(ValueError, match="recipe d_in=8"):
+        KSparseAutoencoder(16, 64, recipe=_recipe(8))
+
+
+def test_save_load_round_trip_exact_and_subfolder(tmp_path):
+    sae = _model(recipe=_recipe(16), input_norm={"scale": 0.5}, granularity="token")
+    sae.save_pretrained(tmp_path / "rel" / "up_ft1" / "t25" / "sae")
+    cfg = json.loads((tmp_path / "rel/up_ft1/t25/sae/config.json").read_text())
+    assert cfg["d_in"] == 16 and cfg["n_latents"] == 64 and cfg["k"] == 4 and cfg["granularity"] == "token"
+    assert cfg["recipe"]["layer"] == "up_ft1" and cfg["input_norm"] == {"scale": 0.5}
+
+    for loaded in (
+        KSparseAutoencoder.from_pretrained(tmp_path / "rel/up_ft1/t25/sae"),
+        KSparseAutoencoder.from_pretrained(tmp_path / "rel", subfolder="up_ft1/t25/sae"),
+    ):
+        for name, tensor in sae.state_dict().items():
+            assert torch.equal(tensor, loaded.state_dict()[name]), name
+        assert loaded.recipe == sae.recipe and loaded.granularity == "token" and loaded.scale == 0.5
+        x = torch.randn(4, 16)
+        assert torch.equal(loaded(x)[0], sae(x)[0])
+    with pytest.raises(ValueError, match="No k-SAE"):
+        KSparseAutoencoder.from_pretrained(tmp_path / "rel", subfolder="up_ft1/t100/sae")
+
+
+def test_strict_loading_rejects_missing_and_extra_tensors(tmp_path):
+    sae = _model()
+    sae.save_pretrained(tmp_path / "sae")
+    weights = tmp_path / "sae" / "model.safetensors"
+    state = load_file(str(weights))
+
+    extra = dict(state, stray=torch.zeros(2))
+    save_file(extra, str(weights))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['stray'\]"):
+        KSparseAutoencoder.from_pretrained(tmp_path / "sae")
+
+    missing = {k: v for k, v in state.items() if k != "b_enc"}
+    save_file(missing, str(weights))
+    with pytest.raises(ValueError, match=r"missing tensors \['b_enc'\]"):
+        KSparseAutoencoder.from_pretrained(tmp_path / "sae")
+
+    state["W_dec"] = torch.zeros(32, 16)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="does not match its config.json"):
+        KSparseAutoencoder.from_pretrained(tmp_path / "sae")
+
+
+def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    d_in, n, k = 12, 48, 5
+    seed_state = {
+        "W_enc": torch.randn(d_in, n, generator=g),
+        "W_dec": torch.randn(n, d_in, generator=g),  # the seed does not keep rows unit-norm
+        "b_enc": torch.randn(n, generator=g) - 6.0,  # pushes some top-k values below 0
+        "b_dec": torch.randn(d_in, generator=g),
+    }
+    path = tmp_path / "seed.pt"
+    torch.save({"state_dict": seed_state, "k": k, "epoch": 3}, path)
+    x = torch.randn(20, d_in, generator=g)
+
+    # the seed's formula, written out: TopK without ReLU, dense decode
+    pre = (x - seed_state["b_dec"]) @ seed_state["W_enc"] + seed_state["b_enc"]
+    top = pre.topk(k, dim=-1)
+    z = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+    seed_recon = z @ seed_state["W_dec"] + seed_state["b_dec"]
+    assert (top.values < 0).any(), "test data should exercise negative top-k values"
+
+    exact = KSparseAutoencoder.from_seed_checkpoint(path)  # relu=False: the seed's activation
+    assert exact.k == k
+    assert torch.allclose(exact(x)[0], seed_recon, atol=1e-5)
+
+    # with our ReLU the two agree exactly on samples whose top-k values are all positive
+    ours = KSparseAutoencoder.from_seed_checkpoint(path, relu=True)
+    positive = (top.values > 0).all(1)
+    assert positive.any() and not positive.all()
+    assert torch.allclose(ours(x)[0][positive], seed_recon[positive], atol=1e-5)
+    assert not torch.allclose(ours(x)[0][~positive], seed_recon[~positive], atol=1e-3)
+
+    torch.save({"state_dict": {k_: v for k_, v in seed_state.items() if k_ != "b_enc"}, "k": k}, path)
+    with pytest.raises(ValueError, match="b_enc"):
+        KSparseAutoencoder.from_seed_checkpoint(path)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_sparse_backward_equals_autograd(relu):
+    g = torch.Generator().manual_seed(0)
+    n, d, m, k, k_aux = 24, 10, 40, 4, 6
+    x = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(m, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(m, generator=g, dtype=torch.float64, requires_grad=True)
+    w_dec = torch.randn(m, d, generator=g, dtype=torch.float64, requires_grad=True)
+    dead = torch.rand(m, generator=g) < 0.3
+    target = torch.randn(n, d, generator=g, dtype=torch.float64)
+
+    def loss_of(vals, idx, aux_vals, aux_idx):
+        recon = sparse_decode(vals, idx, w_dec)
+        aux = sparse_decode(aux_vals, aux_idx, w_dec)
+        return (recon - target).pow(2).sum() + 0.3 * (aux - target).pow(2).sum()
+
+    vals, idx, aux_vals, aux_idx = topk_encode(x, w, b, k, relu=relu, dead_mask=dead, k_aux=k_aux)
+    loss_of(vals, idx, aux_vals, aux_idx).backward()
+    ours = [t.grad.clone() for t in (x, w, b, w_dec)]
+    for t in (x, w, b, w_dec):
+        t.grad = None
+
+    # reference: plain autograd through the dense pre-activations, same selections
+    pre = F.linear(x, w, b)
+    ref_vals = pre.gather(1, idx)
+    ref_aux = pre.gather(1, aux_idx) * dead[aux_idx]
+    if relu:
+        ref_vals, ref_aux = ref_vals.relu(), ref_aux.relu()
+    assert torch.equal(idx.sort(1).values, pre.topk(k).indices.sort(1).values)
+    assert dead[aux_idx].all()  # aux picks dead latents only
+    assert torch.allclose(vals, ref_vals) and torch.allclose(aux_vals, ref_aux)
+    loss_of(ref_vals, idx, ref_aux, aux_idx).backward()
+    for mine, ref in zip(ours, (x.grad, w.grad, b.grad, w_dec.grad)):
+        assert torch.allclose(mine, ref, atol=1e-10)
+
+
+def test_sample_tokens():
+    maps = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    tokens, image = sample_tokens(maps, 3, seed=0)
+    assert tokens.shape == (6, 3) and image.tolist() == [0, 0, 0, 1, 1, 1]
+    for t, i in zip(tokens, image):
+        columns = maps[i].reshape(3, 4).t()
+        assert any(torch.equal(t, c) for c in columns)
+    assert len({tuple(t.tolist()) for t in tokens[:3]}) == 3  # distinct positions
+    all_tokens, _ = sample_tokens(maps, 10)
+    assert all_tokens.shape == (8, 3)
+    assert torch.equal(sample_tokens(maps, 2, seed=5)[0], sample_tokens(maps, 2, seed=5)[0])
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_recovers_known_dictionary(tmp_path):
+    x, atoms = _sparse_data(32768, 128, 256)
+    cfg = SAETrainConfig(k=8, n_latents=512, batch_size=256, steps=700, lr=4e-3, warmup_steps=20, log_every=50,
+                         eval_fraction=0.1, checkpoint_every=0)
+    result = train_sae(x, cfg, out_dir=tmp_path / "sae", progress=False)
+    best_cos = (atoms @ result.model.W_dec.detach().t()).max(1).values
+    assert best_cos.mean() >= 0.9
+    assert result.eval["fvu"] <= 0.1
+    assert result.eval["l0"] <= 8
+    assert torch.allclose(result.model.W_dec.norm(dim=1), torch.ones(512), atol=1e-5)
+    # written next to the weights, and the saved model is the trained one
+    saved = json.loads((tmp_path / "sae/eval.json").read_text())
+    assert saved["fvu"] == pytest.approx(result.eval["fvu"]) and saved["n_samples"] == 3277
+    loaded = KSparseAutoencoder.from_pretrained(tmp_path / "sae")
+    assert evaluate_sae(loaded, x[:512])["fvu"] == pytest.approx(evaluate_sae(result.model, x[:512])["fvu"])
+    lines = [json.loads(l) for l in (tmp_path / "sae/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(50, 701, 50))
+    assert {"loss", "fvu", "l0", "dead_fraction", "aux_loss", "lr"} <= set(lines[0])
+
+
+def test_auxk_revives_dead_latents():
+    # 512 atoms, 512 latents, but three quarters of the encoder rows start 10× too small: under plain
+    # TopK they never win a slot, receive no gradient and stay dead. AuxK trains them on the residual.
+    x, _ = _sparse_data(16384, 64, 512, low=6, high=6)
+
+    def bad_init(model):
+        model.W_enc[model.n_latents // 4 :] *= 0.1
+
+    dead = {}
+    for coef in (0.0, 1 / 32):
+        cfg = SAETrainConfig(k=8, n_latents=512, batch_size=256, steps=200, lr=4e-3, warmup_steps=10, log_every=10,
+                             eval_fraction=0.1, aux_coef=coef, dead_window=2560, checkpoint_every=0)
+        result = train_sae(x, cfg, progress=False, init_fn=bad_init)
+        dead[coef] = (result.eval["dead_fraction_train"], result.eval["fvu"])
+    assert dead[0.0][0] > 0.6  # plain TopK: most latents dead
+    assert dead[1 / 32][0] < 0.2 * dead[0.0][0]  # AuxK revives most of them
+    assert dead[1 / 32][1] < dead[0.0][1]
+
+
+def _small_cfg(**kw):
+    base = dict(k=4, n_latents=128, batch_size=64, steps=24, lr=2e-3, warmup_steps=4, log_every=4,
+                eval_fraction=0.1, dead_window=128, checkpoint_every=5)
+    base.update(kw)
+    return SAETrainConfig(**base)
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    x, _ = _sparse_data(1024, 16, 64)
+    full = train_sae(x, _small_cfg(), out_dir=tmp_path / "full", progress=False)
+    assert any(r["dead_fraction"] > 0 for r in full.history)  # AuxK is part of what must resume
+
+    # "killed" after step 13: the last checkpoint is at step 10; the same call resumes from there
+    partial = train_sae(x, _small_cfg(), out_dir=tmp_path / "run", progress=False, stop_after_step=13)
+    assert partial.steps == 13 and partial.eval == {}
+    assert not (tmp_path / "run/model.safetensors").exists()
+    resumed = train_sae(x, _small_cfg(), out_dir=tmp_path / "run", progress=False)
+    for name, tensor in full.model.state_dict().items():
+        assert torch.allclose(tensor, resumed.model.state_dict()[name], atol=1e-6), name
+    assert resumed.eval["fvu"] == pytest.approx(full.eval["fvu"], abs=1e-6)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12, 16, 20, 24]
+
+    with pytest.raises(ValueError, match="different settings.*'lr'"):
+        train_sae(x, _small_cfg(lr=1e-3), out_dir=tmp_path / "run", progress=False)
+    train_sae(x, _small_cfg(lr=1e-3, steps=4), out_dir=tmp_path / "run", progress=False, overwrite=True)
+
+
+def test_trainer_input_errors():
+    with pytest.raises(ValueError, match="batch_size=64 exceeds"):
+        train_sae(torch.randn(40, 16), _small_cfg(), progress=False)
+    with pytest.raises(ValueError, match="N×d_in"):
+        train_sae(torch.randn(40, 16, 2, 2), _small_cfg(), progress=False)
+    with pytest.raises(ValueError, match="b_pre_init"):
+        SAETrainConfig(b_pre_init="median")
+
+
+_DP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+    from revelio_hub.sae_training import SAETrainConfig, train_sae
+    acc = Accelerator(cpu=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 16, generator=g).relu()
+    cfg = SAETrainConfig(k=4, n_latents=128, batch_size=64, steps=20, lr=2e-3, warmup_steps=4, log_every=4,
+                         eval_fraction=0.1, dead_window=128, checkpoint_every=0)
+    r = train_sae(x, cfg, accelerator=acc, progress=False)
+    if acc.is_main_process:
+        save_file(r.model.state_dict(), sys.argv[1])
+        print("WORLD", acc.num_processes, "DEAD", max(h["dead_fraction"] for h in r.history))
+    """
+)
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "WORLD 1" in one.stdout and "WORLD 2" in two.stdout
+    assert float(two.stdout.split("DEAD")[1].split()[0]) > 0  # the AuxK path (and its all-reduce) ran
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
