@@ -48,6 +48,7 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+TRAIN_CONFIG_FILE = "train_config.json"
 
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {"checkpoint_every", "eval_batch_size"}
@@ -271,12 +272,7 @@ def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> tu
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    saved_cfg = json.loads(meta["train_config"])
-    diffs = {
-        k: (saved_cfg.get(k), v)
-        for k, v in cfg.to_dict().items()
-        if k not in _RESUMABLE_CHANGES and saved_cfg.get(k) != v
-    }
+    diffs = _config_diffs(json.loads(meta["train_config"]), cfg)
     if diffs:
         raise ValueError(
             f"{path} was written by a run with different settings {diffs} (saved, now); "
@@ -419,14 +415,14 @@ def train_sae(
     start, aux_active = 0, False
     if out is not None:
         if overwrite and acc.is_main_process:
-            for name in (CHECKPOINT_DIR, METRICS_FILE, EVAL_FILE, "config.json", "model.safetensors"):
+            for name in (CHECKPOINT_DIR, METRICS_FILE, EVAL_FILE, TRAIN_CONFIG_FILE, "config.json", "model.safetensors"):
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         acc.wait_for_everyone()
         if resume and ckpt_path.exists():
             start, aux_active = _load_checkpoint(ckpt_path, model, opt, tracker, cfg)
         elif not overwrite and (out / "model.safetensors").exists():
-            raise ValueError(f"{out} already holds a trained SAE but no checkpoint to resume; pass overwrite=True (--overwrite)")
+            return _finished_run(out, cfg)
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             _truncate_log(out / METRICS_FILE, start)
@@ -542,15 +538,37 @@ def train_sae(
              "samples_seen": total * cfg.batch_size, "n_train": n_train}
         )
         if out is not None and acc.is_main_process:
-            _save_checkpoint(ckpt_path, total, model, opt, tracker, aux_active, cfg)
             model.save_pretrained(out)
             with open(out / EVAL_FILE, "w") as f:
                 json.dump(eval_metrics, f, indent=2)
-            with open(out / "train_config.json", "w") as f:
+            with open(out / TRAIN_CONFIG_FILE, "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
+            # the weights are final: the resumable state (3× the model with Adam's moments) is not needed
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         if out is not None:
             acc.wait_for_everyone()
     return TrainResult(model=model.cpu(), eval=eval_metrics, steps=completed, history=history)
+
+
+def _config_diffs(saved: dict[str, Any], cfg: SAETrainConfig) -> dict[str, Any]:
+    return {
+        k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v
+    }
+
+
+def _finished_run(out: Path, cfg: SAETrainConfig) -> TrainResult:
+    """Rerunning a finished run's command returns its result instead of training again."""
+    cfg_path, eval_path = out / TRAIN_CONFIG_FILE, out / EVAL_FILE
+    if not (cfg_path.exists() and eval_path.exists()):
+        raise ValueError(f"{out} already holds an SAE from an unknown run; pass overwrite=True (--overwrite) to replace it")
+    diffs = _config_diffs(json.loads(cfg_path.read_text()), cfg)
+    if diffs:
+        raise ValueError(
+            f"{out} holds a finished run with different settings {diffs} (saved, now); "
+            "pass overwrite=True (--overwrite) to replace it, or choose another output folder."
+        )
+    model = KSparseAutoencoder.from_pretrained(out)
+    return TrainResult(model=model, eval=json.loads(eval_path.read_text()), steps=cfg.total_steps)
 
 
 def _truncate_log(path: Path, step: int) -> None:

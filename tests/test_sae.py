@@ -302,6 +302,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     partial = train_sae(x, _small_cfg(), out_dir=tmp_path / "run", progress=False, stop_after_step=13)
     assert partial.steps == 13 and partial.eval == {}
     assert not (tmp_path / "run/model.safetensors").exists()
+    with pytest.raises(ValueError, match="different settings.*'lr'"):
+        train_sae(x, _small_cfg(lr=1e-3), out_dir=tmp_path / "run", progress=False)
     resumed = train_sae(x, _small_cfg(), out_dir=tmp_path / "run", progress=False)
     for name, tensor in full.model.state_dict().items():
         assert torch.allclose(tensor, resumed.model.state_dict()[name], atol=1e-6), name
@@ -309,9 +311,14 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     steps = [json.loads(l)["step"] for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 12, 16, 20, 24]
 
-    with pytest.raises(ValueError, match="different settings.*'lr'"):
+    # finished: the resumable state is gone, the same command returns the saved result without training
+    assert not (tmp_path / "run/checkpoint").exists()
+    again = train_sae(x, _small_cfg(), out_dir=tmp_path / "run", progress=False)
+    assert again.eval == pytest.approx(resumed.eval) and torch.equal(again.model.W_dec, resumed.model.W_dec)
+    with pytest.raises(ValueError, match="finished run with different settings.*'lr'"):
         train_sae(x, _small_cfg(lr=1e-3), out_dir=tmp_path / "run", progress=False)
-    train_sae(x, _small_cfg(lr=1e-3, steps=4), out_dir=tmp_path / "run", progress=False, overwrite=True)
+    short = train_sae(x, _small_cfg(lr=1e-3, steps=4), out_dir=tmp_path / "run", progress=False, overwrite=True)
+    assert short.steps == 4 and json.loads((tmp_path / "run/train_config.json").read_text())["lr"] == 1e-3
 
 
 def test_trainer_input_errors():
