@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -512,13 +513,23 @@ def extract_to_store(
 
         mine = len(range(rank, len(source), world_size))
         bar = tqdm(total=mine, initial=mine - len(todo), desc=f"extract[rank {rank}]", unit="img")
+    chunks = [todo[start : start + chunk] for start in range(0, len(todo), chunk)]
+
+    def prepare(ids: list[int]) -> _PreparedChunk:
+        return _prepare_chunk(source, ids, views, backbone.image_size, seed, num_workers)
+
+    # Decode and augment the next chunk on a thread while the backbone works on this one,
+    # so an accelerator does not wait for JPEG decoding between chunks.
     try:
-        for start in range(0, len(todo), chunk):
-            ids = todo[start : start + chunk]
-            _extract_chunk(writer, backbone, source, ids, layers, timesteps, spatial, views, batch_size, seed,
-                           ensemble, num_workers, on_chunk)
-            if bar is not None:
-                bar.update(len(ids))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="revelio-decode") as pool:
+            upcoming = pool.submit(prepare, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                prepared = upcoming.result()
+                upcoming = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+                _extract_chunk(writer, backbone, source, prepared, layers, timesteps, spatial, batch_size, seed,
+                               ensemble, on_chunk)
+                if bar is not None:
+                    bar.update(len(prepared.covered_ids))
     finally:
         if bar is not None:
             bar.close()
@@ -532,28 +543,44 @@ def extract_to_store(
     return FeatureStore(out_dir)
 
 
-def _extract_chunk(
-    writer: FeatureStoreWriter,
-    backbone: Any,
-    source: Any,
-    ids: list[int],
-    layers: list[str],
-    timesteps: list[int],
-    spatial: bool,
-    views: int,
-    batch_size: int,
-    seed: int,
-    ensemble: int,
-    num_workers: int,
-    on_chunk: Optional[Callable[[str], None]],
-) -> None:
+@dataclass
+class _PreparedChunk:
+    """Decoded, augmented rows of one chunk, ready for the backbone."""
+
+    covered_ids: list[int]
+    row_images: list[Image.Image]
+    row_ids: list[int]
+    row_views: list[int]
+    skipped_ids: list[int]
+
+
+def _prepare_chunk(
+    source: Any, ids: list[int], views: int, image_size: int, seed: int, num_workers: int
+) -> _PreparedChunk:
     ok_ids, images, skipped_ids = source.load_images(ids, num_workers=num_workers)
     row_images, row_ids, row_views = [], [], []
     for image_id, image in zip(ok_ids, images):
         for view in range(views):
-            row_images.append(augment_view(image, image_id, view, backbone.image_size, seed))
+            row_images.append(augment_view(image, image_id, view, image_size, seed))
             row_ids.append(image_id)
             row_views.append(view)
+    return _PreparedChunk(list(ids), row_images, row_ids, row_views, skipped_ids)
+
+
+def _extract_chunk(
+    writer: FeatureStoreWriter,
+    backbone: Any,
+    source: Any,
+    prepared: _PreparedChunk,
+    layers: list[str],
+    timesteps: list[int],
+    spatial: bool,
+    batch_size: int,
+    seed: int,
+    ensemble: int,
+    on_chunk: Optional[Callable[[str], None]],
+) -> None:
+    row_images, row_ids, row_views = prepared.row_images, prepared.row_ids, prepared.row_views
     keys = [(layer, t) for layer in layers for t in timesteps]
     pooled: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in keys}
     maps: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in keys}
@@ -585,13 +612,13 @@ def _extract_chunk(
             for k, v in maps.items()
         }
     name = writer.write_chunk(
-        covered_ids=ids,
+        covered_ids=prepared.covered_ids,
         image_ids=row_ids,
         views=row_views,
         labels=[int(source.labels[i]) for i in row_ids],
         pooled=pooled_t,
         spatial=maps_t,
-        skipped={i: source.skipped.get(i, "could not decode") for i in skipped_ids},
+        skipped={i: source.skipped.get(i, "could not decode") for i in prepared.skipped_ids},
     )
     if on_chunk is not None:
         on_chunk(name)
