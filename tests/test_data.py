@@ -46,16 +46,21 @@ def test_in_memory_dataset_detects_columns_and_classes():
     assert src.load_image(0).mode == "RGB"
 
 
-def test_parquet_file_and_save_to_disk_give_the_same_rows(tmp_path):
+def test_parquet_arrow_and_save_to_disk_give_the_same_rows(tmp_path):
     ds = _memory_dataset()
     ds.to_parquet(str(tmp_path / "pets.parquet"))
     ds.save_to_disk(str(tmp_path / "single"))
     datasets.DatasetDict({"train": ds.select(range(3)), "test": ds}).save_to_disk(str(tmp_path / "dict"))
+    (tmp_path / "parquet_dir").mkdir()
+    ds.to_parquet(str(tmp_path / "parquet_dir" / "test.parquet"))
+    arrow_file = next((tmp_path / "single").glob("*.arrow"))
 
     for source, split in [
         (tmp_path / "pets.parquet", "train"),
         (tmp_path / "single", "train"),
         (tmp_path / "dict", "test"),
+        (tmp_path / "parquet_dir", "test"),
+        (arrow_file, "train"),
     ]:
         src = open_image_dataset(str(source), split=split)
         assert len(src) == 9, source

@@ -18,7 +18,7 @@ examples:
       --dataset timm/oxford-iiit-pet --split train --layers bottleneck up_ft1 --timesteps 25 100 \\
       --image-size 256 --dtype bfloat16 --batch-size 32 --out stores/sd15-pets-train
 
-  # spatial maps with 3 augmented views per image (for Diff-C training), 4 GPUs
+  # spatial maps, the plain view + 3 augmented views per image (for Diff-C training), 4 GPUs
   accelerate launch --num_processes 4 training/extract_features.py --backbone ... \\
       --dataset ./my_images --layers up_ft1 --timesteps 25 --spatial --views 4 --out stores/diffc
 
