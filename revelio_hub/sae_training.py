@@ -42,7 +42,16 @@ from . import metrics as M
 from .sae import KSparseAutoencoder
 from .sae_kernels import sparse_decode, topk_encode
 
-__all__ = ["SAETrainConfig", "TrainResult", "train_sae", "evaluate_sae", "sample_tokens", "geometric_median"]
+__all__ = [
+    "SAETrainConfig",
+    "TrainResult",
+    "train_sae",
+    "evaluate_sae",
+    "sample_tokens",
+    "geometric_median",
+    "load_store_features",
+    "load_tensor_features",
+]
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.safetensors"
@@ -195,6 +204,61 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-8) -> to
             break
         y = y_new
     return y.float()
+
+
+def load_store_features(
+    store: Union[str, Path],
+    layer: str,
+    timestep: int,
+    granularity: str = "pooled",
+    tokens_per_image: int = 64,
+    views: Optional[list[int]] = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Training vectors and their recipe from a feature store (``revelio_hub.features``).
+
+    ``pooled``: the stored N×C pooled vectors. ``token``: ``tokens_per_image``
+    positions sampled from each spatial map (:func:`sample_tokens`); the store
+    must have been extracted with ``--spatial``. ``views`` keeps only those
+    augmented views (default: all).
+    """
+    from .features import FeatureStore
+
+    if granularity not in ("pooled", "token"):
+        raise ValueError(f"granularity must be 'pooled' or 'token', got {granularity!r}")
+    fs = FeatureStore(store)
+    if (layer, int(timestep)) not in fs.entries:
+        raise ValueError(f"{store} has no entry ({layer!r}, t={timestep}); it holds {fs.entries}")
+    recipe = fs.recipe(layer, int(timestep), granularity).to_dict()
+    if granularity == "pooled":
+        feats = fs.load(layer, int(timestep), kind="pooled", views=views).features.float()
+    else:
+        maps = fs.load(layer, int(timestep), kind="spatial", views=views).features
+        feats, _ = sample_tokens(maps.float(), tokens_per_image, seed=seed)
+    return feats, recipe
+
+
+def load_tensor_features(path: Union[str, Path], key: Optional[str] = None) -> tuple[torch.Tensor, Optional[dict]]:
+    """N×d training vectors from a plain safetensors file (tensor ``key``, or its only tensor).
+
+    A ``recipe`` entry in the file's metadata (JSON of ``FeatureRecipe.to_dict()``) is returned too.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        meta = f.metadata() or {}
+        if key is None:
+            if len(names) != 1:
+                raise ValueError(f"{path} holds tensors {names}; name the one to train on (--features-key)")
+            key = names[0]
+        if key not in names:
+            raise ValueError(f"{path} has no tensor {key!r}; it holds {names}")
+        feats = f.get_tensor(key)
+    if feats.dim() != 2:
+        raise ValueError(f"{path}:{key} must be N×d_in, got shape {tuple(feats.shape)}")
+    recipe = json.loads(meta["recipe"]) if "recipe" in meta else None
+    return feats.float(), recipe
 
 
 # ---------------------------------------------------------------- evaluation

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Train a k-sparse autoencoder on stored diffusion features.
+
+Thin command-line wrapper over :func:`revelio_hub.sae_training.train_sae`;
+``accelerate launch`` / ``torchrun`` runs it data-parallel (same global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+examples:
+  # the paper's SAE on pooled SD1.5 up_ft1 features at t=25 (k 32, 64x expansion, 83.9M samples)
+  python training/train_ksae.py --store stores/sd15-pets-train --layer up_ft1 --timestep 25 \\
+      --out runs/sae-up_ft1-t25
+
+  # a token-level SAE on 64 sampled positions per map (store extracted with --spatial), 4 GPUs
+  accelerate launch --num_processes 4 training/train_ksae.py --store stores/sd15-pets-train \\
+      --layer up_ft1 --timestep 25 --granularity token --tokens-per-image 64 --out runs/sae-tok
+
+  # plain tensors, two CPU processes (torchrun: `accelerate launch --cpu` starts one process without MPI)
+  torchrun --nproc_per_node 2 training/train_ksae.py --features feats.safetensors \\
+      --k 8 --expansion 8 --batch-size 512 --steps 2000 --out runs/small
+
+Killing the job and rerunning the same command resumes from the last checkpoint
+(--checkpoint-every) and ends with the same weights as an uninterrupted run.
+Rerunning a finished run prints its saved evaluation. Different settings on an
+existing output folder are refused unless --overwrite is given.
+Outputs in --out: config.json + model.safetensors (load with
+KSparseAutoencoder.from_pretrained), eval.json (held-out FVU, L0, dead fraction,
+cosine), metrics.jsonl, train_config.json.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from revelio_hub.sae_training import SAETrainConfig
+
+    d = SAETrainConfig()
+    p = argparse.ArgumentParser(
+        description="Train a k-sparse autoencoder (TopK + ReLU, AuxK, unit-norm decoder) on pooled or "
+        "token-level diffusion features.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("data (one of --store or --features)")
+    src.add_argument("--store", help="Feature store folder written by training/extract_features.py.")
+    src.add_argument("--layer", help="Layer of the store entry, e.g. up_ft1.")
+    src.add_argument("--timestep", type=int, help="Timestep of the store entry, e.g. 25.")
+    src.add_argument("--granularity", choices=["pooled", "token"], default="pooled",
+                     help="pooled: one mean-pooled vector per image (the paper); token: sampled positions of the "
+                          "spatial maps (needs a store extracted with --spatial). Default: %(default)s.")
+    src.add_argument("--tokens-per-image", type=int, default=64,
+                     help="Positions sampled per map for --granularity token (default: %(default)s).")
+    src.add_argument("--views", type=int, nargs="+", default=None,
+                     help="Use only these augmented views of the store (default: all; 0 = un-augmented).")
+    src.add_argument("--features", help="Plain safetensors file with an N×d_in tensor (instead of --store).")
+    src.add_argument("--features-key", default=None, help="Tensor name in --features (default: its only tensor).")
+
+    m = p.add_argument_group("model and optimisation (defaults: the paper's)")
+    m.add_argument("--k", type=int, default=d.k, help="Active latents per sample (default: %(default)s).")
+    m.add_argument("--expansion", type=int, default=d.expansion, help="n_latents = expansion x d_in (default: %(default)s).")
+    m.add_argument("--n-latents", type=int, default=None, help="Explicit dictionary size (overrides --expansion).")
+    m.add_argument("--batch-size", type=int, default=d.batch_size, help="Global batch size (default: %(default)s).")
+    length = m.add_mutually_exclusive_group()
+    length.add_argument("--samples", type=int, default=d.total_samples, help="Training samples (default: %(default)s).")
+    length.add_argument("--steps", type=int, default=None, help="Training steps (overrides --samples).")
+    m.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s).")
+    m.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="Linear warm-up (default: %(default)s).")
+    m.add_argument("--lr-decay-fraction", type=float, default=d.lr_decay_fraction,
+                   help="Final fraction of training with linear decay to 0 (default: %(default)s).")
+    m.add_argument("--aux-k", type=int, default=None, help="AuxK latents (default: d_in // 2; 0 disables AuxK).")
+    m.add_argument("--aux-coef", type=float, default=d.aux_coef, help="AuxK loss weight (default: 1/32).")
+    m.add_argument("--dead-window", type=int, default=d.dead_window,
+                   help="Samples without firing after which a latent counts as dead (default: %(default)s, "
+                        "clamped to the training-set size).")
+    m.add_argument("--b-pre-init", choices=["mean", "geometric_median", "zeros"], default=d.b_pre_init,
+                   help="Initial pre-encoder bias (default: %(default)s).")
+    m.add_argument("--no-normalize-input", action="store_true",
+                   help="Do not record a scalar input normalisation (default: scale so E|x-mean|^2 = d_in).")
+    m.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default=d.mixed_precision,
+                   help="auto: bf16 matmuls on CUDA, fp32 on CPU (default: %(default)s).")
+    m.add_argument("--seed", type=int, default=d.seed, help="Seeds init, split and batch order (default: %(default)s).")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="Output folder (weights, eval.json, metrics.jsonl, checkpoint/).")
+    r.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                   help="Held-out share for the final evaluation (default: %(default)s).")
+    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="Steps between resumable checkpoints (default: %(default)s).")
+    r.add_argument("--log-every", type=int, default=d.log_every, help="Steps between log lines (default: %(default)s).")
+    r.add_argument("--no-resume", action="store_true", help="Ignore an existing checkpoint (fails if one exists).")
+    r.add_argument("--overwrite", action="store_true", help="Delete a previous run in --out first.")
+    r.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    r.add_argument("--cpu", action="store_true", help="Train on CPU even when a GPU is present.")
+    args = p.parse_args(argv)
+    if (args.store is None) == (args.features is None):
+        p.error("give exactly one of --store (with --layer and --timestep) or --features")
+    if args.store is not None and (args.layer is None or args.timestep is None):
+        p.error("--store needs --layer and --timestep")
+    return args
+
+
+def _cpu_only(requested: bool) -> bool:
+    """CPU when asked, or when launched multi-process without CUDA.
+
+    ``accelerate`` forms a CPU (gloo) process group only when told to use the
+    CPU; otherwise ``torchrun`` on a CPU-only machine would start N independent runs.
+    """
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return requested or (world > 1 and not torch.cuda.is_available())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    from revelio_hub.sae_training import SAETrainConfig, load_store_features, load_tensor_features, train_sae
+
+    acc = Accelerator(cpu=_cpu_only(args.cpu))
+    if args.store is not None:
+        feats, recipe = load_store_features(args.store, args.layer, args.timestep, args.granularity,
+                                            args.tokens_per_image, args.views, args.seed)
+    else:
+        feats, recipe = load_tensor_features(args.features, args.features_key)
+    try:
+        cfg = SAETrainConfig(
+            k=args.k, expansion=args.expansion, n_latents=args.n_latents, batch_size=args.batch_size,
+            total_samples=args.samples, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+            lr_decay_fraction=args.lr_decay_fraction, aux_k=args.aux_k, aux_coef=args.aux_coef,
+            dead_window=args.dead_window, b_pre_init=args.b_pre_init, normalize_input=not args.no_normalize_input,
+            eval_fraction=args.eval_fraction, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+            seed=args.seed, mixed_precision=args.mixed_precision,
+        )
+        if args.no_resume and (Path(args.out) / "checkpoint").exists() and not args.overwrite:
+            raise ValueError(f"{args.out} has a checkpoint; drop --no-resume to continue it or add --overwrite")
+        if acc.is_main_process:
+            print(f"k-SAE on {tuple(feats.shape)} features ({args.granularity}), {acc.num_processes} process(es), "
+                  f"{cfg.total_steps} steps of {cfg.batch_size}", file=sys.stderr)
+        result = train_sae(feats, cfg, out_dir=args.out, recipe=recipe, granularity=args.granularity,
+                           accelerator=acc, resume=not args.no_resume, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if acc.is_main_process:
+        print(json.dumps(result.eval, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
