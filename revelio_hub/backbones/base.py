@@ -259,8 +259,41 @@ class Backbone:
         Returns ``{(layer, t): tensor}``, float32 on the CPU: ``B×C×H×W`` maps,
         or ``B×C`` with ``pool="mean"``. ``image_ids`` (default ``range(B)``)
         seed each image's noise, so an image gets the same features in any batch.
-        ``ensemble=n`` averages the features over n noise draws.
+        ``ensemble=n`` averages the features over n noise draws. Images are
+        preprocessed batch by batch (see :meth:`preprocess`).
         """
+        items = _as_list(images)
+        return self._extract(len(items), lambda a, b: self.preprocess(items[a:b]), layers, timesteps,
+                             pool, seed, ensemble, batch_size, image_ids, progress)
+
+    def extract_pixels(
+        self,
+        pixels: torch.Tensor,
+        layers: Union[str, Sequence[str]],
+        timesteps: Union[int, Sequence[int]],
+        pool: Optional[str] = None,
+        seed: int = 0,
+        ensemble: int = 1,
+        batch_size: int = 8,
+        image_ids: Optional[Sequence[int]] = None,
+        progress: bool = False,
+    ) -> dict[LayerKey, torch.Tensor]:
+        """:meth:`extract` on already preprocessed ``B×3×S×S`` pixels in ``[-1, 1]``.
+
+        For pipelines that preprocess in data-loader workers (``to_model_tensor``)
+        so the accelerator never waits for image decoding and resizing.
+        """
+        expected = (3, self.image_size, self.image_size)
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"pixels must be a B×{expected[0]}×{expected[1]}×{expected[2]} tensor in [-1, 1] "
+                             f"(see Backbone.preprocess), got {shape}.")
+        return self._extract(pixels.shape[0], lambda a, b: pixels[a:b], layers, timesteps,
+                             pool, seed, ensemble, batch_size, image_ids, progress)
+
+    def _extract(self, count: int, get_pixels: Any, layers: Any, timesteps: Any, pool: Optional[str],
+                 seed: int, ensemble: int, batch_size: int, image_ids: Optional[Sequence[int]],
+                 progress: bool) -> dict[LayerKey, torch.Tensor]:
         layers = self.check_layers(layers)
         steps = self.check_timesteps(timesteps)
         if pool not in (None, "mean"):
@@ -269,26 +302,23 @@ class Backbone:
             raise ValueError(f"ensemble must be a positive number of noise draws, got {ensemble}.")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        items = _as_list(images)
-        if not items:
+        if count == 0:
             raise ValueError("No images given.")
-        ids = list(range(len(items))) if image_ids is None else [int(i) for i in image_ids]
-        if len(ids) != len(items):
-            raise ValueError(f"Got {len(ids)} image_ids for {len(items)} images; give one id per image.")
+        ids = list(range(count)) if image_ids is None else [int(i) for i in image_ids]
+        if len(ids) != count:
+            raise ValueError(f"Got {len(ids)} image_ids for {count} images; give one id per image.")
         batch_size, ensemble = int(batch_size), int(ensemble)
 
         results: dict[LayerKey, list[torch.Tensor]] = {(l, t): [] for l in layers for t in steps}
-        starts = range(0, len(items), batch_size)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(items), desc=f"extract {self.family}", unit="img")
+            bar = tqdm(total=count, desc=f"extract {self.family}", unit="img")
         try:
-            for start in starts:
+            for start in range(0, count, batch_size):
                 chunk_ids = ids[start:start + batch_size]
-                pixels = self.preprocess(items[start:start + batch_size])
-                latents = self.encode(pixels)  # once per batch, reused below
+                latents = self.encode(get_pixels(start, start + batch_size))  # once per batch, reused below
                 for t in steps:
                     sums: dict[str, torch.Tensor] = {}
                     for member in range(ensemble):
