@@ -327,3 +327,41 @@ def test_sdxl_and_pixart_conditioning(backbones):
     assert pixart.denoiser.use_additional_conditions
     assert pixart._context.shape == (1, 120, 16) and pixart._mask.sum() == 1  # "" is just </s>
     assert backbones["dit"].class_label == 1000
+
+
+def test_hub_id_downloads_only_needed_components(folders, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    def fake_file(repo_id, filename, revision=None, **kw):
+        calls["file"] = (repo_id, filename, revision)
+        return f"{folders['sd15']}/{filename}"
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, **kw):
+        calls["snapshot"] = (repo_id, revision, list(allow_patterns))
+        return folders["sd15"]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    bb = load_backbone("someone/tiny-sd", revision="abc123", image_size=64)
+    assert calls["file"] == ("someone/tiny-sd", "model_index.json", "abc123")
+    repo, revision, patterns = calls["snapshot"]
+    assert (repo, revision) == ("someone/tiny-sd", "abc123")
+    assert "vae/diffusion_pytorch_model.safetensors" in patterns and "tokenizer/*.json" in patterns
+    assert not any(p.startswith(("safety_checker", "feature_extractor", "text_encoder_2")) for p in patterns)
+    assert (bb.name, bb.revision, bb.family) == ("someone/tiny-sd", "abc123", "sd")
+    assert bb.recipe("bottleneck", 25).revision == "abc123"
+
+
+def test_extract_pixels_matches_extract(backbones):
+    bb = backbones["pixel"]
+    images = _images(3)
+    pixels = bb.preprocess(images)
+    assert pixels.shape == (3, 3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+    a = bb.extract(images, ["bottleneck", "up_ft2"], [5, 50], batch_size=2)
+    b = bb.extract_pixels(pixels, ["bottleneck", "up_ft2"], [5, 50], batch_size=3)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="B×3×16×16"):
+        bb.extract_pixels(torch.zeros(1, 3, 32, 32), "bottleneck", 5)
