@@ -1,0 +1,256 @@
+"""Model cards and the summary figure of a release.
+
+The card is the release's front page on the Hub: YAML metadata the Hub indexes
+(``library_name``, ``tags``, ``base_model``, ``datasets``, ``license`` and a
+``model-index`` with the measured FVU, L0, dead fraction, purity and Diff-C
+accuracy of every entry), then a body with a loading snippet, the metrics
+table, the figure and the recipe. Everything is rendered from ``release.json``
+so the card cannot disagree with the files next to it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+__all__ = ["render_card", "render_figure", "card_metrics"]
+
+_PAPER = "Revelio: Interpreting and leveraging semantic information in diffusion models"
+
+# (metrics section, key, model-index metric type, display name, task type)
+_INDEXED = [
+    ("sae", "fvu", "fvu", "k-SAE FVU", "feature-extraction"),
+    ("sae", "l0", "l0", "k-SAE L0", "feature-extraction"),
+    ("sae", "dead_fraction", "dead_fraction", "k-SAE dead fraction", "feature-extraction"),
+    ("sae", "cosine", "cosine_similarity", "k-SAE reconstruction cosine", "feature-extraction"),
+    ("atlas", "mean_purity", "label_purity", "label purity (std of top-10 class ids, top-1000 neurons)",
+     "feature-extraction"),
+    ("diffc", "top1", "accuracy", "Diff-C top-1 accuracy", "image-classification"),
+    ("diffc", "top5", "top_5_accuracy", "Diff-C top-5 accuracy", "image-classification"),
+]
+
+
+def _num(x: Any) -> Optional[float]:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def card_metrics(config: dict[str, Any]) -> list[EvalResult]:
+    """One :class:`EvalResult` per measured metric of every entry (what ``model-index`` lists)."""
+    dataset = (config.get("dataset") or {}).get("id") or "custom"
+    split = (config.get("dataset") or {}).get("split")
+    results = []
+    for item in config.get("entries", []):
+        where = f"{item['layer']}, t={item['timestep']}"
+        metrics = item.get("metrics") or {}
+        for section, key, metric_type, label, task in _INDEXED:
+            value = _num((metrics.get(section) or {}).get(key))
+            if value is None:
+                continue
+            results.append(EvalResult(
+                task_type=task, dataset_type=dataset, dataset_name=dataset, dataset_split=split,
+                metric_type=metric_type, metric_value=round(value, 6), metric_name=f"{label} ({where})",
+            ))
+    return results
+
+
+def _fmt(x: Any, kind: str = "float") -> str:
+    v = _num(x)
+    if v is None:
+        return "–"
+    if kind == "pct":
+        return f"{100 * v:.1f}%"
+    if kind == "int":
+        return f"{int(v):,}"
+    return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+def _table(config: dict[str, Any]) -> str:
+    rows = [
+        "| layer | t | latents (k) | FVU | L0 | dead | purity ↓ | entropy ↓ (bits) | Diff-C top-1 | top-5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for item in config.get("entries", []):
+        m = item.get("metrics") or {}
+        sae, atlas, diffc = m.get("sae") or {}, m.get("atlas") or {}, m.get("diffc") or {}
+        latents = f"{_fmt(sae.get('n_latents'), 'int')} ({sae.get('k', '–')})" if sae else "–"
+        rows.append(
+            f"| `{item['layer']}` | {item['timestep']} | {latents} | {_fmt(sae.get('fvu'))} | {_fmt(sae.get('l0'))} "
+            f"| {_fmt(sae.get('dead_fraction'), 'pct')} | {_fmt(atlas.get('mean_purity'))} "
+            f"| {_fmt(atlas.get('mean_entropy'))} | {_fmt(diffc.get('top1'), 'pct')} | {_fmt(diffc.get('top5'), 'pct')} |"
+        )
+    return "\n".join(rows)
+
+
+def _default_entry(config: dict[str, Any]) -> dict[str, Any]:
+    entries = config.get("entries", [])
+    for item in entries:  # the paper's best setting, when present
+        if item["layer"] == "up_ft1" and int(item["timestep"]) == 25:
+            return item
+    return entries[0]
+
+
+def _snippet(config: dict[str, Any], repo_id: str) -> str:
+    item = _default_entry(config)
+    layer, t = item["layer"], int(item["timestep"])
+    seed, ensemble = int(config.get("noise_seed") or 0), int(config.get("ensemble") or 1)
+    images = ("[Image.open(path) for path, _ in release.examples[:2]]  # or your own images"
+              if config.get("examples") else '[Image.open("your_image.jpg")]')
+    lines = [
+        "```python",
+        "from PIL import Image",
+        "from revelio_hub import Release",
+        "",
+        f'release = Release.from_pretrained("{repo_id}")  # reads release.json and this card only',
+        f'entry = release.load("{layer}", {t})  # downloads only {layer}/t{t}/',
+        "backbone = release.load_backbone()  # add device=\"cuda\", dtype=torch.float16 on a GPU",
+        f"images = {images}",
+        f'maps = backbone.extract(images, ["{layer}"], [{t}], seed={seed}, ensemble={ensemble})[("{layer}", {t})]',
+        "acts = entry.sae.image_activations(maps)  # images × latents",
+        "for i in acts[0].topk(5).indices.tolist():",
+        "    print(i, entry.atlas.summary(i))  # e.g. 'Bengal 9/10 · purity 0.30 · fires on 2.1% of images'",
+    ]
+    if item.get("diffc"):
+        lines.append("if entry.diffc is not None:")
+        lines.append("    print(entry.diffc.predict(maps, top_k=3))")
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def render_card(config: dict[str, Any], repo_id: Optional[str] = None) -> ModelCard:
+    """The model card of a release described by ``config`` (the content of ``release.json``)."""
+    repo_id = repo_id or config.get("repo_id") or f"<user>/{config.get('name') or 'revelio-release'}"
+    dataset = (config.get("dataset") or {}).get("id")
+    backbone = config.get("backbone")
+    has_diffc = any(item.get("diffc") for item in config.get("entries", []))
+    tags = ["revelio-hub", "sparse-autoencoder", "k-sparse-autoencoder", "interpretability", "diffusion-features"]
+    if has_diffc:
+        tags.append("image-classification")
+    if config.get("embedded_backbone"):
+        tags.append("toy-model")
+    name = config.get("name") or "revelio-release"
+    data = ModelCardData(
+        library_name="revelio-hub",
+        tags=tags,
+        base_model=backbone if backbone and not config.get("embedded_backbone") else None,
+        datasets=[dataset] if dataset else None,
+        license=config.get("license") or "apache-2.0",
+        model_name=name,
+        eval_results=card_metrics(config) or None,
+    )
+    item = _default_entry(config)
+    entries = ", ".join(f"`{e['layer']}` t={e['timestep']}" for e in config.get("entries", []))
+    backbone_line = f"`{backbone}`" + (f" (revision `{config['backbone_revision']}`)" if config.get("backbone_revision") else "")
+    if config.get("embedded_backbone"):
+        backbone_line += f", embedded in this repo under `{config['embedded_backbone']}/`"
+    classes = (config.get("dataset") or {}).get("class_names") or []
+    figure = f"![Purity and Diff-C accuracy by layer and timestep]({config['figure']})\n" if config.get("figure") else ""
+    description = config.get("description") or (
+        f"k-sparse autoencoders (k-SAEs){', Diff-C classifiers' if has_diffc else ''} and neuron atlases "
+        f"trained on the features of {backbone_line} on `{dataset or 'a custom dataset'}`."
+    )
+    body = f"""
+# {name}
+
+{description}
+
+Made with [Revelio Hub](https://github.com/revelio-hub/revelio-hub), a re-implementation of *{_PAPER}*.
+Each entry is one block of the diffusion model read at one timestep: {entries}.
+
+## Use it
+
+```bash
+pip install revelio-hub
+```
+
+{_snippet(config, repo_id)}
+
+Each `sae/` and `diffc/` folder is a standalone `PyTorchModelHubMixin` model, so one SAE needs nothing else:
+
+```python
+from revelio_hub import KSparseAutoencoder
+sae = KSparseAutoencoder.from_pretrained("{repo_id}", subfolder="{item['layer']}/t{item['timestep']}/sae")
+```
+
+To browse the neurons interactively: `python app.py --release {repo_id}`.
+
+## Entries and metrics
+
+{_table(config)}
+
+FVU is the fraction of variance unexplained on held-out features (lower is better), L0 the mean number of active
+latents, *dead* the share of latents that never fired. Purity is the paper's metric: the standard deviation of the
+class ids of a neuron's top-10 images, averaged over the 1,000 most frequently firing neurons (lower means more
+class-specific); entropy is the label entropy of the same images. Diff-C accuracy is measured on the test split.
+
+{figure}
+## Recipe
+
+- **Backbone:** {backbone_line}, family `{config.get('family')}`.
+- **Features:** images resized and center-cropped to {config.get('image_size')} px, noised to timestep *t* with seeded
+  per-image noise (seed {config.get('noise_seed', 0)}, ensemble of {config.get('ensemble', 1)}), one denoiser pass with
+  the prompt `{config.get('prompt', '')!r}`, block output read from the listed layer.
+- **k-SAE:** TopK (k in the table) with ReLU on the block output (mean-pooled over space, or per position for
+  token-level SAEs), 64× expansion by default, Adam 4e-4 with warm-up, decoder rows kept unit-norm, AuxK loss against
+  dead latents. The exact settings of each entry are in its `sae/train_config.json`.
+- **Diff-C:** BatchNorm → conv stack → global pooling → linear head on the unpooled feature map, AdamW 1e-4 with cosine
+  schedule; settings in `diffc/train_config.json`.
+- **Atlas:** for each neuron its top-20 images (128-px WebP thumbnails in `atlas/thumbnails/`), firing frequency,
+  mean activation when active, purity and entropy, built over {_fmt(((item.get('metrics') or {}).get('atlas') or {}).get('num_images'), 'int')} images.
+- **Classes:** {len(classes)}{(': ' + ', '.join(classes[:12]) + (' …' if len(classes) > 12 else '')) if classes else ''}.
+
+Files: `release.json` (machine-readable summary of all of the above), `<layer>/t<t>/{{sae,diffc,atlas}}/`.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def render_figure(config: dict[str, Any], path: Path) -> bool:
+    """Heat maps of purity and Diff-C top-1 over layer × timestep; returns False when nothing to plot."""
+    entries = config.get("entries", [])
+    layers = list(dict.fromkeys(e["layer"] for e in entries))
+    timesteps = sorted({int(e["timestep"]) for e in entries})
+    panels = []
+    for section, key, title, fmt in (("atlas", "mean_purity", "label purity ↓ (std of top-10 class ids)", "{:.2f}"),
+                                     ("diffc", "top1", "Diff-C top-1 accuracy ↑", "{:.0%}")):
+        grid = [[None] * len(timesteps) for _ in layers]
+        for e in entries:
+            value = _num(((e.get("metrics") or {}).get(section) or {}).get(key))
+            if value is not None:
+                grid[layers.index(e["layer"])][timesteps.index(int(e["timestep"]))] = value
+        if any(v is not None for row in grid for v in row):
+            panels.append((title, grid, fmt, section == "atlas"))
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 1.3 * len(timesteps) * len(panels) + 1.2 * len(panels),
+                                                      1.2 + 0.5 * len(layers)), squeeze=False)
+    for ax, (title, grid, fmt, low_is_good) in zip(axes[0], panels):
+        values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
+        ax.imshow(values, cmap="viridis_r" if low_is_good else "viridis", aspect="auto")
+        ax.set_xticks(range(len(timesteps)), [f"t={t}" for t in timesteps])
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set_title(title, fontsize=9)
+        finite = values[np.isfinite(values)]
+        mid = float(np.nanmean(finite)) if finite.size else 0.0
+        for r in range(len(layers)):
+            for c in range(len(timesteps)):
+                if np.isfinite(values[r, c]):
+                    dark = (values[r, c] > mid) != low_is_good
+                    ax.text(c, r, fmt.format(values[r, c]), ha="center", va="center", fontsize=8,
+                            color="black" if dark else "white")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,558 @@
+"""Release bundles: one backbone × dataset, several (layer, timestep) entries, on the Hub or on disk.
+
+A release is what users and the app load: per entry a k-SAE, optionally a
+Diff-C head, and a neuron atlas (with thumbnails, so no dataset is needed).
+Layout (DESIGN.md §3)::
+
+    README.md                    model card (YAML metadata + metrics table + figure)
+    release.json                 backbone id/revision (or embedded folder), image size, prompt,
+                                 noise seed, dataset, entries with their metrics, examples
+    figures/metrics.png          purity and Diff-C accuracy by layer × timestep
+    backbone/                    optional embedded backbone (the toy release)
+    examples/                    optional example images for the app
+    <layer>/t<t>/sae/            config.json + model.safetensors (+ eval.json): a standalone mixin folder
+    <layer>/t<t>/diffc/          same, for the Diff-C head
+    <layer>/t<t>/atlas/          stats.safetensors, atlas.json, thumbnails/
+
+:meth:`Release.from_pretrained` reads only ``release.json`` and ``README.md``;
+:meth:`Release.load` downloads one entry's folder (``allow_patterns``), so a
+user of ``up_ft1/t25`` never fetches the other entries. Remote releases are
+pinned to the commit resolved on first access, and cached like any Hub file.
+
+:func:`assemble_release` builds the folder from training outputs; see
+``training/make_release.py`` for the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from . import __version__
+from .hub import download, is_local, push_folder
+
+__all__ = [
+    "Release",
+    "ReleaseEntry",
+    "EntrySource",
+    "assemble_release",
+    "push_release",
+    "RELEASE_FILE",
+    "CARD_FILE",
+    "FIGURE_FILE",
+]
+
+RELEASE_FILE = "release.json"
+CARD_FILE = "README.md"
+FIGURE_FILE = "figures/metrics.png"
+BACKBONE_DIR = "backbone"
+EXAMPLES_DIR = "examples"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+#: What is copied from a trainer's output folder: the loadable model, its metrics and plots.
+#: Checkpoints (optimizer state) stay behind.
+_MODEL_FILES = (CONFIG, WEIGHTS, "eval.json", "train_config.json", "metrics.jsonl", "confusion.png", "README.md")
+
+PathLike = Union[str, os.PathLike]
+
+
+def entry_path(layer: str, timestep: int) -> str:
+    """Relative folder of one entry, e.g. ``up_ft1/t25``."""
+    return f"{layer}/t{int(timestep)}"
+
+
+# ---------------------------------------------------------------------- loading
+
+
+@dataclass
+class ReleaseEntry:
+    """The models of one (layer, timestep) entry of a release."""
+
+    layer: str
+    timestep: int
+    sae: Any
+    diffc: Any
+    atlas: Any
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self):  # allows ``sae, diffc, atlas = release.load(...)``
+        return iter((self.sae, self.diffc, self.atlas))
+
+
+def _read_json(file: Path, what: str) -> Any:
+    if not file.is_file():
+        raise FileNotFoundError(f"{what}: {file} is missing")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON ({error}); the release is corrupted") from error
+
+
+def _check_model_folder(folder: Path, kind: str) -> None:
+    """Fail with the file's name if a mixin folder's config or weights are missing or unreadable."""
+    _read_json(folder / CONFIG, f"the {kind} of this release entry is incomplete")
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"the {kind} of this release entry is incomplete: {weights} is missing")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():  # reading every tensor validates offsets against the file size
+                f.get_slice(key)
+    except Exception as error:
+        raise ValueError(f"{weights} is corrupt or truncated ({type(error).__name__}: {error})") from error
+
+
+def _load_model(cls: Any, folder: Path, kind: str, device: Union[str, torch.device]) -> Any:
+    _check_model_folder(folder, kind)
+    try:
+        model = cls.from_pretrained(str(folder))
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as error:  # safetensors errors on a file that passed the header check
+        raise ValueError(f"Cannot load the {kind} in {folder}: {type(error).__name__}: {error}") from error
+    return model.to(device).eval()
+
+
+class Release:
+    """A release opened from a local folder or a Hub repo (see the module docstring for the layout).
+
+    Attributes:
+        id: the repo id or folder as given.
+        path: local folder holding the files fetched so far (the snapshot in the
+            Hub cache for a remote release).
+        revision: the commit a remote release is pinned to (``None`` for folders).
+        config: the parsed ``release.json``.
+        card: the model card text (``README.md``).
+    """
+
+    def __init__(self, id: str, path: Path, config: dict[str, Any], card: str, *, remote: bool,
+                 revision: Optional[str] = None, token: Optional[Union[str, bool]] = None,
+                 cache_dir: Optional[PathLike] = None) -> None:
+        self.id = id
+        self.path = path
+        self.config = config
+        self.card = card
+        self.remote = remote
+        self.revision = revision
+        self._token = token
+        self._cache_dir = cache_dir
+        self._validate_config()
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path: PathLike, revision: Optional[str] = None,
+                        token: Optional[Union[str, bool]] = None, cache_dir: Optional[PathLike] = None,
+                        local_files_only: bool = False) -> "Release":
+        """Open a release; only ``release.json`` and ``README.md`` are read (downloaded) now."""
+        ident = os.fspath(repo_id_or_path)
+        if is_local(ident):
+            if revision is not None:
+                raise ValueError(f"revision={revision!r} only applies to Hub repos, but {ident!r} is a local folder")
+            root = Path(ident).expanduser()
+            remote, pinned = False, None
+        else:
+            if ident.count("/") != 1 or ident.startswith(("/", ".", "~")):
+                raise ValueError(
+                    f"{ident!r} is not an existing folder nor a Hub repo id of the form 'owner/name'"
+                )
+            root = download(ident, [RELEASE_FILE, CARD_FILE], revision=revision, token=token,
+                            cache_dir=cache_dir, local_files_only=local_files_only)
+            remote, pinned = True, root.name  # snapshot folders are named after the commit
+        config_file = root / RELEASE_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{ident!r} is not a Revelio Hub release: {RELEASE_FILE} is missing"
+                + (f" (looked in {root})" if not remote else "")
+            )
+        config = _read_json(config_file, "not a release")
+        card_file = root / CARD_FILE
+        card = card_file.read_text(encoding="utf-8") if card_file.is_file() else ""
+        return cls(ident, root, config, card, remote=remote, revision=pinned, token=token, cache_dir=cache_dir)
+
+    def _validate_config(self) -> None:
+        file = self.path / RELEASE_FILE
+        if not isinstance(self.config, dict):
+            raise ValueError(f"{file} must hold a JSON object")
+        entries = self.config.get("entries")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{file} lists no entries (expected 'entries': [{{'layer': ..., 'timestep': ...}}, ...])")
+        for item in entries:
+            if not isinstance(item, dict) or "layer" not in item or "timestep" not in item:
+                raise ValueError(f"{file} has a malformed entry {item!r}: each needs 'layer' and 'timestep'")
+
+    def _fetch(self, patterns: Sequence[str]) -> Path:
+        """Make sure files matching ``patterns`` are local (download them for a remote release)."""
+        if not self.remote:
+            return self.path
+        return download(self.id, patterns, revision=self.revision, token=self._token, cache_dir=self._cache_dir)
+
+    # ------------------------------------------------------------------ metadata
+    def __repr__(self) -> str:
+        where = f"{self.id}@{self.revision[:8]}" if self.remote and self.revision else self.id
+        return f"Release({where!r}, backbone={self.backbone_id!r}, entries={self.entries})"
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or Path(self.id).name)
+
+    @property
+    def entries(self) -> list[tuple[str, int]]:
+        """The (layer, timestep) pairs this release provides, in release order."""
+        return [(str(e["layer"]), int(e["timestep"])) for e in self.config["entries"]]
+
+    @property
+    def backbone_id(self) -> str:
+        """The backbone's id as recorded in every recipe of this release."""
+        return str(self.config.get("backbone"))
+
+    @property
+    def backbone_revision(self) -> Optional[str]:
+        return self.config.get("backbone_revision")
+
+    @property
+    def embedded_backbone(self) -> Optional[str]:
+        """Relative folder of an embedded backbone (``"backbone"``), or ``None``."""
+        return self.config.get("embedded_backbone")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list((self.config.get("dataset") or {}).get("class_names") or [])
+
+    @property
+    def examples(self) -> list[tuple[str, str]]:
+        """``(local image path, caption)`` of the example images listed in ``release.json`` (downloaded)."""
+        items = self.config.get("examples") or []
+        if not items:
+            return []
+        root = self._fetch([f"{EXAMPLES_DIR}/**"])
+        out = []
+        for item in items:
+            file = item["file"] if isinstance(item, dict) else str(item)
+            caption = (item.get("label") or item.get("caption")) if isinstance(item, dict) else None
+            if (root / file).is_file():
+                out.append((str(root / file), str(caption or Path(file).stem)))
+        return out
+
+    def entry_metrics(self, layer: str, timestep: int) -> dict[str, Any]:
+        return dict(self._entry_config(layer, timestep).get("metrics") or {})
+
+    def _entry_config(self, layer: str, timestep: int) -> dict[str, Any]:
+        try:
+            timestep = int(timestep)
+        except (TypeError, ValueError):
+            raise ValueError(f"timestep must be an integer, got {timestep!r}") from None
+        for item in self.config["entries"]:
+            if str(item["layer"]) == layer and int(item["timestep"]) == timestep:
+                return item
+        offered = ", ".join(f"({l}, {t})" for l, t in self.entries)
+        raise ValueError(f"Release {self.name!r} has no entry ({layer}, {timestep}); it offers: {offered}")
+
+    # ------------------------------------------------------------------ entries
+    def load(self, layer: str, timestep: int, *, device: Union[str, torch.device] = "cpu",
+             load_atlas: bool = True) -> ReleaseEntry:
+        """Load the SAE, Diff-C (or ``None``) and atlas (or ``None``) of one entry.
+
+        Only ``<layer>/t<timestep>/**`` is downloaded. Missing or corrupt files
+        raise an error naming the file.
+        """
+        from .atlas import NeuronAtlas
+        from .classifier import DiffC
+        from .sae import KSparseAutoencoder
+
+        item = self._entry_config(layer, timestep)
+        rel = item.get("path") or entry_path(layer, timestep)
+        root = self._fetch([f"{rel}/**"])
+        folder = root / rel
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Release {self.name!r} lists entry {rel} but its folder {folder} is missing")
+        sae = _load_model(KSparseAutoencoder, folder / "sae", "k-SAE", device) if item.get("sae", True) else None
+        diffc = None
+        if item.get("diffc", (folder / "diffc").is_dir()):
+            diffc = _load_model(DiffC, folder / "diffc", "Diff-C head", device)
+        atlas = None
+        if load_atlas and item.get("atlas", (folder / "atlas").is_dir()):
+            atlas = NeuronAtlas.load(folder / "atlas")
+        if sae is not None and atlas is not None and atlas.num_neurons != sae.n_latents:
+            raise ValueError(
+                f"{folder / 'atlas'} describes {atlas.num_neurons} neurons but the SAE has {sae.n_latents}; "
+                "rebuild the atlas for this SAE"
+            )
+        return ReleaseEntry(layer=layer, timestep=int(timestep), sae=sae, diffc=diffc, atlas=atlas, path=folder,
+                            metrics=dict(item.get("metrics") or {}))
+
+    def load_backbone(self, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                      image_size: Optional[int] = None, **opts: Any) -> Any:
+        """The diffusion backbone the entries were trained on.
+
+        An embedded ``backbone/`` folder is loaded from the release and given the
+        release's backbone id as its name, so feature recipes match the SAEs';
+        otherwise the recorded Hub id and revision are loaded. ``image_size``
+        defaults to the release's (the SAEs'); pass an entry's
+        ``image_size["diffc"]`` when its Diff-C was trained at another size.
+        """
+        from .backbones import load_backbone
+
+        image_size = image_size or self.config.get("image_size")
+        if self.embedded_backbone:
+            root = self._fetch([f"{self.embedded_backbone}/**"])
+            folder = root / self.embedded_backbone
+            if not (folder / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"Release {self.name!r} embeds its backbone, but {folder / 'model_index.json'} is missing"
+                )
+            backbone = load_backbone(str(folder), device=device, dtype=dtype, image_size=image_size, **opts)
+            backbone.name = self.backbone_id
+            backbone.revision = self.backbone_revision
+            return backbone
+        return load_backbone(self.backbone_id, device=device, dtype=dtype, revision=self.backbone_revision,
+                             image_size=image_size, **opts)
+
+
+# ---------------------------------------------------------------------- assembling
+
+
+@dataclass
+class EntrySource:
+    """Trained artifacts of one entry, as the trainers wrote them.
+
+    ``layer``/``timestep`` default to the recipe in the SAE's (else Diff-C's) ``config.json``.
+    """
+
+    sae: Optional[PathLike] = None
+    diffc: Optional[PathLike] = None
+    atlas: Optional[PathLike] = None
+    layer: Optional[str] = None
+    timestep: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EntrySource":
+        known = {"sae", "diffc", "atlas", "layer", "timestep"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in entry {data}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+
+def _model_info(folder: Optional[PathLike], kind: str) -> tuple[Optional[Path], dict[str, Any], dict[str, Any]]:
+    """(folder, config.json, eval.json) of a trainer output folder, validated."""
+    if folder is None:
+        return None, {}, {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{kind} folder {folder} does not exist")
+    _check_model_folder(folder, kind)
+    config = _read_json(folder / CONFIG, kind)
+    evals = _read_json(folder / "eval.json", kind) if (folder / "eval.json").is_file() else {}
+    return folder, config, evals
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in _MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _finite(x: Any) -> Optional[float]:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def _entry_metrics(sae_cfg: dict, sae_eval: dict, diffc_cfg: dict, diffc_eval: dict,
+                   atlas_meta: dict) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    if sae_cfg:
+        metrics["sae"] = {
+            "d_in": sae_cfg.get("d_in"), "n_latents": sae_cfg.get("n_latents"), "k": sae_cfg.get("k"),
+            "granularity": sae_cfg.get("granularity"),
+            **{k: _finite(sae_eval.get(k)) for k in ("fvu", "explained_variance", "l0", "dead_fraction", "cosine")
+               if k in sae_eval},
+        }
+    if diffc_cfg:
+        metrics["diffc"] = {
+            "head": diffc_cfg.get("head"), "num_classes": len(diffc_cfg.get("class_names") or []),
+            **{k: _finite(diffc_eval.get(k)) for k in ("top1", "top5") if k in diffc_eval},
+        }
+        if diffc_eval.get("split"):
+            metrics["diffc"]["split"] = diffc_eval["split"]
+    if atlas_meta:
+        summary = atlas_meta.get("summary") or {}
+        metrics["atlas"] = {
+            "num_images": atlas_meta.get("num_images"),
+            "mean_purity": _finite(summary.get("mean_purity")),
+            "mean_entropy": _finite(summary.get("mean_entropy")),
+            "dead_fraction": _finite(summary.get("dead_fraction")),
+            "summary_neurons": summary.get("summary_neurons"),
+        }
+    return metrics
+
+
+def assemble_release(
+    out: PathLike,
+    entries: Sequence[Union[EntrySource, dict]],
+    *,
+    backbone: Optional[str] = None,
+    backbone_revision: Optional[str] = None,
+    embed_backbone: Optional[PathLike] = None,
+    examples: Sequence[Union[PathLike, tuple[PathLike, str]]] = (),
+    dataset: Optional[str] = None,
+    dataset_split: Optional[str] = None,
+    name: Optional[str] = None,
+    license: str = "apache-2.0",
+    repo_id: Optional[str] = None,
+    description: Optional[str] = None,
+    overwrite: bool = False,
+    figure: bool = True,
+) -> Path:
+    """Assemble a release folder from trainer outputs; returns ``out``.
+
+    Each entry's ``sae``/``diffc`` folder is copied as a standalone
+    ``PyTorchModelHubMixin`` folder (config, weights, eval.json; no optimizer
+    checkpoints), its atlas as is. ``release.json`` records the backbone (taken
+    from the SAE recipes unless ``backbone`` is given), image size, prompt,
+    noise seed, dataset, entries and their metrics; the card and figure are
+    rendered from them. ``repo_id`` is only used in the card's loading snippet.
+    """
+    from .atlas import ATLAS_FILE, NeuronAtlas
+    from .cards import render_card, render_figure
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    sources = [e if isinstance(e, EntrySource) else EntrySource.from_dict(e) for e in entries]
+    if not sources:
+        raise ValueError("a release needs at least one entry (an SAE, Diff-C or atlas folder)")
+
+    planned = []
+    recipes = []
+    class_names: list[str] = []
+    seen = set()
+    for src in sources:
+        if src.sae is None and src.diffc is None:
+            raise ValueError(f"entry {src} has neither an SAE nor a Diff-C folder")
+        sae_dir, sae_cfg, sae_eval = _model_info(src.sae, "k-SAE")
+        diffc_dir, diffc_cfg, diffc_eval = _model_info(src.diffc, "Diff-C head")
+        atlas_meta: dict[str, Any] = {}
+        if src.atlas is not None:
+            NeuronAtlas.load(src.atlas)  # validates; raises naming the broken file
+            atlas_meta = _read_json(Path(src.atlas) / ATLAS_FILE, "atlas")
+        recipe = sae_cfg.get("recipe") or diffc_cfg.get("recipe") or atlas_meta.get("recipe") or {}
+        layer = src.layer or recipe.get("layer")
+        t = src.timestep if src.timestep is not None else recipe.get("timestep")
+        if layer is None or t is None:
+            raise ValueError(
+                f"cannot tell the layer/timestep of entry {src}: its config has no recipe; give layer= and timestep="
+            )
+        for other_cfg, kind in ((diffc_cfg, "Diff-C"), (atlas_meta, "atlas")):
+            other = other_cfg.get("recipe") or {}
+            if other and (other.get("layer"), other.get("timestep")) != (layer, int(t)):
+                raise ValueError(
+                    f"entry ({layer}, {t}): the {kind} was trained on ({other.get('layer')}, {other.get('timestep')})"
+                )
+        key = (str(layer), int(t))
+        if key in seen:
+            raise ValueError(f"entry ({layer}, {t}) is listed twice")
+        seen.add(key)
+        if recipe:
+            recipes.append(recipe)
+        class_names = class_names or list(diffc_cfg.get("class_names") or atlas_meta.get("class_names") or [])
+        dataset = dataset or atlas_meta.get("dataset")
+        sizes = {kind: (cfg.get("recipe") or {}).get("image_size") for kind, cfg in (("sae", sae_cfg), ("diffc", diffc_cfg))
+                 if cfg.get("recipe")}
+        planned.append((key, sae_dir, diffc_dir, src.atlas, sizes,
+                        _entry_metrics(sae_cfg, sae_eval, diffc_cfg, diffc_eval, atlas_meta)))
+
+    backbones = sorted({str(r.get("backbone")) for r in recipes})
+    if backbone is None:
+        if len(backbones) != 1:
+            raise ValueError(f"the entries were trained on different or unknown backbones {backbones}; "
+                             "a release holds one backbone (pass backbone= to name it)")
+        backbone = backbones[0]
+    elif recipes and backbones != [backbone]:
+        raise ValueError(f"backbone={backbone!r} but the entries' recipes name {backbones}")
+    # The paper reads k-SAE features at 256 px and Diff-C features at 512 px: sizes may differ per model,
+    # so each entry records its own and the release-level size is the first SAE's (what load_backbone uses).
+    first = recipes[0] if recipes else {}
+
+    out.mkdir(parents=True, exist_ok=True)
+    entry_items = []
+    for (layer, t), sae_dir, diffc_dir, atlas_dir, sizes, metrics in planned:
+        rel = entry_path(layer, t)
+        if sae_dir is not None:
+            _copy_model(sae_dir, out / rel / "sae")
+        if diffc_dir is not None:
+            _copy_model(diffc_dir, out / rel / "diffc")
+        if atlas_dir is not None:
+            shutil.copytree(atlas_dir, out / rel / "atlas")
+        entry_items.append({"layer": layer, "timestep": t, "path": rel, "sae": sae_dir is not None,
+                            "diffc": diffc_dir is not None, "atlas": atlas_dir is not None, "image_size": sizes,
+                            "metrics": metrics})
+
+    embedded = None
+    if embed_backbone is not None:
+        src = Path(embed_backbone)
+        if not (src / "model_index.json").is_file():
+            raise ValueError(f"--embed-backbone {src} is not a diffusers-layout folder (no model_index.json)")
+        shutil.copytree(src, out / BACKBONE_DIR, ignore=shutil.ignore_patterns("checkpoint*", "*.ckpt", ".cache"))
+        embedded = BACKBONE_DIR
+
+    example_items = []
+    for item in examples:
+        path, label = (item if isinstance(item, (tuple, list)) else (item, None))
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"example image {path} does not exist")
+        (out / EXAMPLES_DIR).mkdir(exist_ok=True)
+        target = out / EXAMPLES_DIR / path.name
+        if target.exists():
+            raise ValueError(f"two example images are named {path.name}")
+        shutil.copy2(path, target)
+        example_items.append({"file": f"{EXAMPLES_DIR}/{path.name}", "label": label or path.stem})
+
+    config = {
+        "format_version": FORMAT_VERSION,
+        "name": name or out.name,
+        "description": description,
+        "backbone": backbone,
+        "backbone_revision": backbone_revision if backbone_revision is not None else first.get("revision"),
+        "family": first.get("family"),
+        "embedded_backbone": embedded,
+        "image_size": first.get("image_size"),
+        "prompt": first.get("prompt", ""),
+        "noise_seed": first.get("noise_seed", 0),
+        "ensemble": first.get("ensemble", 1),
+        "dataset": {"id": dataset, "split": dataset_split, "class_names": class_names},
+        "license": license,
+        "entries": entry_items,
+        "examples": example_items,
+        "figure": None,
+        "created_with": f"revelio-hub {__version__}",
+    }
+    if figure and render_figure(config, out / FIGURE_FILE):
+        config["figure"] = FIGURE_FILE
+    (out / RELEASE_FILE).write_text(json.dumps(config, indent=2))
+    render_card(config, repo_id=repo_id).save(str(out / CARD_FILE))
+    return out
+
+
+def push_release(folder: PathLike, repo_id: str, *, private: bool = False,
+                 token: Optional[Union[str, bool]] = None, commit_message: Optional[str] = None) -> str:
+    """Check that ``folder`` opens as a release, then create ``repo_id`` and upload it; returns the commit URL."""
+    release = Release.from_pretrained(folder)
+    return push_folder(folder, repo_id, private=private, token=token,
+                       commit_message=commit_message or f"Upload release {release.name} ({len(release.entries)} entries)")

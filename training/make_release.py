@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Assemble a Revelio Hub release folder from trained artifacts, render its card, optionally push it.
+
+Thin command-line wrapper over :func:`revelio_hub.release.assemble_release` and
+:func:`revelio_hub.release.push_release`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  # one entry per --sae; --diffc/--atlas attach to the --sae before them (or use --config)
+  python training/make_release.py --out releases/revelio-sd15-oxford-pets \\
+      --sae runs/sae/up_ft1_t25 --diffc runs/diffc/up_ft1_t25 --atlas runs/atlas/up_ft1_t25 \\
+      --sae runs/sae/bottleneck_t25 --atlas runs/atlas/bottleneck_t25 \\
+      --dataset timm/oxford-iiit-pet --push me/revelio-sd15-oxford-pets
+
+  # the same from a config file
+  python training/make_release.py --config release.json5 --out releases/pets --push me/pets --private
+
+config file (JSON):
+  {"entries": [{"sae": "runs/sae/up_ft1_t25", "diffc": "...", "atlas": "...",
+                "layer": "up_ft1", "timestep": 25}],       # layer/timestep optional (read from the recipe)
+   "backbone": "stable-diffusion-v1-5/stable-diffusion-v1-5", # optional (read from the recipes)
+   "embed_backbone": "path/to/backbone",                      # optional: copy a backbone folder into the release
+   "examples": ["img1.jpg", ["img2.jpg", "caption"]],         # optional example images for the app
+   "dataset": "timm/oxford-iiit-pet", "dataset_split": "test", "name": "...", "license": "apache-2.0"}
+Command-line flags override the file. The token for --push comes from `hf auth login` or HF_TOKEN.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Assemble a release folder (<layer>/t<t>/{sae,diffc,atlas}/, release.json, model card, "
+        "metrics figure) from k-SAE, Diff-C and atlas outputs, and optionally push it to the Hugging Face Hub.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="Release folder to write.")
+    p.add_argument("--config", default=None, help="JSON file listing the entries and options (see below).")
+    p.add_argument("--sae", action="append", default=[], metavar="DIR",
+                   help="k-SAE output folder (config.json + model.safetensors + eval.json); starts a new entry.")
+    p.add_argument("--diffc", action="append", default=[], metavar="DIR",
+                   help="Diff-C output folder for the current entry (or a Diff-C-only entry if no --sae precedes).")
+    p.add_argument("--atlas", action="append", default=[], metavar="DIR",
+                   help="Atlas folder (training/build_atlas.py) for the current entry.")
+    p.add_argument("--backbone", default=None, help="Backbone id to record (default: from the SAE recipes).")
+    p.add_argument("--backbone-revision", default=None, help="Backbone revision to record.")
+    p.add_argument("--embed-backbone", default=None, metavar="FOLDER",
+                   help="Copy this diffusers-layout backbone folder into the release (small models only).")
+    p.add_argument("--examples", nargs="*", default=None, metavar="IMAGE", help="Example images for the app.")
+    p.add_argument("--dataset", default=None, help="Dataset id shown in the card (default: from the atlas).")
+    p.add_argument("--dataset-split", default=None, help="Split the metrics were measured on.")
+    p.add_argument("--name", default=None, help="Release name (default: the --out folder name).")
+    p.add_argument("--license", default=None, help="License id for the card (default: apache-2.0).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing, non-empty --out folder.")
+    p.add_argument("--push", default=None, metavar="REPO_ID", help="Create this Hub repo and upload the release.")
+    p.add_argument("--private", action="store_true", help="With --push: create the repo as private.")
+    p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN).")
+    return p.parse_args(argv)
+
+
+def _entries_from_flags(argv: list[str]) -> list[dict]:
+    """Group --sae/--diffc/--atlas in command-line order: each --sae starts an entry."""
+    entries: list[dict] = []
+    flags = {"--sae": "sae", "--diffc": "diffc", "--atlas": "atlas"}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, value = None, None
+        if arg in flags and i + 1 < len(argv):
+            key, value = flags[arg], argv[i + 1]
+            i += 2
+        elif "=" in arg and arg.split("=", 1)[0] in flags:
+            key, value = flags[arg.split("=", 1)[0]], arg.split("=", 1)[1]
+            i += 1
+        else:
+            i += 1
+            continue
+        if key == "sae" or not entries or key in entries[-1]:
+            entries.append({})
+        entries[-1][key] = value
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+
+    from revelio_hub.release import Release, assemble_release, push_release
+
+    config: dict = {}
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"error: cannot read --config {args.config}: {error}")
+    entries = _entries_from_flags(argv) or config.get("entries") or []
+    if not entries:
+        raise SystemExit("error: no entries: give --sae/--diffc/--atlas folders or a --config listing them")
+
+    def pick(name: str, default=None):
+        value = getattr(args, name)
+        return value if value is not None else config.get(name, default)
+
+    examples = pick("examples", []) or []
+    examples = [tuple(e) if isinstance(e, list) else e for e in examples]
+    try:
+        out = assemble_release(
+            args.out, entries,
+            backbone=pick("backbone"), backbone_revision=pick("backbone_revision"),
+            embed_backbone=pick("embed_backbone"), examples=examples,
+            dataset=pick("dataset"), dataset_split=pick("dataset_split"), name=pick("name"),
+            license=pick("license", "apache-2.0"), repo_id=args.push or config.get("repo_id"),
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}")
+    release = Release.from_pretrained(out)
+    print(f"wrote {out}: {len(release.entries)} entries {release.entries}")
+    for layer, t in release.entries:
+        print(f"  {layer} t={t}: {json.dumps(release.entry_metrics(layer, t))}")
+    if args.push:
+        url = push_release(out, args.push, private=args.private, token=args.token)
+        print(f"pushed to {args.push}: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
