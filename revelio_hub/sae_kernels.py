@@ -12,7 +12,7 @@ with the decoder rows, gives the sparse decoder: :func:`sparse_decode`.
 
 The optional auxiliary ("AuxK") code of OpenAI's TopK paper is the top
 ``k_aux`` pre-activations among dead latents; it shares the forward matmul
-and the sparse backward.
+and the sparse backward, and only reads the dead latents' columns.
 """
 
 from __future__ import annotations
@@ -62,10 +62,11 @@ class TopKEncode(torch.autograd.Function):
 
     Forward: ``pre = x W_encᵀ + b_enc`` (dense matmul in ``compute_dtype``), then
     ``topk``; ReLU applied to the selected values when ``relu``. Outputs are
-    ``(values, indices, aux_values, aux_indices)``; the aux pair is empty (N×0)
-    unless ``dead_mask`` is given. Gradients flow to x, W_enc and b_enc only at
-    the selected (sample, latent) pairs, which is exactly what autograd would
-    compute through the dense path.
+    ``(values, indices, aux_values, aux_indices)``. The aux pair is the top
+    ``k_aux`` pre-activations among the latents ``aux_ids`` (the dead ones),
+    read from the same pre-activations; it is empty (N×0) when ``aux_ids`` is
+    None. Gradients flow to x, W_enc and b_enc only at the selected (sample,
+    latent) pairs, which is exactly what autograd computes through the dense path.
     """
 
     @staticmethod
@@ -76,7 +77,7 @@ class TopKEncode(torch.autograd.Function):
         bias: torch.Tensor,
         k: int,
         relu: bool,
-        dead_mask: Optional[torch.Tensor],
+        aux_ids: Optional[torch.Tensor],
         k_aux: int,
         compute_dtype: Optional[torch.dtype],
     ):
@@ -84,12 +85,10 @@ class TopKEncode(torch.autograd.Function):
         xc = x.to(cd)
         pre = F.linear(xc, weight.to(cd), bias.to(cd))
         vals, idx = pre.topk(k, dim=-1, sorted=False)
-        if dead_mask is not None and k_aux > 0:
-            masked = pre.masked_fill(~dead_mask, float("-inf"))
-            aux_vals, aux_idx = masked.topk(min(k_aux, pre.shape[-1]), dim=-1, sorted=False)
-            # non-dead picks (only when fewer than k_aux latents are dead) carry -inf: zero them
-            aux_vals = torch.where(torch.isfinite(aux_vals), aux_vals, torch.zeros_like(aux_vals))
-            aux_vals = aux_vals * dead_mask[aux_idx]
+        if aux_ids is not None and k_aux > 0 and aux_ids.numel() > 0:
+            # only the dead columns: cheaper than masking all n_latents when few are dead
+            aux_vals, j = pre.index_select(1, aux_ids).topk(min(k_aux, aux_ids.numel()), dim=-1, sorted=False)
+            aux_idx = aux_ids[j]
         else:
             aux_vals = vals.new_zeros(vals.shape[0], 0)
             aux_idx = idx.new_zeros(idx.shape[0], 0)
@@ -97,11 +96,9 @@ class TopKEncode(torch.autograd.Function):
             vals = vals.clamp_min(0)
             aux_vals = aux_vals.clamp_min(0)
         all_idx = torch.cat([idx, aux_idx], dim=-1)
-        all_live = torch.cat([vals, aux_vals], dim=-1) > 0 if relu else None
-        if dead_mask is not None and k_aux > 0 and not relu:
-            all_live = torch.cat([torch.ones_like(vals, dtype=torch.bool), dead_mask[aux_idx]], dim=-1)
-        ctx.save_for_backward(xc, weight, all_idx, all_live if all_live is not None else torch.empty(0))
-        ctx.has_mask = all_live is not None
+        live = (torch.cat([vals, aux_vals], dim=-1) > 0) if relu else torch.empty(0)
+        ctx.save_for_backward(xc, weight, all_idx, live)
+        ctx.relu = relu
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
         ctx.widths = (vals.shape[-1], aux_vals.shape[-1])
         ctx.mark_non_differentiable(idx, aux_idx)
@@ -117,7 +114,7 @@ class TopKEncode(torch.autograd.Function):
         if g_aux is None:
             g_aux = torch.zeros(n, ctx.widths[1], dtype=g_vals.dtype, device=xc.device)
         g = torch.cat([g_vals, g_aux], dim=-1)
-        if ctx.has_mask:
+        if ctx.relu:
             g = g * live
         n_latents, k_total = weight.shape[0], all_idx.shape[1]
         grad_x = grad_w = grad_b = None
@@ -142,9 +139,9 @@ def topk_encode(
     k: int,
     *,
     relu: bool = True,
-    dead_mask: Optional[torch.Tensor] = None,
+    aux_ids: Optional[torch.Tensor] = None,
     k_aux: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
 ):
     """Functional entry point of :class:`TopKEncode` (see there)."""
-    return TopKEncode.apply(x_centred, weight, bias, k, relu, dead_mask, k_aux, compute_dtype)
+    return TopKEncode.apply(x_centred, weight, bias, k, relu, aux_ids, k_aux, compute_dtype)

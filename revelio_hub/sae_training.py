@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -156,6 +157,7 @@ class TrainResult:
     eval: dict[str, Any]
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0  # wall time of the training loop of this call (no setup, no eval)
 
 
 # ---------------------------------------------------------------- data helpers
@@ -312,16 +314,17 @@ def _lr_at(step: int, cfg: SAETrainConfig, total: int) -> float:
     return lr
 
 
-def _save_checkpoint(path: Path, step: int, model, opt, tracker, aux_active: bool, cfg: SAETrainConfig) -> None:
+def _save_checkpoint(path: Path, step: int, model, opt, tracker, aux_ids: Optional[torch.Tensor], cfg: SAETrainConfig) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, param in model.named_parameters():
         for key, val in opt.state.get(param, {}).items():
             t = torch.as_tensor(val).detach().cpu()
             tensors[f"optim.{name}.{key}"] = (t.reshape(1) if t.dim() == 0 else t).contiguous()
     tensors["tracker.since_fired"] = tracker.since_fired.cpu()
+    if aux_ids is not None:
+        tensors["aux_ids"] = aux_ids.cpu()
     meta = {
         "step": str(step),
-        "aux_active": json.dumps(aux_active),
         "train_config": json.dumps(cfg.to_dict()),
         "model_config": json.dumps(model._hub_mixin_config),
     }
@@ -354,7 +357,8 @@ def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> tu
             state["step"] = state["step"].cpu().float()
             opt.state[p] = state
     tracker.load_state_dict({"since_fired": tensors["tracker.since_fired"]})
-    return int(meta["step"]), json.loads(meta["aux_active"])
+    aux_ids = tensors.get("aux_ids")
+    return int(meta["step"]), aux_ids
 
 
 def train_sae(
@@ -476,7 +480,9 @@ def train_sae(
     # ---- output folder and resume
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT_DIR / CHECKPOINT_FILE if out else None
-    start, aux_active = 0, False
+    # AuxK candidates: the latents dead at the last logging step (refreshing the set
+    # needs a host sync, so it happens only there; the window is millions of samples anyway)
+    start, aux_ids = 0, None
     if out is not None:
         if overwrite and acc.is_main_process:
             for name in (CHECKPOINT_DIR, METRICS_FILE, EVAL_FILE, TRAIN_CONFIG_FILE, "config.json", "model.safetensors"):
@@ -484,7 +490,7 @@ def train_sae(
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         acc.wait_for_everyone()
         if resume and ckpt_path.exists():
-            start, aux_active = _load_checkpoint(ckpt_path, model, opt, tracker, cfg)
+            start, aux_ids = _load_checkpoint(ckpt_path, model, opt, tracker, cfg)
         elif not overwrite and (out / "model.safetensors").exists():
             return _finished_run(out, cfg)
         if acc.is_main_process:
@@ -502,6 +508,7 @@ def train_sae(
     bar = tqdm(total=total, initial=start, desc="k-SAE", disable=not (progress and acc.is_main_process), dynamic_ncols=True)
 
     completed = start
+    t0 = time.perf_counter()
     for step in range(start, total):
         if stop_after_step is not None and step >= stop_after_step:
             break
@@ -516,14 +523,14 @@ def train_sae(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg, total)
 
-        use_aux = aux_active and aux_k > 0 and cfg.aux_coef > 0
+        use_aux = aux_ids is not None and aux_k > 0 and cfg.aux_coef > 0
         vals, idx, aux_vals, aux_idx = topk_encode(
             x - model.b_pre,
             model.W_enc,
             model.b_enc,
             cfg.k,
             relu=cfg.relu,
-            dead_mask=tracker.dead_mask if use_aux else None,
+            aux_ids=aux_ids if use_aux else None,
             k_aux=aux_k if use_aux else 0,
             compute_dtype=compute_dtype,
         )
@@ -566,7 +573,8 @@ def train_sae(
         if done % cfg.log_every == 0 or done == total:
             means = (sums / n_acc).tolist()
             dead = tracker.fraction()
-            aux_active = dead > 0  # refreshed only here: a host sync we allow at log steps
+            dead_ids = torch.nonzero(tracker.dead_mask).reshape(-1)  # host sync: allowed at log steps
+            aux_ids = dead_ids if dead_ids.numel() > 0 else None
             rec = {
                 "step": done,
                 "samples": done * cfg.batch_size,
@@ -586,9 +594,12 @@ def train_sae(
             n_acc = 0
         if out is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < total:
             if acc.is_main_process:
-                _save_checkpoint(ckpt_path, done, model, opt, tracker, aux_active, cfg)
+                _save_checkpoint(ckpt_path, done, model, opt, tracker, aux_ids, cfg)
             acc.wait_for_everyone()
         bar.update(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - t0
     bar.close()
 
     finished = stop_after_step is None or stop_after_step >= total
@@ -611,7 +622,7 @@ def train_sae(
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         if out is not None:
             acc.wait_for_everyone()
-    return TrainResult(model=model.cpu(), eval=eval_metrics, steps=completed, history=history)
+    return TrainResult(model=model.cpu(), eval=eval_metrics, steps=completed, history=history, train_seconds=train_seconds)
 
 
 def _config_diffs(saved: dict[str, Any], cfg: SAETrainConfig) -> dict[str, Any]:

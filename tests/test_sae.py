@@ -211,7 +211,7 @@ def test_sparse_backward_equals_autograd(relu):
         aux = sparse_decode(aux_vals, aux_idx, w_dec)
         return (recon - target).pow(2).sum() + 0.3 * (aux - target).pow(2).sum()
 
-    vals, idx, aux_vals, aux_idx = topk_encode(x, w, b, k, relu=relu, dead_mask=dead, k_aux=k_aux)
+    vals, idx, aux_vals, aux_idx = topk_encode(x, w, b, k, relu=relu, aux_ids=torch.nonzero(dead).reshape(-1), k_aux=k_aux)
     loss_of(vals, idx, aux_vals, aux_idx).backward()
     ours = [t.grad.clone() for t in (x, w, b, w_dec)]
     for t in (x, w, b, w_dec):
@@ -220,7 +220,8 @@ def test_sparse_backward_equals_autograd(relu):
     # reference: plain autograd through the dense pre-activations, same selections
     pre = F.linear(x, w, b)
     ref_vals = pre.gather(1, idx)
-    ref_aux = pre.gather(1, aux_idx) * dead[aux_idx]
+    ref_aux = pre.gather(1, aux_idx)
+    assert torch.equal(aux_idx.sort(1).values, pre.masked_fill(~dead, float("-inf")).topk(k_aux).indices.sort(1).values)
     if relu:
         ref_vals, ref_aux = ref_vals.relu(), ref_aux.relu()
     assert torch.equal(idx.sort(1).values, pre.topk(k).indices.sort(1).values)
