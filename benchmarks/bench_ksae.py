@@ -133,7 +133,7 @@ def main(argv=None) -> int:
 
     def ours(steps):
         cfg = SAETrainConfig(k=args.k, n_latents=n_latents, batch_size=args.batch_size, steps=steps, lr=args.lr,
-                             warmup_steps=0, eval_fraction=0.0, log_every=max(steps, 1), checkpoint_every=0,
+                             warmup_steps=0, eval_fraction=0.0, log_every=10, checkpoint_every=0,
                              dead_window=min(10_000_000, train_x.shape[0]), seed=args.seed)
         return train_sae(train_x, cfg, accelerator=acc, progress=False)
 

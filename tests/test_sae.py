@@ -367,3 +367,50 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def _write_store(root, n=48, c=8, hw=4):
+    from revelio_hub.features import FeatureStoreWriter
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(n, c, hw, hw, generator=g).relu()
+    header = {
+        "recipe": {"backbone": "toy-backbone", "image_size": 32, "revision": None, "prompt": "", "noise_seed": 0,
+                   "ensemble": 1, "family": "pixel"},
+        "dataset": {"num_rows": n}, "label_column": "label", "class_names": ["a", "b"],
+        "layers": ["bottleneck"], "timesteps": [25], "channels": {"bottleneck": c}, "views": 1, "spatial": True,
+    }
+    writer = FeatureStoreWriter(root, header)
+    writer.initialize()
+    ids = list(range(n))
+    writer.write_chunk(ids, ids, [0] * n, [i % 2 for i in ids], {("bottleneck", 25): maps.mean((2, 3))},
+                       {("bottleneck", 25): maps})
+    writer.finalize()
+    return maps
+
+
+@pytest.mark.parametrize("granularity", ["pooled", "token"])
+def test_cli_trains_from_a_feature_store(tmp_path, granularity, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from revelio_hub.features import FeatureStore
+
+    maps = _write_store(tmp_path / "store")
+    spec = importlib.util.spec_from_file_location("train_ksae", Path(__file__).parents[1] / "training/train_ksae.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "sae"
+    argv = ["--store", str(tmp_path / "store"), "--layer", "bottleneck", "--timestep", "25", "--granularity", granularity,
+            "--tokens-per-image", "4", "--k", "2", "--expansion", "4", "--batch-size", "16", "--steps", "6",
+            "--warmup-steps", "2", "--log-every", "3", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    sae = KSparseAutoencoder.from_pretrained(out)
+    assert sae.granularity == granularity and sae.n_latents == 32
+    assert sae.recipe["layer"] == "bottleneck" and sae.recipe["backbone"] == "toy-backbone"
+    sae.check_recipe(FeatureStore(tmp_path / "store").recipe("bottleneck", 25))
+    assert sae.image_activations(maps[:3]).shape == (3, 32)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n_samples"] == (10 if granularity == "token" else 2)  # 5% held out, at least 2
+    assert cli.main(argv[:-5] + ["--k", "3", "--out", str(out), "--no-progress"]) == 2  # refuses other settings
+    assert "different settings" in capsys.readouterr().err
