@@ -728,7 +728,8 @@ class FeatureStore:
         view_set = None if views is None else np.atleast_1d(np.asarray(views, dtype=np.int64))
         id_set = None if image_ids is None else np.asarray(list(image_ids), dtype=np.int64)
 
-        feats, labels, ids, vws = [], [], [], []
+        # Pass 1: small index tensors only, to learn which rows to keep and where they go.
+        plan, labels, ids, vws = [], [], [], []
         for shard in self.shard_paths(layer, t):
             with safe_open(str(shard), framework="pt") as f:
                 shard_ids = f.get_tensor("image_ids")
@@ -743,29 +744,45 @@ class FeatureStore:
                 if not mask.any():
                     continue
                 rows = np.flatnonzero(mask)
-                if rows.size == mask.size:
-                    x = f.get_tensor(kind)
-                elif rows[-1] - rows[0] + 1 == rows.size:  # contiguous: read only that slice
-                    x = f.get_slice(kind)[int(rows[0]) : int(rows[-1]) + 1]
-                else:
-                    x = f.get_tensor(kind)[torch.from_numpy(rows)]
                 index = torch.from_numpy(rows)
-                feats.append(x)
+                plan.append((shard, rows))
                 labels.append(f.get_tensor("labels")[index])
                 ids.append(shard_ids[index])
                 vws.append(shard_views[index])
-        if not feats:
+        if not plan:
             channels = int(self.summary["channels"][layer])
             empty = torch.zeros((0, channels), dtype=torch.float32 if kind == "pooled" else torch.float16)
             z = torch.zeros(0, dtype=torch.int64)
             return FeatureSet(empty, z, z.clone(), z.clone())
         image_ids_t, views_t = torch.cat(ids), torch.cat(vws)
-        order = torch.from_numpy(np.lexsort((views_t.numpy(), image_ids_t.numpy())))
+        order = np.lexsort((views_t.numpy(), image_ids_t.numpy()))
+        destination = np.empty_like(order)
+        destination[order] = np.arange(order.size)
+
+        # Pass 2: copy each shard's selected rows straight to their sorted place, so the
+        # peak memory is the result plus one shard (spatial maps can be tens of GB).
+        out = None
+        offset = 0
+        for shard, rows in plan:
+            with safe_open(str(shard), framework="pt") as f:
+                n_rows = f.get_slice(kind).get_shape()[0]
+                if rows.size == n_rows:
+                    x = f.get_tensor(kind)
+                elif rows[-1] - rows[0] + 1 == rows.size:  # contiguous: read only that slice
+                    x = f.get_slice(kind)[int(rows[0]) : int(rows[-1]) + 1]
+                else:
+                    x = f.get_tensor(kind)[torch.from_numpy(rows)]
+            if out is None:
+                out = torch.empty((order.size, *x.shape[1:]), dtype=x.dtype)
+            out[torch.from_numpy(destination[offset : offset + rows.size])] = x
+            offset += rows.size
+            del x
+        sort = torch.from_numpy(order)
         return FeatureSet(
-            features=torch.cat(feats)[order],
-            labels=torch.cat(labels)[order],
-            image_ids=image_ids_t[order],
-            views=views_t[order],
+            features=out,
+            labels=torch.cat(labels)[sort],
+            image_ids=image_ids_t[sort],
+            views=views_t[sort],
         )
 
     def to_dataset(

@@ -115,8 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("extract_features")
     try:
         label_column = "" if (args.label_column or "").lower() == "none" else args.label_column
-        source = open_image_dataset(args.dataset, split=args.split, image_column=args.image_column,
-                                    label_column=label_column)
+
+        def open_source():
+            return open_image_dataset(args.dataset, split=args.split, image_column=args.image_column,
+                                      label_column=label_column)
+
+        # The main process builds the datasets cache first, the others then reuse it. The barrier
+        # is passed even when opening fails, so every process reports the error instead of hanging.
+        if accelerator.is_main_process:
+            try:
+                source = open_source()
+            finally:
+                accelerator.wait_for_everyone()
+        else:
+            accelerator.wait_for_everyone()
+            source = open_source()
         opts = {"channels_last": True} if args.channels_last else {}
         backbone = load_backbone(args.backbone, device=accelerator.device, dtype=getattr(torch, args.dtype),
                                  revision=args.revision, image_size=args.image_size, **opts)
