@@ -717,3 +717,42 @@ def _add_heatmaps(atlas: NeuronAtlas, sae: Any, maps: Callable[[Sequence[int]], 
                     if vmax > 0:
                         atlas._heatmaps[(i, image_id)] = _overlay(atlas._thumbnails[image_id], heat[j], vmax)
     atlas.meta["heatmap_neurons"] = sorted({i for (i, _) in atlas._heatmaps})
+
+
+# ---------------------------------------------------------------------- feature stores
+
+
+def store_batches(store: Any, layer: str, timestep: int, kind: str = "pooled", batch_size: int = 256,
+                  image_ids: Optional[Sequence[int]] = None) -> Iterator[Batch]:
+    """``(features, labels, image_ids)`` batches of a feature store entry, un-augmented views only.
+
+    Pooled features are read once (N×C is small); spatial maps are read
+    ``batch_size`` images at a time so memory stays bounded.
+    """
+    if kind == "pooled":
+        data = store.load(layer, timestep, "pooled", views=0, image_ids=image_ids)
+        for start in range(0, len(data), batch_size):
+            yield (data.features[start : start + batch_size], data.labels[start : start + batch_size],
+                   data.image_ids[start : start + batch_size])
+        return
+    if image_ids is None:
+        image_ids = store.load(layer, timestep, "pooled", views=0).image_ids.tolist()
+    ids = sorted(int(i) for i in image_ids)
+    for start in range(0, len(ids), batch_size):
+        data = store.load(layer, timestep, "spatial", views=0, image_ids=ids[start : start + batch_size])
+        yield data.features.float(), data.labels, data.image_ids
+
+
+def atlas_inputs(store: Any, layer: str, timestep: int, sae: Any) -> str:
+    """Check that ``sae`` fits the store entry and return the feature kind it needs (``pooled``/``spatial``)."""
+    if (layer, int(timestep)) not in store.entries:
+        raise ValueError(f"{store.path} has no features for ({layer}, {timestep}); it has {store.entries}")
+    sae.check_recipe(store.recipe(layer, timestep))
+    if getattr(sae, "granularity", "pooled") == "pooled":
+        return "pooled"
+    if not store.has_spatial:
+        raise ValueError(
+            f"The SAE is token-level (granularity {sae.granularity!r}) and needs spatial maps, but {store.path} "
+            "holds pooled features only; extract with --spatial"
+        )
+    return "spatial"

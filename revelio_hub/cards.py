@@ -114,7 +114,7 @@ def _snippet(config: dict[str, Any], repo_id: str) -> str:
         f'maps = backbone.extract(images, ["{layer}"], [{t}], seed={seed}, ensemble={ensemble})[("{layer}", {t})]',
         "acts = entry.sae.image_activations(maps)  # images × latents",
         "for i in acts[0].topk(5).indices.tolist():",
-        "    print(i, entry.atlas.summary(i))  # e.g. 'Bengal 9/10 · purity 0.30 · fires on 2.1% of images'",
+        "    print(i, entry.atlas.summary(i))  # '<top class> 9/10 · purity 0.30 · fires on 2.1% of images'",
     ]
     if item.get("diffc"):
         lines.append("if entry.diffc is not None:")
@@ -153,7 +153,8 @@ def render_card(config: dict[str, Any], repo_id: Optional[str] = None) -> ModelC
     figure = f"![Purity and Diff-C accuracy by layer and timestep]({config['figure']})\n" if config.get("figure") else ""
     description = config.get("description") or (
         f"k-sparse autoencoders (k-SAEs){', Diff-C classifiers' if has_diffc else ''} and neuron atlases "
-        f"trained on the features of {backbone_line} on `{dataset or 'a custom dataset'}`."
+        f"trained on diffusion features of `{dataset or 'a custom dataset'}` from `{backbone}`"
+        + (" (embedded in this repo)." if config.get("embedded_backbone") else ".")
     )
     body = f"""
 # {name}
@@ -165,9 +166,7 @@ Each entry is one block of the diffusion model read at one timestep: {entries}.
 
 ## Use it
 
-```bash
-pip install revelio-hub
-```
+Install [Revelio Hub](https://github.com/revelio-hub/revelio-hub) (`pip install -e .` in a checkout), then:
 
 {_snippet(config, repo_id)}
 

@@ -199,3 +199,50 @@ def test_missing_or_corrupt_atlas_files_are_named(tmp_path):
     stats.unlink()
     with pytest.raises(FileNotFoundError, match=STATS_FILE):
         NeuronAtlas.load(folder)
+
+
+def test_build_atlas_script_on_a_feature_store(tmp_path):
+    """training/build_atlas.py end to end: imagefolder → store (spatial) → token SAE → atlas with thumbnails + heat maps."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import make_tiny_pixel
+
+    from revelio_hub.backbones import load_backbone
+    from revelio_hub.features import FeatureStore, extract_to_store
+    from revelio_hub.sae import KSparseAutoencoder
+
+    images = tmp_path / "images"
+    for c, colour in (("reds", (200, 30, 30)), ("blues", (30, 30, 200))):
+        (images / c).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (36, 36), tuple(max(0, v - 15 * i) for v in colour)).save(images / c / f"{i}.png")
+    backbone = load_backbone(str(make_tiny_pixel(tmp_path / "bb", image_size=32)))
+    store = extract_to_store(backbone, str(images), tmp_path / "store", ["bottleneck"], [25], spatial=True,
+                             progress=False)
+    torch.manual_seed(0)
+    recipe = FeatureStore(store.path).recipe("bottleneck", 25, "token").to_dict()
+    KSparseAutoencoder(d_in=recipe["d_in"], n_latents=64, k=4, granularity="token", recipe=recipe).save_pretrained(
+        tmp_path / "sae")
+
+    main = runpy.run_path(str(Path(__file__).parents[1] / "training" / "build_atlas.py"))["main"]
+    out = tmp_path / "atlas"
+    assert main(["--store", str(store.path), "--layer", "bottleneck", "--timestep", "25", "--sae",
+                 str(tmp_path / "sae"), "--out", str(out), "--top-n", "4", "--purity-top", "4",
+                 "--heatmaps", "3", "--batch-size", "4", "--cpu"]) == 0
+    atlas = NeuronAtlas.load(out)
+    assert atlas.num_images == 10 and atlas.num_neurons == 64
+    assert sorted(atlas.class_names) == ["blues", "reds"]
+    assert atlas.meta["layer"] == "bottleneck" and atlas.meta["recipe"]["layer"] == "bottleneck"
+    best = atlas.sorted_neurons()[0]
+    assert atlas.top_images(best, 4)[0][0].size == (128, 128)
+    assert len(list((out / "thumbnails").iterdir())) == len(
+        {i for i in atlas.stats["top_image_ids"].flatten().tolist() if i >= 0})
+    assert len(atlas.meta["heatmap_neurons"]) >= 1
+    # A pooled-only store cannot feed a token SAE: the script says why.
+    with pytest.raises(SystemExit, match="spatial"):
+        pooled = extract_to_store(backbone, str(images), tmp_path / "pooled", ["bottleneck"], [25], progress=False)
+        main(["--store", str(pooled.path), "--layer", "bottleneck", "--timestep", "25", "--sae", str(tmp_path / "sae"),
+              "--out", str(tmp_path / "x"), "--cpu"])
