@@ -298,7 +298,9 @@ def _labels(data: Any, requested: Optional[str], name: str) -> tuple[Optional[st
     if column is None:
         class_cols = [c for c, f in data.features.items() if isinstance(f, datasets.ClassLabel)]
         named = [c for c in _LABEL_NAMES if c in columns]
-        column = (class_cols or named or [None])[0]
+        # several ClassLabels (e.g. breed and species): prefer the one called label/labels
+        preferred = [c for c in named if c in class_cols]
+        column = (preferred or class_cols or named or [None])[0]
     if column is None:
         return None, [], np.full(len(data), -1, dtype=np.int64)
 

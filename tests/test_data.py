@@ -117,6 +117,13 @@ def test_string_labels_explicit_columns_and_helpful_errors():
     auto = open_image_dataset(ds)  # falls back to the "labels" column: integer ids
     assert auto.label_column == "labels" and auto.class_names == [str(i) for i in range(6)]
 
+    two = datasets.Dataset.from_dict(
+        {"image": images, "species": [0] * 6, "label": labels},
+        features=datasets.Features({"image": datasets.Image(), "species": datasets.ClassLabel(names=["cat", "dog"]),
+                                    "label": datasets.ClassLabel(names=CLASSES)}),
+    )
+    assert open_image_dataset(two).class_names == CLASSES  # the ClassLabel called "label" wins
+
     unlabelled = open_image_dataset(ds, label_column="")
     assert unlabelled.label_column is None and (unlabelled.labels == -1).all()
 
