@@ -41,6 +41,8 @@ from torch import nn
 
 from .classifier import HEADS, DiffC
 from .data import carve_validation
+from .features import augment_view
+from .images import to_rgb
 from .metrics import per_class_accuracy, topk_accuracy
 from .recipe import FeatureRecipe
 
@@ -612,7 +614,7 @@ def train_diffc_from_store(
         )
         if list(ts.class_names) != list(store.class_names):
             raise ValueError("The test store's class names differ from the training store's.")
-        return ts.load(layer, timestep, kind=kind)
+        return ts.load(layer, timestep, kind=kind, views=0)
 
     return train_diffc(train, store.class_names, output_dir, config,
                        test=load_test if test_store is not None else None, recipe=recipe, progress=progress)
@@ -621,41 +623,11 @@ def train_diffc_from_store(
 # ------------------------------------------------------------ online mode
 
 
-def random_resized_crop_flip(image: Any, size: int, generator: torch.Generator,
-                             scale: tuple[float, float] = (0.8, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Any:
-    """The paper's training augmentation on one PIL image: RandomResizedCrop(size, scale) + horizontal flip.
-
-    Takes a crop covering ``scale`` of the area with aspect ratio in ``ratio``
-    (falling back to the central square crop), resizes it to ``size``×``size``
-    and flips it with probability ½. Driven by ``generator`` so runs are reproducible.
-    """
-    from PIL import Image
-
-    from .images import center_crop_resize, to_rgb
-
-    img = to_rgb(image)
-    w, h = img.size
-    area = w * h
-    for _ in range(10):
-        u = torch.rand(3, generator=generator).tolist()
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
-        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            x0 = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
-            y0 = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
-            out = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.Resampling.BICUBIC)
-            break
-    else:
-        out = center_crop_resize(img, size)
-    if float(torch.rand(1, generator=generator)) < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return out
-
-
 class OnlineSource:
     """Training batches computed by the backbone from freshly augmented images every epoch (the seed's way).
+
+    Augmentation is :func:`revelio_hub.features.augment_view` (RandomResizedCrop
+    0.8–1.0 + flip), one new draw per image and epoch.
 
     ``images`` is a sequence of images (PIL/arrays) indexed like ``labels``, or
     any object with ``load_images(ids) -> (ok_ids, images, skipped)`` such as
@@ -690,8 +662,11 @@ class OnlineSource:
         order = torch.randperm(len(self.labels), generator=_epoch_generator(seed, epoch, salt=1))
         for sl in _batch_slices(len(order), batch_size):
             pos = order[sl]
+            # Epoch e sees augmentation number e + 1 of each image: the same
+            # RandomResizedCrop + flip that a store's view e + 1 holds, so
+            # cached and online training see identically distributed data.
             aug = [
-                random_resized_crop_flip(img, self.size, _epoch_generator(seed, epoch, salt=10 + int(self.image_ids[p])))
+                augment_view(to_rgb(img), int(self.image_ids[p]), epoch + 1, self.size, seed=seed)
                 for p, img in zip(pos, self._load(pos))
             ]
             started = time.perf_counter()
@@ -774,7 +749,7 @@ class SweepConfig:
 
     steps: int = 300
     batch_size: int = 4096
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-2
     eval_every: int = 25
     val_fraction: float = 0.1
@@ -935,7 +910,6 @@ __all__ = [
     "DiffCResult",
     "classification_report",
     "save_confusion_png",
-    "random_resized_crop_flip",
     "SweepConfig",
     "train_linear_probe",
     "sweep",

@@ -1,0 +1,395 @@
+"""Diff-C: the model, its strict loading, the trainer's protocol and the layer × timestep sweep.
+
+The synthetic data encodes the class in *where* a signal sits on the feature
+map (top band, bottom band, centre block or corners, all of equal area and all
+invariant to horizontal flips), so every class has the same channel means: a
+pooled linear probe sits at chance, while the conv head, which sees the map,
+must solve it. That is the paper's argument for Diff-C in miniature.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from revelio_hub.classifier import DiffC
+from revelio_hub.classifier_training import (
+    CachedSource,
+    DiffCTrainConfig,
+    LabeledFeatures,
+    SweepConfig,
+    split_by_image,
+    sweep,
+    train_diffc,
+    train_diffc_from_store,
+)
+from revelio_hub.recipe import FeatureRecipe
+
+CLASSES = ["top", "bottom", "centre", "corners"]
+C, S = 8, 8
+
+
+def _regions() -> torch.Tensor:
+    m = torch.zeros(4, S, S)
+    m[0, :2, :] = 1
+    m[1, -2:, :] = 1
+    m[2, 2:6, 2:6] = 1
+    for rows in (slice(0, 2), slice(-2, None)):
+        for cols in (slice(0, 2), slice(-2, None)):
+            m[3, rows, cols] = 1
+    return m
+
+
+def make_maps(n_per_class: int, views: int, seed: int, amp: float = 1.5, first_id: int = 0) -> LabeledFeatures:
+    """Spatially-coded features; views ≥ 1 are flipped/re-noised copies (like augmented crops)."""
+    g = torch.Generator().manual_seed(seed)
+    regions = _regions()
+    feats, labels, ids, vws = [], [], [], []
+    for i, y in enumerate(torch.arange(4).repeat_interleave(n_per_class).tolist()):
+        for v in range(views):
+            x = torch.randn(C, S, S, generator=g)
+            x[:4] += amp * regions[y]
+            if v > 0 and float(torch.rand(1, generator=g)) < 0.5:
+                x = x.flip(-1)
+            feats.append(x)
+            labels.append(y)
+            ids.append(first_id + i)
+            vws.append(v)
+    return LabeledFeatures(torch.stack(feats).half(), torch.tensor(labels), torch.tensor(ids), torch.tensor(vws))
+
+
+RECIPE = FeatureRecipe("synthetic", "up_ft1", 25, 64, C, "spatial", family="pixel")
+FAST = dict(hidden=32, dropout=0.1, epochs=8, lr=2e-3, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[LabeledFeatures, LabeledFeatures]:
+    return make_maps(40, 3, seed=0), make_maps(25, 1, seed=1, first_id=1000)
+
+
+@pytest.fixture(scope="module")
+def conv_run(data, tmp_path_factory):
+    train, test = data
+    out = tmp_path_factory.mktemp("conv")
+    return train_diffc(train, CLASSES, out, DiffCTrainConfig(head="conv", **FAST), test=test,
+                       recipe=RECIPE, progress=False)
+
+
+# ------------------------------------------------------------------ learning
+
+
+def test_conv_head_solves_spatial_code_that_linear_probe_cannot(data, conv_run, tmp_path):
+    train, test = data
+    # The channel means carry no class information by construction.
+    pooled = train.features.float().mean(dim=(2, 3))
+    per_class = torch.stack([pooled[train.labels == k].mean(0) for k in range(4)])
+    assert (per_class - per_class.mean(0)).abs().max() < 0.15
+
+    linear = train_diffc(train, CLASSES, tmp_path / "linear", DiffCTrainConfig(head="linear", **FAST),
+                         test=test, progress=False)
+    assert conv_run.eval["top1"] >= 0.95
+    assert linear.eval["top1"] <= conv_run.eval["top1"] - 0.4
+    assert conv_run.eval["num_samples"] == len(test)
+
+    out = conv_run.output_dir
+    report = json.loads((out / "eval.json").read_text())
+    assert report["split"] == "test" and set(report["per_class_accuracy"]) == set(CLASSES)
+    assert sum(map(sum, report["confusion_matrix"])) == len(test)
+    assert report["recipe"]["layer"] == "up_ft1"
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(FAST["epochs"]))
+    assert {"train_loss", "val_top1", "lr", "best_epoch"} <= set(lines[-1])
+
+
+def test_predict_returns_named_sorted_probabilities(data, conv_run):
+    _, test = data
+    model = DiffC.from_pretrained(conv_run.output_dir)
+    maps = test.features[:3].float()
+    preds = model.predict(maps, top_k=3)
+    assert len(preds) == 3 and all(len(p) == 3 for p in preds)
+    for p, y in zip(preds, test.labels[:3].tolist()):
+        probs = list(p.values())
+        assert probs == sorted(probs, reverse=True) and set(p) <= set(CLASSES)
+        assert next(iter(p)) == CLASSES[y]
+    assert torch.allclose(model.predict_proba(maps).sum(1), torch.ones(3))
+    single = model.predict(maps[0], top_k=10)[0]  # one C×H×W map; top_k capped at the class count
+    assert len(single) == 4
+
+
+# --------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip_is_exact_and_config_complete(tmp_path):
+    torch.manual_seed(0)
+    model = DiffC(C, CLASSES, hidden=16, recipe=RECIPE).eval()
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["in_channels"] == C and config["class_names"] == CLASSES and config["head"] == "conv"
+    assert config["recipe"]["backbone"] == "synthetic" and config["recipe"]["timestep"] == 25
+    loaded = DiffC.from_pretrained(tmp_path / "m")
+    x = torch.randn(4, C, 4, 4)
+    assert torch.equal(loaded(x), model(x))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    # A release stores heads in subfolders: load one without pointing inside it.
+    model.save_pretrained(tmp_path / "release" / "up_ft1" / "t25" / "diffc")
+    sub = DiffC.from_pretrained(tmp_path / "release", subfolder="up_ft1/t25/diffc")
+    assert torch.equal(sub(x), model(x))
+
+
+def test_load_from_hub_subfolder_downloads_only_that_entry(tmp_path, monkeypatch):
+    from tests.hub_server import HubServer
+
+    torch.manual_seed(0)
+    model = DiffC(C, CLASSES, head="linear", recipe=RECIPE).eval()
+    model.save_pretrained(tmp_path / "rel" / "up_ft1" / "t25" / "diffc")
+    (tmp_path / "rel" / "big_other_entry.bin").write_bytes(b"0" * 1000)
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        import importlib
+
+        import huggingface_hub.constants as hc
+
+        importlib.reload(hc)
+        try:
+            from huggingface_hub import HfApi
+
+            api = HfApi(endpoint=server.url, token="x")
+            api.create_repo("me/rel")
+            api.upload_folder(repo_id="me/rel", folder_path=str(tmp_path / "rel"))
+            loaded = DiffC.from_pretrained("me/rel", subfolder="up_ft1/t25/diffc", cache_dir=tmp_path / "cache")
+        finally:
+            monkeypatch.undo()
+            importlib.reload(hc)
+        fetched = [r for r in server.requests if "/resolve/" in str(r)]
+    x = torch.randn(3, C)
+    assert torch.equal(loaded(x), model(x))
+    assert not any("big_other_entry" in str(r) for r in fetched)
+
+
+def test_strict_load_rejects_mismatched_tensors(tmp_path):
+    model = DiffC(C, CLASSES, hidden=16)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+
+    missing = dict(state)
+    missing.pop("fc.bias")
+    save_file(missing, str(weights))
+    with pytest.raises(ValueError, match="missing tensors.*fc.bias"):
+        DiffC.from_pretrained(folder)
+
+    extra = dict(state, **{"surprise.weight": torch.zeros(2)})
+    save_file(extra, str(weights))
+    with pytest.raises(ValueError, match="unexpected tensors.*surprise.weight"):
+        DiffC.from_pretrained(folder)
+
+    save_file(state, str(weights))
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden"] = 8  # weights were trained with 16
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match"):
+        DiffC.from_pretrained(folder)
+
+    with pytest.raises(ValueError, match="No Diff-C head"):
+        DiffC.from_pretrained(tmp_path)  # a folder without a head
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_wrong_channels_recipe_and_shapes_raise_clear_errors():
+    model = DiffC(C, CLASSES, hidden=16, recipe=RECIPE).eval()
+    with pytest.raises(ValueError, match=r"expects 8 channels, got 6.*layer='up_ft1', t=25"):
+        model(torch.randn(2, 6, 4, 4))
+    with pytest.raises(ValueError, match="N×C×H×W"):
+        model(torch.randn(2, C))  # pooled vectors into the conv head
+    with pytest.raises(ValueError, match="timestep: expected 25, got 100"):
+        model.check_recipe(RECIPE.replace(timestep=100))
+    with pytest.raises(ValueError, match="layer: expected 'up_ft1', got 'bottleneck'"):
+        model.check_recipe(RECIPE.replace(layer="bottleneck").to_dict())
+    model.check_recipe(RECIPE.replace(granularity="pooled"))  # same features, other granularity: fine
+    with pytest.raises(ValueError, match="valid heads"):
+        DiffC(C, CLASSES, head="mlp")
+    with pytest.raises(ValueError, match="d_in=8 disagrees"):
+        DiffC(16, CLASSES, recipe=RECIPE)
+    with pytest.raises(ValueError, match="valid: \\['sample', 'all'\\]"):
+        DiffCTrainConfig(views="some")
+
+
+def test_small_maps_and_pooled_vectors():
+    torch.manual_seed(0)
+    conv = DiffC(C, CLASSES, hidden=16).eval()
+    for side in (1, 2, 3, 4, 7):  # stride-2 blocks with padding 1 never shrink below 1×1
+        assert conv(torch.randn(2, C, side, side)).shape == (2, 4)
+    conv.train()
+    conv(torch.randn(2, C, 2, 2)).sum().backward()
+    linear = DiffC(C, CLASSES, head="linear").eval()
+    maps = torch.randn(5, C, 4, 4)
+    assert torch.allclose(linear(maps), linear(maps.mean(dim=(2, 3))), atol=1e-6)
+
+
+# --------------------------------------------------------------- protocol
+
+
+def test_validation_split_is_by_image_stratified_and_deterministic(data):
+    train, _ = data
+    a_train, a_val = split_by_image(train, 0.2, seed=3)
+    b_train, b_val = split_by_image(train, 0.2, seed=3)
+    assert torch.equal(a_val.image_ids, b_val.image_ids)
+    val_ids, train_ids = set(a_val.image_ids.tolist()), set(a_train.image_ids.tolist())
+    assert not val_ids & train_ids and len(val_ids) + len(train_ids) == 160
+    assert torch.bincount(a_val.plain_view().labels).tolist() == [8, 8, 8, 8]
+    assert len(a_val) == 3 * len(val_ids)  # every view of a val image went to val
+    # "sample" mode: one view per image per epoch, different views across epochs.
+    src = CachedSource(a_train, "sample")
+    e0, e1 = src._epoch_rows(0, 0), src._epoch_rows(1, 0)
+    assert len(e0) == len(train_ids) and len(set(a_train.image_ids[e0].tolist())) == len(train_ids)
+    assert not torch.equal(a_train.views[e0.sort().values], a_train.views[e1.sort().values])
+
+
+def test_resume_matches_uninterrupted_run(data, tmp_path):
+    train, test = data
+    cfg = DiffCTrainConfig(head="conv", **dict(FAST, epochs=4, hidden=16))
+    full = train_diffc(train, CLASSES, tmp_path / "full", cfg, test=test, progress=False)
+    # "Killed" after epoch 1 (0-based), then the same call again.
+    part = train_diffc(train, CLASSES, tmp_path / "resumed", cfg, test=test, progress=False, stop_after_epoch=1)
+    assert part.fit.history[-1]["epoch"] == 1 and not (tmp_path / "resumed" / "eval.json").exists()
+    resumed = train_diffc(train, CLASSES, tmp_path / "resumed", cfg, test=test, progress=False)
+    assert resumed.fit.resumed_from == 2
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.eval["top1"] == full.eval["top1"]
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2, 3]
+    # Changing the recipe of the run while a checkpoint exists is refused, not silently mixed.
+    with pytest.raises(ValueError, match="different configuration"):
+        train_diffc(train, CLASSES, tmp_path / "resumed", DiffCTrainConfig(head="conv", **dict(FAST, epochs=4)),
+                    progress=False)
+
+
+def test_model_selection_never_reads_the_test_split(data, tmp_path):
+    train, test = data
+    cfg = DiffCTrainConfig(head="linear", **dict(FAST, epochs=3))
+    calls = []
+
+    def spy_test():
+        # Called only once training and selection are finished: every epoch is logged,
+        # the final checkpoint is written and the selected model is on disk.
+        lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+        state = json.loads((tmp_path / "a" / "checkpoint" / "trainer_state.json").read_text())
+        calls.append((len(lines), state["epoch"], (tmp_path / "a" / "model.safetensors").exists()))
+        return test
+
+    run_a = train_diffc(train, CLASSES, tmp_path / "a", cfg, test=spy_test, progress=False)
+    assert calls == [(3, 2, True)]
+    # A test split with every label scrambled selects exactly the same model.
+    scrambled = LabeledFeatures(test.features, (test.labels + 1) % 4, test.image_ids, test.views)
+    run_b = train_diffc(train, CLASSES, tmp_path / "b", cfg, test=scrambled, progress=False)
+    assert run_a.fit.best_epoch == run_b.fit.best_epoch
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -------------------------------------------------------------- stores + sweep
+
+
+def _write_store(root: Path, parts: dict[tuple[str, int], LabeledFeatures], spatial: bool) -> Path:
+    """A tiny feature store through the real writer API."""
+    from revelio_hub.features import FeatureStoreWriter
+
+    first = next(iter(parts.values()))
+    n_images = int(first.image_ids.max()) + 1
+    header = {
+        "recipe": {"backbone": "synthetic", "image_size": 64, "family": "pixel"},
+        "dataset": {"id": "synthetic", "split": "train", "num_rows": n_images},
+        "label_column": "label",
+        "class_names": CLASSES,
+        "layers": sorted({l for l, _ in parts}),
+        "timesteps": sorted({t for _, t in parts}),
+        "channels": {l: int(p.features.shape[1]) for (l, _), p in parts.items()},
+        "views": int(first.views.max()) + 1,
+        "spatial": spatial,
+    }
+    writer = FeatureStoreWriter(root, header)
+    writer.initialize()
+    pooled = {k: (p.features.float().mean(dim=(2, 3)) if p.features.ndim == 4 else p.features) for k, p in parts.items()}
+    writer.write_chunk(list(range(n_images)), first.image_ids.tolist(), first.views.tolist(), first.labels.tolist(),
+                       pooled, {k: p.features for k, p in parts.items()} if spatial else None)
+    writer.finalize()
+    return root
+
+
+def _pooled_coded(n_per_class: int, views: int, seed: int, amp: float, first_id: int = 0) -> LabeledFeatures:
+    """Pooled-only features whose class shifts the channel mean by ``amp`` (0 = no information)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat_interleave(n_per_class).repeat_interleave(views)
+    ids = torch.arange(4 * n_per_class).repeat_interleave(views) + first_id
+    vws = torch.arange(views).repeat(4 * n_per_class)
+    x = torch.randn(len(labels), C, generator=g)
+    x[torch.arange(len(labels)), labels] += amp
+    return LabeledFeatures(x, labels, ids, vws)
+
+
+def test_sweep_writes_table_and_heatmap_and_ranks_entries(tmp_path):
+    train_parts, test_parts = {}, {}
+    for layer, amp in (("bottleneck", 0.0), ("up_ft1", 3.0)):
+        for t in (25, 100):
+            boost = amp if t == 25 else amp / 3
+            train_parts[(layer, t)] = _pooled_coded(20, 2, seed=t, amp=boost)
+            test_parts[(layer, t)] = _pooled_coded(10, 1, seed=t + 1, amp=boost)
+    train_store = _write_store(tmp_path / "train", train_parts, spatial=False)
+    test_store = _write_store(tmp_path / "test", test_parts, spatial=False)
+    rows = sweep(train_store, tmp_path / "sweep", test_store=test_store,
+                 config=SweepConfig(steps=100, eval_every=20), progress=False)
+    table = {(r["layer"], r["timestep"]): r["test_top1"] for r in rows}
+    assert set(table) == set(train_parts)
+    assert table[("up_ft1", 25)] >= 0.9 and table[("bottleneck", 25)] <= 0.5
+    assert table[("up_ft1", 25)] > table[("up_ft1", 100)]
+    csv_lines = (tmp_path / "sweep" / "sweep.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("layer,timestep") and len(csv_lines) == 5
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["metric"] == "test_top1"
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    only = sweep(train_store, tmp_path / "one", layers=["up_ft1"], timesteps=[25], config=SweepConfig(steps=20),
+                 progress=False)
+    assert [(r["layer"], r["timestep"]) for r in only] == [("up_ft1", 25)] and "val_top1" in only[0]
+    with pytest.raises(ValueError, match=r"Unknown layers \['up_ft9'\].*bottleneck"):
+        sweep(train_store, tmp_path / "bad", layers=["up_ft9"], progress=False)
+
+
+def test_train_from_store_records_recipe_and_opens_test_store_after_selection(data, tmp_path, monkeypatch):
+    train, test = data
+    train_store = _write_store(tmp_path / "train", {("up_ft1", 25): train}, spatial=True)
+    test_store = _write_store(tmp_path / "test", {("up_ft1", 25): LabeledFeatures(
+        test.features, test.labels, test.image_ids - 1000, test.views)}, spatial=True)
+
+    import revelio_hub.features as features
+
+    opened = []
+    real = features.FeatureStore
+
+    class SpyStore(real):
+        def __init__(self, path):
+            if Path(path) == test_store:
+                opened.append((tmp_path / "out" / "checkpoint" / "trainer_state.json").exists())
+            super().__init__(path)
+
+    monkeypatch.setattr(features, "FeatureStore", SpyStore)
+    result = train_diffc_from_store(train_store, tmp_path / "out", "up_ft1", 25,
+                                    DiffCTrainConfig(head="conv", **dict(FAST, epochs=3)),
+                                    test_store=test_store, progress=False)
+    assert opened == [True]
+    assert result.eval["num_samples"] == len(test) and result.eval["top1"] > 0.5
+    loaded = DiffC.from_pretrained(tmp_path / "out")
+    assert loaded.recipe["backbone"] == "synthetic" and loaded.recipe["granularity"] == "spatial"
+    loaded.check_recipe(features.FeatureStore(test_store).recipe("up_ft1", 25, "spatial"))
