@@ -46,11 +46,13 @@ def _latent_grad(
     """grad_W[j] = Σ_{(i, slot): idx[i, slot] = j} g[i, slot] · x[i], as one embedding_bag.
 
     Entries are sorted by latent so each latent is one "bag" over sample rows;
-    bag offsets come from a bincount, so there is no host sync.
+    bag offsets come from a per-latent count, so there is no host sync.
     """
     order = torch.argsort(flat_idx)
     samples = torch.div(order, k_total, rounding_mode="floor")
-    counts = torch.bincount(flat_idx, minlength=n_latents)
+    # scatter_add, not bincount: bincount syncs with the host on CUDA to size its output
+    counts = torch.zeros(n_latents, dtype=torch.long, device=flat_idx.device)
+    counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
     offsets = torch.cumsum(counts, 0) - counts
     return F.embedding_bag(
         samples, sample_x, offsets, mode="sum", per_sample_weights=flat_grad[order].to(sample_x.dtype)

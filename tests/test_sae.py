@@ -414,3 +414,24 @@ def test_cli_trains_from_a_feature_store(tmp_path, granularity, capsys):
     assert printed["n_samples"] == (10 if granularity == "token" else 2)  # 5% held out, at least 2
     assert cli.main(argv[:-5] + ["--k", "3", "--out", str(out), "--no-progress"]) == 2  # refuses other settings
     assert "different settings" in capsys.readouterr().err
+
+
+def test_geometric_median_resists_outliers():
+    from revelio_hub.sae_training import geometric_median
+
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [1.0, 1e-3], [1000.0, 0.0]])
+    # the mean is dragged to x≈200; the geometric median stays with the bulk
+    assert torch.allclose(geometric_median(x), torch.tensor([1.0, 0.0]), atol=1e-2)
+
+
+def test_bf16_compute_path_trains_like_fp32():
+    # the CUDA default (bf16 matmuls, fp32 master weights) exercised on CPU
+    x, _ = _sparse_data(4096, 32, 64)
+    fvu = {}
+    for mp in ("no", "bf16"):
+        cfg = SAETrainConfig(k=6, n_latents=128, batch_size=256, steps=80, lr=4e-3, warmup_steps=10, log_every=50,
+                             eval_fraction=0.1, checkpoint_every=0, mixed_precision=mp)
+        result = train_sae(x, cfg, progress=False)
+        assert result.model.W_enc.dtype == torch.float32
+        fvu[mp] = result.eval["fvu"]
+    assert fvu["bf16"] < 0.5 and abs(fvu["bf16"] - fvu["no"]) < 0.05
