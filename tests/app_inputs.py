@@ -144,3 +144,36 @@ class LaunchedApp:
 
     def close(self) -> None:
         self.demo.close()
+
+
+class LibraryReference:
+    """The release used through the library directly (no app code), to check the app against."""
+
+    def __init__(self, release_path: str) -> None:
+        from revelio_hub.release import Release
+
+        self.release = Release.from_pretrained(release_path)
+        self.backbone = self.release.load_backbone()
+        self._entries: dict = {}
+
+    def entry(self, layer: str, t: int):
+        if (layer, t) not in self._entries:
+            self._entries[(layer, t)] = self.release.load(layer, t)
+        return self._entries[(layer, t)]
+
+    def run(self, image_path, layer: str, t: int):
+        """(dense image-level SAE activations, Diff-C top-5) for one image file."""
+        import torch
+
+        from revelio_hub.images import load_image
+
+        entry = self.entry(layer, t)
+        recipe = entry.sae.recipe or {}
+        with torch.no_grad():
+            maps = self.backbone.extract(
+                [load_image(image_path)], [layer], [t], seed=int(recipe.get("noise_seed") or 0),
+                ensemble=int(recipe.get("ensemble") or 1),
+            )[(layer, t)]
+            acts = entry.sae.image_activations(maps)[0]
+            preds = entry.diffc.predict(maps, top_k=5)[0] if entry.diffc is not None else {}
+        return acts, preds

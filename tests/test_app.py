@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import BAD_INPUTS, GOOD_ODD_INPUTS, shape_image  # noqa: E402
+from app_inputs import BAD_INPUTS, GOOD_ODD_INPUTS, LibraryReference, shape_image  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 torch = pytest.importorskip("torch")
@@ -68,29 +68,11 @@ def count_backbone_calls(state):
         backbone.extract = original
 
 
-def library_result(state: AppState, image_path: Path, layer: str, t: int):
-    """What a user gets calling the library directly, without the app."""
-    from revelio_hub.images import load_image
-    from revelio_hub.release import Release
-
-    rel = Release.from_pretrained(state.get_release().id)
-    entry = rel.load(layer, t)
-    backbone = state.backbone(state.get_release())  # same weights; loading twice would only cost time
-    recipe = entry.sae.recipe or {}
-    maps = backbone.extract(
-        [load_image(image_path)], [layer], [t], seed=int(recipe.get("noise_seed") or 0),
-        ensemble=int(recipe.get("ensemble") or 1),
-    )[(layer, t)]
-    acts = entry.sae.image_activations(maps)[0]
-    preds = entry.diffc.predict(maps, top_k=5)[0] if entry.diffc is not None else {}
-    return acts, preds
-
-
 def test_analyze_matches_library_and_is_sorted(state, images):
     rel = state.get_release()
     layer, t = rel.default_entry()
     result = A.analyze(state, str(images["red"]), layer, t)
-    acts, preds = library_result(state, images["red"], layer, t)
+    acts, preds = LibraryReference(release_path()).run(images["red"], layer, t)
 
     assert (result.layer, result.timestep, result.release) == (layer, t, rel.id)
     got = [n.activation for n in result.neurons]

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import BAD_INPUTS, LaunchedApp, shape_image  # noqa: E402
+from app_inputs import BAD_INPUTS, LaunchedApp, LibraryReference, shape_image  # noqa: E402
 
 pytest.importorskip("gradio")
 client_mod = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app.state import DEFAULT_RELEASE_PATH, AppConfig, AppState  # noqa: E402
 
 
@@ -63,18 +62,22 @@ def test_endpoints_are_exposed(client):
 
 
 def test_analyze_json_matches_the_library(app, client, images):
+    import torch
+
     rel = app.state.get_release()
+    library = LibraryReference(release_path())  # the library called directly, without the app
     for layer, t in rel.entries[:2]:
         got = client.predict(handle_file(str(images[0])), layer, t, "", api_name="/analyze_json")
-        # The library called directly, without the server, on the same file.
-        direct = A.analyze(AppState(app.state.config, [rel]), str(images[0]), layer, t).to_json()
+        acts, preds = library.run(images[0], layer, t)
         assert got["release"] == rel.id and got["layer"] == layer and got["timestep"] == t
-        assert [n["id"] for n in got["neurons"]] == [n["id"] for n in direct["neurons"]]
-        for a, b in zip(got["neurons"], direct["neurons"]):
-            assert a["activation"] == pytest.approx(b["activation"], rel=1e-5) and a["summary"] == b["summary"]
-        acts = [n["activation"] for n in got["neurons"]]
-        assert acts == sorted(acts, reverse=True)
-        assert got["predictions"] == pytest.approx(direct["predictions"])
+        ids = [n["id"] for n in got["neurons"]]
+        assert ids == torch.topk(acts, len(ids)).indices.tolist()
+        atlas = library.entry(layer, t).atlas
+        for n in got["neurons"]:
+            assert n["activation"] == pytest.approx(float(acts[n["id"]]), rel=1e-4, abs=1e-5)
+            assert n["summary"] == atlas.summary(n["id"])
+        assert [n["activation"] for n in got["neurons"]] == sorted((n["activation"] for n in got["neurons"]), reverse=True)
+        assert got["predictions"] == pytest.approx(preds, abs=1e-5)
         assert sum(got["predictions"].values()) <= 1 + 1e-5
 
 

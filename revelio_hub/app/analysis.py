@@ -14,6 +14,7 @@ the cached maps: it runs the SAE on one small map and reads the atlas.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from revelio_hub.app.state import AppState, LoadedRelease, image_digest
@@ -25,8 +26,8 @@ if TYPE_CHECKING:
 
 #: Side of the image shown under the heat map (the backbone's centre crop, upsampled for display).
 DISPLAY_SIZE = 384
-#: Ways the neuron browser can sort neurons.
-SORT_KEYS = ("frequency", "purity", "mean_activation")
+#: Ways the neuron browser can sort neurons (purity and entropy: most class-specific first).
+SORT_KEYS = ("frequency", "purity", "entropy", "mean_activation")
 
 ProgressFn = Callable[[float, str], None]
 
@@ -103,6 +104,14 @@ def resolve_entry(
     return rel, layer, t
 
 
+def model_recipe(model: Any) -> dict[str, Any]:
+    """The feature recipe a k-SAE or Diff-C was trained on, as a dict (empty if unknown)."""
+    recipe = getattr(model, "recipe", None)
+    if recipe is None:
+        return {}
+    return dict(recipe) if isinstance(recipe, dict) else recipe.to_dict()
+
+
 def _check_neuron(entry: Any, neuron: Any) -> int:
     n_latents = int(entry.sae.n_latents)
     try:
@@ -115,10 +124,13 @@ def _check_neuron(entry: Any, neuron: Any) -> int:
 
 
 def _atlas_summary(atlas: Any, i: int) -> str:
-    try:
-        return str(atlas.summary(i))
-    except Exception:  # an atlas without statistics for i still lets the app show the activation
-        return ""
+    return str(atlas.summary(i)) if atlas is not None else ""
+
+
+def _atlas(entry: Any, rel: LoadedRelease, layer: str, t: int) -> Any:
+    if entry.atlas is None:
+        raise ValueError(f"Release {rel.name!r} has no neuron atlas for {layer} t={t}; pick another entry.")
+    return entry.atlas
 
 
 def display_image(image: "Image.Image", size: int = DISPLAY_SIZE) -> "Image.Image":
@@ -155,14 +167,22 @@ def analyze(
         progress(0.0, "Reading the image…")
     img = read_image(image, limits)
     digest = image_digest(img)
-    maps = state.feature_maps(img, rel, t, digest=digest, progress=progress)
     entry = rel.entry(layer, t)
+    sae_recipe = model_recipe(entry.sae)
+    maps = state.feature_maps(img, rel, t, sae_recipe, digest=digest, progress=progress)
+    predictions: dict[str, float] = {}
+    if entry.diffc is not None:
+        diffc_recipe = model_recipe(entry.diffc)
+        same = all(diffc_recipe.get(k) == sae_recipe.get(k) for k in ("image_size", "noise_seed", "ensemble"))
+        # A Diff-C trained at another image size (the paper: 512 px vs 256 px) needs its own pass.
+        diffc_maps = maps if same else state.feature_maps(img, rel, t, diffc_recipe, digest=digest, progress=progress)
     if progress:
         progress(0.8, "Decoding neurons and classes…")
     fmap = maps[layer]
     with torch.inference_mode():
         acts = entry.sae.image_activations(fmap)[0].float()
-        predictions = entry.diffc.predict(fmap, top_k=state.config.top_classes)[0] if entry.diffc is not None else {}
+        if entry.diffc is not None:
+            predictions = entry.diffc.predict(diffc_maps[layer], top_k=state.config.top_classes)[0]
     k = min(state.config.top_neurons, acts.numel())
     values, ids = torch.topk(acts, k)
     neurons = [
@@ -185,7 +205,7 @@ def activation_map(state: AppState, analysis: Analysis, neuron: Any) -> "torch.T
     rel = state.get_release(analysis.release)
     entry = rel.entry(analysis.layer, analysis.timestep)
     neuron_id = _check_neuron(entry, neuron)
-    maps = state.features.get((analysis.digest, rel.id, analysis.timestep))
+    maps = state.features.get(state.feature_key(analysis.digest, rel, analysis.timestep, model_recipe(entry.sae)))
     if maps is None:
         raise ValueError("This image's features are no longer cached; click Analyze again.")
     with torch.inference_mode():
@@ -231,21 +251,22 @@ def neuron_gallery(state: AppState, release: Optional[str], layer: str, timestep
 
 
 def _top_images(atlas: Any, neuron_id: int, n: int) -> list[tuple[Any, str]]:
-    items = []
-    for item in atlas.top_images(neuron_id, n):
-        if isinstance(item, dict):
-            image = item.get("image") or item.get("path") or item.get("thumbnail")
-            label = item.get("label") or item.get("class_name") or ""
-            act = item.get("activation")
-        elif isinstance(item, (tuple, list)):
-            image, label = item[0], item[1] if len(item) > 1 else ""
-            act = item[2] if len(item) > 2 else None
-        else:
-            image = getattr(item, "image", None) or getattr(item, "path", None)
-            label = getattr(item, "label", "") or ""
-            act = getattr(item, "activation", None)
-        caption = f"{label} · {float(act):.2f}" if act is not None else str(label)
-        items.append((str(image) if not hasattr(image, "size") else image, caption))
+    """(thumbnail, "label · activation") of a neuron's top dataset images.
+
+    Thumbnails are returned as file paths when the atlas folder has them, so
+    Gradio serves the stored WebP files instead of re-encoding images.
+    """
+    if atlas is None:
+        return []
+    from revelio_hub.atlas import THUMBNAIL_DIR
+
+    info = atlas.neuron(neuron_id)
+    items: list[tuple[Any, str]] = []
+    for image_id, act, label in list(zip(info.top_image_ids, info.top_activations, info.top_labels))[:n]:
+        file = Path(atlas.path) / THUMBNAIL_DIR / f"{int(image_id)}.webp" if atlas.path is not None else None
+        image = str(file) if file is not None and file.is_file() else atlas.thumbnail(int(image_id))
+        caption = f"{label} · {float(act):.2f}" if label else f"#{int(image_id)} · {float(act):.2f}"
+        items.append((image, caption))
     return items
 
 
@@ -285,7 +306,7 @@ def neuron_details(state: AppState, release: Optional[str], layer: str, timestep
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     entry = rel.entry(layer, t)
     neuron_id = _check_neuron(entry, neuron)
-    atlas = entry.atlas
+    atlas = _atlas(entry, rel, layer, t)
     record = atlas.neuron(neuron_id)
     histogram = {str(k): float(v) for k, v in dict(atlas.label_histogram(neuron_id)).items()}
     total = sum(histogram.values())
@@ -329,13 +350,14 @@ def sorted_neurons(
     if by not in SORT_KEYS:
         raise ValueError(f"Cannot sort neurons by {by!r}; choose one of: {', '.join(SORT_KEYS)}.")
     rel, layer, t = resolve_entry(state, release, layer, timestep)
-    atlas = rel.entry(layer, t).atlas
-    return _neuron_rows(atlas, atlas.sorted_neurons(by), n)
+    atlas = _atlas(rel.entry(layer, t), rel, layer, t)
+    return _neuron_rows(atlas, atlas.sorted_neurons(by, limit=n), n)
 
 
 def class_names(state: AppState, release: Optional[str], layer: str, timestep: Any) -> list[str]:
     rel, layer, t = resolve_entry(state, release, layer, timestep)
-    return [str(c) for c in rel.entry(layer, t).atlas.class_names]
+    atlas = rel.entry(layer, t).atlas
+    return [str(c) for c in atlas.class_names] if atlas is not None else []
 
 
 def class_neurons(
@@ -346,7 +368,7 @@ def class_neurons(
     if class_name not in names:
         raise ValueError(f"Unknown class {class_name!r}; this release's classes are: {', '.join(names)}.")
     rel, layer, t = resolve_entry(state, release, layer, timestep)
-    atlas = rel.entry(layer, t).atlas
+    atlas = _atlas(rel.entry(layer, t), rel, layer, t)
     return _neuron_rows(atlas, atlas.neurons_for_class(class_name), n)
 
 

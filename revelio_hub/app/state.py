@@ -192,8 +192,8 @@ class LoadedRelease:
 
     def __init__(self, release_id: str, release: Any) -> None:
         self.id = release_id
-        self.name = Path(release_id.rstrip("/\\")).name or release_id
         self.release = release
+        self.name = str(getattr(release, "name", "") or Path(release_id.rstrip("/\\")).name or release_id)
         self._entries: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
 
@@ -247,32 +247,30 @@ class LoadedRelease:
         return layer, t
 
     @property
+    def image_size(self) -> Optional[int]:
+        """Input size the release's SAEs were trained at (``release.json``), if recorded."""
+        size = (getattr(self.release, "config", None) or {}).get("image_size")
+        return int(size) if size else None
+
+    @property
     def card(self) -> str:
-        card = getattr(self.release, "card", "")
-        if card is None:
-            return ""
-        text = card if isinstance(card, str) else getattr(card, "text", None) or str(card)
+        """The model card's markdown, without its YAML metadata block (the About tab shows the prose)."""
+        text = str(self.release.card or "")
+        if text.startswith("---"):
+            end = text.find("\n---", 3)
+            if end != -1:
+                text = text[end + 4:].lstrip("\n")
         return text
 
     @property
     def examples(self) -> list[tuple[str, str]]:
         """``(image path, caption)`` pairs the release ships as examples."""
-        out: list[tuple[str, str]] = []
-        for item in getattr(self.release, "examples", None) or []:
-            if isinstance(item, (tuple, list)):
-                path, caption = str(item[0]), str(item[1]) if len(item) > 1 else Path(str(item[0])).stem
-            elif isinstance(item, dict):
-                path = str(item.get("path") or item.get("image"))
-                caption = str(item.get("label") or item.get("caption") or Path(path).stem)
-            else:
-                path, caption = str(item), Path(str(item)).stem
-            out.append((path, caption))
-        return out
+        return [(str(path), str(caption)) for path, caption in (self.release.examples or [])]
 
     @property
     def local_dir(self) -> Optional[Path]:
         """The folder holding the release's files (a local release, or its Hub download in the cache)."""
-        for attr in ("path", "root", "local_dir"):
+        for attr in ("path",):
             value = getattr(self.release, attr, None)
             if isinstance(value, (str, os.PathLike)) and Path(value).is_dir():
                 return Path(value).resolve()
@@ -299,24 +297,21 @@ class LoadedRelease:
         return entry
 
     def backbone_key(self, device: str, dtype: str) -> tuple[str, str, str]:
-        """Cache key of this release's backbone: releases sharing a backbone share one model."""
+        """Cache key of this release's backbone: releases sharing a backbone share one model.
+
+        A Hub backbone is identified by id and revision; an embedded backbone
+        folder belongs to its release (two releases may embed different weights
+        under the same recorded id).
+        """
         rel = self.release
-        ident = None
-        for attr in ("backbone_id", "backbone"):
-            value = getattr(rel, attr, None)
-            if isinstance(value, (str, os.PathLike)):
-                ident = str(value)
-                break
-        if ident is None:
-            config = getattr(rel, "config", None) or getattr(rel, "manifest", None) or {}
-            if isinstance(config, dict) and isinstance(config.get("backbone"), str):
-                ident = config["backbone"]
-                rev = config.get("backbone_revision") or config.get("revision")
-                if rev:
-                    ident = f"{ident}@{rev}"
-        if ident is None or not Path(ident).is_absolute() and Path(ident).parts[:1] == ("backbone",):
-            # An embedded backbone folder belongs to this release alone.
-            ident = f"{self.id}::{ident or 'backbone'}"
+        embedded = getattr(rel, "embedded_backbone", None)
+        if embedded:
+            ident = str((Path(rel.path) / embedded).resolve())
+        else:
+            ident = str(rel.backbone_id)
+            revision = getattr(rel, "backbone_revision", None)
+            if revision:
+                ident = f"{ident}@{revision}"
         return (ident, device, dtype)
 
 
@@ -363,7 +358,9 @@ class AppState:
         if release_id in self.releases:
             return self.releases[release_id]
         for rel in self.releases.values():
-            if release_id == rel.name or os.path.normpath(release_id) == os.path.normpath(rel.id):
+            if release_id in (rel.name, Path(rel.id.rstrip("/\\")).name) or (
+                os.path.normpath(release_id) == os.path.normpath(rel.id)
+            ):
                 return rel
         raise ValueError(
             f"Unknown release {release_id!r}; this app serves: {', '.join(self.release_ids)} "
@@ -381,62 +378,68 @@ class AppState:
 
     # ----------------------------------------------------------------- compute
 
-    def backbone(self, rel: LoadedRelease) -> Any:
+    def backbone(self, rel: LoadedRelease, image_size: Optional[int] = None) -> Any:
+        """The release's backbone, loaded once per (backbone, device, dtype, image size) for the process."""
         cfg = self.config
-        key = rel.backbone_key(cfg.device, cfg.dtype)
-        return self.backbones.get(key, lambda: rel.release.load_backbone(device=cfg.device, dtype=cfg.torch_dtype))
+        size = int(image_size or rel.image_size or 0) or None
+        key = rel.backbone_key(cfg.device, cfg.dtype) + (str(size),)
+        return self.backbones.get(
+            key, lambda: rel.release.load_backbone(device=cfg.device, dtype=cfg.torch_dtype, image_size=size)
+        )
 
     def warmup(self) -> None:
-        """Load the default release's backbone and first entry (called in the background after launch)."""
-        rel = self.get_release()
-        self.backbone(rel)
-        rel.entry(*rel.default_entry())
+        """Load the default release's backbone and first entry (run in the background after launch)."""
+        try:
+            rel = self.get_release()
+            self.backbone(rel)
+            rel.entry(*rel.default_entry())
+        except Exception:  # the first request will report the problem to the user
+            logger.exception("Warm-up failed")
+
+    @staticmethod
+    def feature_key(digest: str, rel: LoadedRelease, t: int, recipe: Optional[dict] = None) -> tuple:
+        """Feature-cache key: image content, release, t, and the recipe's image size, noise seed and ensemble."""
+        recipe = recipe or {}
+        size = int(recipe.get("image_size") or rel.image_size or 0) or None
+        return (digest, rel.id, int(t), size, int(recipe.get("noise_seed") or 0), int(recipe.get("ensemble") or 1))
 
     def feature_maps(
         self,
         image: "Image.Image",
         rel: LoadedRelease,
         t: int,
+        recipe: Optional[dict] = None,
         *,
         digest: Optional[str] = None,
         progress: Optional[Callable[[float, str], None]] = None,
     ) -> dict[str, "torch.Tensor"]:
-        """Unpooled ``1×C×H×W`` maps of every layer ``rel`` offers at ``t``, from cache when possible.
+        """Unpooled ``1×C×H×W`` maps of every layer ``rel`` offers at ``t``, from the cache when possible.
 
-        One backbone pass captures all the layers at once, so switching layer
-        afterwards is free; the noise seed and ensemble come from the release's
-        recipe so the app sees the features the models were trained on.
+        One backbone pass captures all those layers at once, so switching layer
+        afterwards is free. ``recipe`` (the consuming model's feature recipe)
+        supplies the image size, noise seed and ensemble size, so the app sees
+        the features the SAE or Diff-C was trained on.
         """
         digest = digest or image_digest(image)
-        key = (digest, rel.id, int(t))
+        key = self.feature_key(digest, rel, t, recipe)
+        _, _, _, size, seed, ensemble = key
         maps = self.features.get(key)
         if maps is not None:
             return maps
         layers = [l for l, tt in rel.entries if tt == int(t)]
         if progress:
             progress(0.1, "Loading the diffusion backbone…")
-        backbone = self.backbone(rel)
-        seed, ensemble = _noise_settings(rel, layers[0], int(t))
+        backbone = self.backbone(rel, size)
         if progress:
             progress(0.4, f"Running the backbone at t={t}…")
         import torch
 
         with torch.inference_mode():
-            out = backbone.extract(
-                [image], layers, [int(t)], pool=None, seed=seed, ensemble=ensemble, image_ids=[0]
-            )
+            out = backbone.extract([image], layers, [int(t)], pool=None, seed=seed, ensemble=ensemble)
         self.backbone_calls += 1
         maps = {layer: out[(layer, int(t))].float().cpu() for layer in layers}
         self.features.put(key, maps)
         return maps
-
-
-def _noise_settings(rel: LoadedRelease, layer: str, t: int) -> tuple[int, int]:
-    """(noise seed, ensemble size) from the recipe the entry's SAE was trained with (default (0, 1))."""
-    recipe = getattr(rel.entry(layer, t).sae, "recipe", None) or {}
-    if not isinstance(recipe, dict):
-        recipe = recipe.to_dict()
-    return int(recipe.get("noise_seed") or 0), int(recipe.get("ensemble") or 1)
 
 
 __all__ = [
