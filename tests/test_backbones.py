@@ -186,7 +186,7 @@ def test_sd_features_match_a_hand_written_reference(backbones, folders):
     torch.testing.assert_close(got[("up_ft2", 25)], seen["up2"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["sd15", "sdxl", "dit"])
+@pytest.mark.parametrize("name", ["sd15", "dit"])
 def test_early_exit_equals_full_forward_and_skips_the_rest(backbones, name):
     bb = backbones[name]
     layer = "bottleneck" if name != "dit" else "block1"
@@ -194,10 +194,10 @@ def test_early_exit_equals_full_forward_and_skips_the_rest(backbones, name):
     calls = []
     handle = final.register_forward_hook(lambda *a: calls.append(1))
     try:
-        early = bb.extract(_images(2), [layer], 50)
+        early = bb.extract(_images(1), [layer], 50)
         assert calls == []  # the tail of the network never ran
         bb.early_exit = False
-        full = bb.extract(_images(2), [layer], 50)
+        full = bb.extract(_images(1), [layer], 50)
         assert calls == [1]
     finally:
         bb.early_exit = True

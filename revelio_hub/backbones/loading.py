@@ -134,7 +134,13 @@ def _component_class(folder: str, index: dict[str, Any], component: str, family:
     return getattr(importlib.import_module(library), cls_name)
 
 
-def _load_component(folder: str, index: dict[str, Any], component: str, family: str) -> Any:
+def _load_component(folder: str, index: dict[str, Any], component: str, family: str,
+                    device: torch.device, dtype: torch.dtype) -> Any:
+    """Load one component straight in the precision it will run in (no fp32 detour in RAM).
+
+    Text encoders run once, on the CPU in fp32 unless the backbone is on CUDA;
+    the VAE stays fp32 when fp16 is asked for (SD VAEs overflow in fp16).
+    """
     cls = _component_class(folder, index, component, family)
     if cls is None:
         from diffusers import DDPMScheduler
@@ -142,7 +148,11 @@ def _load_component(folder: str, index: dict[str, Any], component: str, family: 
         return DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     if component.startswith("tokenizer"):
         return cls.from_pretrained(folder, subfolder=component)
-    return cls.from_pretrained(folder, subfolder=component, use_safetensors=True)
+    if component.startswith("text_encoder"):
+        return cls.from_pretrained(folder, subfolder=component, use_safetensors=True,
+                                   dtype=dtype if device.type == "cuda" else torch.float32)
+    load_dtype = torch.float32 if component == "vae" and dtype == torch.float16 else dtype
+    return cls.from_pretrained(folder, subfolder=component, use_safetensors=True, torch_dtype=load_dtype)
 
 
 def load_backbone(
@@ -176,7 +186,8 @@ def load_backbone(
     common = dict(name=name, revision=revision, device=device, dtype=dtype, image_size=image_size, **opts)
     if family == "pixel":
         return PixelBackbone.from_pretrained(folder, **common)
-    parts = {c: _load_component(folder, index, c, family) for c in FAMILY_COMPONENTS[family]}
+    parts = {c: _load_component(folder, index, c, family, torch.device(device), dtype)
+             for c in FAMILY_COMPONENTS[family]}
     if family == "sd":
         return StableDiffusionBackbone(**parts, **common)
     if family == "sdxl":

@@ -31,7 +31,7 @@ class PixelBackbone(UNetBackbone):
                         image_size: Optional[int] = None, **kwargs: Any) -> "PixelBackbone":
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         path = os.path.join(folder, NULL_CONDITIONING_FILE)
         if not os.path.isfile(path):
