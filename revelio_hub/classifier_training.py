@@ -674,7 +674,8 @@ class OnlineSource:
                                          ensemble=self.ensemble, batch_size=len(aug),
                                          image_ids=[int(self.image_ids[p]) for p in pos])
             self.extract_seconds += time.perf_counter() - started
-            yield maps[(self.layer, self.timestep)].float(), self.labels[pos]
+            # clone(): extract runs under inference_mode, whose tensors autograd cannot save.
+            yield maps[(self.layer, self.timestep)].float().clone(), self.labels[pos]
 
 
 def train_diffc_online(
@@ -705,11 +706,12 @@ def train_diffc_online(
 
     def plain(imgs: Any, positions: np.ndarray, lab: np.ndarray, img_ids: np.ndarray) -> LabeledFeatures:
         if hasattr(imgs, "load_images"):
-            _, loaded, _ = imgs.load_images(img_ids[positions].tolist())
+            ok, loaded, _ = imgs.load_images(img_ids[positions].tolist())
+            positions = positions[np.isin(img_ids[positions], ok)]  # corrupt images are skipped
         else:
             loaded = [imgs[int(p)] for p in positions]
         maps = backbone.extract(loaded, [layer], [timestep], pool=None, image_ids=img_ids[positions].tolist(),
-                                batch_size=config.eval_batch_size)[(layer, timestep)]
+                                batch_size=config.eval_batch_size)[(layer, timestep)].clone()
         return LabeledFeatures(maps, torch.from_numpy(lab[positions]), torch.from_numpy(img_ids[positions]), None)
 
     if hasattr(images, "load_images"):

@@ -10,6 +10,7 @@ must solve it. That is the paper's argument for Diff-C in miniature.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -393,3 +394,71 @@ def test_train_from_store_records_recipe_and_opens_test_store_after_selection(da
     loaded = DiffC.from_pretrained(tmp_path / "out")
     assert loaded.recipe["backbone"] == "synthetic" and loaded.recipe["granularity"] == "spatial"
     loaded.check_recipe(features.FeatureStore(test_store).recipe("up_ft1", 25, "spatial"))
+
+
+# ------------------------------------------------------------------- CLI + online
+
+
+def test_cli_train_and_sweep_on_stores(data, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_diffc", Path(__file__).parents[1] / "training" / "train_diffc.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    train, test = data
+    train_store = _write_store(tmp_path / "train", {("up_ft1", 25): train}, spatial=True)
+    test_store = _write_store(tmp_path / "test", {("up_ft1", 25): LabeledFeatures(
+        test.features, test.labels, test.image_ids - 1000, test.views)}, spatial=True)
+    rc = cli.main(["train", "--train-store", str(train_store), "--test-store", str(test_store), "--layer", "up_ft1",
+                   "--t", "25", "--out", str(tmp_path / "run"), "--head", "linear", "--epochs", "2", "--lr", "1e-2",
+                   "--no-progress"])
+    assert rc == 0 and json.loads((tmp_path / "run" / "eval.json").read_text())["split"] == "test"
+    rc = cli.main(["sweep", "--train-store", str(train_store), "--out", str(tmp_path / "sw"), "--steps", "10",
+                   "--no-progress"])
+    assert rc == 0 and (tmp_path / "sw" / "sweep.png").exists()
+    assert "val_top1" in capsys.readouterr().out
+    assert cli.main(["train", "--train-store", str(train_store), "--layer", "up_ft7", "--t", "25",
+                     "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "up_ft7" in capsys.readouterr().err
+
+
+def test_online_mode_extracts_fresh_augmented_features_every_epoch(tmp_path):
+    from revelio_hub.backbones import load_backbone
+    from revelio_hub.data import open_image_dataset
+    from revelio_hub.toy.shapes import make_shapes_dataset
+    from tests.tiny_models import make_tiny_pixel
+    from revelio_hub.classifier_training import train_diffc_online
+
+    backbone = load_backbone(make_tiny_pixel(tmp_path / "bb", image_size=16))
+    seen: list[tuple[tuple[int, ...], torch.Tensor]] = []
+    real_extract = backbone.extract
+
+    def spy(images, layers, timesteps, **kw):
+        out = real_extract(images, layers, timesteps, **kw)
+        seen.append((tuple(kw["image_ids"]), backbone.preprocess(images)))
+        return out
+
+    backbone.extract = spy
+    source = open_image_dataset(make_shapes_dataset(20, seed=0, image_size=16), label_column="color")
+    test = open_image_dataset(make_shapes_dataset(6, seed=1, image_size=16), label_column="color")
+    _, test_images, _ = test.load_images(range(len(test)))
+    cfg = DiffCTrainConfig(head="conv", hidden=8, epochs=2, lr=3e-3, batch_size=8, val_fraction=0.2)
+    result = train_diffc_online(backbone, source, source.labels, source.class_names, "bottleneck", 25,
+                                tmp_path / "out", cfg, image_ids=range(len(source)), test_images=test_images,
+                                test_labels=test.labels, progress=False)
+    assert result.eval["num_samples"] == 6 and (tmp_path / "out" / "confusion.png").exists()
+    # Calls: the plain validation pass, then one per training batch per epoch, then the plain test pass.
+    val_call, train_calls, test_call = seen[0], seen[1:-1], seen[-1]
+    assert len(val_call[0]) == result.eval["num_val_images"] and len(test_call[0]) == 6
+    n_train = result.eval["num_train_images"]
+    assert len(train_calls) == 2 * math.ceil(n_train / 8)
+    per_image: dict[int, list[torch.Tensor]] = {}
+    for ids, px in train_calls:
+        for i, p in zip(ids, px):
+            per_image.setdefault(i, []).append(p)
+    assert len(per_image) == n_train and all(len(v) == 2 for v in per_image.values())
+    assert not set(per_image) & set(val_call[0])
+    # Each epoch draws a fresh augmentation of every image.
+    assert sum(not torch.equal(a, b) for a, b in per_image.values()) >= n_train - 1
+    model = DiffC.from_pretrained(tmp_path / "out")
+    assert model.recipe["layer"] == "bottleneck" and model.recipe["timestep"] == 25
