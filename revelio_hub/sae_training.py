@@ -84,7 +84,8 @@ class SAETrainConfig:
         dead_window: a latent is dead if it did not fire in this many samples (10M; clamped to
             the training-set size, so on small data sets "dead" means "silent for an epoch").
         b_pre_init: ``"mean"`` (paper), ``"geometric_median"`` (OpenAI) or ``"zeros"``.
-        normalize_input: record a scalar input scale so the centred mean squared norm is d_in.
+        normalize_input: record a scalar input scale so the centred mean squared norm is 1: training
+            then behaves the same whatever the feature magnitude (Adam steps on b_enc are absolute).
         eval_fraction: held-out share of the samples for the final evaluation.
         eval_batch_size: chunk size of the evaluation.
         checkpoint_every: steps between resumable checkpoints (0 = only at the end).
@@ -443,7 +444,7 @@ def train_sae(
     centred_sq = (train_cpu.double() - mean).pow(2).sum(1).mean()
     if centred_sq <= 0:
         raise ValueError("the training features have zero variance; nothing to learn")
-    scale = float(torch.sqrt(d_in / centred_sq)) if cfg.normalize_input else 1.0
+    scale = float(torch.sqrt(1.0 / centred_sq)) if cfg.normalize_input else 1.0
     var_total = float(centred_sq) * scale**2  # mean centred squared norm after scaling
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

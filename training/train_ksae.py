@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--b-pre-init", choices=["mean", "geometric_median", "zeros"], default=d.b_pre_init,
                    help="Initial pre-encoder bias (default: %(default)s).")
     m.add_argument("--no-normalize-input", action="store_true",
-                   help="Do not record a scalar input normalisation (default: scale so E|x-mean|^2 = d_in).")
+                   help="Do not record a scalar input normalisation (default: scale so E|x-mean|^2 = 1).")
     m.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default=d.mixed_precision,
                    help="auto: bf16 matmuls on CUDA, fp32 on CPU (default: %(default)s).")
     m.add_argument("--seed", type=int, default=d.seed, help="Seeds init, split and batch order (default: %(default)s).")
