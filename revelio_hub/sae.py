@@ -41,6 +41,8 @@ class KSparseAutoencoder(
     library_name="revelio-hub",
     tags=["sparse-autoencoder", "k-sparse-autoencoder", "interpretability", "diffusion-features"],
     repo_url="https://github.com/revelio-hub/revelio-hub",
+    # a FeatureRecipe passed as ``recipe`` is written to config.json as its dict
+    coders={FeatureRecipe: (lambda r: r.to_dict(), FeatureRecipe.from_dict)},
 ):
     """TopK sparse autoencoder over diffusion-model features.
 
@@ -193,7 +195,7 @@ class KSparseAutoencoder(
         fires). N×d inputs are encoded as they are. Callers chunk large N.
         """
         if x.dim() == 4 and self.granularity == "pooled":
-            x = x.mean(dim=(2, 3))
+            x = self._to_param(x).mean(dim=(2, 3))  # average in fp32 even for fp16 stored maps
         if x.dim() == 2:
             return self.encode_dense(x)
         vals, idx = self.encode(x)

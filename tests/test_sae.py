@@ -130,6 +130,9 @@ def test_save_load_round_trip_exact_and_subfolder(tmp_path):
         assert loaded.recipe == sae.recipe and loaded.granularity == "token" and loaded.scale == 0.5
         x = torch.randn(4, 16)
         assert torch.equal(loaded(x)[0], sae(x)[0])
+    as_object = KSparseAutoencoder(16, 64, k=4, recipe=FeatureRecipe.from_dict(_recipe(16)))
+    as_object.save_pretrained(tmp_path / "obj")
+    assert KSparseAutoencoder.from_pretrained(tmp_path / "obj").recipe == _recipe(16)
     with pytest.raises(ValueError, match="No k-SAE"):
         KSparseAutoencoder.from_pretrained(tmp_path / "rel", subfolder="up_ft1/t100/sae")
 
