@@ -22,6 +22,7 @@ the fraction of the bf16 FLOP limit (DESIGN.md §5 GFLOP figures).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from typing import Callable
@@ -112,16 +113,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Best-of-``repeats`` wall time in seconds (after one warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+def timed_pair(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` wall time of each function, interleaved so load drifts hit both alike."""
+    for fn in fns.values():  # warm-up (allocator, kernels, compilation)
         fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -141,7 +144,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32 on cuda, 4 on cpu)")
     parser.add_argument("--batches", type=int, default=None, help="batches per timing (default 4 on cuda, 1 on cpu)")
     parser.add_argument("--image-size", type=int, default=None, help="input side in px (default 512, 128 with --small)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats, best kept (default 3 cuda, 1 cpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats, best kept (default 3)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder in our path (cuda)")
     parser.add_argument("--no-bf16", action="store_true", help="keep our path in fp32 on cuda too")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -159,7 +162,7 @@ def main() -> None:
     batch_size = args.batch_size or (32 if cuda else 4)
     batches = args.batches or (4 if cuda else 1)
     image_size = args.image_size or (128 if args.small else 512)
-    repeats = args.repeats or (3 if cuda else 1)
+    repeats = args.repeats or 3
     n_images = batch_size * batches
 
     unet, vae = build_models(args.small)
@@ -177,17 +180,22 @@ def main() -> None:
                 for chunk in batches_cpu:
                     seed(chunk, layer, t)
 
-    # Baseline timings first (fp32 modules), then hand the modules to our path.
-    workloads = {"sweep": (SWEEP_LAYERS, SWEEP_TIMESTEPS), "single": (("bottleneck",), (25,))}
-    seed_s = {name: timed(lambda l=l, t=t: run_seed(l, t), device, repeats) for name, (l, t) in workloads.items()}
-
     dtype = torch.bfloat16 if cuda and not args.no_bf16 else torch.float32
-    ours = StableDiffusionBackbone(unet, vae, scheduler, prompt_embeds=context, device=device, dtype=dtype,
-                                   image_size=image_size, channels_last=cuda, name="random-sd15")
+    # Our backbone gets its own copies: it may cast them to bf16 / channels_last.
+    ours = StableDiffusionBackbone(copy.deepcopy(unet), copy.deepcopy(vae), scheduler, prompt_embeds=context,
+                                   device=device, dtype=dtype, image_size=image_size, channels_last=cuda,
+                                   name="random-sd15")
     if args.compile:
         ours.vae.encoder = torch.compile(ours.vae.encoder)
-    our_s = {name: timed(lambda l=l, t=t: ours.extract_pixels(pixels, l, t, batch_size=batch_size), device, repeats)
-             for name, (l, t) in workloads.items()}
+
+    workloads = {"sweep": (SWEEP_LAYERS, SWEEP_TIMESTEPS), "single": (("bottleneck",), (25,))}
+    seed_s, our_s = {}, {}
+    for name, (layers, timesteps) in workloads.items():
+        times = timed_pair({
+            "seed": lambda l=layers, t=timesteps: run_seed(l, t),
+            "ours": lambda l=layers, t=timesteps: ours.extract_pixels(pixels, l, t, batch_size=batch_size),
+        }, device, repeats)
+        seed_s[name], our_s[name] = times["seed"], times["ours"]
 
     results = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",

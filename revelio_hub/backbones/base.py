@@ -168,17 +168,25 @@ class Backbone:
         return list(dict.fromkeys(names))
 
     def check_timesteps(self, timesteps: Union[int, Iterable[int]]) -> list[int]:
-        """Validate timesteps; ``ValueError`` gives the valid range."""
-        values = [timesteps] if isinstance(timesteps, (int,)) or (
-            isinstance(timesteps, torch.Tensor) and timesteps.ndim == 0
-        ) else list(timesteps)
+        """Validate timesteps (an int or a sequence of ints); ``ValueError`` gives the valid range."""
+        if isinstance(timesteps, (str, bytes)):
+            values: list[Any] = [timesteps]
+        else:
+            try:
+                values = list(timesteps)  # type: ignore[arg-type]
+            except TypeError:
+                values = [timesteps]
         if not values:
             raise ValueError(f"No timestep requested; valid timesteps are integers 0..{self.num_train_timesteps - 1}.")
         out = []
         for t in values:
-            if isinstance(t, bool) or int(t) != t or not 0 <= int(t) < self.num_train_timesteps:
+            try:
+                ok = not isinstance(t, (bool, str, bytes)) and int(t) == t and 0 <= int(t) < self.num_train_timesteps
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
                 raise ValueError(
-                    f"Timestep {t!r} is out of range for {self.name!r}; valid timesteps are integers "
+                    f"Timestep {t!r} is not valid for {self.name!r}: timesteps must be integers "
                     f"in [0, {self.num_train_timesteps}) i.e. 0..{self.num_train_timesteps - 1}."
                 )
             out.append(int(t))
