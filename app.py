@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also create a temporary public gradio.live link.")
     parser.add_argument("--concurrency", type=int, default=None,
                         help=f"analyses run at once (default: from the CPU count, here {default_concurrency()}).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: CPU count / concurrency; raise it with --concurrency 1 "
+                        "for a large backbone on CPU).")
     parser.add_argument("--cache-size", type=int, default=64, help="images × timesteps whose backbone features are kept in memory.")
     parser.add_argument("--no-warmup", action="store_true",
                         help="do not load the default backbone in the background after start-up (first request pays for it).")
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from revelio_hub.app.state import AppConfig, AppState, default_release_ids
+    from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
     from revelio_hub.app.ui import build_ui, launch_kwargs
 
     config = AppConfig(
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         concurrency=args.concurrency,
         feature_cache_size=args.cache_size,
     )
+    if args.device == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads or default_threads(config.concurrency))
     state = AppState.from_config(config)
     demo = build_ui(state)
     if not args.no_warmup:
