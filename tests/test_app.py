@@ -16,23 +16,20 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import BAD_INPUTS, GOOD_ODD_INPUTS, LibraryReference, shape_image  # noqa: E402
+from app_inputs import BAD_INPUTS, GOOD_ODD_INPUTS, LibraryReference, shape_image, app_release_path  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 torch = pytest.importorskip("torch")
 
 from revelio_hub.app import analysis as A  # noqa: E402
-from revelio_hub.app.state import DEFAULT_RELEASE_PATH, AppConfig, AppState, FeatureCache  # noqa: E402
+from revelio_hub.app.state import AppConfig, AppState, FeatureCache  # noqa: E402
 from revelio_hub.app.validation import read_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def release_path() -> str:
-    path = os.environ.get("REVELIO_TEST_RELEASE") or str(DEFAULT_RELEASE_PATH)
-    if not Path(path, "release.json").is_file():
-        pytest.skip(f"no release at {path}: build the bundled toy release first (training/build_toy_release.py)")
-    return path
+    return app_release_path()
 
 
 @pytest.fixture(scope="module")

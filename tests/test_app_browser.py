@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import LaunchedApp, shape_image  # noqa: E402
+from app_inputs import LaunchedApp, shape_image, app_release_path  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -27,12 +27,7 @@ CHROMIUM_ARGS = [
 
 
 def release_path() -> str:
-    from revelio_hub.app.state import DEFAULT_RELEASE_PATH
-
-    path = os.environ.get("REVELIO_TEST_RELEASE") or str(DEFAULT_RELEASE_PATH)
-    if not Path(path, "release.json").is_file():
-        pytest.skip(f"no release at {path}: build the bundled toy release first (training/build_toy_release.py)")
-    return path
+    return app_release_path()
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,18 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import BAD_INPUTS, LaunchedApp, LibraryReference, shape_image  # noqa: E402
+from app_inputs import BAD_INPUTS, LaunchedApp, LibraryReference, shape_image, app_release_path  # noqa: E402
 
 pytest.importorskip("gradio")
 client_mod = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from revelio_hub.app.state import DEFAULT_RELEASE_PATH, AppConfig, AppState  # noqa: E402
+from revelio_hub.app.state import AppConfig, AppState  # noqa: E402
 
 
 def release_path() -> str:
-    path = os.environ.get("REVELIO_TEST_RELEASE") or str(DEFAULT_RELEASE_PATH)
-    if not Path(path, "release.json").is_file():
-        pytest.skip(f"no release at {path}: build the bundled toy release first (training/build_toy_release.py)")
-    return path
+    return app_release_path()
 
 
 @pytest.fixture(scope="module")
