@@ -47,15 +47,15 @@ class ToyBackboneConfig:
     attention_head_dim: int = 8
     null_tokens: int = 2
     num_train_timesteps: int = 1000
-    steps: int = 2000
-    batch_size: int = 64
+    steps: int = 1600
+    batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.995
     seed: int = 0
     data_seed: int = 1000
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
     sample_steps: int = 40
     sample_count: int = 64
 
@@ -216,7 +216,12 @@ def save_backbone(model: ToyDiffusionModel, config: ToyBackboneConfig, out: Path
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    model.unet.save_pretrained(out / "unet", safe_serialization=True)
+    # Stored in fp16 (half the release size). The caller rounds the weights first
+    # (see :func:`round_to_storage`), so what is sampled and extracted in memory is
+    # exactly what a later load reproduces.
+    import copy
+
+    copy.deepcopy(model.unet).to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
     build_scheduler(config).save_pretrained(out / "scheduler")
     save_file(
         {"encoder_hidden_states": model.null_conditioning.detach().float().contiguous()},
@@ -232,11 +237,19 @@ def save_backbone(model: ToyDiffusionModel, config: ToyBackboneConfig, out: Path
     (out / TRAINING_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
+def round_to_storage(model: ToyDiffusionModel) -> ToyDiffusionModel:
+    """Round the UNet weights to fp16 precision (kept in fp32), i.e. to what :func:`save_backbone` stores."""
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
 def random_backbone(config: ToyBackboneConfig, out: Path, seed: int = 12345) -> Path:
     """The same architecture with random weights, saved in the same layout (the benchmark's control)."""
     torch.manual_seed(seed)
     cfg = ToyBackboneConfig.from_dict({**config.to_dict(), "seed": seed})
-    save_backbone(ToyDiffusionModel(cfg), cfg, out)
+    save_backbone(round_to_storage(ToyDiffusionModel(cfg)), cfg, out)
     return out
 
 
@@ -332,6 +345,7 @@ def train_toy_backbone(
                 save_checkpoint(ckpt_dir / f"checkpoint-{done}", done, raw, ema, optimizer, config)
     final = ToyDiffusionModel(config)
     final.load_state_dict(ema if config.ema_decay > 0 else raw.state_dict())
+    round_to_storage(final)
     if accelerator.is_main_process:
         save_backbone(final, config, out)
         samples = sample_images(final, config, config.sample_count, config.sample_steps, seed=config.seed)

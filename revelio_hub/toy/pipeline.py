@@ -227,6 +227,105 @@ def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: st
     return train_diffc_from_store(train_store, out, layer, t, cfg, test_store=test_store, progress=progress)
 
 
+def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int, paths: BuildPaths):
+    """Neuron atlas of one entry's SAE over the test split (top images, frequency, shape purity).
+
+    The test split keeps the number of distinct thumbnails (and so the release) small;
+    thumbnails are the 32-px images themselves.
+    """
+    from ..atlas import AtlasConfig, build_atlas
+    from ..sae import KSparseAutoencoder
+
+    sae = KSparseAutoencoder.from_pretrained(str(paths.sae(layer, t)))
+    fs = store.load(layer, t, kind="spatial", views=0)
+
+    def batches():
+        for i in range(0, len(fs.image_ids), 256):
+            yield fs.features[i : i + 256].float(), fs.labels[i : i + 256], fs.image_ids[i : i + 256]
+
+    cfg = AtlasConfig(top_n=config.atlas_top_k, purity_top=min(10, config.atlas_top_k),
+                      thumbnail_size=config.backbone.image_size, summary_neurons=1000)
+    out = paths.atlas(layer, t)
+    if out.exists():
+        shutil.rmtree(out)
+    return build_atlas(
+        batches(), store.class_names, sae=sae, config=cfg, thumbnails=lambda i: dataset[int(i)]["image"], out=out,
+        extra_meta={"recipe": store.recipe(layer, t, "token").to_dict(), "layer": layer, "timestep": t,
+                    "dataset": "revelio-hub toy shapes (test split)"},
+    )
+
+
+def _example_images(dataset, folder: Path, per_shape: int = 1) -> list[tuple[Path, str]]:
+    """One test image per shape, upscaled 4× (nearest) so the app shows them at a readable size."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = FACTORS["shape"]
+    picked: dict[int, int] = {}
+    for i, s in enumerate(dataset["shape"]):
+        if s not in picked:
+            picked[s] = i
+        if len(picked) == len(names):
+            break
+    out = []
+    for s, i in sorted(picked.items()):
+        row = dataset[i]
+        caption = f"{FACTORS['color'][row['color']]} {FACTORS['size'][row['size']]} {names[s]}, " \
+                  f"{FACTORS['position'][row['position']].replace('_', ' ')}, {FACTORS['background'][row['background']]} background"
+        img = row["image"].resize((row["image"].width * 4, row["image"].height * 4), Image.Resampling.NEAREST)
+        path = folder / f"{names[s]}.png"
+        img.save(path)
+        out.append((path, caption))
+    return out
+
+
+def assemble(config: ToyBuildConfig, paths: BuildPaths, out: Path, test_dataset, report: dict[str, Any]) -> Path:
+    """Write the release folder via :func:`revelio_hub.release.assemble_release`, backbone embedded."""
+    from ..release import EntrySource, assemble_release
+
+    entries = [EntrySource(sae=paths.sae(l, t), diffc=paths.diffc(l, t), atlas=paths.atlas(l, t), layer=l, timestep=t)
+               for l in config.layers for t in config.timesteps]
+    examples = _example_images(test_dataset, paths.work / "examples")
+    assemble_release(
+        out, entries, backbone=TOY_BACKBONE_NAME, embed_backbone=paths.backbone, examples=examples,
+        dataset="revelio-hub toy shapes (procedural; labels: shape)", dataset_split="test", name="toy-shapes",
+        description=("The embedded default of Revelio Hub: a small pixel-space DDPM trained on procedural shapes "
+                     "(shape, colour, size, position, background known for every image), with token-level k-SAEs, "
+                     "Diff-C shape classifiers and neuron atlases. Built on CPU by training/build_toy_release.py."),
+        overwrite=True,
+    )
+    grid = paths.backbone / SAMPLE_GRID_FILE
+    if grid.exists():
+        (out / "figures").mkdir(exist_ok=True)
+        shutil.copy2(grid, out / "figures" / "samples.png")
+        _append_card(out, report)
+    return out
+
+
+def _append_card(out: Path, report: dict[str, Any]) -> None:
+    """Add the toy-specific section (samples, how it was built) to the rendered card."""
+    card = out / "README.md"
+    text = card.read_text() if card.exists() else ""
+    cfg = report["config"]
+    bb = cfg["backbone"]
+    text += (
+        "\n## The toy backbone\n\n"
+        f"A `UNet2DConditionModel` (block widths {tuple(bb['block_out_channels'])}, cross-attention only at the lowest "
+        f"resolution, learned constant null conditioning) trained as a pixel-space DDPM on {bb['image_size']}-px "
+        f"procedural shapes for {bb['steps']} steps of batch {bb['batch_size']}. DDIM samples "
+        f"({bb['sample_steps']} steps):\n\n![samples](figures/samples.png)\n\n"
+        "Entries: token-level k-SAEs (k = {k}, {e}× expansion) trained on {n} sampled positions per image of "
+        "{tr} training images; Diff-C conv heads (hidden {h}) on the shape label; atlases over {te} test images. "
+        "Ground-truth monosemanticity (best single neuron AUROC per factor value): "
+        "`python benchmarks/bench_monosemanticity.py --release <this folder>`.\n"
+    ).format(k=cfg["sae_k"], e=cfg["sae_expansion"], n=cfg["sae_tokens_per_image"], tr=cfg["train_images"],
+             h=cfg["diffc_hidden"], te=cfg["test_images"])
+    mono = report.get("monosemanticity")
+    if mono:
+        text += "\n" + mono + "\n"
+    card.write_text(text)
+
+
 def _store_complete(path: Path, config: ToyBuildConfig) -> bool:
     summary = path / "summary.json"
     if not summary.exists():
@@ -319,5 +418,12 @@ def build_toy_release(
                 res = train_entry_diffc(config, stores["train"], stores["test"], layer, t, paths.diffc(layer, t))
                 report["entries"][f"{layer}/t{t}"]["diffc"] = {k: res.eval.get(k) for k in ("top1", "top5", "best_epoch")}
                 log(f"[toy build] Diff-C {layer} t={t}: test top-1 {res.eval.get('top1', float('nan')):.3f}")
+    with timed("atlas"):
+        for layer in config.layers:
+            for t in config.timesteps:
+                build_entry_atlas(config, stores["test"], splits["test"], layer, t, paths)
+    with timed("release"):
+        assemble(config, paths, Path(out), splits["test"], report)
     timings["total"] = round(time.perf_counter() - t_start, 2)
+    (Path(out) / TOY_BUILD_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return report
