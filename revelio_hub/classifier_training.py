@@ -212,20 +212,20 @@ def _epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
 class TrainSource(Protocol):
     """Where training batches come from; :func:`fit` only sees this."""
 
-    def num_batches(self, batch_size: int) -> int: ...
+    def num_batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> int: ...
 
-    def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def batches(self, epoch: int, batch_size: int, seed: int,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class CachedSource:
     """Training batches drawn from cached feature views (one extraction serves every epoch)."""
 
-    def __init__(self, data: LabeledFeatures, views: str = "sample", shard: tuple[int, int] = (0, 1)) -> None:
+    def __init__(self, data: LabeledFeatures, views: str = "sample") -> None:
         if views not in VIEW_MODES:
             raise ValueError(f"Unknown views mode {views!r}; valid: {list(VIEW_MODES)}.")
         self.data = data
         self.views = views
-        self.shard = shard
         ids = data.image_ids.numpy()
         order = np.argsort(ids, kind="stable")
         uniq, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
@@ -234,7 +234,7 @@ class CachedSource:
         self._counts = torch.from_numpy(counts)
         self.num_images = len(uniq)
 
-    def _epoch_rows(self, epoch: int, seed: int) -> torch.Tensor:
+    def _epoch_rows(self, epoch: int, seed: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         gen = _epoch_generator(seed, epoch, salt=1)
         if self.views == "all":
             rows = torch.arange(len(self.data))
@@ -242,16 +242,16 @@ class CachedSource:
             pick = (torch.rand(self.num_images, generator=gen) * self._counts).long()
             rows = self._order[self._starts + pick]
         rows = rows[torch.randperm(len(rows), generator=gen)]
-        rank, world = self.shard
+        rank, world = shard  # each process takes every world-th row of the same permutation
         return rows[rank::world]
 
-    def num_batches(self, batch_size: int) -> int:
+    def num_batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> int:
         n = len(self.data) if self.views == "all" else self.num_images
-        rank, world = self.shard
-        return len(_batch_slices(len(range(rank, n, world)), batch_size))
+        return len(_batch_slices(len(range(shard[0], n, shard[1])), batch_size))
 
-    def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rows = self._epoch_rows(epoch, seed)
+    def batches(self, epoch: int, batch_size: int, seed: int,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rows = self._epoch_rows(epoch, seed, shard)
         for sl in _batch_slices(len(rows), batch_size):
             idx = rows[sl]
             yield self.data.features[idx].float(), self.data.labels[idx]
@@ -385,11 +385,15 @@ def fit(
     metrics_path = out / "metrics.jsonl"
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
 
-    steps_per_epoch = source.num_batches(config.batch_size)
+    shard = (accelerator.process_index, accelerator.num_processes)
+    steps_per_epoch = source.num_batches(config.batch_size, shard)
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not prepared (accelerate would step it once per process per
+    # step); it follows this process's own step count and is checkpointed explicitly.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(model)
 
     start_epoch, best_epoch, best_key, resumed_from = 0, -1, None, None
@@ -417,7 +421,7 @@ def fit(
         started = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(
-            source.batches(epoch, config.batch_size, config.seed),
+            source.batches(epoch, config.batch_size, config.seed, shard),
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             disable=not (progress and accelerator.is_local_main_process),
@@ -655,11 +659,13 @@ class OnlineSource:
             return imgs
         return [self.images[int(p)] for p in positions]
 
-    def num_batches(self, batch_size: int) -> int:
-        return len(_batch_slices(len(self.labels), batch_size))
+    def num_batches(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> int:
+        return len(_batch_slices(len(range(shard[0], len(self.labels), shard[1])), batch_size))
 
-    def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int, batch_size: int, seed: int,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.labels), generator=_epoch_generator(seed, epoch, salt=1))
+        order = order[shard[0]::shard[1]]
         for sl in _batch_slices(len(order), batch_size):
             pos = order[sl]
             # Epoch e sees augmentation number e + 1 of each image: the same
