@@ -216,8 +216,12 @@ class DiffC(
         return self.fc(self.head_dropout(x.mean(dim=(2, 3))))
 
     @torch.no_grad()
-    def predict_proba(self, maps: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Class probabilities ``N×num_classes`` (eval mode, batched, float32 on CPU)."""
+    def predict_proba(self, maps: torch.Tensor, batch_size: int = 64, recipe: RecipeLike = None) -> torch.Tensor:
+        """Class probabilities ``N×num_classes`` (eval mode, batched, float32 on CPU).
+
+        Pass the features' ``recipe`` to have it checked against the head's (see :meth:`check_recipe`).
+        """
+        self.check_recipe(recipe)
         if isinstance(maps, torch.Tensor) and (
             (maps.ndim == 3 and self.head == "conv") or (maps.ndim == 1 and self.head == "linear")
         ):
@@ -234,11 +238,15 @@ class DiffC(
             self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.num_classes)
 
-    def predict(self, maps: torch.Tensor, top_k: int = 5) -> list[dict[str, float]]:
-        """For each input, ``{class_name: probability}`` of the ``top_k`` classes, most likely first."""
+    def predict(self, maps: torch.Tensor, top_k: int = 5, recipe: RecipeLike = None) -> list[dict[str, float]]:
+        """For each input, ``{class_name: probability}`` of the ``top_k`` classes, most likely first.
+
+        ``maps``: ``N×C×H×W`` (or one ``C×H×W`` map; pooled ``N×C``/``C`` for the linear head).
+        ``recipe``: the features' recipe, checked against the head's when given.
+        """
         if int(top_k) < 1:
             raise ValueError(f"top_k must be ≥ 1, got {top_k}.")
-        probs = self.predict_proba(maps)
+        probs = self.predict_proba(maps, recipe=recipe)
         k = min(int(top_k), self.num_classes)
         values, indices = probs.topk(k, dim=-1)
         return [

@@ -218,6 +218,9 @@ def test_wrong_channels_recipe_and_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="layer: expected 'up_ft1', got 'bottleneck'"):
         model.check_recipe(RECIPE.replace(layer="bottleneck").to_dict())
     model.check_recipe(RECIPE.replace(granularity="pooled"))  # same features, other granularity: fine
+    with pytest.raises(ValueError, match="backbone: expected 'synthetic', got 'sd15'"):
+        model.predict(torch.randn(1, C, 4, 4), recipe=RECIPE.replace(backbone="sd15"))
+    assert len(model.predict(torch.randn(1, C, 4, 4), recipe=RECIPE)) == 1
     with pytest.raises(ValueError, match="valid heads"):
         DiffC(C, CLASSES, head="mlp")
     with pytest.raises(ValueError, match="d_in=8 disagrees"):
