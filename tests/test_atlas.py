@@ -241,6 +241,22 @@ def test_build_atlas_script_on_a_feature_store(tmp_path):
     assert len(list((out / "thumbnails").iterdir())) == len(
         {i for i in atlas.stats["top_image_ids"].flatten().tolist() if i >= 0})
     assert len(atlas.meta["heatmap_neurons"]) >= 1
+    # Two processes (torchrun, gloo on CPU) split the images and merge their top-N: same atlas as one process.
+    import os
+    import subprocess
+
+    two = tmp_path / "atlas2"
+    script = Path(__file__).parents[1] / "training" / "build_atlas.py"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         "--store", str(store.path), "--layer", "bottleneck", "--timestep", "25", "--sae", str(tmp_path / "sae"),
+         "--out", str(two), "--top-n", "4", "--purity-top", "4", "--batch-size", "3", "--cpu", "--no-thumbnails"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    merged = NeuronAtlas.load(two)
+    assert merged.num_images == 10
+    for key, value in atlas.stats.items():
+        assert torch.allclose(value.double().nan_to_num(-1), merged.stats[key].double().nan_to_num(-1)), key
     # A pooled-only store cannot feed a token SAE: the script says why.
     with pytest.raises(SystemExit, match="spatial"):
         pooled = extract_to_store(backbone, str(images), tmp_path / "pooled", ["bottleneck"], [25], progress=False)
