@@ -17,6 +17,7 @@ API (for ``gradio_client``):
 import contextlib
 import logging
 import os
+import re
 from typing import Any, Iterator, Optional
 
 import gradio as gr
@@ -70,6 +71,33 @@ def launch_kwargs(state: AppState) -> dict[str, Any]:
     }
 
 
+_IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()(?!https?://|/|data:)([^)\s]+)(\))")
+
+
+def card_markdown(rel: LoadedRelease) -> str:
+    """The release card for the About tab, its relative figure links served from the release folder."""
+    text = rel.card or "_This release has no card._"
+    root = rel.local_dir
+    if root is None:
+        return text
+
+    def serve(match: "re.Match[str]") -> str:
+        file = (root / match.group(2)).resolve()
+        if not file.is_file() or root not in file.parents:
+            return match.group(0)
+        return f"{match.group(1)}gradio_api/file={file}{match.group(3)}"
+
+    return _IMAGE_LINK.sub(serve, text)
+
+
+HELP = """
+**How to read this.** The backbone noises the image to timestep *t* and reads one layer.
+A k-sparse autoencoder splits that feature into neurons; the table lists the strongest.
+Pick a neuron (click a row) to see the dataset images that excite it most and, on the right,
+*where* it fires on your image. Small *t* keeps fine detail; larger *t* keeps coarse layout.
+"""
+
+
 def _entry_updates(rel: LoadedRelease, layer: Optional[str] = None) -> tuple[dict, dict]:
     layers = rel.layers
     d_layer, d_t = rel.default_entry()
@@ -82,8 +110,8 @@ def _entry_updates(rel: LoadedRelease, layer: Optional[str] = None) -> tuple[dic
 def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
     return (
         f"### Neuron {d.id}\n{d.summary or ''}\n\n"
-        "| frequency | mean activation | purity (σ of top-image labels; lower = more specific) |\n|---|---|---|\n"
-        f"| {d.frequency:.3%} | {d.mean_activation:.3f} | {d.purity:.2f} |"
+        "| fires on | mean activation | purity σ (lower = purer) |\n|---|---|---|\n"
+        f"| {d.frequency:.2%} of images | {d.mean_activation:.3f} | {d.purity:.2f} |"
     )
 
 
@@ -154,7 +182,7 @@ class Events:
             rel = self.state.get_release(release)
             layer_u, t_u = _entry_updates(rel)
             layer_b, t_b = _entry_updates(rel)
-            return (layer_u, t_u, rel.examples, rel.card or "_This release has no card._", layer_b, t_b,
+            return (layer_u, t_u, rel.examples, card_markdown(rel), layer_b, t_b,
                     None, [], gr.update(choices=[], value=None), "", [], None, None)
 
     # --------------------------------------------------------- Neuron browser
@@ -236,9 +264,10 @@ def build_ui(state: AppState) -> gr.Blocks:
                             t_dd = gr.Dropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
                         analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
                         examples = gr.Gallery(
-                            rel0.examples, label="Examples (click one to load it)", columns=5, height="auto",
-                            allow_preview=False, object_fit="cover", elem_id="examples",
+                            rel0.examples, label="Examples (click one to load it)", columns=5, height=150,
+                            allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
                         )
+                        gr.Markdown(HELP, elem_classes=["revelio-help"])
                     with gr.Column(scale=3, min_width=380):
                         with gr.Row(equal_height=True):
                             preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
@@ -283,7 +312,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                                                      max_height=320, label="Class-specific neurons (click a row)")
 
             with gr.Tab("About", id="about"):
-                card_md = gr.Markdown(rel0.card or "_This release has no card._")
+                card_md = gr.Markdown(card_markdown(rel0))
 
         # ---------------------------------------------------------------- events
         analyze_btn.click(
