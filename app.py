@@ -53,18 +53,24 @@ def main(argv: list[str] | None = None) -> None:
     from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
     from revelio_hub.app.ui import build_ui, launch_kwargs
 
-    config = AppConfig(
-        releases=args.release or default_release_ids(),
-        device=args.device,
-        dtype=args.dtype,
-        concurrency=args.concurrency,
-        feature_cache_size=args.cache_size,
-    )
+    try:
+        config = AppConfig(
+            releases=args.release or default_release_ids(),
+            device=args.device,
+            dtype=args.dtype,
+            concurrency=args.concurrency,
+            feature_cache_size=args.cache_size,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"app.py: error: {exc}") from None
     if args.device == "cpu":
         import torch
 
         torch.set_num_threads(args.threads or default_threads(config.concurrency))
-    state = AppState.from_config(config)
+    try:
+        state = AppState.from_config(config)
+    except ValueError as exc:  # a bad --release is a usage error, not a crash
+        raise SystemExit(f"app.py: error: {exc}") from None
     demo = build_ui(state)
     if not args.no_warmup:
         threading.Thread(target=state.warmup, name="revelio-warmup", daemon=True).start()

@@ -343,6 +343,11 @@ class AppState:
     def from_config(cls, config: AppConfig) -> "AppState":
         loaded = []
         for rid in config.releases:
+            if Path(rid) == DEFAULT_RELEASE_PATH and not (DEFAULT_RELEASE_PATH / "release.json").is_file():
+                raise ValueError(
+                    f"The bundled toy release is missing ({DEFAULT_RELEASE_PATH}). Build it with "
+                    "`python training/build_toy_release.py`, or name a release with --release / $REVELIO_RELEASE."
+                )
             try:
                 loaded.append(LoadedRelease.open(rid))
             except Exception as exc:  # say which release failed, keep the cause
