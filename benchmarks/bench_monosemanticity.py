@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--release", default="releases/toy-shapes", help="toy release folder (default: %(default)s)")
     p.add_argument("--images", type=int, default=1000, help="held-out images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=2, help="seed of the held-out shapes (default: %(default)s)")
+    p.add_argument("--random-train-images", type=int, default=1500,
+                   help="images the random-weights control's SAEs train on (default: %(default)s)")
     p.add_argument("--no-random", action="store_true", help="skip the random-weights control (faster)")
     p.add_argument("--out", default=None, help="folder for report.json and heatmap.png (default: outputs/monosemanticity)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
     from revelio_hub.toy.monosemanticity import BenchmarkConfig, run_benchmark, save_heatmap
     from revelio_hub.toy.shapes import FACTORS
 
-    cfg = BenchmarkConfig(num_images=a.images, seed=a.seed, random_baseline=not a.no_random)
+    cfg = BenchmarkConfig(num_images=a.images, seed=a.seed, random_baseline=not a.no_random,
+                          random_train_images=a.random_train_images)
     log = (lambda *_: None) if a.json else print
     report = run_benchmark(a.release, cfg, log=lambda m: print(m, file=sys.stderr) if not a.json else None)
     results = report.pop("_results")

@@ -28,6 +28,8 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the wiring in < 2 minutes, not a useful model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--report", default=None, help="also write the build report (metrics, timings) to this JSON file")
+    p.add_argument("--no-benchmark", action="store_true",
+                   help="skip the monosemanticity benchmark normally added to the card")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     a = p.parse_args(argv)
     if a.threads:
@@ -38,7 +40,7 @@ def main(argv=None) -> None:
 
     config = ToyBuildConfig.smoke() if a.smoke else ToyBuildConfig.full()
     work = a.work or os.path.join("runs", "toy-build-smoke" if a.smoke else "toy-build")
-    report = build_toy_release(config, a.out, work, progress=not a.no_progress)
+    report = build_toy_release(config, a.out, work, progress=not a.no_progress, benchmark=not a.no_benchmark)
     if a.report:
         with open(a.report, "w") as f:
             json.dump(report, f, indent=2, default=str)

@@ -95,16 +95,18 @@ def pooled_channels(maps: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def best_raw_channel_auroc(maps: torch.Tensor, labels: Mapping[str, torch.Tensor],
-                           class_names: Mapping[str, Sequence[str]]) -> FactorScores:
+                           class_names: Mapping[str, Sequence[str]], either_sign: bool = False) -> FactorScores:
     """Best single raw channel per factor value, taking the better of max- and mean-pooling.
 
-    A raw channel may encode a value by being *low* as well as high; we score
-    both signs, so raw channels get every benefit of the doubt over the SAE
-    (whose neurons are non-negative and scored as they are).
+    With ``either_sign`` a channel may also detect a value by being *low*
+    (negated channels are scored too), which gives raw channels every benefit
+    of the doubt over the SAE, whose neurons are non-negative and scored as they are.
     """
     pools = pooled_channels(maps)
-    units = torch.cat([pools["max"], pools["mean"], -pools["max"], -pools["mean"]], dim=1)
-    return best_unit_auroc(units, labels, class_names)
+    units = [pools["max"], pools["mean"]]
+    if either_sign:
+        units += [-pools["max"], -pools["mean"]]
+    return best_unit_auroc(torch.cat(units, dim=1), labels, class_names)
 
 
 def sae_image_activations(sae: Any, maps: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -216,7 +218,7 @@ def run_benchmark(release_path: str, config: Optional[BenchmarkConfig] = None, *
     noise_seed = int(getattr(release, "noise_seed", 0) or 0)
     maps = backbone.extract(images, layers, timesteps, seed=noise_seed, batch_size=cfg.batch_size, progress=progress)
 
-    results: dict[str, dict[str, FactorScores]] = {"sae": {}, "raw": {}}
+    results: dict[str, dict[str, FactorScores]] = {"sae": {}, "raw": {}, "raw_either_sign": {}}
     diffc_acc: dict[str, float] = {}
     for layer, t in entries:
         name = _entry_name(layer, t)
@@ -225,6 +227,7 @@ def run_benchmark(release_path: str, config: Optional[BenchmarkConfig] = None, *
         acts = sae_image_activations(entry.sae, m)
         results["sae"][name] = best_unit_auroc(acts, labels, class_names)
         results["raw"][name] = best_raw_channel_auroc(m, labels, class_names)
+        results["raw_either_sign"][name] = best_raw_channel_auroc(m, labels, class_names, either_sign=True)
         if getattr(entry, "diffc", None) is not None:
             with torch.no_grad():
                 pred = entry.diffc.predict_proba(m).argmax(1)
@@ -287,3 +290,29 @@ def _targets(summary: dict[str, Any], diffc_acc: dict[str, float]) -> dict[str, 
         best = max(diffc_acc, key=diffc_acc.get)
         checks["diffc_shape_accuracy>=0.95"] = {"entry": best, "value": diffc_acc[best], "pass": diffc_acc[best] >= 0.95}
     return checks
+
+
+def markdown_summary(report: dict[str, Any]) -> str:
+    """The card's table: per factor, the best entry and mean best-unit AUROC of each unit set."""
+    from .shapes import FACTORS
+
+    s = report["summary"]
+    kinds = [k for k in ("sae", "raw", "raw_either_sign", "random_sae", "random_raw") if k in s]
+    lines = [
+        f"### Ground-truth monosemanticity ({report['num_images']} held-out images)",
+        "",
+        "Mean over a factor's values of the best single unit's AUROC at detecting that value, at the factor's "
+        "best layer/timestep (`sae`: token k-SAE neurons, image activation = max over positions; `raw`: best raw "
+        "channel, max- or mean-pooled; `random_*`: same architecture with random weights).",
+        "",
+        "| factor | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for f in FACTORS:
+        cells = [f"{s[k][f]['auroc']:.3f} ({s[k][f]['best_entry']})" if f in s[k] else "–" for k in kinds]
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    if report.get("diffc_shape_accuracy"):
+        acc = report["diffc_shape_accuracy"]
+        best = max(acc, key=acc.get)
+        lines += ["", f"Diff-C shape accuracy on the same images: {acc[best]:.1%} at {best}."]
+    return "\n".join(lines)

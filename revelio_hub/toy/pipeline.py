@@ -75,6 +75,9 @@ class ToyBuildConfig:
     diffc_lr: float = 1e-3
     # atlas
     atlas_top_k: int = 20
+    # ground-truth monosemanticity benchmark written into the card
+    bench_images: int = 1000
+    bench_random_train_images: int = 1500
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,7 +103,7 @@ class ToyBuildConfig:
             train_images=48, test_images=32, layers=("bottleneck", "up_ft0"), timesteps=(25, 200),
             extract_batch_size=32, sae_expansion=2, sae_k=4, sae_tokens_per_image=8, sae_steps=20,
             sae_batch_size=64, sae_warmup_steps=2, diffc_hidden=16, diffc_epochs=1, diffc_batch_size=16,
-            atlas_top_k=5,
+            atlas_top_k=5, bench_images=48, bench_random_train_images=48,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,8 +215,20 @@ def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, o
 
 def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path, progress: bool = False):
     """The release SAE of one (layer, t), trained on the train store's spatial maps."""
+    from ..sae import KSparseAutoencoder
+
+    marker = out / "toy_stage.json"
+    keys = ("sae_expansion", "sae_k", "sae_tokens_per_image", "sae_steps", "sae_batch_size", "sae_lr",
+            "sae_warmup_steps", "seed")
+    settings = {**{k: getattr(config, k) for k in keys}, "layer": layer, "timestep": t, "train": str(store.path)}
+    if marker.exists() and json.loads(marker.read_text()) == settings and (out / "eval.json").exists():
+        return _Reused(KSparseAutoencoder.from_pretrained(str(out)), json.loads((out / "eval.json").read_text()))
+    if out.exists():
+        shutil.rmtree(out)
     maps = store.load(layer, t, kind="spatial", views=0).features
-    return train_tokens_sae(config, maps, store.recipe(layer, t, "token").to_dict(), out, progress)
+    res = train_tokens_sae(config, maps, store.recipe(layer, t, "token").to_dict(), out, progress)
+    marker.write_text(json.dumps(settings))
+    return res
 
 
 def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: str, t: int, out: Path,
@@ -224,7 +239,28 @@ def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: st
     cfg = DiffCTrainConfig(head="conv", hidden=config.diffc_hidden, epochs=config.diffc_epochs,
                            batch_size=config.diffc_batch_size, lr=config.diffc_lr, seed=config.seed,
                            checkpoint_every=max(1, config.diffc_epochs))
-    return train_diffc_from_store(train_store, out, layer, t, cfg, test_store=test_store, progress=progress)
+    # Reuse a finished run with identical settings; otherwise start clean (a
+    # half-written run from other settings must never be resumed).
+    marker = out / "toy_stage.json"
+    settings = {"diffc": asdict(cfg), "layer": layer, "timestep": t, "train": str(train_store.path)}
+    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(settings)) \
+            and (out / "eval.json").exists():
+        from ..classifier import DiffC
+
+        return _Reused(DiffC.from_pretrained(str(out)), json.loads((out / "eval.json").read_text()))
+    if out.exists():
+        shutil.rmtree(out)
+    res = train_diffc_from_store(train_store, out, layer, t, cfg, test_store=test_store, progress=progress)
+    marker.write_text(json.dumps(settings))
+    return res
+
+
+@dataclass
+class _Reused:
+    """A finished stage output loaded back instead of retrained."""
+
+    model: Any
+    eval: dict
 
 
 def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int, paths: BuildPaths):
@@ -367,6 +403,7 @@ def build_toy_release(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    benchmark: bool = True,
 ) -> dict[str, Any]:
     """Run every stage and write the release folder ``out``; returns the build report (metrics, timings).
 
@@ -424,6 +461,26 @@ def build_toy_release(
                 build_entry_atlas(config, stores["test"], splits["test"], layer, t, paths)
     with timed("release"):
         assemble(config, paths, Path(out), splits["test"], report)
+        (Path(out) / TOY_BUILD_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if benchmark:
+        with timed("benchmark"):
+            report["benchmark"] = add_benchmark(config, Path(out), report, log)
     timings["total"] = round(time.perf_counter() - t_start, 2)
-    (Path(out) / TOY_BUILD_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return report
+
+
+def add_benchmark(config: ToyBuildConfig, out: Path, report: dict[str, Any], log: Callable[[str], None]) -> dict:
+    """Run the monosemanticity benchmark on the fresh release; add its JSON, heat map and table to the release."""
+    from .monosemanticity import BenchmarkConfig, markdown_summary, run_benchmark, save_heatmap
+
+    bench = run_benchmark(str(out), BenchmarkConfig(num_images=config.bench_images,
+                                                    random_train_images=config.bench_random_train_images),
+                          log=lambda m: log(f"[toy build] {m}"))
+    results = bench.pop("_results")
+    (out / "figures").mkdir(exist_ok=True)
+    save_heatmap(results, list(FACTORS), str(out / "figures" / "monosemanticity.png"))
+    (out / "monosemanticity.json").write_text(json.dumps(bench, indent=2) + "\n")
+    table = markdown_summary(bench) + "\n\n![monosemanticity](figures/monosemanticity.png)\n"
+    card = out / "README.md"
+    card.write_text(card.read_text() + "\n" + table)
+    return {"summary": bench["summary"], "checks": bench["checks"], "diffc_shape_accuracy": bench["diffc_shape_accuracy"]}
