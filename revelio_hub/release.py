@@ -433,6 +433,8 @@ def assemble_release(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        if not (out / RELEASE_FILE).is_file():
+            raise ValueError(f"refusing to delete {out}: it is not empty and not a release folder (no {RELEASE_FILE})")
         shutil.rmtree(out)
     sources = [e if isinstance(e, EntrySource) else EntrySource.from_dict(e) for e in entries]
     if not sources:

@@ -204,6 +204,16 @@ def test_publish_and_load_one_entry_from_the_hub(release_dir, hub, tmp_path):
     with pytest.raises(ValueError, match="neither a local folder nor a Hub repo"):
         Release.from_pretrained(REPO, token=False, cache_dir=tmp_path / "anonymous-cache")
 
+    # Offline (HF_HUB_OFFLINE=1), the cached entry still loads; an entry never fetched says why it cannot.
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True  # restored by the fixture's monkeypatch
+    offline = Release.from_pretrained(REPO)
+    assert offline.revision == release.revision
+    assert offline.load("bottleneck", 25).sae.n_latents == entry.sae.n_latents
+    with pytest.raises(ValueError, match="not in the local cache"):
+        offline.load("up_ft0", 100)
+
 
 def test_make_release_cli_from_config(artifacts, tmp_path, hub):
     import runpy
@@ -284,3 +294,7 @@ def test_assemble_refuses_inconsistent_inputs(artifacts, tmp_path):
     assemble_release(tmp_path / "e", [s0])
     with pytest.raises(ValueError, match="not empty"):
         assemble_release(tmp_path / "e", [s0])
+    assemble_release(tmp_path / "e", [s1], overwrite=True)
+    assert Release.from_pretrained(tmp_path / "e").entries == [ENTRIES[1]]
+    with pytest.raises(ValueError, match="not a release folder"):
+        assemble_release(tmp_path / "e" / "up_ft0", [s0], overwrite=True)
