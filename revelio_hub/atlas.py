@@ -52,6 +52,7 @@ THUMBNAIL_DIR = "thumbnails"
 HEATMAP_DIR = "heatmaps"
 FORMAT_VERSION = 1
 SORT_KEYS = ("frequency", "purity", "entropy", "mean_activation")
+_INT_KEYS = ("top_image_ids", "top_labels")
 
 PathLike = Union[str, os.PathLike]
 Batch = tuple  # (x, labels, image_ids)
@@ -448,7 +449,9 @@ class NeuronAtlas:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.stats.items()}, str(path / STATS_FILE))
+        # Ids and labels fit int32: halves the largest tensors (n×K) of a release's atlases.
+        save_file({k: (v.int() if k in _INT_KEYS else v).contiguous() for k, v in self.stats.items()},
+                  str(path / STATS_FILE))
         (path / ATLAS_FILE).write_text(json.dumps(self.meta, indent=2))
         quality = int(self.meta.get("thumbnail_quality", 80))
         if self._thumbnails:
@@ -489,6 +492,7 @@ class NeuronAtlas:
         missing = [k for k in required if k not in stats]
         if missing:
             raise ValueError(f"{stats_file} lacks the tensors {missing}; rebuild the atlas with build_atlas")
+        stats = {k: (v.long() if k in _INT_KEYS else v) for k, v in stats.items()}
         n = stats["frequency"].shape[0]
         bad = [k for k in required if stats[k].shape[0] != n]
         if bad or stats["top_image_ids"].shape != stats["top_labels"].shape:
