@@ -243,3 +243,27 @@ def test_app_help_lists_options():
     assert out.returncode == 0
     for flag in ("--release", "--device", "--dtype", "--port", "--host", "--share"):
         assert flag in out.stdout
+
+
+def test_layer_and_release_switch_offer_the_release_entries(state):
+    from revelio_hub.app.ui import Events, card_markdown
+
+    events = Events(state)
+    rel = state.get_release()
+    for layer in rel.layers:
+        update = events.change_layer("", layer)
+        assert [c[0] if isinstance(c, tuple) else c for c in update["choices"]] == rel.timesteps(layer)
+        assert update["value"] in rel.timesteps(layer)
+    out = events.change_release(rel.id)
+    assert out[0]["value"] == rel.default_entry()[0] and out[2] == rel.examples
+    card = card_markdown(rel)
+    assert "](figures/" not in card  # relative figures are served from the release folder
+    for link in re.findall(r"\]\(gradio_api/file=([^)]+)\)", card):
+        assert Path(link).is_file() and Path(rel.local_dir) in Path(link).parents
+
+
+def test_app_refuses_a_missing_release_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "app.py"), "--release", str(tmp_path / "nothing")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "app.py: error:" in out.stderr and "nothing" in out.stderr and "Traceback" not in out.stderr
