@@ -51,7 +51,12 @@ def images(tmp_path_factory) -> list[Path]:
     return [shape_image(folder / f"img{i}.png", color=c, size=64 + 16 * i) for i, c in enumerate(colors)]
 
 
-def test_endpoints_are_exposed(client):
+def test_endpoints_are_exposed(app, client):
+    deps = {fn.api_name: fn for fn in app.demo.fns.values() if fn.api_name}
+    # One concurrency group for both analysis endpoints, sized for the backbone; a bounded queue.
+    assert deps["analyze"].concurrency_id == deps["analyze_json"].concurrency_id
+    assert deps["analyze"].concurrency_limit == deps["analyze_json"].concurrency_limit == app.state.config.concurrency
+    assert app.demo._queue.max_size == app.state.config.queue_size
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert "/analyze" in api and "/analyze_json" in api
     params = [p["parameter_name"] for p in api["/analyze_json"]["parameters"]]

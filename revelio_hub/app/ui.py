@@ -319,6 +319,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             ev.analyze, [image_in, layer_dd, t_dd, release_dd],
             [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state],
             api_name="analyze", preprocess=False, show_progress="full",
+            concurrency_id="backbone", concurrency_limit=cfg.concurrency,
         )
         neuron_dd.input(ev.select_neuron, [analysis_state, neuron_dd], [caption, gallery, heatmap], **private)
         neuron_table.select(ev.select_row, [analysis_state], [neuron_dd, caption, gallery, heatmap], **private)
@@ -344,7 +345,8 @@ def build_ui(state: AppState) -> gr.Blocks:
             **private,
         )
         demo.load(ev.browser_entry, browser_inputs, browser_outputs, **private)
-        gr.api(ev.analyze_json, api_name="analyze_json")
+        # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
+        gr.api(ev.analyze_json, api_name="analyze_json", concurrency_id="backbone", concurrency_limit=cfg.concurrency)
 
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     return demo
