@@ -11,7 +11,7 @@ CPUs) and times two workloads:
 The seed-style baseline does what the paper's code does per (layer, t): VAE
 encode, fresh random noise, a full fp32 UNet forward with a hook. Our path
 encodes once per batch, captures all layers in one pass that stops after the
-deepest one, and on CUDA runs bf16 + channels_last (``--compile`` also compiles
+deepest one, runs channels_last, and on CUDA bf16 (``--compile`` also compiles
 the VAE encoder). Prints img/s for both, the ratio and, on CUDA at full size,
 the fraction of the bf16 FLOP limit (DESIGN.md §5 GFLOP figures).
 
@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats, best kept (default 3)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder in our path (cuda)")
     parser.add_argument("--no-bf16", action="store_true", help="keep our path in fp32 on cuda too")
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="keep our path in NCHW (channels_last is on by default; it also helps oneDNN on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args()
@@ -186,9 +188,10 @@ def main() -> None:
 
     dtype = torch.bfloat16 if cuda and not args.no_bf16 else torch.float32
     # Our backbone gets its own copies: it may cast them to bf16 / channels_last.
-    ours = StableDiffusionBackbone(copy.deepcopy(unet), copy.deepcopy(vae), scheduler, prompt_embeds=context,
-                                   device=device, dtype=dtype, image_size=image_size, channels_last=cuda,
-                                   name="random-sd15")
+    ours = StableDiffusionBackbone(
+        copy.deepcopy(unet), copy.deepcopy(vae), scheduler, prompt_embeds=context, device=device, dtype=dtype,
+        image_size=image_size, channels_last=not args.no_channels_last, name="random-sd15",
+    )
     if args.compile:
         ours.vae.encoder = torch.compile(ours.vae.encoder)
 
@@ -204,7 +207,8 @@ def main() -> None:
     results = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "config": {"small": args.small, "image_size": image_size, "batch_size": batch_size, "images": n_images,
-                   "repeats": repeats, "our_dtype": str(dtype).replace("torch.", ""), "channels_last": cuda,
+                   "repeats": repeats, "our_dtype": str(dtype).replace("torch.", ""),
+                   "channels_last": not args.no_channels_last,
                    "compile_vae": args.compile, "threads": torch.get_num_threads()},
     }
     for name, (layers, timesteps) in workloads.items():

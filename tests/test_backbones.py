@@ -289,10 +289,12 @@ def test_accepts_pil_arrays_and_tensors_alike(backbones):
         torch.testing.assert_close(out, outs[0])
 
 
-def test_bf16_runs_and_returns_float32(folders):
+def test_bf16_and_channels_last(folders):
     bb = load_backbone(folders["sd15"], dtype=torch.bfloat16, image_size=64, channels_last=True)
     out = bb.extract(_images(2), ["bottleneck", "up_ft1"], 25)
     ref = load_backbone(folders["sd15"], image_size=64).extract(_images(2), ["bottleneck"], 25)
+    nhwc = load_backbone(folders["sd15"], image_size=64, channels_last=True).extract(_images(2), ["bottleneck"], 25)
+    torch.testing.assert_close(nhwc[("bottleneck", 25)], ref[("bottleneck", 25)], rtol=1e-4, atol=1e-5)
     assert out[("bottleneck", 25)].dtype == torch.float32
     assert torch.isfinite(out[("up_ft1", 25)]).all()
     # bf16 keeps ~3 significant digits: close to fp32 in relative terms.
