@@ -6,7 +6,6 @@ named by ``$REVELIO_TEST_RELEASE``.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys

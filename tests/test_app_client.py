@@ -6,7 +6,6 @@ on a free loopback port, with the same queue settings as ``python app.py``.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor

@@ -16,7 +16,6 @@ API (for ``gradio_client``):
 
 import contextlib
 import logging
-import os
 import re
 from typing import Any, Iterator, Optional
 
