@@ -266,3 +266,12 @@ def test_app_refuses_a_missing_release_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "app.py: error:" in out.stderr and "nothing" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_progress_is_reported_while_the_backbone_runs(state, tmp_path):
+    seen: list[tuple[float, str]] = []
+    path = shape_image(tmp_path / "progress.png", color=(30, 160, 90), size=80)
+    A.analyze(state, str(path), progress=lambda frac, desc: seen.append((frac, desc)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0
+    assert any("backbone" in desc for _, desc in seen)
