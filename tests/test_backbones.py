@@ -367,3 +367,14 @@ def test_extract_pixels_matches_extract(backbones):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="B×3×16×16"):
         bb.extract_pixels(torch.zeros(1, 3, 32, 32), "bottleneck", 5)
+
+
+def test_compile_keeps_hooks_and_values(folders):
+    # backend="eager" traces with dynamo without a C++ toolchain: checks that compiling the
+    # pieces inside each block leaves the block hooks (capture + early exit) working.
+    bb = load_backbone(folders["pixel"], image_size=16)
+    before = bb.extract(_images(2), ["down_ft1", "bottleneck"], 25)
+    bb.compile(backend="eager")
+    after = bb.extract(_images(2), ["down_ft1", "bottleneck"], 25)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-6)

@@ -128,6 +128,28 @@ class Backbone:
         """Turn a captured block output into a B×C×H×W map."""
         return output
 
+    def compile(self, vae: bool = True, denoiser: bool = True, **compile_kwargs: Any) -> "Backbone":
+        """``torch.compile`` the VAE encoder and the denoiser's inner modules, in place.
+
+        The VAE encoder is the largest single cost, so it is the biggest lever
+        (DESIGN.md §5). The denoiser is compiled piecewise — the resnets,
+        attentions and resamplers *inside* each block, or each transformer
+        block's children — so the block-level hooks, and with them early exit,
+        stay outside the compiled graphs. ``compile_kwargs`` go to
+        ``torch.compile`` (``mode``, ``backend``, ``dynamic``...). Returns self.
+        """
+        if vae and self.vae is not None:
+            self.vae.encoder.compile(**compile_kwargs)
+        if denoiser:
+            for block in self._layer_modules.values():
+                for child in block.children():
+                    if isinstance(child, nn.ModuleList):
+                        for sub in child:
+                            sub.compile(**compile_kwargs)
+                    else:
+                        child.compile(**compile_kwargs)
+        return self
+
     # --------------------------------------------------------------- helpers
 
     def _prepare(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
