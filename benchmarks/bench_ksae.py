@@ -35,7 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="Untimed steps first (allocator, kernels) (default: %(default)s).")
     p.add_argument("--samples", type=int, default=32768, help="Synthetic training samples (default: %(default)s).")
     p.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate for both (default: %(default)s).")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default with --device cpu: 1, because on a shared machine "
+                        "multi-threaded small ops stall on descheduled threads and the ratio becomes noise; "
+                        "with cuda: torch's default).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="Print one JSON line instead of a table.")
     return p.parse_args(argv)
@@ -108,8 +111,9 @@ def main(argv=None) -> int:
     from revelio_hub import metrics
     from revelio_hub.sae_training import SAETrainConfig, evaluate_sae, train_sae
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
