@@ -378,3 +378,11 @@ def test_compile_keeps_hooks_and_values(folders):
     after = bb.extract(_images(2), ["down_ft1", "bottleneck"], 25)
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_component_names_it(folders, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(folders["sd15"], folder)
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(BackboneNotFoundError, match="'vae'.*safetensors"):
+        load_backbone(str(folder))

@@ -186,8 +186,18 @@ def load_backbone(
     common = dict(name=name, revision=revision, device=device, dtype=dtype, image_size=image_size, **opts)
     if family == "pixel":
         return PixelBackbone.from_pretrained(folder, **common)
-    parts = {c: _load_component(folder, index, c, family, torch.device(device), dtype)
-             for c in FAMILY_COMPONENTS[family]}
+    parts = {}
+    for component in FAMILY_COMPONENTS[family]:
+        try:
+            parts[component] = _load_component(folder, index, component, family, torch.device(device), dtype)
+        except (OSError, ImportError, EnvironmentError) as exc:
+            hint = ""
+            if component.startswith("tokenizer") and os.path.isfile(os.path.join(folder, component, "spiece.model")):
+                hint = " This tokenizer ships only spiece.model: `pip install sentencepiece protobuf`."
+            raise BackboneNotFoundError(
+                f"Could not load component {component!r} of {name!r} from {folder}: {exc}. "
+                f"Weights are read from safetensors files only (pickled .bin/.ckpt files are never loaded)."
+                + hint) from exc
     if family == "sd":
         return StableDiffusionBackbone(**parts, **common)
     if family == "sdxl":
