@@ -204,20 +204,20 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ValueError(
-                    f"{name} is {width}×{height} = {width * height:,} pixels, more than the allowed "
-                    f"{max_pixels:,}; downscale it first (or raise max_pixels if you trust the file)."
-                )
-            if min(width, height) < min_side:
-                raise ValueError(
-                    f"{name} is only {width}×{height} pixels; images need at least {min_side} px per side."
-                )
-            img.load()  # decode now so truncation/corruption surfaces here, not later
-            rgb = _pil_to_rgb(img)
-            rgb.load()
+            with Image.open(fp) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ValueError(
+                        f"{name} is {width}×{height} = {width * height:,} pixels, more than the allowed "
+                        f"{max_pixels:,}; downscale it first (or raise max_pixels if you trust the file)."
+                    )
+                if min(width, height) < min_side:
+                    raise ValueError(
+                        f"{name} is only {width}×{height} pixels; images need at least {min_side} px per side."
+                    )
+                img.load()  # decode now so truncation/corruption surfaces here, not later
+                rgb = _pil_to_rgb(img)
+                rgb.load()  # a copy independent of the file, which the with-block closes
     except ValueError:
         raise
     except UnidentifiedImageError as exc:
