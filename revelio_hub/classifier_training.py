@@ -598,30 +598,37 @@ def train_diffc_from_store(
 ) -> DiffCResult:
     """Glue: train on ``train_store``'s spatial (or, for the linear head, pooled) features of (layer, t).
 
-    The test store is opened inside a callable, i.e. only after model selection.
+    The test store's recipe and class names are checked up front (so a wrong
+    store fails before training, not after), but its features are only read
+    after training and model selection are over.
     """
     from .features import FeatureStore
 
     config = config or DiffCTrainConfig()
     store = train_store if hasattr(train_store, "load") else FeatureStore(train_store)
     kind = "spatial" if config.head == "conv" else "pooled"
-    train = store.load(layer, timestep, kind=kind)
     recipe = store.recipe(layer, timestep, kind)
-
-    def load_test() -> Any:
+    recipe_obj = recipe if isinstance(recipe, FeatureRecipe) else FeatureRecipe.from_dict(recipe)
+    ts = None
+    if test_store is not None:
         ts = test_store if hasattr(test_store, "load") else FeatureStore(test_store)
-        recipe_obj = recipe if isinstance(recipe, FeatureRecipe) else FeatureRecipe.from_dict(recipe)
         test_recipe = ts.recipe(layer, timestep, kind)
         recipe_obj.check_compatible(
             test_recipe if isinstance(test_recipe, FeatureRecipe) else FeatureRecipe.from_dict(test_recipe),
             what="test features",
         )
         if list(ts.class_names) != list(store.class_names):
-            raise ValueError("The test store's class names differ from the training store's.")
+            raise ValueError(
+                f"The test store's class names {list(ts.class_names)[:5]}... differ from the training store's "
+                f"{list(store.class_names)[:5]}...; both splits must come from the same dataset and label column."
+            )
+    train = store.load(layer, timestep, kind=kind)
+
+    def load_test() -> Any:
         return ts.load(layer, timestep, kind=kind, views=0)
 
     return train_diffc(train, store.class_names, output_dir, config,
-                       test=load_test if test_store is not None else None, recipe=recipe, progress=progress)
+                       test=load_test if ts is not None else None, recipe=recipe_obj, progress=progress)
 
 
 # ------------------------------------------------------------ online mode

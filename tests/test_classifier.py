@@ -308,14 +308,15 @@ def test_model_selection_never_reads_the_test_split(data, tmp_path):
 # -------------------------------------------------------------- stores + sweep
 
 
-def _write_store(root: Path, parts: dict[tuple[str, int], LabeledFeatures], spatial: bool) -> Path:
+def _write_store(root: Path, parts: dict[tuple[str, int], LabeledFeatures], spatial: bool,
+                 image_size: int = 64) -> Path:
     """A tiny feature store through the real writer API."""
     from revelio_hub.features import FeatureStoreWriter
 
     first = next(iter(parts.values()))
     n_images = int(first.image_ids.max()) + 1
     header = {
-        "recipe": {"backbone": "synthetic", "image_size": 64, "family": "pixel"},
+        "recipe": {"backbone": "synthetic", "image_size": image_size, "family": "pixel"},
         "dataset": {"id": "synthetic", "split": "train", "num_rows": n_images},
         "label_column": "label",
         "class_names": CLASSES,
@@ -371,7 +372,7 @@ def test_sweep_writes_table_and_heatmap_and_ranks_entries(tmp_path):
         sweep(train_store, tmp_path / "bad", layers=["up_ft9"], progress=False)
 
 
-def test_train_from_store_records_recipe_and_opens_test_store_after_selection(data, tmp_path, monkeypatch):
+def test_train_from_store_records_recipe_and_reads_test_store_after_selection(data, tmp_path, monkeypatch):
     train, test = data
     train_store = _write_store(tmp_path / "train", {("up_ft1", 25): train}, spatial=True)
     test_store = _write_store(tmp_path / "test", {("up_ft1", 25): LabeledFeatures(
@@ -379,20 +380,25 @@ def test_train_from_store_records_recipe_and_opens_test_store_after_selection(da
 
     import revelio_hub.features as features
 
-    opened = []
-    real = features.FeatureStore
+    reads = []
+    real_load = features.FeatureStore.load
 
-    class SpyStore(real):
-        def __init__(self, path):
-            if Path(path) == test_store:
-                opened.append((tmp_path / "out" / "checkpoint" / "trainer_state.json").exists())
-            super().__init__(path)
+    def spy_load(self, layer, t, kind="pooled", **kw):
+        if self.path == test_store:
+            reads.append((tmp_path / "out" / "checkpoint" / "trainer_state.json").exists())
+        return real_load(self, layer, t, kind, **kw)
 
-    monkeypatch.setattr(features, "FeatureStore", SpyStore)
+    monkeypatch.setattr(features.FeatureStore, "load", spy_load)
     result = train_diffc_from_store(train_store, tmp_path / "out", "up_ft1", 25,
                                     DiffCTrainConfig(head="conv", **dict(FAST, epochs=3)),
                                     test_store=test_store, progress=False)
-    assert opened == [True]
+    assert reads == [True]  # the test features were read once, after the last checkpoint
+    # A test store from another recipe is refused before any training happens.
+    bad = _write_store(tmp_path / "bad", {("up_ft1", 25): test}, spatial=True, image_size=128)
+    with pytest.raises(ValueError, match="image_size: expected 64, got 128"):
+        train_diffc_from_store(train_store, tmp_path / "never", "up_ft1", 25, DiffCTrainConfig(**FAST),
+                               test_store=bad, progress=False)
+    assert not (tmp_path / "never").exists()
     assert result.eval["num_samples"] == len(test) and result.eval["top1"] > 0.5
     loaded = DiffC.from_pretrained(tmp_path / "out")
     assert loaded.recipe["backbone"] == "synthetic" and loaded.recipe["granularity"] == "spatial"
