@@ -44,6 +44,15 @@ def _forward_noiser(scheduler: Any) -> Any:
     return DDPMScheduler(**config)
 
 
+def resolve_dtype(dtype: Union[torch.dtype, str]) -> torch.dtype:
+    """``torch.float32/float16/bfloat16`` or their names ("bfloat16", "torch.float16"); else ``ValueError``."""
+    if isinstance(dtype, str):  # from CLIs and configs
+        dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}.")
+    return dtype
+
+
 class Backbone:
     """A diffusion model read as a feature extractor.
 
@@ -73,13 +82,12 @@ class Backbone:
         revision: Optional[str] = None,
         image_size: Optional[int] = None,
         device: Union[str, torch.device] = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: Union[torch.dtype, str] = torch.float32,
         channels_last: bool = False,
         early_exit: bool = True,
         prompt: str = "",
     ) -> None:
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}.")
+        dtype = resolve_dtype(dtype)
         self.name = str(name)
         self.revision = revision
         self.device = torch.device(device)

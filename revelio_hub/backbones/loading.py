@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .base import Backbone
+from .base import Backbone, resolve_dtype
 
 #: pipeline class in model_index.json -> family
 PIPELINE_FAMILIES = {
@@ -158,7 +158,7 @@ def _load_component(folder: str, index: dict[str, Any], component: str, family: 
 def load_backbone(
     name_or_path: Union[str, os.PathLike],
     device: Union[str, torch.device] = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: Union[torch.dtype, str] = torch.float32,
     revision: Optional[str] = None,
     image_size: Optional[int] = None,
     **opts: Any,
@@ -179,6 +179,7 @@ def load_backbone(
     from .stable_diffusion import StableDiffusionBackbone, StableDiffusionXLBackbone
 
     name = os.fspath(name_or_path)
+    dtype = resolve_dtype(dtype)
     folder = resolve_folder(name, revision)
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)
