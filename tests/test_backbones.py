@@ -30,6 +30,14 @@ SIZES = {"sd15": 64, "sd21": 64, "sdxl": 64, "dit": 32, "pixart": 32, "pixel": 1
 FAMILY = {"sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "dit": "dit", "pixart": "pixart", "pixel": "pixel"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Keep the conditioning cache out of the user's home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REVELIO_HUB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -386,3 +394,27 @@ def test_missing_component_names_it(folders, tmp_path):
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(BackboneNotFoundError, match="'vae'.*safetensors"):
         load_backbone(str(folder))
+
+
+@pytest.mark.parametrize("name", ["sdxl", "pixart"])
+def test_text_conditioning_cached_so_encoders_are_not_reloaded(folders, name, monkeypatch, tmp_path):
+    from revelio_hub.backbones import loading
+
+    monkeypatch.setenv("REVELIO_HUB_CACHE", str(tmp_path))
+    first = load_backbone(folders[name], image_size=SIZES[name])
+    assert len(list((tmp_path / "conditioning").glob("*.safetensors"))) == 1
+    real_load = loading._load_component
+
+    def no_text(folder, index, component, *args):
+        assert not component.startswith(("text_encoder", "tokenizer")), component
+        return real_load(folder, index, component, *args)
+
+    monkeypatch.setattr(loading, "_load_component", no_text)
+    second = load_backbone(folders[name], image_size=SIZES[name])
+    for key, value in first.conditioning.items():
+        torch.testing.assert_close(second.conditioning[key], value, rtol=0, atol=0)
+    a = first.extract(_images(1), first.layers[1], 25)
+    b = second.extract(_images(1), first.layers[1], 25)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="text_encoder"):  # another prompt is another cache entry
+        load_backbone(folders[name], image_size=SIZES[name], prompt="a photo of the cat")

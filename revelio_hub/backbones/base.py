@@ -71,6 +71,9 @@ class Backbone:
     """
 
     family: str = ""
+    #: The precomputed text conditioning as float32 CPU tensors, keyed like the family
+    #: constructor's arguments (``prompt_embeds``...), so it can be cached and reused.
+    conditioning: dict[str, torch.Tensor] = {}
 
     def __init__(
         self,

@@ -109,6 +109,8 @@ class PixArtBackbone(TransformerBackbone):
                          prompt=prompt, **kwargs)
         self._context = prompt_embeds.to(self.device, self.dtype)
         self._mask = prompt_attention_mask.to(self.device)
+        self.conditioning = {"prompt_embeds": prompt_embeds.float().cpu(),
+                             "prompt_attention_mask": prompt_attention_mask.long().cpu()}
 
     def _added_conditions(self, batch: int) -> dict[str, Optional[torch.Tensor]]:
         if not getattr(self.denoiser, "use_additional_conditions", False):

@@ -9,9 +9,12 @@ looked up in ``diffusers`` and ``transformers``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import logging
 import os
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -51,6 +54,11 @@ _OTHER_PATTERNS = {
     "tokenizer": ("tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.model"),
     "tokenizer_2": ("tokenizer_2/*.json", "tokenizer_2/*.txt", "tokenizer_2/*.model"),
 }
+
+
+logger = logging.getLogger(__name__)
+
+_TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 class BackboneNotFoundError(FileNotFoundError, ValueError):
@@ -155,6 +163,42 @@ def _load_component(folder: str, index: dict[str, Any], component: str, family: 
     return cls.from_pretrained(folder, subfolder=component, use_safetensors=True, torch_dtype=load_dtype)
 
 
+def cache_dir() -> Path:
+    """Where Revelio Hub caches derived files: ``$REVELIO_HUB_CACHE`` or ``~/.cache/revelio_hub``."""
+    return Path(os.environ.get("REVELIO_HUB_CACHE") or Path.home() / ".cache" / "revelio_hub")
+
+
+def _conditioning_cache_file(folder: str, family: str, settings: dict[str, Any]) -> Path:
+    """Cache path of a folder's text conditioning, keyed by its text-encoder/tokenizer files.
+
+    Text encoders are only needed for one prompt, yet PixArt's T5-XXL alone is
+    ~10 GB; caching the embedding lets later loads skip them entirely. Any
+    change to those files (size or mtime) or to the settings changes the key.
+    """
+    files = []
+    for component in _TEXT_COMPONENTS:
+        directory = os.path.join(folder, component)
+        if os.path.isdir(directory):
+            for filename in sorted(os.listdir(directory)):
+                st = os.stat(os.path.join(directory, filename))
+                files.append([component, filename, st.st_size, st.st_mtime_ns])
+    key = json.dumps({"folder": os.path.realpath(folder), "family": family, "files": files, **settings},
+                     sort_keys=True, default=str)
+    return cache_dir() / "conditioning" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+
+def _save_conditioning(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)  # atomic: concurrent loaders never read a partial file
+    except OSError as exc:  # a read-only home is no reason to fail
+        logger.warning("Could not cache the text conditioning at %s: %s", path, exc)
+
+
 def load_backbone(
     name_or_path: Union[str, os.PathLike],
     device: Union[str, torch.device] = "cpu",
@@ -172,11 +216,11 @@ def load_backbone(
         revision: Hub revision (branch, tag or commit).
         image_size: input side in pixels; default from the checkpoint's config.
         **opts: ``channels_last``, ``early_exit``, ``prompt`` (SD/SDXL/PixArt),
-            ``max_sequence_length`` (PixArt), ``class_label`` (DiT).
+            ``max_sequence_length`` (PixArt), ``class_label`` (DiT), ``cache_conditioning``
+            (default True: store the prompt embedding under :func:`cache_dir` and skip
+            loading the text encoders next time).
     """
-    from .dit import DiTBackbone, PixArtBackbone
     from .pixel import PixelBackbone
-    from .stable_diffusion import StableDiffusionBackbone, StableDiffusionXLBackbone
 
     name = os.fspath(name_or_path)
     dtype = resolve_dtype(dtype)
@@ -184,11 +228,26 @@ def load_backbone(
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)
     family = _family(index, name)
+    use_cache = bool(opts.pop("cache_conditioning", True))
     common = dict(name=name, revision=revision, device=device, dtype=dtype, image_size=image_size, **opts)
     if family == "pixel":
         return PixelBackbone.from_pretrained(folder, **common)
-    parts = {}
-    for component in FAMILY_COMPONENTS[family]:
+    if family == "pixart":
+        common.setdefault("max_sequence_length", 300 if index["_class_name"] == "PixArtSigmaPipeline" else 120)
+    components = list(FAMILY_COMPONENTS[family])
+    cache_file, cached = None, {}
+    if family in ("sd", "sdxl", "pixart"):
+        encoder_dtype = dtype if torch.device(device).type == "cuda" else torch.float32
+        settings = {"prompt": common.get("prompt", ""), "max_sequence_length": common.get("max_sequence_length"),
+                    "encoder_dtype": str(encoder_dtype)}
+        cache_file = _conditioning_cache_file(folder, family, settings) if use_cache else None
+        if cache_file is not None and cache_file.is_file():
+            from safetensors.torch import load_file
+
+            cached = load_file(str(cache_file))
+            components = [c for c in components if c not in _TEXT_COMPONENTS]
+    parts: dict[str, Any] = {}
+    for component in components:
         try:
             parts[component] = _load_component(folder, index, component, family, torch.device(device), dtype)
         except (OSError, ImportError, EnvironmentError) as exc:
@@ -199,11 +258,21 @@ def load_backbone(
                 f"Could not load component {component!r} of {name!r} from {folder}: {exc}. "
                 f"Weights are read from safetensors files only (pickled .bin/.ckpt files are never loaded)."
                 + hint) from exc
+    backbone = _build(family, parts, cached, common)
+    if cache_file is not None and not cached:
+        _save_conditioning(cache_file, backbone.conditioning)
+    return backbone
+
+
+def _build(family: str, parts: dict[str, Any], conditioning: dict[str, torch.Tensor],
+           common: dict[str, Any]) -> Backbone:
+    from .dit import DiTBackbone, PixArtBackbone
+    from .stable_diffusion import StableDiffusionBackbone, StableDiffusionXLBackbone
+
     if family == "sd":
-        return StableDiffusionBackbone(**parts, **common)
+        return StableDiffusionBackbone(**parts, **conditioning, **common)
     if family == "sdxl":
-        return StableDiffusionXLBackbone(**parts, **common)
+        return StableDiffusionXLBackbone(**parts, **conditioning, **common)
     if family == "dit":
         return DiTBackbone(**parts, **common)
-    common.setdefault("max_sequence_length", 300 if index["_class_name"] == "PixArtSigmaPipeline" else 120)
-    return PixArtBackbone(**parts, **common)
+    return PixArtBackbone(**parts, **conditioning, **common)

@@ -74,6 +74,7 @@ class StableDiffusionBackbone(UNetBackbone):
                 raise ValueError("Give either text_encoder and tokenizer, or prompt_embeds (1×L×D).")
             prompt_embeds = encode_prompt_sd(text_encoder, tokenizer, prompt, device, dtype)
         super().__init__(unet, scheduler, vae, prompt_embeds, device=device, dtype=dtype, prompt=prompt, **kwargs)
+        self.conditioning = {"prompt_embeds": prompt_embeds.float().cpu()}
 
 
 class StableDiffusionXLBackbone(UNetBackbone):
@@ -104,5 +105,7 @@ class StableDiffusionXLBackbone(UNetBackbone):
                 f"SDXL UNet expects {expected}-d added conditioning but the text encoder gives a "
                 f"{pooled_prompt_embeds.shape[-1]}-d pooled embedding ({got} in total); components do not match."
             )
+        self.conditioning = {"prompt_embeds": prompt_embeds.float().cpu(),
+                             "pooled_prompt_embeds": pooled_prompt_embeds.float().cpu()}
         self._added = {"text_embeds": pooled_prompt_embeds.to(self.device, self.dtype),
                        "time_ids": time_ids.to(self.device, self.dtype)}
