@@ -211,7 +211,7 @@ def main() -> None:
         "config": {"small": args.small, "image_size": image_size, "batch_size": batch_size, "images": n_images,
                    "repeats": repeats, "our_dtype": str(dtype).replace("torch.", ""),
                    "channels_last": not args.no_channels_last,
-                   "compile_vae": args.compile, "threads": torch.get_num_threads()},
+                   "compile": args.compile, "threads": torch.get_num_threads()},
     }
     for name, (layers, timesteps) in workloads.items():
         entry = {
