@@ -893,7 +893,7 @@ def save_sweep_heatmap(rows: Sequence[dict[str, Any]], metric: str, path: Union[
     grid = np.full((len(layers), len(steps)), np.nan)
     for r in rows:
         grid[layers.index(r["layer"]), steps.index(int(r["timestep"]))] = r.get(metric, np.nan)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(steps), 1.2 + 0.6 * len(layers)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 1.1 * len(steps)), 1.6 + 0.6 * len(layers)))
     im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(steps)), labels=[str(s) for s in steps])
     ax.set_yticks(range(len(layers)), labels=layers)
@@ -905,7 +905,7 @@ def save_sweep_heatmap(rows: Sequence[dict[str, Any]], metric: str, path: Union[
                 ax.text(j, i, f"{grid[i, j]:.1%}", ha="center", va="center", fontsize=8,
                         color="black" if grid[i, j] > 0.6 else "white")
     fig.colorbar(im, ax=ax, label=metric.replace("_", " "))
-    ax.set_title(f"Linear-probe {metric.replace('_', ' ')} by layer × timestep")
+    ax.set_title(f"Linear-probe {metric.replace('_', ' ')}\nby layer × timestep", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
