@@ -343,7 +343,7 @@ def _save_checkpoint(path: Path, step: int, model, opt, tracker, aux_ids: Option
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
-def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> tuple[int, bool]:
+def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> tuple[int, Optional[torch.Tensor]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -356,15 +356,14 @@ def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> tu
         )
     tensors = load_file(str(path), device=str(model.W_enc.device))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    for name, p in model.named_parameters():
-        state = {}
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            t = tensors.get(f"optim.{name}.{key}")
-            if t is not None:
-                state[key] = t.reshape(()) if key == "step" else t
+    # through load_state_dict, so Adam places each tensor as its variant needs (fused: step on the device)
+    saved = opt.state_dict()
+    for i, (name, _) in enumerate(model.named_parameters()):
+        state = {key: tensors[f"optim.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq") if f"optim.{name}.{key}" in tensors}
         if state:
-            state["step"] = state["step"].cpu().float()
-            opt.state[p] = state
+            state["step"] = state["step"].reshape(()).float().cpu()
+            saved["state"][i] = state
+    opt.load_state_dict(saved)
     tracker.load_state_dict({"since_fired": tensors["tracker.since_fired"]})
     aux_ids = tensors.get("aux_ids")
     return int(meta["step"]), aux_ids
