@@ -360,7 +360,13 @@ class KSparseAutoencoder(
         two agree whenever the k selected pre-activations are positive. Decoder
         rows are kept as stored (not renormalised), to keep reconstructions equal.
         """
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError and friends: refuse, never fall back to full pickle
+            raise ValueError(
+                f"{path} could not be read as tensors only (torch.load(weights_only=True)): {exc}. "
+                "Re-save it with plain tensors/dicts/ints; arbitrary pickled objects are not loaded."
+            ) from exc
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise ValueError(f"{path} is not a seed k-SAE checkpoint (expected a dict with 'state_dict')")

@@ -194,6 +194,13 @@ def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path):
     with pytest.raises(ValueError, match="b_enc"):
         KSparseAutoencoder.from_seed_checkpoint(path)
 
+    import argparse
+
+    # any non-tensor object (here the training args, as seed scripts often store) must not be unpickled
+    torch.save({"state_dict": seed_state, "k": k, "args": argparse.Namespace(lr=4e-4)}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        KSparseAutoencoder.from_seed_checkpoint(path)
+
 
 # ---------------------------------------------------------------- kernels
 
