@@ -18,13 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from revelio_hub.classifier import DiffC
+from revelio_hub.classifier_sweep import SweepConfig, sweep
 from revelio_hub.classifier_training import (
     CachedSource,
     DiffCTrainConfig,
     LabeledFeatures,
-    SweepConfig,
     split_by_image,
-    sweep,
     train_diffc,
     train_diffc_from_store,
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a Diff-C classifier head on diffusion features, or sweep linear probes over layers × timesteps.
 
-Thin command-line wrapper over :mod:`revelio_hub.classifier_training`; runs
+Thin command-line wrapper over :mod:`revelio_hub.classifier_training` and
+:mod:`revelio_hub.classifier_sweep`; runs
 under plain ``python`` or ``accelerate launch``.
 """
 
@@ -39,7 +40,8 @@ same command resumes from the last finished epoch.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.classifier_training import DiffCTrainConfig, SweepConfig
+    from revelio_hub.classifier_sweep import SweepConfig
+    from revelio_hub.classifier_training import DiffCTrainConfig
 
     d, s = DiffCTrainConfig(), SweepConfig()
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,7 +136,7 @@ def _train(a: argparse.Namespace) -> dict:
 
 
 def _sweep(a: argparse.Namespace) -> list:
-    from revelio_hub.classifier_training import SweepConfig, sweep
+    from revelio_hub.classifier_sweep import SweepConfig, sweep
 
     config = SweepConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, seed=a.seed)
     return sweep(a.train_store, a.out, a.layers, a.timesteps, test_store=a.test_store, config=config,
