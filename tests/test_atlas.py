@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from revelio_hub.atlas import (
+from process_group import run_group
     ATLAS_FILE,
     STATS_FILE,
     AtlasConfig,
@@ -247,11 +248,11 @@ def test_build_atlas_script_on_a_feature_store(tmp_path):
 
     two = tmp_path / "atlas2"
     script = Path(__file__).parents[1] / "training" / "build_atlas.py"
-    run = subprocess.run(
+    run = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
          "--store", str(store.path), "--layer", "bottleneck", "--timestep", "25", "--sae", str(tmp_path / "sae"),
          "--out", str(two), "--top-n", "4", "--purity-top", "4", "--batch-size", "3", "--cpu", "--no-thumbnails"],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     merged = NeuronAtlas.load(two)
     assert merged.num_images == 10

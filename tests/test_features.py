@@ -26,6 +26,7 @@ from revelio_hub.data import open_image_dataset
 from revelio_hub.features import FeatureStore, augment_view, entry_dir, extract_to_store
 
 from tiny_models import make_tiny_pixel
+from process_group import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "extract_features.py"
@@ -238,7 +239,7 @@ def test_two_process_accelerate_run_writes_the_same_rows(workspace, reference):
         "--layers", *LAYERS, "--timesteps", *map(str, TIMESTEPS),
         "--batch-size", "3", "--shard-size", "3", "--num-workers", "0", "--no-progress", "--out", str(out),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_group(cmd, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "complete=True" in proc.stdout
 

@@ -15,6 +15,7 @@ from revelio_hub.recipe import FeatureRecipe
 from revelio_hub.sae import KSparseAutoencoder
 from revelio_hub.sae_kernels import sparse_decode, topk_encode
 from revelio_hub.sae_training import SAETrainConfig, evaluate_sae, sample_tokens, train_sae
+from process_group import run_group
 
 
 @pytest.fixture(autouse=True)
@@ -368,9 +369,9 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    two = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script), str(tmp_path / "two.safetensors")],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "WORLD 1" in one.stdout and "WORLD 2" in two.stdout
     assert float(two.stdout.split("DEAD")[1].split()[0]) > 0  # the AuxK path (and its all-reduce) ran
