@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from revelio_hub.atlas import (
-from process_group import run_group
     ATLAS_FILE,
     STATS_FILE,
     AtlasConfig,
@@ -17,6 +16,7 @@ from process_group import run_group
     TopKAccumulator,
     build_atlas,
 )
+from process_group import run_group
 
 CLASSES = ["circle", "square", "triangle", "star"]
 
