@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--release", default="releases/toy-shapes", help="toy release folder (default: %(default)s)")
     p.add_argument("--images", type=int, default=1000, help="held-out images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=2, help="seed of the held-out shapes (default: %(default)s)")
-    p.add_argument("--random-train-images", type=int, default=1500,
+    p.add_argument("--random-train-images", type=int, default=1000,
                    help="images the random-weights control's SAEs train on (default: %(default)s)")
     p.add_argument("--no-random", action="store_true", help="skip the random-weights control (faster)")
     p.add_argument("--out", default=None, help="folder for report.json and heatmap.png (default: outputs/monosemanticity)")

@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="model init and noise seed")
     p.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the endless stream of training shapes")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: none)")
-    p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps for the sample grid")
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="ancestral DDPM sampling steps for the sample grid")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

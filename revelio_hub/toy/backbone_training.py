@@ -47,7 +47,7 @@ class ToyBackboneConfig:
     attention_head_dim: int = 8
     null_tokens: int = 2
     num_train_timesteps: int = 1000
-    steps: int = 1600
+    steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -56,7 +56,7 @@ class ToyBackboneConfig:
     seed: int = 0
     data_seed: int = 1000
     checkpoint_every: int = 100
-    sample_steps: int = 40
+    sample_steps: int = 250
     sample_count: int = 64
 
     def __post_init__(self) -> None:
@@ -181,18 +181,57 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 @torch.no_grad()
 def sample_images(model: ToyDiffusionModel, config: ToyBackboneConfig, n: int, steps: int, seed: int = 0) -> torch.Tensor:
-    """DDIM sampling (``steps`` steps, eta 0) from the trained DDPM; returns N×3×S×S in [-1, 1]."""
-    from diffusers import DDIMScheduler
+    """Ancestral DDPM sampling over ``steps`` evenly spaced timesteps; returns N×3×S×S in [-1, 1].
 
-    sched = DDIMScheduler.from_config(build_scheduler(config).config)
+    Ancestral sampling, not DDIM: on a briefly trained model deterministic DDIM
+    (eta 0) collapses to noisy grey textures, while the stochastic sampler gives
+    recognisable objects on their backgrounds.
+    """
+    sched = build_scheduler(config)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, config.image_size, config.image_size, generator=g)
     model.eval()
     for t in sched.timesteps:
         eps = model(x, t.expand(n))
-        x = sched.step(eps, t, x).prev_sample
+        x = sched.step(eps, t, x, generator=g).prev_sample
     return x.clamp(-1, 1)
+
+
+SAMPLE_META_FILE = "sample_grid.json"
+#: Fields that do not change the trained weights (a backbone trained with other values is reusable).
+_NON_TRAINING_FIELDS = ("sample_steps", "sample_count", "checkpoint_every")
+
+
+def write_sample_grid(model: ToyDiffusionModel, config: ToyBackboneConfig, out: Path) -> Path:
+    """Sample ``config.sample_count`` images and save the grid PNG (plus its settings) into ``out``."""
+    samples = sample_images(model, config, config.sample_count, config.sample_steps, seed=config.seed)
+    image_grid(samples).save(out / SAMPLE_GRID_FILE)
+    meta = {"sampler": "ddpm-ancestral", "steps": config.sample_steps, "count": config.sample_count, "seed": config.seed}
+    (out / SAMPLE_META_FILE).write_text(json.dumps(meta) + "\n")
+    return out / SAMPLE_GRID_FILE
+
+
+def load_toy_model(folder: str | os.PathLike, config: ToyBackboneConfig) -> ToyDiffusionModel:
+    """The saved backbone as a trainable-layout :class:`ToyDiffusionModel` (fp32), e.g. to sample from it."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    model = ToyDiffusionModel(config)
+    model.unet = UNet2DConditionModel.from_pretrained(str(Path(folder) / "unet"), use_safetensors=True).float()
+    cond = load_file(str(Path(folder) / NULL_CONDITIONING_FILE))["encoder_hidden_states"]
+    model.null_conditioning.data.copy_(cond.float())
+    return model.eval()
+
+
+def ensure_sample_grid(folder: str | os.PathLike, config: ToyBackboneConfig) -> Path:
+    """(Re)draw the sample grid of a saved backbone when it is missing or was drawn with other settings."""
+    folder = Path(folder)
+    meta_file = folder / SAMPLE_META_FILE
+    want = {"sampler": "ddpm-ancestral", "steps": config.sample_steps, "count": config.sample_count, "seed": config.seed}
+    if (folder / SAMPLE_GRID_FILE).exists() and meta_file.exists() and json.loads(meta_file.read_text()) == want:
+        return folder / SAMPLE_GRID_FILE
+    return write_sample_grid(load_toy_model(folder, config), config, folder)
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, scale: int = 2):
@@ -258,7 +297,9 @@ def is_trained_backbone(folder: Path, config: ToyBackboneConfig) -> bool:
     cfg_file = Path(folder) / TRAINING_CONFIG_FILE
     if not cfg_file.exists() or not (Path(folder) / "unet").exists():
         return False
-    return json.loads(cfg_file.read_text()) == config.to_dict()
+    saved = json.loads(cfg_file.read_text())
+    want = config.to_dict()
+    return all(saved.get(k) == v for k, v in want.items() if k not in _NON_TRAINING_FIELDS)
 
 
 def train_toy_backbone(
@@ -275,7 +316,7 @@ def train_toy_backbone(
     Checkpoints (safetensors) go to ``out/checkpoints/checkpoint-<step>``; with
     ``resume`` the latest one is picked up. The final folder holds the EMA weights
     (when ``ema_decay`` > 0) in the pixel-backbone layout, a ``sample_grid.png``
-    drawn with DDIM, and the training config. Returns ``out``.
+    drawn by ancestral DDPM sampling, and the training config. Returns ``out``.
     """
     from accelerate import Accelerator
     from safetensors.torch import load_file
@@ -348,7 +389,6 @@ def train_toy_backbone(
     round_to_storage(final)
     if accelerator.is_main_process:
         save_backbone(final, config, out)
-        samples = sample_images(final, config, config.sample_count, config.sample_steps, seed=config.seed)
-        image_grid(samples).save(out / SAMPLE_GRID_FILE)
+        write_sample_grid(final, config, out)
         (out / "training_log.json").write_text(json.dumps({"final_loss_ema": running, "steps": config.steps}) + "\n")
     return out

@@ -175,7 +175,7 @@ class BenchmarkConfig:
 
     num_images: int = 1000
     seed: int = 2
-    random_train_images: int = 1500
+    random_train_images: int = 1000
     random_train_seed: int = 3
     random_backbone_seed: int = 12345
     batch_size: int = 64

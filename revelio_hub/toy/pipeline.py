@@ -26,6 +26,7 @@ import torch
 from .backbone_training import (
     SAMPLE_GRID_FILE,
     ToyBackboneConfig,
+    ensure_sample_grid,
     is_trained_backbone,
     train_toy_backbone,
 )
@@ -52,8 +53,8 @@ class ToyBuildConfig:
     """
 
     backbone: ToyBackboneConfig = field(default_factory=ToyBackboneConfig)
-    train_images: int = 3000
-    test_images: int = 1000
+    train_images: int = 2000
+    test_images: int = 600
     train_seed: int = 0
     test_seed: int = 1
     layers: tuple[str, ...] = ("down_ft1", "bottleneck", "up_ft0", "up_ft1")
@@ -64,26 +65,33 @@ class ToyBuildConfig:
     sae_expansion: int = 8
     sae_k: int = 8
     sae_tokens_per_image: int = 32
-    sae_steps: int = 1500
+    sae_steps: int = 1000
     sae_batch_size: int = 1024
     sae_lr: float = 2e-3
     sae_warmup_steps: int = 100
     # Diff-C (conv head on spatial maps, small hidden width for CPU)
-    diffc_hidden: int = 64
-    diffc_epochs: int = 6
+    diffc_hidden: int = 32
+    diffc_epochs: int = 30
     diffc_batch_size: int = 64
-    diffc_lr: float = 1e-3
+    diffc_lr: float = 3e-3
+    diffc_dropout: float = 0.1
+    #: Diff-C is trained for these layers only: on 32×32 maps (up_ft1) it costs
+    #: minutes per entry on CPU and the coarser layers already classify shapes.
+    diffc_layers: tuple[str, ...] = ("down_ft1", "bottleneck", "up_ft0")
     # atlas
-    atlas_top_k: int = 20
+    atlas_top_k: int = 10
+    #: Atlases cover the first ``atlas_images`` test images: their thumbnails are most of an entry's size.
+    atlas_images: int = 300
     # ground-truth monosemanticity benchmark written into the card
     bench_images: int = 1000
-    bench_random_train_images: int = 1500
+    bench_random_train_images: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = ToyBackboneConfig.from_dict(self.backbone)
         self.layers = tuple(self.layers)
+        self.diffc_layers = tuple(l for l in self.diffc_layers if l in self.layers)
         self.timesteps = tuple(int(t) for t in self.timesteps)
         if self.train_images < 16 or self.test_images < 16:
             raise ValueError("train_images and test_images must be at least 16")
@@ -102,7 +110,7 @@ class ToyBuildConfig:
                                        sample_count=16),
             train_images=48, test_images=32, layers=("bottleneck", "up_ft0"), timesteps=(25, 200),
             extract_batch_size=32, sae_expansion=2, sae_k=4, sae_tokens_per_image=8, sae_steps=20,
-            sae_batch_size=64, sae_warmup_steps=2, diffc_hidden=16, diffc_epochs=1, diffc_batch_size=16,
+            sae_batch_size=64, sae_warmup_steps=2, diffc_hidden=16, diffc_epochs=2, diffc_batch_size=16,
             atlas_top_k=5, bench_images=48, bench_random_train_images=48,
         )
 
@@ -110,6 +118,7 @@ class ToyBuildConfig:
         d = asdict(self)
         d["backbone"] = self.backbone.to_dict()
         d["layers"] = list(self.layers)
+        d["diffc_layers"] = list(self.diffc_layers)
         d["timesteps"] = list(self.timesteps)
         return d
 
@@ -237,7 +246,8 @@ def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: st
     from ..classifier_training import DiffCTrainConfig, train_diffc_from_store
 
     cfg = DiffCTrainConfig(head="conv", hidden=config.diffc_hidden, epochs=config.diffc_epochs,
-                           batch_size=config.diffc_batch_size, lr=config.diffc_lr, seed=config.seed,
+                           batch_size=config.diffc_batch_size, lr=config.diffc_lr, dropout=config.diffc_dropout,
+                           seed=config.seed,
                            checkpoint_every=max(1, config.diffc_epochs))
     # Reuse a finished run with identical settings; otherwise start clean (a
     # half-written run from other settings must never be resumed).
@@ -273,7 +283,7 @@ def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int
     from ..sae import KSparseAutoencoder
 
     sae = KSparseAutoencoder.from_pretrained(str(paths.sae(layer, t)))
-    fs = store.load(layer, t, kind="spatial", views=0)
+    fs = store.load(layer, t, kind="spatial", views=0, image_ids=range(config.atlas_images))
 
     def batches():
         for i in range(0, len(fs.image_ids), 256):
@@ -319,7 +329,8 @@ def assemble(config: ToyBuildConfig, paths: BuildPaths, out: Path, test_dataset,
     """Write the release folder via :func:`revelio_hub.release.assemble_release`, backbone embedded."""
     from ..release import EntrySource, assemble_release
 
-    entries = [EntrySource(sae=paths.sae(l, t), diffc=paths.diffc(l, t), atlas=paths.atlas(l, t), layer=l, timestep=t)
+    entries = [EntrySource(sae=paths.sae(l, t), diffc=paths.diffc(l, t) if l in config.diffc_layers else None,
+                           atlas=paths.atlas(l, t), layer=l, timestep=t)
                for l in config.layers for t in config.timesteps]
     examples = _example_images(test_dataset, paths.work / "examples")
     assemble_release(
@@ -348,14 +359,16 @@ def _append_card(out: Path, report: dict[str, Any]) -> None:
         "\n## The toy backbone\n\n"
         f"A `UNet2DConditionModel` (block widths {tuple(bb['block_out_channels'])}, cross-attention only at the lowest "
         f"resolution, learned constant null conditioning) trained as a pixel-space DDPM on {bb['image_size']}-px "
-        f"procedural shapes for {bb['steps']} steps of batch {bb['batch_size']}. DDIM samples "
+        f"procedural shapes for {bb['steps']} steps of batch {bb['batch_size']}. Ancestral DDPM samples "
         f"({bb['sample_steps']} steps):\n\n![samples](figures/samples.png)\n\n"
         "Entries: token-level k-SAEs (k = {k}, {e}× expansion) trained on {n} sampled positions per image of "
-        "{tr} training images; Diff-C conv heads (hidden {h}) on the shape label; atlases over {te} test images. "
+        "{tr} training images; Diff-C conv heads (hidden {h}) on the shape label for {dl} (tested on "
+        "{te} test images); atlases over {ai} test images. "
         "Ground-truth monosemanticity (best single neuron AUROC per factor value): "
         "`python benchmarks/bench_monosemanticity.py --release <this folder>`.\n"
     ).format(k=cfg["sae_k"], e=cfg["sae_expansion"], n=cfg["sae_tokens_per_image"], tr=cfg["train_images"],
-             h=cfg["diffc_hidden"], te=cfg["test_images"])
+             h=cfg["diffc_hidden"], te=cfg["test_images"],
+             dl=", ".join(cfg["diffc_layers"]), ai=min(cfg["atlas_images"], cfg["test_images"]))
     mono = report.get("monosemanticity")
     if mono:
         text += "\n" + mono + "\n"
@@ -439,6 +452,7 @@ def build_toy_release(
             log(f"[toy build] reusing the backbone trained with identical settings in {paths.backbone}")
         else:
             train_toy_backbone(config.backbone, paths.backbone, progress=progress)
+        ensure_sample_grid(paths.backbone, config.backbone)
     backbone = load_toy_backbone(paths.backbone)
     with timed("features"):
         stores = extract_stores(config, backbone, paths, progress=progress)
@@ -450,7 +464,7 @@ def build_toy_release(
                 log(f"[toy build] SAE {layer} t={t}: FVU {res.eval.get('fvu', float('nan')):.3f}, "
                     f"L0 {res.eval.get('l0', float('nan')):.1f}, dead {res.eval.get('dead_fraction', float('nan')):.2%}")
     with timed("diffc"):
-        for layer in config.layers:
+        for layer in config.diffc_layers:
             for t in config.timesteps:
                 res = train_entry_diffc(config, stores["train"], stores["test"], layer, t, paths.diffc(layer, t))
                 report["entries"][f"{layer}/t{t}"]["diffc"] = {k: res.eval.get(k) for k in ("top1", "top5", "best_epoch")}
