@@ -55,7 +55,9 @@ def browser():
 
 
 def test_upload_analyze_and_see_everything(app, browser, tmp_path):
-    image = shape_image(tmp_path / "upload.png", color=(220, 40, 40), size=128)
+    examples = app.state.get_release().examples
+    # One of the release's own example images when it has some (a realistic screenshot), else a drawn shape.
+    image = Path(examples[0][0]) if examples else shape_image(tmp_path / "upload.png", color=(220, 40, 40), size=128)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
