@@ -147,19 +147,19 @@ class FeatureCache:
 
 
 class BackboneCache:
-    """One backbone per (backbone id, device, dtype) for the life of the process.
+    """One backbone per key (backbone id, device, dtype, image size) for the life of the process.
 
     ``loads`` counts real loads, so tests (and curious operators) can check that
     switching layer, timestep or release did not reload the model.
     """
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str, str], Any] = {}
-        self._locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._models: dict[tuple[str, ...], Any] = {}
+        self._locks: dict[tuple[str, ...], threading.Lock] = {}
         self._guard = threading.Lock()
         self.loads = 0
 
-    def get(self, key: tuple[str, str, str], loader: Callable[[], Any]) -> Any:
+    def get(self, key: tuple[str, ...], loader: Callable[[], Any]) -> Any:
         model = self._models.get(key)
         if model is not None:
             return model
@@ -168,7 +168,7 @@ class BackboneCache:
         with lock:  # only one thread loads a given backbone; the others wait for it
             model = self._models.get(key)
             if model is None:
-                logger.info("Loading backbone %s on %s (%s)", *key)
+                logger.info("Loading backbone %s", " / ".join(map(str, key)))
                 model = loader()
                 self._models[key] = model
                 self.loads += 1
