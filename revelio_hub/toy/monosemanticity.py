@@ -147,12 +147,14 @@ def save_heatmap(results: Mapping[str, Mapping[str, FactorScores]], factors: Seq
 
     kinds = list(results)
     entries = list(next(iter(results.values())))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(1.0 + 0.9 * len(entries) * len(kinds), 1.2 + 0.5 * len(factors)),
-                             squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
+    # One row of panels per unit set, stacked, so the figure stays readable in a model card.
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(2.0 + 0.6 * len(entries), 0.6 + (0.45 * len(factors) + 0.9) * len(kinds)),
+                             squeeze=False, constrained_layout=True)
+    for ax, kind in zip(axes[:, 0], kinds):
         grid = np.array([[results[kind][e].mean(f) if e in results[kind] else np.nan for e in entries] for f in factors])
         im = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(entries)), entries, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(entries)), entries if kind == kinds[-1] else [""] * len(entries), rotation=45,
+                      ha="right", fontsize=7)
         ax.set_yticks(range(len(factors)), factors, fontsize=8)
         ax.set_title(kind, fontsize=9)
         for i in range(len(factors)):
@@ -160,9 +162,9 @@ def save_heatmap(results: Mapping[str, Mapping[str, FactorScores]], factors: Seq
                 if np.isfinite(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if grid[i, j] < 0.8 else "black")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.6, label="AUROC")
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
