@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, constants, snapshot_download
-from safetensors.torch import load_file
 from torch import nn
 
+from .hub_model import StrictHubMixin
 from .recipe import FeatureRecipe
 
 HEADS = ("conv", "linear")
@@ -57,7 +56,7 @@ def _conv_block(c_in: int, c_out: int, stride: int, dropout: float) -> nn.Sequen
 
 class DiffC(
     nn.Module,
-    PyTorchModelHubMixin,
+    StrictHubMixin,
     library_name="revelio-hub",
     tags=["revelio-hub", "diffusion-features", "image-classification", "diff-c"],
     pipeline_tag="image-classification",
@@ -256,84 +255,10 @@ class DiffC(
 
     # --------------------------------------------------------------- loading
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: Union[str, Path],
-        *,
-        subfolder: Optional[str] = None,
-        revision: Optional[str] = None,
-        cache_dir: Optional[Union[str, Path]] = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: Optional[Union[str, bool]] = None,
-        **model_kwargs: Any,
-    ) -> "DiffC":
-        """Load a head from a local folder, a Hub repo id, or a ``subfolder`` of either.
+    _hub_kind = "Diff-C head"
 
-        Only the files of that folder are downloaded (``allow_patterns``), so
-        loading one entry of a release (``subfolder="up_ft1/t25/diffc"``) does
-        not fetch the rest. Loading is strict: see :meth:`_from_pretrained`.
-        """
-        path = str(pretrained_model_name_or_path)
-        if os.path.isdir(path):
-            folder = os.path.join(path, subfolder) if subfolder else path
-        else:
-            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-            root = snapshot_download(
-                repo_id=path,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                local_files_only=local_files_only,
-                token=token,
-                allow_patterns=[prefix + constants.CONFIG_NAME, prefix + constants.SAFETENSORS_SINGLE_FILE],
-            )
-            folder = os.path.join(root, subfolder) if subfolder else root
-        for name in (constants.CONFIG_NAME, constants.SAFETENSORS_SINGLE_FILE):
-            if not os.path.isfile(os.path.join(folder, name)):
-                where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-                raise ValueError(f"No Diff-C head at {where}: {name} is missing.")
-        return super().from_pretrained(folder, **model_kwargs)
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: Optional[str] = None,
-        cache_dir: Any = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: Any = None,
-        map_location: str = "cpu",
-        strict: bool = True,
-        **model_kwargs: Any,
-    ) -> "DiffC":
-        """Strict safetensors load: any missing, unexpected or mis-shaped tensor is an error.
-
-        The mixin's default loads non-strictly; a head whose weights do not
-        match its config would then run with random layers and silently
-        produce garbage, which is worse than failing.
-        """
-        model = cls(**model_kwargs)
-        weights = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
-        state = load_file(weights, device=str(map_location))
-        expected, got = set(model.state_dict()), set(state)
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights} does not match the Diff-C architecture in its config.json "
-                f"(head={model.head!r}, in_channels={model.in_channels}, hidden={model.hidden}): "
-                f"missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}."
-            )
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # shape mismatches
-            raise ValueError(f"{weights} does not match its config.json: {exc}") from exc
-        model.to(map_location)
-        model.eval()
-        return model
+    def _describe_architecture(self) -> str:
+        return f"head={self.head!r}, in_channels={self.in_channels}, hidden={self.hidden}"
 
 
 __all__ = ["DiffC", "HEADS"]

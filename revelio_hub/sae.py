@@ -23,10 +23,9 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin, constants, snapshot_download
-from safetensors.torch import load_file
 from torch import nn
 
+from .hub_model import StrictHubMixin
 from .recipe import FeatureRecipe
 from .sae_kernels import sparse_decode
 
@@ -37,7 +36,7 @@ GRANULARITIES = ("pooled", "token")
 
 class KSparseAutoencoder(
     nn.Module,
-    PyTorchModelHubMixin,
+    StrictHubMixin,
     library_name="revelio-hub",
     tags=["sparse-autoencoder", "k-sparse-autoencoder", "interpretability", "diffusion-features"],
     repo_url="https://github.com/revelio-hub/revelio-hub",
@@ -259,83 +258,10 @@ class KSparseAutoencoder(
 
     # ------------------------------------------------------------------ loading
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: Union[str, Path],
-        *,
-        subfolder: Optional[str] = None,
-        revision: Optional[str] = None,
-        cache_dir: Optional[Union[str, Path]] = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: Optional[Union[str, bool]] = None,
-        **model_kwargs: Any,
-    ) -> "KSparseAutoencoder":
-        """Load from a local folder, a Hub repo id, or a ``subfolder`` of either.
+    _hub_kind = "k-SAE"
 
-        Only that folder's ``config.json`` and ``model.safetensors`` are
-        downloaded, so one release entry (``subfolder="up_ft1/t25/sae"``) does
-        not fetch the others. Loading is strict (see :meth:`_from_pretrained`).
-        """
-        path = str(pretrained_model_name_or_path)
-        if os.path.isdir(path):
-            folder = os.path.join(path, subfolder) if subfolder else path
-        else:
-            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-            root = snapshot_download(
-                repo_id=path,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                local_files_only=local_files_only,
-                token=token,
-                allow_patterns=[prefix + constants.CONFIG_NAME, prefix + constants.SAFETENSORS_SINGLE_FILE],
-            )
-            folder = os.path.join(root, subfolder) if subfolder else root
-        for name in (constants.CONFIG_NAME, constants.SAFETENSORS_SINGLE_FILE):
-            if not os.path.isfile(os.path.join(folder, name)):
-                where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-                raise ValueError(f"No k-SAE at {where}: {name} is missing.")
-        return super().from_pretrained(folder, **model_kwargs)
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: Optional[str] = None,
-        cache_dir: Any = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: Any = None,
-        map_location: str = "cpu",
-        strict: bool = True,
-        **model_kwargs: Any,
-    ) -> "KSparseAutoencoder":
-        """Strict safetensors load: missing, unexpected or mis-shaped tensors are an error.
-
-        The mixin's default is non-strict (and falls back to pickles); an SAE
-        with a silently random decoder would produce plausible-looking but
-        meaningless neurons, so we refuse instead.
-        """
-        model = cls(**model_kwargs)
-        weights = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
-        state = load_file(weights, device="cpu")
-        expected, got = set(model.state_dict()), set(state)
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights} does not match the k-SAE in its config.json (d_in={model.d_in}, "
-                f"n_latents={model.n_latents}): missing tensors {missing}, unexpected tensors {unexpected}."
-            )
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # shape mismatches
-            raise ValueError(f"{weights} does not match its config.json: {exc}") from exc
-        model.to(map_location)
-        model.eval()
-        return model
+    def _describe_architecture(self) -> str:
+        return f"d_in={self.d_in}, n_latents={self.n_latents}"
 
     @classmethod
     def from_seed_checkpoint(
