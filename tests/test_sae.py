@@ -348,6 +348,7 @@ _DP_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from accelerate import Accelerator
     from safetensors.torch import save_file
+    from revelio_hub.distributed import finish
     from revelio_hub.sae_training import SAETrainConfig, train_sae
     acc = Accelerator(cpu=True)
     g = torch.Generator().manual_seed(0)
@@ -358,6 +359,7 @@ _DP_SCRIPT = textwrap.dedent(
     if acc.is_main_process:
         save_file(r.model.state_dict(), sys.argv[1])
         print("WORLD", acc.num_processes, "DEAD", max(h["dead_fraction"] for h in r.history))
+    finish(acc)
     """
 )
 

@@ -60,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     import torch
-    from accelerate import Accelerator
 
     from revelio_hub.atlas import AtlasConfig, TopKAccumulator, atlas_inputs, finalize_atlas, store_batches
     from revelio_hub.features import FeatureStore
     from revelio_hub.sae import KSparseAutoencoder
 
-    accelerator = Accelerator(cpu=args.cpu)
+    from revelio_hub.distributed import finish, make_accelerator
+
+    accelerator = make_accelerator(cpu=args.cpu)
     try:
         config = AtlasConfig(top_n=args.top_n, purity_top=args.purity_top, summary_neurons=args.summary_neurons,
                              thumbnail_size=args.thumbnail_size)
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         merged.num_images = int(state["num_images"].sum())
         acc = merged
     if not accelerator.is_main_process:
+        finish(accelerator)
         return 0
 
     thumbnails = heatmap_maps = None
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}: {atlas.num_neurons} neurons over {atlas.num_images} images, "
           f"{s['dead_count']} dead ({100 * s['dead_fraction']:.1f}%), mean purity of the "
           f"{s['summary_neurons']} most frequent neurons {s['mean_purity']}")
+    finish(accelerator)
     return 0
 
 

@@ -80,34 +80,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _use_cpu(requested: bool) -> bool:
-    """Run on CPU when asked, or when launched multi-process on a machine without CUDA.
-
-    ``accelerate`` only forms a CPU process group (gloo) when told to use the CPU;
-    under ``torchrun``/``accelerate launch --multi_gpu`` on a CPU-only machine it
-    would otherwise start N independent single-process runs.
-    """
-    import os
-
-    import torch
-
-    if requested or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return True
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return world > 1 and not torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     import torch
-    from accelerate import Accelerator
 
     from revelio_hub.backbones import load_backbone
     from revelio_hub.data import open_image_dataset
     from revelio_hub.features import extract_to_store
 
-    accelerator = Accelerator(cpu=_use_cpu(args.cpu))
+    from revelio_hub.distributed import finish, make_accelerator
+
+    accelerator = make_accelerator(cpu=args.cpu)
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format=f"[rank {accelerator.process_index}] %(levelname)s %(name)s: %(message)s",
@@ -151,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         s = store.summary
         print(f"Feature store {args.out}: {s['num_images']} images, {s['num_rows']} rows per entry, "
               f"entries {store.entries}, {s['num_skipped']} corrupt images skipped, complete={s['complete']}")
-    accelerator.end_training()
+    finish(accelerator)
     return 0
 
 

@@ -103,29 +103,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _cpu_only(requested: bool) -> bool:
-    """CPU when asked, or when launched multi-process without CUDA.
-
-    ``accelerate`` forms a CPU (gloo) process group only when told to use the
-    CPU; otherwise ``torchrun`` on a CPU-only machine would start N independent runs.
-    """
-    import os
-
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return requested or (world > 1 and not torch.cuda.is_available())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
-    from accelerate import Accelerator
-
     from revelio_hub.sae_training import SAETrainConfig, load_store_features, load_tensor_features, train_sae
 
-    acc = Accelerator(cpu=_cpu_only(args.cpu))
+    from revelio_hub.distributed import finish, make_accelerator
+
+    acc = make_accelerator(cpu=args.cpu)
     if args.store is not None:
         feats, recipe = load_store_features(args.store, args.layer, args.timestep, args.granularity,
                                             args.tokens_per_image, args.views, args.seed)
@@ -153,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if acc.is_main_process:
         print(json.dumps(result.eval, indent=2))
+    finish(acc)
     return 0
 
 
