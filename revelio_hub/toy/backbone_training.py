@@ -47,7 +47,7 @@ class ToyBackboneConfig:
     attention_head_dim: int = 8
     null_tokens: int = 2
     num_train_timesteps: int = 1000
-    steps: int = 2400
+    steps: int = 4800
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
