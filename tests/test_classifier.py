@@ -142,33 +142,19 @@ def test_save_load_round_trip_is_exact_and_config_complete(tmp_path):
     assert torch.equal(sub(x), model(x))
 
 
-def test_load_from_hub_subfolder_downloads_only_that_entry(tmp_path, monkeypatch):
-    from tests.hub_server import HubServer
-
+def test_load_from_hub_subfolder_downloads_only_that_entry(tmp_path, hub):
     torch.manual_seed(0)
     model = DiffC(C, CLASSES, head="linear", recipe=RECIPE).eval()
     model.save_pretrained(tmp_path / "rel" / "up_ft1" / "t25" / "diffc")
     (tmp_path / "rel" / "big_other_entry.bin").write_bytes(b"0" * 1000)
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-        import importlib
+    from huggingface_hub import HfApi
 
-        import huggingface_hub.constants as hc
-
-        importlib.reload(hc)
-        try:
-            from huggingface_hub import HfApi
-
-            api = HfApi(endpoint=server.url, token="x")
-            api.create_repo("me/rel")
-            api.upload_folder(repo_id="me/rel", folder_path=str(tmp_path / "rel"))
-            loaded = DiffC.from_pretrained("me/rel", subfolder="up_ft1/t25/diffc", cache_dir=tmp_path / "cache")
-        finally:
-            monkeypatch.undo()
-            importlib.reload(hc)
-        fetched = [r for r in server.requests if "/resolve/" in str(r)]
+    api = HfApi()
+    api.create_repo("me/rel")
+    api.upload_folder(repo_id="me/rel", folder_path=str(tmp_path / "rel"))
+    hub.requests.clear()
+    loaded = DiffC.from_pretrained("me/rel", subfolder="up_ft1/t25/diffc", cache_dir=tmp_path / "cache")
+    fetched = [r for r in hub.requests if "/resolve/" in str(r)]
     x = torch.randn(3, C)
     assert torch.equal(loaded(x), model(x))
     assert not any("big_other_entry" in str(r) for r in fetched)

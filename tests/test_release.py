@@ -15,7 +15,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hub_server import HubServer  # noqa: E402
 from tiny_models import make_tiny_pixel  # noqa: E402
 
 from revelio_hub.atlas import NeuronAtlas, build_atlas  # noqa: E402
@@ -150,23 +149,6 @@ def test_card_metadata_holds_the_measured_metrics_and_snippet_runs(artifacts, re
     exec(compile(code.replace(f'"{REPO}"', repr(str(release_dir))), "card-snippet", "exec"), {})
     printed = capsys.readouterr().out
     assert "fires on" in printed or "dead neuron" in printed
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A loopback Hub with the real client pointed at it (what HF_ENDPOINT does at import time)."""
-    from huggingface_hub import constants
-
-    with HubServer(token="hf_test_token") as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        yield server
 
 
 def test_publish_and_load_one_entry_from_the_hub(release_dir, hub, tmp_path):

@@ -450,36 +450,22 @@ def test_bf16_compute_path_trains_like_fp32():
     assert fvu["bf16"] < 0.5 and abs(fvu["bf16"] - fvu["no"]) < 0.05
 
 
-def test_load_from_hub_id_and_subfolder(tmp_path, monkeypatch):
+def test_load_from_hub_id_and_subfolder(tmp_path, hub):
     """Against the loopback Hub in tests/hub_server.py, with the real huggingface_hub client."""
-    import importlib
-
-    import huggingface_hub.constants as hc
-
-    from tests.hub_server import HubServer
+    from huggingface_hub import HfApi
 
     sae = _model(recipe=_recipe(16))
     sae.save_pretrained(tmp_path / "rel" / "up_ft1" / "t25" / "sae")
     sae.save_pretrained(tmp_path / "single")
     (tmp_path / "rel" / "other_entry.bin").write_bytes(b"0" * 1000)
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-        importlib.reload(hc)
-        try:
-            from huggingface_hub import HfApi
-
-            api = HfApi(endpoint=server.url, token="x")
-            for repo, folder in (("me/rel", "rel"), ("me/sae", "single")):
-                api.create_repo(repo)
-                api.upload_folder(repo_id=repo, folder_path=str(tmp_path / folder))
-            from_sub = KSparseAutoencoder.from_pretrained("me/rel", subfolder="up_ft1/t25/sae", cache_dir=tmp_path / "c")
-            from_root = KSparseAutoencoder.from_pretrained("me/sae", cache_dir=tmp_path / "c")
-        finally:
-            monkeypatch.undo()
-            importlib.reload(hc)
-        fetched = [str(r) for r in server.requests if "/resolve/" in str(r)]
+    api = HfApi()
+    for repo, folder in (("me/rel", "rel"), ("me/sae", "single")):
+        api.create_repo(repo)
+        api.upload_folder(repo_id=repo, folder_path=str(tmp_path / folder))
+    hub.requests.clear()
+    from_sub = KSparseAutoencoder.from_pretrained("me/rel", subfolder="up_ft1/t25/sae", cache_dir=tmp_path / "c")
+    from_root = KSparseAutoencoder.from_pretrained("me/sae", cache_dir=tmp_path / "c")
+    fetched = [str(r) for r in hub.requests if "/resolve/" in str(r)]
     x = torch.randn(3, 16)
     for loaded in (from_sub, from_root):
         assert torch.equal(loaded(x)[0], sae(x)[0]) and loaded.recipe == sae.recipe
