@@ -31,6 +31,14 @@ def release_path() -> str:
     return app_release_path()
 
 
+def uploaded(path, name=None) -> dict:
+    """What the browser or gradio_client sends for an uploaded file (a tagged FileData)."""
+    value = {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+    if name:
+        value["orig_name"] = name
+    return value
+
+
 @pytest.fixture(scope="module")
 def state() -> AppState:
     return AppState.from_config(AppConfig(releases=[release_path()], feature_cache_size=8))
@@ -70,7 +78,7 @@ def test_analyze_matches_library_and_is_sorted(state, images):
     result = A.analyze(state, str(images["red"]), layer, t)
     acts, preds = LibraryReference(release_path()).run(images["red"], layer, t)
 
-    assert (result.layer, result.timestep, result.release) == (layer, t, rel.id)
+    assert (result.layer, result.timestep, result.release) == (layer, t, rel.name)
     got = [n.activation for n in result.neurons]
     assert got == sorted(got, reverse=True) and all(a > 0 for a in got)
     expected_ids = torch.topk(acts, len(result.neurons)).indices.tolist()
@@ -85,18 +93,19 @@ def test_analyze_matches_library_and_is_sorted(state, images):
     assert sum(result.predictions.values()) <= 1 + 1e-5
     assert all(0 <= p <= 1 for p in result.predictions.values())
     payload = result.to_json()
-    assert set(payload) == {"release", "layer", "timestep", "predictions", "neurons"}
+    assert set(payload) == {"release", "layer", "timestep", "predictions", "note", "neurons"}
+    assert payload["note"] is None  # this entry has a Diff-C
     assert set(payload["neurons"][0]) == {"id", "activation", "summary"}
 
 
 def test_selecting_neurons_and_layers_reuses_backbone_features(state, images, count_backbone_calls):
     rel = state.get_release()
     layer, t = rel.default_entry()
-    events = __import__("revelio_hub.app.ui", fromlist=["Events"]).Events(state)
     path = str(images["blue"])
+    events = __import__("revelio_hub.app.ui", fromlist=["Events"]).Events(state, upload_roots=[str(images["blue"].parent)])
     loads_before = state.backbones.loads
 
-    out = events.analyze({"path": path, "orig_name": "blue.png"}, layer, t, "", progress=None)
+    out = events.analyze(uploaded(path, "blue.png"), layer, t, "", progress=None)
     preds, rows, neuron_update, caption, gallery, overlay, result = out
     assert count_backbone_calls[0] == 1
     assert [r[0] for r in rows] == [n.id for n in result.neurons]
@@ -112,7 +121,7 @@ def test_selecting_neurons_and_layers_reuses_backbone_features(state, images, co
     assert gallery2 == A.neuron_gallery(state, "", layer, t, other)
 
     # Analysing again, or at another layer with the same t: cached features.
-    events.analyze({"path": path}, layer, t, "", progress=None)
+    events.analyze(uploaded(path), layer, t, "", progress=None)
     for other_layer in [l for l, tt in rel.entries if tt == t]:
         A.analyze(state, path, other_layer, t)
     assert count_backbone_calls[0] == 1
@@ -143,12 +152,13 @@ def test_bad_inputs_give_plain_errors(state, tmp_path, case):
     path = make(tmp_path)
     with pytest.raises(ValueError, match=pattern):
         A.analyze(state, str(path))
-    events = __import__("revelio_hub.app.ui", fromlist=["Events"]).Events(state)
+    events = __import__("revelio_hub.app.ui", fromlist=["Events"]).Events(state, upload_roots=[str(tmp_path)])
     with pytest.raises(gr.Error) as info:
-        events.analyze({"path": str(path), "orig_name": path.name}, "", None, "", progress=None)
+        events.analyze(uploaded(path, path.name), "", None, "", progress=None)
     message = str(info.value)
     assert re.search(pattern, message) and path.name in message
     assert "Traceback" not in message and str(tmp_path) not in message  # no server paths, no stack
+    assert "max_pixels" not in message  # a hint for Python callers, not for web users
 
 
 def test_missing_image_and_bad_choices(state, images):
@@ -219,6 +229,12 @@ def test_release_lookup_and_shared_backbone():
     assert st.get_release(Path(path).name).id == path
     a, b = (st.get_release(r) for r in st.release_ids)
     assert st.backbone(a) is st.backbone(b) and st.backbones.loads == 1
+    # Two releases with the same name get distinct names (the dropdown shows names, not paths).
+    assert len(set(st.release_names)) == 2 and st.release_names[0] == a.name
+    assert st.get_release(st.release_names[1]) is b
+    with pytest.raises(ValueError) as info:
+        st.get_release("elsewhere")
+    assert path not in str(info.value) and a.name in str(info.value)
 
 
 def test_feature_cache_is_lru():
@@ -253,12 +269,16 @@ def test_layer_and_release_switch_offer_the_release_entries(state):
         update = events.change_layer("", layer)
         assert [c[0] if isinstance(c, tuple) else c for c in update["choices"]] == rel.timesteps(layer)
         assert update["value"] in rel.timesteps(layer)
-    out = events.change_release(rel.id)
+    out = events.change_release(rel.name)
     assert out[0]["value"] == rel.default_entry()[0] and out[2] == rel.examples
     card = card_markdown(rel)
-    assert "](figures/" not in card  # relative figures are served from the release folder
-    for link in re.findall(r"\]\(gradio_api/file=([^)]+)\)", card):
-        assert Path(link).is_file() and Path(rel.local_dir) in Path(link).parents
+    assert "](figures/" not in card  # relative figures are served (from a copy in Gradio's cache)
+    assert str(rel.local_dir) not in card  # the release folder's path never reaches users
+    figures = re.findall(r"\]\(figures/([^)]+)\)", rel.card)
+    links = re.findall(r"\]\(gradio_api/file=([^)]+)\)", card)
+    assert len(links) == len(figures)
+    for figure, link in zip(figures, links):
+        assert Path(link).read_bytes() == (Path(rel.local_dir) / "figures" / figure).read_bytes()
 
 
 def test_app_refuses_a_missing_release_in_one_line(tmp_path):

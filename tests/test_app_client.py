@@ -70,7 +70,7 @@ def test_analyze_json_matches_the_library(app, client, images):
     for layer, t in rel.entries[:2]:
         got = client.predict(handle_file(str(images[0])), layer, t, "", api_name="/analyze_json")
         acts, preds = library.run(images[0], layer, t)
-        assert got["release"] == rel.id and got["layer"] == layer and got["timestep"] == t
+        assert got["release"] == rel.name and got["layer"] == layer and got["timestep"] == t
         ids = [n["id"] for n in got["neurons"]]
         assert ids == torch.topk(acts, len(ids)).indices.tolist()
         atlas = library.entry(layer, t).atlas

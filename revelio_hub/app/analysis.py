@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from revelio_hub.app.state import AppState, LoadedRelease, image_digest
-from revelio_hub.app.validation import ImageLimits, read_image
+from revelio_hub.app.validation import ImageLimits, read_image, shown, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -49,16 +49,20 @@ class Analysis:
     """The result of analysing one image at one (release, layer, t).
 
     ``digest`` keys the cached feature maps, so follow-up calls (another neuron,
-    the heat map) find them without running the backbone again.
+    the heat map) find them without running the backbone again. ``release`` is
+    the release's *name* (what users see; its id may be a server path).
+    ``predictions`` is ``None`` when the entry has no Diff-C head, and ``note``
+    then says so and names the entries that have one.
     """
 
     release: str
     layer: str
     timestep: int
-    predictions: dict[str, float]
+    predictions: Optional[dict[str, float]]
     neurons: list[NeuronHit]
     digest: str
     image: "Image.Image" = field(repr=False)
+    note: Optional[str] = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``/analyze_json`` payload (neurons sorted by activation, strongest first)."""
@@ -66,7 +70,8 @@ class Analysis:
             "release": self.release,
             "layer": self.layer,
             "timestep": self.timestep,
-            "predictions": dict(self.predictions),
+            "predictions": dict(self.predictions) if self.predictions is not None else None,
+            "note": self.note,
             "neurons": [n.to_dict() for n in self.neurons],
         }
 
@@ -90,18 +95,40 @@ class NeuronDetails:
 def resolve_entry(
     state: AppState, release: Optional[str], layer: Optional[str], timestep: Any
 ) -> tuple[LoadedRelease, str, int]:
-    """Validate the (release, layer, t) choice; missing layer/t fall back to the release's first entry."""
+    """Validate the (release, layer, t) choice; missing layer/t fall back to the release's first entry.
+
+    The timestep follows :func:`~revelio_hub.app.validation.whole_number` (an
+    int or a numeric string); ``None``, ``""`` and ``-1`` (the API's documented
+    "default") pick the release's default for the layer, any other value must
+    be one the layer offers.
+    """
     rel = state.get_release(release)
     default_layer, default_t = rel.default_entry()
     if layer in (None, ""):
         layer = default_layer
-    if timestep in (None, ""):
+    if not isinstance(layer, str):
+        raise ValueError(f"Layer must be a layer name, got {shown(layer, 24)}.")
+    t = None if timestep is None or (isinstance(timestep, str) and not timestep.strip()) else whole_number(timestep, "Timestep")
+    if t is None or t == -1:
         ts = rel.timesteps(layer)
-        timestep = default_t if default_t in ts else (ts[0] if ts else default_t)
-    if isinstance(timestep, float) and not timestep.is_integer():
-        raise ValueError(f"Timestep must be a whole number, got {timestep}.")
-    layer, t = rel.check_entry(str(layer), timestep)
+        t = default_t if default_t in ts or not ts else ts[0]
+    layer, t = rel.check_entry(layer, t)
     return rel, layer, t
+
+
+def diffc_entries(rel: LoadedRelease) -> list[tuple[str, int]]:
+    """The ``(layer, t)`` entries of ``rel`` that ship a Diff-C head (from ``release.json``, nothing loaded)."""
+    items = (getattr(rel.release, "config", None) or {}).get("entries") or []
+    return [(str(i["layer"]), int(i["timestep"])) for i in items if isinstance(i, dict) and i.get("diffc")]
+
+
+def no_diffc_note(rel: LoadedRelease, layer: str, t: int) -> str:
+    """What to tell a user whose entry has no classifier: which entries do have one."""
+    others = diffc_entries(rel)
+    where = ("; entries with one: " + ", ".join(f"{l} t={tt}" for l, tt in others)) if others else (
+        "; this release has no Diff-C head at all"
+    )
+    return f"No Diff-C classifier for {layer} t={t}, so no predicted classes{where}."
 
 
 def model_recipe(model: Any) -> dict[str, Any]:
@@ -115,12 +142,12 @@ def model_recipe(model: Any) -> dict[str, Any]:
 def _check_neuron(entry: Any, neuron: Any) -> int:
     n_latents = int(entry.sae.n_latents)
     try:
-        value = float(neuron)
-    except (TypeError, ValueError):
-        raise ValueError(f"Neuron id must be a whole number, got {neuron!r}.") from None
-    if not value.is_integer() or not 0 <= value < n_latents:
-        raise ValueError(f"Neuron id must be a whole number from 0 to {n_latents - 1}, got {neuron!r}.")
-    return int(value)
+        value = whole_number(neuron, "Neuron id")
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < n_latents:
+        raise ValueError(f"Neuron id must be a whole number from 0 to {n_latents - 1}, got {shown(neuron, 24)}.")
+    return value
 
 
 def _atlas_summary(atlas: Any, i: int) -> str:
@@ -170,7 +197,7 @@ def analyze(
     entry = rel.entry(layer, t)
     sae_recipe = model_recipe(entry.sae)
     maps = state.feature_maps(img, rel, t, sae_recipe, digest=digest, progress=progress)
-    predictions: dict[str, float] = {}
+    predictions: Optional[dict[str, float]] = None
     if entry.diffc is not None:
         diffc_recipe = model_recipe(entry.diffc)
         same = all(diffc_recipe.get(k) == sae_recipe.get(k) for k in ("image_size", "noise_seed", "ensemble"))
@@ -190,8 +217,12 @@ def analyze(
         for v, i in zip(values.tolist(), ids.tolist())
         if v > 0
     ]
-    predictions = {str(name): round(float(p), 6) for name, p in predictions.items()}
-    return Analysis(rel.id, layer, t, predictions, neurons, digest, display_image(img))
+    note = None
+    if predictions is not None:
+        predictions = {str(name): round(float(p), 6) for name, p in predictions.items()}
+    else:
+        note = no_diffc_note(rel, layer, t)
+    return Analysis(rel.name, layer, t, predictions, neurons, digest, display_image(img), note=note)
 
 
 def activation_map(state: AppState, analysis: Analysis, neuron: Any) -> "torch.Tensor":
@@ -386,6 +417,8 @@ __all__ = [
     "class_neurons",
     "class_names",
     "resolve_entry",
+    "diffc_entries",
+    "no_diffc_note",
     "NEURON_TABLE_HEADERS",
     "SORT_KEYS",
     "DISPLAY_SIZE",

@@ -230,7 +230,7 @@ class LoadedRelease:
     def default_entry(self) -> tuple[str, int]:
         entries = self.entries
         if not entries:
-            raise ValueError(f"Release {self.id!r} has no entries.")
+            raise ValueError(f"Release {self.name!r} has no entries.")
         return entries[0]
 
     def check_entry(self, layer: str, t: int) -> tuple[str, int]:
@@ -242,9 +242,8 @@ class LoadedRelease:
         if (layer, t) not in self.entries:
             offered = ", ".join(f"{l} t={tt}" for l, tt in self.entries)
             if layer not in self.layers:
-                raise ValueError(
-                    f"Layer {layer!r} is not in release {self.name!r}; it offers: {offered}."
-                )
+                shown = repr(layer) if len(repr(layer)) <= 60 else repr(str(layer)[:57]) + "…"
+                raise ValueError(f"Layer {shown} is not in release {self.name!r}; it offers: {offered}.")
             raise ValueError(
                 f"Timestep {t} is not available for layer {layer!r} in release {self.name!r}; "
                 f"available: {', '.join(map(str, self.timesteps(layer)))}."
@@ -332,7 +331,14 @@ class AppState:
             raise ValueError("AppState needs at least one release.")
         self.config = config
         self.releases: dict[str, LoadedRelease] = {}
+        taken: set[str] = set()
         for rel in releases:
+            # Users (dropdown, API, errors) see names, never server paths: make them unique.
+            base, n = rel.name, 1
+            while rel.name in taken:
+                n += 1
+                rel.name = f"{base} ({n})"
+            taken.add(rel.name)
             self.releases[rel.id] = rel
         self.default_id = releases[0].id
         self.backbones = BackboneCache()
@@ -360,20 +366,32 @@ class AppState:
     def release_ids(self) -> list[str]:
         return list(self.releases)
 
+    @property
+    def release_names(self) -> list[str]:
+        """The names users see (unique within the app; ids may be server paths and are never shown)."""
+        return [rel.name for rel in self.releases.values()]
+
     def get_release(self, release_id: Optional[str] = None) -> LoadedRelease:
-        """The release named ``release_id`` (id, path or short name); ``None``/``""`` is the default."""
+        """The release named ``release_id`` (its name, id or path); ``None``/``""`` is the default.
+
+        The error lists release *names* only: ids may be server paths.
+        """
         if not release_id:
             return self.releases[self.default_id]
         release_id = str(release_id).strip()
+        for rel in self.releases.values():  # names first: they are unique, ids' folder names may not be
+            if release_id == rel.name:
+                return rel
         if release_id in self.releases:
             return self.releases[release_id]
         for rel in self.releases.values():
-            if release_id in (rel.name, Path(rel.id.rstrip("/\\")).name) or (
+            if release_id == Path(rel.id.rstrip("/\\")).name or (
                 os.path.normpath(release_id) == os.path.normpath(rel.id)
             ):
                 return rel
+        shown = repr(release_id) if len(release_id) <= 60 else repr(release_id[:59] + "…")
         raise ValueError(
-            f"Unknown release {release_id!r}; this app serves: {', '.join(self.release_ids)} "
+            f"Unknown release {shown}; this app serves: {', '.join(self.release_names)} "
             "(or pass \"\" for the default)."
         )
 

@@ -10,20 +10,32 @@ API (for ``gradio_client``):
 
 * ``/analyze`` - the Analyze button: (image, layer, timestep, release) ->
   predictions, neuron table, selected neuron, caption, gallery, heat map.
-* ``/analyze_json`` - (image file, layer, timestep, release id or "") -> a
-  JSON dict ``{"release", "layer", "timestep", "predictions", "neurons"}``.
+* ``/analyze_json`` - (image file, layer, timestep, release name or "") -> a
+  JSON dict ``{"release", "layer", "timestep", "predictions", "note", "neurons"}``.
+* ``/neuron`` - (release, layer, timestep, neuron id) -> stats, label
+  histogram, top-activating images.
+
+The endpoints are public: anyone can post to them. So every file input goes
+through :func:`~revelio_hub.app.validation.served_upload` (only files that
+came in through Gradio's upload, or the release's examples), Gradio's own
+refusals of file payloads are answered with the same sentence
+(:class:`ServedBlocks`), messages are HTML-escaped (Gradio renders them as
+HTML), and users see release *names*, never server paths.
 """
 
 import contextlib
+import html
 import logging
+import os
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 from gradio import FileData
 
 from revelio_hub.app import analysis as A
 from revelio_hub.app.state import AppState, LoadedRelease
+from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +51,17 @@ CSS = """
 
 @contextlib.contextmanager
 def user_errors(action: str) -> Iterator[None]:
-    """Show ``ValueError``s as they are and anything else as one plain sentence."""
+    """Show ``ValueError``s as they are (HTML-escaped) and anything else as one plain sentence.
+
+    Gradio renders error messages as HTML, and messages may quote what the
+    user sent (a file name, a layer name): escaping keeps that text inert.
+    """
     try:
         yield
     except gr.Error:
         raise
     except ValueError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise gr.Error(html.escape(str(exc), quote=False), print_exception=False) from None
     except Exception as exc:  # the log keeps the traceback; the user gets a sentence
         logger.exception("Unexpected error while %s", action)
         raise gr.Error(
@@ -60,21 +76,75 @@ def theme() -> gr.themes.Base:
 
 
 def launch_kwargs(state: AppState) -> dict[str, Any]:
-    """Arguments of ``Blocks.launch`` that the app needs wherever it is launched (app.py, tests)."""
+    """Arguments of ``Blocks.launch`` that the app needs wherever it is launched (app.py, tests).
+
+    ``show_error`` stays off: every message meant for users is a ``gr.Error``
+    (always shown); anything else Gradio raises internally could quote server
+    paths, so it is reported as a bare "Error".
+    """
     return {
         "theme": theme(),
         "css": CSS,
         "allowed_paths": state.allowed_paths(),
         "max_file_size": "25mb",
-        "show_error": True,
+        "show_error": False,
     }
+
+
+def _is_file_payload(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("path"), str) and (
+        (value.get("meta") or {}).get("_type") == "gradio.FileData" if isinstance(value.get("meta"), dict) else False
+    )
+
+
+def _has_remote_file(value: Any) -> bool:
+    """Does any tagged file payload in ``value`` name a URL (which Gradio would fetch on the server)?"""
+    if _is_file_payload(value):
+        return "://" in value["path"]
+    if isinstance(value, dict):
+        return any(_has_remote_file(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_remote_file(v) for v in value)
+    return False
+
+
+class ServedBlocks(gr.Blocks):
+    """``gr.Blocks`` whose refusals of file payloads read like the app's own.
+
+    Gradio vets tagged ``FileData`` before an event function runs (a file
+    outside its upload folder raises ``InvalidPathError``, a malformed payload
+    a pydantic ``ValidationError``), and those messages quote the path after
+    making it absolute, which reveals the server's working directory. This
+    turns them into :data:`~revelio_hub.app.validation.UPLOAD_REFUSED`, the
+    sentence :func:`~revelio_hub.app.validation.served_upload` gives for
+    every other refused value, and refuses URLs before Gradio downloads them.
+    """
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):  # noqa: D102
+        import pydantic
+        from gradio.exceptions import InvalidPathError
+
+        if _has_remote_file(inputs):
+            raise gr.Error(UPLOAD_REFUSED, print_exception=False)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except (InvalidPathError, pydantic.ValidationError):
+            raise gr.Error(UPLOAD_REFUSED, print_exception=False) from None
 
 
 _IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()(?!https?://|/|data:)([^)\s]+)(\))")
 
 
 def card_markdown(rel: LoadedRelease) -> str:
-    """The release card for the About tab, its relative figure links served from the release folder."""
+    """The release card for the About tab, its relative figures served from Gradio's cache.
+
+    The figures are copied into Gradio's cache folder (content-addressed, so
+    once per file) rather than served from the release folder: a
+    ``/file=`` link carries the absolute path, and the release folder's path
+    must not reach users.
+    """
+    from gradio.processing_utils import save_file_to_cache
+
     text = rel.card or "_This release has no card._"
     root = rel.local_dir
     if root is None:
@@ -84,7 +154,8 @@ def card_markdown(rel: LoadedRelease) -> str:
         file = (root / match.group(2)).resolve()
         if not file.is_file() or root not in file.parents:
             return match.group(0)
-        return f"{match.group(1)}gradio_api/file={file}{match.group(3)}"
+        cached = save_file_to_cache(file, cache_dir=upload_roots()[0])
+        return f"{match.group(1)}gradio_api/file={cached}{match.group(3)}"
 
     return _IMAGE_LINK.sub(serve, text)
 
@@ -119,10 +190,21 @@ class Events:
 
     Kept as methods (not closures inside :func:`build_ui`) so tests call them
     directly with the values the components would send.
+
+    ``upload_roots`` are the folders an uploaded file may be in (default:
+    Gradio's upload folder, looked up at each call so ``$GRADIO_TEMP_DIR``
+    set after start-up is honoured).
     """
 
-    def __init__(self, state: AppState) -> None:
+    def __init__(self, state: AppState, upload_roots: Optional[Sequence[str]] = None) -> None:
         self.state = state
+        self._upload_roots = list(upload_roots) if upload_roots is not None else None
+
+    def served_image(self, value: Any) -> Upload:
+        """The uploaded file an endpoint received, or ``ValueError`` (see :func:`served_upload`)."""
+        roots = self._upload_roots if self._upload_roots is not None else upload_roots()
+        examples = [path for rel in self.state.releases.values() for path, _ in rel.examples]
+        return served_upload(value, roots, examples)
 
     # ---------------------------------------------------------------- Analyze
 
@@ -130,7 +212,7 @@ class Events:
         """Analyze an image: predicted classes, its top neurons, and the strongest neuron's images and heat map."""
         with user_errors("analysing the image"):
             result = A.analyze(
-                self.state, image, layer, timestep, release,
+                self.state, self.served_image(image), layer, timestep, release,
                 progress=(lambda frac, desc: progress(frac, desc=desc)) if progress is not None else None,
             )
             rows = [[n.id, round(n.activation, 4), n.summary] for n in result.neurons]
@@ -162,14 +244,14 @@ class Events:
             text, gal, overlay = self.select_neuron(result, neuron)
             return gr.update(value=neuron), text, gal, overlay
 
-    @staticmethod
-    def pick_example(evt: gr.SelectData):
-        value = evt.value or {}
-        image = value.get("image") if isinstance(value, dict) else None
-        path = image.get("path") if isinstance(image, dict) else None
-        if not path:
-            raise gr.Error("Could not load that example; upload an image instead.", print_exception=False)
-        return path
+    def pick_example(self, release, evt: gr.SelectData):
+        """Load the clicked example: looked up by its index in the release's own list, never by a path the client sent."""
+        with user_errors("loading the example"):
+            examples = self.state.get_release(release).examples
+            index = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else evt.index
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(examples):
+                raise ValueError("Could not load that example; upload an image instead.")
+            return examples[index][0]
 
     def change_layer(self, release, layer):
         """Offer the timesteps the release has for the chosen layer."""
@@ -224,8 +306,7 @@ class Events:
         "neurons": [{"id", "activation", "summary"}]} with neurons sorted by activation (strongest first).
         layer "" and timestep -1 mean the release's default entry; release "" the app's default release."""
         with user_errors("analysing the image"):
-            t = None if timestep is None or (isinstance(timestep, (int, float)) and timestep < 0) else timestep
-            return A.analyze(self.state, image, layer or None, t, release).to_json()
+            return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
 
 
 def build_ui(state: AppState) -> gr.Blocks:
@@ -234,10 +315,10 @@ def build_ui(state: AppState) -> gr.Blocks:
     ev = Events(state)
     rel0 = state.get_release()
     layer0, t0 = rel0.default_entry()
-    release_choices = [(rel.name, rel.id) for rel in state.releases.values()]
+    release_choices = state.release_names  # names only: a release id may be a server path
     private = {"api_visibility": "private"}
 
-    with gr.Blocks(title="Revelio Hub", fill_width=True) as demo:
+    with ServedBlocks(title="Revelio Hub", fill_width=True) as demo:
         with gr.Row(equal_height=True):
             gr.Markdown(
                 "# Revelio Hub\nSee what a diffusion model knows: which sparse-autoencoder neurons an image "
@@ -245,7 +326,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 elem_id="revelio-title",
             )
             release_dd = gr.Dropdown(
-                release_choices, value=rel0.id, label="Release", scale=0, min_width=240,
+                release_choices, value=rel0.name, label="Release", scale=0, min_width=240,
                 interactive=len(release_choices) > 1, elem_id="release",
             )
         analysis_state = gr.State(None)
@@ -322,7 +403,7 @@ def build_ui(state: AppState) -> gr.Blocks:
         )
         neuron_dd.input(ev.select_neuron, [analysis_state, neuron_dd], [caption, gallery, heatmap], **private)
         neuron_table.select(ev.select_row, [analysis_state], [neuron_dd, caption, gallery, heatmap], **private)
-        examples.select(ev.pick_example, None, image_in, **private)
+        examples.select(ev.pick_example, release_dd, image_in, **private)
         layer_dd.input(ev.change_layer, [release_dd, layer_dd], t_dd, **private)
         b_layer.input(ev.change_layer, [release_dd, b_layer], b_t, **private)
 
@@ -351,4 +432,4 @@ def build_ui(state: AppState) -> gr.Blocks:
     return demo
 
 
-__all__ = ["Events", "build_ui", "launch_kwargs", "user_errors", "theme", "CSS"]
+__all__ = ["Events", "ServedBlocks", "build_ui", "launch_kwargs", "user_errors", "theme", "CSS"]

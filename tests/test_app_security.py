@@ -1,0 +1,238 @@
+"""The served app as a hostile client sees it: raw HTTP, no gradio_client.
+
+A Space is public, so anyone can post JSON to its endpoints. These tests send
+requests by hand (httpx) to the app served in this process, through Gradio's
+``POST /gradio_api/call/<api_name>`` + ``GET`` event stream, and check that:
+
+* no endpoint opens a file the client names (a plain path string, an untagged
+  dict, a ``file://`` url, a tagged ``FileData`` outside Gradio's upload
+  folder, a symlink or ``..`` out of it): each is refused with one and the
+  same sentence, whether or not the file exists, and nothing comes back;
+* a real upload (``POST /gradio_api/upload``) works (the positive control);
+* no response carries the release folder's path or the client's own path;
+* a file name in a message is HTML-escaped, and web users are not told to
+  "raise max_pixels".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import LaunchedApp, app_release_path, huge_png, not_an_image, shape_image  # noqa: E402
+
+httpx = pytest.importorskip("httpx")
+gr = pytest.importorskip("gradio")
+
+from revelio_hub.app.state import AppConfig, AppState  # noqa: E402
+from revelio_hub.app.validation import UPLOAD_REFUSED  # noqa: E402
+
+TAG = {"_type": "gradio.FileData"}
+#: Every endpoint with a file input, and the rest of its arguments (defaults).
+FILE_ENDPOINTS = {"analyze": [None, None, ""], "analyze_json": ["", -1, ""]}
+
+
+@pytest.fixture(scope="module")
+def app():
+    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()])))
+    try:
+        yield launched
+    finally:
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A real PNG outside the upload folder (what an attacker would like read), and a path that does not exist."""
+    folder = tmp_path_factory.mktemp("server_files")
+    return {"secret": shape_image(folder / "secret.png", color=(10, 200, 10)), "missing": folder / "missing.png"}
+
+
+def call(app, api_name: str, data: list, timeout: float = 120) -> tuple[str, Any]:
+    """POST ``data`` to ``/gradio_api/call/<api_name>`` and read the event stream: ("complete"|"error", payload)."""
+    r = httpx.post(f"{app.url}gradio_api/call/{api_name}", json={"data": data}, timeout=timeout)
+    assert r.status_code == 200, r.text
+    event_id = r.json()["event_id"]
+    event = None
+    with httpx.stream("GET", f"{app.url}gradio_api/call/{api_name}/{event_id}", timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                return event, json.loads(line.split(":", 1)[1])
+    raise AssertionError(f"no result for /{api_name}")
+
+
+def upload(app, path: Path) -> str:
+    """Upload ``path`` the way the browser and gradio_client do; returns its server-side path."""
+    with open(path, "rb") as fh:
+        r = httpx.post(f"{app.url}gradio_api/upload", files={"files": (path.name, fh, "image/png")}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()[0]
+
+
+def attack_cases(files: dict[str, Path]) -> dict[str, Any]:
+    from gradio.utils import get_upload_folder
+
+    secret, missing = files["secret"], files["missing"]
+    cache = Path(get_upload_folder())
+    link_dir = cache / f"revelio-test-{uuid.uuid4().hex}"
+    link_dir.mkdir(parents=True)
+    link = link_dir / "inside.png"
+    link.symlink_to(secret)  # inside the upload folder by name, outside it in fact
+    return {
+        "untagged dict, file exists": {"path": str(secret)},
+        "untagged dict, file missing": {"path": str(missing)},
+        "string path, file exists": str(secret),
+        "string path, file missing": str(missing),
+        "file:// url, tagged": {"path": f"file://{secret}", "meta": TAG},
+        "file:// url string": f"file://{secret}",
+        "tagged, outside the upload folder, exists": {"path": str(secret), "meta": TAG},
+        "tagged, outside the upload folder, missing": {"path": str(missing), "meta": TAG},
+        "tagged, relative path": {"path": os.path.relpath(secret), "meta": TAG},
+        "tagged, ../ out of the upload folder": {"path": f"{cache}/../..{secret}", "meta": TAG},
+        "tagged, symlink in the upload folder": {"path": str(link), "meta": TAG},
+        "tagged, missing inside the upload folder": {"path": str(link_dir / "nothing.png"), "meta": TAG},
+        "tagged, http url": {"path": "http://127.0.0.1:1/x.png", "meta": TAG},
+    }
+
+
+
+
+def test_every_file_endpoint_is_covered(app):
+    """The cases below cover every event with a file input (a new endpoint cannot slip past them)."""
+    with_files = {
+        fn.api_name for fn in app.demo.fns.values()
+        if any('"path"' in json.dumps(c.api_info()) for c in fn.inputs if hasattr(c, "api_info"))
+    }
+    assert with_files == set(FILE_ENDPOINTS)
+
+
+@pytest.mark.parametrize("api_name", sorted(FILE_ENDPOINTS))
+def test_server_paths_are_refused_with_one_sentence(app, files, api_name):
+    release_dir = str(Path(app_release_path()).resolve())
+    results = {}
+    for case, value in attack_cases(files).items():
+        event, payload = call(app, api_name, [value, *FILE_ENDPOINTS[api_name]])
+        results[case] = (event, payload)
+        text = json.dumps(payload)
+        assert event == "error", (case, text)
+        assert payload["error"] == UPLOAD_REFUSED, (case, text)  # the same text whether or not the file exists
+        assert "data" not in payload and ".png" not in text and ".webp" not in text  # no image comes back
+        assert str(files["secret"].parent) not in text and release_dir not in text and os.getcwd() not in text
+    assert len(results) == len(attack_cases(files))
+
+
+def test_a_real_upload_works(app, files, tmp_path):
+    """The positive control: the same file, uploaded through Gradio, is analysed by both endpoints."""
+    image = shape_image(tmp_path / "mine.png", color=(220, 40, 40))
+    served = upload(app, image)
+    value = {"path": served, "orig_name": "mine.png", "meta": TAG}
+    event, payload = call(app, "analyze_json", [value, "", -1, ""])
+    assert event == "complete", payload
+    result = payload[0]
+    rel = app.state.get_release()
+    assert result["release"] == rel.name and result["neurons"]
+    event, payload = call(app, "analyze", [value, None, None, ""])
+    assert event == "complete", payload
+    heatmap = payload[5]
+    assert heatmap and heatmap["url"]
+    r = httpx.get(heatmap["url"], timeout=30)
+    assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_response_names_a_server_path(app, files, tmp_path):
+    release_dir = str(Path(app_release_path()).resolve())
+    texts = []
+    for route in ("config", "gradio_api/info", "gradio_api/openapi.json", ""):
+        r = httpx.get(app.url + route, timeout=60)
+        assert r.status_code == 200
+        texts.append(r.text)
+    served = upload(app, shape_image(tmp_path / "any.png"))
+    value = {"path": served, "orig_name": "any.png", "meta": TAG}
+    texts.append(json.dumps(call(app, "analyze_json", [value, "", -1, ""])[1]))
+    texts.append(json.dumps(call(app, "analyze", [value, None, None, ""])[1]))
+    rel = app.state.get_release()
+    layer, t = rel.default_entry()
+    texts.append(json.dumps(call(app, "neuron", [rel.name, layer, t, 0])[1]))
+    event, payload = call(app, "analyze_json", [value, "", -1, "elsewhere"])
+    assert event == "error" and "Unknown release 'elsewhere'" in payload["error"] and rel.name in payload["error"]
+    texts.append(json.dumps(payload))
+    for text in texts:
+        assert release_dir not in text and str(tmp_path) not in text and os.getcwd() not in text
+    # The release is named, not located, in the JSON answer and the dropdown.
+    assert json.loads(texts[4])[0]["release"] == rel.name
+
+
+def test_file_names_in_messages_are_escaped(app, tmp_path):
+    served = upload(app, not_an_image(tmp_path))
+    name = "<img src=x onerror=alert(1)>.png"
+    event, payload = call(app, "analyze_json", [{"path": served, "orig_name": name, "meta": TAG}, "", -1, ""])
+    assert event == "error"
+    assert "<img" not in payload["error"] and "&lt;img src=x onerror=alert(1)&gt;.png" in payload["error"]
+    assert "not an image" in payload["error"]
+
+
+def test_web_users_are_not_told_to_raise_max_pixels(app, tmp_path):
+    served = upload(app, huge_png(tmp_path))
+    event, payload = call(app, "analyze_json", [{"path": served, "orig_name": "huge.png", "meta": TAG}, "", -1, ""])
+    assert event == "error" and "huge.png" in payload["error"]
+    assert "max_pixels" not in payload["error"] and served not in payload["error"]
+
+
+def test_examples_are_picked_by_index_not_by_a_client_path(app, tmp_path):
+    """The example gallery's select event loads the release's own file, whatever path the client puts in the event."""
+    examples = app.state.get_release().examples
+    if not examples:
+        pytest.skip("the release has no examples")
+    other = upload(app, shape_image(tmp_path / "other.png", color=(1, 2, 3)))  # a path Gradio itself would let through
+    fn_index = next(i for i, fn in app.demo.fns.items() if getattr(fn.fn, "__name__", "") == "pick_example")
+
+    def select(index: Any) -> dict:
+        session = uuid.uuid4().hex[:10]
+        event_data = {"index": index, "value": {"image": {"path": other, "meta": TAG}, "caption": None}}
+        body = {"data": [app.state.get_release().name], "fn_index": fn_index, "session_hash": session,
+                "event_data": event_data, "trigger_id": None}
+        assert httpx.post(f"{app.url}gradio_api/queue/join", json=body, timeout=60).status_code == 200
+        with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=60) as s:
+            for line in s.iter_lines():
+                msg = json.loads(line[5:]) if line.startswith("data:") else {}
+                if msg.get("msg") == "process_completed":
+                    return msg
+        raise AssertionError("no answer")
+
+    msg = select(0)
+    assert msg["success"], msg
+    out = msg["output"]["data"][0]
+    assert Path(out["path"]).read_bytes() == Path(examples[0][0]).read_bytes()  # the example, not the client's file
+    msg = select(len(examples) + 5)
+    assert not msg["success"] and "Could not load that example" in msg["output"]["error"]
+
+
+def test_served_upload_gate(tmp_path):
+    """The gate itself, as Python: tagged + inside a root + existing, or the one refusal."""
+    from revelio_hub.app.validation import NO_IMAGE, served_upload
+
+    root = tmp_path / "uploads"
+    root.mkdir()
+    inside = shape_image(root / "ok.png")
+    outside = shape_image(tmp_path / "outside.png")
+    assert served_upload({"path": str(inside), "meta": TAG, "orig_name": "a.png"}, [root]).name == "a.png"
+    assert served_upload({"path": str(outside), "meta": TAG}, [root], [outside]).path == str(outside.resolve())
+    refused = [
+        {"path": str(outside), "meta": TAG}, {"path": str(inside)}, str(inside), {"path": str(inside), "meta": {}},
+        {"path": str(root / ".." / "outside.png"), "meta": TAG}, {"path": str(root / "none.png"), "meta": TAG}, 12,
+    ]
+    for value in refused:
+        with pytest.raises(ValueError) as info:
+            served_upload(value, [root])
+        assert str(info.value) == UPLOAD_REFUSED
+    with pytest.raises(ValueError, match=NO_IMAGE[:20]):
+        served_upload(None, [root])
