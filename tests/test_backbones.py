@@ -377,13 +377,28 @@ def test_extract_pixels_matches_extract(backbones):
         bb.extract_pixels(torch.zeros(1, 3, 32, 32), "bottleneck", 5)
 
 
-def test_compile_keeps_hooks_and_values(folders):
+def test_compile_keeps_hooks_and_values(folders, monkeypatch):
     # backend="eager" traces with dynamo without a C++ toolchain: checks that compiling the
     # pieces inside each block leaves the block hooks (capture + early exit) working.
+    import logging
+
+    import torch._dynamo
+
     bb = load_backbone(folders["pixel"], image_size=16)
     before = bb.extract(_images(2), ["down_ft1", "bottleneck"], 25)
-    bb.compile(backend="eager")
-    after = bb.extract(_images(2), ["down_ft1", "bottleneck"], 25)
+    # Same-class blocks of different shapes each need a compiled entry; with dynamo's limit below
+    # their number, the rest would silently run eager (SD 1.5 has more resnet shapes than the default 8).
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        bb.compile(backend="eager")
+        after = bb.extract(_images(2), ["down_ft1", "bottleneck"], 25)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    assert not [w for w in warnings if "recompile_limit" in w], warnings
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-6)
 

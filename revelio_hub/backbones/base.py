@@ -148,17 +148,29 @@ class Backbone:
         block's children — so the block-level hooks, and with them early exit,
         stay outside the compiled graphs. ``compile_kwargs`` go to
         ``torch.compile`` (``mode``, ``backend``, ``dynamic``...). Returns self.
+
+        Piecewise compilation compiles one code object (``ResnetBlock2D.forward``...)
+        once per distinct instance shape: SD 1.5's path to ``up_ft1`` alone has 9
+        resnet shapes per image size, more than dynamo's default recompile limit (8),
+        past which the remaining instances silently run eager. So this raises
+        ``torch._dynamo.config.recompile_limit`` (process-wide) to cover every
+        compiled module.
         """
-        if vae and self.vae is not None:
-            self.vae.encoder.compile(**compile_kwargs)
+        modules = []
         if denoiser:
             for block in self._layer_modules.values():
                 for child in block.children():
-                    if isinstance(child, nn.ModuleList):
-                        for sub in child:
-                            sub.compile(**compile_kwargs)
-                    else:
-                        child.compile(**compile_kwargs)
+                    modules += list(child) if isinstance(child, nn.ModuleList) else [child]
+        if modules:
+            import torch._dynamo
+
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 2 * len(modules))
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * len(modules))
+        if vae and self.vae is not None:
+            self.vae.encoder.compile(**compile_kwargs)
+        for module in modules:
+            module.compile(**compile_kwargs)
         return self
 
     # --------------------------------------------------------------- helpers
