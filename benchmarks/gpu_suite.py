@@ -419,7 +419,7 @@ def step_diffc(ctx: Context, rec: StepRecord) -> None:
     result = train_diffc(LabeledFeatures(feats, labels, None, None), classes, ctx.work / "diffc", cfg, progress=False)
     seconds = result.fit.history[-1]["train_seconds"]
     rec.add(f"one epoch, {c}x{m}x{m} maps, batch {S.diffc_batch}", n / seconds, "img/s",
-            note=f"{n} images, fp32 (accelerate mixed_precision=no)")
+            note=f"{n} images, mixed_precision=no (the trainer default)")
 
 
 # ------------------------------------------------------------------ 4. atlas
