@@ -8,6 +8,8 @@ real configs, no Hub), opens them with ``revelio_hub.load_backbone`` and runs,
 each step guarded (a failure is recorded with its traceback tail and the next
 step runs) and under its own share of ``--budget-s`` (``suite_runner.py``):
 
+0. ``models``: writes the two model folders (time and size), so that their
+   cost does not eat into the extraction step's cap;
 1. ``extract``: seed-style (fp32, full UNet, hook) vs ``Backbone.extract_pixels``
    (bf16 on CUDA, channels_last, early exit; then ``Backbone.compile``, cold and
    warm) for ``bottleneck`` and ``up_ft1`` at 512 px and ``bottleneck`` at 256 px,
@@ -73,6 +75,7 @@ GOAL_APP = "≤ 60 ms p50 on H200"
 
 #: What each step imports beyond torch (and the project's own requirements the GPU image has).
 STEP_PACKAGES = {
+    "models": ("diffusers", "transformers"),
     "extract": ("diffusers", "transformers"),
     "ksae": ("accelerate", "safetensors", "huggingface_hub"),
     "diffc": ("accelerate", "transformers"),
@@ -254,6 +257,19 @@ class _CompileLog(logging.Handler):
     def __exit__(self, *exc) -> None:
         for name in ("torch._dynamo", "torch._inductor"):
             logging.getLogger(name).removeHandler(self)
+
+
+# ------------------------------------------------------------------ 0. model folders
+
+
+def step_models(ctx: Context, rec: StepRecord) -> None:
+    """Write both model folders up front, so their cost (random init, GBs of safetensors) shows on its own."""
+    for kind, label in (("sd15", "SD-1.5 architecture"), ("dit", "DiT-XL/2-256 architecture")):
+        start = time.perf_counter()
+        folder = ctx.folder(kind)
+        size = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+        rec.add(f"{label} folder written", time.perf_counter() - start, "s",
+                note=(f"{size / 1e9:.2f} GB" if size > 1e9 else f"{size / 1e6:.1f} MB") + " of fp32 safetensors")
 
 
 # ------------------------------------------------------------------ 1. extraction
@@ -620,18 +636,20 @@ def build_steps(ctx: Context) -> list[Step]:
         return skip
 
     return [
+        Step("models", "SD-1.5 and DiT-XL/2 folders, random weights", lambda r: step_models(ctx, r),
+             share=0.10, skip=needs("models")),
         Step("extract", "extraction: seed-style vs ours, eager and compiled", lambda r: step_extract(ctx, r),
-             share=0.40, skip=needs("extract")),
+             share=0.35, skip=needs("extract")),
         Step("ksae", "k-SAE training step: seed-style vs train_sae", lambda r: step_ksae(ctx, r), share=0.15,
              skip=needs("ksae")),
-        Step("diffc", "Diff-C: one epoch on cached up_ft1 maps", lambda r: step_diffc(ctx, r), share=0.08,
+        Step("diffc", "Diff-C: one epoch on cached up_ft1 maps", lambda r: step_diffc(ctx, r), share=0.07,
              skip=needs("diffc")),
-        Step("atlas", "atlas statistics: streaming vs dense", lambda r: step_atlas(ctx, r), share=0.07,
+        Step("atlas", "atlas statistics: streaming vs dense", lambda r: step_atlas(ctx, r), share=0.06,
              skip=needs("atlas")),
-        Step("app", "/analyze_json through gradio_client", lambda r: step_app(ctx, r), share=0.18,
+        Step("app", "/analyze_json through gradio_client", lambda r: step_app(ctx, r), share=0.17,
              skip=needs("app")),
         Step("multigpu", "train_ksae.py under accelerate launch --multi_gpu (2 processes)",
-             lambda r: step_multigpu(ctx, r), share=0.12, skip=needs("multigpu", lambda: multigpu_skip_reason(ctx))),
+             lambda r: step_multigpu(ctx, r), share=0.10, skip=needs("multigpu", lambda: multigpu_skip_reason(ctx))),
     ]
 
 
@@ -645,7 +663,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true",
                    help="tiny models and workloads (same code paths) for a CPU dry run; figures mean nothing")
     p.add_argument("--only", default=None, help="comma-separated steps to run (default: all): "
-                   "extract,ksae,diffc,atlas,app,multigpu")
+                   "models,extract,ksae,diffc,atlas,app,multigpu (extract and app build the models they need)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for the compiled extraction (default: inductor; eager with --small, "
                         "which traces with dynamo but skips code generation)")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from suite_runner import FAILED, OK, SKIPPED, TIMED_OUT, Step, render_table, run_steps  # noqa: E402
 
-STEPS = ["extract", "ksae", "diffc", "atlas", "app", "multigpu"]
+STEPS = ["models", "extract", "ksae", "diffc", "atlas", "app", "multigpu"]
 
 
 @pytest.mark.slow
