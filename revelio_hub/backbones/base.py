@@ -165,8 +165,12 @@ class Backbone:
             import torch._dynamo
 
             config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, 2 * len(modules))
-            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * len(modules))
+            # (torch < 2.7 calls them cache_size_limit / accumulated_cache_size_limit)
+            for names, wanted in ((("recompile_limit", "cache_size_limit"), 2 * len(modules)),
+                                  (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 8 * len(modules))):
+                name = next((n for n in names if hasattr(config, n)), None)
+                if name is not None:
+                    setattr(config, name, max(getattr(config, name), wanted))
         if vae and self.vae is not None:
             self.vae.encoder.compile(**compile_kwargs)
         for module in modules:
