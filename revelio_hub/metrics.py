@@ -26,6 +26,7 @@ __all__ = [
     "auroc",
     "topk_accuracy",
     "per_class_accuracy",
+    "spearman",
 ]
 
 
@@ -238,3 +239,36 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
     acc = correct / total
     acc[total == 0] = math.nan
     return acc
+
+
+# ---------------------------------------------------------------- rank agreement
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-D tensor, ties sharing their average rank (float64)."""
+    x = x.double()
+    sorted_x = x.sort().values
+    left = torch.searchsorted(sorted_x, x, right=False)
+    right = torch.searchsorted(sorted_x, x, right=True)
+    return (left + right + 1).double() / 2
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (Pearson correlation of average ranks).
+
+    Used to say how well a cheap score (e.g. a gradient × activation estimate)
+    orders items like an expensive one (the exact effect). Returns ``nan`` when
+    it is undefined: fewer than two pairs, or one side constant (no ordering to
+    agree with).
+    """
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.numel() != b.numel():
+        raise ValueError(f"spearman needs two tensors of equal length, got {a.numel()} and {b.numel()}")
+    if a.numel() < 2:
+        return float("nan")
+    ra, rb = _average_ranks(a.cpu()), _average_ranks(b.cpu())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    if denom == 0:
+        return float("nan")
+    return float((ra * rb).sum()) / denom

@@ -83,8 +83,30 @@ class ReleaseEntry:
     path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    #: ``(layer, t)`` of the release's entries that have a Diff-C head (for error messages).
+    diffc_entries: list[tuple[str, int]] = field(default_factory=list, repr=False)
+
     def __iter__(self):  # allows ``sae, diffc, atlas = release.load(...)``
         return iter((self.sae, self.diffc, self.atlas))
+
+    def attribute(self, features: Any, target: Any = None, top: Optional[int] = 10, **kwargs: Any) -> list:
+        """Which SAE neurons made this entry's Diff-C predict ``target`` (default: its top class), per image.
+
+        Features are the Diff-C's input maps (reused: no backbone pass). Exact
+        removal effects for the ``top`` neurons, first-order estimates for all
+        active ones; see :func:`revelio_hub.interpret.attribution.attribute`.
+        """
+        if self.sae is None or self.diffc is None:
+            missing = "k-SAE" if self.sae is None else "Diff-C head"
+            both = ", ".join(f"{l} t={t}" for l, t in self.diffc_entries) or "none"
+            raise ValueError(
+                f"Entry {self.layer} t={self.timestep} has no {missing}, so its predictions cannot be attributed "
+                f"to neurons. Entries with both a k-SAE and a Diff-C: {both}."
+            )
+        from .interpret.attribution import attribute
+
+        kwargs.setdefault("atlas", self.atlas)
+        return attribute(self.sae, self.diffc, features, target, top, layer=self.layer, timestep=self.timestep, **kwargs)
 
 
 def _read_json(file: Path, what: str) -> Any:
@@ -243,6 +265,12 @@ class Release:
                 out.append((str(root / file), str(caption or Path(file).stem)))
         return out
 
+    @property
+    def diffc_entries(self) -> list[tuple[str, int]]:
+        """The (layer, timestep) entries that have both a k-SAE and a Diff-C head, per ``release.json``."""
+        return [(str(e["layer"]), int(e["timestep"])) for e in self.config["entries"]
+                if e.get("diffc") and e.get("sae", True)]
+
     def entry_metrics(self, layer: str, timestep: int) -> dict[str, Any]:
         return dict(self._entry_config(layer, timestep).get("metrics") or {})
 
@@ -288,7 +316,7 @@ class Release:
                 "rebuild the atlas for this SAE"
             )
         return ReleaseEntry(layer=layer, timestep=int(timestep), sae=sae, diffc=diffc, atlas=atlas, path=folder,
-                            metrics=dict(item.get("metrics") or {}))
+                            metrics=dict(item.get("metrics") or {}), diffc_entries=self.diffc_entries)
 
     def load_backbone(self, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                       image_size: Optional[int] = None, **opts: Any) -> Any:
