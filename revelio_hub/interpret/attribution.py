@@ -259,10 +259,10 @@ def attribute(
     n = maps.shape[0]
     targets = resolve_targets(target, diffc.class_names, n)
 
-    modules = (sae, diffc)
-    training = [m.training for m in modules]
+    # Dropout off, BatchNorm on running statistics: one image never affects another's output.
+    modules = [m for m in (sae, diffc) if m.training]  # toggling walks every submodule: only when needed
     for m in modules:
-        m.eval()  # dropout off, BatchNorm on running statistics: one image never affects another's output
+        m.eval()
     try:
         _, t, g_logit, g_prob = _logits_and_grads(diffc, maps, targets)
         codes = encode_codes(sae, maps)
@@ -279,8 +279,8 @@ def attribute(
             plans.append((c, order, measured, est_p, est_l))
         logits = _run(diffc, torch.cat(batches), int(batch_size)).cpu()
     finally:
-        for m, was in zip(modules, training):
-            m.train(was)
+        for m in modules:
+            m.train()
 
     results, start = [], 0
     for i, (c, order, measured, est_p, est_l) in enumerate(plans):

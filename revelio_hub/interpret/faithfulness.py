@@ -90,10 +90,12 @@ def deletion_curve(
     if cols.numel():
         steps[1:] -= codes.deltas(cols.to(codes.amap.device)).to(x).cumsum(0)
     was = diffc.training
-    diffc.eval()
+    if was:
+        diffc.eval()
     try:
         logits = torch.cat([diffc(steps[i : i + batch_size]).float() for i in range(0, steps.shape[0], batch_size)])
     finally:
-        diffc.train(was)
+        if was:
+            diffc.train()
     t = int(logits[0].argmax()) if target is None else int(target)
     return DeletionCurve(t, torch.softmax(logits, 1)[:, t].cpu(), logits.argmax(1).cpu(), ids)
