@@ -14,6 +14,7 @@ API (for ``gradio_client``):
   JSON dict ``{"release", "layer", "timestep", "predictions", "note", "neurons"}``.
 * ``/neuron`` - (release, layer, timestep, neuron id) -> stats, label
   histogram, top-activating images.
+* ``/attribute_json``, ``/compare_json`` - see :mod:`revelio_hub.app.interpret_ui`.
 
 The endpoints are public: anyone can post to them. So every file input goes
 through :func:`~revelio_hub.app.validation.served_upload` (only files that
@@ -34,6 +35,7 @@ import gradio as gr
 from gradio import FileData
 
 from revelio_hub.app import analysis as A
+from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots
 
@@ -331,7 +333,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             )
         analysis_state = gr.State(None)
 
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Analyze", id="analyze"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=300):
@@ -367,6 +369,8 @@ def build_ui(state: AppState) -> gr.Blocks:
                             label="Its top-activating dataset images", columns=5, height="auto",
                             object_fit="contain", allow_preview=True, elem_id="neuron-gallery",
                         )
+                        why = IU.why_section()
+                        compare = IU.compare_section()
 
             with gr.Tab("Neuron browser", id="browser"):
                 with gr.Row():
@@ -391,11 +395,13 @@ def build_ui(state: AppState) -> gr.Blocks:
                         b_class_table = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False,
                                                      max_height=320, label="Class-specific neurons (click a row)")
 
+            concept = IU.concept_tab(state)
+
             with gr.Tab("About", id="about"):
                 card_md = gr.Markdown(card_markdown(rel0))
 
         # ---------------------------------------------------------------- events
-        analyze_btn.click(
+        analyzed = analyze_btn.click(
             ev.analyze, [image_in, layer_dd, t_dd, release_dd],
             [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state],
             api_name="analyze", preprocess=False, show_progress="full",
@@ -427,6 +433,12 @@ def build_ui(state: AppState) -> gr.Blocks:
         demo.load(ev.browser_entry, browser_inputs, browser_outputs, **private)
         # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
         gr.api(ev.analyze_json, api_name="analyze_json", concurrency_id="backbone", concurrency_limit=cfg.concurrency)
+        IU.wire(
+            IU.InterpretEvents(state, ev), analyzed=analyzed, analysis_state=analysis_state, image_in=image_in,
+            layer_dd=layer_dd, t_dd=t_dd, release_dd=release_dd, neuron_dd=neuron_dd, caption=caption,
+            gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
+            browser=[b_layer, b_t, b_neuron, b_stats, b_hist, b_gallery], concurrency=cfg.concurrency,
+        )
 
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     return demo

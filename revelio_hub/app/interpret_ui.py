@@ -1,0 +1,291 @@
+"""Gradio pieces of the interpretation views: "Why this class?", Compare, Concept map, and their endpoints.
+
+Kept apart from :mod:`revelio_hub.app.ui` so that file stays about layout of
+the core app; :func:`revelio_hub.app.ui.build_ui` calls the builders here
+inside its Blocks and hands over the components they connect to. Event
+functions are methods of :class:`InterpretEvents` (tests call them directly),
+thin shells over :mod:`revelio_hub.app.attribution_view` that turn
+``ValueError`` into ``gr.Error`` via :func:`~revelio_hub.app.ui.user_errors`.
+
+API (public, same input rules as ``/analyze_json``: uploads only):
+
+* ``/attribute_json`` - (image, layer, timestep, release, target) -> which
+  neurons push the class up / down, with exact removal effects.
+* ``/compare_json`` - (image, other, layer, timestep, release) -> neurons more
+  active in each image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import gradio as gr
+from gradio import FileData
+
+from revelio_hub.app import analysis as A
+from revelio_hub.app import attribution_view as V
+from revelio_hub.app.state import AppState
+
+__all__ = ["InterpretEvents", "WhyComponents", "CompareComponents", "ConceptComponents",
+           "why_section", "compare_section", "concept_tab", "wire"]
+
+
+def _user_errors(action: str):
+    from revelio_hub.app.ui import user_errors  # late: ui imports this module
+
+    return user_errors(action)
+
+
+def _timestep(value: Any) -> Any:
+    """The API's "default" timestep is -1 (or empty), as for ``/analyze_json``."""
+    return None if value is None or (isinstance(value, (int, float)) and value < 0) else value
+
+
+class InterpretEvents:
+    """Event functions of the interpretation views, bound to one state and the core :class:`Events`."""
+
+    def __init__(self, state: AppState, events: Any) -> None:
+        self.state = state
+        self.events = events
+
+    def _served(self, image: Any) -> Any:
+        """Endpoint file inputs pass the same gate as ``/analyze_json``."""
+        gate = getattr(self.events, "served_image", None)
+        return gate(image) if gate is not None else image
+
+    # ------------------------------------------------------------ Why this class?
+
+    def _why(self, result: Any, target: Any):
+        view = V.attribute_analysis(self.state, result, target)
+        chart, bars = V.why_chart(view)
+        thumbs = V.why_thumbnails(self.state, view)
+        rows = V._chart_rows(view, V.CHART_BARS)
+        layout = {"bars": bars, "thumbs": [r["neuron"] for r in rows][: len(thumbs)]}
+        return V.why_note(view), chart, thumbs, layout, view
+
+    def after_analyze(self, result: Any):
+        """Explain the top class of a freshly analysed image; offer the entry's classes as targets."""
+        empty = ("", None, [], None, gr.update(choices=[], value=None))
+        if result is None:
+            return empty
+        with _user_errors("explaining the prediction"):
+            rel, layer, t = A.resolve_entry(self.state, result.release, result.layer, result.timestep)
+            entry = rel.entry(layer, t)
+            if entry.diffc is None:
+                both = getattr(rel.release, "diffc_entries", None) or []
+                where = ", ".join(f"{l} t={tt}" for l, tt in both) or "none"
+                return (f"_No Diff-C classifier at {layer} t={t}, so there is no class to explain. "
+                        f"Entries with one: {where}._", None, [], None, gr.update(choices=[], value=None))
+            note, chart, thumbs, layout, view = self._why(result, None)
+            classes = list(entry.diffc.class_names)
+            return note, chart, thumbs, layout, gr.update(choices=classes, value=view.attribution.target_name)
+
+    def why(self, result: Any, target: Any):
+        """Explain another class of the analysed image."""
+        with _user_errors("explaining the prediction"):
+            if result is None:
+                raise ValueError("Analyze an image first.")
+            note, chart, thumbs, layout, _ = self._why(result, target)
+            return note, chart, thumbs, layout
+
+    def _show(self, result: Any, neuron: Optional[int]):
+        if neuron is None:
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        caption, gallery, heatmap = self.events.select_neuron(result, neuron)
+        return gr.update(value=neuron), caption, gallery, heatmap
+
+    def click_bar(self, result: Any, layout: Any, evt: gr.SelectData):
+        """A click on a bar of the chart shows that neuron's heat map and top images, as the neuron table does."""
+        with _user_errors("showing the neuron"):
+            if result is None or not layout:
+                raise ValueError("Analyze an image first.")
+            index = evt.index if isinstance(evt.index, (list, tuple)) else None
+            neuron = V.bar_at(layout["bars"], float(index[1])) if index and len(index) == 2 else None
+            return self._show(result, neuron)
+
+    def click_thumb(self, result: Any, layout: Any, evt: gr.SelectData):
+        """A click on a thumbnail under the chart does the same for its neuron."""
+        with _user_errors("showing the neuron"):
+            if result is None or not layout:
+                raise ValueError("Analyze an image first.")
+            i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            thumbs = layout["thumbs"]
+            neuron = thumbs[i] if isinstance(i, int) and 0 <= i < len(thumbs) else None
+            return self._show(result, neuron)
+
+    # ------------------------------------------------------------------ Compare
+
+    def compare(self, image, other, layer, timestep, release):
+        """Compare the analysed image's upload with a second one: neurons more active in each."""
+        with _user_errors("comparing the images"):
+            view = V.compare_images(self.state, self._served(image), self._served_other(other), layer, timestep, release)
+            first, second = view.tables()
+            c = view.comparison
+            note = (f"{len(c.first)} neurons are more active in this image, {len(c.second)} in the other; "
+                    f"{c.shared} fire in both. Click a row to see where it fires on this image.")
+            return first, second, note
+
+    def _served_other(self, other: Any) -> Any:
+        if other is None:
+            raise ValueError("Upload a second image to compare with.")
+        return self._served(other)
+
+    # --------------------------------------------------------------- Concept map
+
+    def concept_choices(self, release):
+        with _user_errors("listing label values"):
+            choices = V.concept_choices(self.state, release)
+            note = ("" if choices else
+                    "_This release's atlases keep no per-label statistics; rebuild its atlases to get a concept map._")
+            return gr.update(choices=choices, value=None), note, None, None
+
+    def concept(self, release, choice):
+        with _user_errors("building the concept map"):
+            if not choice:
+                return None, "", None
+            cmap = V.concept_map(self.state, release, choice)
+            table, _ = V.concept_table(cmap)
+            best = cmap.best()
+            note = (f"Best single neuron for **{cmap.value}** ({cmap.column}): #{best[2]} at {best[0]} t={best[1]}, "
+                    f"AUROC {best[3]:.3f}. Click a cell to open its neuron in the Neuron browser."
+                    if best else f"No entry's atlas has statistics for {cmap.value!r}.")
+            return table, note, cmap
+
+    def concept_click(self, release, cmap, evt: gr.SelectData):
+        """Open the clicked cell's neuron in the Neuron browser tab."""
+        with _user_errors("opening the neuron"):
+            index = evt.index if isinstance(evt.index, (list, tuple)) else None
+            cell = V.concept_cell(cmap, int(index[0]), int(index[1])) if cmap is not None and index else None
+            if cell is None:
+                return (gr.update(),) * 7
+            layer, t, neuron = cell
+            rel = self.state.get_release(release)
+            stats, hist, gallery = self.events.neuron_details(release, layer, t, neuron)
+            return (gr.Tabs(selected="browser"), gr.update(value=layer),
+                    gr.update(choices=rel.timesteps(layer), value=t), neuron, stats, hist, gallery)
+
+    # ---------------------------------------------------------------------- API
+
+    def attribute_json(self, image: FileData, layer: str = "", timestep: int = -1, release: str = "",
+                       target: str = "") -> dict:
+        """Which neurons made the Diff-C predict a class. Returns {"release", "layer", "timestep", "target",
+        "prob", "logit", "predicted", "neurons": [{"neuron", "activation", "effect_prob", "effect_logit",
+        "estimate_prob", "estimate_logit", "summary"}], "pushing_up", "pushing_down", "spearman", ...}.
+        effect = P(class) with nothing removed minus P(class) with the neuron removed (positive: it pushes the
+        class up). target "" explains the top class; layer "", timestep -1 and release "" mean the defaults."""
+        with _user_errors("explaining the prediction"):
+            return V.attribute_image(self.state, self._served(image), layer or None, _timestep(timestep), release,
+                                     target).to_json()
+
+    def compare_json(self, image: FileData, other: FileData, layer: str = "", timestep: int = -1,
+                     release: str = "") -> dict:
+        """Compare two images. Returns {"release", "layer", "timestep", "more_in_first": [{"neuron", "first",
+        "second", "difference", "summary"}], "more_in_second": [...], "shared_active_neurons"}: the neurons whose
+        activations differ most, largest difference first."""
+        with _user_errors("comparing the images"):
+            return V.compare_images(self.state, self._served(image), self._served_other(other), layer or None,
+                                    _timestep(timestep), release).to_json()
+
+
+# ----------------------------------------------------------------------- layout
+
+
+@dataclass
+class WhyComponents:
+    target: Any
+    button: Any
+    note: Any
+    chart: Any
+    thumbs: Any
+    layout: Any
+
+
+@dataclass
+class CompareComponents:
+    other: Any
+    button: Any
+    note: Any
+    first: Any
+    second: Any
+
+
+@dataclass
+class ConceptComponents:
+    value: Any
+    note: Any
+    table: Any
+    cmap: Any
+
+
+def why_section() -> WhyComponents:
+    """The "Why this class?" block (inside the Analyze tab)."""
+    with gr.Accordion("Why this class?", open=True, elem_id="why"):
+        with gr.Row(equal_height=True):
+            target = gr.Dropdown([], label="Class to explain", scale=3, elem_id="why-target")
+            button = gr.Button("Explain", scale=1, elem_id="why-btn")
+        note = gr.Markdown("", elem_classes=["revelio-caption"])
+        chart = gr.Image(label="Neurons pushing the class up (green) and down (red): click a bar", interactive=False,
+                         format="png", elem_id="why-chart", buttons=[])
+        thumbs = gr.Gallery(label="Their strongest dataset images (click one)", columns=6, height="auto",
+                            allow_preview=False, object_fit="contain", elem_id="why-thumbs", buttons=[])
+    return WhyComponents(target, button, note, chart, thumbs, gr.State(None))
+
+
+def compare_section() -> CompareComponents:
+    """The "Compare with another image" block (inside the Analyze tab)."""
+    with gr.Accordion("Compare with another image", open=False, elem_id="compare"):
+        with gr.Row():
+            other = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Second image",
+                             height=200, elem_id="compare-image")
+            with gr.Column():
+                button = gr.Button("Compare", variant="secondary", elem_id="compare-btn")
+                note = gr.Markdown("")
+        first = gr.Dataframe(headers=V.COMPARE_HEADERS, interactive=False, max_height=260,
+                             label="More active in this image (click a row)", elem_id="compare-first")
+        second = gr.Dataframe(headers=V.COMPARE_HEADERS, interactive=False, max_height=260,
+                              label="More active in the other image (click a row)", elem_id="compare-second")
+    return CompareComponents(other, button, note, first, second)
+
+
+def concept_tab(state: AppState) -> ConceptComponents:
+    """The "Concept map" tab."""
+    with gr.Tab("Concept map", id="concepts"):
+        gr.Markdown("Pick a label value of the release's atlases: each cell is the best single neuron's AUROC at "
+                    "detecting it, at one layer and timestep (0.5 = chance).")
+        try:
+            choices = V.concept_choices(state)
+        except Exception:  # the tab's own event reports problems; the app must still start
+            choices = []
+        value = gr.Dropdown(choices, value=None, label="Label value", elem_id="concept-value")
+        note = gr.Markdown("" if choices else "_This release's atlases keep no per-label statistics yet._")
+        table = gr.Dataframe(interactive=False, label="Best neuron AUROC · neuron id (click a cell to open it)",
+                             elem_id="concept-map")
+    return ConceptComponents(value, note, table, gr.State(None))
+
+
+def wire(ev: InterpretEvents, *, analyzed: Any, analysis_state: Any, image_in: Any, layer_dd: Any, t_dd: Any,
+         release_dd: Any, neuron_dd: Any, caption: Any, gallery: Any, heatmap: Any, why: WhyComponents,
+         compare: CompareComponents, concept: ConceptComponents, tabs: Any, browser: list, concurrency: int) -> None:
+    """Connect the views' events (inside the Blocks' context) and register the JSON endpoints."""
+    private = {"api_visibility": "private"}
+    shown = [neuron_dd, caption, gallery, heatmap]
+    analyzed.then(ev.after_analyze, analysis_state,
+                  [why.note, why.chart, why.thumbs, why.layout, why.target], **private)
+    why.button.click(ev.why, [analysis_state, why.target], [why.note, why.chart, why.thumbs, why.layout], **private)
+    why.target.input(ev.why, [analysis_state, why.target], [why.note, why.chart, why.thumbs, why.layout], **private)
+    why.chart.select(ev.click_bar, [analysis_state, why.layout], shown, **private)
+    why.thumbs.select(ev.click_thumb, [analysis_state, why.layout], shown, **private)
+
+    compare.button.click(ev.compare, [image_in, compare.other, layer_dd, t_dd, release_dd],
+                         [compare.first, compare.second, compare.note], preprocess=False,
+                         concurrency_id="backbone", concurrency_limit=concurrency, **private)
+    for table in (compare.first, compare.second):
+        table.select(ev.events.select_row, [analysis_state], shown, **private)
+
+    concept.value.input(ev.concept, [release_dd, concept.value], [concept.table, concept.note, concept.cmap], **private)
+    concept.table.select(ev.concept_click, [release_dd, concept.cmap], [tabs, *browser], **private)
+    release_dd.input(ev.concept_choices, release_dd, [concept.value, concept.note, concept.table, concept.cmap], **private)
+
+    gr.api(ev.attribute_json, api_name="attribute_json", concurrency_id="backbone", concurrency_limit=concurrency)
+    gr.api(ev.compare_json, api_name="compare_json", concurrency_id="backbone", concurrency_limit=concurrency)

@@ -1,0 +1,139 @@
+"""The app's interpretation views ("Why this class?", Compare, Concept map), called as the UI and the API do.
+
+Runs on the bundled toy release (or ``$REVELIO_TEST_RELEASE``); the library results
+they must reproduce come from :class:`app_inputs.LibraryReference` (no app code).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import LibraryReference, app_release_path, shape_image  # noqa: E402
+
+gr = pytest.importorskip("gradio")
+torch = pytest.importorskip("torch")
+
+from revelio_hub.app import analysis as A  # noqa: E402
+from revelio_hub.app import attribution_view as V  # noqa: E402
+from revelio_hub.app.interpret_ui import InterpretEvents  # noqa: E402
+from revelio_hub.app.state import AppConfig, AppState  # noqa: E402
+from revelio_hub.app.ui import Events  # noqa: E402
+from revelio_hub.images import load_image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def state() -> AppState:
+    return AppState.from_config(AppConfig(releases=[app_release_path()], feature_cache_size=8))
+
+
+@pytest.fixture(scope="module")
+def library() -> LibraryReference:
+    return LibraryReference(app_release_path())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("interpret_images")
+    return {
+        "red": shape_image(folder / "red.png", color=(220, 40, 40)),
+        "blue": shape_image(folder / "blue.png", color=(40, 40, 220), bg=(30, 30, 30)),
+    }
+
+
+@pytest.fixture(scope="module")
+def events(state) -> InterpretEvents:
+    return InterpretEvents(state, Events(state))
+
+
+def diffc_entry(state):
+    rel = state.get_release()
+    return next((l, t) for l, t in rel.entries if rel.entry(l, t).diffc is not None)
+
+
+def library_features(library, path, layer, t):
+    entry = library.entry(layer, t)
+    recipe = entry.diffc.recipe or {}
+    with torch.no_grad():
+        return library.backbone.extract([load_image(path)], [layer], [t], seed=int(recipe.get("noise_seed") or 0),
+                                        ensemble=int(recipe.get("ensemble") or 1))[(layer, t)]
+
+
+def test_attribute_image_matches_the_library(state, library, images):
+    layer, t = diffc_entry(state)
+    view = V.attribute_image(state, str(images["red"]), layer, t, "")
+    expected = library.entry(layer, t).attribute(library_features(library, images["red"], layer, t), top=V.WHY_TOP)[0]
+    got = view.attribution
+    assert torch.equal(got.neurons, expected.neurons)
+    assert torch.allclose(got.effects_prob, expected.effects_prob, atol=1e-5)
+    payload = view.to_json()
+    assert (payload["layer"], payload["timestep"]) == (layer, t)
+    assert payload["target"] == payload["predicted"] == expected.target_name
+    assert payload["pushing_up"] == [r["neuron"] for r in expected.pushing("up")]
+    assert all(n["effect_prob"] < 0 for n in payload["neurons"] if n["neuron"] in payload["pushing_down"])
+    # the analysed image's cached features give the same answer without a backbone pass
+    analysis = A.analyze(state, str(images["red"]), layer, t, "")
+    calls = state.backbone_calls
+    again = V.attribute_analysis(state, analysis, expected.target_name)
+    assert state.backbone_calls == calls
+    assert torch.equal(again.attribution.neurons, got.neurons)
+
+
+def test_why_chart_bars_map_clicks_to_their_neurons(state, events, images):
+    layer, t = diffc_entry(state)
+    analysis = A.analyze(state, str(images["red"]), layer, t, "")
+    note, chart, thumbs, layout, target = events.after_analyze(analysis)
+    view = V.attribute_analysis(state, analysis)
+    assert "Why " + view.attribution.target_name in note
+    assert target["value"] == view.attribution.target_name and target["choices"]
+    up, down = view.attribution.pushing("up", V.CHART_BARS), view.attribution.pushing("down", V.CHART_BARS)
+    charted = [r["neuron"] for r in up] + [r["neuron"] for r in reversed(down)]
+    assert [b.neuron for b in layout["bars"]] == charted and chart.size[0] > 100
+    for bar in layout["bars"]:  # a click in the middle of each bar's row selects that bar's neuron
+        middle = (bar.top + bar.bottom) / 2
+        evt = gr.SelectData(None, {"index": [chart.size[0] // 2, middle], "value": None})
+        neuron, caption, gallery, heatmap = events.click_bar(analysis, layout, evt)
+        assert neuron["value"] == bar.neuron and f"Neuron {bar.neuron}" in caption
+    assert V.bar_at(layout["bars"], -5) is None
+    if thumbs:
+        evt = gr.SelectData(None, {"index": 0, "value": None})
+        assert events.click_thumb(analysis, layout, evt)[0]["value"] == layout["thumbs"][0]
+    # another class: the chart explains that class
+    other = next(c for c in target["choices"] if c != target["value"])
+    other = other[0] if isinstance(other, (list, tuple)) else other
+    note2, *_ = events.why(analysis, other)
+    assert f"Why {other}?" in note2
+
+
+def test_why_refuses_entries_without_a_classifier(state, images):
+    rel = state.get_release()
+    bare = [(l, t) for l, t in rel.entries if rel.entry(l, t).diffc is None]
+    if not bare:
+        pytest.skip("every entry of this release has a Diff-C")
+    with pytest.raises(ValueError, match="Entries with both a k-SAE and a Diff-C: .*t="):
+        V.attribute_image(state, str(images["red"]), *bare[0], "")
+    with pytest.raises(ValueError, match="Unknown class 'zebra'"):
+        V.attribute_image(state, str(images["red"]), *diffc_entry(state), "", "zebra")
+
+
+def test_compare_tables_have_the_sign_of_the_activations(state, library, images, events):
+    layer, t = diffc_entry(state)
+    view = V.compare_images(state, str(images["red"]), str(images["blue"]), layer, t, "", top=5)
+    sae = library.entry(layer, t).sae
+    with torch.no_grad():
+        a = sae.image_activations(library_features(library, images["red"], layer, t))[0]
+        b = sae.image_activations(library_features(library, images["blue"], layer, t))[0]
+    first, second = view.tables()
+    assert first and second
+    for row in first:
+        assert row[3] > 0 and row[1] == pytest.approx(float(a[row[0]]), abs=1e-4)
+    for row in second:
+        assert row[3] < 0 and row[2] == pytest.approx(float(b[row[0]]), abs=1e-4)
+    assert first[0][0] == int((a - b).argmax()) and second[0][0] == int((a - b).argmin())
+    t1, t2, note = events.compare(str(images["red"]), str(images["blue"]), layer, t, "")
+    assert t1[:5] == first and "more active in this image" in note
+    with pytest.raises(gr.Error, match="Upload a second image"):
+        events.compare(str(images["red"]), None, layer, t, "")
