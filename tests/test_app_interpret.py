@@ -137,3 +137,60 @@ def test_compare_tables_have_the_sign_of_the_activations(state, library, images,
     assert t1[:5] == first and "more active in this image" in note
     with pytest.raises(gr.Error, match="Upload a second image"):
         events.compare(str(images["red"]), None, layer, t, "")
+
+
+# ------------------------------------------------------------------ served API
+
+
+@pytest.fixture(scope="module")
+def served(state):
+    from app_inputs import LaunchedApp
+
+    launched = LaunchedApp(state)
+    try:
+        yield launched
+    finally:
+        launched.close()
+
+
+def test_attribute_and_compare_endpoints(served, state, images):
+    from gradio_client import Client, handle_file
+
+    client = Client(served.url, verbose=False)
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert [p["parameter_name"] for p in api["/attribute_json"]["parameters"]] == ["image", "layer", "timestep", "release", "target"]
+    assert [p["parameter_name"] for p in api["/compare_json"]["parameters"]] == ["image", "other", "layer", "timestep", "release"]
+    layer, t = diffc_entry(state)
+    got = client.predict(handle_file(str(images["red"])), layer, t, "", "", api_name="/attribute_json")
+    direct = V.attribute_image(state, str(images["red"]), layer, t, "").to_json()
+    assert [n["neuron"] for n in got["neurons"]] == [n["neuron"] for n in direct["neurons"]]
+    assert got["target"] == direct["target"] and got["pushing_up"] == direct["pushing_up"]
+    default = client.predict(handle_file(str(images["red"])), "", -1, "", "", api_name="/attribute_json")
+    assert (default["layer"], default["timestep"]) == state.get_release().default_entry()
+    pair = client.predict(handle_file(str(images["red"])), handle_file(str(images["blue"])), layer, t, "",
+                          api_name="/compare_json")
+    assert pair["more_in_first"] and all(d["difference"] > 0 for d in pair["more_in_first"])
+    assert all(d["difference"] < 0 for d in pair["more_in_second"])
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "corrupt", "tiny"])
+def test_endpoints_refuse_what_analyze_json_refuses(served, tmp_path, case, images):
+    """Same input rules as /analyze_json: the same bad upload gets the same sentence."""
+    from app_inputs import BAD_INPUTS
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(served.url, verbose=False)
+    path = BAD_INPUTS[case][0](tmp_path)
+    messages = []
+    calls = [
+        ("/analyze_json", (handle_file(str(path)), "", -1, "")),
+        ("/attribute_json", (handle_file(str(path)), "", -1, "", "")),
+        ("/compare_json", (handle_file(str(images["red"])), handle_file(str(path)), "", -1, "")),
+    ]
+    for api_name, args in calls:
+        with pytest.raises(AppError) as info:
+            client.predict(*args, api_name=api_name)
+        messages.append(str(info.value).replace("The second image: ", ""))
+    assert messages[0] == messages[1] == messages[2], messages
+    assert path.name in messages[0] and "/tmp/gradio" not in messages[0]

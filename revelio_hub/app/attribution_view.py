@@ -277,7 +277,7 @@ def compare_images(
         try:
             img = read_image(value, limits)
         except ValueError as exc:
-            raise ValueError(f"The {what} image: {exc}") from None
+            raise ValueError(f"The {what} image: {exc}" if what == "second" else str(exc)) from None
         maps.append(state.feature_maps(img, rel, t, recipe)[layer])
     result = compare(entry.sae, maps[0], maps[1], top=top, atlas=entry.atlas, layer=layer, timestep=t)
     return ComparisonView(rel.name, layer, t, result)
