@@ -1,0 +1,82 @@
+"""The interpretation views in a real headless Chromium: the "Why this class?" chart appears after Analyze,
+and clicking a bar shows that neuron's heat map."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import LaunchedApp, app_release_path, shape_image  # noqa: E402
+from test_app_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def app():
+    from revelio_hub.app.state import AppConfig, AppState
+
+    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()])))
+    try:
+        yield launched
+    finally:
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_why_chart_appears_and_a_bar_click_shows_its_neuron(app, browser, tmp_path):
+    from revelio_hub.app import analysis as A
+    from revelio_hub.app import attribution_view as V
+
+    state = app.state
+    rel = state.get_release()
+    if rel.entry(*rel.default_entry()).diffc is None:
+        pytest.skip("the default entry has no Diff-C")
+    image = shape_image(tmp_path / "upload.png", color=(220, 40, 40), size=128)
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#analyze-btn", timeout=60_000)
+    page.locator("#image-in input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#image-in img", timeout=30_000)
+    page.click("#analyze-btn")
+    chart = page.locator("#why-chart img")
+    chart.wait_for(timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#why-chart img')?.naturalHeight > 0", timeout=30_000)
+
+    # The same chart, computed directly, tells where its first bar is and which neuron it is.
+    view = V.attribute_analysis(state, A.analyze(state, str(image)))
+    picture, bars = V.why_chart(view)
+    assert bars
+    natural_h = page.evaluate("() => document.querySelector('#why-chart img').naturalHeight")
+    assert natural_h == picture.size[1]
+    chart.scroll_into_view_if_needed()
+    box = chart.bounding_box()  # in viewport coordinates, now that the chart is in view
+    scale = box["height"] / natural_h
+    bar = bars[0]
+    page.mouse.click(box["x"] + box["width"] * 0.7, box["y"] + scale * (bar.top + bar.bottom) / 2)
+    page.wait_for_function(
+        f"() => (document.querySelector('.revelio-caption')?.innerText || '').includes('Neuron {bar.neuron}')",
+        timeout=60_000,
+    )
+    assert page.locator("[data-testid='toast-body']").count() == 0
+    assert not errors, errors
+    page.close()
