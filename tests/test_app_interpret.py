@@ -45,8 +45,14 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def events(state) -> InterpretEvents:
-    return InterpretEvents(state, Events(state))
+def events(state, images) -> InterpretEvents:
+    """The events as the server runs them, with the test images' folder standing in for Gradio's upload folder."""
+    return InterpretEvents(state, Events(state, upload_roots=[str(images["red"].parent)]))
+
+
+def uploaded(path: Path) -> dict:
+    """What the browser / gradio_client send for an uploaded file."""
+    return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
 
 def diffc_entry(state):
@@ -133,10 +139,17 @@ def test_compare_tables_have_the_sign_of_the_activations(state, library, images,
     for row in second:
         assert row[3] < 0 and row[2] == pytest.approx(float(b[row[0]]), abs=1e-4)
     assert first[0][0] == int((a - b).argmax()) and second[0][0] == int((a - b).argmin())
-    t1, t2, note = events.compare(str(images["red"]), str(images["blue"]), layer, t, "")
+    t1, t2, note = events.compare(uploaded(images["red"]), uploaded(images["blue"]), layer, t, "")
     assert t1[:5] == first and "more active in this image" in note
     with pytest.raises(gr.Error, match="Upload a second image"):
-        events.compare(str(images["red"]), None, layer, t, "")
+        events.compare(uploaded(images["red"]), None, layer, t, "")
+    # the UI event passes both images through the upload gate: server paths are refused
+    from revelio_hub.app.validation import UPLOAD_REFUSED
+
+    for first_value, second_value in ((str(images["red"]), uploaded(images["blue"])),
+                                      (uploaded(images["red"]), {"path": str(images["blue"])})):
+        with pytest.raises(gr.Error, match=UPLOAD_REFUSED):
+            events.compare(first_value, second_value, layer, t, "")
 
 
 # ------------------------------------------------------------------ served API
@@ -194,3 +207,26 @@ def test_endpoints_refuse_what_analyze_json_refuses(served, tmp_path, case, imag
         messages.append(str(info.value).replace("The second image: ", ""))
     assert messages[0] == messages[1] == messages[2], messages
     assert path.name in messages[0] and "/tmp/gradio" not in messages[0]
+
+
+def test_second_image_of_compare_passes_the_same_gate(served, tmp_path_factory):
+    """Raw HTTP, as a hostile client: a string path or untagged dict in either slot is refused like /analyze_json."""
+    from test_app_security import TAG, attack_cases, call, upload
+
+    from revelio_hub.app.validation import UPLOAD_REFUSED
+
+    folder = tmp_path_factory.mktemp("server_side")
+    files = {"secret": shape_image(folder / "secret.png", color=(10, 200, 10)), "missing": folder / "missing.png"}
+    good = {"path": upload(served, shape_image(folder / "mine.png")), "orig_name": "mine.png", "meta": TAG}
+    cases = attack_cases(files)
+    for name in ("string path, file exists", "untagged dict, file exists", "tagged, outside the upload folder, exists"):
+        bad = cases[name]
+        expected = call(served, "analyze_json", [bad, "", -1, ""])
+        assert expected == ("error", {"error": UPLOAD_REFUSED}) or expected[1]["error"] == UPLOAD_REFUSED
+        for api_name, data in (("compare_json", [good, bad, "", -1, ""]), ("compare", [good, bad, None, None, ""]),
+                               ("attribute_json", [bad, "", -1, "", ""])):
+            event, payload = call(served, api_name, data)
+            assert event == "error" and payload["error"] == expected[1]["error"], (api_name, name, payload)
+            assert str(folder) not in str(payload)
+    event, payload = call(served, "compare_json", [good, good, "", -1, ""])
+    assert event == "complete" and payload[0]["more_in_first"] == [] and payload[0]["more_in_second"] == []

@@ -36,7 +36,13 @@ from revelio_hub.app.validation import UPLOAD_REFUSED  # noqa: E402
 
 TAG = {"_type": "gradio.FileData"}
 #: Every endpoint with a file input, and the rest of its arguments (defaults).
-FILE_ENDPOINTS = {"analyze": [None, None, ""], "analyze_json": ["", -1, ""]}
+FILE_ENDPOINTS = {
+    "analyze": [None, None, ""],
+    "analyze_json": ["", -1, ""],
+    "attribute_json": ["", -1, "", ""],
+    "compare_json": [None, "", -1, ""],  # the second image is covered in test_app_interpret.py
+    "compare": [None, None, None, ""],
+}
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,6 @@ def _user_errors(action: str):
     return user_errors(action)
 
 
-def _timestep(value: Any) -> Any:
-    """The API's "default" timestep is -1 (or empty), as for ``/analyze_json``."""
-    return None if value is None or (isinstance(value, (int, float)) and value < 0) else value
-
-
 class InterpretEvents:
     """Event functions of the interpretation views, bound to one state and the core :class:`Events`."""
 
@@ -50,9 +45,8 @@ class InterpretEvents:
         self.events = events
 
     def _served(self, image: Any) -> Any:
-        """Endpoint file inputs pass the same gate as ``/analyze_json``."""
-        gate = getattr(self.events, "served_image", None)
-        return gate(image) if gate is not None else image
+        """Every file input passes the same gate as ``/analyze_json``: Gradio uploads (or the release's examples) only."""
+        return self.events.served_image(image)
 
     # ------------------------------------------------------------ Why this class?
 
@@ -175,7 +169,7 @@ class InterpretEvents:
         effect = P(class) with nothing removed minus P(class) with the neuron removed (positive: it pushes the
         class up). target "" explains the top class; layer "", timestep -1 and release "" mean the defaults."""
         with _user_errors("explaining the prediction"):
-            return V.attribute_image(self.state, self._served(image), layer or None, _timestep(timestep), release,
+            return V.attribute_image(self.state, self._served(image), layer or None, timestep, release,
                                      target).to_json()
 
     def compare_json(self, image: FileData, other: FileData, layer: str = "", timestep: int = -1,
@@ -185,7 +179,7 @@ class InterpretEvents:
         activations differ most, largest difference first."""
         with _user_errors("comparing the images"):
             return V.compare_images(self.state, self._served(image), self._served_other(other), layer or None,
-                                    _timestep(timestep), release).to_json()
+                                    timestep, release).to_json()
 
 
 # ----------------------------------------------------------------------- layout
