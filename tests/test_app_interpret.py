@@ -230,3 +230,36 @@ def test_second_image_of_compare_passes_the_same_gate(served, tmp_path_factory):
             assert str(folder) not in str(payload)
     event, payload = call(served, "compare_json", [good, good, "", -1, ""])
     assert event == "complete" and payload[0]["more_in_first"] == [] and payload[0]["more_in_second"] == []
+
+
+def test_concept_map_cells_open_their_neuron_in_the_browser(state, events):
+    """The table shows each entry's best neuron; a click on a cell opens exactly that neuron in the browser tab."""
+    from revelio_hub.interpret import concept_map
+
+    rel = state.get_release()
+    entries = rel.entries
+
+    class Stub:  # the multi-label atlas contract, with known numbers
+        label_columns = {"background": ["dark", "stripes"]}
+
+        def __init__(self, seed: int) -> None:
+            self.scores = torch.rand(rel.entry(*entries[0]).sae.n_latents, 2, generator=torch.Generator().manual_seed(seed))
+
+        def value_auroc(self, column):
+            return self.scores
+
+    atlases = {key: Stub(i) for i, key in enumerate(entries)}
+    cmap = concept_map(atlases, "stripes")
+    styled, headers = V.concept_table(cmap)
+    frame = styled.data
+    assert list(frame.columns) == headers == ["layer"] + [f"t={t}" for t in cmap.timesteps]
+    for (layer, t), stub in atlases.items():
+        row, col = cmap.layers.index(layer), cmap.timesteps.index(t) + 1
+        best = int(stub.scores[:, 1].argmax())
+        assert frame.iloc[row, col] == f"{float(stub.scores[best, 1]):.3f} · #{best}"
+        assert V.concept_cell(cmap, row, col) == (layer, t, best)
+        evt = gr.SelectData(None, {"index": [row, col], "value": frame.iloc[row, col]})
+        tab, layer_u, t_u, neuron, stats, hist, gallery = events.concept_click("", cmap, evt)
+        assert tab.selected == "browser" and layer_u["value"] == layer and t_u["value"] == t and neuron == best
+        assert f"Neuron {best}" in stats
+    assert V.concept_cell(cmap, 0, 0) is None  # the layer-name column opens nothing
