@@ -177,7 +177,7 @@ def why_chart(view: AttributionView, n: int = CHART_BARS) -> tuple["Image.Image"
         ax.tick_params(axis="x", labelsize=8)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-    ax.set_title(f"Why {name}? (P = {a.prob:.1%}; exact removal effects)", fontsize=10)
+    ax.set_title(f"Why {name}? P = {a.prob:.1%}; green pushes it up, red down (click a bar)", fontsize=10)
     fig.tight_layout()
     canvas = FigureCanvasAgg(fig)
     canvas.draw()  # the pixels and the bars' extents below come from this one rendering
@@ -210,8 +210,7 @@ def why_thumbnails(state: AppState, view: AttributionView, n: int = CHART_BARS) 
     for r in _chart_rows(view, n):
         thumbs = _top_images(atlas, r["neuron"], 1) if atlas is not None else []
         if thumbs:
-            arrow = "↑" if r["effect_prob"] > 0 else "↓"
-            out.append((thumbs[0][0], f"{arrow} #{r['neuron']} {100 * r['effect_prob']:+.1f} pp"))
+            out.append((thumbs[0][0], f"#{r['neuron']}: {100 * r['effect_prob']:+.1f} pp"))
     return out
 
 

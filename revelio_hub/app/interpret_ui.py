@@ -219,8 +219,8 @@ def why_section() -> WhyComponents:
             target = gr.Dropdown([], label="Class to explain", scale=3, elem_id="why-target")
             button = gr.Button("Explain", scale=1, elem_id="why-btn")
         note = gr.Markdown("", elem_classes=["revelio-caption"])
-        chart = gr.Image(label="Neurons pushing the class up (green) and down (red): click a bar", interactive=False,
-                         format="png", elem_id="why-chart", buttons=[])
+        chart = gr.Image(label="Neurons pushing the class up (green) and down (red)", show_label=False,
+                         interactive=False, format="png", elem_id="why-chart", buttons=[])
         thumbs = gr.Gallery(label="Their strongest dataset images (click one)", columns=6, height="auto",
                             allow_preview=False, object_fit="contain", elem_id="why-thumbs", buttons=[])
     return WhyComponents(target, button, note, chart, thumbs, gr.State(None))
