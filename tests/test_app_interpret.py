@@ -248,6 +248,12 @@ def test_concept_map_cells_open_their_neuron_in_the_browser(state, events):
         def value_auroc(self, column):
             return self.scores
 
+        def search(self, value, column=None, limit=20):
+            v = self.label_columns[column].index(value)
+            scores = self.value_auroc(column)[:, v]
+            order = torch.argsort(scores, descending=True)[:limit].tolist()
+            return [{"neuron": i, "column": column, "value": value, "auroc": float(scores[i]), "precision": 0.0} for i in order]
+
     atlases = {key: Stub(i) for i, key in enumerate(entries)}
     cmap = concept_map(atlases, "stripes")
     styled, headers = V.concept_table(cmap)

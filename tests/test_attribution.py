@@ -227,7 +227,7 @@ def test_compare_directions_match_activations(entry, features):
 
 
 class StubAtlas:
-    """The multi-label atlas contract (label_columns, value_auroc) with known numbers."""
+    """The multi-label atlas contract (label_columns, value_auroc, search) with known numbers."""
 
     def __init__(self, columns: dict[str, list[str]], scores: dict[str, torch.Tensor]) -> None:
         self.label_columns = columns
@@ -235,6 +235,12 @@ class StubAtlas:
 
     def value_auroc(self, column: str) -> torch.Tensor:
         return self._scores[column]
+
+    def search(self, value, column=None, limit=20):
+        v = self.label_columns[column].index(value)
+        scores = self.value_auroc(column)[:, v]
+        order = torch.argsort(scores, descending=True)[:limit].tolist()
+        return [{"neuron": i, "column": column, "value": value, "auroc": float(scores[i]), "precision": 0.0} for i in order]
 
 
 def test_concept_map_picks_the_best_neuron_per_entry():

@@ -3,8 +3,9 @@
 A concept is one value of one of the atlas' label columns ("stripes" in
 ``background``, "magenta" in ``color``, a breed). Each release entry's atlas
 keeps, per label value, every neuron's AUROC at telling images with that value
-from the rest (``NeuronAtlas.value_auroc``). The map holds, for each
-(layer, timestep), the best neuron's AUROC and its id: a researcher sees at a
+from the rest (``NeuronAtlas.value_auroc``) and ranks its live neurons by it
+(``NeuronAtlas.search``). The map holds, for each (layer, timestep), the best
+neuron's AUROC and its id: a researcher sees at a
 glance which block and noise level carry the concept, and opens that neuron.
 """
 
@@ -120,10 +121,11 @@ def concept_map(atlases: Mapping[EntryKey, Any], value: str, column: Optional[st
         values = [str(v) for v in dict(atlas.label_columns).get(column, [])]
         if value not in values:
             continue
-        scores = torch.as_tensor(atlas.value_auroc(column))[:, values.index(value)].float()
-        if not scores.numel() or torch.isnan(scores).all():
+        hits = atlas.search(value, column=column, limit=1)  # best live neuron by AUROC (dead and undefined left out)
+        if not hits:
             continue
-        best = int(torch.nan_to_num(scores, nan=-1.0).argmax())
+        best = int(hits[0]["neuron"])
+        score = float(torch.as_tensor(atlas.value_auroc(column))[best, values.index(value)])  # unrounded
         i, j = layers.index(layer), timesteps.index(int(t))
-        auroc[i, j], neurons[i, j] = float(scores[best]), best
+        auroc[i, j], neurons[i, j] = score, best
     return ConceptMap(value, column, layers, timesteps, auroc, neurons)
