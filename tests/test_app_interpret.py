@@ -269,3 +269,37 @@ def test_concept_map_cells_open_their_neuron_in_the_browser(state, events):
         assert tab.selected == "browser" and layer_u["value"] == layer and t_u["value"] == t and neuron == best
         assert f"Neuron {best}" in stats
     assert V.concept_cell(cmap, 0, 0) is None  # the layer-name column opens nothing
+
+
+def test_concept_map_on_the_release(state):
+    """On the release's own atlases: each cell is the entry's best live neuron for the value, and the best cell wins."""
+    from revelio_hub.atlas import NeuronAtlas
+
+    if not hasattr(NeuronAtlas, "search"):
+        pytest.skip("this checkout's atlas has no per-label statistics")
+    choices = [value for _, value in V.concept_choices(state)]
+    choice = "background=stripes" if "background=stripes" in choices else (choices[0] if choices else None)
+    if choice is None:
+        pytest.skip("the release's atlases record no label columns")
+    column, value = choice.split("=", 1)
+    cmap = V.concept_map(state, "", choice)
+    assert (cmap.column, cmap.value) == (column, value)
+    rel = state.get_release()
+    filled = 0
+    for layer, t in rel.entries:
+        atlas = rel.entry(layer, t).atlas
+        neuron, score = cmap.cell(layer, t)
+        if atlas is None or value not in atlas.label_columns.get(column, []):
+            assert neuron == -1
+            continue
+        scores = atlas.value_auroc(column)[:, atlas.label_columns[column].index(value)]
+        alive = (atlas.stats["frequency"] > 0) & ~torch.isnan(scores)
+        if not alive.any():
+            assert neuron == -1
+            continue
+        filled += 1
+        assert neuron == atlas.search(value, column=column, limit=1)[0]["neuron"]
+        assert score == pytest.approx(float(scores[neuron])) and score >= float(scores[alive].max()) - 1e-4
+    assert filled > 0
+    best = cmap.best()
+    assert best[3] == pytest.approx(float(torch.nan_to_num(cmap.auroc, nan=-1).max()))
