@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(a dropdown switches between them; the first is the default). Default: ${RELEASE_ENV} "
         f"(comma-separated) or the bundled toy release ({DEFAULT_RELEASE_PATH.name}).",
     )
-    parser.add_argument("--device", default="cpu", help="torch device for the backbone and heads (cpu, cuda, cuda:1, mps).")
+    parser.add_argument("--device", default=os.environ.get("REVELIO_DEVICE", "cpu"),
+                        help="torch device for the backbone (cpu, cuda, cuda:1, mps), or auto: load on the CPU and run "
+                        "the backbone on CUDA when there is one (the ZeroGPU pattern; `pip install spaces`). "
+                        "$REVELIO_DEVICE.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="backbone dtype.")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="interface to listen on (0.0.0.0 to accept remote connections; $GRADIO_SERVER_NAME).")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as exc:
         raise SystemExit(f"app.py: error: {exc}") from None
-    if args.device == "cpu":
+    if args.device in ("cpu", "auto"):  # the heads run on the CPU in both
         import torch
 
         torch.set_num_threads(args.threads or default_threads(config.concurrency))

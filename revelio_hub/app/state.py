@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence
 
+from revelio_hub.app.gpu import GPU_DURATION_S, call_device, gpu_task, load_device
+
 if TYPE_CHECKING:  # heavy imports stay lazy: the app must answer within seconds of starting
     import torch
     from PIL import Image
@@ -73,7 +75,8 @@ class AppConfig:
 
     Attributes:
         releases: release ids (Hub) or local folders; the first is the default.
-        device: torch device for the backbone and the heads (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+        device: torch device for the backbone (``cpu``, ``cuda``, ``cuda:1``, ``mps``), or ``auto``: load on
+            the CPU and run the backbone on CUDA when the GPU call finds it (ZeroGPU, :mod:`revelio_hub.app.gpu`).
         dtype: backbone dtype; SAE/Diff-C/atlas always run in float32.
         feature_cache_size: images × timesteps whose feature maps are kept (LRU).
         top_neurons: how many of an image's strongest neurons are listed.
@@ -344,6 +347,9 @@ class AppState:
         self.backbones = BackboneCache()
         self.features = FeatureCache(config.feature_cache_size)
         self.backbone_calls = 0  # backbone passes run (cache misses), for tests and the benchmark
+        self._move_lock = threading.Lock()
+        # The one GPU-holding step (ZeroGPU's spaces.GPU when installed, else the plain method).
+        self._gpu_backbone_pass = gpu_task(GPU_DURATION_S)(self._backbone_pass)
 
     @classmethod
     def from_config(cls, config: AppConfig) -> "AppState":
@@ -412,7 +418,7 @@ class AppState:
         size = int(image_size or rel.image_size or 0) or None
         key = rel.backbone_key(cfg.device, cfg.dtype) + (str(size),)
         return self.backbones.get(
-            key, lambda: rel.release.load_backbone(device=cfg.device, dtype=cfg.torch_dtype, image_size=size)
+            key, lambda: rel.release.load_backbone(device=load_device(cfg.device), dtype=cfg.torch_dtype, image_size=size)
         )
 
     def warmup(self) -> None:
@@ -457,17 +463,32 @@ class AppState:
         layers = [l for l, tt in rel.entries if tt == int(t)]
         if progress:
             progress(0.1, "Loading the diffusion backbone…")
-        backbone = self.backbone(rel, size)
+        self.backbone(rel, size)  # load here (CPU under ZeroGPU), so the GPU worker inherits it
         if progress:
             progress(0.4, f"Running the backbone at t={t}…")
-        import torch
-
-        with torch.inference_mode():
-            out = backbone.extract([image], layers, [int(t)], pool=None, seed=seed, ensemble=ensemble)
+        maps = self._gpu_backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble)
         self.backbone_calls += 1
-        maps = {layer: out[(layer, int(t))].float().cpu() for layer in layers}
         self.features.put(key, maps)
         return maps
+
+    def _backbone_pass(
+        self, release_id: str, image: "Image.Image", layers: list[str], t: int, size: Optional[int], seed: int, ensemble: int
+    ) -> dict[str, "torch.Tensor"]:
+        """One backbone pass: ``{layer: 1×C×H×W}`` float32 CPU maps. The step that holds a GPU.
+
+        Pure by design: on ZeroGPU it runs in a worker process, so it takes and
+        returns picklable values and leaves caching to the caller.
+        """
+        import torch
+
+        backbone = self.backbone(self.get_release(release_id), size)
+        device = call_device(self.config.device)
+        if backbone.device != torch.device(device):
+            with self._move_lock:
+                backbone.to(device)
+        with torch.inference_mode():
+            out = backbone.extract([image], layers, [t], pool=None, seed=seed, ensemble=ensemble)
+        return {layer: out[(layer, t)].float().cpu() for layer in layers}
 
 
 __all__ = [

@@ -394,6 +394,26 @@ class Backbone:
                 bar.close()
         return {key: torch.cat(chunks) for key, chunks in results.items()}
 
+    def to(self, device: Union[str, torch.device]) -> "Backbone":
+        """Move the networks and the cached conditioning to ``device``, in place; returns self.
+
+        The app loads on the CPU and moves here inside its GPU call (ZeroGPU's
+        pattern). Dtypes stay as they are; :attr:`conditioning` stays on the CPU
+        (it is the cacheable copy).
+        """
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        for name, value in list(vars(self).items()):
+            if name == "conditioning":
+                continue
+            if isinstance(value, (nn.Module, torch.Tensor)):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                setattr(self, name, {k: v.to(device) for k, v in value.items()})
+        self.device = device
+        return self
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, family={self.family!r}, image_size={self.image_size}, "
                 f"layers={self.layers}, device={str(self.device)!r}, dtype={self.dtype})")
