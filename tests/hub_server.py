@@ -4,7 +4,9 @@ It implements just enough of the Hub HTTP API for the real ``huggingface_hub``
 client (2.x) to create a repo, upload a folder, look up a revision, list the
 tree and download files through ``hf_hub_download``/``snapshot_download``:
 
-* ``POST /api/repos/create``
+* ``POST /api/repos/create``                     -> records ``sdk`` (Spaces), ``hardware``, ``variables``
+* ``POST /api/spaces/{repo}/hardware``            -> records the requested hardware flavor
+* ``POST /api/spaces/{repo}/variables``           -> records a Space variable
 * ``POST /api/validate-yaml``                    -> README front matter must be a YAML mapping
 * ``POST /api/{type}s/{repo}/preupload/{rev}``   -> every file is "regular" (no LFS/Xet)
 * ``POST /api/{type}s/{repo}/commit/{rev}``      -> ndjson commit (file / deletedFile / deletedFolder)
@@ -44,6 +46,8 @@ _TYPES = "models|datasets|spaces"
 _ROUTES = [
     ("POST", re.compile(r"^/api/repos/create$"), "create_repo"),
     ("POST", re.compile(r"^/api/validate-yaml$"), "validate_yaml"),
+    ("POST", re.compile(r"^/api/spaces/(?P<repo>[^/]+/[^/]+)/hardware$"), "space_hardware"),
+    ("POST", re.compile(r"^/api/spaces/(?P<repo>[^/]+/[^/]+)/variables$"), "space_variable"),
     ("POST", re.compile(rf"^/api/(?P<type>{_TYPES})/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)$"), "preupload"),
     ("POST", re.compile(rf"^/api/(?P<type>{_TYPES})/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)$"), "commit"),
     ("GET", re.compile(rf"^/api/(?P<type>{_TYPES})/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$"), "tree"),
@@ -71,6 +75,9 @@ class _Repo:
     repo_type: str
     private: bool
     commits: list[_Commit] = field(default_factory=list)
+    sdk: Optional[str] = None  # Spaces: the SDK asked for at creation
+    hardware: list[str] = field(default_factory=list)  # Spaces: every hardware flavor requested, in order
+    variables: dict[str, str] = field(default_factory=dict)  # Spaces: variables as set
 
     @property
     def head(self) -> _Commit:
@@ -227,7 +234,11 @@ class _Handler(BaseHTTPRequestHandler):
             if key in self.hub.repos:
                 self._json(409, {"error": "You already created this model repo", "url": url})
                 return
-            repo = _Repo(repo_id, repo_type, private=payload.get("visibility") == "private" or bool(payload.get("private")))
+            repo = _Repo(repo_id, repo_type, private=payload.get("visibility") == "private" or bool(payload.get("private")),
+                         sdk=payload.get("sdk"))
+            if payload.get("hardware"):
+                repo.hardware.append(payload["hardware"])
+            repo.variables.update({v["key"]: v["value"] for v in payload.get("variables") or []})
             initial = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
             repo.commits.append(_Commit(self.hub._new_oid(repo_id), initial, "initial commit"))
             self.hub.repos[key] = repo
@@ -251,6 +262,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, {"errors": [{"message": "metadata must be a YAML mapping"}], "warnings": []})
             return
         self._json(200, {"errors": [], "warnings": []})
+
+    def _space_hardware(self, repo: str) -> None:
+        found = self._repo("spaces", repo, write=True)
+        if found is None:
+            return
+        flavor = json.loads(self._body() or b"{}")["flavor"]
+        found.hardware.append(flavor)
+        self._json(200, {"stage": "BUILDING", "hardware": {"current": None, "requested": flavor}})
+
+    def _space_variable(self, repo: str) -> None:
+        found = self._repo("spaces", repo, write=True)
+        if found is None:
+            return
+        payload = json.loads(self._body() or b"{}")
+        found.variables[payload["key"]] = payload["value"]
+        self._json(200, {k: {"value": v, "updatedAt": None} for k, v in found.variables.items()})
 
     def _preupload(self, type: str, repo: str, rev: str) -> None:
         found = self._repo(type, repo, write=True)

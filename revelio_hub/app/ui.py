@@ -29,6 +29,7 @@ import html
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
@@ -137,8 +138,39 @@ class ServedBlocks(gr.Blocks):
 _IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()(?!https?://|/|data:)([^)\s]+)(\))")
 
 
+#: The paper this app reproduces (arXiv abstract page; ICCV 2025 proceedings).
+PAPER = ("Revelio: Interpreting and leveraging semantic information in diffusion models",
+         "https://arxiv.org/abs/2411.16725")
+
+
+def release_hub_url(rel: LoadedRelease) -> Optional[str]:
+    """The release's model-card page on the Hub, when it was named by a Hub id (not a local folder)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(rel.id).exists():
+        return None
+    try:
+        validate_repo_id(rel.id)
+    except HFValidationError:
+        return None
+    return f"{constants.ENDPOINT.rstrip('/')}/{rel.id}" if "/" in rel.id else None
+
+
+def about_links(rel: LoadedRelease) -> str:
+    """One line above the card: where the release lives on the Hub, and the paper."""
+    links = []
+    url = release_hub_url(rel)
+    if url:
+        links.append(f"**Model card:** [{rel.id}]({url})")
+    title, paper_url = PAPER
+    links.append(f"**Paper:** [*{title}*]({paper_url}) (Kim, Thomas and Ghadiyaram, ICCV 2025)")
+    return " · ".join(links)
+
+
 def card_markdown(rel: LoadedRelease) -> str:
-    """The release card for the About tab, its relative figures served from Gradio's cache.
+    """The About tab: links to the release's Hub page and the paper, then the release card,
+    its relative figures served from Gradio's cache.
 
     The figures are copied into Gradio's cache folder (content-addressed, so
     once per file) rather than served from the release folder: a
@@ -147,7 +179,7 @@ def card_markdown(rel: LoadedRelease) -> str:
     """
     from gradio.processing_utils import save_file_to_cache
 
-    text = rel.card or "_This release has no card._"
+    text = about_links(rel) + "\n\n" + (rel.card or "_This release has no card._")
     root = rel.local_dir
     if root is None:
         return text

@@ -1,0 +1,195 @@
+"""Publishing a release as a Space (``training/make_space.py``), against the loopback Hub.
+
+What a user relies on: one command creates (or updates) a Gradio Space with the
+release variable and hardware set through the API and only the app's files
+uploaded; its README front matter links the release; ``--dry-run`` writes a
+folder that runs; a bad release id or a missing token stops before anything is
+created.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import app_release_path  # noqa: E402
+
+yaml = pytest.importorskip("yaml")
+gradio = pytest.importorskip("gradio")
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "training" / "make_space.py"
+PACKAGE = REPO / "revelio_hub"
+RELEASE_ID = "me/revelio-toy"
+SPACE_ID = "me/revelio-toy-space"
+
+sys.path.insert(0, str(REPO / "training"))
+import make_space  # noqa: E402
+
+
+@pytest.fixture()
+def published_release(hub) -> str:
+    """The bundled toy release's metadata (release.json + card) as a model repo on the loopback Hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(RELEASE_ID)
+    api.upload_folder(repo_id=RELEASE_ID, folder_path=app_release_path(), allow_patterns=["release.json", "README.md"])
+    return RELEASE_ID
+
+
+def package_files() -> set[str]:
+    """What the Space must hold of the package: every source file, no caches."""
+    return {
+        "revelio_hub/" + p.relative_to(PACKAGE).as_posix()
+        for p in PACKAGE.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+    }
+
+
+def front_matter(readme: str) -> dict:
+    assert readme.startswith("---\n")
+    return yaml.safe_load(readme.split("---\n", 2)[1])
+
+
+def space_files(hub) -> dict[str, bytes]:
+    files = dict(hub.repos[("spaces", SPACE_ID)].head.files)
+    files.pop(".gitattributes", None)  # the Hub's own, from repo creation
+    return files
+
+
+def test_make_space_creates_a_zerogpu_space_with_only_the_app(hub, published_release, capsys):
+    code = make_space.main(["--release", published_release, "--space", SPACE_ID, "--hardware", "zero-a10g"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out[-1] == f"{hub.url}/spaces/{SPACE_ID}"
+
+    space = hub.repos[("spaces", SPACE_ID)]
+    assert space.sdk == "gradio" and not space.private
+    assert space.variables["REVELIO_RELEASE"] == published_release
+    assert space.variables["REVELIO_DEVICE"] == "auto"
+    assert space.hardware == ["zero-a10g"]
+
+    files = space_files(hub)
+    assert set(files) == {"app.py", "requirements.txt", "README.md"} | package_files()
+    assert not any(p.startswith("tests/") or "__pycache__" in p or p.endswith(".pyc") for p in files)
+    assert files["app.py"] == (REPO / "app.py").read_bytes()
+
+    meta = front_matter(files["README.md"].decode())
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__ and meta["app_file"] == "app.py"
+    assert meta["models"][0] == published_release
+    assert "suggested_hardware" not in meta  # ZeroGPU cannot be suggested to people who duplicate the Space
+    assert len(meta["short_description"]) <= 60 and meta["title"]
+
+    reqs = files["requirements.txt"].decode().splitlines()
+    import torch
+
+    assert f"torch=={torch.__version__.split('+')[0]}" in reqs
+    assert any(line.split("#")[0].strip() == "spaces" for line in reqs)
+    assert not any("download.pytorch.org/whl/cpu" in line for line in reqs)  # the GPU build
+    assert not any(line.startswith("gradio") for line in reqs)  # sdk_version decides
+
+
+def test_rerun_updates_the_space_in_place(hub, published_release):
+    from huggingface_hub import HfApi
+
+    assert make_space.main(["--release", published_release, "--space", SPACE_ID, "--hardware", "zero-a10g",
+                            "--private"]) == 0
+    api = HfApi()
+    api.upload_file(path_or_fileobj=b"x = 1\n", path_in_repo="revelio_hub/removed_module.py", repo_id=SPACE_ID,
+                    repo_type="space")
+    api.upload_file(path_or_fileobj=b"my notes\n", path_in_repo="notes.md", repo_id=SPACE_ID, repo_type="space")
+
+    assert make_space.main(["--release", published_release, "--space", SPACE_ID, "--hardware", "cpu-basic"]) == 0
+    space = hub.repos[("spaces", SPACE_ID)]
+    assert space.private  # the same Space, updated
+    assert space.hardware == ["zero-a10g", "cpu-basic"]
+    files = space_files(hub)
+    assert "revelio_hub/removed_module.py" not in files  # stale app files go
+    assert files["notes.md"] == b"my notes\n"  # the owner's own files stay
+    reqs = files["requirements.txt"].decode()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in reqs.splitlines()  # CPU hardware: CPU torch
+    assert "spaces" not in [line.split("#")[0].strip() for line in reqs.splitlines()]
+    assert front_matter(files["README.md"].decode())["suggested_hardware"] == "cpu-basic"
+
+
+def test_unknown_release_is_a_one_line_error_and_creates_nothing(hub, capsys):
+    code = make_space.main(["--release", "me/no-such-release", "--space", SPACE_ID])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "me/no-such-release" in err
+    assert ("spaces", SPACE_ID) not in hub.repos
+    assert not [r for r in hub.requests if r[0] == "POST"]
+
+
+def test_missing_token_is_a_one_line_error_and_creates_nothing(hub, published_release, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=str(REPO))  # no stored login there
+    before = len(hub.requests)
+    out = subprocess.run([sys.executable, str(SCRIPT), "--release", published_release, "--space", SPACE_ID],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert len(out.stderr.strip().splitlines()) == 1 and "token" in out.stderr.lower()
+    assert ("spaces", SPACE_ID) not in hub.repos and len(hub.requests) == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dry_run_writes_a_folder_whose_app_starts_offline(hub, published_release, tmp_path, capsys):
+    out_dir = tmp_path / "space"
+    assert make_space.main(["--release", published_release, "--hardware", "cpu-basic", "--dry-run", str(out_dir)]) == 0
+    assert "nothing was created" in capsys.readouterr().out
+    assert not [r for r in hub.requests if r[0] == "POST" and "/api/repos/create" in r[1] and "space" in r[1]]
+    assert ("spaces", SPACE_ID) not in hub.repos
+    written = {p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()}
+    assert written == {"app.py", "requirements.txt", "README.md"} | package_files()
+    assert front_matter((out_dir / "README.md").read_text())["models"][0] == published_release
+
+    # The folder runs on its own: its package, no Hub, the bundled release.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_ENDPOINT")}
+    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    which = subprocess.run([sys.executable, "-c", "import revelio_hub; print(revelio_hub.__file__)"], cwd=out_dir,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert Path(which.stdout.strip()).resolve().parent == (out_dir / "revelio_hub").resolve()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--release", app_release_path(), "--port", str(port), "--no-warmup"],
+        cwd=out_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline, status = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    status = response.status
+                    break
+            except OSError:
+                time.sleep(1)
+        assert status == 200, f"app did not start (exit {proc.poll()}):\n{proc.stdout.read() if proc.poll() is not None else ''}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_about_tab_links_the_model_card_and_the_paper(hub, published_release):
+    from revelio_hub.app.state import LoadedRelease
+    from revelio_hub.app.ui import PAPER, card_markdown
+
+    remote = card_markdown(LoadedRelease.open(published_release))
+    assert f"]({hub.url}/{published_release})" in remote
+    assert f"]({PAPER[1]})" in remote and PAPER[1] == "https://arxiv.org/abs/2411.16725"
+    local = card_markdown(LoadedRelease.open(app_release_path()))
+    assert f"]({PAPER[1]})" in local and f"{hub.url}/" not in local  # a local folder has no Hub page
