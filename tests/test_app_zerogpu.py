@@ -44,9 +44,22 @@ def fake_spaces() -> tuple[types.ModuleType, list[dict]]:
     return module, calls
 
 
-@pytest.fixture()
-def image(tmp_path) -> Path:
-    return shape_image(tmp_path / "red.png", color=(220, 40, 40))
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    return shape_image(tmp_path_factory.mktemp("zerogpu") / "red.png", color=(220, 40, 40))
+
+
+@pytest.fixture(scope="module")
+def plain(image) -> tuple[list[tuple[str, int]], list[dict]]:
+    """Today's path (no ``spaces``): the entries analysed and their ``/analyze_json`` payloads."""
+    saved = sys.modules.pop("spaces", None)
+    try:
+        state = _state()
+    finally:
+        if saved is not None:
+            sys.modules["spaces"] = saved
+    entries = state.get_release().entries[:2]
+    return entries, [A.analyze(state, str(image), layer, t).to_json() for layer, t in entries]
 
 
 def _state(device: str = "cpu") -> AppState:
@@ -54,16 +67,12 @@ def _state(device: str = "cpu") -> AppState:
 
 
 @pytest.mark.parametrize("device", ["cpu", "auto"])
-def test_gpu_decorated_analysis_equals_the_plain_one(monkeypatch, image, device):
-    monkeypatch.delitem(sys.modules, "spaces", raising=False)
-    plain_state = _state()
-    rel = plain_state.get_release()
-    entries = rel.entries[:2]
-    plain = [A.analyze(plain_state, str(image), layer, t).to_json() for layer, t in entries]
-
+def test_gpu_decorated_analysis_equals_the_plain_one(monkeypatch, image, plain, device):
+    entries, plain = plain
     module, calls = fake_spaces()
     monkeypatch.setitem(sys.modules, "spaces", module)
     gpu_state = _state(device)  # rebuilt: the decorator is chosen when the state is built
+    rel = gpu_state.get_release()
     decorated = [A.analyze(gpu_state, str(image), layer, t).to_json() for layer, t in entries]
 
     # The backbone pass went through spaces.GPU, once per distinct timestep (cached afterwards).
@@ -96,16 +105,15 @@ def test_without_spaces_the_decorator_is_the_identity(monkeypatch):
     assert call_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_app_builds_when_spaces_is_not_installed(monkeypatch, image):
+def test_app_builds_when_spaces_is_not_installed(monkeypatch):
     import gradio as gr
 
     from revelio_hub.app.ui import build_ui
 
     monkeypatch.setitem(sys.modules, "spaces", None)
     state = _state("auto")
-    demo = build_ui(state)
-    assert isinstance(demo, gr.Blocks)
-    assert A.analyze(state, str(image)).neurons  # and it analyses, on the CPU
+    assert isinstance(build_ui(state), gr.Blocks)
+    assert state._backbone_pass == state._gpu_backbone_pass  # the plain method, undecorated
 
 
 def test_backbone_moves_in_place_and_keeps_its_answer(image):
