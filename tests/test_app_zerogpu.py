@@ -27,15 +27,20 @@ from revelio_hub.app.state import AppConfig, AppState  # noqa: E402
 
 
 def fake_spaces() -> tuple[types.ModuleType, list[dict]]:
+    """A stand-in for ``spaces``; ``module.observe()`` (set by the test) is sampled around each call."""
     calls: list[dict] = []
     module = types.ModuleType("spaces")
+    module.observe = lambda: None
 
     def GPU(task=None, *, duration=None, size=None):  # noqa: N802 (mirrors spaces.GPU)
         def decorate(fn):
             def worker_call(*args, **kwargs):
                 args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))  # into the worker
-                calls.append({"fn": getattr(fn, "__name__", ""), "duration": duration})
-                return pickle.loads(pickle.dumps(fn(*args, **kwargs)))  # and back
+                before = module.observe()
+                result = fn(*args, **kwargs)
+                calls.append({"fn": getattr(fn, "__name__", ""), "duration": duration,
+                              "observed": (before, module.observe())})
+                return pickle.loads(pickle.dumps(result))  # and back
             return worker_call
 
         return decorate(task) if callable(task) else decorate
@@ -73,11 +78,14 @@ def test_gpu_decorated_analysis_equals_the_plain_one(monkeypatch, image, plain, 
     monkeypatch.setitem(sys.modules, "spaces", module)
     gpu_state = _state(device)  # rebuilt: the decorator is chosen when the state is built
     rel = gpu_state.get_release()
+    module.observe = lambda: len(gpu_state.features)
     decorated = [A.analyze(gpu_state, str(image), layer, t).to_json() for layer, t in entries]
 
     # The backbone pass went through spaces.GPU, once per distinct timestep (cached afterwards).
     assert [c["fn"] for c in calls] == ["_backbone_pass"] * len({t for _, t in entries})
     assert all(c["duration"] == GPU_DURATION_S for c in calls)
+    # The GPU call caches nothing itself (on ZeroGPU that would stay in the worker process).
+    assert all(before == after for before, after in (c["observed"] for c in calls))
     for got, want in zip(decorated, plain):
         assert got.keys() == want.keys()
         assert (got["release"], got["layer"], got["timestep"]) == (want["release"], want["layer"], want["timestep"])
