@@ -18,7 +18,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 __all__ = ["render_card", "render_figure", "card_metrics"]
 
-_PAPER = "Revelio: Interpreting and leveraging semantic information in diffusion models"
+#: The paper this project re-implements (Kim, Thomas and Ghadiyaram, ICCV 2025) and its arXiv page;
+#: the app's About tab and generated Spaces link it.
+PAPER_TITLE = "Revelio: Interpreting and leveraging semantic information in diffusion models"
+PAPER_URL = "https://arxiv.org/abs/2411.16725"
+_PAPER = PAPER_TITLE
 
 # (metrics section, key, model-index metric type, display name, task type)
 _INDEXED = [

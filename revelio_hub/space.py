@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 from revelio_hub.hub import is_local
 
 #: The checkout holding ``app.py`` (the package lives in its ``revelio_hub/``).
@@ -45,8 +46,6 @@ SUGGESTABLE_HARDWARE = (
 OWNED_PATTERNS = ["app.py", "requirements.txt", "README.md", "revelio_hub/**"]
 #: Left out of the copied package.
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "*.egg-info", ".pytest_cache", ".DS_Store")
-PAPER_URL = "https://arxiv.org/abs/2411.16725"
-PAPER_TITLE = "Revelio: Interpreting and leveraging semantic information in diffusion models"
 
 
 class SpaceError(ValueError):

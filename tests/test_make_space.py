@@ -186,10 +186,11 @@ def test_dry_run_writes_a_folder_whose_app_starts_offline(hub, published_release
 
 def test_about_tab_links_the_model_card_and_the_paper(hub, published_release):
     from revelio_hub.app.state import LoadedRelease
-    from revelio_hub.app.ui import PAPER, card_markdown
+    from revelio_hub.app.ui import card_markdown
+    from revelio_hub.cards import PAPER_URL
 
     remote = card_markdown(LoadedRelease.open(published_release))
     assert f"]({hub.url}/{published_release})" in remote
-    assert f"]({PAPER[1]})" in remote and PAPER[1] == "https://arxiv.org/abs/2411.16725"
+    assert f"]({PAPER_URL})" in remote and PAPER_URL == "https://arxiv.org/abs/2411.16725"
     local = card_markdown(LoadedRelease.open(app_release_path()))
-    assert f"]({PAPER[1]})" in local and f"{hub.url}/" not in local  # a local folder has no Hub page
+    assert f"]({PAPER_URL})" in local and f"{hub.url}/" not in local  # a local folder has no Hub page

@@ -39,6 +39,7 @@ from revelio_hub.app import analysis as A
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots
+from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +139,6 @@ class ServedBlocks(gr.Blocks):
 _IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()(?!https?://|/|data:)([^)\s]+)(\))")
 
 
-#: The paper this app reproduces (arXiv abstract page; ICCV 2025 proceedings).
-PAPER = ("Revelio: Interpreting and leveraging semantic information in diffusion models",
-         "https://arxiv.org/abs/2411.16725")
-
-
 def release_hub_url(rel: LoadedRelease) -> Optional[str]:
     """The release's model-card page on the Hub, when it was named by a Hub id (not a local folder)."""
     from huggingface_hub import constants
@@ -163,8 +159,7 @@ def about_links(rel: LoadedRelease) -> str:
     url = release_hub_url(rel)
     if url:
         links.append(f"**Model card:** [{rel.id}]({url})")
-    title, paper_url = PAPER
-    links.append(f"**Paper:** [*{title}*]({paper_url}) (Kim, Thomas and Ghadiyaram, ICCV 2025)")
+    links.append(f"**Paper:** [*{PAPER_TITLE}*]({PAPER_URL}) (Kim, Thomas and Ghadiyaram, ICCV 2025)")
     return " · ".join(links)
 
 
