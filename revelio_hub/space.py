@@ -278,6 +278,9 @@ def publish_space(spec: SpaceSpec, *, token: Optional[str] = None, progress: Any
                 api.add_space_variable(space_id, key, value)
             progress(f"Space {space_id}: requesting hardware {spec.hardware}")
             api.request_space_hardware(space_id, spec.hardware)
+            if api.model_info(spec.release).private:
+                progress(f"Note: {spec.release} is private, so the Space cannot read it until you add a read token "
+                         "as the Space secret HF_TOKEN (Settings > Variables and secrets) or make the release public.")
             progress(f"Space {space_id}: uploading {len(files)} files")
             api.upload_folder(
                 repo_id=space_id, repo_type="space", folder_path=Path(tmp) / "space",

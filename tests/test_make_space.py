@@ -70,6 +70,7 @@ def test_make_space_creates_a_zerogpu_space_with_only_the_app(hub, published_rel
     code = make_space.main(["--release", published_release, "--space", SPACE_ID, "--hardware", "zero-a10g"])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and out[-1] == f"{hub.url}/spaces/{SPACE_ID}"
+    assert not any("HF_TOKEN" in line for line in out)  # a public release needs no secret
 
     space = hub.repos[("spaces", SPACE_ID)]
     assert space.sdk == "gradio" and not space.private
@@ -118,6 +119,16 @@ def test_rerun_updates_the_space_in_place(hub, published_release):
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in reqs.splitlines()  # CPU hardware: CPU torch
     assert "spaces" not in [line.split("#")[0].strip() for line in reqs.splitlines()]
     assert front_matter(files["README.md"].decode())["suggested_hardware"] == "cpu-basic"
+
+
+def test_a_private_release_is_flagged(hub, capsys):
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo("me/private-release", private=True)
+    HfApi().upload_folder(repo_id="me/private-release", folder_path=app_release_path(),
+                          allow_patterns=["release.json", "README.md"])
+    assert make_space.main(["--release", "me/private-release", "--space", SPACE_ID]) == 0
+    assert "secret HF_TOKEN" in capsys.readouterr().out  # the Space needs a read token to see it
 
 
 def test_unknown_release_is_a_one_line_error_and_creates_nothing(hub, capsys):
