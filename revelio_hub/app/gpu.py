@@ -25,10 +25,11 @@ from typing import Any, Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Seconds of GPU one analysis may hold. ZeroGPU charges the time actually used and
-#: treats this as an upper bound for scheduling: one backbone pass takes well under a
-#: second on a GPU; the first call of a fresh worker also copies the backbone to the
-#: GPU (a few GB for SD-sized models). 30 s leaves room for both, and for ``ensemble``.
+#: Seconds of GPU one analysis may hold. ZeroGPU counts the time actually used against the
+#: visitor's quota and uses this as the upper bound when scheduling (shorter bounds are
+#: scheduled sooner). One call is one image's backbone pass, plus, in a fresh worker, the copy
+#: of the backbone to the GPU (SD 1.5's UNet + VAE are about 3.4 GB in float32). Unmeasured on
+#: ZeroGPU: 30 s is an estimate with a wide margin for both, and for ``ensemble`` > 1.
 GPU_DURATION_S = 30
 
 #: ``AppConfig.device`` values that mean "use CUDA when the decorated call finds it".
