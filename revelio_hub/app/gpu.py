@@ -28,7 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Seconds of GPU one analysis may hold. ZeroGPU counts the time actually used against the
 #: visitor's quota and uses this as the upper bound when scheduling (shorter bounds are
 #: scheduled sooner). One call is one image's backbone pass, plus, in a fresh worker, the copy
-#: of the backbone to the GPU (SD 1.5's UNet + VAE are about 3.4 GB in float32). Unmeasured on
+#: of the backbone to the GPU (SD 1.5's UNet alone: 860M parameters, 3.4 GB in float32). Unmeasured on
 #: ZeroGPU: 30 s is an estimate with a wide margin for both, and for ``ensemble`` > 1.
 GPU_DURATION_S = 30
 
