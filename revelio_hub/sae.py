@@ -273,27 +273,27 @@ class KSparseAutoencoder(
         granularity: str = "pooled",
         recipe: Optional[dict] = None,
     ) -> "KSparseAutoencoder":
-        """Import the seed code's ``.pt`` checkpoint (``{"state_dict": {W_enc, W_dec, b_enc, b_dec}}``).
+        """Import a ``.pt`` file written by the paper's code (``KSparseAutoencoder.save_model``).
 
-        Read with ``torch.load(weights_only=True)``: tensors and plain
-        containers only, never arbitrary pickled objects. The seed's layout is
-        ``W_enc`` d_in×n, ``W_dec`` n×d_in, ``b_dec`` the pre-encoder bias
-        (our ``b_pre``). ``k`` comes from the checkpoint (``k`` key) unless given.
+        The seed saves ``torch.save({"cfg": SDSAERunnerConfig(...), "state_dict": {W_enc,
+        b_enc, W_dec, b_dec}})``, with ``k`` only inside ``cfg``. The file is read with
+        ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers
+        only; the one extra class admitted is the seed's config, which becomes a plain
+        mapping (see :func:`read_seed_checkpoint`). Anything else in the pickle, such as
+        a function call smuggled in by a malicious file, is refused with ``ValueError``.
 
-        The seed encodes ``z = TopK(W_encᵀ(x − b_dec) + b_enc)`` *without* a
-        ReLU, so by default (``relu=False``) the imported model reproduces its
-        reconstructions exactly. ``relu=True`` switches to our activation; the
-        two agree whenever the k selected pre-activations are positive. Decoder
-        rows are kept as stored (not renormalised), to keep reconstructions equal.
+        The seed's layout is ``W_enc`` d_in×n, ``W_dec`` n×d_in, ``b_dec`` the
+        pre-encoder bias (our ``b_pre``). ``k`` comes from the checkpoint's config
+        unless given. The seed encodes ``z = TopK(W_encᵀ(x − b_dec) + b_enc)``
+        *without* a ReLU, so by default (``relu=False``) the imported model
+        reproduces its reconstructions exactly. ``relu=True`` switches to our
+        activation; the two agree whenever the k selected pre-activations are
+        positive. Decoder rows are kept as stored (not renormalised), to keep
+        reconstructions equal.
         """
-        try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError and friends: refuse, never fall back to full pickle
-            raise ValueError(
-                f"{path} could not be read as tensors only (torch.load(weights_only=True)): {exc}. "
-                "Re-save it with plain tensors/dicts/ints; arbitrary pickled objects are not loaded."
-            ) from exc
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        ckpt = read_seed_checkpoint(path)
+        state = ckpt.get("state_dict", ckpt)
+        seed_cfg = ckpt.get("cfg") if isinstance(ckpt.get("cfg"), dict) else {}
         if not isinstance(state, dict):
             raise ValueError(f"{path} is not a seed k-SAE checkpoint (expected a dict with 'state_dict')")
         need = ("W_enc", "W_dec", "b_enc", "b_dec")
@@ -304,10 +304,13 @@ class KSparseAutoencoder(
         d_in, n_latents = w_enc.shape
         if tuple(w_dec.shape) != (n_latents, d_in):
             raise ValueError(f"seed W_dec has shape {tuple(w_dec.shape)}, expected {(n_latents, d_in)} from W_enc {tuple(w_enc.shape)}")
+        if seed_cfg.get("d_sae") not in (None, n_latents) or seed_cfg.get("d_in") not in (None, d_in):
+            raise ValueError(f"{path}: cfg says d_in={seed_cfg.get('d_in')}, d_sae={seed_cfg.get('d_sae')}, "
+                             f"but W_enc has shape {tuple(w_enc.shape)}")
         if k is None:
-            stored = ckpt.get("k", state.get("k")) if isinstance(ckpt, dict) else None
+            stored = seed_cfg.get("k", ckpt.get("k"))
             if stored is None:
-                raise ValueError(f"{path} does not record k; pass k=... (the paper uses 32)")
+                raise ValueError(f"{path} does not record k (no cfg.k); pass k=... (the paper uses 32)")
             k = int(stored)
         model = cls(d_in, n_latents, k=int(k), granularity=granularity, recipe=recipe, relu=relu)
         with torch.no_grad():
@@ -316,3 +319,51 @@ class KSparseAutoencoder(
             model.b_enc.copy_(state["b_enc"].reshape(-1))
             model.b_pre.copy_(state["b_dec"].reshape(-1))
         return model
+
+
+#: Where the paper's code defines its run config (``SD-kSAE/training/config.py``).
+SEED_CONFIG_CLASS = "training.config.SDSAERunnerConfig"
+
+
+class _SeedConfig(dict):
+    """Stands in for the seed's ``SDSAERunnerConfig`` while unpickling: its fields become a plain dict.
+
+    The real class is never imported (it pulls in ``wandb`` and runs code in
+    ``__post_init__``); pickle's BUILD hands the instance's ``__dict__`` to
+    :meth:`__setstate__`, which only stores it.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise ValueError(f"unexpected state of the seed config: {type(state).__name__}")
+        self.update(state)
+
+
+def read_seed_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """Read a seed ``.pt`` file as tensors, plain containers and the seed config as a dict.
+
+    ``torch.load(weights_only=True)`` with one extra allowed global, the seed's
+    config class mapped to :class:`_SeedConfig`; every other global (``os.system``,
+    arbitrary classes, ...) makes the unpickler stop with an error, reported here
+    as ``ValueError``. Nothing in the file is executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"seed checkpoint {path} does not exist")
+    if path.name.endswith(".pkl.gz"):
+        raise ValueError(f"{path}: the seed's .pkl.gz format is a plain pickle and is not read; save it as .pt")
+    try:
+        with torch.serialization.safe_globals([(_SeedConfig, SEED_CONFIG_CLASS)]):
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError and friends: refuse, never fall back to a full unpickle
+        raise ValueError(
+            f"{path} holds objects other than tensors, plain containers and the seed's {SEED_CONFIG_CLASS}, "
+            f"so it is not loaded (read with torch.load(weights_only=True)): {exc}"
+        ) from exc
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a seed k-SAE checkpoint (expected a dict, got {type(ckpt).__name__})")
+    if isinstance(ckpt.get("cfg"), _SeedConfig):
+        ckpt = {**ckpt, "cfg": dict(ckpt["cfg"])}
+    return ckpt

@@ -28,11 +28,13 @@ decoder is ``embedding_bag`` over the k active rows, matmuls run in bf16 on CUDA
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -53,6 +55,8 @@ __all__ = [
     "load_store_features",
     "load_tensor_features",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.safetensors"
@@ -431,10 +435,7 @@ def train_sae(
         n_eval = max(n_eval, 2)
     n_train = n_all - n_eval
     if n_train < cfg.batch_size:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} exceeds the {n_train} training samples "
-            f"({n_all} features, eval_fraction={cfg.eval_fraction}); use a smaller batch or more data."
-        )
+        cfg = _whole_set_batches(cfg, n_train, world, acc.is_main_process)
     eval_x = features[perm[:n_eval]].float()
     train_cpu = features[perm[n_eval:]].float()
 
@@ -499,6 +500,8 @@ def train_sae(
         acc.wait_for_everyone()
         if resume and ckpt_path.exists():
             start, aux_ids = _load_checkpoint(ckpt_path, model, opt, tracker, cfg)
+            if acc.is_main_process:
+                print(f"resuming from step {start} of {cfg.total_steps} ({ckpt_path})", file=sys.stderr)
         elif not overwrite and (out / "model.safetensors").exists():
             return _finished_run(out, cfg)
         if acc.is_main_process:
@@ -631,6 +634,27 @@ def train_sae(
         if out is not None:
             acc.wait_for_everyone()
     return TrainResult(model=model.cpu(), eval=eval_metrics, steps=completed, history=history, train_seconds=train_seconds)
+
+
+def _whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: bool) -> SAETrainConfig:
+    """A batch larger than the data becomes the whole training set per step, as in the seed.
+
+    The seed's loader (a shuffled ``DataLoader`` with ``batch_size`` > dataset) simply
+    yields every sample each step while its counter adds ``batch_size``: on Oxford
+    Pets its 83.9M "samples" are 10,240 full-set steps. We keep that step count and
+    record the batch actually used (trimmed to a multiple of the process count).
+    """
+    batch = n_train - n_train % world
+    if batch < 1:
+        raise ValueError(f"{n_train} training samples cannot be split over {world} processes")
+    steps = cfg.total_steps
+    if verbose:
+        logger.warning(
+            "warning: batch_size=%d exceeds the %d training samples: each of the %d steps uses the whole "
+            "training set (%d samples, as the seed's loader does), %s samples in all",
+            cfg.batch_size, n_train, steps, batch, f"{steps * batch:,}",
+        )
+    return replace(cfg, batch_size=batch, steps=steps)
 
 
 def _config_diffs(saved: dict[str, Any], cfg: SAETrainConfig) -> dict[str, Any]:

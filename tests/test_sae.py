@@ -160,17 +160,97 @@ def test_strict_loading_rejects_missing_and_extra_tensors(tmp_path):
         KSparseAutoencoder.from_pretrained(tmp_path / "sae")
 
 
-def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path):
+def _seed_config_module():
+    """A stand-in for the paper's ``SD-kSAE/training/config.py``: same module path, class name and fields.
+
+    Pickle records a class by ``module.qualname``, so a file written with this
+    class is byte-for-byte what the seed's ``save_model`` writes for the same values.
+    """
+    import dataclasses
+    import types
+    from typing import Optional
+
+    @dataclasses.dataclass
+    class SDSAERunnerConfig:  # fields, defaults and __post_init__ effects as in the seed (wandb left out)
+        image_size: int = 512,  # noqa: the seed's trailing comma makes these tuples
+        num_sampling_steps: int = 25,
+        vae: str = "mse"
+        model_name: str = "openai/clip-vit-base-patch32"
+        model_name_proc: str = "openai/clip-vit-base-patch32"
+        timestep: int = 0
+        module_name: str = "mid_block"
+        feature_dir: str = None
+        layer_name: str = None
+        block_layer: int = 10
+        dataset_name: str = "evanarlian/imagenet_1k_resized_256"
+        use_cached_activations: bool = False
+        block_name: str = "mid_block"
+        image_key: str = "image"
+        d_in: int = 768
+        k: int = 32
+        total_training_tokens: int = 2_000_000
+        device: str = "cpu"
+        seed: int = 42
+        dtype: torch.dtype = torch.float32
+        b_dec_init_method: str = "mean"
+        expansion_factor: int = 4
+        from_pretrained_path: Optional[str] = None
+        lr: float = 3e-4
+        lr_scheduler_name: str = "constant"
+        lr_warm_up_steps: int = 500
+        batch_size: int = 4096
+        sae_batch_size: int = 1024,
+        dead_feature_threshold: float = 1e-8
+        log_to_wandb: bool = True
+        wandb_project: str = "revelio"
+        wandb_entity: str = None
+        wandb_log_frequency: int = 10
+        checkpoint_path: str = "checkpoints"
+        max_batch_size: int = 32
+        save_path: str = "feature"
+
+        def __post_init__(self):
+            self.d_sae = self.d_in * self.expansion_factor
+            self.run_name = f"{self.d_sae}-LR-{self.lr}-Tokens-{self.total_training_tokens:3.3e}"
+            self.device = torch.device(self.device)
+            self.checkpoint_path = f"{self.checkpoint_path}/abcd1234"
+
+    SDSAERunnerConfig.__module__, SDSAERunnerConfig.__qualname__ = "training.config", "SDSAERunnerConfig"
+    package, module = types.ModuleType("training"), types.ModuleType("training.config")
+    module.SDSAERunnerConfig = SDSAERunnerConfig
+    package.config = module
+    return package, module
+
+
+def _write_seed_checkpoint(path, monkeypatch, d_in, expansion, k, g):
+    """``KSparseAutoencoder.save_model`` of the seed: ``torch.save({"cfg": cfg, "state_dict": sd})``."""
+    package, module = _seed_config_module()
+    monkeypatch.setitem(sys.modules, "training", package)
+    monkeypatch.setitem(sys.modules, "training.config", module)
+    cfg = module.SDSAERunnerConfig(d_in=d_in, expansion_factor=expansion, k=k, timestep=25, log_to_wandb=False,
+                                   model_name="pets/SDv1-5/timestep_25/mid_block", device="cpu")
+    n = cfg.d_sae
+
+    class SeedSAE(torch.nn.Module):  # parameters registered in the seed's order
+        def __init__(self):
+            super().__init__()
+            self.W_enc = torch.nn.Parameter(torch.randn(d_in, n, generator=g))
+            self.b_enc = torch.nn.Parameter(torch.randn(n, generator=g) - 6.0)  # pushes some top-k values below 0
+            self.W_dec = torch.nn.Parameter(torch.randn(n, d_in, generator=g))  # rows not unit-norm
+            self.b_dec = torch.nn.Parameter(torch.randn(d_in, generator=g))
+
+    sae = SeedSAE()
+    torch.save({"cfg": cfg, "state_dict": sae.state_dict()}, path)
+    monkeypatch.delitem(sys.modules, "training.config")  # reading must not need the seed's code
+    monkeypatch.delitem(sys.modules, "training")
+    return {name: p.detach() for name, p in sae.named_parameters()}
+
+
+def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(1)
-    d_in, n, k = 12, 48, 5
-    seed_state = {
-        "W_enc": torch.randn(d_in, n, generator=g),
-        "W_dec": torch.randn(n, d_in, generator=g),  # the seed does not keep rows unit-norm
-        "b_enc": torch.randn(n, generator=g) - 6.0,  # pushes some top-k values below 0
-        "b_dec": torch.randn(d_in, generator=g),
-    }
-    path = tmp_path / "seed.pt"
-    torch.save({"state_dict": seed_state, "k": k, "epoch": 3}, path)
+    d_in, k = 12, 5
+    path = tmp_path / "final_k_sparse_autoencoder.pt"
+    seed_state = _write_seed_checkpoint(path, monkeypatch, d_in, 4, k, g)
     x = torch.randn(20, d_in, generator=g)
 
     # the seed's formula, written out: TopK without ReLU, dense decode
@@ -180,8 +260,8 @@ def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path):
     seed_recon = z @ seed_state["W_dec"] + seed_state["b_dec"]
     assert (top.values < 0).any(), "test data should exercise negative top-k values"
 
-    exact = KSparseAutoencoder.from_seed_checkpoint(path)  # relu=False: the seed's activation
-    assert exact.k == k
+    exact = KSparseAutoencoder.from_seed_checkpoint(path)  # relu=False: the seed's activation; k from cfg
+    assert (exact.k, exact.d_in, exact.n_latents) == (k, d_in, 4 * d_in)
     assert torch.allclose(exact(x)[0], seed_recon, atol=1e-5)
 
     # with our ReLU the two agree exactly on samples whose top-k values are all positive
@@ -191,15 +271,35 @@ def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path):
     assert torch.allclose(ours(x)[0][positive], seed_recon[positive], atol=1e-5)
     assert not torch.allclose(ours(x)[0][~positive], seed_recon[~positive], atol=1e-3)
 
+    from revelio_hub.sae import read_seed_checkpoint
+
+    cfg = read_seed_checkpoint(path)["cfg"]
+    assert type(cfg) is dict and cfg["k"] == k and cfg["timestep"] == 25 and cfg["device"] == torch.device("cpu")
+
     torch.save({"state_dict": {k_: v for k_, v in seed_state.items() if k_ != "b_enc"}, "k": k}, path)
     with pytest.raises(ValueError, match="b_enc"):
         KSparseAutoencoder.from_seed_checkpoint(path)
 
+
+def test_seed_checkpoint_refuses_other_pickled_objects(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    state = {"W_enc": torch.zeros(2, 4), "W_dec": torch.zeros(4, 2), "b_enc": torch.zeros(4), "b_dec": torch.zeros(2)}
+    path = tmp_path / "evil.pt"
+    torch.save({"cfg": Exploit(), "state_dict": state}, path)
+    with pytest.raises(ValueError, match="not loaded.*weights_only"):
+        KSparseAutoencoder.from_seed_checkpoint(path)
+    assert not marker.exists()
+
     import argparse
 
-    # any non-tensor object (here the training args, as seed scripts often store) must not be unpickled
-    torch.save({"state_dict": seed_state, "k": k, "args": argparse.Namespace(lr=4e-4)}, path)
-    with pytest.raises(ValueError, match="weights_only"):
+    # any other class (here training args, as seed scripts often store) is not unpickled either
+    torch.save({"cfg": argparse.Namespace(k=4), "state_dict": state}, path)
+    with pytest.raises(ValueError, match="not loaded"):
         KSparseAutoencoder.from_seed_checkpoint(path)
 
 
@@ -333,9 +433,21 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert short.steps == 4 and json.loads((tmp_path / "run/train_config.json").read_text())["lr"] == 1e-3
 
 
+def test_batch_larger_than_the_data_uses_the_whole_set_per_step(tmp_path, caplog):
+    # as the seed's loader: every step sees all training samples; the step count is kept
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0)).relu()
+    with caplog.at_level("WARNING", logger="revelio_hub.sae_training"):
+        r = train_sae(x, _small_cfg(eval_fraction=0.1), out_dir=tmp_path / "run", progress=False)
+    warning = [rec.getMessage() for rec in caplog.records if "exceeds" in rec.getMessage()]
+    assert len(warning) == 1 and "\n" not in warning[0] and "the whole training set (36 samples" in warning[0]
+    assert r.steps == 24 and r.eval["samples_seen"] == 24 * 36
+    saved = json.loads((tmp_path / "run/train_config.json").read_text())
+    assert (saved["batch_size"], saved["steps"]) == (36, 24)
+    again = train_sae(x, _small_cfg(eval_fraction=0.1), out_dir=tmp_path / "run", progress=False)  # same command
+    assert again.eval == r.eval
+
+
 def test_trainer_input_errors():
-    with pytest.raises(ValueError, match="batch_size=64 exceeds"):
-        train_sae(torch.randn(40, 16), _small_cfg(), progress=False)
     with pytest.raises(ValueError, match="N×d_in"):
         train_sae(torch.randn(40, 16, 2, 2), _small_cfg(), progress=False)
     with pytest.raises(ValueError, match="b_pre_init"):
