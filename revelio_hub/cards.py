@@ -30,7 +30,7 @@ _INDEXED = [
     ("sae", "l0", "l0", "k-SAE L0", "feature-extraction"),
     ("sae", "dead_fraction", "dead_fraction", "k-SAE dead fraction", "feature-extraction"),
     ("sae", "cosine", "cosine_similarity", "k-SAE reconstruction cosine", "feature-extraction"),
-    ("atlas", "mean_purity", "label_purity", "label purity (std of top-10 class ids, top-1000 neurons)",
+    ("atlas", "mean_purity", "label_purity", "label purity (std of top-10 class ids, top-{n} neurons)",
      "feature-extraction"),
     ("diffc", "top1", "accuracy", "Diff-C top-1 accuracy", "image-classification"),
     ("diffc", "top5", "top_5_accuracy", "Diff-C top-5 accuracy", "image-classification"),
@@ -45,9 +45,43 @@ def _num(x: Any) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
+def _is_local(name: Any) -> bool:
+    """A name that is (or looks like) a path on the machine that built the release, not a Hub id."""
+    if not name:
+        return False
+    text = str(name)
+    return text.startswith(("/", ".", "~", "\\")) or ":\\" in text or Path(text).expanduser().exists()
+
+
+def hub_metadata(config: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
+    """(base_model, dataset) for the card's YAML: Hub ids only, never a local path.
+
+    ``release.json`` records them under ``base_model`` and ``dataset.hub_id``
+    (set by ``assemble_release`` from ``--base-model``/``--dataset-id`` or from
+    names that are Hub ids); older files fall back to the backbone and dataset
+    ids when those are not local paths.
+    """
+    data = config.get("dataset") or {}
+    if "base_model" in config:
+        base = config.get("base_model")
+    else:
+        backbone = config.get("backbone")
+        base = backbone if backbone and not config.get("embedded_backbone") and not _is_local(backbone) else None
+    dataset = data.get("hub_id") if "hub_id" in data else (None if _is_local(data.get("id")) else data.get("id"))
+    return base, dataset
+
+
+def _display_name(name: Any) -> str:
+    """How a backbone or dataset is named in the card's text: a Hub id as is, a local folder by its name only."""
+    if not name:
+        return "a custom dataset"
+    return f"{Path(str(name)).name} (a local folder)" if _is_local(name) else str(name)
+
+
 def card_metrics(config: dict[str, Any]) -> list[EvalResult]:
     """One :class:`EvalResult` per measured metric of every entry (what ``model-index`` lists)."""
-    dataset = (config.get("dataset") or {}).get("id") or "custom"
+    _, hub_dataset = hub_metadata(config)
+    dataset = hub_dataset or "custom"
     split = (config.get("dataset") or {}).get("split")
     results = []
     for item in config.get("entries", []):
@@ -59,7 +93,8 @@ def card_metrics(config: dict[str, Any]) -> list[EvalResult]:
                 continue
             results.append(EvalResult(
                 task_type=task, dataset_type=dataset, dataset_name=dataset, dataset_split=split,
-                metric_type=metric_type, metric_value=round(value, 6), metric_name=f"{label} ({where})",
+                metric_type=metric_type, metric_value=round(value, 6),
+                metric_name=f"{label.format(n=(metrics.get(section) or {}).get('summary_neurons') or 1000)} ({where})",
             ))
     return results
 
@@ -127,11 +162,20 @@ def _snippet(config: dict[str, Any], repo_id: str) -> str:
     return "\n".join(lines)
 
 
+def _purity_neurons(config: dict[str, Any]) -> str:
+    counts = sorted({int(n) for e in config.get("entries", [])
+                     if (n := ((e.get("metrics") or {}).get("atlas") or {}).get("summary_neurons")) is not None})
+    if not counts:
+        return "1,000"
+    return f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}–{counts[-1]:,} (per entry)"
+
+
 def render_card(config: dict[str, Any], repo_id: Optional[str] = None) -> ModelCard:
     """The model card of a release described by ``config`` (the content of ``release.json``)."""
     repo_id = repo_id or config.get("repo_id") or f"<user>/{config.get('name') or 'revelio-release'}"
-    dataset = (config.get("dataset") or {}).get("id")
-    backbone = config.get("backbone")
+    base_model, hub_dataset = hub_metadata(config)
+    dataset = _display_name((config.get("dataset") or {}).get("id"))
+    backbone = _display_name(config.get("backbone"))
     has_diffc = any(item.get("diffc") for item in config.get("entries", []))
     tags = ["revelio-hub", "sparse-autoencoder", "k-sparse-autoencoder", "interpretability", "diffusion-features"]
     if has_diffc:
@@ -142,8 +186,8 @@ def render_card(config: dict[str, Any], repo_id: Optional[str] = None) -> ModelC
     data = ModelCardData(
         library_name="revelio-hub",
         tags=tags,
-        base_model=backbone if backbone and not config.get("embedded_backbone") else None,
-        datasets=[dataset] if dataset else None,
+        base_model=base_model,
+        datasets=[hub_dataset] if hub_dataset else None,
         license=config.get("license") or "apache-2.0",
         model_name=name,
         eval_results=card_metrics(config) or None,
@@ -157,7 +201,7 @@ def render_card(config: dict[str, Any], repo_id: Optional[str] = None) -> ModelC
     figure = f"![Purity and Diff-C accuracy by layer and timestep]({config['figure']})\n" if config.get("figure") else ""
     description = config.get("description") or (
         f"k-sparse autoencoders (k-SAEs){', Diff-C classifiers' if has_diffc else ''} and neuron atlases "
-        f"trained on diffusion features of `{dataset or 'a custom dataset'}` from `{backbone}`"
+        f"trained on diffusion features of `{dataset}` from `{backbone}`"
         + (" (embedded in this repo)." if config.get("embedded_backbone") else ".")
     )
     body = f"""
@@ -189,8 +233,8 @@ To browse the neurons interactively: `python app.py --release {repo_id}`.
 
 FVU is the fraction of variance unexplained on held-out features (lower is better), L0 the mean number of active
 latents, *dead* the share of latents that never fired. Purity is the paper's metric: the standard deviation of the
-class ids of a neuron's top-10 images, averaged over the 1,000 most frequently firing neurons (lower means more
-class-specific); entropy is the label entropy of the same images. Diff-C accuracy is measured on the test split.
+class ids of a neuron's top-10 images, averaged over the {_purity_neurons(config)} most frequently firing neurons
+(lower means more class-specific); entropy is the label entropy of the same images. Diff-C accuracy is measured on the test split.
 
 {figure}
 ## Recipe

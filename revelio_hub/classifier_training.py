@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class DiffCTrainConfig:
         seed: seeds the validation split, the view sampling, shuffling, init and dropout.
         eval_batch_size: batch size for validation and test passes.
         checkpoint_every: save a resumable checkpoint every this many epochs (and at the end).
+        keep_checkpoint: keep ``checkpoint/`` (optimizer state, several times the model) after the
+            run finished; by default it is removed and ``trainer_state.json`` records the finished run.
         mixed_precision: passed to ``accelerate.Accelerator`` (``"no"``, ``"bf16"``, ``"fp16"``).
     """
 
@@ -90,6 +93,7 @@ class DiffCTrainConfig:
     eval_batch_size: int = 128
     checkpoint_every: int = 1
     mixed_precision: str = "no"
+    keep_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -109,7 +113,7 @@ class DiffCTrainConfig:
     # Fields that change the result; a checkpoint made with different values is not resumed.
     def identity(self) -> dict[str, Any]:
         data = asdict(self)
-        for volatile in ("eval_batch_size", "checkpoint_every"):
+        for volatile in ("eval_batch_size", "checkpoint_every", "keep_checkpoint"):
             data.pop(volatile)
         return data
 
@@ -399,15 +403,19 @@ def fit(
     start_epoch, best_epoch, best_key, resumed_from = 0, -1, None, None
     best_val: dict[str, Any] = {}
     state_path = ckpt / STATE_FILE
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
+    finished_path = out / STATE_FILE  # a finished run whose checkpoint/ was removed
+    if state_path.exists() or finished_path.exists():
+        state = json.loads((state_path if state_path.exists() else finished_path).read_text())
         if state.get("config") != config.identity():
             raise ValueError(
-                f"{out} holds a checkpoint of a run with a different configuration "
-                f"({state.get('config')}); use a new output folder or delete {ckpt}."
+                f"{out} holds a {'checkpoint' if state_path.exists() else 'finished run'} with a different "
+                f"configuration ({state.get('config')}); use a new output folder or delete it."
             )
-        accelerator.load_state(str(ckpt))
+        if state_path.exists():
+            accelerator.load_state(str(ckpt))
         start_epoch = resumed_from = int(state["epoch"]) + 1
+        if accelerator.is_main_process and start_epoch < config.epochs:
+            print(f"resuming from epoch {start_epoch} of {config.epochs} ({ckpt})", file=sys.stderr)
         best_epoch, best_val = int(state["best_epoch"]), dict(state["best_val"])
         best_key = tuple(state["best_key"]) if state.get("best_key") is not None else None
     history = [r for r in _read_jsonl(metrics_path) if r.get("epoch", 0) < start_epoch]
@@ -468,6 +476,12 @@ def fit(
                 "epoch": epoch, "best_epoch": best_epoch, "best_key": list(best_key),
                 "best_val": best_val, "config": config.identity(),
             })
+    accelerator.wait_for_everyone()
+    if last_epoch == config.epochs - 1 and accelerator.is_main_process and (ckpt / STATE_FILE).exists():
+        # finished: the trainer state moves next to the model, the optimizer state goes unless asked to stay
+        shutil.copy2(ckpt / STATE_FILE, finished_path)
+        if not config.keep_checkpoint:
+            shutil.rmtree(ckpt)
     accelerator.wait_for_everyone()
     best = DiffC.from_pretrained(out) if (out / "model.safetensors").exists() else raw
     return FitResult(best, best_epoch, best_val, history, resumed_from)

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,6 +508,10 @@ def extract_to_store(
 
     todo = writer.pending_ids(len(source))
     chunk = shard_size or (DEFAULT_SPATIAL_SHARD_SIZE if spatial else DEFAULT_SHARD_SIZE)
+    done_shards = len(writer.complete_chunks())
+    if rank == 0 and done_shards and todo:
+        print(f"resuming from shard {done_shards} ({len(writer.done_ids())} of {len(source)} images already "
+              f"in {out_dir})", file=sys.stderr)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -42,6 +42,7 @@ __all__ = [
     "ReleaseEntry",
     "EntrySource",
     "assemble_release",
+    "default_examples",
     "push_release",
     "RELEASE_FILE",
     "CARD_FILE",
@@ -187,8 +188,14 @@ class Release:
                 raise ValueError(
                     f"{ident!r} is not an existing folder nor a Hub repo id of the form 'owner/name'"
                 )
-            root = download(ident, [RELEASE_FILE, CARD_FILE], revision=revision, token=token,
-                            cache_dir=cache_dir, local_files_only=local_files_only)
+            try:
+                root = download(ident, [RELEASE_FILE, CARD_FILE], revision=revision, token=token,
+                                cache_dir=cache_dir, local_files_only=local_files_only)
+            except ValueError as error:  # say both halves: a user who meant a folder learns it is not there
+                raise ValueError(
+                    f"There is no local folder {ident!r} (looked for {Path(ident).expanduser().absolute()}), "
+                    f"and as a Hub repo: {error}"
+                ) from error
             remote, pinned = True, root.name  # snapshot folders are named after the commit
         config_file = root / RELEASE_FILE
         if not config_file.is_file():
@@ -399,6 +406,13 @@ def _finite(x: Any) -> Optional[float]:
     return x if x == x and abs(x) != float("inf") else None
 
 
+def _averaged_neurons(summary: dict[str, Any]) -> Optional[int]:
+    asked = summary.get("summary_neurons")
+    if asked is None or summary.get("num_neurons") is None:
+        return asked
+    return min(int(asked), int(summary["num_neurons"]) - int(summary.get("dead_count") or 0))
+
+
 def _entry_metrics(sae_cfg: dict, sae_eval: dict, diffc_cfg: dict, diffc_eval: dict,
                    atlas_meta: dict) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
@@ -423,54 +437,72 @@ def _entry_metrics(sae_cfg: dict, sae_eval: dict, diffc_cfg: dict, diffc_eval: d
             "mean_purity": _finite(summary.get("mean_purity")),
             "mean_entropy": _finite(summary.get("mean_entropy")),
             "dead_fraction": _finite(summary.get("dead_fraction")),
-            "summary_neurons": summary.get("summary_neurons"),
+            # the purity average covers the most frequent *live* neurons: fewer than asked on a small SAE
+            "summary_neurons": _averaged_neurons(summary),
         }
     return metrics
 
 
-def assemble_release(
-    out: PathLike,
-    entries: Sequence[Union[EntrySource, dict]],
-    *,
-    backbone: Optional[str] = None,
-    backbone_revision: Optional[str] = None,
-    embed_backbone: Optional[PathLike] = None,
-    examples: Sequence[Union[PathLike, tuple[PathLike, str]]] = (),
-    dataset: Optional[str] = None,
-    dataset_split: Optional[str] = None,
-    name: Optional[str] = None,
-    license: str = "apache-2.0",
-    repo_id: Optional[str] = None,
-    description: Optional[str] = None,
-    overwrite: bool = False,
-    figure: bool = True,
-) -> Path:
-    """Assemble a release folder from trainer outputs; returns ``out``.
+def _hub_id(name: Optional[str]) -> Optional[str]:
+    """``name`` if it can only mean a Hub repo id (valid id, no local file or folder of that name), else ``None``."""
+    if not name:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    Each entry's ``sae``/``diffc`` folder is copied as a standalone
-    ``PyTorchModelHubMixin`` folder (config, weights, eval.json; no optimizer
-    checkpoints), its atlas as is. ``release.json`` records the backbone (taken
-    from the SAE recipes unless ``backbone`` is given), image size, prompt,
-    noise seed, dataset, entries and their metrics; the card and figure are
-    rendered from them. ``repo_id`` is only used in the card's loading snippet.
+    name = str(name)
+    if name.startswith(("/", ".", "~")) or Path(name).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def default_examples(dataset: str, split: str = "test", count: int = 4) -> list[tuple[Any, str]]:
+    """``count`` images of ``dataset[split]`` for the app's example gallery: one per class, in class order.
+
+    Returns ``(PIL image, class name)`` pairs (``assemble_release`` accepts them as examples).
     """
+    import numpy as np
+
+    from .data import open_image_dataset
+
+    source = open_image_dataset(dataset, split=split)
+    picked: list[tuple[Any, str]] = []
+    seen: set[int] = set()
+    for image_id, label in enumerate(np.asarray(source.labels).tolist()):
+        if len(picked) >= count:
+            break
+        if label in seen and len(seen) < len(source.class_names):
+            continue
+        image = source.load_image(image_id)
+        if image is None:
+            continue
+        seen.add(label)
+        name = source.class_names[label] if 0 <= label < len(source.class_names) else f"image {image_id}"
+        picked.append((image, str(name)))
+    return picked
+
+
+@dataclass
+class _PlannedEntry:
+    key: tuple[str, int]
+    sae: Optional[Path]
+    diffc: Optional[Path]
+    atlas: Optional[Path]
+    sizes: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def _plan_entries(sources: Sequence[EntrySource]) -> tuple[list[_PlannedEntry], list[dict], list[str], Optional[str]]:
+    """Validate every entry's folders (read only); returns (plan, recipes, class names, dataset from the atlases)."""
     from .atlas import ATLAS_FILE, NeuronAtlas
-    from .cards import render_card, render_figure
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        if not (out / RELEASE_FILE).is_file():
-            raise ValueError(f"refusing to delete {out}: it is not empty and not a release folder (no {RELEASE_FILE})")
-        shutil.rmtree(out)
-    sources = [e if isinstance(e, EntrySource) else EntrySource.from_dict(e) for e in entries]
-    if not sources:
-        raise ValueError("a release needs at least one entry (an SAE, Diff-C or atlas folder)")
-
-    planned = []
-    recipes = []
+    planned: list[_PlannedEntry] = []
+    recipes: list[dict] = []
     class_names: list[str] = []
+    dataset: Optional[str] = None
     seen = set()
     for src in sources:
         if src.sae is None and src.diffc is None:
@@ -479,6 +511,8 @@ def assemble_release(
         diffc_dir, diffc_cfg, diffc_eval = _model_info(src.diffc, "Diff-C head")
         atlas_meta: dict[str, Any] = {}
         if src.atlas is not None:
+            if not Path(src.atlas).is_dir():
+                raise FileNotFoundError(f"atlas folder {src.atlas} does not exist")
             NeuronAtlas.load(src.atlas)  # validates; raises naming the broken file
             atlas_meta = _read_json(Path(src.atlas) / ATLAS_FILE, "atlas")
         recipe = sae_cfg.get("recipe") or diffc_cfg.get("recipe") or atlas_meta.get("recipe") or {}
@@ -504,8 +538,110 @@ def assemble_release(
         dataset = dataset or atlas_meta.get("dataset")
         sizes = {kind: (cfg.get("recipe") or {}).get("image_size") for kind, cfg in (("sae", sae_cfg), ("diffc", diffc_cfg))
                  if cfg.get("recipe")}
-        planned.append((key, sae_dir, diffc_dir, src.atlas, sizes,
-                        _entry_metrics(sae_cfg, sae_eval, diffc_cfg, diffc_eval, atlas_meta)))
+        planned.append(_PlannedEntry(key, sae_dir, diffc_dir, Path(src.atlas) if src.atlas is not None else None,
+                                     sizes, _entry_metrics(sae_cfg, sae_eval, diffc_cfg, diffc_eval, atlas_meta)))
+    return planned, recipes, class_names, dataset
+
+
+def _plan_examples(examples: Sequence[Any]) -> list[tuple[Any, str, str]]:
+    """Check every example before anything is written: ``(path or PIL image, file name, label)``."""
+    from PIL import Image
+
+    planned, names = [], set()
+    for i, item in enumerate(examples):
+        image, label = item if isinstance(item, (tuple, list)) else (item, None)
+        if isinstance(image, Image.Image):
+            stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(label or "example"))
+            name = f"{i:02d}_{stem}.png"
+        else:
+            path = Path(image)
+            if not path.is_file():
+                hint = " (a shell pattern that matched nothing is passed on unexpanded)" if any(
+                    c in str(path) for c in "*?[") else ""
+                raise FileNotFoundError(f"example image {path} does not exist{hint}")
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as error:
+                raise ValueError(f"example image {path} is not a readable image ({error})") from None
+            image, name = path, path.name
+        if name in names:
+            raise ValueError(f"two example images are named {name}")
+        names.add(name)
+        planned.append((image, name, str(label or Path(name).stem)))
+    return planned
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        if not (out / RELEASE_FILE).is_file():
+            raise ValueError(f"refusing to delete {out}: it is not empty and not a release folder (no {RELEASE_FILE})")
+
+
+def _move_into_place(built: Path, out: Path) -> None:
+    """Swap the finished folder in: the old release (if any) is moved aside first, then deleted."""
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        else:
+            out.rmdir()
+    os.replace(built, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def assemble_release(
+    out: PathLike,
+    entries: Sequence[Union[EntrySource, dict]],
+    *,
+    backbone: Optional[str] = None,
+    backbone_revision: Optional[str] = None,
+    embed_backbone: Optional[PathLike] = None,
+    examples: Sequence[Union[PathLike, tuple[Any, str]]] = (),
+    dataset: Optional[str] = None,
+    dataset_split: Optional[str] = None,
+    name: Optional[str] = None,
+    license: str = "apache-2.0",
+    repo_id: Optional[str] = None,
+    description: Optional[str] = None,
+    overwrite: bool = False,
+    figure: bool = True,
+    base_model: Optional[str] = None,
+    dataset_id: Optional[str] = None,
+) -> Path:
+    """Assemble a release folder from trainer outputs; returns ``out``.
+
+    Every input (entry folders, atlas, backbone folder, example images, the
+    target) is checked before anything is written; the release is then built in
+    a hidden temporary folder next to ``out`` and moved into place only when
+    complete, so a failure leaves no half-written release (and an existing one
+    untouched). Each entry's ``sae``/``diffc`` folder is copied as a standalone
+    ``PyTorchModelHubMixin`` folder (config, weights, eval.json; no optimizer
+    checkpoints), its atlas as is. ``release.json`` records the backbone (taken
+    from the SAE recipes unless ``backbone`` is given), image size, prompt,
+    noise seed, dataset, entries and their metrics; the card and figure are
+    rendered from them. ``repo_id`` is only used in the card's loading snippet.
+
+    The card's Hub metadata names Hub repos only: ``base_model`` (default: the
+    backbone, when it is a Hub id and not embedded) and ``dataset_id`` (default:
+    ``dataset``, when it is a Hub id). Local folders are never written there.
+    Examples are image paths, ``(path, label)`` or ``(PIL image, label)`` pairs.
+    """
+    from .cards import render_card, render_figure
+
+    out = Path(out)
+    _check_target(out, overwrite)
+    sources = [e if isinstance(e, EntrySource) else EntrySource.from_dict(e) for e in entries]
+    if not sources:
+        raise ValueError("a release needs at least one entry (an SAE, Diff-C or atlas folder)")
+    planned, recipes, class_names, atlas_dataset = _plan_entries(sources)
+    dataset = dataset or atlas_dataset
 
     backbones = sorted({str(r.get("backbone")) for r in recipes})
     if backbone is None:
@@ -515,68 +651,80 @@ def assemble_release(
         backbone = backbones[0]
     elif recipes and backbones != [backbone]:
         raise ValueError(f"backbone={backbone!r} but the entries' recipes name {backbones}")
+    if embed_backbone is not None and not (Path(embed_backbone) / "model_index.json").is_file():
+        raise ValueError(f"--embed-backbone {embed_backbone} is not a diffusers-layout folder (no model_index.json)")
+    for given, what in ((base_model, "base_model (--base-model)"), (dataset_id, "dataset_id (--dataset-id)")):
+        if given is not None and _hub_id(given) is None:
+            raise ValueError(f"{what} must be a Hub repo id like 'owner/name', got {given!r}")
+    example_plan = _plan_examples(examples)
     # The paper reads k-SAE features at 256 px and Diff-C features at 512 px: sizes may differ per model,
     # so each entry records its own and the release-level size is the first SAE's (what load_backbone uses).
     first = recipes[0] if recipes else {}
 
-    out.mkdir(parents=True, exist_ok=True)
-    entry_items = []
-    for (layer, t), sae_dir, diffc_dir, atlas_dir, sizes, metrics in planned:
-        rel = entry_path(layer, t)
-        if sae_dir is not None:
-            _copy_model(sae_dir, out / rel / "sae")
-        if diffc_dir is not None:
-            _copy_model(diffc_dir, out / rel / "diffc")
-        if atlas_dir is not None:
-            shutil.copytree(atlas_dir, out / rel / "atlas")
-        entry_items.append({"layer": layer, "timestep": t, "path": rel, "sae": sae_dir is not None,
-                            "diffc": diffc_dir is not None, "atlas": atlas_dir is not None, "image_size": sizes,
-                            "metrics": metrics})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
 
-    embedded = None
-    if embed_backbone is not None:
-        src = Path(embed_backbone)
-        if not (src / "model_index.json").is_file():
-            raise ValueError(f"--embed-backbone {src} is not a diffusers-layout folder (no model_index.json)")
-        shutil.copytree(src, out / BACKBONE_DIR, ignore=shutil.ignore_patterns("checkpoint*", "*.ckpt", ".cache"))
-        embedded = BACKBONE_DIR
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        entry_items = []
+        for plan in planned:
+            layer, t = plan.key
+            rel = entry_path(layer, t)
+            if plan.sae is not None:
+                _copy_model(plan.sae, build / rel / "sae")
+            if plan.diffc is not None:
+                _copy_model(plan.diffc, build / rel / "diffc")
+            if plan.atlas is not None:
+                shutil.copytree(plan.atlas, build / rel / "atlas")
+            entry_items.append({"layer": layer, "timestep": t, "path": rel, "sae": plan.sae is not None,
+                                "diffc": plan.diffc is not None, "atlas": plan.atlas is not None,
+                                "image_size": plan.sizes, "metrics": plan.metrics})
 
-    example_items = []
-    for item in examples:
-        path, label = (item if isinstance(item, (tuple, list)) else (item, None))
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"example image {path} does not exist")
-        (out / EXAMPLES_DIR).mkdir(exist_ok=True)
-        target = out / EXAMPLES_DIR / path.name
-        if target.exists():
-            raise ValueError(f"two example images are named {path.name}")
-        shutil.copy2(path, target)
-        example_items.append({"file": f"{EXAMPLES_DIR}/{path.name}", "label": label or path.stem})
+        embedded = None
+        if embed_backbone is not None:
+            shutil.copytree(Path(embed_backbone), build / BACKBONE_DIR,
+                            ignore=shutil.ignore_patterns("checkpoint*", "*.ckpt", ".cache"))
+            embedded = BACKBONE_DIR
 
-    config = {
-        "format_version": FORMAT_VERSION,
-        "name": name or out.name,
-        "description": description,
-        "backbone": backbone,
-        "backbone_revision": backbone_revision if backbone_revision is not None else first.get("revision"),
-        "family": first.get("family"),
-        "embedded_backbone": embedded,
-        "image_size": first.get("image_size"),
-        "prompt": first.get("prompt", ""),
-        "noise_seed": first.get("noise_seed", 0),
-        "ensemble": first.get("ensemble", 1),
-        "dataset": {"id": dataset, "split": dataset_split, "class_names": class_names},
-        "license": license,
-        "entries": entry_items,
-        "examples": example_items,
-        "figure": None,
-        "created_with": f"revelio-hub {__version__}",
-    }
-    if figure and render_figure(config, out / FIGURE_FILE):
-        config["figure"] = FIGURE_FILE
-    (out / RELEASE_FILE).write_text(json.dumps(config, indent=2))
-    render_card(config, repo_id=repo_id).save(str(out / CARD_FILE))
+        example_items = []
+        for image, file_name, label in example_plan:
+            (build / EXAMPLES_DIR).mkdir(exist_ok=True)
+            target = build / EXAMPLES_DIR / file_name
+            if isinstance(image, Path):
+                shutil.copy2(image, target)
+            else:
+                image.convert("RGB").save(target)
+            example_items.append({"file": f"{EXAMPLES_DIR}/{file_name}", "label": label})
+
+        config = {
+            "format_version": FORMAT_VERSION,
+            "name": name or out.name,
+            "description": description,
+            "backbone": backbone,
+            "backbone_revision": backbone_revision if backbone_revision is not None else first.get("revision"),
+            "base_model": base_model or (None if embedded else _hub_id(backbone)),
+            "family": first.get("family"),
+            "embedded_backbone": embedded,
+            "image_size": first.get("image_size"),
+            "prompt": first.get("prompt", ""),
+            "noise_seed": first.get("noise_seed", 0),
+            "ensemble": first.get("ensemble", 1),
+            "dataset": {"id": dataset, "hub_id": dataset_id or _hub_id(dataset), "split": dataset_split,
+                        "class_names": class_names},
+            "license": license,
+            "entries": entry_items,
+            "examples": example_items,
+            "figure": None,
+            "created_with": f"revelio-hub {__version__}",
+        }
+        if figure and render_figure(config, build / FIGURE_FILE):
+            config["figure"] = FIGURE_FILE
+        (build / RELEASE_FILE).write_text(json.dumps(config, indent=2))
+        render_card(config, repo_id=repo_id).save(str(build / CARD_FILE))
+        _move_into_place(build, out)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
     return out
 
 

@@ -27,17 +27,19 @@ Without --dataset the dataset recorded in the feature store is opened for thumbn
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from revelio_hub.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         description="Build a neuron atlas (stats.safetensors, atlas.json, thumbnails/) for a k-SAE from a "
         "feature store: per-neuron top-N images, firing frequency, mean activation, label purity and entropy.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--store", required=True, help="Feature store folder (training/extract_features.py).")
     p.add_argument("--layer", required=True, help="Layer of the store entry, e.g. up_ft1.")
     p.add_argument("--timestep", type=int, required=True, help="Timestep of the store entry, e.g. 25.")
     p.add_argument("--sae", required=True, help="k-SAE folder or Hub repo id (training/train_ksae.py output).")
-    p.add_argument("--sae-subfolder", default=None, help="Subfolder of --sae (e.g. up_ft1/t25/sae of a release).")
+    p.add_argument("--sae-subfolder", default=None, help="Subfolder of --sae (e.g. up_ft1/t25/sae of a release; default: none).")
     p.add_argument("--dataset", default=None,
                    help="Dataset for thumbnails (default: the one recorded in the store).")
     p.add_argument("--split", default=None, help="Dataset split (default: the store's).")
@@ -46,11 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--purity-top", type=int, default=10,
                    help="Top images used for purity/entropy (default: %(default)s, as the paper).")
     p.add_argument("--summary-neurons", type=int, default=1000,
-                   help="Mean purity over this many most frequent neurons (default: %(default)s, as the paper).")
+                   help="Mean purity over this many most frequent neurons, or all live ones when fewer "
+                        "(default: %(default)s, as the paper).")
     p.add_argument("--thumbnail-size", type=int, default=128, help="Thumbnail side in pixels (default: %(default)s).")
     p.add_argument("--no-thumbnails", action="store_true", help="Do not store thumbnails.")
     p.add_argument("--heatmaps", type=int, default=0, metavar="N",
-                   help="Store heat-map overlays for the N most frequent neurons (needs spatial maps).")
+                   help="Store heat-map overlays for the N most frequent neurons (needs spatial maps; default: 0, none).")
     p.add_argument("--batch-size", type=int, default=256, help="Images per batch (default: %(default)s).")
     p.add_argument("--cpu", action="store_true", help="Run on the CPU even if a GPU is available.")
     return p.parse_args(argv)
@@ -126,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                     "store": str(args.store), "sae": str(args.sae)},
     )
     s = atlas.summary_stats
-    print(f"wrote {args.out}: {atlas.num_neurons} neurons over {atlas.num_images} images, "
-          f"{s['dead_count']} dead ({100 * s['dead_fraction']:.1f}%), mean purity of the "
-          f"{s['summary_neurons']} most frequent neurons {s['mean_purity']}")
+    averaged = min(int(s["summary_neurons"]), atlas.num_neurons - int(s["dead_count"]))
+    purity = "n/a" if s.get("mean_purity") is None else f"{s['mean_purity']:.2f}"
+    print(f"wrote {args.out}: {atlas.num_neurons:,} neurons over {atlas.num_images:,} images, "
+          f"{s['dead_count']:,} dead ({100 * s['dead_fraction']:.1f}%), mean purity {purity} "
+          f"over the top {averaged:,} neurons (most frequently firing)")
     finish(accelerator)
     return 0
 

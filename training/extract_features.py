@@ -20,7 +20,7 @@ examples:
 
   # spatial maps, the plain view + 3 augmented views per image (for Diff-C training), 4 GPUs
   accelerate launch --num_processes 4 training/extract_features.py --backbone ... \\
-      --dataset ./my_images --layers up_ft1 --timesteps 25 --spatial --views 4 --out stores/diffc
+      --dataset ./my_images --layers up_ft1 --timesteps 25 --spatial --num-views 4 --out stores/diffc
 
   # two CPU processes on a local image folder (class subfolders become labels); on a CPU-only
   # machine use torchrun (or `accelerate launch --multi_gpu --num_processes 2`): with --cpu,
@@ -35,14 +35,16 @@ mixed: the run stops with an error unless --overwrite is given.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from revelio_hub.cli import HelpFormatter, add_hidden_alias
+
     p = argparse.ArgumentParser(
         description="Extract diffusion features (pooled vectors and optionally spatial maps) of an image "
         "dataset split into a resumable feature store (safetensors shards + summary.json).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--backbone", required=True, help="Hub id or local diffusers folder of the diffusion model.")
-    p.add_argument("--revision", default=None, help="Hub revision of the backbone (branch, tag or commit).")
+    p.add_argument("--revision", default=None, help="Hub revision of the backbone (branch, tag or commit; default: main).")
     p.add_argument("--dataset", required=True,
                    help="Hub dataset id, local image folder (class subfolders), parquet/arrow file or folder, "
                         "or a save_to_disk directory.")
@@ -57,9 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None,
                    help="Input side in pixels (default: the backbone's; the paper uses 256 for k-SAE, 512 for Diff-C).")
     p.add_argument("--spatial", action="store_true", help="Also store the unpooled maps (fp16; large).")
-    p.add_argument("--views", type=int, default=1,
+    p.add_argument("--num-views", type=int, default=1,
                    help="Rows per image: view 0 is the plain image, views >= 1 are seeded RandomResizedCrop(0.8-1.0)"
                         " + flip augmentations (default: %(default)s).")
+    add_hidden_alias(p, "--views", "num_views", type=int)
     p.add_argument("--batch-size", type=int, default=8, help="Images per forward pass (default: %(default)s).")
     p.add_argument("--seed", type=int, default=0, help="Noise and augmentation seed (default: %(default)s).")
     p.add_argument("--ensemble", type=int, default=1,
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true",
                    help="Force the CPU (also chosen automatically for multi-process runs without CUDA).")
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster on GPUs).")
-    p.add_argument("--max-images", type=int, default=None, help="Only the first N images (quick trials).")
+    p.add_argument("--max-images", type=int, default=None, help="Only the first N images (quick trials; default: all).")
     p.add_argument("--shard-size", type=int, default=None,
                    help="Images per shard file (default: 512 pooled, 64 with --spatial). Work since the last "
                         "complete shard is redone after a kill.")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.split, backbone.name, backbone.family, backbone.image_size, accelerator.num_processes)
         store = extract_to_store(
             backbone, source, args.out, args.layers, args.timesteps,
-            spatial=args.spatial, views=args.views, batch_size=args.batch_size, seed=args.seed,
+            spatial=args.spatial, views=args.num_views, batch_size=args.batch_size, seed=args.seed,
             ensemble=args.ensemble, rank=accelerator.process_index, world_size=accelerator.num_processes,
             progress=accelerator.is_local_main_process and not args.no_progress, overwrite=args.overwrite,
             max_images=args.max_images, shard_size=args.shard_size, num_workers=args.num_workers,

@@ -28,6 +28,7 @@ config file (JSON):
                 "layer": "up_ft1", "timestep": 25}],       # layer/timestep optional (read from the recipe)
    "backbone": "stable-diffusion-v1-5/stable-diffusion-v1-5", # optional (read from the recipes)
    "embed_backbone": "path/to/backbone",                      # optional: copy a backbone folder into the release
+   "base_model": "owner/name", "dataset_id": "owner/name",   # optional: Hub ids for the card's metadata
    "examples": ["img1.jpg", ["img2.jpg", "caption"]],         # optional example images for the app
    "dataset": "timm/oxford-iiit-pet", "dataset_split": "test", "name": "...", "license": "apache-2.0"}
 Command-line flags override the file. The token for --push comes from `hf auth login` or HF_TOKEN.
@@ -35,11 +36,15 @@ Command-line flags override the file. The token for --push comes from `hf auth l
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from revelio_hub.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         description="Assemble a release folder (<layer>/t<t>/{sae,diffc,atlas}/, release.json, model card, "
-        "metrics figure) from k-SAE, Diff-C and atlas outputs, and optionally push it to the Hugging Face Hub.",
+        "metrics figure) from k-SAE, Diff-C and atlas outputs, and optionally push it to the Hugging Face Hub. "
+        "Every input is checked before anything is written, and the release is built in a temporary folder "
+        "next to --out that replaces it only when complete.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", required=True, help="Release folder to write.")
     p.add_argument("--config", default=None, help="JSON file listing the entries and options (see below).")
@@ -50,16 +55,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--atlas", action="append", default=[], metavar="DIR",
                    help="Atlas folder (training/build_atlas.py) for the current entry.")
     p.add_argument("--backbone", default=None, help="Backbone id to record (default: from the SAE recipes).")
-    p.add_argument("--backbone-revision", default=None, help="Backbone revision to record.")
+    p.add_argument("--backbone-revision", default=None, help="Backbone revision to record (default: from the recipes).")
     p.add_argument("--embed-backbone", default=None, metavar="FOLDER",
-                   help="Copy this diffusers-layout backbone folder into the release (small models only).")
-    p.add_argument("--examples", nargs="*", default=None, metavar="IMAGE", help="Example images for the app.")
-    p.add_argument("--dataset", default=None, help="Dataset id shown in the card (default: from the atlas).")
-    p.add_argument("--dataset-split", default=None, help="Split the metrics were measured on.")
+                   help="Copy this diffusers-layout backbone folder into the release, so it loads without the "
+                        "original (small models only; default: the release names the backbone and users load it).")
+    p.add_argument("--base-model", default=None, metavar="HUB_ID",
+                   help="Hub id for the card's base_model (default: the backbone when it is a Hub id; a local "
+                        "backbone folder is never written there).")
+    p.add_argument("--examples", nargs="*", default=None, metavar="IMAGE",
+                   help="Example images the app offers (files; your shell expands patterns such as dir/*.jpg). "
+                        "Default: 4 images of --dataset's --dataset-split, one per class; --examples alone: none.")
+    p.add_argument("--dataset", default=None,
+                   help="Dataset the metrics were measured on: Hub id or local folder, shown in the card and the "
+                        "source of the default examples (default: the one recorded in the atlases).")
+    p.add_argument("--dataset-id", default=None, metavar="HUB_ID",
+                   help="Hub dataset id for the card's datasets metadata (default: --dataset when it is a Hub id).")
+    p.add_argument("--dataset-split", default=None, help="Split the metrics were measured on (default: none; "
+                                                           "the default examples come from 'test').")
     p.add_argument("--name", default=None, help="Release name (default: the --out folder name).")
     p.add_argument("--license", default=None, help="License id for the card (default: apache-2.0).")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing, non-empty --out folder.")
-    p.add_argument("--push", default=None, metavar="REPO_ID", help="Create this Hub repo and upload the release.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing release folder at --out.")
+    p.add_argument("--push", default=None, metavar="REPO_ID", help="Create this Hub repo and upload the release "
+                                                                     "(default: none, local folder only).")
     p.add_argument("--private", action="store_true", help="With --push: create the repo as private.")
     p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN).")
     return p.parse_args(argv)
@@ -92,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
 
-    from revelio_hub.release import Release, assemble_release, push_release
+    from revelio_hub.release import Release, assemble_release, default_examples, push_release
 
     config: dict = {}
     if args.config:
@@ -108,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         return value if value is not None else config.get(name, default)
 
-    examples = pick("examples", []) or []
-    examples = [tuple(e) if isinstance(e, list) else e for e in examples]
+    examples = pick("examples")
+    if examples is None and pick("dataset"):
+        split = pick("dataset_split") or "test"
+        try:
+            examples = default_examples(pick("dataset"), split)
+        except (ValueError, OSError) as error:  # examples are optional: say so and go on
+            print(f"warning: no example images ({pick('dataset')}[{split}] could not be opened: {error}); "
+                  "pass --examples to add some", file=sys.stderr)
+    examples = [tuple(e) if isinstance(e, list) else e for e in examples or []]
     try:
         out = assemble_release(
             args.out, entries,
@@ -117,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             embed_backbone=pick("embed_backbone"), examples=examples,
             dataset=pick("dataset"), dataset_split=pick("dataset_split"), name=pick("name"),
             license=pick("license", "apache-2.0"), repo_id=args.push or config.get("repo_id"),
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, base_model=pick("base_model"), dataset_id=pick("dataset_id"),
         )
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")

@@ -17,16 +17,16 @@ examples:
   # 1. cache spatial maps once: the plain view + 3 augmented views per training image
   python training/extract_features.py --backbone stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --dataset timm/oxford-iiit-pet --split train --layers up_ft1 --timesteps 25 --image-size 512 \\
-      --spatial --views 4 --out stores/pets-train
-  python training/extract_features.py ... --split test --spatial --views 1 --out stores/pets-test
+      --spatial --num-views 4 --out stores/pets-train
+  python training/extract_features.py ... --split test --spatial --out stores/pets-test
 
   # 2. train the paper's head (30 epochs, AdamW 1e-4, batch 16) and evaluate on the test store
   accelerate launch training/train_diffc.py train --train-store stores/pets-train \\
-      --test-store stores/pets-test --layer up_ft1 --t 25 --out runs/diffc-pets
+      --test-store stores/pets-test --layer up_ft1 --timestep 25 --out runs/diffc-pets
 
   # the seed's way: recompute features from freshly augmented images every epoch (30x the backbone cost)
   python training/train_diffc.py train --online --backbone stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-      --dataset timm/oxford-iiit-pet --layer up_ft1 --t 25 --image-size 512 --out runs/diffc-online
+      --dataset timm/oxford-iiit-pet --layer up_ft1 --timestep 25 --image-size 512 --out runs/diffc-online
 
   # 3. Figure-4 analysis: a linear probe for every cached (layer, t), table + heat map
   python training/train_diffc.py sweep --train-store stores/pets-train-pooled \\
@@ -34,38 +34,40 @@ examples:
 
 Outputs of `train`: config.json + model.safetensors (the best epoch on a validation split carved
 from the training images; the test data is read only after training), metrics.jsonl, eval.json
-(top-1/top-5/per-class test accuracy), confusion.png and checkpoint/. Killing a run and rerunning the
-same command resumes from the last finished epoch.
+(top-1/top-5/per-class test accuracy) and confusion.png. Killing a run and rerunning the same command
+resumes from the last finished epoch (checkpoint/, removed when the run finishes unless --keep-checkpoint).
 """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.classifier_sweep import SweepConfig
     from revelio_hub.classifier_training import DiffCTrainConfig
+    from revelio_hub.cli import HelpFormatter, add_hidden_alias
 
     d, s = DiffCTrainConfig(), SweepConfig()
-    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a Diff-C head (cached features by default, or --online)",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG, formatter_class=HelpFormatter)
     t.add_argument("--out", required=True, help="output folder (model, metrics, eval.json, checkpoints)")
     t.add_argument("--layer", required=True, help="layer to classify from, e.g. up_ft1")
-    t.add_argument("--t", type=int, required=True, help="diffusion timestep, e.g. 25")
-    t.add_argument("--train-store", help="feature store of the training split (spatial maps for --head conv)")
-    t.add_argument("--test-store", help="feature store of the test split (read only after training)")
+    t.add_argument("--timestep", type=int, default=None, help="diffusion timestep, e.g. 25 (required)")
+    add_hidden_alias(t, "--t", "timestep", type=int)
+    t.add_argument("--train-store", help="feature store of the training split (spatial maps for --head conv; required unless --online)")
+    t.add_argument("--test-store", help="feature store of the test split, read only after training (default: none, no test metrics)")
     t.add_argument("--online", action="store_true",
                    help="compute features from freshly augmented images every epoch instead of a store")
-    t.add_argument("--backbone", help="--online: Hub id or folder of the diffusion model")
-    t.add_argument("--revision", default=None, help="--online: backbone revision")
-    t.add_argument("--dataset", help="--online: Hub dataset id, image folder, parquet/arrow or save_to_disk folder")
+    t.add_argument("--backbone", help="--online: Hub id or folder of the diffusion model (required with --online)")
+    t.add_argument("--revision", default=None, help="--online: backbone revision (default: main)")
+    t.add_argument("--dataset", help="--online: Hub dataset id, image folder, parquet/arrow or save_to_disk folder (required with --online)")
     t.add_argument("--split", default="train", help="--online: training split (default: %(default)s)")
     t.add_argument("--test-split", default="test", help="--online: test split, '' for none (default: %(default)s)")
     t.add_argument("--label-column", default=None, help="--online: label column (default: auto-detected)")
     t.add_argument("--image-size", type=int, default=None, help="--online: input side in pixels (default: backbone's)")
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="--online: backbone precision (default: %(default)s)")
-    t.add_argument("--max-images", type=int, default=None, help="--online: only the first N images of each split")
+    t.add_argument("--max-images", type=int, default=None, help="--online: only the first N images of each split (default: all)")
     t.add_argument("--head", choices=["conv", "linear"], default=d.head, help="classifier head (default: %(default)s)")
     t.add_argument("--hidden", type=int, default=d.hidden, help="conv head width (default: %(default)s)")
     t.add_argument("--dropout", type=float, default=d.dropout, help="conv head dropout (default: %(default)s)")
@@ -77,15 +79,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of steps in linear warm-up before the cosine decay (default: %(default)s)")
     t.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="training images per class held out for model selection (default: %(default)s)")
-    t.add_argument("--views", choices=["sample", "all"], default=d.views,
+    t.add_argument("--view-mode", choices=["sample", "all"], default=d.views,
                    help="'sample': one cached view per image per epoch; 'all': every view (default: %(default)s)")
+    add_hidden_alias(t, "--views", "view_mode", choices=["sample", "all"])
     t.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
-    t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=d.mixed_precision)
+    t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=d.mixed_precision,
+                   help="autocast precision of the head")
     t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints")
+    t.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep checkpoint/ (model, optimizer and scheduler state) after the run finishes")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     w = sub.add_parser("sweep", help="linear probes for every cached (layer, t): table + heat map",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG, formatter_class=HelpFormatter)
     w.add_argument("--train-store", required=True, help="feature store of the training split (pooled is enough)")
     w.add_argument("--test-store", default=None, help="feature store of the test split (else validation accuracy)")
     w.add_argument("--out", required=True, help="output folder for sweep.json, sweep.csv, sweep.png")
@@ -97,7 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--val-fraction", type=float, default=s.val_fraction, help="default: %(default)s")
     w.add_argument("--seed", type=int, default=s.seed, help="default: %(default)s")
     w.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.command == "train" and args.timestep is None:
+        t.error("the following arguments are required: --timestep")
+    return args
 
 
 def _train(a: argparse.Namespace) -> dict:
@@ -106,12 +115,13 @@ def _train(a: argparse.Namespace) -> dict:
     config = DiffCTrainConfig(
         head=a.head, hidden=a.hidden, dropout=a.dropout, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         weight_decay=a.weight_decay, warmup_fraction=a.warmup_fraction, val_fraction=a.val_fraction,
-        views=a.views, seed=a.seed, mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,
+        views=a.view_mode, seed=a.seed, mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,
+        keep_checkpoint=a.keep_checkpoint,
     )
     if not a.online:
         if not a.train_store:
             raise SystemExit("train: --train-store is required (or use --online with --backbone and --dataset)")
-        return train_diffc_from_store(a.train_store, a.out, a.layer, a.t, config, test_store=a.test_store,
+        return train_diffc_from_store(a.train_store, a.out, a.layer, a.timestep, config, test_store=a.test_store,
                                       progress=not a.no_progress).eval
     if not (a.backbone and a.dataset):
         raise SystemExit("train --online needs --backbone and --dataset")
@@ -130,7 +140,7 @@ def _train(a: argparse.Namespace) -> dict:
         test = open_image_dataset(a.dataset, a.test_split, label_column=a.label_column).limit(a.max_images)
         ids, test_images, _ = test.load_images(range(len(test)))
         test_labels = test.labels[ids]
-    return train_diffc_online(backbone, train, train.labels, train.class_names, a.layer, a.t, a.out, config,
+    return train_diffc_online(backbone, train, train.labels, train.class_names, a.layer, a.timestep, a.out, config,
                               image_ids=range(len(train)), test_images=test_images, test_labels=test_labels,
                               progress=not a.no_progress).eval
 

@@ -36,6 +36,7 @@ cosine), metrics.jsonl, train_config.json.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from revelio_hub.cli import HelpFormatter, add_hidden_alias
     from revelio_hub.sae_training import SAETrainConfig
 
     d = SAETrainConfig()
@@ -43,30 +44,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train a k-sparse autoencoder (TopK + ReLU, AuxK, unit-norm decoder) on pooled or "
         "token-level diffusion features.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     src = p.add_argument_group("data (one of --store or --features)")
     src.add_argument("--store", help="Feature store folder written by training/extract_features.py.")
-    src.add_argument("--layer", help="Layer of the store entry, e.g. up_ft1.")
-    src.add_argument("--timestep", type=int, help="Timestep of the store entry, e.g. 25.")
+    src.add_argument("--layer", help="Layer of the store entry, e.g. up_ft1 (required with --store).")
+    src.add_argument("--timestep", type=int, help="Timestep of the store entry, e.g. 25 (required with --store).")
+    add_hidden_alias(src, "--t", "timestep", type=int)
     src.add_argument("--granularity", choices=["pooled", "token"], default="pooled",
                      help="pooled: one mean-pooled vector per image (the paper); token: sampled positions of the "
                           "spatial maps (needs a store extracted with --spatial). Default: %(default)s.")
     src.add_argument("--tokens-per-image", type=int, default=64,
                      help="Positions sampled per map for --granularity token (default: %(default)s).")
-    src.add_argument("--views", type=int, nargs="+", default=None,
-                     help="Use only these augmented views of the store (default: all; 0 = un-augmented).")
-    src.add_argument("--features", help="Plain safetensors file with an N×d_in tensor (instead of --store).")
+    src.add_argument("--view-ids", type=int, nargs="+", default=None,
+                     help="Use only these views of the store, e.g. 0 for the un-augmented images (default: all).")
+    add_hidden_alias(src, "--views", "view_ids", type=int, nargs="+")
+    src.add_argument("--features", help="Plain safetensors file with an N×d_in tensor (instead of --store; default: none).")
     src.add_argument("--features-key", default=None, help="Tensor name in --features (default: its only tensor).")
 
     m = p.add_argument_group("model and optimisation (defaults: the paper's)")
     m.add_argument("--k", type=int, default=d.k, help="Active latents per sample (default: %(default)s).")
     m.add_argument("--expansion", type=int, default=d.expansion, help="n_latents = expansion x d_in (default: %(default)s).")
-    m.add_argument("--n-latents", type=int, default=None, help="Explicit dictionary size (overrides --expansion).")
+    m.add_argument("--n-latents", type=int, default=None, help="Explicit dictionary size (overrides --expansion; default: expansion x d_in).")
     m.add_argument("--batch-size", type=int, default=d.batch_size, help="Global batch size (default: %(default)s).")
     length = m.add_mutually_exclusive_group()
-    length.add_argument("--samples", type=int, default=d.total_samples, help="Training samples (default: %(default)s).")
-    length.add_argument("--steps", type=int, default=None, help="Training steps (overrides --samples).")
+    length.add_argument("--samples", type=int, default=d.total_samples, help="Training samples; with a batch larger than the data, each step uses the whole set "
+                        "and counts as batch-size samples, as in the seed (default: %(default)s).")
+    length.add_argument("--steps", type=int, default=None,
+                        help="Training steps (overrides --samples; default: samples / batch size).")
     m.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s).")
     m.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="Linear warm-up (default: %(default)s).")
     m.add_argument("--lr-decay-fraction", type=float, default=d.lr_decay_fraction,
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     acc = make_accelerator(cpu=args.cpu)
     if args.store is not None:
         feats, recipe = load_store_features(args.store, args.layer, args.timestep, args.granularity,
-                                            args.tokens_per_image, args.views, args.seed)
+                                            args.tokens_per_image, args.view_ids, args.seed)
     else:
         feats, recipe = load_tensor_features(args.features, args.features_key)
     try:
