@@ -37,8 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 64],
                    help="toy UNet block widths (default: %(default)s)")
     p.add_argument("--layer", default="up_ft0", help="layer to classify from (default: %(default)s)")
-    p.add_argument("--t", type=int, default=25, help="timestep (default: %(default)s)")
-    p.add_argument("--views", type=int, default=3, help="cached views per training image (default: %(default)s)")
+    p.add_argument("--timestep", type=int, default=25, help="timestep (default: %(default)s)")
+    p.add_argument("--t", dest="timestep", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--num-views", type=int, default=3, help="cached views per training image (default: %(default)s)")
+    p.add_argument("--views", dest="num_views", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, default=3, help="epochs actually timed per mode (default: %(default)s)")
     p.add_argument("--run-epochs", type=int, default=30, help="length of the run to project to (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=128, help="Diff-C width (default: %(default)s; paper 1024)")
@@ -93,12 +95,12 @@ def main(argv=None) -> dict:
     test_ids, test_images, _ = test.load_images(range(len(test)))
     cfg = DiffCTrainConfig(head="conv", hidden=a.hidden, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                            seed=a.seed)
-    S, layer, t = backbone.image_size, a.layer, a.t
+    S, layer, t = backbone.image_size, a.layer, a.timestep
 
     # ---- cached: one extraction of V views, then epochs over the cache
     timer.reset()
     rows, labels, row_ids, views = [], [], [], []
-    for v in range(a.views):
+    for v in range(a.num_views):
         batch = [augment_view(img, i, v, S, seed=a.seed) for i, img in zip(ids, images)]
         rows.append(backbone.extract(batch, [layer], [t], image_ids=ids, batch_size=32)[(layer, t)].half())
         labels += train.labels[ids].tolist()
@@ -132,7 +134,7 @@ def main(argv=None) -> dict:
     result = {
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
-        "images": a.images, "image_size": S, "layer": layer, "t": t, "views": a.views,
+        "images": a.images, "image_size": S, "layer": layer, "t": t, "views": a.num_views,
         "feature_shape": list(cache.features.shape[1:]), "hidden": a.hidden,
         "cached_epoch_s": round(cached_epoch, 4),
         "online_epoch_s": round(online_epoch, 4),

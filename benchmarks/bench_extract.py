@@ -13,7 +13,7 @@ encode, fresh random noise, a full fp32 UNet forward with a hook. Our path
 encodes once per batch, captures all layers in one pass that stops after the
 deepest one, runs channels_last, and on CUDA bf16 (``--compile`` also compiles
 the VAE encoder and the UNet's block internals, see ``Backbone.compile``). Prints img/s for both, the ratio and, on CUDA at full size,
-the fraction of the bf16 FLOP limit (DESIGN.md §5 GFLOP figures).
+the fraction of the bf16 FLOP limit (GFLOP figures: docs/benchmarks.md, GPU figures).
 
     python benchmarks/bench_extract.py --small --device cpu
     python benchmarks/bench_extract.py --device cuda --batch-size 32 --json
@@ -32,7 +32,7 @@ import torch
 SWEEP_LAYERS = ("bottleneck", "up_ft1")
 SWEEP_TIMESTEPS = (25, 100, 200)
 
-# DESIGN.md §5: GFLOP per 512-px image (scale with pixel count) and the bf16 limit.
+# docs/benchmarks.md (GPU figures, external estimates): GFLOP per 512-px image (scale with pixel count) and the bf16 limit.
 GFLOP_512 = {"vae": 1117.0, "bottleneck": 250.0, "up_ft1": 460.0, "full": 800.0}
 BF16_LIMIT_TFLOPS = 803.0
 

@@ -57,7 +57,7 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class DiffCTrainConfig:
-    """Hyper-parameters of a Diff-C run; defaults follow the paper (DESIGN.md §1).
+    """Hyper-parameters of a Diff-C run; defaults follow the paper and its code (revelio-diffusion/revelio).
 
     Attributes:
         head: ``"conv"`` (paper head) or ``"linear"`` (pooled probe).

@@ -1,9 +1,9 @@
 """Metrics shared by the trainers, the atlas, the model cards and the app.
 
 Each metric is defined once, here, so that a number printed by the trainer, the
-one written in a model card and the one shown in the app mean the same thing
-(DESIGN.md §6). All functions take torch tensors (any device) and return
-python floats or CPU/device tensors as documented; none of them mutate inputs.
+one written in a model card and the one shown in the app mean the same thing.
+All functions take torch tensors (any device) and return python floats or
+CPU/device tensors as documented; none of them mutate inputs.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class DeadLatentTracker:
 def label_purity(top_labels: torch.Tensor, top: int = 10) -> torch.Tensor:
     """Per-neuron standard deviation of the class ids of its ``top`` images.
 
-    The seed's purity metric (DESIGN.md §1): ``top_labels`` is n_neurons×K, the
+    The paper's purity metric (as in its code, revelio-diffusion/revelio): ``top_labels`` is n_neurons×K, the
     class ids of each neuron's top images sorted by activation; lower is more
     class-specific. Population std (``ddof=0``, as ``numpy.std``). Class ids are
     arbitrary integers, so this only makes sense averaged over many neurons,

@@ -2,7 +2,7 @@
 
 A release is what users and the app load: per entry a k-SAE, optionally a
 Diff-C head, and a neuron atlas (with thumbnails, so no dataset is needed).
-Layout (DESIGN.md §3)::
+Layout::
 
     README.md                    model card (YAML metadata + metrics table + figure)
     release.json                 backbone id/revision (or embedded folder), image size, prompt,

@@ -1,7 +1,7 @@
 """The k-sparse autoencoder: the paper's lens on diffusion features.
 
 ``z = ReLU(TopK(W_enc (x·s − b_pre) + b_enc))``, ``x̂ = (W_dec z + b_pre) / s``
-with unit-norm decoder rows (DESIGN.md §1). ``s`` is an optional scalar input
+with unit-norm decoder rows, as in the paper. ``s`` is an optional scalar input
 normalisation recorded in the config (``input_norm={"scale": s}``), so users
 feed the raw backbone features and get reconstructions in the same units.
 

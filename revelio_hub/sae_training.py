@@ -1,6 +1,6 @@
 """Training k-sparse autoencoders: config, data helpers, the trainer loop, evaluation.
 
-The loop follows the paper's recipe (DESIGN.md §1: k 32, 64× expansion, Adam
+The loop follows the paper's recipe (its code, revelio-diffusion/revelio: k 32, 64× expansion, Adam
 4e-4 with 500 warm-up steps, batch 8192, normalised MSE, ``b_pre`` at the data
 mean, unit-norm decoder rows with the parallel gradient component removed) and
 adds what the seed lacks: AuxK on dead latents (OpenAI's TopK paper), a
@@ -312,7 +312,7 @@ def evaluate_sae(model: KSparseAutoencoder, features: torch.Tensor, batch_size: 
 
 
 def _adam(model: KSparseAutoencoder, cfg: SAETrainConfig) -> torch.optim.Adam:
-    """Adam, fused into one kernel where this torch build supports it (5× faster step on CPU)."""
+    """Adam, fused into one kernel where this torch build supports it (a faster step, most of all on CPU; unmeasured here)."""
     try:
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True)
     except (RuntimeError, TypeError):

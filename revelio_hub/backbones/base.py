@@ -143,7 +143,7 @@ class Backbone:
         """``torch.compile`` the VAE encoder and the denoiser's inner modules, in place.
 
         The VAE encoder is the largest single cost, so it is the biggest lever
-        (DESIGN.md §5). The denoiser is compiled piecewise — the resnets,
+        (docs/benchmarks.md, GPU figures). The denoiser is compiled piecewise — the resnets,
         attentions and resamplers *inside* each block, or each transformer
         block's children — so the block-level hooks, and with them early exit,
         stay outside the compiled graphs. ``compile_kwargs`` go to
