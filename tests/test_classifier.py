@@ -245,15 +245,26 @@ def test_validation_split_is_by_image_stratified_and_deterministic(data):
     assert not torch.equal(a_train.views[e0.sort().values], a_train.views[e1.sort().values])
 
 
-def test_resume_matches_uninterrupted_run(data, tmp_path):
+def test_resume_matches_uninterrupted_run(data, tmp_path, capsys):
     train, test = data
     cfg = DiffCTrainConfig(head="conv", **dict(FAST, epochs=4, hidden=16))
     full = train_diffc(train, CLASSES, tmp_path / "full", cfg, test=test, progress=False)
+    # the finished run keeps no optimizer state; rerunning the same call trains nothing and says the same
+    assert not (tmp_path / "full" / "checkpoint").exists()
+    again = train_diffc(train, CLASSES, tmp_path / "full", cfg, test=test, progress=False)
+    assert again.fit.resumed_from == 4 and again.eval["top1"] == full.eval["top1"]
     # "Killed" after epoch 1 (0-based), then the same call again.
     part = train_diffc(train, CLASSES, tmp_path / "resumed", cfg, test=test, progress=False, stop_after_epoch=1)
     assert part.fit.history[-1]["epoch"] == 1 and not (tmp_path / "resumed" / "eval.json").exists()
+    assert (tmp_path / "resumed" / "checkpoint").is_dir()  # unfinished: kept for the resume
+    capsys.readouterr()
     resumed = train_diffc(train, CLASSES, tmp_path / "resumed", cfg, test=test, progress=False)
     assert resumed.fit.resumed_from == 2
+    assert "resuming from epoch 2 of 4" in capsys.readouterr().err
+    kept = train_diffc(train, CLASSES, tmp_path / "kept", DiffCTrainConfig(head="conv", keep_checkpoint=True,
+                                                                          **dict(FAST, epochs=2, hidden=16)),
+                       progress=False)
+    assert (kept.output_dir / "checkpoint" / "trainer_state.json").is_file()
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -273,9 +284,9 @@ def test_model_selection_never_reads_the_test_split(data, tmp_path):
 
     def spy_test():
         # Called only once training and selection are finished: every epoch is logged,
-        # the final checkpoint is written and the selected model is on disk.
+        # the finished trainer state is written and the selected model is on disk.
         lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-        state = json.loads((tmp_path / "a" / "checkpoint" / "trainer_state.json").read_text())
+        state = json.loads((tmp_path / "a" / "trainer_state.json").read_text())
         calls.append((len(lines), state["epoch"], (tmp_path / "a" / "model.safetensors").exists()))
         return test
 
@@ -370,14 +381,14 @@ def test_train_from_store_records_recipe_and_reads_test_store_after_selection(da
 
     def spy_load(self, layer, t, kind="pooled", **kw):
         if self.path == test_store:
-            reads.append((tmp_path / "out" / "checkpoint" / "trainer_state.json").exists())
+            reads.append((tmp_path / "out" / "trainer_state.json").exists())
         return real_load(self, layer, t, kind, **kw)
 
     monkeypatch.setattr(features.FeatureStore, "load", spy_load)
     result = train_diffc_from_store(train_store, tmp_path / "out", "up_ft1", 25,
                                     DiffCTrainConfig(head="conv", **dict(FAST, epochs=3)),
                                     test_store=test_store, progress=False)
-    assert reads == [True]  # the test features were read once, after the last checkpoint
+    assert reads == [True]  # the test features were read once, after the run finished
     # A test store from another recipe is refused before any training happens.
     bad = _write_store(tmp_path / "bad", {("up_ft1", 25): test}, spatial=True, image_size=128)
     with pytest.raises(ValueError, match="image_size: expected 64, got 128"):
@@ -404,7 +415,7 @@ def test_cli_train_and_sweep_on_stores(data, tmp_path, capsys):
     test_store = _write_store(tmp_path / "test", {("up_ft1", 25): LabeledFeatures(
         test.features, test.labels, test.image_ids - 1000, test.views)}, spatial=True)
     rc = cli.main(["train", "--train-store", str(train_store), "--test-store", str(test_store), "--layer", "up_ft1",
-                   "--t", "25", "--out", str(tmp_path / "run"), "--head", "linear", "--epochs", "2", "--lr", "1e-2",
+                   "--timestep", "25", "--out", str(tmp_path / "run"), "--head", "linear", "--epochs", "2", "--lr", "1e-2",
                    "--no-progress"])
     assert rc == 0 and json.loads((tmp_path / "run" / "eval.json").read_text())["split"] == "test"
     rc = cli.main(["sweep", "--train-store", str(train_store), "--out", str(tmp_path / "sw"), "--steps", "10",

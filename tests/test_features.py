@@ -157,7 +157,7 @@ def test_augmented_views_are_seeded_per_image_and_view():
     assert augment_view(image, 3, 0, 32, 0) is image
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_rows(backbone, workspace, reference):
+def test_resume_after_a_kill_gives_the_uninterrupted_rows(backbone, workspace, reference, capsys):
     out = workspace[0] / "killed"
 
     class Killed(RuntimeError):
@@ -179,7 +179,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_rows(backbone, workspace, r
     orphan = first_dir / "chunk-w001-r000-000000005.safetensors"
     shutil.copy(chunk, orphan)
 
+    capsys.readouterr()
     store = _extract(backbone, workspace, out)  # same command again
+    assert "resuming from shard 1 (3 of" in capsys.readouterr().err
     assert store.complete and store.summary["num_images"] == N_IMAGES - 1
     assert not orphan.exists() and not list(first_dir.glob(".tmp-*"))
     _assert_same_rows(store, reference)

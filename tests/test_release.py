@@ -280,3 +280,69 @@ def test_assemble_refuses_inconsistent_inputs(artifacts, tmp_path):
     assert Release.from_pretrained(tmp_path / "e").entries == [ENTRIES[1]]
     with pytest.raises(ValueError, match="not a release folder"):
         assemble_release(tmp_path / "e" / "up_ft0", [s0], overwrite=True)
+
+
+def _cli_main():
+    import runpy
+
+    return runpy.run_path(str(Path(__file__).parents[1] / "training" / "make_release.py"))["main"]
+
+
+def test_make_release_checks_inputs_before_writing(artifacts, tmp_path):
+    main = _cli_main()
+    s = artifacts["sources"][0]
+    out = tmp_path / "releases" / "mine"
+    out.parent.mkdir()
+    flags = ["--sae", str(s.sae), "--atlas", str(s.atlas), "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"my_examples/\*\.jpg does not exist \(a shell pattern"):
+        main(flags + ["--examples", str(tmp_path / "my_examples" / "*.jpg")])
+    assert not out.exists() and list((tmp_path / "releases").iterdir()) == []  # nothing half-written
+    with pytest.raises(SystemExit, match="atlas folder .*nope does not exist"):
+        main(["--sae", str(s.sae), "--atlas", str(tmp_path / "nope"), "--out", str(out)])
+    assert not out.exists()
+    # the same command with good inputs then works, without --overwrite
+    good = [str(p) for p, _ in artifacts["examples"]]
+    assert main(flags + ["--examples", *good]) == 0
+    assert [c for _, c in Release.from_pretrained(out).examples] == [Path(p).stem for p in good]
+    # a failing --overwrite run leaves the existing release as it was
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(flags + ["--overwrite", "--examples", str(tmp_path / "missing.png")])
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in (tmp_path / "releases").iterdir()] == ["mine"]
+    assert main(flags + ["--overwrite", "--examples"]) == 0  # --examples alone: no examples
+    assert Release.from_pretrained(out).examples == []
+
+
+def test_card_metadata_names_hub_ids_only(tmp_path):
+    from huggingface_hub import ModelCard
+
+    local_backbone = tmp_path / "my-backbone"
+    local_backbone.mkdir()
+    local_data = tmp_path / "my-images"
+    local_data.mkdir()
+    recipe = {"backbone": str(local_backbone), "layer": "bottleneck", "timestep": 25, "image_size": 32, "d_in": 8}
+    sae_dir = tmp_path / "sae"
+    KSparseAutoencoder(d_in=8, n_latents=32, k=4, recipe=recipe).save_pretrained(sae_dir)
+
+    out = assemble_release(tmp_path / "r1", [EntrySource(sae=sae_dir)], dataset=str(local_data))
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert str(tmp_path) not in front and "base_model" not in front and "datasets:" not in front
+    assert str(tmp_path) not in card  # the body names local folders by their name only
+    assert "my-backbone (a local folder)" in card
+
+    out = assemble_release(tmp_path / "r2", [EntrySource(sae=sae_dir)], dataset=str(local_data),
+                           base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", dataset_id="timm/oxford-iiit-pet")
+    data = ModelCard.load(out / "README.md").data
+    assert data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert data.datasets == ["timm/oxford-iiit-pet"]
+    with pytest.raises(ValueError, match="must be a Hub repo id"):
+        assemble_release(tmp_path / "r3", [EntrySource(sae=sae_dir)], base_model=str(local_backbone))
+    assert not (tmp_path / "r3").exists()
+
+
+def test_relative_release_path_from_another_directory_says_no_such_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no local folder 'releases/toy-shapes' \(looked for .*releases/toy-shapes\)"):
+        Release.from_pretrained("releases/toy-shapes")

@@ -405,7 +405,7 @@ def _small_cfg(**kw):
     return SAETrainConfig(**base)
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path):
+def test_resume_after_kill_equals_uninterrupted(tmp_path, capsys):
     x, _ = _sparse_data(1024, 16, 64)
     full = train_sae(x, _small_cfg(), out_dir=tmp_path / "full", progress=False)
     assert any(r["dead_fraction"] > 0 for r in full.history)  # AuxK is part of what must resume
@@ -416,7 +416,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert not (tmp_path / "run/model.safetensors").exists()
     with pytest.raises(ValueError, match="different settings.*'lr'"):
         train_sae(x, _small_cfg(lr=1e-3), out_dir=tmp_path / "run", progress=False)
+    capsys.readouterr()
     resumed = train_sae(x, _small_cfg(), out_dir=tmp_path / "run", progress=False)
+    assert "resuming from step 10 of 24" in capsys.readouterr().err
     for name, tensor in full.model.state_dict().items():
         assert torch.allclose(tensor, resumed.model.state_dict()[name], atol=1e-6), name
     assert resumed.eval["fvu"] == pytest.approx(full.eval["fvu"], abs=1e-6)
