@@ -18,7 +18,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["extract_features", "train_ksae", "train_diffc", "build_atlas", "make_release"]
+SCRIPTS = ["extract_features", "train_ksae", "train_diffc", "build_atlas", "make_release", "build_toy_release",
+           "train_toy_backbone"]
 
 
 class _Parsed(Exception):
@@ -32,9 +33,9 @@ def _parser(script: str, monkeypatch) -> argparse.ArgumentParser:
         raise _Parsed(self)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
-    main = runpy.run_path(str(ROOT / "training" / f"{script}.py"))["parse_args"]
+    names = runpy.run_path(str(ROOT / "training" / f"{script}.py"))
     with pytest.raises(_Parsed) as caught:
-        main([])
+        names.get("parse_args", names["main"])([])
     monkeypatch.undo()
     return caught.value.parser
 

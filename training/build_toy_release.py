@@ -21,7 +21,9 @@ import os
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from revelio_hub.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="releases/toy-shapes", help="release folder to write (default: %(default)s)")
     p.add_argument("--work", default=None,
                    help="folder for intermediate products (default: runs/toy-build, or runs/toy-build-smoke with --smoke)")

@@ -19,14 +19,16 @@ from revelio_hub.toy.backbone_training import ToyBackboneConfig, train_toy_backb
 
 def main(argv=None) -> None:
     d = ToyBackboneConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from revelio_hub.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (pixel-backbone layout, checkpoints inside)")
     p.add_argument("--image-size", type=int, default=d.image_size, help="training resolution in pixels")
     p.add_argument("--widths", type=int, nargs="+", default=list(d.block_out_channels),
                    help="UNet block widths; attention only in the last (lowest-resolution) block")
-    p.add_argument("--layers-per-block", type=int, default=d.layers_per_block)
+    p.add_argument("--layers-per-block", type=int, default=d.layers_per_block, help="resnet layers per UNet block")
     p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimiser step")
     p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (warm-up, then cosine)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables EMA weights")
     p.add_argument("--seed", type=int, default=d.seed, help="model init and noise seed")
