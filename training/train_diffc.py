@@ -155,6 +155,9 @@ def _sweep(a: argparse.Namespace) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    from revelio_hub.distributed import check_launch
+
+    check_launch()  # a CPU-only `accelerate launch --num_processes N` would run one process: say so
     try:
         if a.command == "train":
             result = _train(a)
