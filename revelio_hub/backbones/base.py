@@ -8,7 +8,8 @@ are; the expensive, easy-to-get-wrong parts live here once:
 * VAE latents are computed once per batch and reused for every timestep,
   ensemble member and layer (the VAE encoder is the largest single cost);
 * every requested layer is captured in one pass that stops after the deepest
-  requested block (:mod:`.layers`);
+  requested block, into a store private to the call, so any number of threads
+  may share one backbone (:mod:`.capture`);
 * noise is drawn per image from a hash of ``(seed, image_id, t, member)``
   (:mod:`.noise`), so features do not depend on batching;
 * results come back float32 on the CPU whatever the compute dtype.
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..images import _as_list, to_model_tensor
 from ..recipe import FeatureRecipe
-from .layers import capture, run_until_captured
+from .capture import LayerTaps
 from .noise import batch_noise
 
 LayerKey = tuple[str, int]
@@ -113,6 +114,8 @@ class Backbone:
         self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
         self._layer_modules = self._make_layer_modules()
         self.layers: list[str] = list(self._layer_modules)
+        # Hooks registered once; each call captures into its own store, so threads can share the model.
+        self._taps = LayerTaps(self._layer_modules)
         self.image_size = self._check_image_size(image_size if image_size is not None else self.default_image_size())
         self._shapes = self._feature_shapes()
 
@@ -295,8 +298,7 @@ class Backbone:
         noisy = noisy.to(self.dtype)
         if self.channels_last and noisy.ndim == 4:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        with capture(self._layer_modules, layers, early_exit=self.early_exit) as store:
-            run_until_captured(lambda: self._denoise(noisy, steps))
+        store = self._taps.run(lambda: self._denoise(noisy, steps), layers, early_exit=self.early_exit)
         return {name: self._to_map(name, store[name]).float() for name in layers}
 
     def extract(

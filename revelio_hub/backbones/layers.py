@@ -1,25 +1,19 @@
-"""Canonical layer names, capturing block outputs, and stopping the pass early.
+"""Canonical layer names and the shapes of their outputs.
 
 Users name layers the way the paper does (``bottleneck``, ``up_ft1``,
 ``block3``); this module maps those names to the denoiser's submodules and
-captures their outputs with forward hooks. Every requested layer is captured in
-one forward pass, and the hook of the deepest requested block raises a private
-exception that the caller catches, so the rest of the network never runs (for
-``bottleneck`` that skips more than half of an SD UNet's work).
+computes their output shapes from the config. Reading the outputs out of a pass
+(every requested layer in one pass, stopping after the deepest) is
+:mod:`.capture`'s job.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
-
-
-class _EarlyExit(Exception):
-    """Raised from the hook of the deepest requested block to abandon the rest of the pass."""
 
 
 def unet_layer_modules(unet: nn.Module) -> dict[str, nn.Module]:
@@ -66,50 +60,3 @@ def tokens_to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor
     if n != height * width:
         raise ValueError(f"Cannot reshape {n} tokens into a {height}×{width} map.")
     return tokens.transpose(1, 2).reshape(b, c, height, width)
-
-
-def _first_output(output: Any) -> torch.Tensor:
-    """A block's hidden state: down blocks return ``(hidden, residuals)``, others a tensor."""
-    while isinstance(output, (tuple, list)):
-        output = output[0]
-    return output
-
-
-@contextmanager
-def capture(
-    modules: Mapping[str, nn.Module], requested: Sequence[str], early_exit: bool = True
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Hook ``modules[name]`` for each requested name; yield the dict the outputs land in.
-
-    ``modules`` must be in execution order. With ``early_exit`` the deepest
-    requested block raises :class:`_EarlyExit` once its output is stored; run
-    the model through :func:`run_until_captured` to swallow it.
-    """
-    order = list(modules)
-    deepest = max(requested, key=order.index)
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(name: str) -> Callable:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            store[name] = _first_output(output)
-            if early_exit and name == deepest:
-                raise _EarlyExit
-
-        return hook
-
-    try:
-        for name in dict.fromkeys(requested):
-            handles.append(modules[name].register_forward_hook(make_hook(name)))
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def run_until_captured(fn: Callable[[], Any]) -> None:
-    """Call ``fn`` and swallow the early-exit signal raised by a :func:`capture` hook."""
-    try:
-        fn()
-    except _EarlyExit:
-        pass
