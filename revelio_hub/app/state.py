@@ -14,7 +14,12 @@ One process serves many users, so three things are loaded or computed once:
   switching layer, selecting another neuron, or asking for the heat map reuses
   the stored maps (LRU keyed by image hash, release and t).
 
-All three are guarded by locks: the Gradio queue runs several events at once.
+All three are guarded by locks: the Gradio queue runs several events at once,
+and loads of any kind run one at a time (``from_pretrained`` patches global
+torch state while it builds a model). Backbone passes run side by side on the
+one shared model: each pass captures its layers into a store of its own
+(:mod:`revelio_hub.backbones.capture`), so a cached feature map is always the
+one computed for its key's image.
 """
 
 from __future__ import annotations
@@ -43,6 +48,14 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RELEASE_PATH = _REPO_ROOT / "releases" / "toy-shapes"
 
 _DTYPES = ("float32", "float16", "bfloat16")
+
+#: Held while any model is loaded. ``from_pretrained`` of diffusers (and of other
+#: Hub mixins) patches process-wide state while it builds a model: torch's
+#: ``nn.init`` functions, accelerate's empty-weight parameter registration, the
+#: default dtype. A k-SAE built in one thread while a backbone loads in another
+#: came out with meta tensors ("Cannot copy out of meta tensor"), so loads of
+#: any kind run one at a time. Backbone passes do not take it.
+_LOAD_LOCK = threading.RLock()
 
 
 def default_release_ids() -> list[str]:
@@ -172,7 +185,8 @@ class BackboneCache:
             model = self._models.get(key)
             if model is None:
                 logger.info("Loading backbone %s", " / ".join(map(str, key)))
-                model = loader()
+                with _LOAD_LOCK:
+                    model = loader()
                 self._models[key] = model
                 self.loads += 1
         return model
@@ -296,7 +310,8 @@ class LoadedRelease:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                entry = self.release.load(*key)
+                with _LOAD_LOCK:
+                    entry = self.release.load(*key)
                 for module in (getattr(entry, "sae", None), getattr(entry, "diffc", None)):
                     if module is not None and hasattr(module, "eval"):
                         module.eval()
@@ -348,6 +363,7 @@ class AppState:
         self.features = FeatureCache(config.feature_cache_size)
         self.backbone_calls = 0  # backbone passes run (cache misses), for tests and the benchmark
         self._move_lock = threading.Lock()
+        self._calls_lock = threading.Lock()
         # The one GPU-holding step (ZeroGPU's spaces.GPU when installed, else the plain method).
         self._gpu_backbone_pass = gpu_task(GPU_DURATION_S)(self._backbone_pass)
 
@@ -467,7 +483,8 @@ class AppState:
         if progress:
             progress(0.4, f"Running the backbone at t={t}…")
         maps = self._gpu_backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble)
-        self.backbone_calls += 1
+        with self._calls_lock:
+            self.backbone_calls += 1
         self.features.put(key, maps)
         return maps
 
