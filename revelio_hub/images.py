@@ -18,7 +18,7 @@ import io
 import os
 import struct
 import warnings
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -177,6 +177,7 @@ def load_image(
     source: Union[str, os.PathLike, bytes, bytearray, io.IOBase],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = MIN_SIDE,
+    max_side: Optional[int] = None,
 ) -> Image.Image:
     """Open an untrusted image file safely and return it as RGB.
 
@@ -184,7 +185,19 @@ def load_image(
     against ``max_pixels`` from the header, before any pixel is decoded, so a
     decompression bomb costs nothing. Not-an-image, corrupt, truncated, too
     small (shorter side < ``min_side``) or too large files raise ``ValueError``.
+
+    With ``max_side`` the result is shrunk (bicubic, aspect kept) so that its
+    longer side is at most ``max_side``. A JPEG is then decoded at a reduced
+    scale in the first place (``Image.draft``: the decoder skips DCT
+    coefficients, 1/2, 1/4 or 1/8 per side, never below ``max_side`` on either
+    side), so a 36-megapixel photo never exists at full size in memory: its
+    decoded buffer is up to 64 times smaller (``docs/benchmarks.md``, "## The
+    app", for the measured peak). ``min_side`` and ``max_pixels`` always apply
+    to the size in the file, and the EXIF orientation is applied after the
+    reduced decode, as for a full one.
     """
+    if max_side is not None and int(max_side) < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}.")
     name = "image"
     if isinstance(source, (bytes, bytearray)):
         fp: Any = io.BytesIO(bytes(source))
@@ -215,9 +228,15 @@ def load_image(
                     raise ValueError(
                         f"{name} is only {width}×{height} pixels; images need at least {min_side} px per side."
                     )
+                if max_side is not None:
+                    # JPEG only (other formats ignore it): decode at 1/2, 1/4 or 1/8 scale when
+                    # both sides stay >= max_side, before any pixel is decoded.
+                    img.draft("RGB", (int(max_side), int(max_side)))
                 img.load()  # decode now so truncation/corruption surfaces here, not later
                 rgb = _pil_to_rgb(img)
                 rgb.load()  # a copy independent of the file, which the with-block closes
+                if max_side is not None and max(rgb.size) > max_side:
+                    rgb.thumbnail((int(max_side), int(max_side)), Image.Resampling.BICUBIC)  # rgb is our own copy
     except ValueError:
         raise
     except UnidentifiedImageError as exc:

@@ -132,3 +132,68 @@ def test_center_crop_resize_and_model_tensor():
     checker = (np.indices((256, 256)).sum(0) % 2 * 255).astype(np.uint8)
     small = np.asarray(center_crop_resize(checker, 32)).astype(float)
     assert abs(small.mean() - 127.5) < 10 and small.std() < 20
+
+
+def _photo(path, size=(2400, 1600), orientation=None):
+    """A JPEG whose left third is red (so orientation and content can be checked after a reduced decode)."""
+    w, h = size
+    img = Image.new("RGB", size, (235, 235, 225))
+    img.paste((200, 30, 30), (0, 0, w // 3, h))
+    kwargs = {"quality": 92}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif
+    img.save(path, **kwargs)
+    return path
+
+
+@pytest.fixture()
+def decoded_sizes(monkeypatch):
+    """Sizes of JPEG images when their pixels are loaded (the buffer Pillow allocates; load() may repeat)."""
+    from PIL import JpegImagePlugin
+
+    sizes = []
+    original = JpegImagePlugin.JpegImageFile.load
+
+    def load(self):
+        sizes.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", load)
+    return sizes
+
+
+def test_large_jpeg_is_decoded_reduced_not_at_full_size(tmp_path, decoded_sizes):
+    path = _photo(tmp_path / "photo.jpg")
+    img = load_image(path, max_side=256)
+    # 2400×1600 decoded at 1/4 per side (the largest DCT scale keeping both sides ≥ 256): 16× less memory.
+    assert set(decoded_sizes) == {(600, 400)}
+    assert img.size == (256, 171) and img.mode == "RGB"
+    full = load_image(path)
+    full.thumbnail((256, 256))
+    assert (2400, 1600) in decoded_sizes
+    diff = np.abs(np.asarray(img, dtype=np.float32) - np.asarray(full, dtype=np.float32))
+    assert diff.mean() < 3  # same picture as the full decode, up to resampling
+
+
+def test_reduced_decode_keeps_exif_orientation_and_limits(tmp_path, decoded_sizes):
+    path = _photo(tmp_path / "rotated.jpg", orientation=6)  # viewers rotate 90° clockwise: 1600 wide, 2400 high
+    img = load_image(path, max_side=256)
+    assert set(decoded_sizes) == {(600, 400)}
+    assert img.size == (171, 256)
+    arr = np.asarray(img)
+    assert (arr[:20, 85, 0] > 150).all() and (arr[:20, 85, 1] < 100).all()  # the red third is now at the top
+    assert (arr[-20:, 85, 1] > 150).all()
+    # The pixel budget and minimum side apply to the size in the file, not the reduced one.
+    with pytest.raises(ValueError, match="more than the allowed"):
+        load_image(path, max_pixels=2400 * 1600 - 1, max_side=256)
+    with pytest.raises(ValueError, match="max_side"):
+        load_image(path, max_side=0)
+
+
+def test_app_reads_large_jpegs_through_the_reduced_decode(tmp_path, decoded_sizes):
+    from revelio_hub.app.validation import ImageLimits, read_image
+
+    img = read_image(str(_photo(tmp_path / "upload.jpg")), ImageLimits(max_side=256))
+    assert set(decoded_sizes) == {(600, 400)} and max(img.size) == 256

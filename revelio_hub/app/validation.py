@@ -199,7 +199,7 @@ def read_image(value: Any, limits: ImageLimits = ImageLimits()) -> Image.Image:
         value, shown_name = _path_from_payload(value)
     if isinstance(value, (str, os.PathLike, bytes, bytearray)):
         try:
-            img = load_image(value, max_pixels=limits.max_pixels, min_side=limits.min_side)
+            img = load_image(value, max_pixels=limits.max_pixels, min_side=limits.min_side, max_side=limits.max_side)
         except ValueError as exc:
             if shown_name is None:
                 raise
