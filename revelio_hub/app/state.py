@@ -58,6 +58,11 @@ _DTYPES = ("float32", "float16", "bfloat16")
 _LOAD_LOCK = threading.RLock()
 
 
+#: Gradio temp-file cleanup, ``(frequency, age)`` in seconds: every 10 minutes, delete the
+#: uploads and generated images older than an hour (see :mod:`revelio_hub.app.temp_files`).
+DEFAULT_DELETE_CACHE = (600, 3600)
+
+
 def default_release_ids() -> list[str]:
     """Release ids from ``$REVELIO_RELEASE`` (comma-separated), else the bundled toy release."""
     env = os.environ.get(RELEASE_ENV, "")
@@ -97,6 +102,10 @@ class AppConfig:
         top_classes: how many predicted classes are shown.
         concurrency: events run at once (``None``: :func:`default_concurrency`).
         queue_size: requests waiting beyond that before new ones are refused.
+        delete_cache: ``(frequency, age)`` in seconds, as Gradio's ``delete_cache``:
+            every ``frequency`` s, uploads and generated images older than ``age`` s are
+            deleted, and the empty folders they leave (:mod:`revelio_hub.app.temp_files`);
+            ``None`` keeps them forever.
     """
 
     releases: list[str] = field(default_factory=default_release_ids)
@@ -108,6 +117,7 @@ class AppConfig:
     top_classes: int = 5
     concurrency: Optional[int] = None
     queue_size: int = 64
+    delete_cache: Optional[tuple[int, int]] = DEFAULT_DELETE_CACHE
 
     def __post_init__(self) -> None:
         if not self.releases:
@@ -121,6 +131,14 @@ class AppConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.concurrency is None:
             self.concurrency = default_concurrency()
+        if self.delete_cache is not None:
+            pair = tuple(self.delete_cache)
+            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+                raise ValueError(
+                    f"delete_cache must be (frequency, age), two positive whole numbers of seconds, or None; "
+                    f"got {self.delete_cache!r}."
+                )
+            self.delete_cache = pair
 
     @property
     def torch_dtype(self) -> "torch.dtype":
@@ -517,6 +535,7 @@ __all__ = [
     "DEFAULT_RELEASE_PATH",
     "RELEASE_ENV",
     "default_release_ids",
+    "DEFAULT_DELETE_CACHE",
     "default_concurrency",
     "default_threads",
     "image_digest",

@@ -38,6 +38,7 @@ from gradio import FileData
 from revelio_hub.app import analysis as A
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.state import AppState, LoadedRelease
+from revelio_hub.app.temp_files import cleanup_lifespan
 from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots
 from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
@@ -92,6 +93,8 @@ def launch_kwargs(state: AppState) -> dict[str, Any]:
         "allowed_paths": state.allowed_paths(),
         "max_file_size": "25mb",
         "show_error": False,
+        # Uploads and heat maps deleted once old (Gradio's delete_cache dies under concurrency: see temp_files).
+        "app_kwargs": {"lifespan": cleanup_lifespan(state.config.delete_cache)},
     }
 
 
