@@ -12,15 +12,24 @@ Starts the real app (``python app.py``) in a subprocess and measures:
   (``revelio_hub.app.analysis.analyze``, no server), and Gradio's floor, a
   no-op endpoint with the same signature and queue settings served here and
   called through the same kind of client (upload + queue + JSON, no work).
-  On a busy machine the floor dominates; compare against it.
+  On a busy machine the floor dominates; compare against it;
+* with ``--clients N`` (N > 1), throughput under load: the same server is
+  driven by 1 client and then by N clients at once (plain HTTP API clients,
+  as ``curl`` users call it, on distinct new images, so every request runs
+  the backbone), giving requests/s, p50/p95 latency and errors at each, the
+  ratio throughput@N / throughput@1, and how many answers differ from the
+  same analysis run one at a time in this process (must be 0: concurrency must
+  not change answers).
 
     python benchmarks/bench_app.py            # bundled toy release
     python benchmarks/bench_app.py --calls 50 --json
+    python benchmarks/bench_app.py --clients 8 --json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -30,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,16 +65,96 @@ def _summary(seconds: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ms), 2), "n": len(ms)}
 
 
-def _images(folder: Path, n: int) -> list[Path]:
+def _images(folder: Path, n: int, start: int = 0) -> list[Path]:
     """Distinct shape images (the toy release's own kind of data), 96 px PNGs."""
     from revelio_hub.toy.shapes import image_spec, render
 
     paths = []
-    for i in range(n):
+    for i in range(start, start + n):
         path = folder / f"bench_{i}.png"
         render(image_spec(i, seed=4242), image_size=96).save(path)
         paths.append(path)
     return paths
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) from ``/proc``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _HttpClient:
+    """A light API client (what ``curl`` users do): upload, ``/call/<api>``, read the result stream.
+
+    ``gradio_client`` costs about twice the server's CPU per call (measured with
+    this script); on a 2-core machine that would measure the client, not the
+    server, so the load runs use plain HTTP through one keep-alive connection
+    per client.
+    """
+
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(timeout=300)
+
+    def analyze_json(self, path: Path, layer: str, timestep: int) -> dict:
+        with open(path, "rb") as f:
+            up = self.http.post(f"{self.url}/gradio_api/upload", files={"files": (path.name, f, "image/png")})
+        up.raise_for_status()
+        image = {"path": up.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+        call = self.http.post(f"{self.url}/gradio_api/call/analyze_json", json={"data": [image, layer, timestep, ""]})
+        call.raise_for_status()
+        event, data = None, None
+        with self.http.stream("GET", f"{self.url}/gradio_api/call/analyze_json/{call.json()['event_id']}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    data = line.split(":", 1)[1].strip()
+                    break
+        if event != "complete":
+            raise RuntimeError(f"/analyze_json failed: {data}")
+        return json.loads(data)[0]
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _load(url: str, images: list[Path], clients: int, layer: str, timestep: int, server_pid: int) -> dict:
+    """``/analyze_json`` on every image, from ``clients`` concurrent API clients (:class:`_HttpClient`).
+
+    Returns throughput (requests/s over the wall time of the whole batch),
+    latency percentiles of the successful requests, the error count, the CPU
+    time per request of the server and of this (client) process, and the
+    answers (``None`` for an error), in the order of ``images``.
+    """
+    sessions = [_HttpClient(url) for _ in range(clients)]
+
+    def call(indexed: tuple[int, Path]) -> tuple[float, object]:
+        i, path = indexed
+        start = time.perf_counter()
+        try:
+            answer = sessions[i % clients].analyze_json(path, layer, timestep)
+        except Exception as exc:  # counted, not raised: errors under load are a result
+            answer = exc
+        return time.perf_counter() - start, answer
+
+    start, server_cpu, client_cpu = time.perf_counter(), _cpu_seconds(server_pid), time.process_time()
+    with ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(call, enumerate(images)))
+    wall = time.perf_counter() - start
+    server_cpu, client_cpu = _cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
+    for session in sessions:
+        session.close()
+    ok = [seconds for seconds, answer in done if not isinstance(answer, Exception)]
+    errors = [f"{type(a).__name__}: {a}"[:200] for _, a in done if isinstance(a, Exception)]
+    return {"clients": clients, "requests": len(images), "wall_s": round(wall, 2),
+            "throughput_rps": round(len(ok) / wall, 2), **_summary(ok), "errors": len(errors),
+            "server_cpu_ms_per_request": round(1000 * server_cpu / len(images), 1),
+            "client_cpu_ms_per_request": round(1000 * client_cpu / len(images), 1),
+            "first_errors": errors[:3], "answers": [None if isinstance(a, Exception) else a for _, a in done]}
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float:
@@ -97,7 +187,8 @@ def _gradio_floor(images: list[Path], calls: int, warmup: int, concurrency: int)
         gr.api(analyze_json, api_name="analyze_json")
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    with contextlib.redirect_stdout(sys.stderr):  # keep --json output clean of gradio's messages
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
 
@@ -112,7 +203,8 @@ def _gradio_floor(images: list[Path], calls: int, warmup: int, concurrency: int)
         new = [call(p) for p in images[1 + warmup:]]
         same = [call(images[0]) for _ in range(calls)]
     finally:
-        demo.close()
+        with contextlib.redirect_stdout(sys.stderr):
+            demo.close()
     return new, same
 
 
@@ -125,8 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--layer", default="", help="entry layer (default: the release's first entry)")
     parser.add_argument("--timestep", type=int, default=-1, help="entry timestep (default: the release's first)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="N > 1: also measure throughput with 1 and with N concurrent clients (distinct images)")
+    parser.add_argument("--load-calls", type=int, default=48,
+                        help="requests per throughput measurement (each a new image) with --clients")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
+    if args.clients < 1 or args.load_calls < 1:
+        parser.error("--clients and --load-calls must be at least 1")
 
     from revelio_hub.app.state import DEFAULT_RELEASE_PATH
 
@@ -137,8 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
            "--device", args.device, "--dtype", args.dtype, "--no-warmup"]
     url = f"http://127.0.0.1:{port}/"
 
+    load_runs: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         images = _images(Path(tmp), args.warmup + args.calls + 1)
+        # Fresh images for each load measurement: every request is a cache miss (one backbone pass).
+        load_images = {n: _images(Path(tmp), args.load_calls, start=10_000 * (k + 1))
+                       for k, n in enumerate(dict.fromkeys([1, args.clients]))} if args.clients > 1 else {}
         t_spawn = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
@@ -158,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
                 call(path)
             new_images = [call(p) for p in images[1 + args.warmup:]]
             repeated = [call(images[0]) for _ in range(args.calls)]
+            for n, batch in load_images.items():
+                load_runs[n] = _load(url, batch, n, args.layer, args.timestep, proc.pid)
         finally:
             proc.terminate()
             try:
@@ -190,7 +294,22 @@ def main(argv: list[str] | None = None) -> dict:
             A.analyze(state, str(images[0]), layer, t)
             direct_repeated.append(time.perf_counter() - start)
 
-        floor_new, floor_repeated = _gradio_floor(images, args.calls, args.warmup, config.concurrency)
+        # The answers under load, against the same analysis one at a time in this process.
+        for n, run in load_runs.items():
+            answers = run.pop("answers")
+            run["differences"] = sum(
+                1 for path, got in zip(load_images[n], answers)
+                if got is not None and got != A.analyze(state, str(path), layer, t).to_json()
+            )
+
+        for attempt in range(3):  # gradio's own localhost probe can time out on a saturated machine
+            try:
+                floor_new, floor_repeated = _gradio_floor(images, args.calls, args.warmup, config.concurrency)
+                break
+            except ValueError as exc:
+                if attempt == 2:
+                    raise
+                print(f"bench_app: no-op gradio floor did not start ({exc}); retrying", file=sys.stderr)
 
     result = {
         "release": release,
@@ -217,6 +336,16 @@ def main(argv: list[str] | None = None) -> dict:
                                 / max(result["gradio_floor_repeated_image"]["p50_ms"], 1e-9), 2),
     }
     result["targets"] = {"analyze_json_p50_ms": 150, "cold_start_http_s": 10}
+    if load_runs:
+        one, many = load_runs[1], load_runs[args.clients]
+        result["load"] = {
+            "clients_1": one,
+            f"clients_{args.clients}": many,
+            "errors": one["errors"] + many["errors"],
+            "differences": one["differences"] + many["differences"],
+            f"throughput_ratio_{args.clients}_vs_1": round(many["throughput_rps"] / max(one["throughput_rps"], 1e-9), 2),
+        }
+        result["targets"].update({"load_errors": 0, "load_differences": 0, f"throughput_ratio_{args.clients}_vs_1": 1.5})
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -231,6 +360,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"gradio_client / direct (p50): new image {r['new_image']}×, repeated image {r['repeated_image']}×")
         r = result["ratio_client_vs_gradio_floor_p50"]
         print(f"gradio_client / no-op gradio floor (p50): new image {r['new_image']}×, repeated image {r['repeated_image']}×")
+        if load_runs:
+            for n, run in load_runs.items():
+                print(f"{n} client(s), {run['requests']} new images: {run['throughput_rps']:.2f} req/s, "
+                      f"p50 {run['p50_ms']:.1f} ms, p95 {run['p95_ms']:.1f} ms, {run['errors']} errors, "
+                      f"{run['differences']} answers differ from one-at-a-time; CPU per request: server "
+                      f"{run['server_cpu_ms_per_request']} ms, client {run['client_cpu_ms_per_request']} ms")
+            load = result["load"]
+            print(f"throughput {args.clients} clients / 1 client: "
+                  f"{load[f'throughput_ratio_{args.clients}_vs_1']}× (target ≥ 1.5×)")
     return result
 
 
