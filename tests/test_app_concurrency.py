@@ -115,12 +115,15 @@ def test_served_app_with_concurrency_answers_as_one_at_a_time(jobs, one_at_a_tim
     try:
         clients = [Client(app.url, verbose=False) for _ in range(THREADS)]
 
-        def run(indexed):
-            i, (path, layer, t) = indexed
-            return clients[i % THREADS].predict(handle_file(str(path)), layer, t, "", api_name="/analyze_json")
+        def client_run(k: int) -> dict:
+            # Client k sends jobs k, k + 8, ... one after another (a Client is not shared between threads).
+            return {i: clients[k].predict(handle_file(str(subset[i][0])), subset[i][1], subset[i][2], "",
+                                          api_name="/analyze_json")
+                    for i in range(k, len(subset), THREADS)}
 
         with ThreadPoolExecutor(THREADS) as pool:
-            got = list(pool.map(run, enumerate(subset)))
+            answers = {i: a for part in pool.map(client_run, range(THREADS)) for i, a in part.items()}
+        got = [answers[i] for i in range(len(subset))]
     finally:
         app.close()
     assert _differences(got, want[:N_IMAGES], subset) == []

@@ -2,8 +2,8 @@
 
 Every upload and every generated image (the heat map, gallery copies) is
 written to Gradio's cache folder, in a directory named after the file's hash,
-and by default never deleted: measured before this module, the folder grew
-from 6.9 to 15.2 MB over about 1,300 calls (issue 10).
+and by default never deleted: issue 10 measured the folder growing from 6.9 to
+15.2 MB over about 1,300 calls (quoted in ``docs/benchmarks.md``).
 
 Gradio has the cleanup, ``gr.Blocks(delete_cache=(frequency, age))``, but in
 the installed version (6.31) its scheduled task iterates the live sets of

@@ -4,9 +4,9 @@ A served app runs several requests at once on **one** shared backbone (the
 model is by far the largest object in memory). Hooks that are added before a
 pass and removed after it are shared state: with two passes in flight, one
 request's hooks fire inside the other's forward pass and write into the wrong
-store, or its early exit abandons the other pass half way (measured before this
-module existed: 8 clients × 96 images, 4 ``KeyError``\\ s and 41 of 92 answers
-different from one-at-a-time answers).
+store, or its early exit abandons the other pass half way (issue 10 measured,
+before this module: 8 clients × 96 images, 4 ``KeyError``\\ s and 41 of 92
+answers different from one-at-a-time answers; quoted in ``docs/benchmarks.md``).
 
 So :class:`LayerTaps` registers one forward hook per block **once**, when the
 backbone is built, and every call says what it wants through a
@@ -16,11 +16,15 @@ for other blocks. Each call therefore gets its own store and its own early
 exit, and concurrent calls cannot see each other.
 
 Why this design rather than the two alternatives (figures in
-``docs/benchmarks.md``, "## The app"): a lock around the backbone pass is also
-correct but runs one pass at a time, leaving the second core idle, and one
-backbone replica per worker multiplies the largest object in memory by the
-concurrency for the same throughput as shared weights. Capture per call keeps
-one copy of the weights and lets passes run side by side.
+``docs/benchmarks.md``, "## The app"): a lock around the backbone pass is
+also correct, and on the toy release it measured as fast within the noise of a
+loaded 2-core machine (its pass is mostly Python, so the GIL serialises it
+anyway), but it serialises every backbone for good, whereas per-call capture
+lets passes overlap wherever the kernels release the GIL (large models, GPUs).
+One backbone replica per worker multiplies the largest object in memory by
+the concurrency, and a copied model's features differ from the original's by
+up to 2.4e-6 (other memory alignment), so answers would depend on the replica.
+Capture per call keeps one copy of the weights and bit-identical answers.
 """
 
 from __future__ import annotations
