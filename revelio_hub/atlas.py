@@ -1,12 +1,18 @@
 """The neuron atlas: what makes each k-SAE neuron fire, readable without the dataset.
 
 An SAE with 80k latents is only useful when each latent can be read. The atlas
-records, per neuron, its top-activating dataset images (id, activation, label),
-how often it fires, how strongly when it does, and how class-specific its top
-images are (the paper's label purity: std of the class ids of the top-10
-images, plus the label entropy, which does not depend on how classes are
-numbered). Top images are stored as small WebP thumbnails inside the atlas
-folder so the app and a Hub release never need the dataset itself.
+records, per neuron, its top-activating dataset images (id, activation, labels
+of every label column), how often it fires, how strongly when it does, how well
+its activation detects each label value over all atlas images (AUROC, see
+:mod:`revelio_hub.neuron_labels`), and how class-specific its top images are
+(label entropy, and the paper's ``sigma_label``: the sample std of the class ids
+of the top-10 images, averaged over the neurons with the highest mean
+activation). From these it writes one honest line per neuron
+(:meth:`NeuronAtlas.summary`), the same text in the app, the JSON API and the
+card. Top images are stored as small WebP thumbnails inside the atlas folder so
+the app and a Hub release never need the dataset itself. The atlas also keeps
+the distribution of the SAE's reconstruction error over its images, so the app
+can tell when an image is unlike anything the release was built on.
 
 Building streams over image batches: a running per-neuron top-N is merged with
 each batch's top-N, so memory is O(n_latents × (N + batch)) and never
@@ -14,10 +20,17 @@ O(n_images × n_latents) — 100k images × 80k latents would be 32 GB dense.
 
 Folder format (CONTRACTS.md)::
 
-    stats.safetensors   frequency, mean_activation, purity, entropy (n),
-                        top_image_ids, top_activations, top_labels (n×K; id -1 = empty slot)
-    atlas.json          class_names, num_images, summary, thumbnail size, granularity, ...
+    stats.safetensors   frequency, mean_activation, activation_std, purity, entropy (n),
+                        top_image_ids, top_activations, top_labels (n×K; id -1 = empty slot),
+                        top_labels.<column> (n×K, the other label columns),
+                        value_auroc (n × Σ values, columns concatenated in label_columns order)
+    atlas.json          format_version (2), class_names (= first label column), label_columns,
+                        num_images, summary (incl. sigma_label), summary_thresholds,
+                        reconstruction_error (quantiles over the atlas images), thumbnail size, ...
     thumbnails/<image_id>.webp
+
+Format 1 atlases (one label column, no AUROC, no reconstruction errors) still load;
+their summaries fall back to the top-image counts.
 """
 
 from __future__ import annotations
@@ -29,11 +42,20 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 from . import metrics as M
+from .neuron_labels import (
+    ActivationLog,
+    SummaryThresholds,
+    ValueEvidence,
+    column_offsets,
+    explain,
+    summary_text,
+    value_auroc,
+)
 
 __all__ = [
     "AtlasConfig",
@@ -41,6 +63,7 @@ __all__ = [
     "NeuronInfo",
     "NeuronAtlas",
     "build_atlas",
+    "finalize_atlas",
     "STATS_FILE",
     "ATLAS_FILE",
     "THUMBNAIL_DIR",
@@ -50,9 +73,16 @@ STATS_FILE = "stats.safetensors"
 ATLAS_FILE = "atlas.json"
 THUMBNAIL_DIR = "thumbnails"
 HEATMAP_DIR = "heatmaps"
-FORMAT_VERSION = 1
-SORT_KEYS = ("frequency", "purity", "entropy", "mean_activation")
+FORMAT_VERSION = 2
+SORT_KEYS = ("frequency", "auroc", "entropy", "mean_activation", "purity")
 _INT_KEYS = ("top_image_ids", "top_labels")
+TOP_LABELS_PREFIX = "top_labels."
+#: Quantiles of the reconstruction error kept in atlas.json (0%, 0.1%, ..., 100%).
+ERROR_QUANTILES = 1001
+
+
+def _is_int_key(key: str) -> bool:
+    return key in _INT_KEYS or key.startswith(TOP_LABELS_PREFIX)
 
 PathLike = Union[str, os.PathLike]
 Batch = tuple  # (x, labels, image_ids)
@@ -70,6 +100,14 @@ class AtlasConfig:
         thumbnail_size: side of the square WebP thumbnails, in pixels.
         thumbnail_quality: WebP quality (0–100); 80 keeps a 128-px thumbnail ≈ 3–5 kB.
         threshold: an activation above this counts as firing.
+        sigma_min_images: ``sigma_label`` only counts neurons firing on more than this many
+            images (the seed: 10), so that all of their top-10 images are real firings.
+        summary_min_auroc / summary_min_precision / summary_min_top_images / summary_max_values:
+            when a neuron's summary names a label value (see
+            :class:`~revelio_hub.neuron_labels.SummaryThresholds`); stored in atlas.json and
+            changeable after the build.
+        dense_frequency: neurons firing on more than this share of images are "dense": they
+            say little about any one image, so the app hides them unless asked.
     """
 
     top_n: int = 20
@@ -78,6 +116,17 @@ class AtlasConfig:
     thumbnail_size: int = 128
     thumbnail_quality: int = 80
     threshold: float = 0.0
+    sigma_min_images: int = 10
+    summary_min_auroc: float = SummaryThresholds.min_auroc
+    summary_min_precision: float = SummaryThresholds.min_precision
+    summary_min_top_images: int = SummaryThresholds.min_top_images
+    summary_max_values: int = SummaryThresholds.max_values
+    dense_frequency: float = 0.5
+
+    @property
+    def thresholds(self) -> SummaryThresholds:
+        return SummaryThresholds(self.summary_min_auroc, self.summary_min_precision, self.summary_min_top_images,
+                                 self.summary_max_values)
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
@@ -88,6 +137,9 @@ class AtlasConfig:
             raise ValueError(f"summary_neurons must be ≥ 1, got {self.summary_neurons}")
         if self.thumbnail_size < 8:
             raise ValueError(f"thumbnail_size must be ≥ 8 pixels, got {self.thumbnail_size}")
+        if not 0 < self.dense_frequency <= 1:
+            raise ValueError(f"dense_frequency must lie in (0, 1], got {self.dense_frequency}")
+        self.thresholds  # validates the summary thresholds
 
 
 class TopKAccumulator:
@@ -95,7 +147,7 @@ class TopKAccumulator:
 
     Keeps, for every neuron, the ``top_n`` largest activations seen so far with
     their image ids and labels, the number of images on which it fired and the
-    sum of its activations when firing. State is stored neuron-minor
+    sum (and sum of squares) of its activations when firing. State is stored neuron-minor
     (``top_n × n``) so a batch's ``topk`` over dim 0 merges without transposes.
     Two accumulators (e.g. from two processes) combine with :meth:`merge`.
     """
@@ -113,6 +165,7 @@ class TopKAccumulator:
         self.labels = torch.full((top_n, n_latents), -1, dtype=torch.long, device=device)
         self.fire_count = torch.zeros(n_latents, dtype=torch.long, device=device)
         self.fire_sum = torch.zeros(n_latents, dtype=torch.float64, device=device)
+        self.fire_sq = torch.zeros(n_latents, dtype=torch.float64, device=device)
         self.num_images = 0
 
     def update(self, acts: torch.Tensor, labels: torch.Tensor, image_ids: torch.Tensor) -> None:
@@ -133,7 +186,9 @@ class TopKAccumulator:
 
         fired = acts > self.threshold
         self.fire_count += fired.sum(0)
-        self.fire_sum += torch.where(fired, acts, torch.zeros((), device=device)).sum(0, dtype=torch.float64)
+        firing = torch.where(fired, acts, torch.zeros((), device=device)).double()
+        self.fire_sum += firing.sum(0)
+        self.fire_sq += firing.pow(2).sum(0)
         self.num_images += b
 
         k = min(self.top_n, b)
@@ -155,12 +210,13 @@ class TopKAccumulator:
                     other.labels.to(self.values.device))
         self.fire_count += other.fire_count.to(self.fire_count.device)
         self.fire_sum += other.fire_sum.to(self.fire_sum.device)
+        self.fire_sq += other.fire_sq.to(self.fire_sq.device)
         self.num_images += other.num_images
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors that fully describe the state (for gathering across processes)."""
         return {"values": self.values, "image_ids": self.image_ids, "labels": self.labels,
-                "fire_count": self.fire_count, "fire_sum": self.fire_sum,
+                "fire_count": self.fire_count, "fire_sum": self.fire_sum, "fire_sq": self.fire_sq,
                 "num_images": torch.tensor([self.num_images], device=self.values.device)}
 
     @classmethod
@@ -169,6 +225,8 @@ class TopKAccumulator:
         acc = cls(n, top_n, threshold, device=state["values"].device)
         acc.values, acc.image_ids, acc.labels = state["values"], state["image_ids"], state["labels"]
         acc.fire_count, acc.fire_sum = state["fire_count"], state["fire_sum"]
+        if "fire_sq" in state:
+            acc.fire_sq = state["fire_sq"]
         acc.num_images = int(state["num_images"].sum())
         return acc
 
@@ -185,8 +243,12 @@ class TopKAccumulator:
         count = self.fire_count.cpu()
         frequency = (count.double() / max(self.num_images, 1)).float()
         mean_act = (self.fire_sum.cpu() / count.clamp_min(1).double()).float()
+        # std over *all* images (silent ones count as 0): the scale of a z-score of one image's activation
+        n_img = max(self.num_images, 1)
+        mean_all = self.fire_sum.cpu() / n_img
+        std_all = (self.fire_sq.cpu() / n_img - mean_all.pow(2)).clamp_min(0).sqrt().float()
         return {"top_image_ids": ids, "top_activations": vals.float(), "top_labels": labels,
-                "frequency": frequency, "mean_activation": mean_act, "fire_count": count}
+                "frequency": frequency, "mean_activation": mean_act, "activation_std": std_all, "fire_count": count}
 
 
 def _purity_and_entropy(top_labels: torch.Tensor, num_classes: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +293,12 @@ class NeuronInfo:
     top_labels: list[Optional[str]]
     dead: bool
     summary: str
+    #: per label column, its best value's evidence (``ValueEvidence.to_dict()``), strongest first
+    label_values: list[dict[str, Any]] = field(default_factory=list)
+    #: the values the summary names (empty: "mixed")
+    named_values: list[dict[str, Any]] = field(default_factory=list)
+    dense: bool = False
+    best_auroc: float = math.nan
 
     @property
     def fire_rate_percent(self) -> float:
@@ -251,6 +319,8 @@ class NeuronAtlas:
     path: Optional[Path] = None
     _thumbnails: dict[int, Any] = field(default_factory=dict, repr=False)
     _heatmaps: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False)
+    _evidence: Optional[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = field(
+        default=None, repr=False)
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -266,14 +336,44 @@ class NeuronAtlas:
         return list(self.meta.get("class_names") or [])
 
     @property
+    def label_columns(self) -> dict[str, list[str]]:
+        """Label column → its value names, in order; the first is the main class column (:attr:`class_names`).
+
+        Format-1 atlases have one column, named ``"class"``.
+        """
+        cols = self.meta.get("label_columns")
+        if cols:
+            return {str(k): [str(v) for v in vals] for k, vals in cols.items()}
+        return {"class": self.class_names} if self.class_names else {}
+
+    @property
     def summary_stats(self) -> dict[str, Any]:
-        """Per-layer summary: dead count/fraction, mean purity over the most active neurons, ..."""
+        """Per-layer summary: dead count/fraction, sigma_label (the paper's), mean entropy, ..."""
         return dict(self.meta.get("summary") or {})
+
+    @property
+    def thresholds(self) -> SummaryThresholds:
+        """When a summary names a value (stored in atlas.json; see :class:`SummaryThresholds`)."""
+        return SummaryThresholds.from_dict(self.meta.get("summary_thresholds"))
+
+    @thresholds.setter
+    def thresholds(self, value: SummaryThresholds) -> None:
+        self.meta["summary_thresholds"] = SummaryThresholds.from_dict(value.to_dict()).to_dict()
+
+    @property
+    def dense_frequency(self) -> float:
+        """Neurons firing on more than this share of the atlas images are flagged dense."""
+        return float(self.meta.get("dense_frequency", 0.5))
 
     @property
     def dead_neurons(self) -> list[int]:
         """Neurons that never fired on the atlas images."""
         return torch.nonzero(self.stats["frequency"] <= 0).flatten().tolist()
+
+    @property
+    def dense_mask(self) -> torch.Tensor:
+        """Bool n: neurons that fire on more than :attr:`dense_frequency` of the atlas images."""
+        return self.stats["frequency"] > self.dense_frequency
 
     def __len__(self) -> int:
         return self.num_neurons
@@ -281,7 +381,7 @@ class NeuronAtlas:
     def __repr__(self) -> str:
         s = self.summary_stats
         return (f"NeuronAtlas(neurons={self.num_neurons}, images={self.num_images}, dead={s.get('dead_count')}, "
-                f"mean_purity_top{s.get('summary_neurons')}={s.get('mean_purity')}, path={str(self.path)!r})")
+                f"sigma_label={s.get('sigma_label')}, columns={list(self.label_columns)}, path={str(self.path)!r})")
 
     def _check(self, i: int) -> int:
         try:
@@ -299,11 +399,97 @@ class NeuronAtlas:
     def _filled(self, i: int) -> int:
         return int((self.stats["top_image_ids"][i] >= 0).sum())
 
+    def _check_column(self, column: str) -> str:
+        cols = self.label_columns
+        if column not in cols:
+            raise ValueError(f"unknown label column {column!r}; this atlas has: {', '.join(cols) or '(none)'}")
+        return column
+
+    def top_labels(self, column: Optional[str] = None) -> torch.Tensor:
+        """n×K label ids of ``column`` (default: the class column) for each neuron's top images (-1 = empty)."""
+        cols = list(self.label_columns)
+        if column is None or (cols and column == cols[0]):
+            return self.stats["top_labels"]
+        self._check_column(column)
+        key = TOP_LABELS_PREFIX + column
+        if key not in self.stats:
+            return torch.full_like(self.stats["top_labels"], -1)
+        return self.stats[key]
+
+    def value_auroc(self, column: str) -> torch.Tensor:
+        """n_neurons × n_values AUROC (float32) of each neuron's image activation for "image has this value".
+
+        Over all atlas images; NaN where undefined (a value absent from, or
+        present on every, atlas image) and everywhere for format-1 atlases.
+        """
+        self._check_column(column)
+        a, b = column_offsets(self.label_columns)[column]
+        full = self.stats.get("value_auroc")
+        if full is None or full.shape[1] < b:
+            return torch.full((self.num_neurons, b - a), math.nan, dtype=torch.float32)
+        return full[:, a:b].float()
+
+    def _top_counts(self, column: str, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n × V counts of each value among the top ``top`` images, n filled slots)."""
+        labels = self.top_labels(column)[:, :top]
+        n_values = len(self.label_columns[column])
+        valid = (labels >= 0) & (labels < n_values)
+        counts = torch.zeros(labels.shape[0], max(n_values, 1), dtype=torch.long)
+        counts.scatter_add_(1, labels.clamp(0, max(n_values - 1, 0)), valid.long())
+        filled = (self.stats["top_image_ids"][:, :top] >= 0).sum(1)
+        return counts[:, :n_values], filled
+
+    def _evidence_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per column: (best value id, its AUROC, its top-image hits, filled top slots), all n-vectors; cached."""
+        if self._evidence is None:
+            top = int(self.meta.get("purity_top", 10))
+            tables = {}
+            for column in self.label_columns:
+                auc = self.value_auroc(column)
+                counts, filled = self._top_counts(column, top)
+                if auc.shape[1] == 0:
+                    continue
+                has_auc = ~torch.isnan(auc).all(1)
+                # best value: highest AUROC; without AUROC (format 1) the most common top-image value
+                best = torch.where(has_auc, torch.nan_to_num(auc, nan=-1.0).argmax(1), counts.argmax(1))
+                best_auc = auc.gather(1, best[:, None])[:, 0]
+                hits = counts.gather(1, best[:, None])[:, 0]
+                tables[column] = (best, best_auc, hits, filled)
+            self._evidence = tables
+        return self._evidence
+
+    def evidence(self, i: int) -> list[ValueEvidence]:
+        """Each label column's best value for neuron ``i`` with its AUROC and top-image count, strongest first."""
+        i = self._check(i)
+        out = []
+        for column, (best, auc, hits, filled) in self._evidence_tables().items():
+            names = self.label_columns[column]
+            out.append(ValueEvidence(column, names[int(best[i])], float(auc[i]), int(hits[i]), int(filled[i])))
+        out.sort(key=lambda e: e.strength(), reverse=True)
+        return out
+
+    def explanation(self, i: int) -> list[ValueEvidence]:
+        """The label values :meth:`summary` names for neuron ``i`` (empty when it says ``mixed`` or the neuron is dead)."""
+        if float(self.stats["frequency"][self._check(i)]) <= 0:
+            return []
+        return explain(self.evidence(i), self.thresholds)
+
+    def best_auroc(self) -> torch.Tensor:
+        """n: each neuron's highest value AUROC over all columns (NaN without AUROC)."""
+        tables = self._evidence_tables()
+        if not tables:
+            return torch.full((self.num_neurons,), math.nan)
+        stacked = torch.stack([t[1] for t in tables.values()], 1)
+        best = torch.nan_to_num(stacked, nan=-1.0).max(1).values
+        best[best < 0] = math.nan
+        return best
+
     # ------------------------------------------------------------------ per-neuron queries
     def neuron(self, i: int) -> NeuronInfo:
         i = self._check(i)
         m = self._filled(i)
         freq = float(self.stats["frequency"][i])
+        ev = self.evidence(i)
         return NeuronInfo(
             index=i,
             frequency=freq,
@@ -315,33 +501,111 @@ class NeuronAtlas:
             top_labels=[self._label_name(int(c)) for c in self.stats["top_labels"][i, :m]],
             dead=freq <= 0,
             summary=self.summary(i),
+            label_values=[e.to_dict() for e in ev],
+            named_values=[e.to_dict() for e in self.explanation(i)],
+            dense=freq > self.dense_frequency,
+            best_auroc=max((e.auroc for e in ev if not math.isnan(e.auroc)), default=math.nan),
         )
 
-    def label_histogram(self, i: int, top: Optional[int] = None) -> dict[str, int]:
-        """Class name → count among the neuron's top images (``top`` defaults to ``purity_top``), most common first."""
+    def label_histogram(self, i: int, top: Optional[int] = None, column: Optional[str] = None) -> dict[str, int]:
+        """Value name → count among the neuron's top images (``top`` defaults to ``purity_top``), most common first.
+
+        ``column`` defaults to the class column.
+        """
         i = self._check(i)
         top = int(top or self.meta.get("purity_top", 10))
-        labels = self.stats["top_labels"][i, : min(top, self._filled(i))].tolist()
-        counts = Counter(self._label_name(c) or "unlabelled" for c in labels)
+        names = self.label_columns.get(column, []) if column is not None else self.class_names
+        labels = self.top_labels(column)[i, : min(top, self._filled(i))].tolist()
+        counts = Counter(names[c] if 0 <= c < len(names) else "unlabelled" for c in labels)
         return dict(counts.most_common())
 
     def summary(self, i: int) -> str:
-        """One line for a UI, e.g. ``"circle 9/10 · purity 0.30 · fires on 4.1% of images"``."""
+        """One honest line: the label value(s) the neuron detects, or ``mixed``, e.g.
+
+        ``"magenta (color) · AUROC 0.99 · 10/10 top images · fires on 4.1% of images"``.
+
+        A value is named only when it passes :attr:`thresholds` (AUROC over all
+        atlas images *and* share of the top images); a second value only when it
+        passes too. The same text is shown in the app, the JSON API and the card.
+        """
         i = self._check(i)
         freq = float(self.stats["frequency"][i])
-        if freq <= 0:
-            return f"dead neuron (never fired on {self.num_images} images)"
-        hist = self.label_histogram(i)
-        total = sum(hist.values())
-        parts = []
-        if hist and self.class_names:
-            name, count = next(iter(hist.items()))
-            parts.append(f"{name} {count}/{total}")
-        purity = float(self.stats["purity"][i])
-        if not math.isnan(purity):
-            parts.append(f"purity {purity:.2f}")
-        parts.append(f"fires on {100 * freq:.1f}% of images")
-        return " · ".join(parts)
+        return summary_text(self.explanation(i), freq, self.num_images, single_column=len(self.label_columns) <= 1)
+
+    def search(self, value: str, column: Optional[str] = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Neurons that detect a label value, best first: ``[{"neuron", "column", "value", "auroc", "precision"}]``.
+
+        Sorted by AUROC (descending); ``precision`` is the share of the neuron's
+        top ``purity_top`` images carrying the value. Without ``column`` every
+        column having a value of that name is searched. Dead neurons and
+        neurons without an AUROC are left out. Unknown value → ``ValueError``
+        listing the valid ones.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be ≥ 1, got {limit}")
+        cols = self.label_columns
+        if column is not None:
+            self._check_column(column)
+            candidates = [column] if value in cols[column] else []
+            pool = cols[column]
+        else:
+            candidates = [c for c, names in cols.items() if value in names]
+            pool = [v for names in cols.values() for v in names]
+        if not candidates:
+            unique = list(dict.fromkeys(pool))
+            shown = ", ".join(unique[:30]) + (f", ... ({len(unique)} in all)" if len(unique) > 30 else "")
+            where = f"column {column!r}" if column is not None else "this atlas"
+            raise ValueError(f"unknown label value {value!r}; {where} knows: {shown or '(no label values)'}")
+        top = int(self.meta.get("purity_top", 10))
+        alive = self.stats["frequency"] > 0
+        rows = []
+        for c in candidates:
+            v = cols[c].index(value)
+            auc = self.value_auroc(c)[:, v]
+            counts, filled = self._top_counts(c, top)
+            prec = counts[:, v].double() / filled.clamp_min(1).double()
+            ok = alive & ~torch.isnan(auc)
+            for i in torch.nonzero(ok).flatten().tolist():
+                rows.append({"neuron": int(i), "column": c, "value": value, "auroc": round(float(auc[i]), 4),
+                             "precision": round(float(prec[i]), 4)})
+        rows.sort(key=lambda r: (r["auroc"], r["precision"]), reverse=True)
+        return rows[:limit]
+
+    def relevance(self, activations: torch.Tensor) -> torch.Tensor:
+        """How unusual each activation is for its neuron: activation / the neuron's mean activation when firing.
+
+        1 = a typical firing; 3 = three times as strong as usual. Neurons that
+        never fired on the atlas images get their raw activation.
+        """
+        mean = self.stats["mean_activation"].to(activations.device, torch.float32)
+        return torch.where(mean > 0, activations.float() / mean.clamp_min(1e-12), activations.float())
+
+    def zscore(self, activations: torch.Tensor) -> torch.Tensor:
+        """(activation − mean over all atlas images) / std over them; NaN-free (0 where the std is 0)."""
+        freq = self.stats["frequency"].to(activations.device, torch.float32)
+        mean_all = freq * self.stats["mean_activation"].to(activations.device, torch.float32)
+        std = self.stats.get("activation_std")
+        if std is None:
+            return self.relevance(activations)
+        std = std.to(activations.device, torch.float32)
+        return torch.where(std > 0, (activations.float() - mean_all) / std.clamp_min(1e-12), torch.zeros_like(mean_all))
+
+    def error_percentile(self, error: float) -> Optional[float]:
+        """Percentile (0–100) of an image's SAE reconstruction error among the atlas images; None if not recorded."""
+        q = (self.meta.get("reconstruction_error") or {}).get("quantiles")
+        if not q:
+            return None
+        qs = torch.tensor(q, dtype=torch.float64)
+        levels = torch.linspace(0, 100, len(q), dtype=torch.float64)
+        e = float(error)
+        if e <= float(qs[0]):
+            return 0.0
+        if e >= float(qs[-1]):
+            return 100.0
+        j = int(torch.searchsorted(qs, torch.tensor([e], dtype=torch.float64), right=True)[0])
+        lo, hi = float(qs[j - 1]), float(qs[j])
+        frac = 0.0 if hi <= lo else (e - lo) / (hi - lo)
+        return float(levels[j - 1] + frac * (levels[j] - levels[j - 1]))
 
     def thumbnail(self, image_id: int):
         """The stored thumbnail of ``image_id`` (PIL), or a grey placeholder if it is missing."""
@@ -402,15 +666,15 @@ class NeuronAtlas:
         """Neuron ids ordered by a statistic.
 
         ``descending`` defaults to the useful direction: most frequent / strongest
-        first, purest (lowest purity or entropy) first. Neurons without a value
-        (dead, or unlabelled for purity) come last; dead ones are dropped unless
-        ``include_dead``.
+        / highest best-value AUROC first, purest (lowest purity or entropy) first.
+        Neurons without a value (dead, or unlabelled) come last; dead ones are
+        dropped unless ``include_dead``.
         """
         if by not in SORT_KEYS:
             raise ValueError(f"cannot sort by {by!r}; choose one of {list(SORT_KEYS)}")
         if descending is None:
-            descending = by in ("frequency", "mean_activation")
-        values = self.stats[by].double().clone()
+            descending = by in ("frequency", "mean_activation", "auroc")
+        values = (self.best_auroc() if by == "auroc" else self.stats[by]).double().clone()
         keep = torch.ones(self.num_neurons, dtype=torch.bool) if include_dead else self.stats["frequency"] > 0
         missing = torch.isnan(values)
         values[missing] = -math.inf if descending else math.inf
@@ -450,7 +714,7 @@ class NeuronAtlas:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         # Ids and labels fit int32: halves the largest tensors (n×K) of a release's atlases.
-        save_file({k: (v.int() if k in _INT_KEYS else v).contiguous() for k, v in self.stats.items()},
+        save_file({k: (v.int() if _is_int_key(k) else v).contiguous() for k, v in self.stats.items()},
                   str(path / STATS_FILE))
         (path / ATLAS_FILE).write_text(json.dumps(self.meta, indent=2))
         quality = int(self.meta.get("thumbnail_quality", 80))
@@ -492,9 +756,14 @@ class NeuronAtlas:
         missing = [k for k in required if k not in stats]
         if missing:
             raise ValueError(f"{stats_file} lacks the tensors {missing}; rebuild the atlas with build_atlas")
-        stats = {k: (v.long() if k in _INT_KEYS else v) for k, v in stats.items()}
+        stats = {k: (v.long() if _is_int_key(k) else v) for k, v in stats.items()}
         n = stats["frequency"].shape[0]
         bad = [k for k in required if stats[k].shape[0] != n]
+        bad += [k for k in stats if k.startswith(TOP_LABELS_PREFIX) and stats[k].shape != stats["top_image_ids"].shape]
+        if "value_auroc" in stats:
+            n_values = sum(len(v) for v in (meta.get("label_columns") or {}).values())
+            if stats["value_auroc"].shape != (n, n_values):
+                bad.append("value_auroc")
         if bad or stats["top_image_ids"].shape != stats["top_labels"].shape:
             raise ValueError(f"{stats_file} is inconsistent: tensors {bad} do not have {n} neurons")
         return cls(stats=stats, meta=meta, path=path)
@@ -537,6 +806,7 @@ def build_atlas(
     *,
     sae: Any = None,
     config: Optional[AtlasConfig] = None,
+    label_columns: Optional[Mapping[str, Sequence[str]]] = None,
     thumbnails: Optional[Callable[[int], Any]] = None,
     heatmap_maps: Optional[Callable[[Sequence[int]], torch.Tensor]] = None,
     heatmap_neurons: Optional[Sequence[int]] = None,
@@ -553,11 +823,17 @@ def build_atlas(
             is already B×n_latents image-level activations; with ``sae``, ``x``
             is a feature batch (B×d pooled, or B×d×H×W maps) that is turned into
             activations with ``sae.image_activations`` (which respects the SAE's
-            granularity). ``labels`` may be ``None`` (unlabelled data) and
-            ``image_ids`` index the dataset rows used for thumbnails.
-        class_names: names of the class ids in ``labels``.
+            granularity), and the SAE's reconstruction error of each image is
+            recorded (its distribution is what the app's out-of-distribution
+            warning compares against). ``labels`` is a B tensor of the class
+            column, a dict column → B tensor (every column of ``label_columns``),
+            or ``None`` (unlabelled data); ``image_ids`` index the dataset rows
+            used for thumbnails.
+        class_names: names of the class ids (the first label column).
         sae: optional :class:`~revelio_hub.sae.KSparseAutoencoder`.
-        config: :class:`AtlasConfig` (top-N, purity top, thumbnail size, ...).
+        config: :class:`AtlasConfig` (top-N, purity top, thumbnail size, summary thresholds, ...).
+        label_columns: column → value names, the first being the class column
+            (default: one column ``"class"`` with ``class_names``).
         thumbnails: ``image_id -> PIL image`` (or ``None`` if unavailable);
             only images that appear in some neuron's top list are loaded.
         heatmap_maps: optional ``image_ids -> N×d×H×W`` feature maps; with
@@ -571,11 +847,16 @@ def build_atlas(
         progress: show a tqdm bar.
         device: where to run the SAE and the top-k merge (default: the SAE's device or CPU).
     """
+    from .ood import image_reconstruction_error
+
     config = config or AtlasConfig()
-    class_names = list(class_names or [])
+    columns = _label_columns(class_names, label_columns)
+    class_names = list(next(iter(columns.values()))) if columns else []
+    first = next(iter(columns), None)
     if device is None:
         device = next(sae.parameters()).device if sae is not None else "cpu"
     acc = accumulator
+    log: Optional[ActivationLog] = None
     iterator: Iterator = iter(batches)
     if progress:
         from tqdm.auto import tqdm
@@ -587,22 +868,61 @@ def build_atlas(
                 raise ValueError("each batch must be a tuple (x, labels, image_ids)")
             x, labels, image_ids = batch
             x = _as_tensor(x, torch.float32)
+            errors = None
             if sae is not None:
-                acts = sae.image_activations(x.to(device=device, dtype=next(sae.parameters()).dtype)).float()
+                xs = x.to(device=device, dtype=next(sae.parameters()).dtype)
+                acts = sae.image_activations(xs).float()
+                errors = image_reconstruction_error(sae, xs)
             else:
                 acts = x
             ids = _as_tensor(image_ids, torch.long).reshape(-1)
-            labs = torch.full_like(ids, -1) if labels is None else _as_tensor(labels, torch.long).reshape(-1)
-            if class_names and labs.numel() and int(labs.max()) >= len(class_names):
-                raise ValueError(f"label {int(labs.max())} has no name: only {len(class_names)} class names given")
+            by_column = _batch_labels(labels, columns, ids)
+            labs = by_column.get(first, torch.full_like(ids, -1)) if first else torch.full_like(ids, -1)
+            for name, lab in by_column.items():
+                if lab.numel() and int(lab.max()) >= len(columns[name]):
+                    what = "class names" if name == first else f"values in column {name!r}"
+                    raise ValueError(f"label {int(lab.max())} has no name: only {len(columns[name])} {what} given")
             if acc is None:
                 acc = TopKAccumulator(acts.shape[1], config.top_n, config.threshold, device=device)
+            if log is None:
+                log = ActivationLog(acts.shape[1], list(columns), config.threshold)
             acc.update(acts, labs, ids)
+            log.update(acts, ids, by_column, errors)
     if acc is None:
         raise ValueError("build_atlas got no batches: there is nothing to build an atlas from")
     return finalize_atlas(acc, class_names, config=config, sae=sae, thumbnails=thumbnails,
                           heatmap_maps=heatmap_maps, heatmap_neurons=heatmap_neurons, out=out,
-                          extra_meta=extra_meta, progress=progress)
+                          extra_meta=extra_meta, progress=progress, log=log, label_columns=columns)
+
+
+def _label_columns(class_names: Optional[Sequence[str]],
+                   label_columns: Optional[Mapping[str, Sequence[str]]]) -> dict[str, list[str]]:
+    if label_columns:
+        cols = {str(k): [str(v) for v in vals] for k, vals in label_columns.items()}
+        if class_names and list(class_names) != next(iter(cols.values())):
+            raise ValueError("class_names must equal the first label column's values (or be omitted)")
+        return cols
+    return {"class": [str(c) for c in class_names]} if class_names else {}
+
+
+def _batch_labels(labels: Any, columns: Mapping[str, Sequence[str]], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch's labels as column → B long tensor (-1 = unknown)."""
+    b = ids.shape[0]
+    if labels is None or not columns:
+        return {c: torch.full((b,), -1, dtype=torch.long) for c in columns}
+    if isinstance(labels, Mapping):
+        unknown = [c for c in labels if c not in columns]
+        if unknown:
+            raise ValueError(f"labels for unknown columns {unknown}; label_columns has {list(columns)}")
+        out = {}
+        for c in columns:
+            lab = labels.get(c)
+            out[c] = torch.full((b,), -1, dtype=torch.long) if lab is None else _as_tensor(lab, torch.long).reshape(-1)
+        return out
+    first = next(iter(columns))
+    out = {c: torch.full((b,), -1, dtype=torch.long) for c in columns}
+    out[first] = _as_tensor(labels, torch.long).reshape(-1)
+    return out
 
 
 def finalize_atlas(
@@ -617,21 +937,48 @@ def finalize_atlas(
     out: Optional[PathLike] = None,
     extra_meta: Optional[dict[str, Any]] = None,
     progress: bool = False,
+    log: Optional[ActivationLog] = None,
+    label_columns: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> NeuronAtlas:
-    """Turn accumulated statistics into an atlas: purity, entropy, summary, thumbnails, heat maps."""
+    """Turn accumulated statistics into an atlas: label AUROCs, entropy, sigma_label, summary, thumbnails, heat maps.
+
+    ``log`` (every image's activations and labels, see :class:`ActivationLog`)
+    adds the per-value AUROCs, the other label columns' top labels and the
+    reconstruction-error distribution; without it only the class column's
+    top-image statistics are available.
+    """
     config = config or AtlasConfig()
-    class_names = list(class_names)
+    columns = _label_columns(class_names, label_columns)
+    class_names = list(next(iter(columns.values()))) if columns else []
     res = acc.result()
     purity, entropy = _purity_and_entropy(res["top_labels"], len(class_names), config.purity_top)
     stats = {
         "frequency": res["frequency"],
         "mean_activation": res["mean_activation"],
+        "activation_std": res["activation_std"],
         "purity": purity,
         "entropy": entropy,
         "top_image_ids": res["top_image_ids"],
         "top_activations": res["top_activations"],
         "top_labels": res["top_labels"],
     }
+    meta_extra: dict[str, Any] = {}
+    if log is not None and columns:
+        ids = res["top_image_ids"]
+        size = int(max(int(ids.max()) if ids.numel() else -1, int(log.all_image_ids().max()) if log.num_images else -1)) + 1
+        for c in list(columns)[1:]:
+            table = log.labels_by_image_id(c, size)
+            stats[TOP_LABELS_PREFIX + c] = torch.where(ids >= 0, table[ids.clamp_min(0)], torch.full_like(ids, -1))
+        stats["value_auroc"] = value_auroc(log, columns)
+    errors = log.reconstruction_errors() if log is not None else None
+    if errors is not None and errors.numel():
+        q = torch.quantile(errors.double(), torch.linspace(0, 1, min(ERROR_QUANTILES, max(errors.numel(), 2)),
+                                                            dtype=torch.float64))
+        meta_extra["reconstruction_error"] = {
+            "quantiles": [float(v) for v in q], "num_images": int(errors.numel()),
+            "median": float(errors.median()),
+            "definition": "Σ‖x − x̂‖² / Σ‖x − b_pre‖² over an image's SAE inputs (tokens or its pooled vector)",
+        }
     freq = res["frequency"]
     alive = freq > 0
     order = torch.sort(freq.double(), descending=True, stable=True).indices
@@ -640,6 +987,9 @@ def finalize_atlas(
     chosen_purity = chosen_purity[~torch.isnan(chosen_purity)]
     chosen_entropy = entropy[order]
     chosen_entropy = chosen_entropy[~torch.isnan(chosen_entropy)]
+    sigma, sigma_n = M.sigma_label(res["top_labels"], res["fire_count"], res["mean_activation"],
+                                 n_neurons=config.summary_neurons, top=config.purity_top,
+                                 min_images=config.sigma_min_images) if class_names else (None, 0)
     n = acc.n_latents
     dead = int((~alive).sum())
     summary = {
@@ -647,14 +997,18 @@ def finalize_atlas(
         "dead_count": dead,
         "dead_fraction": dead / n,
         "summary_neurons": config.summary_neurons,
+        "sigma_label": sigma,
+        "sigma_label_neurons": sigma_n,
         "mean_purity": float(chosen_purity.mean()) if chosen_purity.numel() else None,
         "mean_entropy": float(chosen_entropy.mean()) if chosen_entropy.numel() else None,
         "mean_frequency": float(freq.mean()),
         "median_frequency_alive": float(freq[alive].median()) if alive.any() else None,
+        "dense_count": int((freq > config.dense_frequency).sum()),
     }
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "class_names": class_names,
+        "label_columns": columns,
         "num_images": acc.num_images,
         "top_n": config.top_n,
         "purity_top": config.purity_top,
@@ -663,13 +1017,27 @@ def finalize_atlas(
         "thumbnail_quality": config.thumbnail_quality,
         "granularity": getattr(sae, "granularity", None),
         "summary": summary,
-        "purity_metric": "std of the class ids of the top images (lower = more class-specific)",
+        "summary_thresholds": config.thresholds.to_dict(),
+        "dense_frequency": config.dense_frequency,
+        "sigma_label_metric": (f"the paper's: mean sample std of the class ids of the top-{config.purity_top} images "
+                               f"of the {config.summary_neurons} neurons with the highest mean activation among those "
+                               f"firing on more than {config.sigma_min_images} images (lower = more class-specific)"),
+        "purity_metric": "per neuron: population std of the class ids of its top images (lower = more class-specific)",
         "entropy_unit": "bits",
+        **meta_extra,
     }
     if sae is not None and getattr(sae, "recipe", None):
         meta["recipe"] = dict(sae.recipe)
     meta.update(extra_meta or {})
     atlas = NeuronAtlas(stats=stats, meta=meta)
+    if atlas.label_columns and "value_auroc" in stats:
+        named = sum(1 for i in range(n) if alive[i] and atlas.explanation(i))
+        summary["named_fraction_alive"] = named / max(int(alive.sum()), 1)
+        # a few summaries for the card, written by the same code the app uses
+        best = atlas.best_auroc().nan_to_num(-1.0)
+        best[~alive] = -2.0
+        picks = [int(i) for i in torch.argsort(best, descending=True, stable=True)[:5] if best[i] > 0]
+        meta["example_summaries"] = [{"neuron": i, "summary": atlas.summary(i)} for i in picks]
 
     if thumbnails is not None:
         ids = torch.unique(res["top_image_ids"])

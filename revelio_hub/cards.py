@@ -2,7 +2,7 @@
 
 The card is the release's front page on the Hub: YAML metadata the Hub indexes
 (``library_name``, ``tags``, ``base_model``, ``datasets``, ``license`` and a
-``model-index`` with the measured FVU, L0, dead fraction, purity and Diff-C
+``model-index`` with the measured FVU, L0, dead fraction, sigma_label and Diff-C
 accuracy of every entry), then a body with a loading snippet, the metrics
 table, the figure and the recipe. Everything is rendered from ``release.json``
 so the card cannot disagree with the files next to it.
@@ -30,7 +30,8 @@ _INDEXED = [
     ("sae", "l0", "l0", "k-SAE L0", "feature-extraction"),
     ("sae", "dead_fraction", "dead_fraction", "k-SAE dead fraction", "feature-extraction"),
     ("sae", "cosine", "cosine_similarity", "k-SAE reconstruction cosine", "feature-extraction"),
-    ("atlas", "mean_purity", "label_purity", "label purity (std of top-10 class ids, top-{n} neurons)",
+    ("atlas", "sigma_label", "sigma_label",
+     "sigma_label (paper: sample std of top-10 class ids, 1,000 neurons with the highest mean activation)",
      "feature-extraction"),
     ("diffc", "top1", "accuracy", "Diff-C top-1 accuracy", "image-classification"),
     ("diffc", "top5", "top_5_accuracy", "Diff-C top-5 accuracy", "image-classification"),
@@ -112,8 +113,8 @@ def _fmt(x: Any, kind: str = "float") -> str:
 
 def _table(config: dict[str, Any]) -> str:
     rows = [
-        "| layer | t | latents (k) | FVU | L0 | dead | purity ↓ | entropy ↓ (bits) | Diff-C top-1 | top-5 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | t | latents (k) | FVU | L0 | dead | σ_label ↓ | entropy ↓ (bits) | named ↑ | Diff-C top-1 | top-5 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for item in config.get("entries", []):
         m = item.get("metrics") or {}
@@ -121,10 +122,22 @@ def _table(config: dict[str, Any]) -> str:
         latents = f"{_fmt(sae.get('n_latents'), 'int')} ({sae.get('k', '–')})" if sae else "–"
         rows.append(
             f"| `{item['layer']}` | {item['timestep']} | {latents} | {_fmt(sae.get('fvu'))} | {_fmt(sae.get('l0'))} "
-            f"| {_fmt(sae.get('dead_fraction'), 'pct')} | {_fmt(atlas.get('mean_purity'))} "
-            f"| {_fmt(atlas.get('mean_entropy'))} | {_fmt(diffc.get('top1'), 'pct')} | {_fmt(diffc.get('top5'), 'pct')} |"
+            f"| {_fmt(sae.get('dead_fraction'), 'pct')} | {_fmt(atlas.get('sigma_label', atlas.get('mean_purity')))} "
+            f"| {_fmt(atlas.get('mean_entropy'))} | {_fmt(atlas.get('named_fraction'), 'pct')} "
+            f"| {_fmt(diffc.get('top1'), 'pct')} | {_fmt(diffc.get('top5'), 'pct')} |"
         )
     return "\n".join(rows)
+
+
+def _examples(item: dict[str, Any]) -> str:
+    """The summaries of a few neurons of the default entry, exactly as the app shows them."""
+    examples = ((item.get("metrics") or {}).get("atlas") or {}).get("examples") or []
+    if not examples:
+        return ""
+    rows = [f"Neurons of `{item['layer']}` t={item['timestep']} that best detect a label value, as the app summarises them:",
+            "", "| neuron | summary |", "|---|---|"]
+    rows += [f"| {int(e['neuron'])} | {str(e['summary']).replace('|', '/')} |" for e in examples]
+    return "\n".join(rows) + "\n"
 
 
 def _default_entry(config: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +166,8 @@ def _snippet(config: dict[str, Any], repo_id: str) -> str:
         f'maps = backbone.extract(images, ["{layer}"], [{t}], seed={seed}, ensemble={ensemble})[("{layer}", {t})]',
         "acts = entry.sae.image_activations(maps)  # images × latents",
         "for i in acts[0].topk(5).indices.tolist():",
-        "    print(i, entry.atlas.summary(i))  # '<top class> 9/10 · purity 0.30 · fires on 2.1% of images'",
+        "    print(i, entry.atlas.summary(i))  # e.g. 'magenta (color) · AUROC 0.99 · 10/10 top images · fires on 4.1% "
+        "of images', or 'mixed ...'",
     ]
     if item.get("diffc"):
         lines.append("if entry.diffc is not None:")
@@ -198,7 +212,7 @@ def render_card(config: dict[str, Any], repo_id: Optional[str] = None) -> ModelC
     if config.get("embedded_backbone"):
         backbone_line += f", embedded in this repo under `{config['embedded_backbone']}/`"
     classes = (config.get("dataset") or {}).get("class_names") or []
-    figure = f"![Purity and Diff-C accuracy by layer and timestep]({config['figure']})\n" if config.get("figure") else ""
+    figure = f"![sigma_label and Diff-C accuracy by layer and timestep]({config['figure']})\n" if config.get("figure") else ""
     description = config.get("description") or (
         f"k-sparse autoencoders (k-SAEs){', Diff-C classifiers' if has_diffc else ''} and neuron atlases "
         f"trained on diffusion features of `{dataset}` from `{backbone}`"
@@ -232,10 +246,14 @@ To browse the neurons interactively: `python app.py --release {repo_id}`.
 {_table(config)}
 
 FVU is the fraction of variance unexplained on held-out features (lower is better), L0 the mean number of active
-latents, *dead* the share of latents that never fired. Purity is the paper's metric: the standard deviation of the
-class ids of a neuron's top-10 images, averaged over the {_purity_neurons(config)} most frequently firing neurons
-(lower means more class-specific); entropy is the label entropy of the same images. Diff-C accuracy is measured on the test split.
+latents, *dead* the share of latents that never fired. σ_label is the paper's metric, computed as its code does: the
+sample standard deviation of the class ids of a neuron's top-10 images, averaged over the 1,000 neurons with the
+highest mean activation among those firing on more than 10 images (lower means more class-specific); entropy is the
+label entropy of the top images of the 1,000 most frequent neurons. *Named* is the share of live neurons whose summary
+names a label value (the rest say `mixed`): a value is named only when the neuron's activation detects it over all
+atlas images (AUROC) *and* most of its top images carry it. Diff-C accuracy is measured on the test split.
 
+{_examples(item)}
 {figure}
 ## Recipe
 
@@ -249,7 +267,7 @@ class ids of a neuron's top-10 images, averaged over the {_purity_neurons(config
 - **Diff-C:** BatchNorm → conv stack → global pooling → linear head on the unpooled feature map, AdamW 1e-4 with cosine
   schedule; settings in `diffc/train_config.json`.
 - **Atlas:** for each neuron its top-20 images (128-px WebP thumbnails in `atlas/thumbnails/`), firing frequency,
-  mean activation when active, purity and entropy, built over {_fmt(((item.get('metrics') or {}).get('atlas') or {}).get('num_images'), 'int')} images.
+  mean activation when active, per label value AUROC, entropy and a one-line summary, built over {_fmt(((item.get('metrics') or {}).get('atlas') or {}).get('num_images'), 'int')} images.
 - **Classes:** {len(classes)}{(': ' + ', '.join(classes[:12]) + (' …' if len(classes) > 12 else '')) if classes else ''}.
 
 Files: `release.json` (machine-readable summary of all of the above), `<layer>/t<t>/{{sae,diffc,atlas}}/`.
@@ -258,12 +276,14 @@ Files: `release.json` (machine-readable summary of all of the above), `<layer>/t
 
 
 def render_figure(config: dict[str, Any], path: Path) -> bool:
-    """Heat maps of purity and Diff-C top-1 over layer × timestep; returns False when nothing to plot."""
+    """Heat maps of sigma_label and Diff-C top-1 over layer × timestep; returns False when nothing to plot."""
     entries = config.get("entries", [])
     layers = list(dict.fromkeys(e["layer"] for e in entries))
     timesteps = sorted({int(e["timestep"]) for e in entries})
     panels = []
-    for section, key, title, fmt in (("atlas", "mean_purity", "label purity ↓ (std of top-10 class ids)", "{:.2f}"),
+    key0 = "sigma_label" if any(((e.get("metrics") or {}).get("atlas") or {}).get("sigma_label") is not None
+                                for e in entries) else "mean_purity"
+    for section, key, title, fmt in (("atlas", key0, "σ_label ↓ (sample std of top-10 class ids)", "{:.2f}"),
                                      ("diffc", "top1", "Diff-C top-1 accuracy ↑", "{:.0%}")):
         grid = [[None] * len(timesteps) for _ in layers]
         for e in entries:

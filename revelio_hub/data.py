@@ -325,6 +325,65 @@ def _labels(data: Any, requested: Optional[str], name: str) -> tuple[Optional[st
     return column, [str(i) for i in range(num_classes)], labels
 
 
+#: Columns that name rows rather than label them: never label columns by default.
+_ID_NAMES = ("id", "image_id", "idx", "index", "filename", "file_name", "file", "path", "url")
+
+
+def label_columns(
+    source: ImageSource, columns: Optional[Sequence[str]] = None, max_values: int = 1000
+) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Every label column of a dataset: column → (value names, int64 label per row, -1 = unknown).
+
+    The source's class column comes first. Without ``columns``, every other
+    ``ClassLabel``, integer or string column (not the image) is a label column,
+    except row identifiers (``image_id``, ``filename``, ... or a column whose
+    every row is distinct) and columns with more than ``max_values`` values.
+    ``columns`` names them explicitly (unknown names raise ``ValueError``
+    listing the dataset's columns).
+    """
+    import datasets
+
+    data, name = source.dataset, source.source
+    all_columns = [c for c in data.column_names if c != source.image_column]
+    if columns is not None:
+        missing = [c for c in columns if c not in all_columns]
+        if missing:
+            raise ValueError(f"Label columns {missing} not in {name}; its columns: {all_columns}")
+        wanted = list(dict.fromkeys(columns))
+    else:
+        wanted = [c for c in all_columns if c == source.label_column or _is_label_column(data, c, max_values)]
+    if source.label_column in wanted:  # the class column first
+        wanted.remove(source.label_column)
+        wanted.insert(0, source.label_column)
+    out: dict[str, tuple[list[str], np.ndarray]] = {}
+    for column in wanted:
+        if column == source.label_column:
+            out[column] = (list(source.class_names), np.asarray(source.labels, dtype=np.int64))
+            continue
+        feature = data.features[column]
+        if not isinstance(feature, (datasets.ClassLabel, datasets.Value)):
+            raise ValueError(f"Column {column!r} of {name} is not a label column (feature {type(feature).__name__})")
+        _, names, labels = _labels(data, column, name)
+        out[column] = (names, labels)
+    return out
+
+
+def _is_label_column(data: Any, column: str, max_values: int) -> bool:
+    import datasets
+
+    feature = data.features[column]
+    if column.lower() in _ID_NAMES or column.lower().endswith("_id"):
+        return False
+    if isinstance(feature, datasets.ClassLabel):
+        return True
+    if not isinstance(feature, datasets.Value) or not (
+            feature.dtype.startswith(("int", "uint")) or feature.dtype in ("string", "large_string", "bool")):
+        return False
+    values = data.data.column(column).to_pylist()
+    distinct = len(set(values))
+    return distinct <= max_values and not (len(values) > 20 and distinct == len(values))
+
+
 def carve_validation(
     labels: Union[Sequence[int], np.ndarray], fraction: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

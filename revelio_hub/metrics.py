@@ -22,6 +22,7 @@ __all__ = [
     "DeadLatentTracker",
     "label_purity",
     "mean_label_purity",
+    "sigma_label",
     "label_entropy",
     "auroc",
     "topk_accuracy",
@@ -134,13 +135,14 @@ class DeadLatentTracker:
 
 
 def label_purity(top_labels: torch.Tensor, top: int = 10) -> torch.Tensor:
-    """Per-neuron standard deviation of the class ids of its ``top`` images.
+    """Per-neuron spread of the class ids of its ``top`` images: population std (``ddof=0``).
 
-    The paper's purity metric (as in its code, revelio-diffusion/revelio): ``top_labels`` is n_neurons×K, the
-    class ids of each neuron's top images sorted by activation; lower is more
-    class-specific. Population std (``ddof=0``, as ``numpy.std``). Class ids are
-    arbitrary integers, so this only makes sense averaged over many neurons,
-    and it is kept for comparison with the paper; prefer :func:`label_entropy`.
+    ``top_labels`` is n_neurons×K, the class ids of each neuron's top images
+    sorted by activation; 0 means all share one class, larger is more mixed.
+    This is the atlas' per-neuron "purity" column, kept for old atlases. It is
+    **not** the paper's number: :func:`sigma_label` is (sample std, neuron
+    selection as the seed). Class ids are arbitrary integers, so prefer
+    :func:`label_entropy` or a value's AUROC to judge one neuron.
     """
     top_labels = _as_2d(top_labels, "top_labels")
     if top < 1:
@@ -152,10 +154,12 @@ def label_purity(top_labels: torch.Tensor, top: int = 10) -> torch.Tensor:
 def mean_label_purity(
     top_labels: torch.Tensor, activity: Optional[torch.Tensor] = None, n_neurons: int = 1000, top: int = 10
 ) -> float:
-    """The seed's summary number: purity averaged over the ``n_neurons`` most active neurons.
+    """:func:`label_purity` averaged over the ``n_neurons`` neurons ranked first by ``activity``.
 
-    ``activity`` ranks the neurons (the seed uses each neuron's summed activation);
-    without it all neurons are averaged.
+    ``activity`` is any per-neuron ranking score (higher first); without it all
+    neurons are averaged. For the paper's number use :func:`sigma_label`, which
+    ranks by mean activation over the images where a neuron fires and skips
+    neurons firing on 10 images or fewer.
     """
     purity = label_purity(top_labels, top)
     if activity is not None:
@@ -164,6 +168,33 @@ def mean_label_purity(
         order = torch.argsort(activity.to(purity.device), descending=True)[:n_neurons]
         purity = purity[order]
     return float(purity.mean())
+
+
+def sigma_label(top_labels: torch.Tensor, fire_count: torch.Tensor, mean_activation: torch.Tensor,
+                n_neurons: int = 1000, top: int = 10, min_images: int = 10) -> tuple[Optional[float], int]:
+    """The paper's label-purity number, computed as the seed's ``save_feature.py`` does.
+
+    Among neurons that fire on more than ``min_images`` images, ranked by their
+    mean activation over the images where they fire (highest first), the first
+    ``n_neurons``: the mean over them of the **sample** standard deviation
+    (``torch.std``, n − 1) of the class ids of their top ``top`` images. Lower
+    means more class-specific; the value depends on how classes are numbered,
+    so compare it only within one dataset. Returns ``(sigma_label, neurons used)``,
+    ``(None, 0)`` when no neuron qualifies.
+
+    One deliberate difference: the seed multiplies the mean activation of
+    ineligible neurons by 0, which only sorts them last; they enter its average
+    only when fewer than ``n_neurons`` neurons qualify (their top slots then
+    hold zero-activation images). Here they never count.
+    """
+    eligible = torch.nonzero(fire_count > min_images).flatten()
+    if eligible.numel() == 0:
+        return None, 0
+    order = eligible[torch.argsort(mean_activation[eligible].double(), descending=True, stable=True)][:n_neurons]
+    labels = top_labels[order, :top]
+    if top < 2 or (labels < 0).any():
+        return None, 0  # the seed's top-10 are all real, labelled firings
+    return float(labels.double().std(dim=1, unbiased=True).mean()), int(order.numel())
 
 
 def label_entropy(top_labels: torch.Tensor, num_classes: Optional[int] = None, top: int = 10) -> torch.Tensor:

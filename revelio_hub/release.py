@@ -7,7 +7,7 @@ Layout::
     README.md                    model card (YAML metadata + metrics table + figure)
     release.json                 backbone id/revision (or embedded folder), image size, prompt,
                                  noise seed, dataset, entries with their metrics, examples
-    figures/metrics.png          purity and Diff-C accuracy by layer × timestep
+    figures/metrics.png          sigma_label and Diff-C accuracy by layer × timestep
     backbone/                    optional embedded backbone (the toy release)
     examples/                    optional example images for the app
     <layer>/t<t>/sae/            config.json + model.safetensors (+ eval.json): a standalone mixin folder
@@ -434,12 +434,19 @@ def _entry_metrics(sae_cfg: dict, sae_eval: dict, diffc_cfg: dict, diffc_eval: d
         summary = atlas_meta.get("summary") or {}
         metrics["atlas"] = {
             "num_images": atlas_meta.get("num_images"),
+            "sigma_label": _finite(summary.get("sigma_label")),
+            "sigma_label_neurons": summary.get("sigma_label_neurons"),
             "mean_purity": _finite(summary.get("mean_purity")),
             "mean_entropy": _finite(summary.get("mean_entropy")),
             "dead_fraction": _finite(summary.get("dead_fraction")),
             # the purity average covers the most frequent *live* neurons: fewer than asked on a small SAE
             "summary_neurons": _averaged_neurons(summary),
+            "named_fraction": _finite(summary.get("named_fraction_alive")),
+            "dense_count": summary.get("dense_count"),
+            "label_columns": list((atlas_meta.get("label_columns") or {}).keys()) or None,
+            "examples": atlas_meta.get("example_summaries") or None,
         }
+        metrics["atlas"] = {k: v for k, v in metrics["atlas"].items() if v is not None or k == "mean_purity"}
     return metrics
 
 

@@ -12,7 +12,9 @@ with the decoder rows, gives the sparse decoder: :func:`sparse_decode`.
 
 The optional auxiliary ("AuxK") code of OpenAI's TopK paper is the top
 ``k_aux`` pre-activations among dead latents; it shares the forward matmul
-and the sparse backward, and only reads the dead latents' columns.
+and the sparse backward. Dead latents are given either as ids (reads only
+their columns) or as a boolean mask (no host sync: the trainer refreshes the
+dead set every step from a device-side counter).
 """
 
 from __future__ import annotations
@@ -82,12 +84,21 @@ class TopKEncode(torch.autograd.Function):
         aux_ids: Optional[torch.Tensor],
         k_aux: int,
         compute_dtype: Optional[torch.dtype],
+        aux_mask: Optional[torch.Tensor] = None,
     ):
         cd = compute_dtype or x.dtype
         xc = x.to(cd)
         pre = F.linear(xc, weight.to(cd), bias.to(cd))
         vals, idx = pre.topk(k, dim=-1, sorted=False)
-        if aux_ids is not None and k_aux > 0 and aux_ids.numel() > 0:
+        aux_keep = None
+        if aux_mask is not None and k_aux > 0:
+            # every latent's column, alive ones pushed to -inf: no host sync to list the dead ones.
+            # When fewer than k_aux are dead, alive latents fill the slots; they get value 0 and no gradient.
+            aux_vals, aux_idx = pre.masked_fill(~aux_mask, float("-inf")).topk(
+                min(k_aux, pre.shape[-1]), dim=-1, sorted=False)
+            aux_keep = aux_mask[aux_idx]
+            aux_vals = torch.where(aux_keep, aux_vals, torch.zeros((), dtype=aux_vals.dtype, device=aux_vals.device))
+        elif aux_ids is not None and k_aux > 0 and aux_ids.numel() > 0:
             # only the dead columns: cheaper than masking all n_latents when few are dead
             aux_vals, j = pre.index_select(1, aux_ids).topk(min(k_aux, aux_ids.numel()), dim=-1, sorted=False)
             aux_idx = aux_ids[j]
@@ -98,7 +109,12 @@ class TopKEncode(torch.autograd.Function):
             vals = vals.clamp_min(0)
             aux_vals = aux_vals.clamp_min(0)
         all_idx = torch.cat([idx, aux_idx], dim=-1)
-        live = (torch.cat([vals, aux_vals], dim=-1) > 0) if relu else torch.empty(0)
+        if relu:
+            live = torch.cat([vals, aux_vals], dim=-1) > 0
+        elif aux_keep is not None:
+            live = torch.cat([torch.ones_like(idx, dtype=torch.bool), aux_keep], dim=-1)
+        else:
+            live = torch.empty(0)
         ctx.save_for_backward(xc, weight, all_idx, live)
         ctx.relu = relu
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
@@ -116,7 +132,7 @@ class TopKEncode(torch.autograd.Function):
         if g_aux is None:
             g_aux = torch.zeros(n, ctx.widths[1], dtype=g_vals.dtype, device=xc.device)
         g = torch.cat([g_vals, g_aux], dim=-1)
-        if ctx.relu:
+        if live.numel():
             g = g * live
         n_latents, k_total = weight.shape[0], all_idx.shape[1]
         grad_x = grad_w = grad_b = None
@@ -131,7 +147,7 @@ class TopKEncode(torch.autograd.Function):
             grad_b = torch.zeros(n_latents, dtype=torch.float32, device=flat_g.device)
             grad_b.index_add_(0, flat_idx, flat_g.float())
             grad_b = grad_b.to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def topk_encode(
@@ -144,6 +160,11 @@ def topk_encode(
     aux_ids: Optional[torch.Tensor] = None,
     k_aux: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
+    aux_mask: Optional[torch.Tensor] = None,
 ):
-    """Functional entry point of :class:`TopKEncode` (see there)."""
-    return TopKEncode.apply(x_centred, weight, bias, k, relu, aux_ids, k_aux, compute_dtype)
+    """Functional entry point of :class:`TopKEncode` (see there).
+
+    ``aux_mask`` (bool, n_latents) marks the dead latents without a host sync;
+    it takes precedence over ``aux_ids``.
+    """
+    return TopKEncode.apply(x_centred, weight, bias, k, relu, aux_ids, k_aux, compute_dtype, aux_mask)

@@ -65,7 +65,7 @@ EVAL_FILE = "eval.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 
 # Config fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"checkpoint_every", "eval_batch_size"}
+_RESUMABLE_CHANGES = {"checkpoint_every", "eval_batch_size", "dead_eval_min_samples"}
 
 
 @dataclass
@@ -84,16 +84,23 @@ class SAETrainConfig:
         lr_decay_fraction: final fraction of training with linear decay to 0 (0 = constant, the paper).
         adam_betas / adam_eps: Adam settings.
         aux_k: latents in the AuxK code (default d_in // 2, as OpenAI); 0 disables AuxK.
-        aux_coef: AuxK loss weight (1/32).
+        aux_coef: AuxK loss weight (1/32). The AuxK loss is OpenAI's: the squared error of
+            reconstructing the main code's residual from the dead latents, divided by the
+            residual's centred batch variance, so it is ≈ 1 whatever the residual's scale.
         dead_window: a latent is dead if it did not fire in this many samples (10M; clamped to
             the training-set size, so on small data sets "dead" means "silent for an epoch").
+            The dead set feeding AuxK is refreshed every step (a device-side mask, no host sync).
+        dead_eval_min_samples: ``eval.json``'s ``dead_fraction`` counts latents that never fire
+            on the held-out rows when there are at least this many of them; otherwise on all
+            rows (training + held-out), because a latent firing on 1 sample in 10,000 looks
+            dead on a few hundred. ``dead_fraction_over`` in ``eval.json`` says which.
         b_pre_init: ``"mean"`` (paper), ``"geometric_median"`` (OpenAI) or ``"zeros"``.
         normalize_input: record a scalar input scale so the centred mean squared norm is 1: training
             then behaves the same whatever the feature magnitude (Adam steps on b_enc are absolute).
         eval_fraction: held-out share of the samples for the final evaluation.
         eval_batch_size: chunk size of the evaluation.
         checkpoint_every: steps between resumable checkpoints (0 = only at the end).
-        log_every: steps between log lines (and AuxK dead-latent refreshes).
+        log_every: steps between log lines.
         seed: seeds the init, the split and the batch order.
         mixed_precision: ``"auto"`` (bf16 matmuls on CUDA, fp32 on CPU), ``"bf16"`` or ``"no"``.
         relu: ReLU after TopK (keep True; False reproduces the seed's activation).
@@ -113,6 +120,7 @@ class SAETrainConfig:
     aux_k: Optional[int] = None
     aux_coef: float = 1 / 32
     dead_window: int = 10_000_000
+    dead_eval_min_samples: int = 100_000
     b_pre_init: str = "mean"
     normalize_input: bool = True
     eval_fraction: float = 0.05
@@ -327,15 +335,13 @@ def _lr_at(step: int, cfg: SAETrainConfig, total: int) -> float:
     return lr
 
 
-def _save_checkpoint(path: Path, step: int, model, opt, tracker, aux_ids: Optional[torch.Tensor], cfg: SAETrainConfig) -> None:
+def _save_checkpoint(path: Path, step: int, model, opt, tracker, cfg: SAETrainConfig) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, param in model.named_parameters():
         for key, val in opt.state.get(param, {}).items():
             t = torch.as_tensor(val).detach().cpu()
             tensors[f"optim.{name}.{key}"] = (t.reshape(1) if t.dim() == 0 else t).contiguous()
     tensors["tracker.since_fired"] = tracker.since_fired.cpu()
-    if aux_ids is not None:
-        tensors["aux_ids"] = aux_ids.cpu()
     meta = {
         "step": str(step),
         "train_config": json.dumps(cfg.to_dict()),
@@ -347,7 +353,7 @@ def _save_checkpoint(path: Path, step: int, model, opt, tracker, aux_ids: Option
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
-def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> tuple[int, Optional[torch.Tensor]]:
+def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -369,8 +375,7 @@ def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> tu
             saved["state"][i] = state
     opt.load_state_dict(saved)
     tracker.load_state_dict({"since_fired": tensors["tracker.since_fired"]})
-    aux_ids = tensors.get("aux_ids")
-    return int(meta["step"]), aux_ids
+    return int(meta["step"])
 
 
 def train_sae(
@@ -489,9 +494,7 @@ def train_sae(
     # ---- output folder and resume
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT_DIR / CHECKPOINT_FILE if out else None
-    # AuxK candidates: the latents dead at the last logging step (refreshing the set
-    # needs a host sync, so it happens only there; the window is millions of samples anyway)
-    start, aux_ids = 0, None
+    start = 0
     if out is not None:
         if overwrite and acc.is_main_process:
             for name in (CHECKPOINT_DIR, METRICS_FILE, EVAL_FILE, TRAIN_CONFIG_FILE, "config.json", "model.safetensors"):
@@ -499,7 +502,7 @@ def train_sae(
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         acc.wait_for_everyone()
         if resume and ckpt_path.exists():
-            start, aux_ids = _load_checkpoint(ckpt_path, model, opt, tracker, cfg)
+            start = _load_checkpoint(ckpt_path, model, opt, tracker, cfg)
             if acc.is_main_process:
                 print(f"resuming from step {start} of {cfg.total_steps} ({ckpt_path})", file=sys.stderr)
         elif not overwrite and (out / "model.safetensors").exists():
@@ -534,7 +537,16 @@ def train_sae(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg, total)
 
-        use_aux = aux_ids is not None and aux_k > 0 and cfg.aux_coef > 0
+        # AuxK on the latents dead *now*, refreshed every step. On an accelerator as a mask from the
+        # device-side counter (listing the dead ids would be a host sync per step); on the CPU, where
+        # reading a value costs nothing, as the list of dead ids, so only their columns are searched.
+        use_aux = aux_k > 0 and cfg.aux_coef > 0
+        aux_mask = aux_ids = None
+        if use_aux and device.type == "cpu":
+            aux_ids = torch.nonzero(tracker.dead_mask).reshape(-1)
+            use_aux = aux_ids.numel() > 0
+        elif use_aux:
+            aux_mask = tracker.dead_mask
         vals, idx, aux_vals, aux_idx = topk_encode(
             x - model.b_pre,
             model.W_enc,
@@ -544,6 +556,7 @@ def train_sae(
             aux_ids=aux_ids if use_aux else None,
             k_aux=aux_k if use_aux else 0,
             compute_dtype=compute_dtype,
+            aux_mask=aux_mask if use_aux else None,
         )
         recon = sparse_decode(vals, idx, model.W_dec).float() + model.b_pre
         err = x - recon
@@ -551,12 +564,7 @@ def train_sae(
         loss = main
         aux_loss = torch.zeros((), device=device)
         if use_aux:
-            e = err.detach()
-            denom = e.pow(2).sum()
-            if world > 1:
-                denom = acc.reduce(denom, "sum")
-            e_hat = sparse_decode(aux_vals, aux_idx, model.W_dec).float()
-            aux_loss = (e - e_hat).pow(2).sum() / denom.clamp_min(1e-12)
+            aux_loss = _auxk_loss(err.detach(), sparse_decode(aux_vals, aux_idx, model.W_dec).float(), acc, world)
             loss = loss + cfg.aux_coef * aux_loss
         loss.backward()
 
@@ -584,8 +592,6 @@ def train_sae(
         if done % cfg.log_every == 0 or done == total:
             means = (sums / n_acc).tolist()
             dead = tracker.fraction()
-            dead_ids = torch.nonzero(tracker.dead_mask).reshape(-1)  # host sync: allowed at log steps
-            aux_ids = dead_ids if dead_ids.numel() > 0 else None
             rec = {
                 "step": done,
                 "samples": done * cfg.batch_size,
@@ -605,7 +611,7 @@ def train_sae(
             n_acc = 0
         if out is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < total:
             if acc.is_main_process:
-                _save_checkpoint(ckpt_path, done, model, opt, tracker, aux_ids, cfg)
+                _save_checkpoint(ckpt_path, done, model, opt, tracker, cfg)
             acc.wait_for_everyone()
         bar.update(1)
     if device.type == "cuda":
@@ -619,6 +625,10 @@ def train_sae(
     if finished:
         if eval_x.shape[0] >= 2:
             eval_metrics = evaluate_sae(model, eval_x, cfg.eval_batch_size)
+        dead_report = _dead_fraction_report(model, eval_x, train_cpu, cfg)
+        if "dead_fraction" in eval_metrics and dead_report["dead_fraction_over"] != "held_out":
+            eval_metrics["dead_fraction_held_out"] = eval_metrics["dead_fraction"]  # kept, but too few rows to trust
+        eval_metrics.update(dead_report)
         eval_metrics.update(
             {"dead_fraction_train": tracker.fraction(), "dead_window_samples": window, "steps": total,
              "samples_seen": total * cfg.batch_size, "n_train": n_train}
@@ -655,6 +665,43 @@ def _whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: b
             cfg.batch_size, n_train, steps, batch, f"{steps * batch:,}",
         )
     return replace(cfg, batch_size=batch, steps=steps)
+
+
+def _auxk_loss(err: torch.Tensor, err_hat: torch.Tensor, acc: Any, world: int) -> torch.Tensor:
+    """OpenAI's AuxK loss: ‖e − ê‖² over the residual's centred variance Σ‖e − mean(e)‖² (whole global batch).
+
+    Centring matters once the main code is good: the residual's mean is a
+    sizeable part of its raw norm, and dividing by the raw norm would make the
+    loss (and its pull on dead latents) smaller than the reference's.
+    Per-rank numerators over the global denominator, so gradients sum across ranks.
+    """
+    n = torch.tensor(float(err.shape[0]), device=err.device, dtype=torch.float64)
+    sums = torch.cat([err.double().sum(0), err.double().pow(2).sum().reshape(1), n.reshape(1)])
+    if world > 1:
+        sums = acc.reduce(sums, "sum")
+    total_sum, total_sq, total_n = sums[:-2], sums[-2], sums[-1]
+    denom = (total_sq - total_sum.pow(2).sum() / total_n.clamp_min(1)).float()
+    return (err - err_hat).pow(2).sum() / denom.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _dead_fraction_report(model: KSparseAutoencoder, eval_x: torch.Tensor, train_x: torch.Tensor,
+                          cfg: SAETrainConfig) -> dict[str, Any]:
+    """Dead fraction over enough samples: the held-out rows if there are ``dead_eval_min_samples``, else all rows."""
+    if eval_x.shape[0] >= cfg.dead_eval_min_samples:
+        rows, over = [eval_x], "held_out"
+    else:
+        rows, over = [train_x, eval_x], "all_rows"
+    device = model.W_enc.device
+    fired = torch.zeros(model.n_latents, dtype=torch.long, device=device)
+    n = 0
+    for part in rows:
+        for start in range(0, part.shape[0], cfg.eval_batch_size):
+            x = part[start : start + cfg.eval_batch_size].to(device=device, dtype=torch.float32)
+            _, vals, idx = model(x)
+            fired.scatter_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).long())
+            n += x.shape[0]
+    return {"dead_fraction": M.dead_fraction(fired), "dead_fraction_over": over, "dead_fraction_samples": n}
 
 
 def _config_diffs(saved: dict[str, Any], cfg: SAETrainConfig) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def test_planted_class_neuron_is_pure_and_finds_its_images(tmp_path):
     assert info.top_image_ids == expected
     assert set(info.top_labels) == {"triangle"}
     assert info.frequency == pytest.approx(0.25)
-    assert atlas.summary(3).startswith("triangle 10/10 · purity 0.00")
+    assert atlas.summary(3).startswith("triangle · AUROC 1.00 · 10/10 top images")
     assert atlas.label_histogram(3) == {"triangle": 10}
     assert atlas.neurons_for_class("triangle", min_fraction=1.0) == [3]
     assert atlas.sorted_neurons("purity")[0] == 3
@@ -263,3 +263,109 @@ def test_build_atlas_script_on_a_feature_store(tmp_path):
         pooled = extract_to_store(backbone, str(images), tmp_path / "pooled", ["bottleneck"], [25], progress=False)
         main(["--store", str(pooled.path), "--layer", "bottleneck", "--timestep", "25", "--sae", str(tmp_path / "sae"),
               "--out", str(tmp_path / "x"), "--cpu"])
+
+
+# ----------------------------------------------------------------------------- multi-label atlas, summaries
+
+
+def _two_column_planted(n: int = 200, seed: int = 3):
+    """Images with a shape and a colour; neuron 0 detects 'red', neuron 1 fires on every image (dense),
+    neuron 2 is random noise, neuron 3 detects 'square' AND fires weakly on everything else."""
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.randint(0, 3, (n,), generator=g)
+    colour = torch.randint(0, 2, (n,), generator=g)
+    acts = torch.zeros(n, 4)
+    acts[:, 0] = torch.where(colour == 1, 1 + torch.rand(n, generator=g), torch.zeros(n))
+    acts[:, 1] = 0.5 + 0.1 * torch.rand(n, generator=g)
+    acts[:, 2] = torch.rand(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+    acts[:, 3] = torch.where(shape == 1, 2 + torch.rand(n, generator=g), 0.1 * torch.rand(n, generator=g))
+    return acts, {"shape": shape, "colour": colour}
+
+
+COLUMNS = {"shape": ["circle", "square", "star"], "colour": ["blue", "red"]}
+
+
+def test_multi_label_atlas_names_the_value_with_evidence_and_says_mixed_otherwise(tmp_path):
+    acts, labels = _two_column_planted()
+    ids = torch.arange(acts.shape[0])
+    batches = [(acts[:120], {k: v[:120] for k, v in labels.items()}, ids[:120]),
+               (acts[120:], {k: v[120:] for k, v in labels.items()}, ids[120:])]
+    atlas = build_atlas(batches, label_columns=COLUMNS, out=tmp_path / "a")
+    atlas = NeuronAtlas.load(tmp_path / "a")  # everything below must survive the folder round trip
+
+    assert atlas.label_columns == COLUMNS
+    assert atlas.class_names == COLUMNS["shape"]  # first column = class column
+    # AUROC over all images, checked against the rank formula for one (neuron, value)
+    from revelio_hub.metrics import auroc
+
+    auc = atlas.value_auroc("colour")
+    assert auc.shape == (4, 2) and auc.dtype == torch.float32
+    assert auc[0, 1].item() == pytest.approx(auroc(acts[:, 0], labels["colour"] == 1), abs=1e-6)
+    assert atlas.value_auroc("shape")[3, 1].item() == pytest.approx(1.0)
+
+    # The red detector is named in its colour column, with its numbers; the colour histogram sees it.
+    assert atlas.summary(0).startswith("red (colour) · AUROC 1.00 · 10/10 top images")
+    assert atlas.label_histogram(0, column="colour") == {"red": 10}
+    assert [e.value for e in atlas.explanation(0)] == ["red"]
+    # The square detector is named although it fires (weakly) on every image.
+    assert atlas.summary(3).startswith("square (shape) · AUROC 1.00")
+    # Noise and an always-on neuron name no value.
+    for i in (1, 2):
+        assert atlas.summary(i).startswith("mixed") and atlas.explanation(i) == []
+        assert not any(v in atlas.summary(i) for vals in COLUMNS.values() for v in vals)
+    assert atlas.dense_mask.tolist() == [False, True, False, True]  # fire on > 50% of images
+    info = atlas.neuron(0)
+    assert info.named_values[0]["value"] == "red" and not info.dense and info.best_auroc == pytest.approx(1.0)
+
+    # Search: by value, optionally by column; AUROC descending; unknown values list the valid ones.
+    hits = atlas.search("red")
+    assert hits[0] == {"neuron": 0, "column": "colour", "value": "red", "auroc": 1.0, "precision": 1.0}
+    assert [h["auroc"] for h in hits] == sorted((h["auroc"] for h in hits), reverse=True)
+    assert atlas.search("square", column="shape", limit=1)[0]["neuron"] == 3
+    with pytest.raises(ValueError, match="unknown label value 'purple'.*circle.*red"):
+        atlas.search("purple")
+    with pytest.raises(ValueError, match="unknown label column"):
+        atlas.search("red", column="size")
+    assert atlas.sorted_neurons("auroc")[:2] in ([0, 3], [3, 0])
+
+    # Thresholds are data: stricter ones turn the weaker explanation into "mixed".
+    from revelio_hub.neuron_labels import SummaryThresholds
+
+    atlas.thresholds = SummaryThresholds(min_auroc=0.999, min_precision=1.0)
+    assert atlas.summary(0).startswith("red (colour)")
+    assert json.loads((tmp_path / "a" / ATLAS_FILE).read_text())["format_version"] == 2
+
+
+def test_sigma_label_follows_the_seed_formula():
+    """Hand-computed from the seed's save_feature.py: sample std of the top-10 class ids of the neurons
+    firing on > 10 images, ranked by mean activation over their firing images."""
+    from revelio_hub.metrics import sigma_label
+
+    top = torch.tensor([
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],  # std (n-1) = sqrt(0.1 * 0.9 * 10 / 9) = 0.316228
+        [0, 1, 0, 1, 0, 1, 0, 1, 0, 1],  # 0.527046
+        [2, 2, 2, 2, 2, 2, 2, 2, 2, 2],  # 0 but fires on only 10 images: excluded
+        [0, 2, 0, 2, 0, 2, 0, 2, 0, 2],  # 1.054093
+    ])
+    count = torch.tensor([50, 11, 10, 30])
+    mean_act = torch.tensor([1.0, 3.0, 9.0, 2.0])  # ranking: neuron 1, 3, 0 (2 is not eligible)
+    value, n = sigma_label(top, count, mean_act, n_neurons=2)
+    assert n == 2 and value == pytest.approx((0.5270463 + 1.0540926) / 2, abs=1e-6)
+    value, n = sigma_label(top, count, mean_act, n_neurons=1000)
+    assert n == 3 and value == pytest.approx((0.3162278 + 0.5270463 + 1.0540926) / 3, abs=1e-6)
+    assert sigma_label(top, torch.tensor([1, 2, 3, 4]), mean_act) == (None, 0)
+
+
+def test_format_1_atlas_still_loads_and_summarises(tmp_path):
+    acts, labels = _planted()
+    atlas = build_atlas(_batches(acts, labels, [120]), CLASSES)
+    # what an atlas of the first format held
+    atlas.stats = {k: v for k, v in atlas.stats.items() if k not in ("value_auroc", "activation_std")}
+    atlas.meta = {k: v for k, v in atlas.meta.items()
+                  if k not in ("label_columns", "summary_thresholds", "reconstruction_error", "dense_frequency")}
+    atlas.meta["format_version"] = 1
+    atlas.save(tmp_path / "old")
+    old = NeuronAtlas.load(tmp_path / "old")
+    assert old.label_columns == {"class": CLASSES}
+    assert old.summary(3).startswith("triangle · 10/10 top images")  # no AUROC to show
+    assert torch.isnan(old.value_auroc("class")).all()

@@ -343,6 +343,63 @@ def test_sparse_backward_equals_autograd(relu):
         assert torch.allclose(mine, ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("relu", [True, False])
+def test_dead_mask_selects_like_dead_ids(relu):
+    """The sync-free mask form of the AuxK selection picks the same latents, values and gradients as the id form."""
+    g = torch.Generator().manual_seed(1)
+    n, d, m, k, k_aux = 16, 8, 30, 3, 5
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(m, d, generator=g, dtype=torch.float64)
+    b = torch.randn(m, generator=g, dtype=torch.float64)
+    dead = torch.rand(m, generator=g) < 0.4
+    grads = []
+    for kwargs in ({"aux_ids": torch.nonzero(dead).reshape(-1)}, {"aux_mask": dead}):
+        ws = w.clone().requires_grad_(True)
+        vals, idx, aux_vals, aux_idx = topk_encode(x, ws, b, k, relu=relu, k_aux=k_aux, **kwargs)
+        order = aux_idx.argsort(1)
+        grads.append((aux_idx.gather(1, order), aux_vals.gather(1, order)))
+        (aux_vals * torch.arange(1.0, k_aux + 1, dtype=torch.float64)[order.argsort(1)]).sum().backward()
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+    # fewer dead latents than k_aux: the spare slots are zero and carry no gradient
+    few = torch.zeros(m, dtype=torch.bool)
+    few[[2, 7]] = True
+    ws = w.clone().requires_grad_(True)
+    _, _, aux_vals, aux_idx = topk_encode(x, ws, b, k, relu=relu, k_aux=k_aux, aux_mask=few)
+    spare = ~few[aux_idx]
+    assert (aux_vals[spare] == 0).all() and spare.sum() == n * (k_aux - 2)
+    aux_vals.sum().backward()
+    assert torch.count_nonzero(ws.grad.abs().sum(1)) <= 2
+
+
+def test_auxk_loss_is_normalised_by_the_centred_residual_variance():
+    """OpenAI's normalized_mse: Σ‖e − ê‖² / Σ‖e − mean(e)‖²; a residual with a large mean does not shrink it."""
+    from revelio_hub.sae_training import _auxk_loss
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(64, 5, generator=g) + 10.0  # large common offset
+    e_hat = torch.randn(64, 5, generator=g)
+    expected = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    assert _auxk_loss(e, e_hat, None, 1).item() == pytest.approx(expected.item(), rel=1e-5)
+    # predicting the residual's batch mean scores exactly 1
+    assert _auxk_loss(e, e.mean(0).expand_as(e), None, 1).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_dead_fraction_is_measured_over_all_rows_when_held_out_is_small():
+    x, _ = _sparse_data(2048, 16, 64)
+    cfg = SAETrainConfig(k=4, n_latents=64, batch_size=128, steps=30, lr=4e-3, warmup_steps=5, eval_fraction=0.01,
+                         checkpoint_every=0, dead_eval_min_samples=1000)
+    result = train_sae(x, cfg, progress=False)
+    assert result.eval["dead_fraction_over"] == "all_rows" and result.eval["dead_fraction_samples"] == 2048
+    model = result.model
+    fired = torch.zeros(64, dtype=torch.bool)
+    _, vals, idx = model(x)
+    fired[idx[vals != 0]] = True
+    assert result.eval["dead_fraction"] == pytest.approx(1 - fired.double().mean().item())
+    assert "dead_fraction_held_out" in result.eval  # the small-sample figure is kept, labelled
+    cfg.dead_eval_min_samples = 10
+    assert train_sae(x, cfg, progress=False).eval["dead_fraction_over"] == "held_out"
+
+
 def test_sample_tokens():
     maps = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
     tokens, image = sample_tokens(maps, 3, seed=0)

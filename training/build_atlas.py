@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the neuron atlas of a k-SAE over a feature store (top images, frequency, purity, thumbnails).
+"""Build the neuron atlas of a k-SAE over a feature store (top images, label AUROCs, summaries, thumbnails).
 
 Thin command-line wrapper over :func:`revelio_hub.atlas.build_atlas`. Under
 ``accelerate launch`` the images are split over processes; each keeps a
@@ -21,8 +21,10 @@ examples:
   # on 2 GPUs, with heat-map overlays of the 64 most frequent neurons (needs a --spatial store)
   accelerate launch --num_processes 2 training/build_atlas.py --store ... --sae ... --out ... --heatmaps 64
 
-Without --dataset the dataset recorded in the feature store is opened for thumbnails;
---no-thumbnails skips them (the app then shows grey placeholders).
+Without --dataset the dataset recorded in the feature store is opened for thumbnails and
+labels; --no-thumbnails skips thumbnails (the app then shows grey placeholders). Every label
+column of the dataset (ClassLabel, integer or string columns other than the image and row ids)
+is kept by default, read from the dataset by image id; --label-columns chooses them.
 """
 
 
@@ -31,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(
         description="Build a neuron atlas (stats.safetensors, atlas.json, thumbnails/) for a k-SAE from a "
-        "feature store: per-neuron top-N images, firing frequency, mean activation, label purity and entropy.",
+        "feature store: per-neuron top-N images, firing frequency, mean activation, per label value AUROC, "
+        "sigma_label and entropy, one honest summary line per neuron, and the reconstruction-error distribution.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -46,12 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="Atlas folder to write.")
     p.add_argument("--top-n", type=int, default=20, help="Top images kept per neuron (default: %(default)s).")
     p.add_argument("--purity-top", type=int, default=10,
-                   help="Top images used for purity/entropy (default: %(default)s, as the paper).")
+                   help="Top images used for sigma_label/entropy/precision (default: %(default)s, as the paper).")
     p.add_argument("--summary-neurons", type=int, default=1000,
-                   help="Mean purity over this many most frequent neurons, or all live ones when fewer "
+                   help="sigma_label over this many neurons with the highest mean activation among those firing on "
+                        "more than 10 images, or all of them when fewer "
                         "(default: %(default)s, as the paper).")
     p.add_argument("--thumbnail-size", type=int, default=128, help="Thumbnail side in pixels (default: %(default)s).")
     p.add_argument("--no-thumbnails", action="store_true", help="Do not store thumbnails.")
+    p.add_argument("--label-columns", default=None, metavar="A,B,...",
+                   help="Dataset label columns to keep, comma-separated (default: all; the class column comes first). "
+                        "Pass an empty string to keep only the store's class labels.")
     p.add_argument("--heatmaps", type=int, default=0, metavar="N",
                    help="Store heat-map overlays for the N most frequent neurons (needs spatial maps; default: 0, none).")
     p.add_argument("--batch-size", type=int, default=256, help="Images per batch (default: %(default)s).")
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from revelio_hub.atlas import AtlasConfig, TopKAccumulator, atlas_inputs, finalize_atlas, store_batches
+    from revelio_hub.neuron_labels import ActivationLog
+    from revelio_hub.ood import image_reconstruction_error
     from revelio_hub.features import FeatureStore
     from revelio_hub.sae import KSparseAutoencoder
 
@@ -82,7 +91,23 @@ def main(argv: list[str] | None = None) -> int:
 
     all_ids = store.load(args.layer, args.timestep, "pooled", views=0).image_ids.tolist()
     mine = all_ids[accelerator.process_index :: accelerator.num_processes]
+    dataset_info = store.summary.get("dataset") or {}
+    dataset = args.dataset or dataset_info.get("id")
+    split = args.split or dataset_info.get("split") or "train"
+    source = None
+    if dataset is not None and not (args.no_thumbnails and args.label_columns == ""):
+        from revelio_hub.data import open_image_dataset
+
+        try:
+            source = open_image_dataset(dataset, split=split, image_column=dataset_info.get("image_column"),
+                                        label_column=dataset_info.get("label_column") or "")
+        except ValueError as error:
+            if not args.no_thumbnails or args.label_columns:
+                raise SystemExit(f"error: {error}")
+    columns, tables = _label_tables(store, source, args.label_columns)
+
     acc = TopKAccumulator(sae.n_latents, config.top_n, config.threshold, device=accelerator.device)
+    log = ActivationLog(sae.n_latents, list(columns), config.threshold)
     from tqdm.auto import tqdm
 
     n_batches = (len(mine) + args.batch_size - 1) // args.batch_size
@@ -90,31 +115,36 @@ def main(argv: list[str] | None = None) -> int:
         for x, labels, ids in tqdm(store_batches(store, args.layer, args.timestep, kind, args.batch_size, mine),
                                    total=n_batches, desc=f"atlas {args.layer} t={args.timestep}",
                                    disable=not accelerator.is_main_process):
-            acc.update(sae.image_activations(x.to(accelerator.device)), labels, ids)
+            x = x.to(accelerator.device)
+            acts = sae.image_activations(x)
+            by_column = {c: table[ids.long()] for c, table in tables.items()}
+            first = next(iter(columns), None)
+            acc.update(acts, by_column[first] if first else labels, ids)
+            log.update(acts, ids, by_column, image_reconstruction_error(sae, x))
 
     if accelerator.num_processes > 1:  # merge the per-process states: concatenated top-N rows are candidates
+        from accelerate.utils import gather_object
+
         state = {k: accelerator.gather(v.contiguous()) for k, v in acc.state().items()}
         merged = TopKAccumulator(sae.n_latents, config.top_n, config.threshold, device=accelerator.device)
         merged._merge(state["values"], state["image_ids"], state["labels"])
         merged.fire_count = state["fire_count"].view(-1, sae.n_latents).sum(0)
         merged.fire_sum = state["fire_sum"].view(-1, sae.n_latents).sum(0)
+        merged.fire_sq = state["fire_sq"].view(-1, sae.n_latents).sum(0)
         merged.num_images = int(state["num_images"].sum())
         acc = merged
+        logs = gather_object([log])
+        log = logs[0]
+        for other in logs[1:]:
+            log.merge(other)
     if not accelerator.is_main_process:
         finish(accelerator)
         return 0
 
     thumbnails = heatmap_maps = None
-    dataset_info = store.summary.get("dataset") or {}
-    dataset = args.dataset or dataset_info.get("id")
-    split = args.split or dataset_info.get("split") or "train"
     if not args.no_thumbnails:
-        if dataset is None:
+        if source is None:
             raise SystemExit("error: the store records no dataset; pass --dataset or --no-thumbnails")
-        from revelio_hub.data import open_image_dataset
-
-        source = open_image_dataset(dataset, split=split, image_column=dataset_info.get("image_column"),
-                                    label_column=dataset_info.get("label_column") or "")
         thumbnails = source.load_image
         if args.heatmaps > 0:
             if not store.has_spatial:
@@ -122,20 +152,56 @@ def main(argv: list[str] | None = None) -> int:
             heatmap_maps = lambda ids: store.load(args.layer, args.timestep, "spatial", views=0,  # noqa: E731
                                                   image_ids=list(ids)).features.float()
     atlas = finalize_atlas(
-        acc, store.class_names, config=config, sae=sae, thumbnails=thumbnails, heatmap_maps=heatmap_maps,
+        acc, list(next(iter(columns.values()), [])), config=config, sae=sae, thumbnails=thumbnails,
+        heatmap_maps=heatmap_maps, log=log, label_columns=columns,
         heatmap_neurons=_most_frequent(acc, args.heatmaps) if args.heatmaps > 0 else None,
         out=args.out, progress=True,
         extra_meta={"dataset": dataset, "split": split, "layer": args.layer, "timestep": args.timestep,
                     "store": str(args.store), "sae": str(args.sae)},
     )
     s = atlas.summary_stats
-    averaged = min(int(s["summary_neurons"]), atlas.num_neurons - int(s["dead_count"]))
-    purity = "n/a" if s.get("mean_purity") is None else f"{s['mean_purity']:.2f}"
+    sigma = s.get("sigma_label")
     print(f"wrote {args.out}: {atlas.num_neurons:,} neurons over {atlas.num_images:,} images, "
-          f"{s['dead_count']:,} dead ({100 * s['dead_fraction']:.1f}%), mean purity {purity} "
-          f"over the top {averaged:,} neurons (most frequently firing)")
+          f"{s['dead_count']:,} dead ({100 * s['dead_fraction']:.1f}%), label columns {list(columns)}, sigma_label "
+          f"{'n/a' if sigma is None else f'{sigma:.3f}'} over {s.get('sigma_label_neurons')} neurons")
     finish(accelerator)
     return 0
+
+
+def _label_tables(store, source, wanted: str | None):
+    """Label columns (name → value names) and lookup tables image id → label, read from the dataset.
+
+    Feature stores keep the class label only; the other columns come from the
+    dataset rows the image ids index. Without a dataset: the store's class labels.
+    """
+    import torch
+
+    if source is None or wanted == "":
+        names = list(store.class_names)
+        if not names:
+            return {}, {}
+        data = store_class_table(store)
+        return {"label": names}, {"label": data}
+    from revelio_hub.data import label_columns
+
+    chosen = None if wanted is None else [c.strip() for c in wanted.split(",") if c.strip()]
+    try:
+        cols = label_columns(source, chosen)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    return ({c: names for c, (names, _) in cols.items()},
+            {c: torch.as_tensor(labels, dtype=torch.long) for c, (_, labels) in cols.items()})
+
+
+def store_class_table(store):
+    """image id → class label of the store (the store's own labels, un-augmented views)."""
+    import torch
+
+    first = store.entries[0]
+    data = store.load(first[0], first[1], "pooled", views=0)
+    table = torch.full((int(data.image_ids.max()) + 1 if len(data) else 0,), -1, dtype=torch.long)
+    table[data.image_ids.long()] = data.labels.long()
+    return table
 
 
 def _most_frequent(acc, n: int) -> list[int]:

@@ -11,6 +11,8 @@ the release.
 Examples:
     python training/build_toy_release.py                       # full build into releases/toy-shapes
     python training/build_toy_release.py --smoke --out /tmp/toy --work /tmp/toy-work
+    # after an SAE/atlas change: keep the committed backbone and Diff-C heads, rebuild the rest
+    python training/build_toy_release.py --reuse-from releases/toy-shapes --out /tmp/toy-new
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def main(argv=None) -> None:
     p.add_argument("--no-benchmark", action="store_true",
                    help="skip the monosemanticity benchmark normally added to the card")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--reuse-from", default=None, metavar="RELEASE",
+                   help="seed the work folder with this toy release's trained backbone and Diff-C heads when they "
+                        "were built with the same settings (skips the ~20-minute backbone training); "
+                        "must not be --out itself")
     a = p.parse_args(argv)
     if a.threads:
         import torch
@@ -42,7 +48,10 @@ def main(argv=None) -> None:
 
     config = ToyBuildConfig.smoke() if a.smoke else ToyBuildConfig.full()
     work = a.work or os.path.join("runs", "toy-build-smoke" if a.smoke else "toy-build")
-    report = build_toy_release(config, a.out, work, progress=not a.no_progress, benchmark=not a.no_benchmark)
+    if a.reuse_from and os.path.realpath(a.reuse_from) == os.path.realpath(a.out):
+        p.error("--reuse-from must differ from --out: the release folder is rewritten while it is read")
+    report = build_toy_release(config, a.out, work, progress=not a.no_progress, benchmark=not a.no_benchmark,
+                               reuse_from=a.reuse_from)
     if a.report:
         with open(a.report, "w") as f:
             json.dump(report, f, indent=2, default=str)

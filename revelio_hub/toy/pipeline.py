@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 #: load the embedded folder under this stable name instead of its path.
 TOY_BACKBONE_NAME = "revelio-hub/toy-shapes-ddpm"
 LABEL_FACTOR = "shape"
+#: Bumped when the SAE trainer changes what it produces (2: AuxK over the centred residual variance, the
+#: dead set refreshed every step, dead fraction over all rows): a work folder's older SAEs are retrained.
+SAE_TRAINER_VERSION = 2
 #: The build settings, written into the release so the benchmark can train its control the same way.
 TOY_BUILD_FILE = "toy_build.json"
 
@@ -69,6 +72,9 @@ class ToyBuildConfig:
     sae_batch_size: int = 1024
     sae_lr: float = 2e-3
     sae_warmup_steps: int = 100
+    #: AuxK: latents in the auxiliary code (None: d_in // 2, as OpenAI) and its loss weight.
+    sae_aux_k: Optional[int] = None
+    sae_aux_coef: float = 1 / 32
     # Diff-C (conv head on spatial maps, small hidden width for CPU)
     diffc_hidden: int = 32
     diffc_epochs: int = 30
@@ -218,6 +224,7 @@ def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, o
         k=config.sae_k, expansion=config.sae_expansion, batch_size=min(config.sae_batch_size, len(tokens) // 2),
         steps=config.sae_steps, lr=config.sae_lr, warmup_steps=config.sae_warmup_steps,
         dead_window=len(tokens), checkpoint_every=0, log_every=max(1, config.sae_steps // 10), seed=config.seed,
+        aux_k=config.sae_aux_k, aux_coef=config.sae_aux_coef,
     )
     return train_sae(tokens, cfg, out_dir=out, recipe=recipe, granularity="token", progress=progress)
 
@@ -228,8 +235,9 @@ def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path
 
     marker = out / "toy_stage.json"
     keys = ("sae_expansion", "sae_k", "sae_tokens_per_image", "sae_steps", "sae_batch_size", "sae_lr",
-            "sae_warmup_steps", "seed")
-    settings = {**{k: getattr(config, k) for k in keys}, "layer": layer, "timestep": t, "train": str(store.path)}
+            "sae_warmup_steps", "sae_aux_k", "sae_aux_coef", "seed")
+    settings = {**{k: getattr(config, k) for k in keys}, "layer": layer, "timestep": t, "train": str(store.path),
+                "trainer": SAE_TRAINER_VERSION}
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "eval.json").exists():
         return _Reused(KSparseAutoencoder.from_pretrained(str(out)), json.loads((out / "eval.json").read_text()))
     if out.exists():
@@ -274,7 +282,7 @@ class _Reused:
 
 
 def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int, paths: BuildPaths):
-    """Neuron atlas of one entry's SAE over the test split (top images, frequency, shape purity).
+    """Neuron atlas of one entry's SAE over the test split, with all five factors as label columns.
 
     The test split keeps the number of distinct thumbnails (and so the release) small;
     thumbnails are the 32-px images themselves.
@@ -285,9 +293,12 @@ def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int
     sae = KSparseAutoencoder.from_pretrained(str(paths.sae(layer, t)))
     fs = store.load(layer, t, kind="spatial", views=0, image_ids=range(config.atlas_images))
 
+    factors = factor_labels(dataset, fs.image_ids)
+
     def batches():
         for i in range(0, len(fs.image_ids), 256):
-            yield fs.features[i : i + 256].float(), fs.labels[i : i + 256], fs.image_ids[i : i + 256]
+            yield (fs.features[i : i + 256].float(), {f: v[i : i + 256] for f, v in factors.items()},
+                   fs.image_ids[i : i + 256])
 
     cfg = AtlasConfig(top_n=config.atlas_top_k, purity_top=min(10, config.atlas_top_k),
                       thumbnail_size=config.backbone.image_size, summary_neurons=1000)
@@ -295,7 +306,8 @@ def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int
     if out.exists():
         shutil.rmtree(out)
     return build_atlas(
-        batches(), store.class_names, sae=sae, config=cfg, thumbnails=lambda i: dataset[int(i)]["image"], out=out,
+        batches(), sae=sae, config=cfg, label_columns={f: list(v) for f, v in FACTORS.items()},
+        thumbnails=lambda i: dataset[int(i)]["image"], out=out,
         extra_meta={"recipe": store.recipe(layer, t, "token").to_dict(), "layer": layer, "timestep": t,
                     "dataset": "revelio-hub toy shapes (test split)"},
     )
@@ -404,6 +416,60 @@ def extract_stores(config: ToyBuildConfig, backbone, paths: BuildPaths, progress
     return stores
 
 
+def seed_from_release(config: ToyBuildConfig, release: str | Path, paths: BuildPaths,
+                      log: Callable[[str], None] = print) -> list[str]:
+    """Start a work folder from a built release: its embedded backbone and its Diff-C heads.
+
+    Only what the release provably built with the same settings is reused (its
+    ``toy_build.json`` must match ``config`` for the backbone and Diff-C
+    fields), so a rebuild after library changes to the SAE or atlas retrains
+    those and skips the half hour of backbone training. Returns what was seeded.
+    """
+    from .backbone_training import TRAINING_CONFIG_FILE
+
+    release = Path(release)
+    built_file = release / TOY_BUILD_FILE
+    if not built_file.exists():
+        raise ValueError(f"{release} is not a toy release built by build_toy_release ({TOY_BUILD_FILE} is missing)")
+    built = ToyBuildConfig.from_dict(json.loads(built_file.read_text()))
+    seeded: list[str] = []
+    if built.backbone.to_dict() != config.backbone.to_dict():
+        log(f"[toy build] {release}'s backbone was trained with other settings: not reused")
+        return seeded
+    src = release / "backbone"
+    if not (src / TRAINING_CONFIG_FILE).exists():
+        raise ValueError(f"{src} holds no toy backbone ({TRAINING_CONFIG_FILE} is missing)")
+    if not is_trained_backbone(paths.backbone, config.backbone):
+        if paths.backbone.exists():
+            shutil.rmtree(paths.backbone)
+        shutil.copytree(src, paths.backbone)
+        seeded.append("backbone")
+    keys = ("diffc_hidden", "diffc_epochs", "diffc_batch_size", "diffc_lr", "diffc_dropout", "seed", "train_images",
+            "train_seed", "noise_seed", "layers", "timesteps")
+    if any(getattr(built, k) != getattr(config, k) for k in keys):
+        return seeded
+    from ..classifier_training import DiffCTrainConfig
+
+    for layer in config.diffc_layers:
+        for t in config.timesteps:
+            src = release / layer / f"t{t}" / "diffc"
+            out = paths.diffc(layer, t)
+            if not (src / "eval.json").exists() or not (src / "model.safetensors").exists() or \
+                    (out / "toy_stage.json").exists():
+                continue
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.copytree(src, out)
+            cfg = DiffCTrainConfig(head="conv", hidden=config.diffc_hidden, epochs=config.diffc_epochs,
+                                   batch_size=config.diffc_batch_size, lr=config.diffc_lr,
+                                   dropout=config.diffc_dropout, seed=config.seed,
+                                   checkpoint_every=max(1, config.diffc_epochs))
+            settings = {"diffc": asdict(cfg), "layer": layer, "timestep": t, "train": str(paths.store("train"))}
+            (out / "toy_stage.json").write_text(json.dumps(settings))
+            seeded.append(f"diffc {layer}/t{t}")
+    return seeded
+
+
 def _load_done(out: Path, marker: str) -> Optional[dict]:
     f = out / marker
     return json.loads(f.read_text()) if f.exists() else None
@@ -417,16 +483,22 @@ def build_toy_release(
     progress: bool = True,
     log: Callable[[str], None] = print,
     benchmark: bool = True,
+    reuse_from: Optional[str | Path] = None,
 ) -> dict[str, Any]:
     """Run every stage and write the release folder ``out``; returns the build report (metrics, timings).
 
     ``work`` keeps the intermediate products (datasets, backbone checkpoints,
     feature stores, training runs); a finished stage whose settings match is
     reused, so a rerun after a kill resumes and a rerun after success only
-    re-assembles the release.
+    re-assembles the release. ``reuse_from`` (a release folder built by this
+    function) seeds the work folder with that release's backbone and Diff-C
+    heads when they were built with the same settings (:func:`seed_from_release`).
     """
     paths = BuildPaths(Path(work))
     paths.work.mkdir(parents=True, exist_ok=True)
+    if reuse_from is not None:
+        seeded = seed_from_release(config, reuse_from, paths, log)
+        log(f"[toy build] reused from {reuse_from}: {', '.join(seeded) or 'nothing (settings differ)'}")
     (paths.work / TOY_BUILD_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"config": config.to_dict(), "timings_s": timings, "entries": {}}
