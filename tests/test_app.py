@@ -79,12 +79,21 @@ def test_analyze_matches_library_and_is_sorted(state, images):
     acts, preds = LibraryReference(release_path()).run(images["red"], layer, t)
 
     assert (result.layer, result.timestep, result.release) == (layer, t, rel.name)
-    got = [n.activation for n in result.neurons]
-    assert got == sorted(got, reverse=True) and all(a > 0 for a in got)
-    expected_ids = torch.topk(acts, len(result.neurons)).indices.tolist()
-    assert [n.id for n in result.neurons] == expected_ids
+    # Ranked by relevance: activation over the neuron's mean activation when it fires (how unusual for it);
+    # the listed non-dense neurons are the most relevant ones, dense ones come flagged.
+    atlas = LibraryReference(release_path()).entry(layer, t).atlas
+    relevance = atlas.relevance(acts)
+    got = [n.relevance for n in result.neurons]
+    assert got == sorted(got, reverse=True) and all(n.activation > 0 for n in result.neurons)
+    visible = result.visible_neurons()
+    firing = torch.nonzero((acts > 0) & ~atlas.dense_mask).flatten()
+    expected_ids = firing[torch.argsort(relevance[firing], descending=True, stable=True)][: len(visible)].tolist()
+    assert [n.id for n in visible] == expected_ids
     for n in result.neurons:
         assert n.activation == pytest.approx(float(acts[n.id]), rel=1e-4, abs=1e-5)
+        assert n.relevance == pytest.approx(float(relevance[n.id]), rel=1e-3, abs=1e-4)
+        assert n.dense == bool(atlas.dense_mask[n.id]) and n.summary == atlas.summary(n.id)
+        assert n.frequency == pytest.approx(float(atlas.stats["frequency"][n.id]), abs=1e-4)
     # Predictions are the entry's Diff-C top-5: probabilities, summing to at most 1.
     assert set(result.predictions) == set(preds)
     for name, p in preds.items():
@@ -93,9 +102,57 @@ def test_analyze_matches_library_and_is_sorted(state, images):
     assert sum(result.predictions.values()) <= 1 + 1e-5
     assert all(0 <= p <= 1 for p in result.predictions.values())
     payload = result.to_json()
-    assert set(payload) == {"release", "layer", "timestep", "predictions", "note", "neurons"}
+    assert set(payload) == {"release", "layer", "timestep", "predictions", "note", "neurons", "ranking", "ood"}
     assert payload["note"] is None  # this entry has a Diff-C
-    assert set(payload["neurons"][0]) == {"id", "activation", "summary"}
+    assert set(payload["neurons"][0]) == {"id", "activation", "relevance", "frequency", "summary", "dense"}
+    assert set(payload["ood"]) == {"reconstruction_error", "error_percentile", "diffc_confidence",
+                                   "out_of_distribution", "message"}
+    assert payload["ood"]["diffc_confidence"] == pytest.approx(max(preds.values()), abs=1e-5)
+
+
+def test_unlike_images_are_flagged_and_shapes_are_not(state, images, tmp_path):
+    """The OOD warning: a noise image is beyond the atlas images' reconstruction errors, a shape image is not."""
+    from PIL import Image
+
+    rel = state.get_release()
+    layer, t = rel.default_entry()
+    if not (rel.entry(layer, t).atlas.meta.get("reconstruction_error") or {}).get("quantiles"):
+        pytest.skip("this release's atlas records no reconstruction errors")
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
+    flagged = A.analyze(state, str(noise), layer, t).ood
+    assert flagged["out_of_distribution"] and "unlike the release's data" in flagged["message"]
+    assert flagged["error_percentile"] == pytest.approx(100.0)
+    from revelio_hub.toy.shapes import make_shapes_dataset
+
+    shape = make_shapes_dataset(1, seed=11, image_size=32)[0]["image"]
+    ok = A.analyze(state, shape, layer, t).ood
+    assert not ok["out_of_distribution"] and ok["error_percentile"] < 100
+
+
+def test_search_neurons_lists_detectors_of_a_label_value(state):
+    rel = state.get_release()
+    layer, t = rel.default_entry()
+    atlas = rel.entry(layer, t).atlas
+    column, values = next(iter(atlas.label_columns.items()))
+    rows = A.search_neurons(state, values[0], layer, t)
+    if "value_auroc" not in atlas.stats:
+        assert rows == []
+        return
+    assert rows and all(r["value"] == values[0] for r in rows)
+    aurocs = [r["auroc"] for r in rows]
+    assert aurocs == sorted(aurocs, reverse=True)
+    best = rows[0]
+    assert best["auroc"] == pytest.approx(float(atlas.value_auroc(best["column"])[best["neuron"], values.index(values[0])]),
+                                          abs=1e-4)
+    assert best["summary"] == atlas.summary(best["neuron"])
+    assert A.search_neurons(state, f"{column}={values[0]}", layer, t)[0]["column"] == column
+    with pytest.raises(ValueError, match="unknown label value 'unicorn'"):
+        A.search_neurons(state, "unicorn", layer, t)
+    with pytest.raises(ValueError, match="Give a label value"):
+        A.search_neurons(state, "  ", layer, t)
+    table = A.search_rows(state, "", layer, t, values[0])
+    assert len(table[0]) == len(A.SEARCH_TABLE_HEADERS) and table[0][0] == best["neuron"]
 
 
 def test_selecting_neurons_and_layers_reuses_backbone_features(state, images, count_backbone_calls):
@@ -106,15 +163,18 @@ def test_selecting_neurons_and_layers_reuses_backbone_features(state, images, co
     loads_before = state.backbones.loads
 
     out = events.analyze(uploaded(path, "blue.png"), layer, t, "", progress=None)
-    preds, rows, neuron_update, caption, gallery, overlay, result = out
+    preds, rows, neuron_update, caption, gallery, overlay, result, ood = out
     assert count_backbone_calls[0] == 1
-    assert [r[0] for r in rows] == [n.id for n in result.neurons]
-    assert neuron_update["value"] == result.neurons[0].id
+    assert [r[0] for r in rows] == [n.id for n in result.visible_neurons()]
+    assert neuron_update["value"] == result.visible_neurons()[0].id
+    # the dense toggle lists the dense neurons too, from the analysed result (no backbone pass)
+    rows_all = events.toggle_dense(result, True)[1]
+    assert [r[0] for r in rows_all] == [n.id for n in result.neurons]
     assert overlay.size == (A.DISPLAY_SIZE, A.DISPLAY_SIZE)
     assert 0 < len(gallery) <= state.config.top_images
 
     # Another neuron: new gallery and heat map, no backbone pass.
-    other = result.neurons[-1].id
+    other = result.visible_neurons()[-1].id
     caption2, gallery2, overlay2 = events.select_neuron(result, other)
     assert f"Neuron {other}" in caption2
     assert count_backbone_calls[0] == 1

@@ -60,6 +60,8 @@ def test_endpoints_are_exposed(app, client):
     assert "/analyze" in api and "/analyze_json" in api
     params = [p["parameter_name"] for p in api["/analyze_json"]["parameters"]]
     assert params == ["image", "layer", "timestep", "release"]
+    assert [p["parameter_name"] for p in api["/search_neurons"]["parameters"]] == ["value", "layer", "timestep",
+                                                                                  "release"]
 
 
 def test_analyze_json_matches_the_library(app, client, images):
@@ -71,13 +73,16 @@ def test_analyze_json_matches_the_library(app, client, images):
         got = client.predict(handle_file(str(images[0])), layer, t, "", api_name="/analyze_json")
         acts, preds = library.run(images[0], layer, t)
         assert got["release"] == rel.name and got["layer"] == layer and got["timestep"] == t
-        ids = [n["id"] for n in got["neurons"]]
-        assert ids == torch.topk(acts, len(ids)).indices.tolist()
         atlas = library.entry(layer, t).atlas
+        visible = [n["id"] for n in got["neurons"] if not n["dense"]]
+        firing = torch.nonzero((acts > 0) & ~atlas.dense_mask).flatten()
+        relevance = atlas.relevance(acts)
+        assert visible == firing[torch.argsort(relevance[firing], descending=True, stable=True)][: len(visible)].tolist()
         for n in got["neurons"]:
             assert n["activation"] == pytest.approx(float(acts[n["id"]]), rel=1e-4, abs=1e-5)
             assert n["summary"] == atlas.summary(n["id"])
-        assert [n["activation"] for n in got["neurons"]] == sorted((n["activation"] for n in got["neurons"]), reverse=True)
+        assert [n["relevance"] for n in got["neurons"]] == sorted((n["relevance"] for n in got["neurons"]), reverse=True)
+        assert isinstance(got["ood"]["out_of_distribution"], bool)
         assert got["predictions"] == pytest.approx(preds, abs=1e-5)
         assert sum(got["predictions"].values()) <= 1 + 1e-5
 

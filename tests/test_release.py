@@ -137,8 +137,9 @@ def test_card_metadata_holds_the_measured_metrics_and_snippet_runs(artifacts, re
         assert values[f"k-SAE L0 {where}"] == pytest.approx(measured["sae"]["l0"], abs=1e-6)
         assert values[f"k-SAE dead fraction {where}"] == pytest.approx(measured["sae"]["dead_fraction"], abs=1e-6)
         assert values[f"Diff-C top-1 accuracy {where}"] == pytest.approx(measured["diffc"]["top1"], abs=1e-6)
-        purity = [v for k, v in values.items() if k.startswith("label purity") and k.endswith(where)]
-        assert purity == [pytest.approx(measured["atlas"]["mean_purity"], abs=1e-6)]
+        sigma = [v for k, v in values.items() if k.startswith("sigma_label") and k.endswith(where)]
+        expected = measured["atlas"].get("sigma_label")
+        assert sigma == ([pytest.approx(expected, abs=1e-6)] if expected is not None else [])
     # The figure exists and the card points at it; the table lists every entry.
     assert (release_dir / "figures" / "metrics.png").is_file()
     assert "(figures/metrics.png)" in card.text

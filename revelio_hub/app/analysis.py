@@ -26,22 +26,39 @@ if TYPE_CHECKING:
 
 #: Side of the image shown under the heat map (the backbone's centre crop, upsampled for display).
 DISPLAY_SIZE = 384
-#: Ways the neuron browser can sort neurons (purity and entropy: most class-specific first).
-SORT_KEYS = ("frequency", "purity", "entropy", "mean_activation")
+#: Ways the neuron browser can sort neurons: most frequent, best label detector (AUROC, highest first),
+#: most class-specific top images (entropy, lowest first), strongest when firing.
+SORT_KEYS = ("frequency", "auroc", "entropy", "mean_activation")
+#: How an image's neurons are ranked. ``relevance`` (default): activation / the neuron's mean activation
+#: when it fires, i.e. how unusual this activation is for this neuron; chosen over a z-score and raw
+#: activation with benchmarks/bench_explain.py (docs/benchmarks.md). ``zscore``: (activation − mean over
+#: all atlas images) / std. ``activation``: raw activation (lists always-on neurons first).
+RANKINGS = ("relevance", "zscore", "activation")
+DEFAULT_RANKING = "relevance"
 
 ProgressFn = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
 class NeuronHit:
-    """One of an image's strongest neurons."""
+    """One of an image's most relevant neurons.
+
+    ``relevance`` is how unusual the activation is for this neuron (see
+    :data:`RANKINGS`); ``frequency`` the share of atlas images it fires on;
+    ``dense`` marks neurons firing on more than the atlas' dense threshold,
+    which say little about any one image (the app hides them by default).
+    """
 
     id: int
     activation: float
     summary: str
+    relevance: float = float("nan")
+    frequency: float = float("nan")
+    dense: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "activation": self.activation, "summary": self.summary}
+        return {"id": self.id, "activation": self.activation, "relevance": self.relevance,
+                "frequency": self.frequency, "summary": self.summary, "dense": self.dense}
 
 
 @dataclass
@@ -63,9 +80,12 @@ class Analysis:
     digest: str
     image: "Image.Image" = field(repr=False)
     note: Optional[str] = None
+    ood: Optional[dict[str, Any]] = None
+    ranking: str = DEFAULT_RANKING
 
     def to_json(self) -> dict[str, Any]:
-        """The ``/analyze_json`` payload (neurons sorted by activation, strongest first)."""
+        """The ``/analyze_json`` payload: neurons sorted by relevance (most unusual for the neuron first),
+        dense ones included and flagged; ``ood`` holds the out-of-distribution numbers and verdict."""
         return {
             "release": self.release,
             "layer": self.layer,
@@ -73,7 +93,13 @@ class Analysis:
             "predictions": dict(self.predictions) if self.predictions is not None else None,
             "note": self.note,
             "neurons": [n.to_dict() for n in self.neurons],
+            "ranking": self.ranking,
+            "ood": dict(self.ood) if self.ood is not None else None,
         }
+
+    def visible_neurons(self, show_dense: bool = False) -> list[NeuronHit]:
+        """The neurons the app lists: dense ones only when asked."""
+        return [n for n in self.neurons if show_dense or not n.dense]
 
 
 @dataclass
@@ -84,9 +110,14 @@ class NeuronDetails:
     summary: str
     frequency: float
     mean_activation: float
-    purity: float
+    purity: float  # per-neuron class-id spread (kept for old callers; the UI shows AUROC and entropy)
     histogram: dict[str, float]
     top_images: list[tuple[Any, str]]
+    best_auroc: float = float("nan")
+    entropy: float = float("nan")
+    dense: bool = False
+    label_values: list[dict[str, Any]] = field(default_factory=list)
+    histogram_column: Optional[str] = None
 
 
 # --------------------------------------------------------------------- helpers
@@ -179,15 +210,21 @@ def analyze(
     *,
     progress: Optional[ProgressFn] = None,
     limits: ImageLimits = ImageLimits(),
+    ranking: str = DEFAULT_RANKING,
 ) -> Analysis:
-    """Predict classes and list the strongest neurons of ``image`` at ``(release, layer, t)``.
+    """Predict classes and list the most relevant neurons of ``image`` at ``(release, layer, t)``.
 
     ``image`` is anything :func:`~revelio_hub.app.validation.read_image`
     accepts. Predictions are the entry's Diff-C top-k probabilities (so they sum
-    to at most 1); neurons are the SAE's image-level activations, strongest
-    first, with the atlas' one-line summary of each.
+    to at most 1); neurons are ranked by ``ranking`` (see :data:`RANKINGS`):
+    the ``top_neurons`` best non-dense ones plus, flagged, the best dense ones,
+    each with the atlas' one-line summary. ``ood`` compares the SAE's
+    reconstruction error on the image with its error on the atlas images.
     """
     import torch
+
+    if ranking not in RANKINGS:
+        raise ValueError(f"Unknown ranking {ranking!r}; choose one of: {', '.join(RANKINGS)}.")
 
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     if progress:
@@ -210,19 +247,57 @@ def analyze(
         acts = entry.sae.image_activations(fmap)[0].float()
         if entry.diffc is not None:
             predictions = entry.diffc.predict(diffc_maps[layer], top_k=state.config.top_classes)[0]
-    k = min(state.config.top_neurons, acts.numel())
-    values, ids = torch.topk(acts, k)
-    neurons = [
-        NeuronHit(int(i), round(float(v), 6), _atlas_summary(entry.atlas, int(i)))
-        for v, i in zip(values.tolist(), ids.tolist())
-        if v > 0
-    ]
+    neurons = rank_neurons(entry.atlas, acts, state.config.top_neurons, ranking)
     note = None
     if predictions is not None:
         predictions = {str(name): round(float(p), 6) for name, p in predictions.items()}
     else:
         note = no_diffc_note(rel, layer, t)
-    return Analysis(rel.name, layer, t, predictions, neurons, digest, display_image(img), note=note)
+    ood = out_of_distribution(entry, fmap, predictions or {})
+    return Analysis(rel.name, layer, t, predictions, neurons, digest, display_image(img), note=note, ood=ood,
+                    ranking=ranking)
+
+
+def neuron_scores(atlas: Any, acts: "torch.Tensor", ranking: str = DEFAULT_RANKING) -> "torch.Tensor":
+    """The ranking score of every neuron for one image's activations (see :data:`RANKINGS`)."""
+    if atlas is None or ranking == "activation":
+        return acts.float()
+    return atlas.zscore(acts) if ranking == "zscore" else atlas.relevance(acts)
+
+
+def rank_neurons(atlas: Any, acts: "torch.Tensor", n: int, ranking: str = DEFAULT_RANKING) -> list[NeuronHit]:
+    """The ``n`` highest-scoring firing neurons that are not dense, then up to ``n`` dense ones, best first."""
+    import torch
+
+    scores = neuron_scores(atlas, acts, ranking)
+    firing = acts > 0
+    dense = atlas.dense_mask.to(acts.device) if atlas is not None else torch.zeros_like(firing)
+    hits: list[NeuronHit] = []
+    for group in (firing & ~dense, firing & dense):
+        ids = torch.nonzero(group).flatten()
+        if ids.numel() == 0:
+            continue
+        order = ids[torch.argsort(scores[ids], descending=True, stable=True)][:n]
+        for i in order.tolist():
+            freq = float(atlas.stats["frequency"][i]) if atlas is not None else float("nan")
+            hits.append(NeuronHit(int(i), round(float(acts[i]), 6), _atlas_summary(atlas, int(i)),
+                                  relevance=round(float(scores[i]), 4), frequency=round(freq, 4),
+                                  dense=bool(dense[i])))
+    hits.sort(key=lambda h: h.relevance if h.relevance == h.relevance else h.activation, reverse=True)
+    return hits
+
+
+def out_of_distribution(entry: Any, fmap: "torch.Tensor", predictions: dict[str, float]) -> Optional[dict[str, Any]]:
+    """The image's SAE reconstruction error, its percentile among the atlas images, Diff-C's confidence, the verdict."""
+    import torch
+
+    from revelio_hub.ood import assess, image_reconstruction_error
+
+    with torch.inference_mode():
+        error = float(image_reconstruction_error(entry.sae, fmap)[0])
+    percentile = entry.atlas.error_percentile(error) if entry.atlas is not None else None
+    confidence = max(predictions.values()) if predictions else None
+    return assess(error, percentile, confidence).to_dict()
 
 
 def activation_map(state: AppState, analysis: Analysis, neuron: Any) -> "torch.Tensor":
@@ -339,7 +414,11 @@ def neuron_details(state: AppState, release: Optional[str], layer: str, timestep
     neuron_id = _check_neuron(entry, neuron)
     atlas = _atlas(entry, rel, layer, t)
     record = atlas.neuron(neuron_id)
-    histogram = {str(k): float(v) for k, v in dict(atlas.label_histogram(neuron_id)).items()}
+    # the histogram of the column that explains the neuron best (the class column for old atlases)
+    evidence = list(getattr(record, "label_values", []) or [])
+    column = evidence[0]["column"] if evidence else None
+    raw = atlas.label_histogram(neuron_id, column=column) if column is not None else atlas.label_histogram(neuron_id)
+    histogram = {str(k): float(v) for k, v in dict(raw).items()}
     total = sum(histogram.values())
     if total > 0:
         histogram = {k: v / total for k, v in histogram.items()}
@@ -351,7 +430,16 @@ def neuron_details(state: AppState, release: Optional[str], layer: str, timestep
         purity=_stat(atlas, record, "purity"),
         histogram=histogram,
         top_images=_top_images(atlas, neuron_id, state.config.top_images),
+        best_auroc=_stat(atlas, record, "best_auroc"),
+        entropy=_stat(atlas, record, "entropy"),
+        dense=bool(getattr(record, "dense", False)),
+        label_values=evidence,
+        histogram_column=column,
     )
+
+
+def _rounded(x: float, digits: int) -> Optional[float]:
+    return None if x != x else round(x, digits)
 
 
 def _neuron_rows(atlas: Any, ids: Sequence[int], n: int) -> list[list[Any]]:
@@ -362,7 +450,8 @@ def _neuron_rows(atlas: Any, ids: Sequence[int], n: int) -> list[list[Any]]:
             [
                 int(i),
                 round(_stat(atlas, record, "frequency"), 5),
-                round(_stat(atlas, record, "purity"), 3),
+                _rounded(_stat(atlas, record, "best_auroc"), 3),
+                _rounded(_stat(atlas, record, "entropy"), 2),
                 round(_stat(atlas, record, "mean_activation"), 3),
                 _atlas_summary(atlas, int(i)),
             ]
@@ -371,7 +460,7 @@ def _neuron_rows(atlas: Any, ids: Sequence[int], n: int) -> list[list[Any]]:
 
 
 #: Column names of :func:`sorted_neurons` and :func:`class_neurons` rows.
-NEURON_TABLE_HEADERS = ["neuron", "frequency", "purity", "mean activation", "summary"]
+NEURON_TABLE_HEADERS = ["neuron", "fires on (share)", "best AUROC ↑", "entropy ↓ (bits)", "mean activation", "summary"]
 
 
 def sorted_neurons(
@@ -403,8 +492,67 @@ def class_neurons(
     return _neuron_rows(atlas, atlas.neurons_for_class(class_name), n)
 
 
+def label_values(state: AppState, release: Optional[str], layer: str, timestep: Any) -> list[tuple[str, str]]:
+    """(display ``"value (column)"``, search key ``"column=value"``) for every label value of the entry's atlas."""
+    rel, layer, t = resolve_entry(state, release, layer, timestep)
+    atlas = rel.entry(layer, t).atlas
+    if atlas is None:
+        return []
+    return [(f"{v} ({c})", f"{c}={v}") for c, values in atlas.label_columns.items() for v in values]
+
+
+def search_neurons(
+    state: AppState, value: str, layer: Optional[str] = None, timestep: Any = None, release: Optional[str] = "",
+    limit: int = 20,
+) -> list[dict[str, Any]]:
+    """Neurons that detect a label value, best AUROC first: the ``/search_neurons`` payload.
+
+    ``value`` is a value name (``"stripes"``) or ``"column=value"`` to pick
+    one column. Each row: neuron, column, value, AUROC, precision (share of
+    its top images with the value), frequency, dense, summary.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("Give a label value to search for, e.g. a class name or 'stripes'.")
+    if len(value) > 200:
+        raise ValueError("That label value is too long (200 characters at most).")
+    rel, layer, t = resolve_entry(state, release, layer, timestep)
+    atlas = _atlas(rel.entry(layer, t), rel, layer, t)
+    column, name = (value.split("=", 1) if "=" in value else (None, value))
+    column = column.strip() if column is not None else None
+    if column is not None and column not in atlas.label_columns:
+        raise ValueError(f"Unknown label column {column!r}; this entry has: {', '.join(atlas.label_columns)}.")
+    rows = atlas.search(name.strip(), column=column, limit=max(1, min(int(limit), 500)))
+    dense = atlas.dense_mask
+    for row in rows:
+        i = row["neuron"]
+        row["frequency"] = round(float(atlas.stats["frequency"][i]), 4)
+        row["dense"] = bool(dense[i])
+        row["summary"] = _atlas_summary(atlas, i)
+    return rows
+
+
+#: Column names of :func:`search_rows`.
+SEARCH_TABLE_HEADERS = ["neuron", "AUROC ↑", "top images with it", "fires on (share)", "summary"]
+
+
+def search_rows(state: AppState, release: Optional[str], layer: str, timestep: Any, value: str,
+                n: int = 50) -> list[list[Any]]:
+    """Rows of the browser's search table (see :func:`search_neurons`)."""
+    return [[r["neuron"], r["auroc"], r["precision"], r["frequency"], r["summary"]]
+            for r in search_neurons(state, value, layer, timestep, release, limit=n)]
+
+
 __all__ = [
     "Analysis",
+    "rank_neurons",
+    "neuron_scores",
+    "out_of_distribution",
+    "label_values",
+    "search_neurons",
+    "search_rows",
+    "SEARCH_TABLE_HEADERS",
+    "RANKINGS",
+    "DEFAULT_RANKING",
     "NeuronHit",
     "NeuronDetails",
     "analyze",

@@ -11,7 +11,9 @@ API (for ``gradio_client``):
 * ``/analyze`` - the Analyze button: (image, layer, timestep, release) ->
   predictions, neuron table, selected neuron, caption, gallery, heat map.
 * ``/analyze_json`` - (image file, layer, timestep, release name or "") -> a
-  JSON dict ``{"release", "layer", "timestep", "predictions", "note", "neurons"}``.
+  JSON dict ``{"release", "layer", "timestep", "predictions", "note", "neurons", "ranking", "ood"}``.
+* ``/search_neurons`` - (label value, layer, timestep, release name or "") -> a
+  JSON list of neurons detecting that value, best AUROC first.
 * ``/neuron`` - (release, layer, timestep, neuron id) -> stats, label
   histogram, top-activating images.
 * ``/attribute_json``, ``/compare_json`` - see :mod:`revelio_hub.app.interpret_ui`.
@@ -44,13 +46,14 @@ from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
 logger = logging.getLogger(__name__)
 
-NEURON_HEADERS = ["neuron", "activation", "summary"]
+NEURON_HEADERS = ["neuron", "activation", "× its usual", "summary"]
 
 CSS = """
 #revelio-title h1 {margin-bottom: 0}
 #revelio-title p {margin-top: 4px; opacity: .8}
 #analyze-btn {min-height: 48px; font-size: 1.05em}
 .revelio-caption {min-height: 2.2em}
+#ood-warning.ood-flagged {border-left: 4px solid #d97706; padding-left: 8px}
 """
 
 
@@ -194,9 +197,12 @@ def card_markdown(rel: LoadedRelease) -> str:
 
 HELP = """
 **How to read this.** The backbone noises the image to timestep *t* and reads one layer.
-A k-sparse autoencoder splits that feature into neurons; the table lists the strongest.
-Pick a neuron (click a row) to see the dataset images that excite it most and, on the right,
-*where* it fires on your image. Small *t* keeps fine detail; larger *t* keeps coarse layout.
+A k-sparse autoencoder splits that feature into neurons; the table lists those firing most unusually
+strongly *for them* ("× its usual": activation over the neuron's mean when it fires). A summary names a
+label value only when the neuron detects it over the whole atlas (AUROC: 0.5 = chance, 1 = perfect) and
+most of its top images carry it; otherwise it says *mixed*. Neurons firing on most images are hidden
+unless you tick the box. Pick a neuron (click a row) to see the dataset images that excite it most and,
+on the right, *where* it fires on your image. Small *t* keeps fine detail; larger *t* keeps coarse layout.
 """
 
 
@@ -209,12 +215,36 @@ def _entry_updates(rel: LoadedRelease, layer: Optional[str] = None) -> tuple[dic
     return gr.update(choices=layers, value=layer), gr.update(choices=ts, value=t)
 
 
+def _num(x: float, fmt: str) -> str:
+    return "–" if x != x else format(x, fmt)
+
+
 def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
-    return (
-        f"### Neuron {d.id}\n{d.summary or ''}\n\n"
-        "| fires on | mean activation | purity σ (lower = purer) |\n|---|---|---|\n"
-        f"| {d.frequency:.2%} of images | {d.mean_activation:.3f} | {d.purity:.2f} |"
+    text = (
+        f"### Neuron {d.id}{' (dense)' if d.dense else ''}\n{d.summary or ''}\n\n"
+        "| fires on | mean activation | best AUROC (↑, 1 = perfect) | label entropy (↓, bits) |\n|---|---|---|---|\n"
+        f"| {d.frequency:.2%} of images | {d.mean_activation:.3f} | {_num(d.best_auroc, '.2f')} "
+        f"| {_num(d.entropy, '.2f')} |"
     )
+    if d.label_values:
+        text += "\n\n| label column | best value | AUROC ↑ | top images with it |\n|---|---|---|---|\n"
+        text += "\n".join(
+            f"| {v['column']} | {v['value']} | {'–' if v.get('auroc') is None else format(v['auroc'], '.2f')} "
+            f"| {v.get('top_hits', 0)}/{v.get('top_images', 0)} |" for v in d.label_values)
+    return text
+
+
+def _ood_markdown(result: A.Analysis) -> dict:
+    ood = result.ood or {}
+    message = ood.get("message") or ""
+    if ood.get("out_of_distribution"):
+        return gr.update(value=f"**Warning:** {message}", elem_classes=["ood-flagged"], visible=True)
+    return gr.update(value=message, elem_classes=[], visible=bool(message))
+
+
+def _neuron_rows(result: A.Analysis, show_dense: bool) -> list[list[Any]]:
+    return [[n.id, round(n.activation, 4), round(n.relevance, 2), n.summary + (" · dense" if n.dense else "")]
+            for n in result.visible_neurons(bool(show_dense))]
 
 
 class Events:
@@ -240,21 +270,34 @@ class Events:
 
     # ---------------------------------------------------------------- Analyze
 
-    def analyze(self, image, layer, timestep, release, progress=gr.Progress()):
-        """Analyze an image: predicted classes, its top neurons, and the strongest neuron's images and heat map."""
+    def analyze(self, image, layer, timestep, release, show_dense=False, progress=gr.Progress()):
+        """Analyze an image: predicted classes, its most relevant neurons, the first one's images and heat map,
+        and whether the image is like the release's data."""
         with user_errors("analysing the image"):
             result = A.analyze(
                 self.state, self.served_image(image), layer, timestep, release,
                 progress=(lambda frac, desc: progress(frac, desc=desc)) if progress is not None else None,
             )
-            rows = [[n.id, round(n.activation, 4), n.summary] for n in result.neurons]
-            if not result.neurons:
-                return (result.predictions, rows, gr.update(choices=[], value=None),
-                        "No neuron fires on this image.", [], result.image, result)
-            top = result.neurons[0].id
-            gal, overlay, text = A.neuron_view(self.state, result, top)
-            choices = [(f"{n.id} · {n.summary}" if n.summary else str(n.id), n.id) for n in result.neurons]
-            return result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result
+            return (*self._neuron_outputs(result, show_dense), _ood_markdown(result))
+
+    def _neuron_outputs(self, result: A.Analysis, show_dense) -> tuple:
+        rows = _neuron_rows(result, show_dense)
+        shown = result.visible_neurons(bool(show_dense))
+        if not shown:
+            why = "No neuron fires on this image." if not result.neurons else \
+                "Only dense neurons fire on this image; tick “Show dense neurons” to list them."
+            return (result.predictions, rows, gr.update(choices=[], value=None), why, [], result.image, result)
+        top = shown[0].id
+        gal, overlay, text = A.neuron_view(self.state, result, top)
+        choices = [(f"{n.id} · {n.summary}" if n.summary else str(n.id), n.id) for n in shown]
+        return result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result
+
+    def toggle_dense(self, result, show_dense):
+        """Show or hide dense neurons in the image's table (no backbone pass)."""
+        with user_errors("listing the neurons"):
+            if result is None:
+                return (gr.update(),) * 7
+            return self._neuron_outputs(result, show_dense)
 
     def select_neuron(self, result, neuron):
         """Show another neuron of the analysed image (cached features: no backbone pass)."""
@@ -296,7 +339,8 @@ class Events:
             layer_u, t_u = _entry_updates(rel)
             layer_b, t_b = _entry_updates(rel)
             return (layer_u, t_u, rel.examples, card_markdown(rel), layer_b, t_b,
-                    None, [], gr.update(choices=[], value=None), "", [], None, None)
+                    None, [], gr.update(choices=[], value=None), "", [], None, None,
+                    gr.update(value="", visible=False))
 
     # --------------------------------------------------------- Neuron browser
 
@@ -310,19 +354,20 @@ class Events:
             return A.sorted_neurons(self.state, release, layer, timestep, by)
 
     def class_neurons(self, release, layer, timestep, name):
-        with user_errors("finding neurons for the class"):
+        """Neurons detecting a label value (``column=value`` from the browser's dropdown), best AUROC first."""
+        with user_errors("searching neurons for the label value"):
             if not name:
                 return []
-            return A.class_neurons(self.state, release, layer, timestep, name)
+            return A.search_rows(self.state, release, layer, timestep, name)
 
     def browser_entry(self, release, layer, timestep, by, name):
         """Fill the browser's lists for the chosen (release, layer, t)."""
         with user_errors("loading the release entry"):
-            classes = A.class_names(self.state, release, layer, timestep)
-            name = name if name in classes else None
+            values = A.label_values(self.state, release, layer, timestep)
+            name = name if name in {key for _, key in values} else None
             return (A.sorted_neurons(self.state, release, layer, timestep, by),
-                    gr.update(choices=classes, value=name),
-                    A.class_neurons(self.state, release, layer, timestep, name) if name else [])
+                    gr.update(choices=values, value=name),
+                    A.search_rows(self.state, release, layer, timestep, name) if name else [])
 
     def browser_row(self, release, layer, timestep, evt: gr.SelectData):
         row = evt.row_value or []
@@ -334,11 +379,21 @@ class Events:
     # ------------------------------------------------------------------- API
 
     def analyze_json(self, image: FileData, layer: str = "", timestep: int = -1, release: str = "") -> dict:
-        """Analyze an image file. Returns {"release", "layer", "timestep", "predictions": {class: prob},
-        "neurons": [{"id", "activation", "summary"}]} with neurons sorted by activation (strongest first).
+        """Analyze an image file. Returns {"release", "layer", "timestep", "predictions": {class: prob} or null,
+        "note", "neurons": [{"id", "activation", "relevance", "frequency", "summary", "dense"}], "ranking",
+        "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution", "message",
+        "layers"}}
+        with neurons sorted by relevance (activation over the neuron's usual activation; dense ones flagged).
         layer "" and timestep -1 mean the release's default entry; release "" the app's default release."""
         with user_errors("analysing the image"):
             return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
+
+    def search_neurons(self, value: str, layer: str = "", timestep: int = -1, release: str = "") -> list:
+        """Neurons that detect a label value ("stripes", "magenta", a class name; "column=value" picks a column),
+        best AUROC first: [{"neuron", "column", "value", "auroc", "precision", "frequency", "dense", "summary"}].
+        layer "" and timestep -1 mean the release's default entry; release "" the app's default release."""
+        with user_errors("searching neurons"):
+            return A.search_neurons(self.state, value, layer or None, timestep, release)
 
 
 def build_ui(state: AppState) -> gr.Blocks:
@@ -375,21 +430,24 @@ def build_ui(state: AppState) -> gr.Blocks:
                             layer_dd = gr.Dropdown(rel0.layers, value=layer0, label="Layer", elem_id="layer")
                             t_dd = gr.Dropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
                         analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
+                        show_dense = gr.Checkbox(False, label="Show dense neurons (fire on most images)",
+                                                 elem_id="show-dense")
                         examples = gr.Gallery(
                             rel0.examples, label="Examples (click one to load it)", columns=5, height=150,
                             allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
                         )
                         gr.Markdown(HELP, elem_classes=["revelio-help"])
                     with gr.Column(scale=3, min_width=380):
+                        ood_md = gr.Markdown("", visible=False, elem_id="ood-warning")
                         with gr.Row(equal_height=True):
                             preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
                                              elem_id="predictions")
                             heatmap = gr.Image(label="Where the selected neuron fires", height=260, interactive=False,
                                                format="png", elem_id="heatmap")
                         neuron_table = gr.Dataframe(
-                            headers=NEURON_HEADERS, datatype=["number", "number", "str"],
-                            label="Top neurons of this image (click a row)", interactive=False, max_height=260,
-                            column_widths=["15%", "18%", "67%"], elem_id="neurons",
+                            headers=NEURON_HEADERS, datatype=["number", "number", "number", "str"],
+                            label="Most relevant neurons of this image (click a row)", interactive=False,
+                            max_height=260, column_widths=["11%", "14%", "13%", "62%"], elem_id="neurons",
                         )
                         with gr.Row(equal_height=True):
                             neuron_dd = gr.Dropdown([], label="Selected neuron", scale=1, min_width=160,
@@ -411,19 +469,23 @@ def build_ui(state: AppState) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=2):
                         b_stats = gr.Markdown("Pick a neuron id, or click a row of a list below.")
-                        b_hist = gr.Label(label="Labels of its top images", num_top_classes=8)
+                        b_hist = gr.Label(label="Labels of its top images (best-explaining column)", num_top_classes=8)
                     with gr.Column(scale=3):
                         b_gallery = gr.Gallery(label="Top-activating images", columns=5, height="auto",
                                                object_fit="contain")
                 with gr.Row():
                     with gr.Column():
-                        b_sort = gr.Radio(list(A.SORT_KEYS), value="frequency", label="Sort neurons by")
+                        b_sort = gr.Radio([("how often it fires", "frequency"), ("best label AUROC", "auroc"),
+                                           ("label entropy (lowest first)", "entropy"),
+                                           ("mean activation", "mean_activation")],
+                                          value="frequency", label="Sort neurons by")
                         b_sorted = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False, max_height=320,
                                                 label="Neurons (click a row)")
                     with gr.Column():
-                        b_class = gr.Dropdown([], label="Neurons whose top images are mostly this class")
-                        b_class_table = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False,
-                                                     max_height=320, label="Class-specific neurons (click a row)")
+                        b_class = gr.Dropdown([], label="Search: neurons that detect this label value",
+                                              filterable=True, elem_id="search-value")
+                        b_class_table = gr.Dataframe(headers=A.SEARCH_TABLE_HEADERS, interactive=False,
+                                                     max_height=320, label="Best detectors, by AUROC (click a row)")
 
             concept = IU.concept_tab(state)
 
@@ -431,12 +493,13 @@ def build_ui(state: AppState) -> gr.Blocks:
                 card_md = gr.Markdown(card_markdown(rel0))
 
         # ---------------------------------------------------------------- events
+        neuron_outputs = [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state]
         analyzed = analyze_btn.click(
-            ev.analyze, [image_in, layer_dd, t_dd, release_dd],
-            [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state],
+            ev.analyze, [image_in, layer_dd, t_dd, release_dd, show_dense], [*neuron_outputs, ood_md],
             api_name="analyze", preprocess=False, show_progress="full",
             concurrency_id="backbone", concurrency_limit=cfg.concurrency,
         )
+        show_dense.input(ev.toggle_dense, [analysis_state, show_dense], neuron_outputs, **private)
         neuron_dd.input(ev.select_neuron, [analysis_state, neuron_dd], [caption, gallery, heatmap], **private)
         neuron_table.select(ev.select_row, [analysis_state], [neuron_dd, caption, gallery, heatmap], **private)
         examples.select(ev.pick_example, release_dd, image_in, **private)
@@ -457,7 +520,7 @@ def build_ui(state: AppState) -> gr.Blocks:
         release_dd.input(
             ev.change_release, release_dd,
             [layer_dd, t_dd, examples, card_md, b_layer, b_t, preds, neuron_table, neuron_dd, caption, gallery,
-             heatmap, analysis_state],
+             heatmap, analysis_state, ood_md],
             **private,
         )
         demo.load(ev.browser_entry, browser_inputs, browser_outputs, **private)
@@ -469,6 +532,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
             browser=[b_layer, b_t, b_neuron, b_stats, b_hist, b_gallery], concurrency=cfg.concurrency,
         )
+        gr.api(ev.search_neurons, api_name="search_neurons")
 
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     return demo

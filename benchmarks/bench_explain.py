@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Are the app's neuron explanations true? Coverage and precision of summaries, and the OOD warning, on the toy release.
+
+Held-out images come from the toy generator with a seed the release was not
+built from (the build uses train seed 0 and test seed 1; the default here is
+7), so every factor of every image is known. Each image goes through
+:func:`revelio_hub.app.analysis.analyze` (what ``/analyze_json`` calls) at
+every entry of the release; of the first ``--top`` neurons the app lists
+(dense ones hidden, as in the app), we count
+
+* **coverage**: the share whose summary names a label value (not ``mixed``);
+* **precision**: of those, the share whose named value(s) are all true of the image.
+
+The summary *text* is parsed, so what is measured is what a user reads. Also
+reported per entry: how often blank, noise and gradient images are flagged out
+of distribution and how often held-out shapes are (false alarms); the SAE and
+atlas dead fractions; the paper's sigma_label. ``--rankings`` compares neuron
+rankings (relevance, z-score, raw activation); ``--tune`` sweeps the summary
+thresholds on a separate tuning seed (never the reporting seed) to choose them.
+
+Examples:
+    python benchmarks/bench_explain.py --json
+    python benchmarks/bench_explain.py --rankings relevance zscore activation --timesteps 25
+    python benchmarks/bench_explain.py --tune --seed 5 --images 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# "value (column) · AUROC 0.99 · 10/10 top images" (one or two, "; "-separated), or the old "value 9/10 · ..."
+_NEW = re.compile(r"(?:^|; )([^;·()]+?)(?: \(([^()]+)\))? · (?:AUROC [0-9.]+ · )?\d+/\d+ top images")
+_OLD = re.compile(r"^(\S+) \d+/\d+ · ")
+
+
+def named_values(summary: str) -> list[str]:
+    """The label values a summary names (empty for ``mixed``/dead); handles the old ``"circle 5/10 · ..."`` form."""
+    if summary.startswith(("mixed", "dead")) or not summary:
+        return []
+    found = [m.group(1).strip() for m in _NEW.finditer(summary)]
+    if found:
+        return found
+    m = _OLD.match(summary)
+    return [m.group(1)] if m else []
+
+
+def held_out(n: int, seed: int, image_size: int) -> list[tuple[Image.Image, set[str]]]:
+    """``n`` generator images with the set of their label values (shape, colour, size, position, background)."""
+    from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
+
+    ds = make_shapes_dataset(n, seed=seed, image_size=image_size)
+    out = []
+    for row in ds:
+        out.append((row["image"].convert("RGB"), {FACTORS[f][row[f]] for f in FACTORS}))
+    return out
+
+
+def unlike_images(n_each: int, image_size: int, seed: int = 123) -> dict[str, list[Image.Image]]:
+    """Images unlike any shape image: solid colours, pixel noise, linear colour gradients."""
+    rng = np.random.default_rng(seed)
+    s = image_size
+    blank = [np.zeros((s, s, 3)), np.full((s, s, 3), 255.0), np.full((s, s, 3), 128.0)]
+    while len(blank) < n_each:
+        blank.append(np.ones((s, s, 3)) * rng.uniform(0, 255, 3))
+    noise = []
+    for i in range(n_each):
+        noise.append(rng.uniform(0, 255, (s, s, 3)) if i % 2 == 0 else np.clip(rng.normal(128, 60, (s, s, 3)), 0, 255))
+    grad = []
+    yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1)
+    for _ in range(n_each):
+        angle = rng.uniform(0, 2 * np.pi)
+        w = (np.cos(angle) * xx + np.sin(angle) * yy)
+        w = (w - w.min()) / max(w.max() - w.min(), 1e-9)
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        grad.append(a * (1 - w[..., None]) + b * w[..., None])
+    as_img = lambda arrs: [Image.fromarray(np.asarray(a, dtype=np.uint8), "RGB") for a in arrs]  # noqa: E731
+    return {"blank": as_img(blank[:n_each]), "noise": as_img(noise), "gradient": as_img(grad)}
+
+
+def _analyze(A, state, image, layer, t, ranking: Optional[str]):
+    if ranking is None:
+        return A.analyze(state, image, layer, t)
+    return A.analyze(state, image, layer, t, ranking=ranking)
+
+
+def _listed(payload: dict[str, Any], top: int) -> list[dict[str, Any]]:
+    return [n for n in payload["neurons"] if not n.get("dense", False)][:top]
+
+
+def score_entry(A, state, images, layer: str, t: int, top: int, ranking: Optional[str]) -> dict[str, Any]:
+    """Coverage and precision of the first ``top`` listed neurons' summaries over ``images``, plus OOD false alarms."""
+    listed = named = correct = 0
+    flagged = 0
+    with_ood = 0
+    for image, truth in images:
+        payload = _analyze(A, state, image, layer, t, ranking).to_json()
+        for n in _listed(payload, top):
+            listed += 1
+            values = named_values(n["summary"])
+            if values:
+                named += 1
+                correct += all(v in truth for v in values)
+        ood = payload.get("ood")
+        if ood is not None and ood.get("error_percentile") is not None:
+            with_ood += 1
+            flagged += bool(ood.get("out_of_distribution"))
+    return {
+        "coverage": round(named / listed, 4) if listed else None,
+        "precision": round(correct / named, 4) if named else None,
+        "listed": listed, "named": named, "correct": correct,
+        "held_out_flagged": round(flagged / with_ood, 4) if with_ood else None,
+    }
+
+
+def ood_rates(A, state, kinds: dict[str, list[Image.Image]], layer: str, t: int) -> dict[str, Any]:
+    out = {}
+    for kind, imgs in kinds.items():
+        flags = []
+        for img in imgs:
+            ood = A.analyze(state, img, layer, t).to_json().get("ood")
+            if ood is None or ood.get("error_percentile") is None:
+                break
+            flags.append(bool(ood["out_of_distribution"]))
+        out[kind] = round(sum(flags) / len(flags), 4) if flags else None
+    return out
+
+
+def tune(A, state, images, entries, top: int, grid_auroc, grid_precision) -> list[dict[str, Any]]:
+    """Coverage/precision of every threshold pair on the tuning images (rankings fixed, summaries recomputed)."""
+    from revelio_hub.neuron_labels import SummaryThresholds
+
+    lists = {}
+    for layer, t in entries:
+        lists[(layer, t)] = [([n["id"] for n in _listed(_analyze(A, state, img, layer, t, None).to_json(), top)], truth)
+                             for img, truth in images]
+    rows = []
+    for a in grid_auroc:
+        for p in grid_precision:
+            per = {}
+            for (layer, t), items in lists.items():
+                atlas = state.get_release().entry(layer, t).atlas
+                saved = atlas.thresholds
+                atlas.thresholds = SummaryThresholds(min_auroc=a, min_precision=p, min_top_images=saved.min_top_images,
+                                                     max_values=saved.max_values)
+                listed = named = correct = 0
+                for ids, truth in items:
+                    for i in ids:
+                        listed += 1
+                        values = [e.value for e in atlas.explanation(i)]
+                        if values:
+                            named += 1
+                            correct += all(v in truth for v in values)
+                atlas.thresholds = saved
+                per[f"{layer}/t{t}"] = (named / listed if listed else 0.0, correct / named if named else 1.0)
+            rows.append({"min_auroc": a, "min_precision": p,
+                         "min_coverage": round(min(c for c, _ in per.values()), 4),
+                         "min_precision_measured": round(min(q for _, q in per.values()), 4),
+                         "entries": {k: [round(c, 4), round(q, 4)] for k, (c, q) in per.items()}})
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--release", default=str(REPO / "releases" / "toy-shapes"), help="toy release folder")
+    p.add_argument("--images", type=int, default=200, help="held-out images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=7,
+                   help="generator seed of the held-out images; the release uses 0 (train) and 1 (test)")
+    p.add_argument("--top", type=int, default=5, help="listed neurons scored per image (default: %(default)s)")
+    p.add_argument("--timesteps", type=int, nargs="*", default=None, help="only these timesteps (default: all)")
+    p.add_argument("--layers", nargs="*", default=None, help="only these layers (default: all)")
+    p.add_argument("--rankings", nargs="*", default=None,
+                   help="compare these neuron rankings (relevance, zscore, activation); default: the app's")
+    p.add_argument("--ood-images", type=int, default=20, help="blank/noise/gradient images each (default: %(default)s)")
+    p.add_argument("--tune", action="store_true", help="sweep the summary thresholds instead (use a tuning seed)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    a = p.parse_args(argv)
+    if a.seed in (0, 1) and not a.tune:
+        p.error("--seed 0 and 1 are the release's own train/test images; pick another (default 7)")
+
+    from revelio_hub.app import analysis as A
+    from revelio_hub.app.state import AppConfig, AppState
+
+    state = AppState.from_config(AppConfig(releases=[a.release], feature_cache_size=8, top_neurons=max(a.top, 10)))
+    rel = state.get_release()
+    entries = [(layer, t) for layer in rel.layers for t in rel.timesteps(layer)
+               if (a.layers is None or layer in a.layers) and (a.timesteps is None or t in a.timesteps)]
+    size = int(json.loads((Path(a.release) / "release.json").read_text()).get("image_size") or 32)
+    t0 = time.perf_counter()
+    images = held_out(a.images, a.seed, size)
+    report: dict[str, Any] = {
+        "release": str(a.release), "images": a.images, "seed": a.seed, "top": a.top,
+        "machine": f"{platform.machine()} {platform.system()}", "date": time.strftime("%Y-%m-%d"),
+    }
+    if a.tune:
+        report["tuning"] = tune(A, state, images, entries, a.top, (0.8, 0.85, 0.9, 0.95, 0.97, 0.99),
+                                (0.6, 0.7, 0.8, 0.9, 1.0))
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        _print(report, a.json)
+        return report
+    kinds = unlike_images(a.ood_images, size) if a.ood_images > 0 else {}
+    rankings = a.rankings or [None]
+    results = {}
+    for layer, t in entries:
+        key = f"{layer}/t{t}"
+        entry = rel.entry(layer, t)
+        res: dict[str, Any] = {}
+        for ranking in rankings:
+            res[ranking or "default"] = score_entry(A, state, images, layer, t, a.top, ranking)
+        if kinds:
+            res["ood_flagged"] = ood_rates(A, state, kinds, layer, t)
+        metrics = next((e.get("metrics") or {} for e in rel.release.config.get("entries", [])
+                        if e["layer"] == layer and int(e["timestep"]) == t), {})
+        summary = entry.atlas.summary_stats if entry.atlas is not None else {}
+        res["sae_dead_fraction"] = (metrics.get("sae") or {}).get("dead_fraction")
+        res["atlas_dead_fraction"] = summary.get("dead_fraction")
+        res["sigma_label"] = summary.get("sigma_label")
+        res["sigma_label_neurons"] = summary.get("sigma_label_neurons")
+        results[key] = res
+    report["entries"] = results
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    _print(report, a.json)
+    return report
+
+
+def _print(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if "tuning" in report:
+        for row in report["tuning"]:
+            print(f"AUROC ≥ {row['min_auroc']:.2f}, precision ≥ {row['min_precision']:.1f}: worst-entry coverage "
+                  f"{row['min_coverage']:.2f}, worst-entry precision {row['min_precision_measured']:.2f}")
+        return
+    print(f"{report['images']} held-out images (seed {report['seed']}), top {report['top']} listed neurons")
+    for key, res in report["entries"].items():
+        parts = []
+        for name, r in res.items():
+            if isinstance(r, dict) and "coverage" in r:
+                parts.append(f"{name}: coverage {r['coverage']} precision {r['precision']} "
+                             f"(held-out flagged {r['held_out_flagged']})")
+        print(f"{key:>16}  " + " | ".join(parts) + f"  OOD {res.get('ood_flagged')}  sigma_label "
+              f"{res.get('sigma_label')}  dead sae/atlas {res.get('sae_dead_fraction')}/{res.get('atlas_dead_fraction')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""benchmarks/bench_explain.py in a small form on the bundled release: the measurement itself must be sound."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import app_release_path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = runpy.run_path(str(REPO / "benchmarks" / "bench_explain.py"))
+
+
+def test_summary_parser_reads_what_users_read():
+    named = BENCH["named_values"]
+    assert named("magenta (color) · AUROC 0.99 · 10/10 top images · fires on 4.1% of images") == ["magenta"]
+    assert named("stripes (background) · AUROC 1.00 · 10/10 top images; large (size) · AUROC 0.93 · 9/10 top images"
+                 " · fires on 30% of images") == ["stripes", "large"]
+    assert named("top_left (position) · AUROC 0.97 · 8/10 top images · fires on 12% of images") == ["top_left"]
+    assert named("circle · AUROC 0.95 · 9/10 top images · fires on 3.0% of images") == ["circle"]  # one column
+    assert named("circle 5/10 · purity 1.20 · fires on 40.0% of images") == ["circle"]  # the first format
+    assert named("mixed (no single label value explains its top images) · fires on 3% of images") == []
+    assert named("dead neuron (never fired on 300 images)") == []
+
+
+@pytest.mark.skipif(not (Path(app_release_path()) / "release.json").is_file(), reason="no bundled release")
+def test_small_run_scores_summaries_against_the_generator_labels():
+    from revelio_hub.toy.shapes import FACTORS
+
+    report = BENCH["main"](["--release", app_release_path(), "--images", "6", "--ood-images", "3",
+                            "--layers", "bottleneck", "--timesteps", "25"])
+    (key, res), = report["entries"].items()
+    assert key == "bottleneck/t25"
+    r = res["default"]
+    assert r["listed"] == 6 * 5  # five listed neurons per image
+    assert 0 <= r["correct"] <= r["named"] <= r["listed"]
+    if r["named"]:
+        assert r["precision"] == pytest.approx(r["correct"] / r["named"], abs=1e-4)
+    # every parsed value is a real label value of the generator
+    values = {v for vals in FACTORS.values() for v in vals}
+    held = BENCH["held_out"](2, 7, 32)
+    assert all(truth <= values and len(truth) == len(FACTORS) for _, truth in held)
+    # the OOD check separates noise from held-out shapes (when the release records error quantiles)
+    if res["ood_flagged"].get("noise") is not None:
+        assert res["ood_flagged"]["noise"] > r["held_out_flagged"]
+    with pytest.raises(SystemExit):
+        BENCH["main"](["--release", app_release_path(), "--seed", "1"])  # the release's own test images
