@@ -14,7 +14,7 @@ that the predictions are unreliable.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -67,13 +67,21 @@ class OODConfig:
 
 @dataclass(frozen=True)
 class OODReport:
-    """What the app says about one image's distance from the release's data."""
+    """What the app says about one image's distance from the release's data.
+
+    ``reconstruction_error``/``error_percentile`` are the analysed entry's;
+    ``layers`` holds every layer that was checked (layer → error, percentile);
+    the image is flagged when any of them is beyond the threshold: a shallow
+    layer at a large t sees mostly noise and may not notice a blank image that
+    the bottleneck rebuilds worse than any atlas image.
+    """
 
     reconstruction_error: float
     error_percentile: Optional[float]  # None: the atlas has no error distribution (older release)
     diffc_confidence: Optional[float]  # the top Diff-C probability, None without Diff-C
     out_of_distribution: bool
     message: str
+    layers: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -82,21 +90,39 @@ class OODReport:
             d["error_percentile"] = round(self.error_percentile, 2)
         if self.diffc_confidence is not None:
             d["diffc_confidence"] = round(self.diffc_confidence, 6)
+        d["layers"] = {k: {"reconstruction_error": round(v["reconstruction_error"], 6),
+                           "error_percentile": None if v["error_percentile"] is None else round(v["error_percentile"], 2)}
+                       for k, v in self.layers.items()}
         return d
 
 
 def assess(error: float, percentile: Optional[float], diffc_confidence: Optional[float] = None,
-           config: OODConfig = OODConfig()) -> OODReport:
-    """Turn an image's reconstruction error (and its percentile among atlas images) into a verdict and a sentence."""
-    if percentile is None:
+           config: OODConfig = OODConfig(), layer: str = "",
+           others: Optional[dict[str, tuple[float, Optional[float]]]] = None) -> OODReport:
+    """Turn reconstruction errors (and their percentiles among atlas images) into a verdict and a sentence.
+
+    ``error``/``percentile`` are the analysed ``layer``'s; ``others`` maps
+    further layers (same image, same t) to theirs. The worst layer decides.
+    """
+    checked = {layer: (float(error), percentile), **(others or {})}
+    layers = {k: {"reconstruction_error": float(e), "error_percentile": None if q is None else float(q)}
+              for k, (e, q) in checked.items()}
+    known = {k: v for k, v in checked.items() if v[1] is not None}
+    if not known:
         return OODReport(float(error), None, diffc_confidence, False,
-                         "This release records no reconstruction-error distribution: no out-of-distribution check.")
-    flagged = percentile > config.max_percentile
+                         "This release records no reconstruction-error distribution: no out-of-distribution check.",
+                         layers)
+    worst = max(known, key=lambda k: known[k][1])
+    w_err, w_pct = known[worst]
+    flagged = w_pct > config.max_percentile
     if flagged:
-        than = "for any atlas image" if percentile >= 100 else f"for {percentile:.1f}% of the atlas images"
-        message = (f"This image is unlike the release's data: the SAE rebuilds its features worse than "
-                   f"{than} (relative error {error:.3f}). Predictions and neuron summaries are unreliable for it.")
+        than = "for any atlas image" if w_pct >= 100 else f"for {w_pct:.1f}% of the atlas images"
+        where = f" at layer {worst}" if worst else ""
+        message = (f"This image is unlike the release's data: the SAE{where} rebuilds its features worse than "
+                   f"{than} (relative error {w_err:.3f}). Predictions and neuron summaries are unreliable for it.")
     else:
-        message = (f"Like the release's data: reconstruction error {error:.3f} is at the {percentile:.0f}th "
+        pct = percentile if percentile is not None else w_pct
+        message = (f"Like the release's data: reconstruction error {float(error):.3f} is at the {pct:.0f}th "
                    "percentile of the atlas images.")
-    return OODReport(float(error), float(percentile), diffc_confidence, flagged, message)
+    return OODReport(float(error), None if percentile is None else float(percentile), diffc_confidence, flagged,
+                     message, layers)

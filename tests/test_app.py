@@ -106,7 +106,8 @@ def test_analyze_matches_library_and_is_sorted(state, images):
     assert payload["note"] is None  # this entry has a Diff-C
     assert set(payload["neurons"][0]) == {"id", "activation", "relevance", "frequency", "summary", "dense"}
     assert set(payload["ood"]) == {"reconstruction_error", "error_percentile", "diffc_confidence",
-                                   "out_of_distribution", "message"}
+                                   "out_of_distribution", "message", "layers"}
+    assert layer in payload["ood"]["layers"]
     assert payload["ood"]["diffc_confidence"] == pytest.approx(max(preds.values()), abs=1e-5)
 
 
@@ -122,7 +123,7 @@ def test_unlike_images_are_flagged_and_shapes_are_not(state, images, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
     flagged = A.analyze(state, str(noise), layer, t).ood
     assert flagged["out_of_distribution"] and "unlike the release's data" in flagged["message"]
-    assert flagged["error_percentile"] == pytest.approx(100.0)
+    assert max(v["error_percentile"] for v in flagged["layers"].values()) == pytest.approx(100.0)
     from revelio_hub.toy.shapes import make_shapes_dataset
 
     shape = make_shapes_dataset(1, seed=11, image_size=32)[0]["image"]

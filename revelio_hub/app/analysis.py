@@ -253,7 +253,7 @@ def analyze(
         predictions = {str(name): round(float(p), 6) for name, p in predictions.items()}
     else:
         note = no_diffc_note(rel, layer, t)
-    ood = out_of_distribution(entry, fmap, predictions or {})
+    ood = out_of_distribution(rel, layer, t, maps, predictions or {})
     return Analysis(rel.name, layer, t, predictions, neurons, digest, display_image(img), note=note, ood=ood,
                     ranking=ranking)
 
@@ -287,17 +287,44 @@ def rank_neurons(atlas: Any, acts: "torch.Tensor", n: int, ranking: str = DEFAUL
     return hits
 
 
-def out_of_distribution(entry: Any, fmap: "torch.Tensor", predictions: dict[str, float]) -> Optional[dict[str, Any]]:
-    """The image's SAE reconstruction error, its percentile among the atlas images, Diff-C's confidence, the verdict."""
+#: Other layers' SAEs join the out-of-distribution check only when this small (d_in × n_latents), so a
+#: release of paper-sized SAEs (1280 × 81,920) never loads extra SAEs for it; the toy release checks all.
+OOD_EXTRA_SAE_MAX_PARAMS = 20_000_000
+
+
+def _small_sae_layers(rel: LoadedRelease, layer: str, t: int) -> list[str]:
+    out = []
+    for item in (getattr(rel.release, "config", None) or {}).get("entries", []):
+        sae = (item.get("metrics") or {}).get("sae") or {}
+        size = (sae.get("d_in") or 0) * (sae.get("n_latents") or 0)
+        if int(item["timestep"]) == t and item["layer"] != layer and item.get("atlas") and \
+                0 < size <= OOD_EXTRA_SAE_MAX_PARAMS:
+            out.append(str(item["layer"]))
+    return out
+
+
+def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, "torch.Tensor"],
+                        predictions: dict[str, float]) -> Optional[dict[str, Any]]:
+    """Reconstruction errors and their percentiles among the atlas images, Diff-C's confidence, the verdict.
+
+    The analysed entry's SAE always counts; small SAEs of the release's other
+    layers at the same t join in (their maps come from the same cached pass,
+    see :data:`OOD_EXTRA_SAE_MAX_PARAMS`), and the worst layer decides.
+    """
     import torch
 
     from revelio_hub.ood import assess, image_reconstruction_error
 
-    with torch.inference_mode():
-        error = float(image_reconstruction_error(entry.sae, fmap)[0])
-    percentile = entry.atlas.error_percentile(error) if entry.atlas is not None else None
+    def check(name: str) -> tuple[float, Optional[float]]:
+        entry = rel.entry(name, t)
+        with torch.inference_mode():
+            err = float(image_reconstruction_error(entry.sae, maps[name])[0])
+        return err, (entry.atlas.error_percentile(err) if entry.atlas is not None else None)
+
+    error, percentile = check(layer)
+    others = {name: check(name) for name in _small_sae_layers(rel, layer, t) if name in maps}
     confidence = max(predictions.values()) if predictions else None
-    return assess(error, percentile, confidence).to_dict()
+    return assess(error, percentile, confidence, layer=layer, others=others).to_dict()
 
 
 def activation_map(state: AppState, analysis: Analysis, neuron: Any) -> "torch.Tensor":
