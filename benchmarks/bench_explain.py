@@ -138,13 +138,14 @@ def ood_rates(A, state, kinds: dict[str, list[Image.Image]], layer: str, t: int)
     return out
 
 
-def tune(A, state, images, entries, top: int, grid_auroc, grid_precision) -> list[dict[str, Any]]:
+def tune(A, state, images, entries, top: int, grid_auroc, grid_precision,
+         ranking: Optional[str] = None) -> list[dict[str, Any]]:
     """Coverage/precision of every threshold pair on the tuning images (rankings fixed, summaries recomputed)."""
     from revelio_hub.neuron_labels import SummaryThresholds
 
     lists = {}
     for layer, t in entries:
-        lists[(layer, t)] = [([n["id"] for n in _listed(_analyze(A, state, img, layer, t, None).to_json(), top)], truth)
+        lists[(layer, t)] = [([n["id"] for n in _listed(_analyze(A, state, img, layer, t, ranking).to_json(), top)], truth)
                              for img, truth in images]
     rows = []
     for a in grid_auroc:
@@ -185,6 +186,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                    help="compare these neuron rankings (relevance, zscore, activation); default: the app's")
     p.add_argument("--ood-images", type=int, default=20, help="blank/noise/gradient images each (default: %(default)s)")
     p.add_argument("--tune", action="store_true", help="sweep the summary thresholds instead (use a tuning seed)")
+    p.add_argument("--grid-auroc", type=float, nargs="*", default=[0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95],
+                   help="min_auroc values tried by --tune")
+    p.add_argument("--grid-precision", type=float, nargs="*", default=[0.7, 0.8, 0.9, 1.0],
+                   help="min_precision values tried by --tune")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
     if a.seed in (0, 1) and not a.tune:
@@ -205,8 +210,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "machine": f"{platform.machine()} {platform.system()}", "date": time.strftime("%Y-%m-%d"),
     }
     if a.tune:
-        report["tuning"] = tune(A, state, images, entries, a.top, (0.8, 0.85, 0.9, 0.95, 0.97, 0.99),
-                                (0.6, 0.7, 0.8, 0.9, 1.0))
+        report["tuning"] = tune(A, state, images, entries, a.top, a.grid_auroc, a.grid_precision,
+                                (a.rankings or [None])[0])
         report["seconds"] = round(time.perf_counter() - t0, 1)
         _print(report, a.json)
         return report
