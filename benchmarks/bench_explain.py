@@ -139,7 +139,7 @@ def ood_rates(A, state, kinds: dict[str, list[Image.Image]], layer: str, t: int)
 
 
 def tune(A, state, images, entries, top: int, grid_auroc, grid_precision,
-         ranking: Optional[str] = None) -> list[dict[str, Any]]:
+         ranking: Optional[str] = None, max_values: Optional[int] = None) -> list[dict[str, Any]]:
     """Coverage/precision of every threshold pair on the tuning images (rankings fixed, summaries recomputed)."""
     from revelio_hub.neuron_labels import SummaryThresholds
 
@@ -155,7 +155,7 @@ def tune(A, state, images, entries, top: int, grid_auroc, grid_precision,
                 atlas = state.get_release().entry(layer, t).atlas
                 saved = atlas.thresholds
                 atlas.thresholds = SummaryThresholds(min_auroc=a, min_precision=p, min_top_images=saved.min_top_images,
-                                                     max_values=saved.max_values)
+                                                     max_values=max_values or saved.max_values)
                 listed = named = correct = 0
                 for ids, truth in items:
                     for i in ids:
@@ -166,7 +166,7 @@ def tune(A, state, images, entries, top: int, grid_auroc, grid_precision,
                             correct += all(v in truth for v in values)
                 atlas.thresholds = saved
                 per[f"{layer}/t{t}"] = (named / listed if listed else 0.0, correct / named if named else 1.0)
-            rows.append({"min_auroc": a, "min_precision": p,
+            rows.append({"min_auroc": a, "min_precision": p, "max_values": max_values,
                          "min_coverage": round(min(c for c, _ in per.values()), 4),
                          "min_precision_measured": round(min(q for _, q in per.values()), 4),
                          "entries": {k: [round(c, 4), round(q, 4)] for k, (c, q) in per.items()}})
@@ -190,6 +190,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                    help="min_auroc values tried by --tune")
     p.add_argument("--grid-precision", type=float, nargs="*", default=[0.7, 0.8, 0.9, 1.0],
                    help="min_precision values tried by --tune")
+    p.add_argument("--max-values", type=int, default=None, help="max_values tried by --tune (default: the atlas')")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
     if a.seed in (0, 1) and not a.tune:
@@ -211,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     if a.tune:
         report["tuning"] = tune(A, state, images, entries, a.top, a.grid_auroc, a.grid_precision,
-                                (a.rankings or [None])[0])
+                                (a.rankings or [None])[0], a.max_values)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         _print(report, a.json)
         return report

@@ -580,6 +580,19 @@ class NeuronAtlas:
         mean = self.stats["mean_activation"].to(activations.device, torch.float32)
         return torch.where(mean > 0, activations.float() / mean.clamp_min(1e-12), activations.float())
 
+    def top_relative(self, activations: torch.Tensor) -> torch.Tensor:
+        """Activation / the neuron's weakest top image (its ``purity_top``-th highest activation).
+
+        ≥ 1 means the image would enter the neuron's top images, the regime its
+        summary describes; neurons without top images get their raw activation.
+        """
+        top = int(self.meta.get("purity_top", 10))
+        acts_top = self.stats["top_activations"][:, :top]
+        filled = acts_top > 0
+        low = torch.where(filled, acts_top, torch.full_like(acts_top, math.inf)).min(1).values
+        low = torch.where(torch.isfinite(low), low, torch.zeros_like(low)).to(activations.device, torch.float32)
+        return torch.where(low > 0, activations.float() / low.clamp_min(1e-12), activations.float())
+
     def zscore(self, activations: torch.Tensor) -> torch.Tensor:
         """(activation − mean over all atlas images) / std over them; NaN-free (0 where the std is 0)."""
         freq = self.stats["frequency"].to(activations.device, torch.float32)

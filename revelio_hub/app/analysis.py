@@ -31,9 +31,10 @@ DISPLAY_SIZE = 384
 SORT_KEYS = ("frequency", "auroc", "entropy", "mean_activation")
 #: How an image's neurons are ranked. ``relevance`` (default): activation / the neuron's mean activation
 #: when it fires, i.e. how unusual this activation is for this neuron; chosen over a z-score and raw
-#: activation with benchmarks/bench_explain.py (docs/benchmarks.md). ``zscore``: (activation − mean over
+#: activation with benchmarks/bench_explain.py (docs/benchmarks.md). ``top``: activation / the neuron's
+#: weakest top image (≥ 1: this image would be one of its top images). ``zscore``: (activation − mean over
 #: all atlas images) / std. ``activation``: raw activation (lists always-on neurons first).
-RANKINGS = ("relevance", "zscore", "activation")
+RANKINGS = ("relevance", "top", "zscore", "activation")
 DEFAULT_RANKING = "relevance"
 
 ProgressFn = Callable[[float, str], None]
@@ -262,6 +263,8 @@ def neuron_scores(atlas: Any, acts: "torch.Tensor", ranking: str = DEFAULT_RANKI
     """The ranking score of every neuron for one image's activations (see :data:`RANKINGS`)."""
     if atlas is None or ranking == "activation":
         return acts.float()
+    if ranking == "top":
+        return atlas.top_relative(acts)
     return atlas.zscore(acts) if ranking == "zscore" else atlas.relevance(acts)
 
 
