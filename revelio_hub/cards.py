@@ -247,11 +247,12 @@ To browse the neurons interactively: `python app.py --release {repo_id}`.
 
 FVU is the fraction of variance unexplained on held-out features (lower is better), L0 the mean number of active
 latents, *dead* the share of latents that never fired. σ_label is the paper's metric, computed as its code does: the
-sample standard deviation of the class ids of a neuron's top-10 images, averaged over the 1,000 neurons with the
-highest mean activation among those firing on more than 10 images (lower means more class-specific); entropy is the
-label entropy of the top images of the 1,000 most frequent neurons. *Named* is the share of live neurons whose summary
-names a label value (the rest say `mixed`): a value is named only when the neuron's activation detects it over all
-atlas images (AUROC) *and* most of its top images carry it. Diff-C accuracy is measured on the test split.
+sample standard deviation of the class ids of a neuron's top-10 images, averaged over the (up to) 1,000 neurons with
+the highest mean activation among those firing on more than 10 images (lower means more class-specific); entropy is
+the label entropy of the top images of the (up to) 1,000 most frequent neurons. *Named* is the share of live neurons
+whose summary names a label value (the rest say `mixed`): a value is named only when most of the neuron's top images
+carry it *and* its activation is positively associated with it over all atlas images (AUROC, shown in the summary:
+0.5 = chance, 1 = it singles the value out perfectly). Diff-C accuracy is measured on the test split.
 
 {_examples(item)}
 {figure}
