@@ -46,7 +46,7 @@ from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
 logger = logging.getLogger(__name__)
 
-NEURON_HEADERS = ["neuron", "activation", "× its usual", "summary"]
+NEURON_HEADERS = ["neuron", "activation", "× usual", "summary"]
 
 CSS = """
 #revelio-title h1 {margin-bottom: 0}
@@ -198,9 +198,9 @@ def card_markdown(rel: LoadedRelease) -> str:
 HELP = """
 **How to read this.** The backbone noises the image to timestep *t* and reads one layer.
 A k-sparse autoencoder splits that feature into neurons; the table lists those firing most unusually
-strongly *for them* ("× its usual": activation over the neuron's mean when it fires). A summary names a
-label value only when the neuron detects it over the whole atlas (AUROC: 0.5 = chance, 1 = perfect) and
-most of its top images carry it; otherwise it says *mixed*. Neurons firing on most images are hidden
+strongly *for them* ("× usual": activation over the neuron's mean when it fires). A summary names a
+label value only when most of the neuron's top images carry it and its activation goes with that value
+across the atlas (AUROC: 0.5 = chance, 1 = perfect); otherwise it says *mixed*. Neurons firing on most images are hidden
 unless you tick the box. Pick a neuron (click a row) to see the dataset images that excite it most and,
 on the right, *where* it fires on your image. Small *t* keeps fine detail; larger *t* keeps coarse layout.
 """
