@@ -279,8 +279,12 @@ def test_neuron_browser(state):
     assert any(found.values())
     for c, rows_c in found.items():
         for row in rows_c[:3]:  # a neuron listed for c has top images that are mostly c
-            hist = A.neuron_details(state, "", layer, t, row[0]).histogram
+            atlas = rel.entry(layer, t).atlas
+            hist = atlas.label_histogram(row[0])
             assert max(hist, key=hist.get) == c
+            details = A.neuron_details(state, "", layer, t, row[0])  # shows its best-explaining column
+            column_hist = atlas.label_histogram(row[0], column=details.histogram_column)
+            assert max(details.histogram, key=details.histogram.get) == max(column_hist, key=column_hist.get)
 
 
 def test_release_lookup_and_shared_backbone():
