@@ -292,6 +292,12 @@ class Events:
         choices = [(f"{n.id} · {n.summary}" if n.summary else str(n.id), n.id) for n in shown]
         return result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result
 
+    def apply_dense_choice(self, result, show_dense):
+        """After Analyze: list the dense neurons too when the box is ticked (nothing to do otherwise)."""
+        if result is None or not show_dense:
+            return (gr.update(),) * 7
+        return self.toggle_dense(result, show_dense)
+
     def toggle_dense(self, result, show_dense):
         """Show or hide dense neurons in the image's table (no backbone pass)."""
         with user_errors("listing the neurons"):
@@ -494,11 +500,13 @@ def build_ui(state: AppState) -> gr.Blocks:
 
         # ---------------------------------------------------------------- events
         neuron_outputs = [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state]
+        # /analyze keeps its four inputs (API callers); a ticked "show dense" box is applied right after
         analyzed = analyze_btn.click(
-            ev.analyze, [image_in, layer_dd, t_dd, release_dd, show_dense], [*neuron_outputs, ood_md],
+            ev.analyze, [image_in, layer_dd, t_dd, release_dd], [*neuron_outputs, ood_md],
             api_name="analyze", preprocess=False, show_progress="full",
             concurrency_id="backbone", concurrency_limit=cfg.concurrency,
         )
+        analyzed.then(ev.apply_dense_choice, [analysis_state, show_dense], neuron_outputs, **private)
         show_dense.input(ev.toggle_dense, [analysis_state, show_dense], neuron_outputs, **private)
         neuron_dd.input(ev.select_neuron, [analysis_state, neuron_dd], [caption, gallery, heatmap], **private)
         neuron_table.select(ev.select_row, [analysis_state], [neuron_dd, caption, gallery, heatmap], **private)
