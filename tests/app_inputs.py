@@ -7,10 +7,11 @@ maps a case name to (maker, regex the user-facing error must match);
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -172,6 +173,37 @@ class LaunchedApp:
 
     def close(self) -> None:
         self.demo.close()
+
+
+#: The tag Gradio's uploads carry (``gradio_client.handle_file``, the browser).
+FILEDATA_TAG = {"_type": "gradio.FileData"}
+
+
+def call(app, api_name: str, data: list, timeout: float = 120) -> tuple[str, Any]:
+    """POST ``data`` to ``/gradio_api/call/<api_name>`` and read the event stream: ("complete"|"error", payload)."""
+    import httpx
+
+    r = httpx.post(f"{app.url}gradio_api/call/{api_name}", json={"data": data}, timeout=timeout)
+    assert r.status_code == 200, r.text
+    event_id = r.json()["event_id"]
+    event = None
+    with httpx.stream("GET", f"{app.url}gradio_api/call/{api_name}/{event_id}", timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                return event, json.loads(line.split(":", 1)[1])
+    raise AssertionError(f"no result for /{api_name}")
+
+
+def upload(app, path: Path) -> str:
+    """Upload ``path`` the way the browser and gradio_client do; returns its server-side path."""
+    import httpx
+
+    with open(path, "rb") as fh:
+        r = httpx.post(f"{app.url}gradio_api/upload", files={"files": (path.name, fh, "image/png")}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()[0]
 
 
 class LibraryReference:

@@ -164,14 +164,16 @@ def test_selecting_neurons_and_layers_reuses_backbone_features(state, images, co
     loads_before = state.backbones.loads
 
     out = events.analyze(uploaded(path, "blue.png"), layer, t, "", progress=None)
-    preds, rows, neuron_update, caption, gallery, overlay, result, ood = out
+    preds, note, rows, neuron_update, caption, gallery, overlay, result, ood = out
     assert count_backbone_calls[0] == 1
     assert [r[0] for r in rows] == [n.id for n in result.visible_neurons()]
     assert neuron_update["value"] == result.visible_neurons()[0].id
     # the dense toggle lists the dense neurons too, from the analysed result (no backbone pass)
     rows_all = events.toggle_dense(result, True)[1]
     assert [r[0] for r in rows_all] == [n.id for n in result.neurons]
-    assert overlay.size == (A.DISPLAY_SIZE, A.DISPLAY_SIZE)
+    # The backbone's square crop at display size, with the colour scale drawn under it.
+    assert overlay.size[0] == A.DISPLAY_SIZE and A.DISPLAY_SIZE < overlay.size[1] < A.DISPLAY_SIZE + 80
+    assert "centre crop" in caption
     assert 0 < len(gallery) <= state.config.top_images
 
     # Another neuron: new gallery and heat map, no backbone pass.

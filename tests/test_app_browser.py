@@ -2,7 +2,9 @@
 
 Drives Debian's ``/usr/bin/chromium`` through Python Playwright (no browser
 download). Saves a screenshot to the test's tmp folder, and also to the path
-in ``$REVELIO_SCREENSHOT`` when set (``REVELIO_SCREENSHOT=docs/screenshot.png``).
+in ``$REVELIO_SCREENSHOT`` when set (``REVELIO_SCREENSHOT=docs/screenshot.png``);
+the phone-width pass likewise to ``$REVELIO_SCREENSHOT_MOBILE``
+(``docs/screenshot-mobile.png``).
 """
 
 from __future__ import annotations
@@ -98,4 +100,66 @@ def test_upload_analyze_and_see_everything(app, browser, tmp_path):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, target)
     assert not errors, errors
+    page.close()
+
+
+#: Per tab: the page's width overflow, headers cut short, and headings wrapped into a column of short lines.
+LAYOUT_PROBLEMS = """() => {
+  const problems = [];
+  if (document.documentElement.scrollWidth > innerWidth) {
+    problems.push(`page is ${document.documentElement.scrollWidth}px wide in a ${innerWidth}px window`);
+  }
+  for (const th of document.querySelectorAll('th')) {
+    if (th.offsetParent === null) continue;  // on another tab
+    const label = th.querySelector('.header') || th;
+    const text = label.innerText.trim();
+    if (!text) continue;
+    if (label.scrollWidth > label.clientWidth + 1) problems.push(`header "${text}" is cut short`);
+    const line = parseFloat(getComputedStyle(label).lineHeight) || 20;
+    if (th.getBoundingClientRect().height > 2.6 * line) problems.push(`header "${text}" wraps over 3+ lines`);
+  }
+  const h1 = document.querySelector('#revelio-title h1');
+  if (h1 && h1.getBoundingClientRect().height > 1.6 * (parseFloat(getComputedStyle(h1).lineHeight) || 40)) {
+    problems.push('the title wraps');
+  }
+  return problems;
+}"""
+
+
+def open_tab(page, name: str) -> None:
+    """Click a tab, through Gradio's "More tabs" menu when the narrow tab bar has folded it away."""
+    tab = page.get_by_role("tab", name=name)
+    if tab.count() and tab.first.is_visible():
+        tab.first.click()
+        return
+    page.locator("button[aria-label='More tabs']").click()
+    page.locator(".overflow-dropdown button", has_text=name).first.click()
+
+
+def test_phone_width_layout(app, browser, tmp_path):
+    """At 390 px (a phone): nothing wider than the screen, every table header and the title readable."""
+    examples = app.state.get_release().examples
+    image = Path(examples[0][0]) if examples else shape_image(tmp_path / "upload.png", color=(220, 40, 40), size=128)
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#analyze-btn", timeout=60_000)
+    page.locator("#image-in input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#image-in img", timeout=30_000)
+    page.click("#analyze-btn")
+    page.wait_for_selector("#heatmap img", timeout=90_000)
+    page.wait_for_selector("#neuron-gallery img", timeout=90_000)
+    page.wait_for_timeout(500)
+    problems = {"Analyze": page.evaluate(LAYOUT_PROBLEMS)}
+    shot = tmp_path / "screenshot-mobile.png"
+    page.screenshot(path=str(shot), full_page=True)
+    for tab in ("Neuron browser", "About"):
+        open_tab(page, tab)
+        page.wait_for_timeout(800)
+        problems[tab] = page.evaluate(LAYOUT_PROBLEMS)
+    assert page.locator("th:visible").count() > 0  # the About tab's metrics table was checked
+    assert not any(problems.values()), problems
+    target = os.environ.get("REVELIO_SCREENSHOT_MOBILE")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
     page.close()

@@ -96,9 +96,10 @@ def test_analyze_json_defaults_and_release_by_name(app, client, images):
 
 
 def test_ui_analyze_endpoint(client, images):
-    preds, table, neuron, caption, gallery, heatmap, ood = client.predict(
+    preds, note, table, neuron, caption, gallery, heatmap, ood = client.predict(
         handle_file(str(images[2])), None, None, None, api_name="/analyze"
     )
+    assert not note  # the default entry has a Diff-C head
     assert preds["confidences"] and table["data"]
     assert ood  # the out-of-distribution line (or warning) is always filled in
     assert neuron["value"] == table["data"][0][0]

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import LaunchedApp, app_release_path, huge_png, not_an_image, shape_image  # noqa: E402
+from app_inputs import LaunchedApp, app_release_path, call, huge_png, not_an_image, shape_image, upload  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 gr = pytest.importorskip("gradio")
@@ -61,29 +61,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {"secret": shape_image(folder / "secret.png", color=(10, 200, 10)), "missing": folder / "missing.png"}
 
 
-def call(app, api_name: str, data: list, timeout: float = 120) -> tuple[str, Any]:
-    """POST ``data`` to ``/gradio_api/call/<api_name>`` and read the event stream: ("complete"|"error", payload)."""
-    r = httpx.post(f"{app.url}gradio_api/call/{api_name}", json={"data": data}, timeout=timeout)
-    assert r.status_code == 200, r.text
-    event_id = r.json()["event_id"]
-    event = None
-    with httpx.stream("GET", f"{app.url}gradio_api/call/{api_name}/{event_id}", timeout=timeout) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and event in ("complete", "error"):
-                return event, json.loads(line.split(":", 1)[1])
-    raise AssertionError(f"no result for /{api_name}")
-
-
-def upload(app, path: Path) -> str:
-    """Upload ``path`` the way the browser and gradio_client do; returns its server-side path."""
-    with open(path, "rb") as fh:
-        r = httpx.post(f"{app.url}gradio_api/upload", files={"files": (path.name, fh, "image/png")}, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()[0]
-
-
 def attack_cases(files: dict[str, Path]) -> dict[str, Any]:
     from gradio.utils import get_upload_folder
 
@@ -112,13 +89,49 @@ def attack_cases(files: dict[str, Path]) -> dict[str, Any]:
 
 
 
-def test_every_file_endpoint_is_covered(app):
-    """The cases below cover every event with a file input (a new endpoint cannot slip past them)."""
-    with_files = {
-        fn.api_name for fn in app.demo.fns.values()
+def file_events(app) -> dict[str, int]:
+    """api_name -> fn_index of every event (public or not) with a file input."""
+    return {
+        fn.api_name: i for i, fn in app.demo.fns.items()
         if any('"path"' in json.dumps(c.api_info()) for c in fn.inputs if hasattr(c, "api_info"))
     }
-    assert with_files == set(FILE_ENDPOINTS)
+
+
+#: Private events with a file input: re-analysis after a layer/timestep change (the browser calls them by index).
+PRIVATE_FILE_EVENTS = {"refresh", "refresh_1"}
+
+
+def test_every_file_endpoint_is_covered(app):
+    """The cases below cover every event with a file input (a new endpoint cannot slip past them)."""
+    assert set(file_events(app)) == set(FILE_ENDPOINTS) | PRIVATE_FILE_EVENTS
+
+
+def queue_event(app, fn_index: int, data: list, session: str) -> dict:
+    """Run one event as the browser does (``/queue/join`` + the session's event stream); its final message."""
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    r = httpx.post(f"{app.url}gradio_api/queue/join", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as s:
+        for line in s.iter_lines():
+            msg = json.loads(line[5:]) if line.startswith("data:") else {}
+            if msg.get("msg") == "process_completed":
+                return msg
+    raise AssertionError("no answer")
+
+
+def test_private_reanalysis_events_refuse_server_paths(app, files, tmp_path):
+    """A session with a real result, then the layer-change event with a server path: the same refusal."""
+    events = file_events(app)
+    rel = app.state.get_release()
+    layer, t = rel.default_entry()
+    served = upload(app, shape_image(tmp_path / "mine.png"))
+    session = uuid.uuid4().hex[:10]
+    first = queue_event(app, events["analyze"], [{"path": served, "meta": TAG}, layer, t, rel.name], session)
+    assert first["success"], first
+    for name in sorted(PRIVATE_FILE_EVENTS):
+        for case, value in attack_cases(files).items():
+            msg = queue_event(app, events[name], [value, layer, t, rel.name, None, False], session)
+            assert not msg["success"] and msg["output"]["error"] == UPLOAD_REFUSED, (name, case, msg)
 
 
 @pytest.mark.parametrize("api_name", sorted(FILE_ENDPOINTS))
@@ -148,7 +161,7 @@ def test_a_real_upload_works(app, files, tmp_path):
     assert result["release"] == rel.name and result["neurons"]
     event, payload = call(app, "analyze", [value, None, None, ""])
     assert event == "complete", payload
-    heatmap = payload[5]
+    heatmap = payload[6]
     assert heatmap and heatmap["url"]
     r = httpx.get(heatmap["url"], timeout=30)
     assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"

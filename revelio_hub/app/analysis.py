@@ -354,6 +354,8 @@ def overlay_heatmap(
 ) -> "Image.Image":
     """Colour-map ``amap`` (H×W, upsampled to the image) and alpha-blend it over ``image``.
 
+    The map is upsampled bicubically (clamped at 0: activations are
+    non-negative), so a 4×4 map reads as a smooth field rather than 16 blocks.
     Opacity follows activation, so where the neuron is silent the image shows
     through. ``scale`` is the activation drawn at full colour (default: the
     map's maximum); a neuron that never fires leaves the image untouched.
@@ -365,7 +367,7 @@ def overlay_heatmap(
     from PIL import Image
 
     w, h = image.size
-    up = F.interpolate(amap[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    up = F.interpolate(amap[None, None].float(), size=(h, w), mode="bicubic", align_corners=False)[0, 0].clamp(min=0)
     peak = float(scale) if scale else float(up.max())
     if peak <= 0:
         return image.copy()
@@ -376,6 +378,42 @@ def overlay_heatmap(
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     out = base * (1 - weight) + heat * weight
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def with_colour_scale(
+    overlay: "Image.Image", peak: float, *, alpha: float = 0.65, cmap: str = "inferno", height: int = 44
+) -> "Image.Image":
+    """``overlay`` with a colour scale under it: the colours of :func:`overlay_heatmap` from 0 to ``peak``.
+
+    Drawn into the image (not as page furniture), so API users and saved
+    copies keep the legend. The bar shows each colour as blended at full
+    strength over mid-grey, labelled with the activation it stands for.
+    """
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = overlay.size
+    out = Image.new("RGB", (w, h + height), (255, 255, 255))
+    out.paste(overlay.convert("RGB"), (0, 0))
+    pad, bar_h = 8, 12
+    ramp = np.linspace(0, 1, max(1, w - 2 * pad))
+    colours = colormaps[cmap](ramp)[:, :3] * 255
+    weight = (alpha * np.sqrt(ramp))[:, None]
+    bar = (128 * (1 - weight) + colours * weight).astype(np.uint8)
+    out.paste(Image.fromarray(np.repeat(bar[None], bar_h, axis=0), mode="RGB"), (pad, h + 4))
+    draw = ImageDraw.Draw(out)
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1: the bitmap font has one size
+        font = ImageFont.load_default()
+    y = h + 4 + bar_h + 2
+    draw.text((pad, y), "0", fill=(40, 40, 40), font=font)
+    middle = "activation of the neuron"
+    draw.text(((w - draw.textlength(middle, font=font)) / 2, y), middle, fill=(40, 40, 40), font=font)
+    top = f"{peak:.3g}"
+    draw.text((w - pad - draw.textlength(top, font=font), y), top, fill=(40, 40, 40), font=font)
+    return out
 
 
 def neuron_gallery(state: AppState, release: Optional[str], layer: str, timestep: Any, neuron: Any, n: Optional[int] = None) -> list[tuple[Any, str]]:
@@ -415,12 +453,13 @@ def neuron_view(state: AppState, analysis: Analysis, neuron: Any) -> tuple[list[
     entry = rel.entry(analysis.layer, analysis.timestep)
     neuron_id = _check_neuron(entry, neuron)
     amap = activation_map(state, analysis, neuron_id)
-    overlay = overlay_heatmap(analysis.image, amap)
-    gallery = _top_images(entry.atlas, neuron_id, state.config.top_images)
     peak = float(amap.max())
+    overlay = with_colour_scale(overlay_heatmap(analysis.image, amap), max(peak, 0.0))
+    gallery = _top_images(entry.atlas, neuron_id, state.config.top_images)
     summary = _atlas_summary(entry.atlas, neuron_id)
     where = f"peak activation {peak:.3g}" if peak > 0 else "does not fire anywhere on this image"
-    caption = f"Neuron {neuron_id}" + (f" — {summary}" if summary else "") + f" ({where})"
+    caption = (f"Neuron {neuron_id}" + (f" — {summary}" if summary else "") + f" ({where}). "
+               "The heat map covers the square centre crop the backbone sees.")
     return gallery, overlay, caption
 
 
@@ -588,6 +627,7 @@ __all__ = [
     "analyze",
     "activation_map",
     "overlay_heatmap",
+    "with_colour_scale",
     "neuron_view",
     "neuron_gallery",
     "neuron_details",

@@ -264,8 +264,10 @@ def wire(ev: InterpretEvents, *, analyzed: Any, analysis_state: Any, image_in: A
     """Connect the views' events (inside the Blocks' context) and register the JSON endpoints."""
     private = {"api_visibility": "private"}
     shown = [neuron_dd, caption, gallery, heatmap]
-    analyzed.then(ev.after_analyze, analysis_state,
-                  [why.note, why.chart, why.thumbs, why.layout, why.target], **private)
+    # Every event that sets or clears the analysis (Analyze, a layer/timestep re-analysis, a new image or
+    # release) refreshes the explanation, so it never describes another entry's result.
+    for dep in (analyzed if isinstance(analyzed, (list, tuple)) else [analyzed]):
+        dep.then(ev.after_analyze, analysis_state, [why.note, why.chart, why.thumbs, why.layout, why.target], **private)
     why.button.click(ev.why, [analysis_state, why.target], [why.note, why.chart, why.thumbs, why.layout], **private)
     why.target.input(ev.why, [analysis_state, why.target], [why.note, why.chart, why.thumbs, why.layout], **private)
     why.chart.select(ev.click_bar, [analysis_state, why.layout], shown, **private)

@@ -41,7 +41,7 @@ from revelio_hub.app import analysis as A
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.temp_files import cleanup_lifespan
-from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots
+from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots, whole_number
 from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,17 @@ CSS = """
 #analyze-btn {min-height: 48px; font-size: 1.05em}
 .revelio-caption {min-height: 2.2em}
 #ood-warning.ood-flagged {border-left: 4px solid #d97706; padding-left: 8px}
+/* Wide markdown tables (the card's metrics, a neuron's stats) scroll inside their box instead of
+   squeezing each cell to one character per line on a phone. */
+.revelio-md table {display: block; max-width: 100%; overflow-x: auto}
+.revelio-md th, .revelio-md td {white-space: nowrap}
+.revelio-md img {max-width: 100%; height: auto}
+/* On a phone the tab names are set tighter, so the tab bar shows them instead of folding them into "...". */
+@media (max-width: 480px) {
+  .tab-wrapper button {padding-left: 6px !important; padding-right: 6px !important; font-size: 13px !important}
+}
+/* Data tables keep their column widths and scroll sideways on narrow screens. */
+.revelio-table table {min-width: max-content}
 """
 
 
@@ -219,6 +230,12 @@ def _num(x: float, fmt: str) -> str:
     return "–" if x != x else format(x, fmt)
 
 
+BROWSER_PROMPT = "Pick a neuron id, or click a row of a list below."
+#: Pixel widths that fit each header of the browser's tables (the summary takes the rest).
+BROWSER_COLUMNS = ["88px", "148px", "128px", "148px", "148px", "auto"]
+HEATMAP_LABEL = "Where the neuron fires (centre crop)"
+
+
 def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
     text = (
         f"### Neuron {d.id}{' (dense)' if d.dense else ''}\n{d.summary or ''}\n\n"
@@ -270,6 +287,12 @@ class Events:
 
     # ---------------------------------------------------------------- Analyze
 
+    #: What :meth:`analyze` returns for "nothing analysed": every result output emptied.
+    @staticmethod
+    def clear_results():
+        """Empty every output of the Analyze tab (the image, layer, timestep or release changed, or an error)."""
+        return (None, "", [], gr.update(choices=[], value=None), "", [], None, None, gr.update(value="", visible=False))
+
     def analyze(self, image, layer, timestep, release, show_dense=False, progress=gr.Progress()):
         """Analyze an image: predicted classes, its most relevant neurons, the first one's images and heat map,
         and whether the image is like the release's data."""
@@ -278,7 +301,9 @@ class Events:
                 self.state, self.served_image(image), layer, timestep, release,
                 progress=(lambda frac, desc: progress(frac, desc=desc)) if progress is not None else None,
             )
-            return (*self._neuron_outputs(result, show_dense), _ood_markdown(result))
+            preds, *shown = self._neuron_outputs(result, show_dense)
+            # The note is a plain string (API users get text, not a component update); "" shows nothing.
+            return (preds, result.note or "", *shown, _ood_markdown(result))
 
     def _neuron_outputs(self, result: A.Analysis, show_dense) -> tuple:
         rows = _neuron_rows(result, show_dense)
@@ -305,23 +330,47 @@ class Events:
                 return (gr.update(),) * 7
             return self._neuron_outputs(result, show_dense)
 
-    def select_neuron(self, result, neuron):
+    def refresh(self, image, layer, timestep, release, previous, show_dense=False, progress=gr.Progress()):
+        """After the layer, timestep or release changed: analyse again if there was a result, else clear.
+
+        The image's features are cached per timestep, so a new layer costs no
+        backbone pass; results of the old entry never stay on screen.
+        """
+        if previous is None or image is None:
+            return self.clear_results()
+        return self.analyze(image, layer, timestep, release, show_dense, progress=progress)
+
+    def _current(self, result, layer, timestep, release):
+        """``result`` if it is for the entry now chosen, else a ``ValueError`` (never show an old layer's neuron)."""
+        if result is None:
+            raise ValueError("Analyze an image first.")
+        if None not in (layer, timestep):
+            rel, layer, t = A.resolve_entry(self.state, release, layer, timestep)
+            if (result.release, result.layer, result.timestep) != (rel.name, layer, t):
+                raise ValueError(
+                    f"These results are for {result.layer} t={result.timestep}; "
+                    f"click Analyze for {layer} t={t}."
+                )
+        return result
+
+    def select_neuron(self, result, neuron, layer=None, timestep=None, release=None):
         """Show another neuron of the analysed image (cached features: no backbone pass)."""
         with user_errors("showing the neuron"):
-            if result is None:
-                raise ValueError("Analyze an image first.")
+            result = self._current(result, layer, timestep, release)
             if neuron is None:
                 return "", [], result.image
             gal, overlay, text = A.neuron_view(self.state, result, neuron)
             return text, gal, overlay
 
-    def select_row(self, result, evt: gr.SelectData):
-        """A click on a row of the image's neuron table selects that neuron."""
+    def select_row(self, result, layer=None, timestep=None, release=None, evt: gr.SelectData = None):
+        """A click on a row of a neuron table selects that neuron (refused if the result is of another entry
+        than the layer/timestep on screen; the Compare tables pass only the result)."""
         with user_errors("showing the neuron"):
-            row = evt.row_value or []
+            result = self._current(result, layer, timestep, release)
+            row = (evt.row_value if evt is not None else None) or []
             if not row:
                 raise ValueError("Click a row of the neuron table.")
-            neuron = int(row[0])
+            neuron = whole_number(row[0], "Neuron id")
             text, gal, overlay = self.select_neuron(result, neuron)
             return gr.update(value=neuron), text, gal, overlay
 
@@ -340,13 +389,12 @@ class Events:
             return _entry_updates(self.state.get_release(release), layer)[1]
 
     def change_release(self, release):
+        """New release: its layers, timesteps, examples and card; the old release's results are cleared."""
         with user_errors("switching release"):
             rel = self.state.get_release(release)
             layer_u, t_u = _entry_updates(rel)
             layer_b, t_b = _entry_updates(rel)
-            return (layer_u, t_u, rel.examples, card_markdown(rel), layer_b, t_b,
-                    None, [], gr.update(choices=[], value=None), "", [], None, None,
-                    gr.update(value="", visible=False))
+            return (layer_u, t_u, rel.examples, card_markdown(rel), layer_b, t_b, *self.clear_results())
 
     # --------------------------------------------------------- Neuron browser
 
@@ -366,20 +414,26 @@ class Events:
                 return []
             return A.search_rows(self.state, release, layer, timestep, name)
 
-    def browser_entry(self, release, layer, timestep, by, name):
-        """Fill the browser's lists for the chosen (release, layer, t)."""
+    def browser_entry(self, release, layer, timestep, by, name, neuron=None):
+        """Fill the whole browser for the chosen (release, layer, t): both lists, and the shown neuron's
+        stats, label histogram and top images for *this* entry (cleared if the id does not exist here)."""
         with user_errors("loading the release entry"):
             values = A.label_values(self.state, release, layer, timestep)
             name = name if name in {key for _, key in values} else None
-            return (A.sorted_neurons(self.state, release, layer, timestep, by),
-                    gr.update(choices=values, value=name),
-                    A.search_rows(self.state, release, layer, timestep, name) if name else [])
+            lists = (A.sorted_neurons(self.state, release, layer, timestep, by),
+                     gr.update(choices=values, value=name),
+                     A.search_rows(self.state, release, layer, timestep, name) if name else [])
+            try:
+                details = A.neuron_details(self.state, release, layer, timestep, neuron)
+            except ValueError:  # no neuron chosen, or an id this entry does not have
+                return (*lists, BROWSER_PROMPT, None, [])
+            return (*lists, _neuron_stats_markdown(details), details.histogram, details.top_images)
 
     def browser_row(self, release, layer, timestep, evt: gr.SelectData):
         row = evt.row_value or []
         if not row:
             raise gr.Error("Click a row of the list.", print_exception=False)
-        neuron = int(row[0])
+        neuron = row[0]
         return (neuron, *self.neuron_details(release, layer, timestep, neuron))
 
     # ------------------------------------------------------------------- API
@@ -390,7 +444,8 @@ class Events:
         "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution", "message",
         "layers"}}
         with neurons sorted by relevance (activation over the neuron's usual activation; dense ones flagged).
-        layer "" and timestep -1 mean the release's default entry; release "" the app's default release."""
+        layer "" and timestep -1 mean the release's default entry; release "" the app's default release (by name);
+        timestep may be an int or a numeric string. "note" says why predictions are null (no Diff-C head)."""
         with user_errors("analysing the image"):
             return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
 
@@ -412,12 +467,14 @@ def build_ui(state: AppState) -> gr.Blocks:
     private = {"api_visibility": "private"}
 
     with ServedBlocks(title="Revelio Hub", fill_width=True) as demo:
-        with gr.Row(equal_height=True):
-            gr.Markdown(
-                "# Revelio Hub\nSee what a diffusion model knows: which sparse-autoencoder neurons an image "
-                "lights up, where they fire, what they mean, and the classes a light probe reads from the same features.",
-                elem_id="revelio-title",
-            )
+        with gr.Row(equal_height=True, elem_id="revelio-header"):
+            with gr.Column(scale=3, min_width=320):  # wider than a phone's share: the row wraps, the title stays whole
+                gr.Markdown(
+                    "# Revelio Hub\nSee what a diffusion model knows: which sparse-autoencoder neurons an image "
+                    "lights up, where they fire, what they mean, and the classes a light probe reads from the same "
+                    "features.",
+                    elem_id="revelio-title",
+                )
             release_dd = gr.Dropdown(
                 release_choices, value=rel0.name, label="Release", scale=0, min_width=240,
                 interactive=len(release_choices) > 1, elem_id="release",
@@ -446,19 +503,24 @@ def build_ui(state: AppState) -> gr.Blocks:
                     with gr.Column(scale=3, min_width=380):
                         ood_md = gr.Markdown("", visible=False, elem_id="ood-warning")
                         with gr.Row(equal_height=True):
-                            preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
-                                             elem_id="predictions")
-                            heatmap = gr.Image(label="Where the selected neuron fires", height=260, interactive=False,
+                            with gr.Column(min_width=200):
+                                preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
+                                                 elem_id="predictions")
+                                preds_note = gr.Markdown("", label="Why there are no predicted classes",
+                                                         elem_id="predictions-note")
+                            heatmap = gr.Image(label=HEATMAP_LABEL, height=300, interactive=False,
                                                format="png", elem_id="heatmap")
                         neuron_table = gr.Dataframe(
                             headers=NEURON_HEADERS, datatype=["number", "number", "number", "str"],
                             label="Most relevant neurons of this image (click a row)", interactive=False,
-                            max_height=260, column_widths=["11%", "14%", "13%", "62%"], elem_id="neurons",
+                            max_height=260, column_widths=["88px", "104px", "92px", "auto"], elem_id="neurons",
+                            elem_classes=["revelio-table"],
                         )
                         with gr.Row(equal_height=True):
                             neuron_dd = gr.Dropdown([], label="Selected neuron", scale=1, min_width=160,
                                                     elem_id="neuron-select")
-                            caption = gr.Markdown("", elem_classes=["revelio-caption"])
+                            caption = gr.Markdown("", label="About the selected neuron", elem_classes=["revelio-caption"],
+                                                  elem_id="neuron-caption")
                         gallery = gr.Gallery(
                             label="Its top-activating dataset images", columns=5, height="auto",
                             object_fit="contain", allow_preview=True, elem_id="neuron-gallery",
@@ -470,11 +532,12 @@ def build_ui(state: AppState) -> gr.Blocks:
                 with gr.Row():
                     b_layer = gr.Dropdown(rel0.layers, value=layer0, label="Layer")
                     b_t = gr.Dropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
-                    b_neuron = gr.Number(value=0, precision=0, minimum=0, label="Neuron id")
+                    b_neuron = gr.Number(value=0, minimum=0, step=1, label="Neuron id")
                     b_show = gr.Button("Show neuron", variant="primary")
                 with gr.Row():
                     with gr.Column(scale=2):
-                        b_stats = gr.Markdown("Pick a neuron id, or click a row of a list below.")
+                        b_stats = gr.Markdown(BROWSER_PROMPT, label="Neuron statistics", elem_id="neuron-stats",
+                                              elem_classes=["revelio-md"])
                         b_hist = gr.Label(label="Labels of its top images (best-explaining column)", num_top_classes=8)
                     with gr.Column(scale=3):
                         b_gallery = gr.Gallery(label="Top-activating images", columns=5, height="auto",
@@ -486,56 +549,75 @@ def build_ui(state: AppState) -> gr.Blocks:
                                            ("mean activation", "mean_activation")],
                                           value="frequency", label="Sort neurons by")
                         b_sorted = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False, max_height=320,
-                                                label="Neurons (click a row)")
+                                                label="Neurons (click a row)", column_widths=BROWSER_COLUMNS,
+                                                elem_id="browser-neurons", elem_classes=["revelio-table"])
                     with gr.Column():
                         b_class = gr.Dropdown([], label="Search: neurons that detect this label value",
                                               filterable=True, elem_id="search-value")
                         b_class_table = gr.Dataframe(headers=A.SEARCH_TABLE_HEADERS, interactive=False,
-                                                     max_height=320, label="Best detectors, by AUROC (click a row)")
+                                                     max_height=320, label="Best detectors, by AUROC (click a row)",
+                                                     elem_id="class-neurons", elem_classes=["revelio-table"])
 
             concept = IU.concept_tab(state)
 
             with gr.Tab("About", id="about"):
-                card_md = gr.Markdown(card_markdown(rel0))
+                card_md = gr.Markdown(card_markdown(rel0), elem_id="revelio-card", elem_classes=["revelio-md"])
 
         # ---------------------------------------------------------------- events
+        # Every output is recomputed or cleared when an input it depends on changes (no stale screens):
+        # a new image clears the results; a new layer/timestep re-analyses (cached features: cheap) when
+        # there was a result; a new release clears; an error clears what the failed call would have replaced.
+        results = [preds, preds_note, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state, ood_md]
         neuron_outputs = [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state]
-        # /analyze keeps its four inputs (API callers); a ticked "show dense" box is applied right after
+        analyze_in = [image_in, layer_dd, t_dd, release_dd]
+        backbone = {"concurrency_id": "backbone", "concurrency_limit": cfg.concurrency}
+        # preprocess=False: the image arrives as the uploaded FileData (served_upload checks it) and the
+        # dropdowns as sent, so numeric strings follow the same rule as /analyze_json.
         analyzed = analyze_btn.click(
-            ev.analyze, [image_in, layer_dd, t_dd, release_dd], [*neuron_outputs, ood_md],
-            api_name="analyze", preprocess=False, show_progress="full",
-            concurrency_id="backbone", concurrency_limit=cfg.concurrency,
+            ev.analyze, analyze_in, results, api_name="analyze", preprocess=False, show_progress="full", **backbone,
         )
+        analyzed.failure(ev.clear_results, None, results, **private)
+        # /analyze keeps its four inputs (API callers); a ticked "show dense" box is applied right after
         analyzed.then(ev.apply_dense_choice, [analysis_state, show_dense], neuron_outputs, **private)
         show_dense.input(ev.toggle_dense, [analysis_state, show_dense], neuron_outputs, **private)
-        neuron_dd.input(ev.select_neuron, [analysis_state, neuron_dd], [caption, gallery, heatmap], **private)
-        neuron_table.select(ev.select_row, [analysis_state], [neuron_dd, caption, gallery, heatmap], **private)
+        image_changed = image_in.change(ev.clear_results, None, results, **private)
+        refresh = {"fn": ev.refresh, "inputs": [*analyze_in, analysis_state, show_dense], "outputs": results,
+                   "preprocess": False, **backbone, **private}
+        layer_refreshed = layer_dd.input(ev.change_layer, [release_dd, layer_dd], t_dd, **private).then(**refresh)
+        t_refreshed = t_dd.input(**refresh)
+        for refreshed in (layer_refreshed, t_refreshed):
+            refreshed.failure(ev.clear_results, None, results, **private)
+        selected = [analysis_state, layer_dd, t_dd, release_dd]
+        neuron_dd.input(ev.select_neuron, [analysis_state, neuron_dd, layer_dd, t_dd, release_dd],
+                        [caption, gallery, heatmap], **private)
+        neuron_table.select(ev.select_row, selected, [neuron_dd, caption, gallery, heatmap], **private)
         examples.select(ev.pick_example, release_dd, image_in, **private)
-        layer_dd.input(ev.change_layer, [release_dd, layer_dd], t_dd, **private)
-        b_layer.input(ev.change_layer, [release_dd, b_layer], b_t, **private)
 
+        browser_inputs = [release_dd, b_layer, b_t, b_sort, b_class, b_neuron]
+        browser_outputs = [b_sorted, b_class, b_class_table, b_stats, b_hist, b_gallery]
         details_io = ([release_dd, b_layer, b_t, b_neuron], [b_stats, b_hist, b_gallery])
-        b_show.click(ev.neuron_details, *details_io, api_name="neuron")
-        b_neuron.submit(ev.neuron_details, *details_io, **private)
-        browser_inputs = [release_dd, b_layer, b_t, b_sort, b_class]
-        browser_outputs = [b_sorted, b_class, b_class_table]
-        b_t.change(ev.browser_entry, browser_inputs, browser_outputs, **private)
+        # preprocess=False: "/neuron" takes the timestep and neuron id as sent (ints or numeric strings), so
+        # a timestep "25" is accepted and a neuron id 3.5 refused instead of rounded.
+        b_show.click(ev.neuron_details, *details_io, api_name="neuron", preprocess=False)
+        b_neuron.submit(ev.neuron_details, *details_io, preprocess=False, **private)
+        b_layer.input(ev.change_layer, [release_dd, b_layer], b_t, **private).then(
+            ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
+        b_t.input(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
         b_sort.change(ev.sorted_neurons, [release_dd, b_layer, b_t, b_sort], b_sorted, **private)
         b_class.input(ev.class_neurons, [release_dd, b_layer, b_t, b_class], b_class_table, **private)
         for table in (b_sorted, b_class_table):
             table.select(ev.browser_row, [release_dd, b_layer, b_t], [b_neuron, b_stats, b_hist, b_gallery], **private)
 
-        release_dd.input(
-            ev.change_release, release_dd,
-            [layer_dd, t_dd, examples, card_md, b_layer, b_t, preds, neuron_table, neuron_dd, caption, gallery,
-             heatmap, analysis_state, ood_md],
-            **private,
+        release_changed = release_dd.input(
+            ev.change_release, release_dd, [layer_dd, t_dd, examples, card_md, b_layer, b_t, *results], **private,
         )
-        demo.load(ev.browser_entry, browser_inputs, browser_outputs, **private)
+        release_changed.then(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
+        demo.load(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
         # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
         gr.api(ev.analyze_json, api_name="analyze_json", concurrency_id="backbone", concurrency_limit=cfg.concurrency)
         IU.wire(
-            IU.InterpretEvents(state, ev), analyzed=analyzed, analysis_state=analysis_state, image_in=image_in,
+            IU.InterpretEvents(state, ev), analyzed=[analyzed, layer_refreshed, t_refreshed, image_changed, release_changed],
+            analysis_state=analysis_state, image_in=image_in,
             layer_dd=layer_dd, t_dd=t_dd, release_dd=release_dd, neuron_dd=neuron_dd, caption=caption,
             gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
             browser=[b_layer, b_t, b_neuron, b_stats, b_hist, b_gallery], concurrency=cfg.concurrency,
