@@ -232,7 +232,7 @@ def _num(x: float, fmt: str) -> str:
 
 BROWSER_PROMPT = "Pick a neuron id, or click a row of a list below."
 #: Pixel widths that fit each header of the browser's tables (the summary takes the rest).
-BROWSER_COLUMNS = ["88px", "148px", "128px", "148px", "148px", "auto"]
+BROWSER_COLUMNS = ["88px", "180px", "140px", "180px", "164px", "auto"]
 HEATMAP_LABEL = "Where the neuron fires (centre crop)"
 
 
