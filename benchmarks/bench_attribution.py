@@ -132,7 +132,7 @@ def time_top16(entry, maps, args) -> dict:
 
 def bench_entry(entry, maps, args, torch):
     from revelio_hub.interpret import deletion_curve, encode_codes
-    from revelio_hub.metrics import spearman
+    from revelio_hub.interpret.metrics import spearman
 
     results = entry.attribute(maps, top=None)  # exact effects for every active neuron
     codes = encode_codes(entry.sae, maps)

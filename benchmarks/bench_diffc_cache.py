@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     from revelio_hub.backbones import load_backbone
-    from revelio_hub.classifier_training import DiffCTrainConfig, LabeledFeatures, train_diffc, train_diffc_online
+    from revelio_hub.diffc.training import DiffCTrainConfig, LabeledFeatures, train_diffc, train_diffc_online
     from revelio_hub.data import open_image_dataset
     from revelio_hub.features import augment_view
     from revelio_hub.toy.backbone_training import ToyBackboneConfig, random_backbone

@@ -141,7 +141,7 @@ def ood_rates(A, state, kinds: dict[str, list[Image.Image]], layer: str, t: int)
 def tune(A, state, images, entries, top: int, grid_auroc, grid_precision,
          ranking: Optional[str] = None, max_values: Optional[int] = None) -> list[dict[str, Any]]:
     """Coverage/precision of every threshold pair on the tuning images (rankings fixed, summaries recomputed)."""
-    from revelio_hub.neuron_labels import SummaryThresholds
+    from revelio_hub.interpret.neuron_labels import SummaryThresholds
 
     lists = {}
     for layer, t in entries:

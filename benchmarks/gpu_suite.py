@@ -385,8 +385,8 @@ def _compiled_runs(ctx: Context, rec: StepRecord, ours: dict, ours_fn: Callable,
 def step_ksae(ctx: Context, rec: StepRecord) -> None:
     import bench_ksae
 
-    from revelio_hub import metrics
-    from revelio_hub.sae_training import SAETrainConfig, evaluate_sae, train_sae
+    from revelio_hub.interpret import metrics
+    from revelio_hub.sae.training import SAETrainConfig, evaluate_sae, train_sae
 
     S, dev = ctx.sizes, ctx.device
     n_train = S.ksae_batches * S.ksae_batch
@@ -431,7 +431,7 @@ def step_ksae(ctx: Context, rec: StepRecord) -> None:
 def step_diffc(ctx: Context, rec: StepRecord) -> None:
     import torch
 
-    from revelio_hub.classifier_training import DiffCTrainConfig, LabeledFeatures, train_diffc
+    from revelio_hub.diffc.training import DiffCTrainConfig, LabeledFeatures, train_diffc
 
     S = ctx.sizes
     c, m, n = S.diffc_channels, S.diffc_map, S.diffc_images
@@ -479,11 +479,11 @@ def build_release(ctx: Context) -> Path:
     from PIL import Image
 
     import paper_models
-    from revelio_hub.atlas import AtlasConfig, build_atlas
-    from revelio_hub.classifier import DiffC
+    from revelio_hub.interpret.atlas import AtlasConfig, build_atlas
+    from revelio_hub.diffc.model import DiffC
     from revelio_hub.recipe import FeatureRecipe
     from revelio_hub.release import EntrySource, assemble_release
-    from revelio_hub.sae import KSparseAutoencoder
+    from revelio_hub.sae.model import KSparseAutoencoder
 
     S = ctx.sizes
     sd = ctx.folder("sd15")

@@ -16,9 +16,9 @@ _EXPORTS = {
     "load_backbone": "revelio_hub.backbones",
     "Backbone": "revelio_hub.backbones",
     "FeatureStore": "revelio_hub.features",
-    "KSparseAutoencoder": "revelio_hub.sae",
-    "DiffC": "revelio_hub.classifier",
-    "NeuronAtlas": "revelio_hub.atlas",
+    "KSparseAutoencoder": "revelio_hub.sae.model",
+    "DiffC": "revelio_hub.diffc.model",
+    "NeuronAtlas": "revelio_hub.interpret.atlas",
     "Release": "revelio_hub.release",
 }
 

@@ -34,8 +34,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from . import __version__
-from .hub import download, is_local, push_folder
+from revelio_hub import __version__
+from revelio_hub.hub import download, is_local, push_folder
 
 __all__ = [
     "Release",
@@ -104,7 +104,7 @@ class ReleaseEntry:
                 f"Entry {self.layer} t={self.timestep} has no {missing}, so its predictions cannot be attributed "
                 f"to neurons. Entries with both a k-SAE and a Diff-C: {both}."
             )
-        from .interpret.attribution import attribute
+        from revelio_hub.interpret.attribution import attribute
 
         kwargs.setdefault("atlas", self.atlas)
         return attribute(self.sae, self.diffc, features, target, top, layer=self.layer, timestep=self.timestep, **kwargs)
@@ -300,9 +300,9 @@ class Release:
         Only ``<layer>/t<timestep>/**`` is downloaded. Missing or corrupt files
         raise an error naming the file.
         """
-        from .atlas import NeuronAtlas
-        from .classifier import DiffC
-        from .sae import KSparseAutoencoder
+        from revelio_hub.interpret.atlas import NeuronAtlas
+        from revelio_hub.diffc.model import DiffC
+        from revelio_hub.sae.model import KSparseAutoencoder
 
         item = self._entry_config(layer, timestep)
         rel = item.get("path") or entry_path(layer, timestep)
@@ -335,7 +335,7 @@ class Release:
         defaults to the release's (the SAEs'); pass an entry's
         ``image_size["diffc"]`` when its Diff-C was trained at another size.
         """
-        from .backbones import load_backbone
+        from revelio_hub.backbones import load_backbone
 
         image_size = image_size or self.config.get("image_size")
         if self.embedded_backbone:
@@ -473,7 +473,7 @@ def default_examples(dataset: str, split: str = "test", count: int = 4) -> list[
     """
     import numpy as np
 
-    from .data import open_image_dataset
+    from revelio_hub.data import open_image_dataset
 
     source = open_image_dataset(dataset, split=split)
     picked: list[tuple[Any, str]] = []
@@ -504,7 +504,7 @@ class _PlannedEntry:
 
 def _plan_entries(sources: Sequence[EntrySource]) -> tuple[list[_PlannedEntry], list[dict], list[str], Optional[str]]:
     """Validate every entry's folders (read only); returns (plan, recipes, class names, dataset from the atlases)."""
-    from .atlas import ATLAS_FILE, NeuronAtlas
+    from revelio_hub.interpret.atlas import ATLAS_FILE, NeuronAtlas
 
     planned: list[_PlannedEntry] = []
     recipes: list[dict] = []
@@ -640,7 +640,7 @@ def assemble_release(
     ``dataset``, when it is a Hub id). Local folders are never written there.
     Examples are image paths, ``(path, label)`` or ``(PIL image, label)`` pairs.
     """
-    from .cards import render_card, render_figure
+    from revelio_hub.cards import render_card, render_figure
 
     out = Path(out)
     _check_target(out, overwrite)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from revelio_hub.atlas import (
+from revelio_hub.interpret.atlas import (
     ATLAS_FILE,
     STATS_FILE,
     AtlasConfig,
@@ -137,7 +137,7 @@ def test_rarely_firing_neuron_lists_only_its_images():
 
 
 def test_build_from_sae_and_feature_batches_matches_activations():
-    from revelio_hub.sae import KSparseAutoencoder
+    from revelio_hub.sae.model import KSparseAutoencoder
 
     torch.manual_seed(0)
     sae = KSparseAutoencoder(d_in=8, n_latents=32, k=4)
@@ -154,7 +154,7 @@ def test_build_from_sae_and_feature_batches_matches_activations():
 
 
 def test_heatmap_overlays_for_top_images(tmp_path):
-    from revelio_hub.sae import KSparseAutoencoder
+    from revelio_hub.sae.model import KSparseAutoencoder
 
     torch.manual_seed(0)
     sae = KSparseAutoencoder(d_in=8, n_latents=16, k=4, granularity="token")
@@ -213,7 +213,7 @@ def test_build_atlas_script_on_a_feature_store(tmp_path):
 
     from revelio_hub.backbones import load_backbone
     from revelio_hub.features import FeatureStore, extract_to_store
-    from revelio_hub.sae import KSparseAutoencoder
+    from revelio_hub.sae.model import KSparseAutoencoder
 
     images = tmp_path / "images"
     for c, colour in (("reds", (200, 30, 30)), ("blues", (30, 30, 200))):
@@ -296,7 +296,7 @@ def test_multi_label_atlas_names_the_value_with_evidence_and_says_mixed_otherwis
     assert atlas.label_columns == COLUMNS
     assert atlas.class_names == COLUMNS["shape"]  # first column = class column
     # AUROC over all images, checked against the rank formula for one (neuron, value)
-    from revelio_hub.metrics import auroc
+    from revelio_hub.interpret.metrics import auroc
 
     auc = atlas.value_auroc("colour")
     assert auc.shape == (4, 2) and auc.dtype == torch.float32
@@ -329,7 +329,7 @@ def test_multi_label_atlas_names_the_value_with_evidence_and_says_mixed_otherwis
     assert atlas.sorted_neurons("auroc")[:2] in ([0, 3], [3, 0])
 
     # Thresholds are data: stricter ones turn the weaker explanation into "mixed".
-    from revelio_hub.neuron_labels import SummaryThresholds
+    from revelio_hub.interpret.neuron_labels import SummaryThresholds
 
     atlas.thresholds = SummaryThresholds(min_auroc=0.999, min_precision=1.0)
     assert atlas.summary(0).startswith("red (colour)")
@@ -339,7 +339,7 @@ def test_multi_label_atlas_names_the_value_with_evidence_and_says_mixed_otherwis
 def test_sigma_label_follows_the_seed_formula():
     """Hand-computed from the seed's save_feature.py: sample std of the top-10 class ids of the neurons
     firing on > 10 images, ranked by mean activation over their firing images."""
-    from revelio_hub.metrics import sigma_label
+    from revelio_hub.interpret.metrics import sigma_label
 
     top = torch.tensor([
         [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],  # std (n-1) = sqrt(0.1 * 0.9 * 10 / 9) = 0.316228

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path  # noqa: E402
 
-from revelio_hub.classifier import DiffC  # noqa: E402
+from revelio_hub.diffc.model import DiffC  # noqa: E402
 from revelio_hub.interpret import (  # noqa: E402
     attribute,
     compare,
@@ -27,9 +27,9 @@ from revelio_hub.interpret import (  # noqa: E402
     label_values,
     remove_neurons,
 )
-from revelio_hub.metrics import spearman  # noqa: E402
+from revelio_hub.interpret.metrics import spearman  # noqa: E402
 from revelio_hub.release import Release  # noqa: E402
-from revelio_hub.sae import KSparseAutoencoder  # noqa: E402
+from revelio_hub.sae.model import KSparseAutoencoder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from revelio_hub.classifier import DiffC
-from revelio_hub.classifier_sweep import SweepConfig, sweep
-from revelio_hub.classifier_training import (
+from revelio_hub.diffc.model import DiffC
+from revelio_hub.diffc.sweep import SweepConfig, sweep
+from revelio_hub.diffc.training import (
     CachedSource,
     DiffCTrainConfig,
     LabeledFeatures,
@@ -432,7 +432,7 @@ def test_online_mode_extracts_fresh_augmented_features_every_epoch(tmp_path):
     from revelio_hub.data import open_image_dataset
     from revelio_hub.toy.shapes import make_shapes_dataset
     from tests.tiny_models import make_tiny_pixel
-    from revelio_hub.classifier_training import train_diffc_online
+    from revelio_hub.diffc.training import train_diffc_online
 
     backbone = load_backbone(make_tiny_pixel(tmp_path / "bb", image_size=16))
     seen: list[tuple[tuple[int, ...], torch.Tensor]] = []

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from revelio_hub import metrics
+from revelio_hub.interpret import metrics
 
 
 def test_fvu_is_centred():

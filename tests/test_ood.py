@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from revelio_hub.atlas import build_atlas
-from revelio_hub.ood import OODConfig, assess, image_reconstruction_error
-from revelio_hub.sae import KSparseAutoencoder
+from revelio_hub.interpret.atlas import build_atlas
+from revelio_hub.interpret.ood import OODConfig, assess, image_reconstruction_error
+from revelio_hub.sae.model import KSparseAutoencoder
 
 
 def _sae(granularity: str) -> KSparseAutoencoder:

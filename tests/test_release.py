@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_tiny_pixel  # noqa: E402
 
-from revelio_hub.atlas import NeuronAtlas, build_atlas  # noqa: E402
-from revelio_hub.classifier import DiffC  # noqa: E402
+from revelio_hub.interpret.atlas import NeuronAtlas, build_atlas  # noqa: E402
+from revelio_hub.diffc.model import DiffC  # noqa: E402
 from revelio_hub.release import EntrySource, Release, assemble_release, push_release  # noqa: E402
-from revelio_hub.sae import KSparseAutoencoder  # noqa: E402
+from revelio_hub.sae.model import KSparseAutoencoder  # noqa: E402
 
 CLASSES = ["red", "blue"]
 BACKBONE_NAME = "test/tiny-pixel"
@@ -40,8 +40,8 @@ def _images() -> list[Image.Image]:
 def artifacts(tmp_path_factory):
     """Trainer-style outputs for two entries of a tiny pixel backbone, with metrics measured on real features."""
     from revelio_hub.backbones import load_backbone
-    from revelio_hub.metrics import topk_accuracy
-    from revelio_hub.sae_training import evaluate_sae
+    from revelio_hub.interpret.metrics import topk_accuracy
+    from revelio_hub.sae.training import evaluate_sae
 
     root = tmp_path_factory.mktemp("artifacts")
     backbone_dir = make_tiny_pixel(root / "backbone", image_size=32)

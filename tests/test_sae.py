@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from revelio_hub.recipe import FeatureRecipe
-from revelio_hub.sae import KSparseAutoencoder
-from revelio_hub.sae_kernels import sparse_decode, topk_encode
-from revelio_hub.sae_training import SAETrainConfig, evaluate_sae, sample_tokens, train_sae
+from revelio_hub.sae.model import KSparseAutoencoder
+from revelio_hub.sae.kernels import sparse_decode, topk_encode
+from revelio_hub.sae.training import SAETrainConfig, evaluate_sae, sample_tokens, train_sae
 from process_group import run_group
 
 
@@ -271,7 +271,7 @@ def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path, monkeypatch):
     assert torch.allclose(ours(x)[0][positive], seed_recon[positive], atol=1e-5)
     assert not torch.allclose(ours(x)[0][~positive], seed_recon[~positive], atol=1e-3)
 
-    from revelio_hub.sae import read_seed_checkpoint
+    from revelio_hub.sae.model import read_seed_checkpoint
 
     cfg = read_seed_checkpoint(path)["cfg"]
     assert type(cfg) is dict and cfg["k"] == k and cfg["timestep"] == 25 and cfg["device"] == torch.device("cpu")
@@ -373,7 +373,7 @@ def test_dead_mask_selects_like_dead_ids(relu):
 
 def test_auxk_loss_is_normalised_by_the_centred_residual_variance():
     """OpenAI's normalized_mse: Σ‖e − ê‖² / Σ‖e − mean(e)‖²; a residual with a large mean does not shrink it."""
-    from revelio_hub.sae_training import _auxk_loss
+    from revelio_hub.sae.training import _auxk_loss
 
     g = torch.Generator().manual_seed(0)
     e = torch.randn(64, 5, generator=g) + 10.0  # large common offset
@@ -495,7 +495,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, capsys):
 def test_batch_larger_than_the_data_uses_the_whole_set_per_step(tmp_path, caplog):
     # as the seed's loader: every step sees all training samples; the step count is kept
     x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0)).relu()
-    with caplog.at_level("WARNING", logger="revelio_hub.sae_training"):
+    with caplog.at_level("WARNING", logger="revelio_hub.sae.training"):
         r = train_sae(x, _small_cfg(eval_fraction=0.1), out_dir=tmp_path / "run", progress=False)
     warning = [rec.getMessage() for rec in caplog.records if "exceeds" in rec.getMessage()]
     assert len(warning) == 1 and "\n" not in warning[0] and "the whole training set (36 samples" in warning[0]
@@ -520,7 +520,7 @@ _DP_SCRIPT = textwrap.dedent(
     from accelerate import Accelerator
     from safetensors.torch import save_file
     from revelio_hub.distributed import finish
-    from revelio_hub.sae_training import SAETrainConfig, train_sae
+    from revelio_hub.sae.training import SAETrainConfig, train_sae
     acc = Accelerator(cpu=True)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1024, 16, generator=g).relu()
@@ -601,7 +601,7 @@ def test_cli_trains_from_a_feature_store(tmp_path, granularity, capsys):
 
 
 def test_geometric_median_resists_outliers():
-    from revelio_hub.sae_training import geometric_median
+    from revelio_hub.sae.training import geometric_median
 
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [1.0, 1e-3], [1000.0, 0.0]])
     # the mean is dragged to x≈200; the geometric median stays with the bulk

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the neuron atlas of a k-SAE over a feature store (top images, label AUROCs, summaries, thumbnails).
 
-Thin command-line wrapper over :func:`revelio_hub.atlas.build_atlas`. Under
+Thin command-line wrapper over :func:`revelio_hub.interpret.atlas.build_atlas`. Under
 ``accelerate launch`` the images are split over processes; each keeps a
 streaming per-neuron top-N and the states are gathered and merged on the main
 process, which then writes the atlas.
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from revelio_hub.atlas import AtlasConfig, TopKAccumulator, atlas_inputs, finalize_atlas, store_batches
-    from revelio_hub.neuron_labels import ActivationLog
-    from revelio_hub.ood import image_reconstruction_error
+    from revelio_hub.interpret.atlas import AtlasConfig, TopKAccumulator, atlas_inputs, finalize_atlas, store_batches
+    from revelio_hub.interpret.neuron_labels import ActivationLog
+    from revelio_hub.interpret.ood import image_reconstruction_error
     from revelio_hub.features import FeatureStore
-    from revelio_hub.sae import KSparseAutoencoder
+    from revelio_hub.sae.model import KSparseAutoencoder
 
     from revelio_hub.distributed import finish, make_accelerator
 

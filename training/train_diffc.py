@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train a Diff-C classifier head on diffusion features, or sweep linear probes over layers × timesteps.
 
-Thin command-line wrapper over :mod:`revelio_hub.classifier_training` and
-:mod:`revelio_hub.classifier_sweep`; runs
+Thin command-line wrapper over :mod:`revelio_hub.diffc.training` and
+:mod:`revelio_hub.diffc.sweep`; runs
 under plain ``python`` or ``accelerate launch``.
 """
 
@@ -40,8 +40,8 @@ resumes from the last finished epoch (checkpoint/, removed when the run finishes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.classifier_sweep import SweepConfig
-    from revelio_hub.classifier_training import DiffCTrainConfig
+    from revelio_hub.diffc.sweep import SweepConfig
+    from revelio_hub.diffc.training import DiffCTrainConfig
     from revelio_hub.cli import HelpFormatter, add_hidden_alias
 
     d, s = DiffCTrainConfig(), SweepConfig()
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _train(a: argparse.Namespace) -> dict:
-    from revelio_hub.classifier_training import DiffCTrainConfig, train_diffc_from_store, train_diffc_online
+    from revelio_hub.diffc.training import DiffCTrainConfig, train_diffc_from_store, train_diffc_online
 
     config = DiffCTrainConfig(
         head=a.head, hidden=a.hidden, dropout=a.dropout, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
@@ -146,7 +146,7 @@ def _train(a: argparse.Namespace) -> dict:
 
 
 def _sweep(a: argparse.Namespace) -> list:
-    from revelio_hub.classifier_sweep import SweepConfig, sweep
+    from revelio_hub.diffc.sweep import SweepConfig, sweep
 
     config = SweepConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, seed=a.seed)
     return sweep(a.train_store, a.out, a.layers, a.timesteps, test_store=a.test_store, config=config,

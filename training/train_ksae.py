@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a k-sparse autoencoder on stored diffusion features.
 
-Thin command-line wrapper over :func:`revelio_hub.sae_training.train_sae`;
+Thin command-line wrapper over :func:`revelio_hub.sae.training.train_sae`;
 ``accelerate launch`` / ``torchrun`` runs it data-parallel (same global batch).
 """
 
@@ -37,7 +37,7 @@ cosine), metrics.jsonl, train_config.json.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.cli import HelpFormatter, add_hidden_alias
-    from revelio_hub.sae_training import SAETrainConfig
+    from revelio_hub.sae.training import SAETrainConfig
 
     d = SAETrainConfig()
     p = argparse.ArgumentParser(
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
-    from revelio_hub.sae_training import SAETrainConfig, load_store_features, load_tensor_features, train_sae
+    from revelio_hub.sae.training import SAETrainConfig, load_store_features, load_tensor_features, train_sae
 
     from revelio_hub.distributed import finish, make_accelerator
 

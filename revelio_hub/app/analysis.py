@@ -316,7 +316,7 @@ def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, 
     """
     import torch
 
-    from revelio_hub.ood import assess, image_reconstruction_error
+    from revelio_hub.interpret.ood import assess, image_reconstruction_error
 
     def check(name: str) -> tuple[float, Optional[float]]:
         entry = rel.entry(name, t)
@@ -432,7 +432,7 @@ def _top_images(atlas: Any, neuron_id: int, n: int) -> list[tuple[Any, str]]:
     """
     if atlas is None:
         return []
-    from revelio_hub.atlas import THUMBNAIL_DIR
+    from revelio_hub.interpret.atlas import THUMBNAIL_DIR
 
     info = atlas.neuron(neuron_id)
     items: list[tuple[Any, str]] = []

@@ -1,4 +1,9 @@
-"""Interpreting predictions with the SAE: attribution, faithfulness, comparison, concept maps.
+"""What the SAE neurons mean and what they do: atlases, metrics, labels, OOD, attribution, comparison.
+
+* :mod:`~revelio_hub.interpret.atlas`: per-neuron statistics and top images (:class:`NeuronAtlas`), search.
+* :mod:`~revelio_hub.interpret.metrics`: FVU, L0, dead fraction, sigma_label, AUROC, accuracy (defined once).
+* :mod:`~revelio_hub.interpret.neuron_labels`: the evidence behind a neuron's summary, and when to say "mixed".
+* :mod:`~revelio_hub.interpret.ood`: is an image unlike the release's data (reconstruction-error percentile).
 
 * :mod:`~revelio_hub.interpret.ablation`: remove SAE neurons from features, keeping the reconstruction error.
 * :mod:`~revelio_hub.interpret.attribution`: which neurons made Diff-C predict a class (exact effects + estimates).

@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from revelio_hub.interpret.ablation import NeuronCodes, as_maps, encode_codes
-from revelio_hub.metrics import spearman
+from revelio_hub.interpret.metrics import spearman
 
 __all__ = ["Attribution", "attribute", "check_pair", "resolve_targets"]
 
@@ -231,8 +231,8 @@ def attribute(
     """Attribute Diff-C's prediction on each image to the SAE neurons active in it.
 
     Args:
-        sae: the entry's :class:`~revelio_hub.sae.KSparseAutoencoder` (token or pooled).
-        diffc: the entry's :class:`~revelio_hub.classifier.DiffC` (same layer and timestep).
+        sae: the entry's :class:`~revelio_hub.sae.model.KSparseAutoencoder` (token or pooled).
+        diffc: the entry's :class:`~revelio_hub.diffc.model.DiffC` (same layer and timestep).
         features: the Diff-C's input, ``N×C×H×W`` (or one ``C×H×W`` map; ``N×C``
             vectors for a linear head), e.g. from ``Backbone.extract``. Reused as is:
             no backbone pass happens here.

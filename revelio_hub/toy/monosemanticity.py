@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from ..metrics import auroc
+from revelio_hub.interpret.metrics import auroc
 
 
 @dataclass
@@ -200,10 +200,10 @@ def run_benchmark(release_path: str, config: Optional[BenchmarkConfig] = None, *
     import tempfile
     from pathlib import Path
 
-    from ..release import Release
-    from .backbone_training import ToyBackboneConfig, random_backbone
-    from .pipeline import TOY_BUILD_FILE, ToyBuildConfig, load_toy_backbone, train_tokens_sae
-    from .shapes import FACTORS, make_shapes_dataset
+    from revelio_hub.release import Release
+    from revelio_hub.toy.backbone_training import ToyBackboneConfig, random_backbone
+    from revelio_hub.toy.pipeline import TOY_BUILD_FILE, ToyBuildConfig, load_toy_backbone, train_tokens_sae
+    from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
 
     cfg = config or BenchmarkConfig()
     release = Release.from_pretrained(release_path)
@@ -296,7 +296,7 @@ def _targets(summary: dict[str, Any], diffc_acc: dict[str, float]) -> dict[str, 
 
 def markdown_summary(report: dict[str, Any]) -> str:
     """The card's table: per factor, the best entry and mean best-unit AUROC of each unit set."""
-    from .shapes import FACTORS
+    from revelio_hub.toy.shapes import FACTORS
 
     s = report["summary"]
     kinds = [k for k in ("sae", "raw", "raw_either_sign", "random_sae", "random_raw") if k in s]

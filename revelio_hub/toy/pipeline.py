@@ -23,14 +23,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .backbone_training import (
+from revelio_hub.toy.backbone_training import (
     SAMPLE_GRID_FILE,
     ToyBackboneConfig,
     ensure_sample_grid,
     is_trained_backbone,
     train_toy_backbone,
 )
-from .shapes import FACTORS, make_shapes_dataset
+from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def make_splits(config: ToyBuildConfig, folder: Path) -> dict[str, Any]:
 
 def load_toy_backbone(folder: str | Path, **kwargs: Any):
     """Open a toy backbone folder under the release's stable backbone name (see :data:`TOY_BACKBONE_NAME`)."""
-    from ..backbones import PixelBackbone
+    from revelio_hub.backbones import PixelBackbone
 
     kwargs.setdefault("name", TOY_BACKBONE_NAME)
     return PixelBackbone.from_pretrained(str(folder), **kwargs)
@@ -217,7 +217,7 @@ def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, o
     Used for the release's SAEs and, with the same settings, for the benchmark's
     random-weights control, so both sides get exactly the same training.
     """
-    from ..sae_training import SAETrainConfig, sample_tokens, train_sae
+    from revelio_hub.sae.training import SAETrainConfig, sample_tokens, train_sae
 
     tokens, _ = sample_tokens(maps.float(), config.sae_tokens_per_image, seed=config.seed)
     cfg = SAETrainConfig(
@@ -231,7 +231,7 @@ def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, o
 
 def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path, progress: bool = False):
     """The release SAE of one (layer, t), trained on the train store's spatial maps."""
-    from ..sae import KSparseAutoencoder
+    from revelio_hub.sae.model import KSparseAutoencoder
 
     marker = out / "toy_stage.json"
     keys = ("sae_expansion", "sae_k", "sae_tokens_per_image", "sae_steps", "sae_batch_size", "sae_lr",
@@ -251,7 +251,7 @@ def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path
 def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: str, t: int, out: Path,
                       progress: bool = False):
     """Diff-C (conv head) on the shape label of one (layer, t); evaluated on the test split."""
-    from ..classifier_training import DiffCTrainConfig, train_diffc_from_store
+    from revelio_hub.diffc.training import DiffCTrainConfig, train_diffc_from_store
 
     cfg = DiffCTrainConfig(head="conv", hidden=config.diffc_hidden, epochs=config.diffc_epochs,
                            batch_size=config.diffc_batch_size, lr=config.diffc_lr, dropout=config.diffc_dropout,
@@ -263,7 +263,7 @@ def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: st
     settings = {"diffc": asdict(cfg), "layer": layer, "timestep": t, "train": str(train_store.path)}
     if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(settings)) \
             and (out / "eval.json").exists():
-        from ..classifier import DiffC
+        from revelio_hub.diffc.model import DiffC
 
         return _Reused(DiffC.from_pretrained(str(out)), json.loads((out / "eval.json").read_text()))
     if out.exists():
@@ -287,8 +287,8 @@ def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int
     The test split keeps the number of distinct thumbnails (and so the release) small;
     thumbnails are the 32-px images themselves.
     """
-    from ..atlas import AtlasConfig, build_atlas
-    from ..sae import KSparseAutoencoder
+    from revelio_hub.interpret.atlas import AtlasConfig, build_atlas
+    from revelio_hub.sae.model import KSparseAutoencoder
 
     sae = KSparseAutoencoder.from_pretrained(str(paths.sae(layer, t)))
     fs = store.load(layer, t, kind="spatial", views=0, image_ids=range(config.atlas_images))
@@ -339,7 +339,7 @@ def _example_images(dataset, folder: Path, per_shape: int = 1) -> list[tuple[Pat
 
 def assemble(config: ToyBuildConfig, paths: BuildPaths, out: Path, test_dataset, report: dict[str, Any]) -> Path:
     """Write the release folder via :func:`revelio_hub.release.assemble_release`, backbone embedded."""
-    from ..release import EntrySource, assemble_release
+    from revelio_hub.release import EntrySource, assemble_release
 
     entries = [EntrySource(sae=paths.sae(l, t), diffc=paths.diffc(l, t) if l in config.diffc_layers else None,
                            atlas=paths.atlas(l, t), layer=l, timestep=t)
@@ -398,8 +398,8 @@ def _store_complete(path: Path, config: ToyBuildConfig) -> bool:
 
 def extract_stores(config: ToyBuildConfig, backbone, paths: BuildPaths, progress: bool = False) -> dict[str, Any]:
     """Spatial + pooled features of both splits at every (layer, t), in resumable feature stores."""
-    from ..data import open_image_dataset
-    from ..features import FeatureStore, extract_to_store
+    from revelio_hub.data import open_image_dataset
+    from revelio_hub.features import FeatureStore, extract_to_store
 
     stores = {}
     for split in ("train", "test"):
@@ -425,7 +425,7 @@ def seed_from_release(config: ToyBuildConfig, release: str | Path, paths: BuildP
     fields), so a rebuild after library changes to the SAE or atlas retrains
     those and skips the half hour of backbone training. Returns what was seeded.
     """
-    from .backbone_training import TRAINING_CONFIG_FILE
+    from revelio_hub.toy.backbone_training import TRAINING_CONFIG_FILE
 
     release = Path(release)
     built_file = release / TOY_BUILD_FILE
@@ -448,7 +448,7 @@ def seed_from_release(config: ToyBuildConfig, release: str | Path, paths: BuildP
             "train_seed", "noise_seed", "layers", "timesteps")
     if any(getattr(built, k) != getattr(config, k) for k in keys):
         return seeded
-    from ..classifier_training import DiffCTrainConfig
+    from revelio_hub.diffc.training import DiffCTrainConfig
 
     for layer in config.diffc_layers:
         for t in config.timesteps:
@@ -557,7 +557,7 @@ def build_toy_release(
 
 def add_benchmark(config: ToyBuildConfig, out: Path, report: dict[str, Any], log: Callable[[str], None]) -> dict:
     """Run the monosemanticity benchmark on the fresh release; add its JSON, heat map and table to the release."""
-    from .monosemanticity import BenchmarkConfig, markdown_summary, run_benchmark, save_heatmap
+    from revelio_hub.toy.monosemanticity import BenchmarkConfig, markdown_summary, run_benchmark, save_heatmap
 
     bench = run_benchmark(str(out), BenchmarkConfig(num_images=config.bench_images,
                                                     random_train_images=config.bench_random_train_images),

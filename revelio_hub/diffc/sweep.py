@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classifier import DiffC
-from .classifier_training import LabeledFeatures, classification_report, predict_logits, split_by_image
-from .recipe import FeatureRecipe
+from revelio_hub.diffc.model import DiffC
+from revelio_hub.diffc.training import LabeledFeatures, classification_report, predict_logits, split_by_image
+from revelio_hub.recipe import FeatureRecipe
 
 
 @dataclass
@@ -102,11 +102,11 @@ def sweep(
 
     config = config or SweepConfig()
     if not hasattr(store, "load"):
-        from .features import FeatureStore
+        from revelio_hub.features import FeatureStore
 
         store = FeatureStore(store)
     if test_store is not None and not hasattr(test_store, "load"):
-        from .features import FeatureStore
+        from revelio_hub.features import FeatureStore
 
         test_store = FeatureStore(test_store)
     entries = [(str(l), int(t)) for l, t in store.entries]

@@ -19,7 +19,7 @@ Design choices that make runs reproducible:
 * No host syncs in the inner loop: metrics are accumulated on device and read
   back at logging steps only.
 
-Speed: the encoder is :class:`~revelio_hub.sae_kernels.TopKEncode` (dense
+Speed: the encoder is :class:`~revelio_hub.sae.kernels.TopKEncode` (dense
 forward matmul + topk, backward only at the k active latents per sample), the
 decoder is ``embedding_bag`` over the k active rows, matmuls run in bf16 on CUDA
 (``mixed_precision="auto"``) with fp32 master weights and fp32 loss.
@@ -41,9 +41,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import metrics as M
-from .sae import KSparseAutoencoder
-from .sae_kernels import sparse_decode, topk_encode
+from revelio_hub.interpret import metrics as M
+from revelio_hub.sae.model import KSparseAutoencoder
+from revelio_hub.sae.kernels import sparse_decode, topk_encode
 
 __all__ = [
     "SAETrainConfig",
@@ -237,7 +237,7 @@ def load_store_features(
     must have been extracted with ``--spatial``. ``views`` keeps only those
     augmented views (default: all).
     """
-    from .features import FeatureStore
+    from revelio_hub.features import FeatureStore
 
     if granularity not in ("pooled", "token"):
         raise ValueError(f"granularity must be 'pooled' or 'token', got {granularity!r}")

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hub_model import StrictHubMixin
-from .recipe import FeatureRecipe
-from .sae_kernels import sparse_decode
+from revelio_hub.hub_model import StrictHubMixin
+from revelio_hub.recipe import FeatureRecipe
+from revelio_hub.sae.kernels import sparse_decode
 
 __all__ = ["KSparseAutoencoder", "GRANULARITIES"]
 

@@ -8,7 +8,7 @@ flip), sampling one view per image per epoch, so the backbone runs once.
 behaviour for those who want it; both share one training loop (:func:`fit`)
 and differ only in where batches come from (:class:`CachedSource`,
 :class:`OnlineSource`). The layer × timestep probe sweep lives in
-:mod:`revelio_hub.classifier_sweep`.
+:mod:`revelio_hub.diffc.sweep`.
 
 Protocol guarantees a user relies on:
 
@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier import HEADS, DiffC
-from .data import carve_validation
-from .features import augment_view
-from .images import to_rgb
-from .metrics import per_class_accuracy, topk_accuracy
-from .recipe import FeatureRecipe
+from revelio_hub.diffc.model import HEADS, DiffC
+from revelio_hub.data import carve_validation
+from revelio_hub.features import augment_view
+from revelio_hub.images import to_rgb
+from revelio_hub.interpret.metrics import per_class_accuracy, topk_accuracy
+from revelio_hub.recipe import FeatureRecipe
 
 VIEW_MODES = ("sample", "all")
 CHECKPOINT_DIR = "checkpoint"
@@ -616,7 +616,7 @@ def train_diffc_from_store(
     store fails before training, not after), but its features are only read
     after training and model selection are over.
     """
-    from .features import FeatureStore
+    from revelio_hub.features import FeatureStore
 
     config = config or DiffCTrainConfig()
     store = train_store if hasattr(train_store, "load") else FeatureStore(train_store)

@@ -35,8 +35,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .hub_model import StrictHubMixin
-from .recipe import FeatureRecipe
+from revelio_hub.hub_model import StrictHubMixin
+from revelio_hub.recipe import FeatureRecipe
 
 HEADS = ("conv", "linear")
 #: Number of stride-2 blocks after the first convolution (the paper uses 3).

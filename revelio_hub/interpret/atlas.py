@@ -4,7 +4,7 @@ An SAE with 80k latents is only useful when each latent can be read. The atlas
 records, per neuron, its top-activating dataset images (id, activation, labels
 of every label column), how often it fires, how strongly when it does, how well
 its activation detects each label value over all atlas images (AUROC, see
-:mod:`revelio_hub.neuron_labels`), and how class-specific its top images are
+:mod:`revelio_hub.interpret.neuron_labels`), and how class-specific its top images are
 (label entropy, and the paper's ``sigma_label``: the sample std of the class ids
 of the top-10 images, averaged over the neurons with the highest mean
 activation). From these it writes one honest line per neuron
@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import torch
 
-from . import metrics as M
-from .neuron_labels import (
+from revelio_hub.interpret import metrics as M
+from revelio_hub.interpret.neuron_labels import (
     ActivationLog,
     SummaryThresholds,
     ValueEvidence,
@@ -104,7 +104,7 @@ class AtlasConfig:
             images (the seed: 10), so that all of their top-10 images are real firings.
         summary_min_auroc / summary_min_precision / summary_min_top_images / summary_max_values:
             when a neuron's summary names a label value (see
-            :class:`~revelio_hub.neuron_labels.SummaryThresholds`); stored in atlas.json and
+            :class:`~revelio_hub.interpret.neuron_labels.SummaryThresholds`); stored in atlas.json and
             changeable after the build.
         dense_frequency: neurons firing on more than this share of images are "dense": they
             say little about any one image, so the app hides them unless asked.
@@ -254,7 +254,7 @@ class TopKAccumulator:
 def _purity_and_entropy(top_labels: torch.Tensor, num_classes: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Purity (std of class ids) and entropy over each neuron's filled top slots (at most ``top``).
 
-    Uses :func:`revelio_hub.metrics.label_purity` / ``label_entropy`` on groups of
+    Uses :func:`revelio_hub.interpret.metrics.label_purity` / ``label_entropy`` on groups of
     neurons with the same number of labelled top images, so a neuron that
     fired on only 4 images is judged on those 4 (NaN when it has none).
     """
@@ -843,7 +843,7 @@ def build_atlas(
             or ``None`` (unlabelled data); ``image_ids`` index the dataset rows
             used for thumbnails.
         class_names: names of the class ids (the first label column).
-        sae: optional :class:`~revelio_hub.sae.KSparseAutoencoder`.
+        sae: optional :class:`~revelio_hub.sae.model.KSparseAutoencoder`.
         config: :class:`AtlasConfig` (top-N, purity top, thumbnail size, summary thresholds, ...).
         label_columns: column → value names, the first being the class column
             (default: one column ``"class"`` with ``class_names``).
@@ -860,7 +860,7 @@ def build_atlas(
         progress: show a tqdm bar.
         device: where to run the SAE and the top-k merge (default: the SAE's device or CPU).
     """
-    from .ood import image_reconstruction_error
+    from revelio_hub.interpret.ood import image_reconstruction_error
 
     config = config or AtlasConfig()
     columns = _label_columns(class_names, label_columns)
