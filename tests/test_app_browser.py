@@ -17,43 +17,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import LaunchedApp, shape_image, app_release_path  # noqa: E402
+from app_inputs import shape_image  # noqa: E402
+from browser_fixtures import app, browser  # noqa: E402,F401 (fixtures)
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
-def release_path() -> str:
-    return app_release_path()
-
-
-@pytest.fixture(scope="module")
-def app():
-    from revelio_hub.app.state import AppConfig, AppState
-
-    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[release_path()])))
-    try:
-        yield launched
-    finally:
-        launched.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does it)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_upload_analyze_and_see_everything(app, browser, tmp_path):

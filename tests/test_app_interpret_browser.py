@@ -9,36 +9,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import LaunchedApp, app_release_path, shape_image  # noqa: E402
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from app_inputs import shape_image  # noqa: E402
+from browser_fixtures import app, browser  # noqa: E402,F401 (fixtures)
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def app():
-    from revelio_hub.app.state import AppConfig, AppState
-
-    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()])))
-    try:
-        yield launched
-    finally:
-        launched.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    import os
-
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_why_chart_appears_and_a_bar_click_shows_its_neuron(app, browser, tmp_path):

@@ -1,0 +1,49 @@
+"""Shared fixtures of the browser tests: the real app served in this process, and Debian's headless Chromium.
+
+Imported by the ``test_*_browser.py`` modules (``from browser_fixtures import app, browser``) so that every
+browser test starts Chromium with the same flags: this machine's network is closed, and without the
+background-networking flags Chromium keeps trying (and failing) to reach Google's hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import LaunchedApp, app_release_path  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def app():
+    """The app on the bundled release, served on a free loopback port for the whole module."""
+    from revelio_hub.app.state import AppConfig, AppState
+
+    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()])))
+    try:
+        yield launched
+    finally:
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through playwright (no browser download: Debian's /usr/bin/chromium)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
