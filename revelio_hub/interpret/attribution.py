@@ -1,7 +1,7 @@
 """Why this class? Which SAE neurons made Diff-C predict it, measured by removing them.
 
 "Neuron *j* made Diff-C say *circle*" is a causal claim, so it is measured the
-causal way (DESIGN.md §7): encode the features with the entry's k-SAE, remove
+causal way: encode the features with the entry's k-SAE, remove
 neuron *j* while keeping the SAE's reconstruction error (see
 :mod:`revelio_hub.interpret.ablation`: with nothing removed Diff-C sees the
 original features exactly), re-run Diff-C, and read the change in the target

@@ -9,7 +9,7 @@ detector of "the image has this value" over **all** atlas images: the AUROC.
 A summary then names a value only when both views agree (high AUROC *and*
 most top images carry the value), and says ``mixed`` otherwise: an honest
 "no single label explains this neuron" costs a user less than a confident
-wrong one (DESIGN.md §7).
+wrong one.
 
 This module holds the pieces that do not depend on the atlas folder format:
 
