@@ -106,6 +106,14 @@ def test_every_control_rewrites_what_depends_on_it(state):
     release_dd = by_label[("Dropdown", "Release")][0]
     for control, event in ((image_in, "change"), (layer_dd, "input"), (t_dd, "input"), (release_dd, "input")):
         assert results <= writers(chain(demo, control, event)), (control.label, event)
+    # The comparison tables describe one (image, other image, entry): each of those controls clears them.
+    compare_fn = next(fn for fn in demo.fns.values() if fn.fn is not None and fn.fn.__name__ == "compare")
+    compared = {b._id for b in compare_fn.outputs}
+    other_in = by_label[("Image", "Other image")][0] if ("Image", "Other image") in by_label else next(
+        b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "compare-image")
+    for control, event in ((image_in, "change"), (layer_dd, "input"), (t_dd, "input"), (release_dd, "input"),
+                           (other_in, "change")):
+        assert compared <= writers(chain(demo, control, event)), ("compare", control.label, event)
     # An error clears what the failed analysis would have replaced.
     failure = [fn for fn in demo.fns.values() if fn.trigger_after == analyze_fn._id and fn.trigger_only_on_failure]
     assert failure and results <= writers(failure)

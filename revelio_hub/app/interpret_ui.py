@@ -120,6 +120,11 @@ class InterpretEvents:
                     f"{c.shared} fire in both. Click a row to see where it fires on this image.")
             return first, second, note
 
+    @staticmethod
+    def clear_compare():
+        """Empty comparison tables: the image, layer, timestep, release or second image they described changed."""
+        return None, None, ""
+
     def _served_other(self, other: Any) -> Any:
         if other is None:
             raise ValueError("Upload a second image to compare with.")
@@ -278,6 +283,11 @@ def wire(ev: InterpretEvents, *, analyzed: Any, analysis_state: Any, image_in: A
                          concurrency_id="backbone", concurrency_limit=concurrency, **private)
     for table in (compare.first, compare.second):
         table.select(ev.events.select_row, [analysis_state], shown, **private)
+    # A comparison describes one (image, other image, entry): any change to them clears it, never leaves it stale.
+    compare_out = [compare.first, compare.second, compare.note]
+    for dep in (analyzed if isinstance(analyzed, (list, tuple)) else [analyzed]):
+        dep.then(ev.clear_compare, None, compare_out, **private)
+    compare.other.change(ev.clear_compare, None, compare_out, **private)
 
     concept.value.input(ev.concept, [release_dd, concept.value], [concept.table, concept.note, concept.cmap], **private)
     concept.table.select(ev.concept_click, [release_dd, concept.cmap], [tabs, *browser], **private)
