@@ -68,7 +68,7 @@ for _p in (str(HERE), str(REPO)):
 
 from suite_runner import Step, StepRecord, print_now, render_table, run_steps  # noqa: E402
 
-#: Goals on one H200 at paper size (issue 14; DESIGN figures in docs/benchmarks.md).
+#: Goals on one H200 at paper size (issue 14; the external estimates they rest on are in docs/benchmarks.md).
 GOAL_EXTRACT = "≥ 290 img/s on H200"
 GOAL_KSAE = "≥ 640k samples/s on H200"
 GOAL_APP = "≤ 60 ms p50 on H200"

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import shape_image  # noqa: E402
-from browser_fixtures import app, browser  # noqa: E402,F401 (fixtures)
+from app_fixtures import app, browser, open_and_analyze  # noqa: E402,F401 (fixtures)
 
 pytestmark = pytest.mark.browser
 
@@ -27,15 +27,8 @@ def test_upload_analyze_and_see_everything(app, browser, tmp_path):
     examples = app.state.get_release().examples
     # One of the release's own example images when it has some (a realistic screenshot), else a drawn shape.
     image = Path(examples[0][0]) if examples else shape_image(tmp_path / "upload.png", color=(220, 40, 40), size=128)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(app.url, wait_until="domcontentloaded")
-    page.wait_for_selector("#analyze-btn", timeout=60_000)
-
-    page.locator("#image-in input[type=file]").set_input_files(str(image))
-    page.wait_for_selector("#image-in img", timeout=30_000)
-    page.click("#analyze-btn")
+    page = open_and_analyze(browser, app, image, {"width": 1400, "height": 1000}, errors)
 
     # (a) predictions, (b) neuron list, (c) gallery, (d) heat map
     page.wait_for_selector("#predictions .output-class, #predictions [data-testid='label-output-value']", timeout=90_000)
@@ -107,12 +100,7 @@ def test_phone_width_layout(app, browser, tmp_path):
     """At 390 px (a phone): nothing wider than the screen, every table header and the title readable."""
     examples = app.state.get_release().examples
     image = Path(examples[0][0]) if examples else shape_image(tmp_path / "upload.png", color=(220, 40, 40), size=128)
-    page = browser.new_page(viewport={"width": 390, "height": 844})
-    page.goto(app.url, wait_until="domcontentloaded")
-    page.wait_for_selector("#analyze-btn", timeout=60_000)
-    page.locator("#image-in input[type=file]").set_input_files(str(image))
-    page.wait_for_selector("#image-in img", timeout=30_000)
-    page.click("#analyze-btn")
+    page = open_and_analyze(browser, app, image, {"width": 390, "height": 844})
     page.wait_for_selector("#heatmap img", timeout=90_000)
     page.wait_for_selector("#neuron-gallery img", timeout=90_000)
     page.wait_for_timeout(500)

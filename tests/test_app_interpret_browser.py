@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import shape_image  # noqa: E402
-from browser_fixtures import app, browser  # noqa: E402,F401 (fixtures)
+from app_fixtures import app, browser, open_and_analyze  # noqa: E402,F401 (fixtures)
 
 pytestmark = pytest.mark.browser
 
@@ -24,14 +24,8 @@ def test_why_chart_appears_and_a_bar_click_shows_its_neuron(app, browser, tmp_pa
     if rel.entry(*rel.default_entry()).diffc is None:
         pytest.skip("the default entry has no Diff-C")
     image = shape_image(tmp_path / "upload.png", color=(220, 40, 40), size=128)
-    page = browser.new_page(viewport={"width": 1400, "height": 1400})
     errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(app.url, wait_until="domcontentloaded")
-    page.wait_for_selector("#analyze-btn", timeout=60_000)
-    page.locator("#image-in input[type=file]").set_input_files(str(image))
-    page.wait_for_selector("#image-in img", timeout=30_000)
-    page.click("#analyze-btn")
+    page = open_and_analyze(browser, app, image, {"width": 1400, "height": 1400}, errors)
     chart = page.locator("#why-chart img")
     chart.wait_for(timeout=120_000)
     page.wait_for_function("() => document.querySelector('#why-chart img')?.naturalHeight > 0", timeout=30_000)

@@ -26,12 +26,12 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import LaunchedApp, app_release_path, call, huge_png, not_an_image, shape_image, upload  # noqa: E402
+from app_fixtures import app  # noqa: E402,F401 (fixture: the app served in this process)
+from app_inputs import app_release_path, call, huge_png, not_an_image, shape_image, upload  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 gr = pytest.importorskip("gradio")
 
-from revelio_hub.app.state import AppConfig, AppState  # noqa: E402
 from revelio_hub.app.validation import UPLOAD_REFUSED  # noqa: E402
 
 TAG = {"_type": "gradio.FileData"}
@@ -43,15 +43,6 @@ FILE_ENDPOINTS = {
     "compare_json": [None, "", -1, ""],  # the second image is covered in test_app_interpret.py
     "compare": [None, None, None, ""],
 }
-
-
-@pytest.fixture(scope="module")
-def app():
-    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()])))
-    try:
-        yield launched
-    finally:
-        launched.close()
 
 
 @pytest.fixture(scope="module")

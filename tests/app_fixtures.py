@@ -1,6 +1,6 @@
-"""Shared fixtures of the browser tests: the real app served in this process, and Debian's headless Chromium.
+"""Shared fixtures: the real app served in this process, Debian's headless Chromium, and one page opener.
 
-Imported by the ``test_*_browser.py`` modules (``from browser_fixtures import app, browser``) so that every
+Imported by the raw-HTTP and browser test modules (``from app_fixtures import app, browser``). Every
 browser test starts Chromium with the same flags: this machine's network is closed, and without the
 background-networking flags Chromium keeps trying (and failing) to reach Google's hosts.
 """
@@ -47,3 +47,19 @@ def browser():
             yield b
         finally:
             b.close()
+
+
+def open_and_analyze(browser, app, image, viewport: dict, errors: list | None = None):
+    """A new page at ``viewport`` on the served app, ``image`` uploaded and Analyze clicked; returns the page.
+
+    Page errors are appended to ``errors`` when given, so a test can assert the page raised none.
+    """
+    page = browser.new_page(viewport=viewport)
+    if errors is not None:
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#analyze-btn", timeout=60_000)
+    page.locator("#image-in input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#image-in img", timeout=30_000)
+    page.click("#analyze-btn")
+    return page
