@@ -40,6 +40,7 @@ from gradio import FileData
 from revelio_hub.app import analysis as A
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.state import AppState, LoadedRelease
+from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.temp_files import cleanup_lifespan
 from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots, whole_number
 from revelio_hub.cards import PAPER_TITLE, PAPER_URL
@@ -94,6 +95,28 @@ def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="amber", neutral_hue="slate")
 
 
+#: Gradio's queue recomputes its monitoring summary (a pandas group-by over up to its last 10,000 events)
+#: after every event, by default: 2.6 ms of Python per request after 200 events, 10.8 ms after 10,000,
+#: measured with Gradio 6.31 (docs/benchmarks.md, issue 10). The app lets it recompute every
+#: ``ANALYTICS_EVERY`` events instead; only the ``/monitoring`` page reads it. An operator's own
+#: ``$GRADIO_ANALYTICS_CACHE_FREQUENCY`` wins.
+ANALYTICS_EVERY_ENV = "GRADIO_ANALYTICS_CACHE_FREQUENCY"
+ANALYTICS_EVERY = 100
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """Set ``$name`` to ``value`` for the duration, unless it is set already."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def launch_kwargs(state: AppState) -> dict[str, Any]:
     """Arguments of ``Blocks.launch`` that the app needs wherever it is launched (app.py, tests).
 
@@ -139,7 +162,27 @@ class ServedBlocks(gr.Blocks):
     turns them into :data:`~revelio_hub.app.validation.UPLOAD_REFUSED`, the
     sentence :func:`~revelio_hub.app.validation.served_upload` gives for
     every other refused value, and refuses URLs before Gradio downloads them.
+
+    It also makes the app's sessions lean (:mod:`revelio_hub.app.sessions`).
     """
+
+    @property
+    def state_holder(self):  # noqa: D102
+        return self.__dict__.get("_revelio_state_holder")
+
+    @state_holder.setter
+    def state_holder(self, holder) -> None:
+        """Gradio hands the app's session store here at launch: make it create lean sessions.
+
+        Every API call without a session id is a new session; see
+        :mod:`revelio_hub.app.sessions` for what that costs and why lean
+        sessions hold the same thing.
+        """
+        if lean_sessions_supported(self):
+            use_lean_sessions(holder)
+        else:
+            logger.warning("This Gradio builds sessions differently; using its own (slower) sessions")
+        self.__dict__["_revelio_state_holder"] = holder
 
     async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):  # noqa: D102
         import pydantic
@@ -624,7 +667,8 @@ def build_ui(state: AppState) -> gr.Blocks:
         )
         gr.api(ev.search_neurons, api_name="search_neurons")
 
-    demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
+    with _env_default(ANALYTICS_EVERY_ENV, str(ANALYTICS_EVERY)):  # read once, when the queue is made
+        demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
     return demo
 
 
