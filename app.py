@@ -17,6 +17,7 @@ import threading
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.app.state import DEFAULT_RELEASE_PATH, RELEASE_ENV, default_concurrency
+    from revelio_hub.app.workers import default_workers
 
     parser = argparse.ArgumentParser(
         description="Revelio Hub: explore diffusion-model neurons (k-SAE), their atlas and Diff-C predictions in a browser.",
@@ -43,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: CPU count / concurrency; raise it with --concurrency 1 "
                         "for a large backbone on CPU).")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that run the backbone passes, CPU only (default: 1 on a CPU with 2+ cores, "
+                        f"else 0; here {default_workers('cpu')} for --device cpu). Python in one process runs on one "
+                        "core at a time; a worker lets the server use another. 0 runs passes in the server process.")
     parser.add_argument("--cache-size", type=int, default=64, help="images × timesteps whose backbone features are kept in memory.")
     parser.add_argument("--no-warmup", action="store_true",
                         help="do not load the default backbone in the background after start-up (first request pays for it).")
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
     from revelio_hub.app.ui import build_ui, launch_kwargs
+    from revelio_hub.app.workers import default_workers
 
     try:
         config = AppConfig(
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype,
             concurrency=args.concurrency,
             feature_cache_size=args.cache_size,
+            workers=default_workers(args.device) if args.workers is None else args.workers,
         )
     except ValueError as exc:
         raise SystemExit(f"app.py: error: {exc}") from None
@@ -78,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_ui(state)
     if not args.no_warmup:
         threading.Thread(target=state.warmup, name="revelio-warmup", daemon=True).start()
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(state))
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(state))
+    finally:
+        state.close()
 
 
 if __name__ == "__main__":

@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="N > 1: also measure throughput with 1 and with N concurrent clients (distinct images)")
     parser.add_argument("--load-calls", type=int, default=48,
                         help="requests per throughput measurement (each a new image) with --clients")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="backbone worker processes of the served app (app.py --workers; default: app.py's own, "
+                        "1 on a CPU with 2+ cores); 0 runs passes in the server process, the baseline of issue 10")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.load_calls < 1:
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(REPO / "app.py"), "--release", release, "--port", str(port), "--host", "127.0.0.1",
            "--device", args.device, "--dtype", args.dtype, "--no-warmup"]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
     url = f"http://127.0.0.1:{port}/"
 
     load_runs: dict[int, dict] = {}
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         from revelio_hub.app import analysis as A
         from revelio_hub.app.state import AppConfig, AppState, default_threads
+        from revelio_hub.app.workers import default_workers
 
         config = AppConfig(releases=[release], device=args.device, dtype=args.dtype)
         if args.device == "cpu":
@@ -316,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "dtype": args.dtype,
         "cpu_threads": torch.get_num_threads(),
+        "workers": args.workers if args.workers is not None else default_workers(args.device),
         "cold_start_s": {"http": round(t_http - t_spawn, 2), "first_analysis": round(t_first - t_spawn, 2)},
         "analyze_json_new_image": _summary(new_images),
         "analyze_json_repeated_image": _summary(repeated),
@@ -350,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result, indent=2))
     else:
         cs = result["cold_start_s"]
-        print(f"release {release} on {args.device} ({args.dtype}), {result['cpu_threads']} torch threads")
+        print(f"release {release} on {args.device} ({args.dtype}), {result['cpu_threads']} torch threads, "
+              f"{result['workers']} backbone worker process(es)")
         print(f"cold start: server answers after {cs['http']} s (target ≤ 10 s); first analysis after {cs['first_analysis']} s")
         for name in ("analyze_json_new_image", "analyze_json_repeated_image", "direct_new_image",
                      "direct_repeated_image", "gradio_floor_new_image", "gradio_floor_repeated_image"):

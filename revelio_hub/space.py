@@ -96,10 +96,15 @@ class SpaceSpec:
 
     @property
     def variables(self) -> dict[str, str]:
-        """Space variables (environment of the app): which release, and ``auto`` device (ZeroGPU/GPU/CPU alike)."""
+        """Space variables (environment of the app): which release, and the device.
+
+        ``auto`` on GPU hardware (ZeroGPU or a dedicated GPU alike); ``cpu`` on
+        CPU hardware, where ``app.py`` then runs the backbone in a worker
+        process so the Space's second vCPU is used (:mod:`revelio_hub.app.workers`).
+        """
         from revelio_hub.app.state import RELEASE_ENV
 
-        return {RELEASE_ENV: self.release, "REVELIO_DEVICE": "auto"}
+        return {RELEASE_ENV: self.release, "REVELIO_DEVICE": "auto" if is_gpu(self.hardware) else "cpu"}
 
 
 def _check_repo_id(repo_id: str, flag: str) -> None:

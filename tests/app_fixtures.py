@@ -25,10 +25,13 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def app():
-    """The app on the bundled release, served on a free loopback port for the whole module."""
+    """The app on the bundled release as ``app.py`` serves it here (a backbone worker process on 2+ cores),
+    on a free loopback port for the whole module."""
     from revelio_hub.app.state import AppConfig, AppState
+    from revelio_hub.app.workers import default_workers
 
-    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()])))
+    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()],
+                                                          workers=default_workers("cpu"))))
     try:
         yield launched
     finally:

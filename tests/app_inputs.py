@@ -173,6 +173,7 @@ class LaunchedApp:
 
     def close(self) -> None:
         self.demo.close()
+        self.state.close()  # backbone worker processes, if the state has them
 
 
 #: The tag Gradio's uploads carry (``gradio_client.handle_file``, the browser).

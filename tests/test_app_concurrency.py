@@ -1,6 +1,8 @@
 """Answers do not depend on what else the app is doing (issue 10 §2).
 
-The app serves several requests at once on one shared backbone. Each test runs
+The app serves several requests at once on one shared backbone (or, as
+``app.py`` runs it on a multi-core CPU, on one backbone in a worker process
+that takes passes from all requests). Each test runs
 many distinct images over several layers and timesteps of the release, from 8
 threads at once, and compares every field with answers computed one at a time
 by a separate app state (so nothing is served from a shared cache): 0 errors,
@@ -31,10 +33,10 @@ N_IMAGES = 48
 THREADS = 8
 
 
-def _state(concurrency: int = 2) -> AppState:
+def _state(concurrency: int = 2, workers: int = 0) -> AppState:
     # Cache large enough for every (image, t) of the run: nothing is evicted, so it can be compared.
     return AppState.from_config(AppConfig(releases=[app_release_path()], feature_cache_size=4 * N_IMAGES,
-                                          concurrency=concurrency))
+                                          concurrency=concurrency, workers=workers))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,16 +86,20 @@ def _differences(got: list, want: list, jobs) -> list[str]:
     return [f"{job[0].name} {job[1]} t={job[2]}: {g} != {w}" for job, g, w in zip(jobs, got, want) if g != w]
 
 
-def test_analyze_from_eight_threads_equals_one_at_a_time(jobs, one_at_a_time):
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "worker-process"])
+def test_analyze_from_eight_threads_equals_one_at_a_time(jobs, one_at_a_time, workers):
     ref_state, want = one_at_a_time
-    state = _state()
+    state = _state(workers=workers)
 
     def run(job):
         path, layer, t = job
         return A.analyze(state, str(path), layer, t).to_json()  # what /analyze_json returns
 
-    with ThreadPoolExecutor(THREADS) as pool:
-        got = list(pool.map(run, jobs))  # an exception here is an error: the test fails on it
+    try:
+        with ThreadPoolExecutor(THREADS) as pool:
+            got = list(pool.map(run, jobs))  # an exception here is an error: the test fails on it
+    finally:
+        state.close()
     assert _differences(got, want, jobs) == []
 
     # Every cached feature map is the one computed for its own image and timestep.
@@ -107,11 +113,12 @@ def test_analyze_from_eight_threads_equals_one_at_a_time(jobs, one_at_a_time):
 
 
 def test_served_app_with_concurrency_answers_as_one_at_a_time(jobs, one_at_a_time):
+    """As app.py serves it here: concurrent events, backbone passes in a worker process."""
     from gradio_client import Client, handle_file
 
     _, want = one_at_a_time
     subset = jobs[:N_IMAGES]
-    app = LaunchedApp(_state(concurrency=4))
+    app = LaunchedApp(_state(concurrency=4, workers=1))
     try:
         clients = [Client(app.url, verbose=False) for _ in range(THREADS)]
 

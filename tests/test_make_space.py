@@ -77,6 +77,10 @@ def test_make_space_creates_a_zerogpu_space_with_only_the_app(hub, published_rel
     assert space.variables["REVELIO_RELEASE"] == published_release
     assert space.variables["REVELIO_DEVICE"] == "auto"
     assert space.hardware == ["zero-a10g"]
+    # CPU hardware runs on the CPU (app.py then moves backbone passes to a worker process).
+    from revelio_hub.space import SpaceSpec
+
+    assert SpaceSpec(published_release, hardware="cpu-basic").variables["REVELIO_DEVICE"] == "cpu"
 
     files = space_files(hub)
     assert set(files) == {"app.py", "requirements.txt", "README.md"} | package_files()

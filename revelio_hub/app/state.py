@@ -102,6 +102,9 @@ class AppConfig:
         top_classes: how many predicted classes are shown.
         concurrency: events run at once (``None``: :func:`default_concurrency`).
         queue_size: requests waiting beyond that before new ones are refused.
+        workers: processes that run the backbone passes (CPU only; 0: passes run in this process).
+            Python in one process takes turns on one lock, so a worker lets a CPU server use a
+            second core (:mod:`revelio_hub.app.workers`; ``app.py`` picks one on 2+ cores).
         delete_cache: ``(frequency, age)`` in seconds, as Gradio's ``delete_cache``:
             every ``frequency`` s, uploads and generated images older than ``age`` s are
             deleted, and the empty folders they leave (:mod:`revelio_hub.app.temp_files`);
@@ -117,6 +120,7 @@ class AppConfig:
     top_classes: int = 5
     concurrency: Optional[int] = None
     queue_size: int = 64
+    workers: int = 0
     delete_cache: Optional[tuple[int, int]] = DEFAULT_DELETE_CACHE
 
     def __post_init__(self) -> None:
@@ -131,6 +135,13 @@ class AppConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.concurrency is None:
             self.concurrency = default_concurrency()
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be a whole number ≥ 0, got {self.workers!r}.")
+        if self.workers and self.device != "cpu":
+            raise ValueError(
+                f"Backbone worker processes run on the CPU only (device is {self.device!r}); use workers=0 "
+                "(on a GPU the kernels already run outside Python's lock)."
+            )
         if self.delete_cache is not None:
             pair = tuple(self.delete_cache)
             if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
@@ -384,6 +395,12 @@ class AppState:
         self._calls_lock = threading.Lock()
         # The one GPU-holding step (ZeroGPU's spaces.GPU when installed, else the plain method).
         self._gpu_backbone_pass = gpu_task(GPU_DURATION_S)(self._backbone_pass)
+        # CPU: backbone passes in worker processes, which hold the backbone (see revelio_hub.app.workers).
+        self.workers = None
+        if config.workers:
+            from revelio_hub.app.workers import BackboneWorkers
+
+            self.workers = BackboneWorkers(config, config.workers)
 
     @classmethod
     def from_config(cls, config: AppConfig) -> "AppState":
@@ -459,10 +476,18 @@ class AppState:
         """Load the default release's backbone and first entry (run in the background after launch)."""
         try:
             rel = self.get_release()
-            self.backbone(rel)
+            if self.workers is not None:
+                self.workers.load(rel.id, rel.image_size)
+            else:
+                self.backbone(rel)
             rel.entry(*rel.default_entry())
         except Exception:  # the first request will report the problem to the user
             logger.exception("Warm-up failed")
+
+    def close(self) -> None:
+        """Stop the backbone worker processes, if any (the server is shutting down)."""
+        if self.workers is not None:
+            self.workers.close()
 
     @staticmethod
     def feature_key(digest: str, rel: LoadedRelease, t: int, recipe: Optional[dict] = None) -> tuple:
@@ -497,10 +522,14 @@ class AppState:
         layers = [l for l, tt in rel.entries if tt == int(t)]
         if progress:
             progress(0.1, "Loading the diffusion backbone…")
-        self.backbone(rel, size)  # load here (CPU under ZeroGPU), so the GPU worker inherits it
+        if self.workers is None:
+            self.backbone(rel, size)  # load here (CPU under ZeroGPU), so the GPU worker inherits it
         if progress:
             progress(0.4, f"Running the backbone at t={t}…")
-        maps = self._gpu_backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble)
+        if self.workers is not None:
+            maps = self.workers.backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble)
+        else:
+            maps = self._gpu_backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble)
         with self._calls_lock:
             self.backbone_calls += 1
         self.features.put(key, maps)
