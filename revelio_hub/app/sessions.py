@@ -3,11 +3,11 @@
 Gradio keeps a ``SessionState`` per session id, and an API call without one
 (``curl``, ``httpx``: every ``/call/<api>`` request) is a new session, kept
 until 10,000 newer ones push it out. Building it renders the configuration of
-every component of the app (about 100 here) through ``inspect.signature``:
-measured 4.7 ms of Python per request, one of the largest costs of
-``/analyze_json`` on the toy release after the backbone (issue 10,
-``docs/benchmarks.md``), and about 180 KB kept per call (RSS grew 55 MB over
-300 calls).
+every component of the app (103 here) through ``inspect.signature``:
+4.8 ms of Python per request, and 156 KB kept per call, against 0.04 ms and
+18 KB for a lean session after a call's reads (``benchmarks/bench_sessions.py``,
+figures in ``docs/benchmarks.md``, issue 10). On the toy release that was one
+of the largest costs of ``/analyze_json`` after the backbone.
 
 That configuration is read whole only by Gradio's deep links; an event reads
 the entries of its own inputs and outputs. :class:`LeanSessionState` renders

@@ -96,8 +96,8 @@ def theme() -> gr.themes.Base:
 
 
 #: Gradio's queue recomputes its monitoring summary (a pandas group-by over up to its last 10,000 events)
-#: after every event, by default: 2.6 ms of Python per request after 200 events, 10.8 ms after 10,000,
-#: measured with Gradio 6.31 (docs/benchmarks.md, issue 10). The app lets it recompute every
+#: after every event, by default: 3.0 ms of Python per request after 200 events, 12–14 ms after 10,000,
+#: measured with Gradio 6.31 by benchmarks/bench_sessions.py (docs/benchmarks.md, issue 10). The app lets it recompute every
 #: ``ANALYTICS_EVERY`` events instead; only the ``/monitoring`` page reads it. An operator's own
 #: ``$GRADIO_ANALYTICS_CACHE_FREQUENCY`` wins.
 ANALYTICS_EVERY_ENV = "GRADIO_ANALYTICS_CACHE_FREQUENCY"
