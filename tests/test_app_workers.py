@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app.state import AppConfig, AppState  # noqa: E402
-from revelio_hub.app.workers import WORKER_DIED, default_workers  # noqa: E402
+from revelio_hub.app.workers import WORKER_DIED, WorkerDied, default_workers  # noqa: E402
 
 
 def _alive(pid: int) -> bool:
@@ -97,7 +97,7 @@ def test_a_killed_worker_costs_one_request_then_a_new_one_answers(images):
         deadline = time.time() + 10
         while _alive(pid) and time.time() < deadline:
             time.sleep(0.05)
-        with pytest.raises(RuntimeError, match="worker process stopped"):
+        with pytest.raises(WorkerDied, match="worker process stopped"):
             state.feature_maps(images[1], rel, t)
         assert state.workers.restarts == 1
         state.features = type(state.features)(8)  # forget cached maps: the answer must come from a new worker
@@ -105,7 +105,15 @@ def test_a_killed_worker_costs_one_request_then_a_new_one_answers(images):
         assert state.workers.load(rel.id) != [pid]
     finally:
         state.close()
-    assert RuntimeError(WORKER_DIED).args[0].startswith("The backbone worker process stopped")
+
+
+def test_web_users_are_told_to_retry_when_a_worker_died():
+    gr = pytest.importorskip("gradio")
+    from revelio_hub.app.ui import user_errors
+
+    with pytest.raises(gr.Error, match="worker process stopped during this request.*try again"):
+        with user_errors("analysing the image"):
+            raise WorkerDied(WORKER_DIED)
 
 
 def test_workers_exit_when_the_server_process_is_killed(tmp_path):
@@ -150,3 +158,10 @@ def test_app_py_picks_one_worker_on_a_multicore_cpu_only():
     assert default_workers("cpu", 2) == 1 and default_workers("cpu", 16) == 1
     assert default_workers("cpu", 1) == 0
     assert default_workers("cuda", 8) == 0 and default_workers("auto", 8) == 0
+
+
+def test_app_py_refuses_workers_on_a_gpu_device_with_a_usage_error():
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "app.py"), "--device", "cuda",
+                           "--workers", "1", "--no-warmup"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "app.py: error: Backbone worker processes run on the CPU only" in proc.stderr
+    assert "Traceback" not in proc.stderr

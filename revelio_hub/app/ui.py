@@ -43,6 +43,7 @@ from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.temp_files import cleanup_lifespan
 from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots, whole_number
+from revelio_hub.app.workers import WorkerDied
 from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def user_errors(action: str) -> Iterator[None]:
         yield
     except gr.Error:
         raise
-    except ValueError as exc:
+    except (ValueError, WorkerDied) as exc:
         raise gr.Error(html.escape(str(exc), quote=False), print_exception=False) from None
     except Exception as exc:  # the log keeps the traceback; the user gets a sentence
         logger.exception("Unexpected error while %s", action)

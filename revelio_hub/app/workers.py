@@ -65,6 +65,10 @@ def default_workers(device: str, cpu_count: Optional[int] = None) -> int:
     return 1 if device == "cpu" and cores >= 2 else 0
 
 
+class WorkerDied(RuntimeError):
+    """A backbone worker process stopped during the call (its message is meant for the user)."""
+
+
 # ------------------------------------------------------------ worker side
 
 #: The worker process's own app state (releases, backbone cache), built once by :func:`_start_worker`.
@@ -154,10 +158,10 @@ class BackboneWorkers:
                 self.restarts += 1
         pool.shutdown(wait=False, cancel_futures=True)
 
-    def _broken(self, pool: ProcessPoolExecutor) -> RuntimeError:
+    def _broken(self, pool: ProcessPoolExecutor) -> WorkerDied:
         logger.error("A backbone worker process died; starting a new pool for the next request")
         self._discard(pool)
-        return RuntimeError(WORKER_DIED + ("" if self._answered else NEVER_STARTED))
+        return WorkerDied(WORKER_DIED + ("" if self._answered else NEVER_STARTED))
 
     def _call(self, fn: Any, *args: Any) -> Any:
         pool = self._executor()
@@ -199,4 +203,4 @@ class BackboneWorkers:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["BackboneWorkers", "WORKER_DIED", "default_workers"]
+__all__ = ["BackboneWorkers", "WorkerDied", "WORKER_DIED", "default_workers"]
