@@ -74,6 +74,17 @@ def test_worker_maps_and_answers_equal_in_process_ones(states, images):
     # The backbone lives in the worker: the server process never loaded it.
     assert pooled.backbones.loads == 0 and local.backbones.loads >= 1
     assert pooled.backbone_calls == local.backbone_calls
+    # The worker ran the small SAEs of the OOD check on each pass: the errors this process would compute.
+    from revelio_hub.interpret.ood import image_reconstruction_error
+
+    keys = list(pooled.errors._data)
+    assert keys and len(local.errors) == 0
+    for key in keys:
+        errors, maps, t = pooled.errors.get(key), pooled.features.get(key), key[2]
+        assert set(errors) == set(rel_pooled.small_sae_layers(t)) and errors
+        for layer, err in errors.items():
+            with torch.inference_mode():
+                assert err == float(image_reconstruction_error(rel_pooled.entry(layer, t).sae, maps[layer])[0])
 
 
 def test_worker_errors_keep_their_message(states, images):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from revelio_hub.app.state import AppState, LoadedRelease, image_digest
+from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
 from revelio_hub.app.validation import ImageLimits, read_image, shown, whole_number
 
 if TYPE_CHECKING:
@@ -254,7 +254,8 @@ def analyze(
         predictions = {str(name): round(float(p), 6) for name, p in predictions.items()}
     else:
         note = no_diffc_note(rel, layer, t)
-    ood = out_of_distribution(rel, layer, t, maps, predictions or {})
+    errors = state.reconstruction_errors(state.feature_key(digest, rel, t, sae_recipe))
+    ood = out_of_distribution(rel, layer, t, maps, predictions or {}, errors)
     return Analysis(rel.name, layer, t, predictions, neurons, digest, display_image(img), note=note, ood=ood,
                     ranking=ranking)
 
@@ -290,29 +291,22 @@ def rank_neurons(atlas: Any, acts: "torch.Tensor", n: int, ranking: str = DEFAUL
     return hits
 
 
-#: Other layers' SAEs join the out-of-distribution check only when this small (d_in × n_latents), so a
-#: release of paper-sized SAEs (1280 × 81,920) never loads extra SAEs for it; the toy release checks all.
-OOD_EXTRA_SAE_MAX_PARAMS = 20_000_000
-
-
 def _small_sae_layers(rel: LoadedRelease, layer: str, t: int) -> list[str]:
-    out = []
-    for item in (getattr(rel.release, "config", None) or {}).get("entries", []):
-        sae = (item.get("metrics") or {}).get("sae") or {}
-        size = (sae.get("d_in") or 0) * (sae.get("n_latents") or 0)
-        if int(item["timestep"]) == t and item["layer"] != layer and item.get("atlas") and \
-                0 < size <= OOD_EXTRA_SAE_MAX_PARAMS:
-            out.append(str(item["layer"]))
-    return out
+    """Other layers at ``t`` whose SAE joins the out-of-distribution check (see :data:`OOD_EXTRA_SAE_MAX_PARAMS`)."""
+    return [name for name in rel.small_sae_layers(t) if name != layer]
 
 
 def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, "torch.Tensor"],
-                        predictions: dict[str, float]) -> Optional[dict[str, Any]]:
+                        predictions: dict[str, float],
+                        errors: Optional[dict[str, float]] = None) -> Optional[dict[str, Any]]:
     """Reconstruction errors and their percentiles among the atlas images, Diff-C's confidence, the verdict.
 
     The analysed entry's SAE always counts; small SAEs of the release's other
     layers at the same t join in (their maps come from the same cached pass,
     see :data:`OOD_EXTRA_SAE_MAX_PARAMS`), and the worst layer decides.
+    ``errors`` holds reconstruction errors already computed on these ``maps``
+    (a backbone worker computes the small SAEs' with the pass); the others
+    are computed here.
     """
     import torch
 
@@ -320,8 +314,11 @@ def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, 
 
     def check(name: str) -> tuple[float, Optional[float]]:
         entry = rel.entry(name, t)
-        with torch.inference_mode():
-            err = float(image_reconstruction_error(entry.sae, maps[name])[0])
+        if errors is not None and name in errors:
+            err = float(errors[name])
+        else:
+            with torch.inference_mode():
+                err = float(image_reconstruction_error(entry.sae, maps[name])[0])
         return err, (entry.atlas.error_percentile(err) if entry.atlas is not None else None)
 
     error, percentile = check(layer)

@@ -58,6 +58,10 @@ _DTYPES = ("float32", "float16", "bfloat16")
 _LOAD_LOCK = threading.RLock()
 
 
+#: Other layers' SAEs join the out-of-distribution check only when this small (d_in × n_latents), so a
+#: release of paper-sized SAEs (1280 × 81,920) never loads extra SAEs for it; the toy release checks all.
+OOD_EXTRA_SAE_MAX_PARAMS = 20_000_000
+
 #: Gradio temp-file cleanup, ``(frequency, age)`` in seconds: every 10 minutes, delete the
 #: uploads and generated images older than an hour (see :mod:`revelio_hub.app.temp_files`).
 DEFAULT_DELETE_CACHE = (600, 3600)
@@ -296,6 +300,21 @@ class LoadedRelease:
             )
         return layer, t
 
+    def small_sae_layers(self, t: int, max_params: Optional[int] = None) -> list[str]:
+        """Layers at ``t`` with an atlas and an SAE of at most ``max_params`` (d_in × n_latents) weights.
+
+        Their reconstruction errors join the out-of-distribution check of every
+        layer at ``t``; ``max_params`` defaults to :data:`OOD_EXTRA_SAE_MAX_PARAMS`.
+        """
+        limit = OOD_EXTRA_SAE_MAX_PARAMS if max_params is None else max_params
+        out = []
+        for item in (getattr(self.release, "config", None) or {}).get("entries", []):
+            sae = (item.get("metrics") or {}).get("sae") or {}
+            size = (sae.get("d_in") or 0) * (sae.get("n_latents") or 0)
+            if int(item["timestep"]) == int(t) and item.get("atlas") and 0 < size <= limit:
+                out.append(str(item["layer"]))
+        return out
+
     @property
     def image_size(self) -> Optional[int]:
         """Input size the release's SAEs were trained at (``release.json``), if recorded."""
@@ -390,6 +409,8 @@ class AppState:
         self.default_id = releases[0].id
         self.backbones = BackboneCache()
         self.features = FeatureCache(config.feature_cache_size)
+        # Reconstruction errors a backbone worker computed with a pass, under the same keys as the maps.
+        self.errors = FeatureCache(config.feature_cache_size)
         self.backbone_calls = 0  # backbone passes run (cache misses), for tests and the benchmark
         self._move_lock = threading.Lock()
         self._calls_lock = threading.Lock()
@@ -484,6 +505,10 @@ class AppState:
         except Exception:  # the first request will report the problem to the user
             logger.exception("Warm-up failed")
 
+    def reconstruction_errors(self, key: tuple) -> Optional[dict[str, float]]:
+        """``{layer: SAE reconstruction error}`` a backbone worker computed on the maps cached under ``key``."""
+        return self.errors.get(key)
+
     def close(self) -> None:
         """Stop the backbone worker processes, if any (the server is shutting down)."""
         if self.workers is not None:
@@ -527,7 +552,10 @@ class AppState:
         if progress:
             progress(0.4, f"Running the backbone at t={t}…")
         if self.workers is not None:
-            maps = self.workers.backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble)
+            # The worker also runs the small SAEs of the OOD check on the maps: less work in this process.
+            small = [l for l in rel.small_sae_layers(int(t)) if l in layers]
+            maps, errors = self.workers.features(rel.id, image, layers, int(t), size, seed, ensemble, small)
+            self.errors.put(key, errors)
         else:
             maps = self._gpu_backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble)
         with self._calls_lock:
@@ -562,6 +590,7 @@ __all__ = [
     "FeatureCache",
     "LoadedRelease",
     "DEFAULT_RELEASE_PATH",
+    "OOD_EXTRA_SAE_MAX_PARAMS",
     "RELEASE_ENV",
     "default_release_ids",
     "DEFAULT_DELETE_CACHE",

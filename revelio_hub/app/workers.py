@@ -36,7 +36,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -103,11 +103,25 @@ def _start_worker(config: dict[str, Any], threads: int) -> None:
 
 
 def _worker_pass(release_id: str, image: "Image.Image", layers: list[str], t: int, size: Optional[int],
-                 seed: int, ensemble: int) -> dict[str, Any]:
-    """One backbone pass in the worker; the maps travel back as numpy arrays (cheaper to send than tensors)."""
+                 seed: int, ensemble: int, error_layers: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """One backbone pass in the worker, and the reconstruction error of ``error_layers``' SAEs on its maps.
+
+    The maps travel back as numpy arrays (cheaper to send than tensors).
+    """
+    import torch
+
+    from revelio_hub.interpret.ood import image_reconstruction_error
+
     assert _WORKER_STATE is not None, "worker used before its initializer ran"
     maps = _WORKER_STATE._backbone_pass(release_id, image, layers, t, size, seed, ensemble)
-    return {layer: value.numpy() for layer, value in maps.items()}
+    errors: dict[str, float] = {}
+    rel = _WORKER_STATE.get_release(release_id)
+    for layer in error_layers:
+        if layer in maps:
+            entry = rel.entry(layer, t)
+            with torch.inference_mode():
+                errors[layer] = float(image_reconstruction_error(entry.sae, maps[layer])[0])
+    return {layer: value.numpy() for layer, value in maps.items()}, errors
 
 
 def _worker_load(release_id: str, size: Optional[int]) -> int:
@@ -172,13 +186,25 @@ class BackboneWorkers:
         self._answered = True
         return result
 
+    def features(self, release_id: str, image: "Image.Image", layers: list[str], t: int, size: Optional[int],
+                 seed: int, ensemble: int, error_layers: Sequence[str] = ()
+                 ) -> tuple[dict[str, "torch.Tensor"], dict[str, float]]:
+        """``({layer: 1×C×H×W} float32 CPU maps, {layer: SAE reconstruction error})`` of one image.
+
+        The maps are what :meth:`AppState._backbone_pass` returns; the errors are
+        those of the SAEs of ``error_layers`` on them (the app's out-of-distribution
+        check), computed in the worker so the server process has less to do.
+        """
+        import torch
+
+        maps, errors = self._call(_worker_pass, release_id, image, list(layers), int(t), size, int(seed),
+                                  int(ensemble), list(error_layers))
+        return {layer: torch.from_numpy(value) for layer, value in maps.items()}, errors
+
     def backbone_pass(self, release_id: str, image: "Image.Image", layers: list[str], t: int,
                       size: Optional[int], seed: int, ensemble: int) -> dict[str, "torch.Tensor"]:
         """``{layer: 1×C×H×W}`` float32 CPU maps, as :meth:`AppState._backbone_pass` returns them."""
-        import torch
-
-        maps = self._call(_worker_pass, release_id, image, list(layers), int(t), size, int(seed), int(ensemble))
-        return {layer: torch.from_numpy(value) for layer, value in maps.items()}
+        return self.features(release_id, image, layers, t, size, seed, ensemble)[0]
 
     def load(self, release_id: str, size: Optional[int] = None) -> list[int]:
         """Load a release's backbone in the workers now (the app's warm-up); returns the pids that did.
