@@ -16,10 +16,13 @@ Starts the real app (``python app.py``) in a subprocess and measures:
 * with ``--clients N`` (N > 1), throughput under load: the same server is
   driven by 1 client and then by N clients at once (plain HTTP API clients,
   as ``curl`` users call it, on distinct new images, so every request runs
-  the backbone), giving requests/s, p50/p95 latency and errors at each, the
-  ratio throughput@N / throughput@1, and how many answers differ from the
-  same analysis run one at a time in this process (must be 0: concurrency must
-  not change answers).
+  the backbone), ``--rounds`` times in alternation, giving requests/s (all
+  rounds' requests over their wall time), p50/p95 latency and errors at each,
+  the ratio throughput@N / throughput@1 with each round's own ratio, and how
+  many answers differ from the same analysis run one at a time in this
+  process (must be 0: concurrency must not change answers). One round of 48
+  requests per side lasts 2–3 s; on cpu2 its ratio alone ranged 1.42–1.91×
+  for the same build (docs/benchmarks.md), hence several rounds.
 
     python benchmarks/bench_app.py            # bundled toy release
     python benchmarks/bench_app.py --calls 50 --json
@@ -151,10 +154,25 @@ def _load(url: str, images: list[Path], clients: int, layer: str, timestep: int,
     ok = [seconds for seconds, answer in done if not isinstance(answer, Exception)]
     errors = [f"{type(a).__name__}: {a}"[:200] for _, a in done if isinstance(a, Exception)]
     return {"clients": clients, "requests": len(images), "wall_s": round(wall, 2),
-            "throughput_rps": round(len(ok) / wall, 2), **_summary(ok), "errors": len(errors),
+            "throughput_rps": round(len(ok) / wall, 2), **_summary(ok), "errors": len(errors), "seconds": ok,
             "server_cpu_ms_per_request": round(1000 * server_cpu / len(images), 1),
             "client_cpu_ms_per_request": round(1000 * client_cpu / len(images), 1),
             "first_errors": errors[:3], "answers": [None if isinstance(a, Exception) else a for _, a in done]}
+
+
+def _merge_rounds(runs: list[dict]) -> dict:
+    """One side's rounds as one measurement: requests over total wall time, latencies pooled, errors summed."""
+    wall = sum(r["wall_s"] for r in runs)
+    requests = sum(r["requests"] for r in runs)
+    ok = requests - sum(r["errors"] for r in runs)
+    seconds = [s for r in runs for s in r["seconds"]]
+    return {"clients": runs[0]["clients"], "requests": requests, "rounds": len(runs), "wall_s": round(wall, 2),
+            "throughput_rps": round(ok / wall, 2), **_summary(seconds), "errors": sum(r["errors"] for r in runs),
+            "differences": sum(r["differences"] for r in runs),
+            "rounds_rps": [r["throughput_rps"] for r in runs],
+            "server_cpu_ms_per_request": round(sum(r["server_cpu_ms_per_request"] * r["requests"] for r in runs) / requests, 1),
+            "client_cpu_ms_per_request": round(sum(r["client_cpu_ms_per_request"] * r["requests"] for r in runs) / requests, 1),
+            "first_errors": [e for r in runs for e in r["first_errors"]][:3]}
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float:
@@ -221,13 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="N > 1: also measure throughput with 1 and with N concurrent clients (distinct images)")
     parser.add_argument("--load-calls", type=int, default=48,
                         help="requests per throughput measurement (each a new image) with --clients")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --clients: alternate 1-client and N-client measurements this many times")
     parser.add_argument("--workers", type=int, default=None,
                         help="backbone worker processes of the served app (app.py --workers; default: app.py's own, "
                         "1 on a CPU with 2+ cores); 0 runs passes in the server process, the baseline of issue 10")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.load_calls < 1:
-        parser.error("--clients and --load-calls must be at least 1")
+    if args.clients < 1 or args.load_calls < 1 or args.rounds < 1:
+        parser.error("--clients, --load-calls and --rounds must be at least 1")
 
     from revelio_hub.app.state import DEFAULT_RELEASE_PATH
 
@@ -244,8 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         images = _images(Path(tmp), args.warmup + args.calls + 1)
         # Fresh images for each load measurement: every request is a cache miss (one backbone pass).
-        load_images = {n: _images(Path(tmp), args.load_calls, start=10_000 * (k + 1))
-                       for k, n in enumerate(dict.fromkeys([1, args.clients]))} if args.clients > 1 else {}
+        sides = list(dict.fromkeys([1, args.clients])) if args.clients > 1 else []
+        load_images = {(r, n): _images(Path(tmp), args.load_calls, start=10_000 * (1 + r * len(sides) + k))
+                       for r in range(args.rounds) for k, n in enumerate(sides)}
         t_spawn = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
@@ -265,8 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
                 call(path)
             new_images = [call(p) for p in images[1 + args.warmup:]]
             repeated = [call(images[0]) for _ in range(args.calls)]
-            for n, batch in load_images.items():
-                load_runs[n] = _load(url, batch, n, args.layer, args.timestep, proc.pid)
+            rounds: dict[tuple[int, int], dict] = {}
+            for (r, n), batch in load_images.items():  # round by round, 1 client then N
+                rounds[(r, n)] = _load(url, batch, n, args.layer, args.timestep, proc.pid)
         finally:
             proc.terminate()
             try:
@@ -301,12 +323,14 @@ def main(argv: list[str] | None = None) -> dict:
             direct_repeated.append(time.perf_counter() - start)
 
         # The answers under load, against the same analysis one at a time in this process.
-        for n, run in load_runs.items():
+        for key, run in (rounds.items() if sides else []):
             answers = run.pop("answers")
             run["differences"] = sum(
-                1 for path, got in zip(load_images[n], answers)
+                1 for path, got in zip(load_images[key], answers)
                 if got is not None and got != A.analyze(state, str(path), layer, t).to_json()
             )
+        for n in sides:
+            load_runs[n] = _merge_rounds([rounds[(r, n)] for r in range(args.rounds)])
 
         for attempt in range(3):  # gradio's own localhost probe can time out on a saturated machine
             try:
@@ -345,12 +369,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["targets"] = {"analyze_json_p50_ms": 150, "cold_start_http_s": 10}
     if load_runs:
         one, many = load_runs[1], load_runs[args.clients]
+        per_round = [round(m / max(o, 1e-9), 2) for o, m in zip(one["rounds_rps"], many["rounds_rps"])]
         result["load"] = {
             "clients_1": one,
             f"clients_{args.clients}": many,
             "errors": one["errors"] + many["errors"],
             "differences": one["differences"] + many["differences"],
             f"throughput_ratio_{args.clients}_vs_1": round(many["throughput_rps"] / max(one["throughput_rps"], 1e-9), 2),
+            "ratio_per_round": per_round,
         }
         result["targets"].update({"load_errors": 0, "load_differences": 0, f"throughput_ratio_{args.clients}_vs_1": 1.5})
     if args.json:
@@ -376,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{run['server_cpu_ms_per_request']} ms, client {run['client_cpu_ms_per_request']} ms")
             load = result["load"]
             print(f"throughput {args.clients} clients / 1 client: "
-                  f"{load[f'throughput_ratio_{args.clients}_vs_1']}× (target ≥ 1.5×)")
+                  f"{load[f'throughput_ratio_{args.clients}_vs_1']}× over {args.rounds} round(s) (target ≥ 1.5×); "
+                  f"per round: {', '.join(f'{r}×' for r in load['ratio_per_round'])}")
     return result
 
 
