@@ -296,6 +296,20 @@ def _small_sae_layers(rel: LoadedRelease, layer: str, t: int) -> list[str]:
     return [name for name in rel.small_sae_layers(t) if name != layer]
 
 
+def sae_error(sae: Any, fmap: "torch.Tensor") -> float:
+    """The OOD check's number for one image: ``sae``'s reconstruction error on its ``1×C×H×W`` map.
+
+    One function for the server process and the backbone worker
+    (:mod:`revelio_hub.app.workers`), so both give the same float.
+    """
+    import torch
+
+    from revelio_hub.interpret.ood import image_reconstruction_error
+
+    with torch.inference_mode():
+        return float(image_reconstruction_error(sae, fmap)[0])
+
+
 def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, "torch.Tensor"],
                         predictions: dict[str, float],
                         errors: Optional[dict[str, float]] = None) -> Optional[dict[str, Any]]:
@@ -308,17 +322,11 @@ def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, 
     (a backbone worker computes the small SAEs' with the pass); the others
     are computed here.
     """
-    import torch
-
-    from revelio_hub.interpret.ood import assess, image_reconstruction_error
+    from revelio_hub.interpret.ood import assess
 
     def check(name: str) -> tuple[float, Optional[float]]:
         entry = rel.entry(name, t)
-        if errors is not None and name in errors:
-            err = float(errors[name])
-        else:
-            with torch.inference_mode():
-                err = float(image_reconstruction_error(entry.sae, maps[name])[0])
+        err = float(errors[name]) if errors is not None and name in errors else sae_error(entry.sae, maps[name])
         return err, (entry.atlas.error_percentile(err) if entry.atlas is not None else None)
 
     error, percentile = check(layer)

@@ -108,19 +108,12 @@ def _worker_pass(release_id: str, image: "Image.Image", layers: list[str], t: in
 
     The maps travel back as numpy arrays (cheaper to send than tensors).
     """
-    import torch
-
-    from revelio_hub.interpret.ood import image_reconstruction_error
+    from revelio_hub.app.analysis import sae_error
 
     assert _WORKER_STATE is not None, "worker used before its initializer ran"
     maps = _WORKER_STATE._backbone_pass(release_id, image, layers, t, size, seed, ensemble)
-    errors: dict[str, float] = {}
     rel = _WORKER_STATE.get_release(release_id)
-    for layer in error_layers:
-        if layer in maps:
-            entry = rel.entry(layer, t)
-            with torch.inference_mode():
-                errors[layer] = float(image_reconstruction_error(entry.sae, maps[layer])[0])
+    errors = {layer: sae_error(rel.entry(layer, t).sae, maps[layer]) for layer in error_layers if layer in maps}
     return {layer: value.numpy() for layer, value in maps.items()}, errors
 
 
