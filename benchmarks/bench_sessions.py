@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
-    from gradio.queueing import Queue
     from gradio.state_holder import SessionState
 
     from revelio_hub.app.sessions import LeanSessionState

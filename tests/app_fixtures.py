@@ -30,12 +30,9 @@ def app():
     from revelio_hub.app.state import AppConfig, AppState
     from revelio_hub.app.workers import default_workers
 
-    launched = LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()],
-                                                          workers=default_workers("cpu"))))
-    try:
+    with LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()],
+                                                          workers=default_workers("cpu")))) as launched:
         yield launched
-    finally:
-        launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,14 @@ import numpy as np
 from PIL import Image
 
 
+def red_and_blue(folder: Path) -> dict[str, Path]:
+    """Two shape images that differ in colour and background (the app tests' usual pair)."""
+    return {
+        "red": shape_image(folder / "red.png", color=(220, 40, 40)),
+        "blue": shape_image(folder / "blue.png", color=(40, 40, 220), bg=(30, 30, 30)),
+    }
+
+
 def shape_image(path: Path, color=(220, 40, 40), size: int = 96, bg=(245, 245, 235)) -> Path:
     """A simple red disc on a light background, like the toy release's training data."""
     from PIL import ImageDraw
@@ -174,6 +182,12 @@ class LaunchedApp:
     def close(self) -> None:
         self.demo.close()
         self.state.close()  # backbone worker processes, if the state has them
+
+    def __enter__(self) -> "LaunchedApp":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 #: The tag Gradio's uploads carry (``gradio_client.handle_file``, the browser).

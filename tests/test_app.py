@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import BAD_INPUTS, GOOD_ODD_INPUTS, LibraryReference, shape_image, app_release_path  # noqa: E402
+from app_inputs import BAD_INPUTS, GOOD_ODD_INPUTS, LibraryReference, app_release_path, red_and_blue, shape_image  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 torch = pytest.importorskip("torch")
@@ -46,11 +46,7 @@ def state() -> AppState:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("app_images")
-    return {
-        "red": shape_image(folder / "red.png", color=(220, 40, 40)),
-        "blue": shape_image(folder / "blue.png", color=(40, 40, 220), bg=(30, 30, 30)),
-    }
+    return red_and_blue(tmp_path_factory.mktemp("app_images"))
 
 
 @pytest.fixture()

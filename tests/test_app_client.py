@@ -31,11 +31,8 @@ def release_path() -> str:
 @pytest.fixture(scope="module")
 def app():
     state = AppState.from_config(AppConfig(releases=[release_path()], queue_size=64))
-    launched = LaunchedApp(state)
-    try:
+    with LaunchedApp(state) as launched:
         yield launched
-    finally:
-        launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import LibraryReference, app_release_path, shape_image  # noqa: E402
+from app_inputs import LibraryReference, app_release_path, red_and_blue, shape_image  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 torch = pytest.importorskip("torch")
@@ -37,11 +37,7 @@ def library() -> LibraryReference:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("interpret_images")
-    return {
-        "red": shape_image(folder / "red.png", color=(220, 40, 40)),
-        "blue": shape_image(folder / "blue.png", color=(40, 40, 220), bg=(30, 30, 30)),
-    }
+    return red_and_blue(tmp_path_factory.mktemp("interpret_images"))
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +155,8 @@ def test_compare_tables_have_the_sign_of_the_activations(state, library, images,
 def served(state):
     from app_inputs import LaunchedApp
 
-    launched = LaunchedApp(state)
-    try:
+    with LaunchedApp(state) as launched:
         yield launched
-    finally:
-        launched.close()
 
 
 def test_attribute_and_compare_endpoints(served, state, images):

@@ -97,9 +97,9 @@ def test_every_file_endpoint_is_covered(app):
     assert set(file_events(app)) == set(FILE_ENDPOINTS) | PRIVATE_FILE_EVENTS
 
 
-def queue_event(app, fn_index: int, data: list, session: str) -> dict:
+def queue_event(app, fn_index: int, data: list, session: str, event_data: Any = None) -> dict:
     """Run one event as the browser does (``/queue/join`` + the session's event stream); its final message."""
-    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data, "trigger_id": None}
     r = httpx.post(f"{app.url}gradio_api/queue/join", json=body, timeout=60)
     assert r.status_code == 200, r.text
     with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as s:
@@ -206,17 +206,8 @@ def test_examples_are_picked_by_index_not_by_a_client_path(app, tmp_path):
     fn_index = next(i for i, fn in app.demo.fns.items() if getattr(fn.fn, "__name__", "") == "pick_example")
 
     def select(index: Any) -> dict:
-        session = uuid.uuid4().hex[:10]
         event_data = {"index": index, "value": {"image": {"path": other, "meta": TAG}, "caption": None}}
-        body = {"data": [app.state.get_release().name], "fn_index": fn_index, "session_hash": session,
-                "event_data": event_data, "trigger_id": None}
-        assert httpx.post(f"{app.url}gradio_api/queue/join", json=body, timeout=60).status_code == 200
-        with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=60) as s:
-            for line in s.iter_lines():
-                msg = json.loads(line[5:]) if line.startswith("data:") else {}
-                if msg.get("msg") == "process_completed":
-                    return msg
-        raise AssertionError("no answer")
+        return queue_event(app, fn_index, [app.state.get_release().name], uuid.uuid4().hex[:10], event_data)
 
     msg = select(0)
     assert msg["success"], msg

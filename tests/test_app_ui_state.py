@@ -210,11 +210,8 @@ def test_browser_follows_the_entry(state, events):
 
 @pytest.fixture(scope="module")
 def app(state):
-    launched = LaunchedApp(state)
-    try:
+    with LaunchedApp(state) as launched:
         yield launched
-    finally:
-        launched.close()
 
 
 def test_one_rule_for_numbers_on_every_endpoint(app, tmp_path):

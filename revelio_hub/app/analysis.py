@@ -366,7 +366,6 @@ def overlay_heatmap(
     map's maximum); a neuron that never fires leaves the image untouched.
     """
     import numpy as np
-    import torch
     import torch.nn.functional as F
     from matplotlib import colormaps
     from PIL import Image
@@ -621,6 +620,8 @@ __all__ = [
     "rank_neurons",
     "neuron_scores",
     "out_of_distribution",
+    "sae_error",
+    "OOD_EXTRA_SAE_MAX_PARAMS",
     "label_values",
     "search_neurons",
     "search_rows",
