@@ -39,6 +39,8 @@ from gradio import FileData
 
 from revelio_hub.app import analysis as A
 from revelio_hub.app import interpret_ui as IU
+from revelio_hub.app.api_surface import IntDropdown, json_endpoint
+from revelio_hub.app.mcp_tools import ui_only, wire_tools
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.temp_files import cleanup_lifespan
@@ -337,6 +339,7 @@ class Events:
         """Empty every output of the Analyze tab (the image, layer, timestep or release changed, or an error)."""
         return (None, "", [], gr.update(choices=[], value=None), "", [], None, None, gr.update(value="", visible=False))
 
+    @ui_only
     def analyze(self, image, layer, timestep, release, show_dense=False, progress=gr.Progress()):
         """Analyze an image: predicted classes, its most relevant neurons, the first one's images and heat map,
         and whether the image is like the release's data."""
@@ -442,7 +445,9 @@ class Events:
 
     # --------------------------------------------------------- Neuron browser
 
+    @ui_only
     def neuron_details(self, release, layer, timestep, neuron):
+        """The browser's view of one neuron: statistics, label histogram, top images (programs: ``/describe_neuron``)."""
         with user_errors("showing the neuron"):
             d = A.neuron_details(self.state, release, layer, timestep, neuron)
             return _neuron_stats_markdown(d), d.histogram, d.top_images
@@ -483,20 +488,38 @@ class Events:
     # ------------------------------------------------------------------- API
 
     def analyze_json(self, image: FileData, layer: str = "", timestep: int = -1, release: str = "") -> dict:
-        """Analyze an image file. Returns {"release", "layer", "timestep", "predictions": {class: prob} or null,
-        "note", "neurons": [{"id", "activation", "relevance", "frequency", "summary", "dense"}], "ranking",
-        "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution", "message",
-        "layers"}}
-        with neurons sorted by relevance (activation over the neuron's usual activation; dense ones flagged).
-        layer "" and timestep -1 mean the release's default entry; release "" the app's default release (by name);
-        timestep may be an int or a numeric string. "note" says why predictions are null (no Diff-C head)."""
+        """Analyze an image with a release's k-sparse autoencoder: the neurons it lights up, what each means,
+        the classes Diff-C predicts, and whether the image is like the release's data.
+
+        Args:
+            image: the image, uploaded (gradio_client's handle_file, or an MCP data: URI); never a server path.
+            layer: the backbone layer ("" = the release's default entry); list_releases names them.
+            timestep: the diffusion timestep t (-1 = the default for the layer; a numeric string is accepted).
+            release: the release name ("" = the app's default release).
+        Returns:
+            {"release", "layer", "timestep", "predictions": {class: probability} or null, "note" (why predictions
+            are null: this entry has no Diff-C head), "neurons": [{"id", "activation", "relevance" (activation over
+            the neuron's usual activation), "frequency", "summary", "dense"}] sorted by relevance, "ranking" (how
+            neurons are ranked), "ood": {"reconstruction_error", "error_percentile", "diffc_confidence",
+            "out_of_distribution", "message", "layers"} (trust the neurons and classes less when
+            out_of_distribution is true)}
+        """
         with user_errors("analysing the image"):
             return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
 
     def search_neurons(self, value: str, layer: str = "", timestep: int = -1, release: str = "") -> list:
-        """Neurons that detect a label value ("stripes", "magenta", a class name; "column=value" picks a column),
-        best AUROC first: [{"neuron", "column", "value", "auroc", "precision", "frequency", "dense", "summary"}].
-        layer "" and timestep -1 mean the release's default entry; release "" the app's default release."""
+        """Search the neurons that detect a label value (a class, or a value of another label column such as
+        a colour or "stripes"), best AUROC first.
+
+        Args:
+            value: the label value; "column=value" picks one label column when several have that value.
+            layer: the backbone layer ("" = the release's default entry).
+            timestep: the diffusion timestep t (-1 = the default for the layer).
+            release: the release name ("" = the app's default release).
+        Returns:
+            [{"neuron", "column", "value", "auroc" (0.5 = chance, 1 = perfect), "precision" (share of its top images
+            with the value), "frequency", "dense", "summary"}]
+        """
         with user_errors("searching neurons"):
             return A.search_neurons(self.state, value, layer or None, timestep, release)
 
@@ -535,7 +558,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                         )
                         with gr.Row():
                             layer_dd = gr.Dropdown(rel0.layers, value=layer0, label="Layer", elem_id="layer")
-                            t_dd = gr.Dropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
+                            t_dd = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
                         analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
                         show_dense = gr.Checkbox(False, label="Show dense neurons (fire on most images)",
                                                  elem_id="show-dense")
@@ -545,7 +568,8 @@ def build_ui(state: AppState) -> gr.Blocks:
                         )
                         gr.Markdown(HELP, elem_classes=["revelio-help"])
                     with gr.Column(scale=3, min_width=380):
-                        ood_md = gr.Markdown("", visible=False, elem_id="ood-warning")
+                        ood_md = gr.Markdown("", visible=False, elem_id="ood-warning",
+                                     label="Is the image like the release's data?")
                         with gr.Row(equal_height=True):
                             with gr.Column(min_width=200):
                                 preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
@@ -561,7 +585,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                             elem_classes=["revelio-table"],
                         )
                         with gr.Row(equal_height=True):
-                            neuron_dd = gr.Dropdown([], label="Selected neuron", scale=1, min_width=160,
+                            neuron_dd = IntDropdown([], label="Selected neuron", scale=1, min_width=160,
                                                     elem_id="neuron-select")
                             caption = gr.Markdown("", label="About the selected neuron", elem_classes=["revelio-caption"],
                                                   elem_id="neuron-caption")
@@ -575,8 +599,8 @@ def build_ui(state: AppState) -> gr.Blocks:
             with gr.Tab("Neuron browser", id="browser"):
                 with gr.Row():
                     b_layer = gr.Dropdown(rel0.layers, value=layer0, label="Layer")
-                    b_t = gr.Dropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
-                    b_neuron = gr.Number(value=0, minimum=0, step=1, label="Neuron id")
+                    b_t = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
+                    b_neuron = gr.Number(value=0, minimum=0, step=1, precision=0, label="Neuron id")
                     b_show = gr.Button("Show neuron", variant="primary")
                 with gr.Row():
                     with gr.Column(scale=2):
@@ -658,7 +682,8 @@ def build_ui(state: AppState) -> gr.Blocks:
         release_changed.then(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
         demo.load(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
         # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
-        gr.api(ev.analyze_json, api_name="analyze_json", concurrency_id="backbone", concurrency_limit=cfg.concurrency)
+        json_endpoint(ev.analyze_json, api_name="analyze_json", output="analysis", concurrency_id="backbone",
+                      concurrency_limit=cfg.concurrency)
         IU.wire(
             IU.InterpretEvents(state, ev), analyzed=[analyzed, layer_refreshed, t_refreshed, image_changed, release_changed],
             analysis_state=analysis_state, image_in=image_in,
@@ -666,7 +691,8 @@ def build_ui(state: AppState) -> gr.Blocks:
             gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
             browser=[b_layer, b_t, b_neuron, b_stats, b_hist, b_gallery], concurrency=cfg.concurrency,
         )
-        gr.api(ev.search_neurons, api_name="search_neurons")
+        json_endpoint(ev.search_neurons, api_name="search_neurons", output="neurons")
+        wire_tools(state, user_errors)  # /describe_neuron, /list_releases (the MCP tools' other half)
 
     with _env_default(ANALYTICS_EVERY_ENV, str(ANALYTICS_EVERY)):  # read once, when the queue is made
         demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
