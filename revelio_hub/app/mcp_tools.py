@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from revelio_hub.app import analysis as A
 from revelio_hub.app.api_surface import json_endpoint
 from revelio_hub.app.state import AppState
@@ -112,14 +114,29 @@ def describe_neuron(state: AppState, release: Optional[str], layer: Optional[str
     }
 
 
+def _hub_id(value: Any) -> Optional[str]:
+    """``value`` when it is a Hub repo id, else ``None``: a backbone given as a local folder is a server path."""
+    text = str(value or "")
+    if not text or Path(text).is_absolute() or Path(text).exists() or text.startswith("."):
+        return None
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
+
+
 def list_releases(state: AppState) -> list[dict[str, Any]]:
-    """The ``/list_releases`` payload: every served release by name, its entries and label columns."""
+    """The ``/list_releases`` payload: every served release by name, its entries and classes.
+
+    The backbone is named only by its Hub id (``None`` for a local folder).
+    """
     out = []
     for rel in state.releases.values():
         layer, t = rel.default_entry()
         out.append({
             "release": rel.name,
-            "backbone": str(rel.release.backbone_id),
+            "backbone": _hub_id(rel.release.backbone_id),
             "classes": list(rel.release.class_names or []),
             "default": {"layer": layer, "timestep": t},
             "entries": [{"layer": l, "timestep": tt, "diffc": (l, tt) in set(A.diffc_entries(rel))}
@@ -160,7 +177,7 @@ class ToolEvents:
         arguments for the other tools.
 
         Returns:
-            [{"release" (the name other tools take), "backbone", "classes" (what Diff-C predicts), "default":
+            [{"release" (the name other tools take), "backbone" (its Hub id), "classes" (what Diff-C predicts), "default":
             {"layer", "timestep"}, "entries": [{"layer", "timestep", "diffc" (whether it predicts classes)}]}]
         """
         with self._user_errors("listing the releases"):
