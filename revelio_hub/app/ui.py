@@ -38,6 +38,7 @@ import gradio as gr
 from gradio import FileData
 
 from revelio_hub.app import analysis as A
+from revelio_hub.app import deep_links as DL
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.api_surface import IntDropdown, json_endpoint
 from revelio_hub.app.mcp_tools import ui_only, wire_tools
@@ -546,6 +547,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 release_choices, value=rel0.name, label="Release", scale=0, min_width=240,
                 interactive=len(release_choices) > 1, elem_id="release",
             )
+        link_note = gr.Markdown("", visible=False, elem_id="link-note")
         analysis_state = gr.State(None)
 
         with gr.Tabs() as tabs:
@@ -562,6 +564,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                         analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
                         show_dense = gr.Checkbox(False, label="Show dense neurons (fire on most images)",
                                                  elem_id="show-dense")
+                        analysis_copy = DL.copy_link_row("Copy link to this analysis", "analysis-link")
                         examples = gr.Gallery(
                             rel0.examples, label="Examples (click one to load it)", columns=5, height=150,
                             allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
@@ -602,6 +605,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                     b_t = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
                     b_neuron = gr.Number(value=0, minimum=0, step=1, precision=0, label="Neuron id")
                     b_show = gr.Button("Show neuron", variant="primary")
+                neuron_copy = DL.copy_link_row("Copy link to this neuron", "neuron-link")
                 with gr.Row():
                     with gr.Column(scale=2):
                         b_stats = gr.Markdown(BROWSER_PROMPT, label="Neuron statistics", elem_id="neuron-stats",
@@ -680,12 +684,19 @@ def build_ui(state: AppState) -> gr.Blocks:
             ev.change_release, release_dd, [layer_dd, t_dd, examples, card_md, b_layer, b_t, *results], **private,
         )
         release_changed.then(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
-        demo.load(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
+        loaded = demo.load(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
+        link_analyzed = DL.wire(
+            DL.LinkEvents(state, ev), loaded,
+            DL.LinkComponents(tabs, release_dd, layer_dd, t_dd, image_in, examples, card_md, b_layer, b_t, b_neuron,
+                              browser_outputs, results),
+            by=b_sort, note=link_note, neuron_copy=neuron_copy, analysis_copy=analysis_copy, backbone=backbone,
+        )
         # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
         json_endpoint(ev.analyze_json, api_name="analyze_json", output="analysis", concurrency_id="backbone",
                       concurrency_limit=cfg.concurrency)
         IU.wire(
-            IU.InterpretEvents(state, ev), analyzed=[analyzed, layer_refreshed, t_refreshed, image_changed, release_changed],
+            IU.InterpretEvents(state, ev), analyzed=[analyzed, layer_refreshed, t_refreshed, image_changed, release_changed,
+                                                  link_analyzed],
             analysis_state=analysis_state, image_in=image_in,
             layer_dd=layer_dd, t_dd=t_dd, release_dd=release_dd, neuron_dd=neuron_dd, caption=caption,
             gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
