@@ -120,21 +120,31 @@ def test_describe_neuron_matches_the_atlas(app):
     assert all(t["thumbnail"].startswith("data:image/webp;base64,") for t in got["top_images"])
 
 
-def test_tool_images_pass_the_upload_gate(app, tmp_path):
-    """URLs are refused before anything is fetched, and a server path is not read."""
+def test_tool_images_pass_the_upload_gate(app, images, tmp_path):
+    """An upload's file-route URL (Gradio's upload_file_to_gradio flow) is that upload; other URLs are refused
+    before anything is fetched, and a server path is not read, however it is spelled."""
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import encode_file_path
+
+    from app_inputs import upload
     from revelio_hub.app.validation import UPLOAD_REFUSED
 
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"not for agents")
+    uploaded = f"{app.url}gradio_api/file={encode_file_path(upload(app, images['red']))}"
 
     async def calls(session):
         return [await session.call_tool("analyze_json", {"image": image}) for image in
-                ("http://127.0.0.1:9/x.png", str(secret), "file://" + str(secret))]
+                (uploaded, "http://127.0.0.1:9/x.png", f"{app.url}gradio_api/file={secret}",
+                 f"http://elsewhere.example/gradio_api/file={secret}", str(secret), "file://" + str(secret))]
 
-    url, path, file_url = mcp_session(app, calls)
+    ok, url, *paths = mcp_session(app, calls)
+    assert answer(ok) == Client(app.url, verbose=False).predict(handle_file(str(images["red"])),
+                                                                api_name="/analyze_json")
     assert url.isError and UPLOAD_REFUSED in url.content[0].text
-    for result in (path, file_url):
+    for result in paths:
         assert result.isError and "not for agents" not in result.content[0].text
+    assert all(UPLOAD_REFUSED in result.content[0].text for result in paths[:2])
 
 
 def test_app_builds_without_mcp_and_says_how_to_enable_it():

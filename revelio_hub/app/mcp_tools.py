@@ -6,8 +6,10 @@ from the function's docstring, its schema from the type hints). The tools are
 the JSON API itself, so an agent gets exactly what ``gradio_client`` and raw
 HTTP get, and its calls go through the same gate: Gradio's MCP server calls the
 app over HTTP through ``gradio_client``, so an image reaches an endpoint only as
-an upload (a ``data:`` URI the agent sends is uploaded first), and a URL is
-refused before anything is fetched (:class:`~revelio_hub.app.ui.ServedBlocks`).
+an upload: a ``data:`` URI the agent sends is uploaded first, the URL of a file
+the agent uploaded (what Gradio's ``upload_file_to_gradio`` tool returns) is read
+as that upload (:func:`file_route_urls_as_paths`), and any other URL is refused
+before anything is fetched (:class:`~revelio_hub.app.ui.ServedBlocks`).
 
 The tools: ``analyze_json`` (an image's neurons with summaries and how reliable
 they are), ``attribute_json`` (why Diff-C predicted a class), ``compare_json``,
@@ -24,8 +26,10 @@ import base64
 import io
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
+from urllib.parse import unquote
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -54,6 +58,35 @@ def mcp_unavailable() -> Optional[str]:
     except ImportError:
         return f"MCP needs the optional `mcp` package, which is not installed. Enable it with: {MCP_INSTALL}"
     return None
+
+
+#: A URL of a Gradio app's file route, as Gradio's ``upload_file_to_gradio`` MCP tool returns for an upload.
+_FILE_ROUTE_URL = re.compile(r"^https?://[^/?#]+(?:/[^?#]*)?/gradio_api/file=(?P<path>[^?#]+)$")
+
+
+def file_route_urls_as_paths(value: Any) -> Any:
+    """``value`` with each tagged file whose path is a URL of the file route replaced by the path it names.
+
+    Gradio's MCP integration tells agents to upload a file first (its
+    ``upload_file_to_gradio`` tool posts it to ``/gradio_api/upload``) and then
+    pass the URL it returns, ``<app>/gradio_api/file=<upload path>``; Gradio
+    would download that URL on the server. Read as the path it names instead,
+    it is an upload reference like the one ``gradio_client`` sends, and goes
+    through the same checks (inside the upload folder, or refused). Nothing is
+    fetched, whatever host the URL names; other URLs are left for the app to
+    refuse.
+    """
+    if isinstance(value, dict):
+        path = value.get("path")
+        meta = value.get("meta")
+        if isinstance(path, str) and isinstance(meta, dict) and meta.get("_type") == "gradio.FileData":
+            match = _FILE_ROUTE_URL.match(path)
+            if match:
+                return {**value, "path": unquote(match.group("path")), "url": None}
+        return {k: file_route_urls_as_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [file_route_urls_as_paths(v) for v in value]
+    return value
 
 
 def ui_only(fn: Callable) -> Callable:
@@ -192,5 +225,6 @@ def wire_tools(state: AppState, user_errors: Callable[[str], Any]) -> ToolEvents
     return tools
 
 
-__all__ = ["MCP_ENV", "MCP_INSTALL", "ToolEvents", "describe_neuron", "list_releases", "mcp_requested",
+__all__ = ["MCP_ENV", "MCP_INSTALL", "ToolEvents", "describe_neuron", "file_route_urls_as_paths", "list_releases",
+           "mcp_requested",
            "mcp_unavailable", "ui_only", "wire_tools"]

@@ -41,7 +41,7 @@ from revelio_hub.app import analysis as A
 from revelio_hub.app import deep_links as DL
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.api_surface import IntDropdown, json_endpoint
-from revelio_hub.app.mcp_tools import ui_only, wire_tools
+from revelio_hub.app.mcp_tools import file_route_urls_as_paths, ui_only, wire_tools
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.temp_files import cleanup_lifespan
@@ -165,7 +165,9 @@ class ServedBlocks(gr.Blocks):
     making it absolute, which reveals the server's working directory. This
     turns them into :data:`~revelio_hub.app.validation.UPLOAD_REFUSED`, the
     sentence :func:`~revelio_hub.app.validation.served_upload` gives for
-    every other refused value, and refuses URLs before Gradio downloads them.
+    every other refused value, and refuses URLs before Gradio downloads them (a
+    URL of the app's own file route is read as the upload it names:
+    :func:`~revelio_hub.app.mcp_tools.file_route_urls_as_paths`).
 
     It also makes the app's sessions lean (:mod:`revelio_hub.app.sessions`).
     """
@@ -192,6 +194,7 @@ class ServedBlocks(gr.Blocks):
         import pydantic
         from gradio.exceptions import InvalidPathError
 
+        inputs = file_route_urls_as_paths(inputs)  # an MCP agent's "<app>/gradio_api/file=<upload>": that upload
         if _has_remote_file(inputs):
             raise gr.Error(UPLOAD_REFUSED, print_exception=False)
         try:
