@@ -10,6 +10,7 @@ import ast
 import asyncio
 import base64
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,8 @@ def test_tools_are_the_json_api_with_descriptions(app):
     by_name = {t.name: t for t in tools}
     assert set(by_name) == TOOLS  # the UI endpoints /analyze and /neuron are not offered to agents
     for tool in tools:
-        assert len(tool.description) > 60, tool.name
+        assert len(tool.description) > 60 and "Returns: " in tool.description, tool.name
+        assert not re.search(r",\s*,", tool.description), tool.description  # Returns lines joined cleanly
         for name, prop in tool.inputSchema["properties"].items():
             assert prop.get("description"), (tool.name, name)
     schema = by_name["describe_neuron"].inputSchema

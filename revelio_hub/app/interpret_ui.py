@@ -179,10 +179,10 @@ class InterpretEvents:
             release: the release name ("" = the app's default release).
             target: the class to explain ("" = the predicted class).
         Returns:
-            {"release", "layer", "timestep", "target", "prob", "logit", "predicted", "neurons": [{"neuron",
-            "activation", "effect_prob", "effect_logit", "estimate_prob", "estimate_logit", "summary"}], "pushing_up",
-            "pushing_down", "spearman", ...}; effect = P(class) with nothing removed minus P(class) with the neuron
-            removed (positive: it pushes the class up).
+            {"release", "layer", "timestep", "target", "prob", "logit", "predicted"
+            "neurons": [{"neuron", "activation", "effect_prob", "effect_logit", "estimate_prob", "estimate_logit"
+            "summary"}], "pushing_up", "pushing_down", "spearman", ...}; effect = P(class) with nothing removed
+            minus P(class) with the neuron removed (positive: the neuron pushes the class up).
         """
         with _user_errors("explaining the prediction"):
             return V.attribute_image(self.state, self._served(image), layer or None, timestep, release,
@@ -199,7 +199,7 @@ class InterpretEvents:
             timestep: the diffusion timestep t (-1 = the default for the layer).
             release: the release name ("" = the app's default release).
         Returns:
-            {"release", "layer", "timestep", "more_in_first": [{"neuron", "first", "second", "difference",
+            {"release", "layer", "timestep", "more_in_first": [{"neuron", "first", "second", "difference"
             "summary"}], "more_in_second": [...], "shared_active_neurons"}
         """
         with _user_errors("comparing the images"):

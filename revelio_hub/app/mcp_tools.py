@@ -18,6 +18,10 @@ they are), ``attribute_json`` (why Diff-C predicted a class), ``compare_json``,
 and ``/neuron`` return Gradio component values and are marked
 :func:`ui_only`, so agents do not see them.
 
+An agent reads a tool's docstring: its first paragraph, each argument's line,
+and the ``Returns:`` lines, which Gradio joins with ", " (so in these
+docstrings a ``Returns:`` line ends where a comma belongs, without one).
+
 ``mcp`` is an optional dependency (``pip install "revelio-hub[mcp]"``): the app
 starts without it and says how to enable MCP when it is asked for.
 """
@@ -196,10 +200,11 @@ class ToolEvents:
             release: the release name from list_releases ("" = the app's default release).
             top_images: how many top-activating dataset images to return, 0 to 20.
         Returns:
-            {"release", "layer", "timestep", "neuron", "summary" (one line naming the label value it detects, or
-            "mixed"), "frequency" (share of dataset images it fires on), "mean_activation", "best_auroc", "entropy",
-            "dense" (fires on most images: says little about one image), "label_values" (per label column, the best
-            value's evidence), "auroc" ({column: {value: AUROC}} over all atlas images; 0.5 = chance, 1 = perfect),
+            {"release", "layer", "timestep", "neuron", "summary" (the label value it detects, or "mixed")
+            "frequency" (share of dataset images it fires on), "mean_activation", "best_auroc", "entropy"
+            "dense" (fires on most images: says little about one image)
+            "label_values" (per label column, the best value's evidence)
+            "auroc" ({column: {value: AUROC}} over all atlas images; 0.5 = chance, 1 = perfect)
             "top_images": [{"image_id", "label", "activation", "thumbnail" (a data:image/webp;base64 URI)}]}
         """
         with self._user_errors("describing the neuron"):
@@ -210,8 +215,9 @@ class ToolEvents:
         arguments for the other tools.
 
         Returns:
-            [{"release" (the name other tools take), "backbone" (its Hub id), "classes" (what Diff-C predicts), "default":
-            {"layer", "timestep"}, "entries": [{"layer", "timestep", "diffc" (whether it predicts classes)}]}]
+            [{"release" (the name other tools take), "backbone" (its Hub id), "classes" (what Diff-C predicts)
+            "default": {"layer", "timestep"}
+            "entries": [{"layer", "timestep", "diffc" (whether it predicts classes)}]}]
         """
         with self._user_errors("listing the releases"):
             return list_releases(self.state)

@@ -501,12 +501,12 @@ class Events:
             timestep: the diffusion timestep t (-1 = the default for the layer; a numeric string is accepted).
             release: the release name ("" = the app's default release).
         Returns:
-            {"release", "layer", "timestep", "predictions": {class: probability} or null, "note" (why predictions
-            are null: this entry has no Diff-C head), "neurons": [{"id", "activation", "relevance" (activation over
-            the neuron's usual activation), "frequency", "summary", "dense"}] sorted by relevance, "ranking" (how
-            neurons are ranked), "ood": {"reconstruction_error", "error_percentile", "diffc_confidence",
-            "out_of_distribution", "message", "layers"} (trust the neurons and classes less when
-            out_of_distribution is true)}
+            {"release", "layer", "timestep", "predictions": {class: probability} or null
+            "note" (why predictions are null: this entry has no Diff-C head)
+            "neurons": [{"id", "activation", "relevance" (activation over the neuron's usual activation)
+            "frequency", "summary", "dense"}] most relevant first, "ranking" (how neurons are ranked)
+            "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution"
+            "message", "layers"} (trust the neurons and classes less when out_of_distribution is true)}
         """
         with user_errors("analysing the image"):
             return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
@@ -521,8 +521,8 @@ class Events:
             timestep: the diffusion timestep t (-1 = the default for the layer).
             release: the release name ("" = the app's default release).
         Returns:
-            [{"neuron", "column", "value", "auroc" (0.5 = chance, 1 = perfect), "precision" (share of its top images
-            with the value), "frequency", "dense", "summary"}]
+            [{"neuron", "column", "value", "auroc" (0.5 = chance, 1 = perfect)
+            "precision" (share of its top images with the value), "frequency", "dense", "summary"}]
         """
         with user_errors("searching neurons"):
             return A.search_neurons(self.state, value, layer or None, timestep, release)
@@ -697,9 +697,9 @@ def build_ui(state: AppState) -> gr.Blocks:
         # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
         json_endpoint(ev.analyze_json, api_name="analyze_json", output="analysis", concurrency_id="backbone",
                       concurrency_limit=cfg.concurrency)
+        every_analysis = [analyzed, layer_refreshed, t_refreshed, image_changed, release_changed, link_analyzed]
         IU.wire(
-            IU.InterpretEvents(state, ev), analyzed=[analyzed, layer_refreshed, t_refreshed, image_changed, release_changed,
-                                                  link_analyzed],
+            IU.InterpretEvents(state, ev), analyzed=every_analysis,
             analysis_state=analysis_state, image_in=image_in,
             layer_dd=layer_dd, t_dd=t_dd, release_dd=release_dd, neuron_dd=neuron_dd, caption=caption,
             gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
