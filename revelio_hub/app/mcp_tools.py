@@ -46,7 +46,7 @@ from revelio_hub.interpret.atlas import THUMBNAIL_DIR
 #: Environment variable that turns the MCP server on where there is no command line (a Space's variables).
 MCP_ENV = "REVELIO_MCP"
 MCP_INSTALL = 'pip install "revelio-hub[mcp]"  (or: pip install "gradio[mcp]")'
-#: Top images :func:`describe_neuron` returns at most (each a ~4 kB WebP thumbnail).
+#: Top images :func:`describe_neuron` returns at most (each a WebP thumbnail as the atlas stores it).
 MAX_TOP_IMAGES = 20
 
 

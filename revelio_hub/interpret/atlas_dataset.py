@@ -44,7 +44,7 @@ from revelio_hub.interpret.atlas import THUMBNAIL_DIR, NeuronAtlas
 
 PathLike = Union[str, Path]
 SPLIT = "neurons"
-#: Rows per parquet file: a paper-size SAE (81,920 neurons × 10 thumbnails of ~4 kB) makes ~80 files of ~40 MB.
+#: Rows per parquet file: a paper-size SAE (81,920 neurons) makes 80 files, each holding its rows' thumbnails.
 ROWS_PER_FILE = 1024
 TOP_IMAGES = 10
 
