@@ -17,6 +17,11 @@ API (for ``gradio_client``):
 * ``/neuron`` - (release, layer, timestep, neuron id) -> stats, label
   histogram, top-activating images.
 * ``/attribute_json``, ``/compare_json`` - see :mod:`revelio_hub.app.interpret_ui`.
+* ``/describe_neuron``, ``/list_releases`` - see :mod:`revelio_hub.app.mcp_tools`; the JSON
+  endpoints are also the app's MCP tools (``python app.py --mcp``).
+
+Page links (``?release=&layer=&t=&neuron=`` or ``&example=``) open a neuron or an
+analysed example: :mod:`revelio_hub.app.deep_links`.
 
 The endpoints are public: anyone can post to them. So every file input goes
 through :func:`~revelio_hub.app.validation.served_upload` (only files that
@@ -451,7 +456,7 @@ class Events:
 
     @ui_only
     def neuron_details(self, release, layer, timestep, neuron):
-        """The browser's view of one neuron: statistics, label histogram, top images (programs: ``/describe_neuron``)."""
+        """The browser's view of one neuron: stats, label histogram, top images (programs: /describe_neuron)."""
         with user_errors("showing the neuron"):
             d = A.neuron_details(self.state, release, layer, timestep, neuron)
             return _neuron_stats_markdown(d), d.histogram, d.top_images
@@ -575,7 +580,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                         gr.Markdown(HELP, elem_classes=["revelio-help"])
                     with gr.Column(scale=3, min_width=380):
                         ood_md = gr.Markdown("", visible=False, elem_id="ood-warning",
-                                     label="Is the image like the release's data?")
+                                             label="Is the image like the release's data?")
                         with gr.Row(equal_height=True):
                             with gr.Column(min_width=200):
                                 preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
