@@ -18,7 +18,7 @@ import hashlib
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import urlencode
 
 import gradio as gr
@@ -175,10 +175,9 @@ class LinkEvents:
             link = parse_link(self.state, {"release": release, "layer": layer, "t": str(timestep)})
         except ValueError as exc:
             return f"No link: {exc}"
-        path = image.get("path") if isinstance(image, Mapping) else image
         try:  # only a real upload or example is read (the value came from the browser)
-            path = self.events.served_image(image).path if path else None
-        except ValueError:
+            path = self.events.served_image(image).path
+        except ValueError:  # no image, or not an upload: a link to the entry
             path = None
         index = example_index(self.state.get_release(link.release), path)
         if index is None:
