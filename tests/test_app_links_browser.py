@@ -59,25 +59,25 @@ def test_neuron_link_opens_the_browser_on_that_neuron_and_copy_link_reopens_it(a
     again.close()
 
 
-def test_example_link_opens_the_analysis_and_copy_link_keeps_it(app, browser):
+def test_example_link_opens_the_analysis_on_its_neuron_and_copy_link_keeps_it(app, browser):
     rel = app.state.get_release()
     layer, t = rel.default_entry()
-    errors: list[str] = []
-    page = open_page(browser, f"{app.url}?layer={layer}&t={t}&example=1", errors)
     expected = A.analyze(app.state, rel.examples[1][0], layer, t, rel.name)
-    top = expected.visible_neurons()[0].id
+    top, second = [n.id for n in expected.visible_neurons()[:2]]
+    errors: list[str] = []
+    page = open_page(browser, f"{app.url}?layer={layer}&t={t}&example=1&neuron={second}", errors)
     page.wait_for_function(
-        f"() => (document.querySelector('.revelio-caption')?.innerText || '').includes('Neuron {top}')",
+        f"() => (document.querySelector('.revelio-caption')?.innerText || '').includes('Neuron {second}')",
         timeout=120_000)
     assert selected_tab(page) == "Analyze"
     cells = [c.strip() for c in page.locator("#neurons").inner_text().split("\n")]
-    assert next(c for c in cells if c.isdigit()) == str(top)  # the example's most relevant neuron heads the table
+    assert next(c for c in cells if c.isdigit()) == str(top)  # the example's own table, most relevant first
     page.wait_for_selector("#image-in img", timeout=30_000)
     page.click("#analysis-link-button")
     page.wait_for_function("() => (document.querySelector('#analysis-link textarea, #analysis-link input')?.value"
                            " || '').startsWith('http')", timeout=30_000)
     link = page.locator("#analysis-link textarea, #analysis-link input").first.input_value()
-    assert link == f"{app.url}?release={rel.name}&layer={layer}&t={t}&example=1"
+    assert link == f"{app.url}?release={rel.name}&layer={layer}&t={t}&neuron={second}&example=1"
     assert not errors, errors
     page.close()
 

@@ -146,7 +146,7 @@ def test_link_events_refuse_server_paths(app, files):
     for case, value in attack_cases(files).items():
         msg = queue_event(app, events["analyze_1"], [None, value, layer, t, rel.name], session)
         assert not msg["success"] and msg["output"]["error"] == UPLOAD_REFUSED, (case, msg)
-        msg = queue_event(app, events["analysis_link"], [rel.name, layer, t, value], session)
+        msg = queue_event(app, events["analysis_link"], [rel.name, layer, t, value, None], session)
         refused = not msg["success"] and msg["output"]["error"] == UPLOAD_REFUSED  # (Gradio's own check, first)
         assert refused or (msg["success"] and msg["output"]["data"] == [entry_link]), (case, msg["output"])
 

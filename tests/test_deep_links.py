@@ -29,6 +29,8 @@ def test_a_link_names_an_entry_and_a_neuron_or_an_example(state):
     assert parse_link(state, dict(pair.split("=") for pair in link.query()[1:].split("&"))) == link
     layer, t = rel.default_entry()
     assert parse_link(state, {"example": "0"}) == Link(rel.name, layer, t, example=0)  # defaults, as in the API
+    both = parse_link(state, {"example": "1", "neuron": "3"})
+    assert both == Link(rel.name, layer, t, neuron=3, example=1) and both.query().endswith("&neuron=3&example=1")
 
 
 @pytest.mark.parametrize("params, message", [

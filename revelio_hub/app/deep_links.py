@@ -2,7 +2,8 @@
 
 ``?release=toy-shapes&layer=down_ft1&t=25&neuron=217`` opens the Neuron browser
 on neuron 217 of that entry; ``?release=toy-shapes&layer=down_ft1&t=25&example=2``
-opens the Analyze tab with the release's example 2 analysed at that entry.
+opens the Analyze tab with the release's example 2 analysed at that entry (and
+``&neuron=`` selects one of its neurons).
 An uploaded image cannot be linked (it stays on the server only for a while,
 and its path must not leave it), so a link to such an analysis keeps the
 release, entry and tab, and says to share the image alongside.
@@ -124,6 +125,8 @@ class LinkComponents:
     browser_outputs: Sequence[Any]
     #: the Analyze tab's result outputs (``Events.clear_results``' order)
     results: Sequence[Any]
+    #: the Analyze tab's selected neuron (its link carries it)
+    selected_neuron: Any = None
 
 
 class LinkEvents:
@@ -156,10 +159,16 @@ class LinkEvents:
                 *browser, image, link, gr.update(value="", visible=False))
 
     def analyze(self, link: Optional[Link], image, layer, timestep, release, progress=gr.Progress()):
-        """After a link to an example: analyse it (nothing to do for other links)."""
+        """After a link to an example: analyse it, and select the link's neuron when the image's table lists it
+        (nothing to do for other links)."""
         if link is None or link.example is None:
             return (gr.update(),) * 9
-        return self.events.analyze(image, layer, timestep, release, progress=progress)
+        out = self.events.analyze(image, layer, timestep, release, progress=progress)
+        preds, note, rows, choices, caption, gallery, heatmap, result, ood = out
+        if link.neuron is None or result is None or link.neuron not in {n.id for n in result.visible_neurons()}:
+            return out
+        caption, gallery, heatmap = self.events.select_neuron(result, link.neuron)
+        return (preds, note, rows, {**choices, "value": link.neuron}, caption, gallery, heatmap, result, ood)
 
     def neuron_link(self, release: str, layer: str, timestep: Any, neuron: Any) -> str:
         """The query of a link to the neuron shown in the browser (the page adds its address)."""
@@ -169,10 +178,12 @@ class LinkEvents:
         except ValueError as exc:
             return f"No link: {exc}"
 
-    def analysis_link(self, release: str, layer: str, timestep: Any, image: Any) -> str:
-        """The query of a link to this analysis: the example it shows, or only the entry for an upload."""
+    def analysis_link(self, release: str, layer: str, timestep: Any, image: Any, neuron: Any = None) -> str:
+        """The query of a link to this analysis: the example it shows and the selected neuron, or only the
+        entry for an upload."""
+        entry = {"release": release, "layer": layer, "t": str(timestep)}
         try:
-            link = parse_link(self.state, {"release": release, "layer": layer, "t": str(timestep)})
+            link = parse_link(self.state, {**entry, **({"neuron": str(neuron)} if neuron is not None else {})})
         except ValueError as exc:
             return f"No link: {exc}"
         try:  # only a real upload or example is read (the value came from the browser)
@@ -182,7 +193,7 @@ class LinkEvents:
         index = example_index(self.state.get_release(link.release), path)
         if index is None:
             return Link(link.release, link.layer, link.timestep).query()
-        return Link(link.release, link.layer, link.timestep, example=index).query()
+        return Link(link.release, link.layer, link.timestep, neuron=link.neuron, example=index).query()
 
 
 def copy_link_row(label: str, elem_id: str) -> tuple[Any, Any]:
@@ -213,7 +224,7 @@ def wire(ev: LinkEvents, loaded: Any, c: LinkComponents, *, by: Any, note: Any, 
     button.click(ev.neuron_link, [c.release, c.browser_layer, c.browser_t, c.browser_neuron], box,
                  preprocess=False, **private).then(None, box, box, js=COPY_JS, **private)
     button, box = analysis_copy
-    button.click(ev.analysis_link, [c.release, c.layer, c.timestep, c.image], box,
+    button.click(ev.analysis_link, [c.release, c.layer, c.timestep, c.image, c.selected_neuron], box,
                  preprocess=False, **private).then(None, box, box, js=COPY_JS, **private)
     return analyzed
 

@@ -696,7 +696,7 @@ def build_ui(state: AppState) -> gr.Blocks:
         link_analyzed = DL.wire(
             DL.LinkEvents(state, ev), loaded,
             DL.LinkComponents(tabs, release_dd, layer_dd, t_dd, image_in, examples, card_md, b_layer, b_t, b_neuron,
-                              browser_outputs, results),
+                              browser_outputs, results, selected_neuron=neuron_dd),
             by=b_sort, note=link_note, neuron_copy=neuron_copy, analysis_copy=analysis_copy, backbone=backbone,
         )
         # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
