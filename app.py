@@ -3,6 +3,7 @@
     python app.py                                  # the bundled toy release, http://127.0.0.1:7860
     python app.py --release user/revelio-sd15-pets --release ./my-release --device cuda --dtype bfloat16
     REVELIO_RELEASE=user/a,user/b python app.py   # same as two --release flags
+    python app.py --mcp                            # also an MCP server for LLM agents (REVELIO_MCP=1 on a Space)
 
 All logic lives in ``revelio_hub.app``; this file only parses options and launches.
 """
@@ -16,6 +17,7 @@ import threading
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from revelio_hub.app.mcp_tools import MCP_ENV
     from revelio_hub.app.state import DEFAULT_RELEASE_PATH, RELEASE_ENV, default_concurrency
     from revelio_hub.app.workers import default_workers
 
@@ -49,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"else 0; here {default_workers('cpu')} for --device cpu). Python in one process runs on one "
                         "core at a time; a worker lets the server use another. 0 runs passes in the server process.")
     parser.add_argument("--cache-size", type=int, default=64, help="images × timesteps whose backbone features are kept in memory.")
+    parser.add_argument("--mcp", action="store_true",
+                        help="also serve the JSON API as Model Context Protocol tools for LLM agents, at "
+                        f"/gradio_api/mcp/ (needs the optional mcp package: pip install \"revelio-hub[mcp]\"). "
+                        f"${MCP_ENV}=1 does the same (a Space's variable).")
     parser.add_argument("--no-warmup", action="store_true",
                         help="do not load the default backbone in the background after start-up (first request pays for it).")
     return parser.parse_args(argv)
@@ -59,10 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
 
+    from revelio_hub.app.mcp_tools import mcp_requested, mcp_unavailable
     from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
     from revelio_hub.app.ui import build_ui, launch_kwargs
     from revelio_hub.app.workers import default_workers
 
+    mcp = mcp_requested(args.mcp)
+    if mcp and mcp_unavailable():
+        raise SystemExit(f"app.py: error: {mcp_unavailable()}")
     try:
         config = AppConfig(
             releases=args.release or default_release_ids(),
@@ -86,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_warmup:
         threading.Thread(target=state.warmup, name="revelio-warmup", daemon=True).start()
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(state))
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=mcp,
+                    **launch_kwargs(state))
     finally:
         state.close()
 

@@ -169,13 +169,14 @@ def free_port() -> int:
 class LaunchedApp:
     """The real app (``build_ui`` + ``launch``) served in this process on a free loopback port."""
 
-    def __init__(self, state) -> None:
+    def __init__(self, state, **launch: Any) -> None:
+        """``launch`` adds or overrides ``Blocks.launch`` arguments (``mcp_server=True``)."""
         from revelio_hub.app.ui import build_ui, launch_kwargs
 
         self.state = state
         self.demo = build_ui(state)
         self.port = free_port()
-        kwargs = launch_kwargs(state)
+        kwargs = {**launch_kwargs(state), **launch}
         self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True, quiet=True, **kwargs)
         self.url = f"http://127.0.0.1:{self.port}/"
 

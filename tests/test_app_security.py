@@ -21,7 +21,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -90,17 +90,23 @@ def file_events(app) -> dict[str, int]:
 
 #: Private events with a file input: re-analysis after a layer/timestep change (the browser calls them by index).
 PRIVATE_FILE_EVENTS = {"refresh", "refresh_1"}
+#: Private events of shareable links with a file input (deep_links): a linked example's analysis, "copy link".
+LINK_FILE_EVENTS = {"analyze_1", "analysis_link"}
 
 
 def test_every_file_endpoint_is_covered(app):
     """The cases below cover every event with a file input (a new endpoint cannot slip past them)."""
-    assert set(file_events(app)) == set(FILE_ENDPOINTS) | PRIVATE_FILE_EVENTS
+    assert set(file_events(app)) == set(FILE_ENDPOINTS) | PRIVATE_FILE_EVENTS | LINK_FILE_EVENTS
 
 
-def queue_event(app, fn_index: int, data: list, session: str, event_data: Any = None) -> dict:
-    """Run one event as the browser does (``/queue/join`` + the session's event stream); its final message."""
+def queue_event(app, fn_index: int, data: list, session: str, event_data: Any = None,
+                params: Optional[dict] = None) -> dict:
+    """Run one event as the browser does (``/queue/join`` + the session's event stream); its final message.
+
+    ``params`` are the page's query parameters (the browser sends them with the event).
+    """
     body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data, "trigger_id": None}
-    r = httpx.post(f"{app.url}gradio_api/queue/join", json=body, timeout=60)
+    r = httpx.post(f"{app.url}gradio_api/queue/join", params=params, json=body, timeout=60)
     assert r.status_code == 200, r.text
     with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as s:
         for line in s.iter_lines():
@@ -123,6 +129,26 @@ def test_private_reanalysis_events_refuse_server_paths(app, files, tmp_path):
         for case, value in attack_cases(files).items():
             msg = queue_event(app, events[name], [value, layer, t, rel.name, None, False], session)
             assert not msg["success"] and msg["output"]["error"] == UPLOAD_REFUSED, (name, case, msg)
+
+
+def test_link_events_refuse_server_paths(app, files):
+    """A session opened on an example link (so its analysis event is armed), then that event and "copy link"
+    with server paths: the analysis gives the one refusal, the link is refused or names the entry only."""
+    events = file_events(app)
+    opener = next(i for i, fn in app.demo.fns.items() if fn.api_name == "open")
+    rel = app.state.get_release()
+    layer, t = rel.default_entry()
+    session = uuid.uuid4().hex[:10]
+    opened = queue_event(app, opener, ["frequency"], session, params={"layer": layer, "t": t, "example": 0})
+    shown = [d for d in opened["output"]["data"] if isinstance(d, dict) and str(d.get("path", "")).endswith(".png")]
+    assert opened["success"] and len(shown) == 1, opened  # the link's example is shown: the event is armed
+    entry_link = f"?release={rel.name}&layer={layer}&t={t}"
+    for case, value in attack_cases(files).items():
+        msg = queue_event(app, events["analyze_1"], [None, value, layer, t, rel.name], session)
+        assert not msg["success"] and msg["output"]["error"] == UPLOAD_REFUSED, (case, msg)
+        msg = queue_event(app, events["analysis_link"], [rel.name, layer, t, value, None], session)
+        refused = not msg["success"] and msg["output"]["error"] == UPLOAD_REFUSED  # (Gradio's own check, first)
+        assert refused or (msg["success"] and msg["output"]["data"] == [entry_link]), (case, msg["output"])
 
 
 @pytest.mark.parametrize("api_name", sorted(FILE_ENDPOINTS))

@@ -97,7 +97,8 @@ def test_every_control_rewrites_what_depends_on_it(state):
     demo = build_ui(state)
     by_label = {}
     for block in demo.blocks.values():
-        by_label.setdefault((type(block).__name__, getattr(block, "label", None)), []).append(block)
+        kind = "Dropdown" if getattr(block, "get_block_name", lambda: "")() == "dropdown" else type(block).__name__
+        by_label.setdefault((kind, getattr(block, "label", None)), []).append(block)  # IntDropdown is a Dropdown
     analyze_fn = next(fn for fn in demo.fns.values() if fn.api_name == "analyze")
     results = {b._id for b in analyze_fn.outputs}
     assert len(analyze_fn.outputs) == N_RESULTS

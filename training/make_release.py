@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="Replace an existing release folder at --out.")
     p.add_argument("--push", default=None, metavar="REPO_ID", help="Create this Hub repo and upload the release "
                                                                      "(default: none, local folder only).")
+    p.add_argument("--atlas-dataset", nargs="?", const="", default=None, metavar="DIR",
+                   help="Also write the atlases as a Hub dataset (parquet, thumbnails as Image columns, a dataset "
+                        "card; datasets.load_dataset reads it) into DIR (default: <--out>-atlas). With --push it is "
+                        "uploaded to the dataset repo <REPO_ID>-atlas.")
     p.add_argument("--private", action="store_true", help="With --push: create the repo as private.")
     p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN).")
     return p.parse_args(argv)
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
 
+    from revelio_hub.interpret.atlas_dataset import check_output, push_atlas_dataset, write_release_atlas_dataset
     from revelio_hub.release import Release, assemble_release, default_examples, push_release
 
     config: dict = {}
@@ -125,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         return value if value is not None else config.get(name, default)
 
+    atlas_dataset = None
+    if args.atlas_dataset is not None:  # checked before the release is built: a mistake leaves nothing behind
+        try:
+            atlas_dataset = check_output(args.atlas_dataset or f"{Path(args.out)}-atlas", args.overwrite)
+        except ValueError as error:
+            raise SystemExit(f"error: --atlas-dataset: {error}")
     examples = pick("examples")
     if examples is None and pick("dataset"):
         split = pick("dataset_split") or "test"
@@ -149,9 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}: {len(release.entries)} entries {release.entries}")
     for layer, t in release.entries:
         print(f"  {layer} t={t}: {json.dumps(release.entry_metrics(layer, t))}")
+    if atlas_dataset is not None:
+        data_repo = f"{args.push}-atlas" if args.push else None
+        try:
+            write_release_atlas_dataset(release, atlas_dataset, release_repo=args.push, overwrite=args.overwrite)
+        except ValueError as error:
+            raise SystemExit(f"error: --atlas-dataset: {error}")
+        print(f"wrote the atlas dataset {atlas_dataset}")
     if args.push:
         url = push_release(out, args.push, private=args.private, token=args.token)
         print(f"pushed to {args.push}: {url}")
+        if atlas_dataset is not None:
+            url = push_atlas_dataset(atlas_dataset, data_repo, private=args.private, token=args.token)
+            print(f"pushed the atlas dataset to {data_repo}: {url}")
     return 0
 
 

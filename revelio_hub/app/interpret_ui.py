@@ -25,6 +25,7 @@ from gradio import FileData
 
 from revelio_hub.app import analysis as A
 from revelio_hub.app import attribution_view as V
+from revelio_hub.app.api_surface import json_endpoint
 from revelio_hub.app.state import AppState
 
 __all__ = ["InterpretEvents", "WhyComponents", "CompareComponents", "ConceptComponents",
@@ -168,20 +169,39 @@ class InterpretEvents:
 
     def attribute_json(self, image: FileData, layer: str = "", timestep: int = -1, release: str = "",
                        target: str = "") -> dict:
-        """Which neurons made the Diff-C predict a class. Returns {"release", "layer", "timestep", "target",
-        "prob", "logit", "predicted", "neurons": [{"neuron", "activation", "effect_prob", "effect_logit",
-        "estimate_prob", "estimate_logit", "summary"}], "pushing_up", "pushing_down", "spearman", ...}.
-        effect = P(class) with nothing removed minus P(class) with the neuron removed (positive: it pushes the
-        class up). target "" explains the top class; layer "", timestep -1 and release "" mean the defaults."""
+        """Explain a prediction: which neurons made Diff-C predict a class, measured by removing each one through
+        the sparse autoencoder and re-running Diff-C on the same features.
+
+        Args:
+            image: the image, uploaded (gradio_client's handle_file, or an MCP data: URI); never a server path.
+            layer: the backbone layer ("" = the release's default entry; it must have a Diff-C head).
+            timestep: the diffusion timestep t (-1 = the default for the layer).
+            release: the release name ("" = the app's default release).
+            target: the class to explain ("" = the predicted class).
+        Returns:
+            {"release", "layer", "timestep", "target", "prob", "logit", "predicted"
+            "neurons": [{"neuron", "activation", "effect_prob", "effect_logit", "estimate_prob", "estimate_logit"
+            "summary"}], "pushing_up", "pushing_down", "spearman", ...}; effect = P(class) with nothing removed
+            minus P(class) with the neuron removed (positive: the neuron pushes the class up).
+        """
         with _user_errors("explaining the prediction"):
             return V.attribute_image(self.state, self._served(image), layer or None, timestep, release,
                                      target).to_json()
 
     def compare_json(self, image: FileData, other: FileData, layer: str = "", timestep: int = -1,
                      release: str = "") -> dict:
-        """Compare two images. Returns {"release", "layer", "timestep", "more_in_first": [{"neuron", "first",
-        "second", "difference", "summary"}], "more_in_second": [...], "shared_active_neurons"}: the neurons whose
-        activations differ most, largest difference first."""
+        """Compare two images: the neurons whose activations differ most between them, largest difference first.
+
+        Args:
+            image: the first image, uploaded; never a server path.
+            other: the second image, uploaded; never a server path.
+            layer: the backbone layer ("" = the release's default entry).
+            timestep: the diffusion timestep t (-1 = the default for the layer).
+            release: the release name ("" = the app's default release).
+        Returns:
+            {"release", "layer", "timestep", "more_in_first": [{"neuron", "first", "second", "difference"
+            "summary"}], "more_in_second": [...], "shared_active_neurons"}
+        """
         with _user_errors("comparing the images"):
             return V.compare_images(self.state, self._served(image), self._served_other(other), layer or None,
                                     timestep, release).to_json()
@@ -293,5 +313,7 @@ def wire(ev: InterpretEvents, *, analyzed: Any, analysis_state: Any, image_in: A
     concept.table.select(ev.concept_click, [release_dd, concept.cmap], [tabs, *browser], **private)
     release_dd.input(ev.concept_choices, release_dd, [concept.value, concept.note, concept.table, concept.cmap], **private)
 
-    gr.api(ev.attribute_json, api_name="attribute_json", concurrency_id="backbone", concurrency_limit=concurrency)
-    gr.api(ev.compare_json, api_name="compare_json", concurrency_id="backbone", concurrency_limit=concurrency)
+    json_endpoint(ev.attribute_json, api_name="attribute_json", output="attribution", concurrency_id="backbone",
+                  concurrency_limit=concurrency)
+    json_endpoint(ev.compare_json, api_name="compare_json", output="comparison", concurrency_id="backbone",
+                  concurrency_limit=concurrency)

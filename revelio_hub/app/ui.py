@@ -17,6 +17,11 @@ API (for ``gradio_client``):
 * ``/neuron`` - (release, layer, timestep, neuron id) -> stats, label
   histogram, top-activating images.
 * ``/attribute_json``, ``/compare_json`` - see :mod:`revelio_hub.app.interpret_ui`.
+* ``/describe_neuron``, ``/list_releases`` - see :mod:`revelio_hub.app.mcp_tools`; the JSON
+  endpoints are also the app's MCP tools (``python app.py --mcp``).
+
+Page links (``?release=&layer=&t=&neuron=`` or ``&example=``) open a neuron or an
+analysed example: :mod:`revelio_hub.app.deep_links`.
 
 The endpoints are public: anyone can post to them. So every file input goes
 through :func:`~revelio_hub.app.validation.served_upload` (only files that
@@ -38,7 +43,10 @@ import gradio as gr
 from gradio import FileData
 
 from revelio_hub.app import analysis as A
+from revelio_hub.app import deep_links as DL
 from revelio_hub.app import interpret_ui as IU
+from revelio_hub.app.api_surface import IntDropdown, json_endpoint
+from revelio_hub.app.mcp_tools import file_route_urls_as_paths, ui_only, wire_tools
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.temp_files import cleanup_lifespan
@@ -162,7 +170,9 @@ class ServedBlocks(gr.Blocks):
     making it absolute, which reveals the server's working directory. This
     turns them into :data:`~revelio_hub.app.validation.UPLOAD_REFUSED`, the
     sentence :func:`~revelio_hub.app.validation.served_upload` gives for
-    every other refused value, and refuses URLs before Gradio downloads them.
+    every other refused value, and refuses URLs before Gradio downloads them (a
+    URL of the app's own file route is read as the upload it names:
+    :func:`~revelio_hub.app.mcp_tools.file_route_urls_as_paths`).
 
     It also makes the app's sessions lean (:mod:`revelio_hub.app.sessions`).
     """
@@ -189,6 +199,7 @@ class ServedBlocks(gr.Blocks):
         import pydantic
         from gradio.exceptions import InvalidPathError
 
+        inputs = file_route_urls_as_paths(inputs)  # an MCP agent's "<app>/gradio_api/file=<upload>": that upload
         if _has_remote_file(inputs):
             raise gr.Error(UPLOAD_REFUSED, print_exception=False)
         try:
@@ -337,6 +348,7 @@ class Events:
         """Empty every output of the Analyze tab (the image, layer, timestep or release changed, or an error)."""
         return (None, "", [], gr.update(choices=[], value=None), "", [], None, None, gr.update(value="", visible=False))
 
+    @ui_only
     def analyze(self, image, layer, timestep, release, show_dense=False, progress=gr.Progress()):
         """Analyze an image: predicted classes, its most relevant neurons, the first one's images and heat map,
         and whether the image is like the release's data."""
@@ -442,7 +454,9 @@ class Events:
 
     # --------------------------------------------------------- Neuron browser
 
+    @ui_only
     def neuron_details(self, release, layer, timestep, neuron):
+        """The browser's view of one neuron: stats, label histogram, top images (programs: /describe_neuron)."""
         with user_errors("showing the neuron"):
             d = A.neuron_details(self.state, release, layer, timestep, neuron)
             return _neuron_stats_markdown(d), d.histogram, d.top_images
@@ -483,20 +497,38 @@ class Events:
     # ------------------------------------------------------------------- API
 
     def analyze_json(self, image: FileData, layer: str = "", timestep: int = -1, release: str = "") -> dict:
-        """Analyze an image file. Returns {"release", "layer", "timestep", "predictions": {class: prob} or null,
-        "note", "neurons": [{"id", "activation", "relevance", "frequency", "summary", "dense"}], "ranking",
-        "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution", "message",
-        "layers"}}
-        with neurons sorted by relevance (activation over the neuron's usual activation; dense ones flagged).
-        layer "" and timestep -1 mean the release's default entry; release "" the app's default release (by name);
-        timestep may be an int or a numeric string. "note" says why predictions are null (no Diff-C head)."""
+        """Analyze an image with a release's k-sparse autoencoder: the neurons it lights up, what each means,
+        the classes Diff-C predicts, and whether the image is like the release's data.
+
+        Args:
+            image: the image, uploaded (gradio_client's handle_file, or an MCP data: URI); never a server path.
+            layer: the backbone layer ("" = the release's default entry); list_releases names them.
+            timestep: the diffusion timestep t (-1 = the default for the layer; a numeric string is accepted).
+            release: the release name ("" = the app's default release).
+        Returns:
+            {"release", "layer", "timestep", "predictions": {class: probability} or null
+            "note" (why predictions are null: this entry has no Diff-C head)
+            "neurons": [{"id", "activation", "relevance" (activation over the neuron's usual activation)
+            "frequency", "summary", "dense"}] most relevant first, "ranking" (how neurons are ranked)
+            "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution"
+            "message", "layers"} (trust the neurons and classes less when out_of_distribution is true)}
+        """
         with user_errors("analysing the image"):
             return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
 
     def search_neurons(self, value: str, layer: str = "", timestep: int = -1, release: str = "") -> list:
-        """Neurons that detect a label value ("stripes", "magenta", a class name; "column=value" picks a column),
-        best AUROC first: [{"neuron", "column", "value", "auroc", "precision", "frequency", "dense", "summary"}].
-        layer "" and timestep -1 mean the release's default entry; release "" the app's default release."""
+        """Search the neurons that detect a label value (a class, or a value of another label column such as
+        a colour or "stripes"), best AUROC first.
+
+        Args:
+            value: the label value; "column=value" picks one label column when several have that value.
+            layer: the backbone layer ("" = the release's default entry).
+            timestep: the diffusion timestep t (-1 = the default for the layer).
+            release: the release name ("" = the app's default release).
+        Returns:
+            [{"neuron", "column", "value", "auroc" (0.5 = chance, 1 = perfect)
+            "precision" (share of its top images with the value), "frequency", "dense", "summary"}]
+        """
         with user_errors("searching neurons"):
             return A.search_neurons(self.state, value, layer or None, timestep, release)
 
@@ -523,6 +555,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 release_choices, value=rel0.name, label="Release", scale=0, min_width=240,
                 interactive=len(release_choices) > 1, elem_id="release",
             )
+        link_note = gr.Markdown("", visible=False, elem_id="link-note")
         analysis_state = gr.State(None)
 
         with gr.Tabs() as tabs:
@@ -535,17 +568,19 @@ def build_ui(state: AppState) -> gr.Blocks:
                         )
                         with gr.Row():
                             layer_dd = gr.Dropdown(rel0.layers, value=layer0, label="Layer", elem_id="layer")
-                            t_dd = gr.Dropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
+                            t_dd = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
                         analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
                         show_dense = gr.Checkbox(False, label="Show dense neurons (fire on most images)",
                                                  elem_id="show-dense")
+                        analysis_copy = DL.copy_link_row("Copy link to this analysis", "analysis-link")
                         examples = gr.Gallery(
                             rel0.examples, label="Examples (click one to load it)", columns=5, height=150,
                             allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
                         )
                         gr.Markdown(HELP, elem_classes=["revelio-help"])
                     with gr.Column(scale=3, min_width=380):
-                        ood_md = gr.Markdown("", visible=False, elem_id="ood-warning")
+                        ood_md = gr.Markdown("", visible=False, elem_id="ood-warning",
+                                             label="Is the image like the release's data?")
                         with gr.Row(equal_height=True):
                             with gr.Column(min_width=200):
                                 preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
@@ -561,7 +596,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                             elem_classes=["revelio-table"],
                         )
                         with gr.Row(equal_height=True):
-                            neuron_dd = gr.Dropdown([], label="Selected neuron", scale=1, min_width=160,
+                            neuron_dd = IntDropdown([], label="Selected neuron", scale=1, min_width=160,
                                                     elem_id="neuron-select")
                             caption = gr.Markdown("", label="About the selected neuron", elem_classes=["revelio-caption"],
                                                   elem_id="neuron-caption")
@@ -575,9 +610,10 @@ def build_ui(state: AppState) -> gr.Blocks:
             with gr.Tab("Neuron browser", id="browser"):
                 with gr.Row():
                     b_layer = gr.Dropdown(rel0.layers, value=layer0, label="Layer")
-                    b_t = gr.Dropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
-                    b_neuron = gr.Number(value=0, minimum=0, step=1, label="Neuron id")
+                    b_t = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
+                    b_neuron = gr.Number(value=0, minimum=0, step=1, precision=0, label="Neuron id")
                     b_show = gr.Button("Show neuron", variant="primary")
+                neuron_copy = DL.copy_link_row("Copy link to this neuron", "neuron-link")
                 with gr.Row():
                     with gr.Column(scale=2):
                         b_stats = gr.Markdown(BROWSER_PROMPT, label="Neuron statistics", elem_id="neuron-stats",
@@ -656,17 +692,26 @@ def build_ui(state: AppState) -> gr.Blocks:
             ev.change_release, release_dd, [layer_dd, t_dd, examples, card_md, b_layer, b_t, *results], **private,
         )
         release_changed.then(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
-        demo.load(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
+        loaded = demo.load(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
+        link_analyzed = DL.wire(
+            DL.LinkEvents(state, ev), loaded,
+            DL.LinkComponents(tabs, release_dd, layer_dd, t_dd, image_in, examples, card_md, b_layer, b_t, b_neuron,
+                              browser_outputs, results, selected_neuron=neuron_dd),
+            by=b_sort, note=link_note, neuron_copy=neuron_copy, analysis_copy=analysis_copy, backbone=backbone,
+        )
         # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
-        gr.api(ev.analyze_json, api_name="analyze_json", concurrency_id="backbone", concurrency_limit=cfg.concurrency)
+        json_endpoint(ev.analyze_json, api_name="analyze_json", output="analysis", concurrency_id="backbone",
+                      concurrency_limit=cfg.concurrency)
+        every_analysis = [analyzed, layer_refreshed, t_refreshed, image_changed, release_changed, link_analyzed]
         IU.wire(
-            IU.InterpretEvents(state, ev), analyzed=[analyzed, layer_refreshed, t_refreshed, image_changed, release_changed],
+            IU.InterpretEvents(state, ev), analyzed=every_analysis,
             analysis_state=analysis_state, image_in=image_in,
             layer_dd=layer_dd, t_dd=t_dd, release_dd=release_dd, neuron_dd=neuron_dd, caption=caption,
             gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
             browser=[b_layer, b_t, b_neuron, b_stats, b_hist, b_gallery], concurrency=cfg.concurrency,
         )
-        gr.api(ev.search_neurons, api_name="search_neurons")
+        json_endpoint(ev.search_neurons, api_name="search_neurons", output="neurons")
+        wire_tools(state, user_errors)  # /describe_neuron, /list_releases (the MCP tools' other half)
 
     with _env_default(ANALYTICS_EVERY_ENV, str(ANALYTICS_EVERY)):  # read once, when the queue is made
         demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
