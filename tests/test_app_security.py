@@ -237,3 +237,48 @@ def test_served_upload_gate(tmp_path):
         assert str(info.value) == UPLOAD_REFUSED
     with pytest.raises(ValueError, match=NO_IMAGE[:20]):
         served_upload(None, [root])
+
+
+def _file_url(app, path: str) -> str:
+    return f"{app.url}gradio_api/file={path}"
+
+
+def test_release_weights_and_metadata_are_not_served(app):
+    """Weights, release.json, configs and every other release file: refused by relative and by absolute path.
+
+    A private local ``--release`` must not leak its SAE or Diff-C weights (issue 22); the page's images are
+    served from copies in the upload folder instead (next test).
+    """
+    root = Path(app_release_path()).resolve()
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json", ".jsonl", ".md"}]
+    assert any(p.suffix == ".safetensors" for p in files) and (root / "release.json") in files
+    files += [next(root.rglob("*.webp"))]  # a thumbnail too: only its copy is served
+    for file in files:
+        for shown_path in (str(file), os.path.relpath(file), f"{root.parent}/./{root.name}/../{root.name}/{file.relative_to(root)}"):
+            r = httpx.get(_file_url(app, shown_path), timeout=30)
+            assert r.status_code in (403, 404), (shown_path, r.status_code)
+            assert b"safetensors" not in r.content[:64]  # (the 403 quotes the path the client sent, nothing else)
+
+
+def test_shown_images_come_from_copies_that_endpoints_accept(app, tmp_path):
+    """The example gallery and a neuron's top images are served (as copies); an API call with the example the
+    page shows works, while the example's path in the release folder is refused like any server path."""
+    root = str(Path(app_release_path()).resolve())
+    rel = app.state.get_release()
+    if not rel.examples:
+        pytest.skip("the release has no examples")
+    config = httpx.get(f"{app.url}config", timeout=60).json()
+    gallery = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "examples")
+    shown = gallery["props"]["value"][0]["image"]
+    assert root not in shown["path"] and httpx.get(shown["url"], timeout=30).status_code == 200
+    layer, t = rel.default_entry()
+    event, payload = call(app, "neuron", [rel.name, layer, t, 0])
+    assert event == "complete", payload
+    top = payload[2][0]["image"]
+    assert root not in top["path"] and httpx.get(top["url"], timeout=30).content[:4] == b"RIFF"
+    for api_name in ("analyze_json", "attribute_json"):
+        event, payload = call(app, api_name, [{"path": shown["path"], "meta": TAG}, *FILE_ENDPOINTS[api_name]])
+        assert event == "complete", (api_name, payload)
+        original = {"path": rel.examples[0][0], "meta": TAG}
+        event, payload = call(app, api_name, [original, *FILE_ENDPOINTS[api_name]])
+        assert event == "error" and payload["error"] == UPLOAD_REFUSED, (api_name, payload)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
+from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import ImageLimits, read_image, shown, whole_number
 
 if TYPE_CHECKING:
@@ -432,7 +433,8 @@ def _top_images(atlas: Any, neuron_id: int, n: int) -> list[tuple[Any, str]]:
     """(thumbnail, "label · activation") of a neuron's top dataset images.
 
     Thumbnails are returned as file paths when the atlas folder has them, so
-    Gradio serves the stored WebP files instead of re-encoding images.
+    Gradio serves the stored WebP files instead of re-encoding images: copies
+    in Gradio's upload folder, never the release folder itself (:mod:`revelio_hub.app.shown_files`).
     """
     if atlas is None:
         return []
@@ -442,7 +444,7 @@ def _top_images(atlas: Any, neuron_id: int, n: int) -> list[tuple[Any, str]]:
     items: list[tuple[Any, str]] = []
     for image_id, act, label in list(zip(info.top_image_ids, info.top_activations, info.top_labels))[:n]:
         file = Path(atlas.path) / THUMBNAIL_DIR / f"{int(image_id)}.webp" if atlas.path is not None else None
-        image = str(file) if file is not None and file.is_file() else atlas.thumbnail(int(image_id))
+        image = shown_copy(file) if file is not None and file.is_file() else atlas.thumbnail(int(image_id))
         caption = f"{label} · {float(act):.2f}" if label else f"#{int(image_id)} · {float(act):.2f}"
         items.append((image, caption))
     return items

@@ -473,15 +473,6 @@ class AppState:
             "(or pass \"\" for the default)."
         )
 
-    def allowed_paths(self) -> list[str]:
-        """Local folders of the releases: Gradio may serve atlas thumbnails and examples from them only."""
-        paths = []
-        for rel in self.releases.values():
-            root = rel.local_dir
-            if root is not None:
-                paths.append(str(root))
-        return paths
-
     # ----------------------------------------------------------------- compute
 
     def backbone(self, rel: LoadedRelease, image_size: Optional[int] = None) -> Any:

@@ -19,8 +19,9 @@ API (for ``gradio_client``):
 * ``/attribute_json``, ``/compare_json`` - see :mod:`revelio_hub.app.interpret_ui`.
 
 The endpoints are public: anyone can post to them. So every file input goes
-through :func:`~revelio_hub.app.validation.served_upload` (only files that
-came in through Gradio's upload, or the release's examples), Gradio's own
+through :func:`~revelio_hub.app.validation.served_upload` (only files in
+Gradio's upload folder: uploads, and the copies of the examples the page
+shows), release folders are never served (:mod:`revelio_hub.app.shown_files`), Gradio's own
 refusals of file payloads are answered with the same sentence
 (:class:`ServedBlocks`), messages are HTML-escaped (Gradio renders them as
 HTML), and users see release *names*, never server paths.
@@ -41,6 +42,7 @@ from revelio_hub.app import analysis as A
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
+from revelio_hub.app.shown_files import blocked_release_dirs, shown_copy, shown_examples
 from revelio_hub.app.temp_files import cleanup_lifespan
 from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots, whole_number
 from revelio_hub.app.workers import WorkerDied
@@ -128,7 +130,8 @@ def launch_kwargs(state: AppState) -> dict[str, Any]:
     return {
         "theme": theme(),
         "css": CSS,
-        "allowed_paths": state.allowed_paths(),
+        # Release folders are never served; the images the page shows are copied out (see shown_files).
+        "blocked_paths": blocked_release_dirs(state),
         "max_file_size": "25mb",
         "show_error": False,
         # Uploads and heat maps deleted once old (Gradio's delete_cache dies under concurrency: see temp_files).
@@ -233,8 +236,6 @@ def card_markdown(rel: LoadedRelease) -> str:
     ``/file=`` link carries the absolute path, and the release folder's path
     must not reach users.
     """
-    from gradio.processing_utils import save_file_to_cache
-
     text = about_links(rel) + "\n\n" + (rel.card or "_This release has no card._")
     root = rel.local_dir
     if root is None:
@@ -244,7 +245,7 @@ def card_markdown(rel: LoadedRelease) -> str:
         file = (root / match.group(2)).resolve()
         if not file.is_file() or root not in file.parents:
             return match.group(0)
-        cached = save_file_to_cache(file, cache_dir=upload_roots()[0])
+        cached = shown_copy(file)
         return f"{match.group(1)}gradio_api/file={cached}{match.group(3)}"
 
     return _IMAGE_LINK.sub(serve, text)
@@ -326,8 +327,7 @@ class Events:
     def served_image(self, value: Any) -> Upload:
         """The uploaded file an endpoint received, or ``ValueError`` (see :func:`served_upload`)."""
         roots = self._upload_roots if self._upload_roots is not None else upload_roots()
-        examples = [path for rel in self.state.releases.values() for path, _ in rel.examples]
-        return served_upload(value, roots, examples)
+        return served_upload(value, roots)
 
     # ---------------------------------------------------------------- Analyze
 
@@ -425,7 +425,7 @@ class Events:
             index = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else evt.index
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(examples):
                 raise ValueError("Could not load that example; upload an image instead.")
-            return examples[index][0]
+            return shown_copy(examples[index][0])
 
     def change_layer(self, release, layer):
         """Offer the timesteps the release has for the chosen layer."""
@@ -438,7 +438,7 @@ class Events:
             rel = self.state.get_release(release)
             layer_u, t_u = _entry_updates(rel)
             layer_b, t_b = _entry_updates(rel)
-            return (layer_u, t_u, rel.examples, card_markdown(rel), layer_b, t_b, *self.clear_results())
+            return (layer_u, t_u, shown_examples(rel.examples), card_markdown(rel), layer_b, t_b, *self.clear_results())
 
     # --------------------------------------------------------- Neuron browser
 
@@ -540,7 +540,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                         show_dense = gr.Checkbox(False, label="Show dense neurons (fire on most images)",
                                                  elem_id="show-dense")
                         examples = gr.Gallery(
-                            rel0.examples, label="Examples (click one to load it)", columns=5, height=150,
+                            shown_examples(rel0.examples), label="Examples (click one to load it)", columns=5, height=150,
                             allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
                         )
                         gr.Markdown(HELP, elem_classes=["revelio-help"])
