@@ -211,6 +211,21 @@ def call(app, api_name: str, data: list, timeout: float = 120) -> tuple[str, Any
     raise AssertionError(f"no result for /{api_name}")
 
 
+def queue_event(app, fn_index: int, data: list, session: str, event_data: Any = None) -> dict:
+    """Run one event as the browser does (``/queue/join`` + the session's event stream); its final message."""
+    import httpx
+
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data, "trigger_id": None}
+    r = httpx.post(f"{app.url}gradio_api/queue/join", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as s:
+        for line in s.iter_lines():
+            msg = json.loads(line[5:]) if line.startswith("data:") else {}
+            if msg.get("msg") == "process_completed":
+                return msg
+    raise AssertionError("no answer")
+
+
 def upload(app, path: Path) -> str:
     """Upload ``path`` the way the browser and gradio_client do; returns its server-side path."""
     import httpx

@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from app_fixtures import app  # noqa: E402,F401 (fixture: the app served in this process)
-from app_inputs import app_release_path, call, huge_png, not_an_image, shape_image, upload  # noqa: E402
+from app_inputs import app_release_path, call, huge_png, not_an_image, queue_event, shape_image, upload  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 gr = pytest.importorskip("gradio")
@@ -95,19 +95,6 @@ PRIVATE_FILE_EVENTS = {"refresh", "refresh_1"}
 def test_every_file_endpoint_is_covered(app):
     """The cases below cover every event with a file input (a new endpoint cannot slip past them)."""
     assert set(file_events(app)) == set(FILE_ENDPOINTS) | PRIVATE_FILE_EVENTS
-
-
-def queue_event(app, fn_index: int, data: list, session: str, event_data: Any = None) -> dict:
-    """Run one event as the browser does (``/queue/join`` + the session's event stream); its final message."""
-    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data, "trigger_id": None}
-    r = httpx.post(f"{app.url}gradio_api/queue/join", json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as s:
-        for line in s.iter_lines():
-            msg = json.loads(line[5:]) if line.startswith("data:") else {}
-            if msg.get("msg") == "process_completed":
-                return msg
-    raise AssertionError("no answer")
 
 
 def test_private_reanalysis_events_refuse_server_paths(app, files, tmp_path):

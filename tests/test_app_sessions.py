@@ -92,3 +92,78 @@ def test_the_queue_summarises_analytics_every_n_events_and_leaves_the_environmen
     monkeypatch.setenv(ANALYTICS_EVERY_ENV, "7")  # an operator's setting wins
     other = build_ui(AppState.from_config(AppConfig(releases=[app_release_path()])))
     assert other._queue.ANAYLTICS_CACHE_FREQUENCY == 7 and os.environ[ANALYTICS_EVERY_ENV] == "7"
+
+
+def _fn_index(demo, name: str) -> int:
+    return next(i for i, fn in demo.fns.items() if getattr(fn.fn, "__name__", "") == name)
+
+
+class _Heartbeat:
+    """A browser tab's heartbeat connection (``GET /gradio_api/heartbeat/<session>``), held open in a thread."""
+
+    def __init__(self, app, session: str) -> None:
+        import threading
+
+        import httpx
+
+        self.client = httpx.Client(timeout=60)
+        self.opened = threading.Event()
+
+        def hold() -> None:
+            try:
+                with self.client.stream("GET", f"{app.url}gradio_api/heartbeat/{session}") as stream:
+                    for _ in stream.iter_lines():
+                        self.opened.set()
+            except Exception:  # closed from the test
+                pass
+
+        self.thread = threading.Thread(target=hold, daemon=True)
+        self.thread.start()
+        assert self.opened.wait(30)
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(10)
+
+
+def test_sessions_of_scripts_are_dropped_and_a_browser_tabs_session_is_kept(tmp_path):
+    """Scripted calls (no heartbeat) keep at most a few sessions, whatever their number; a tab with an open
+    heartbeat keeps its analysis through them; once the tab closes, its session goes too (issue 22)."""
+    import time
+    import uuid
+
+    from app_inputs import LaunchedApp, queue_event
+
+    with LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()]))) as app:
+        holder = app.demo.state_holder
+        holder.unconfirmed_limit = 4  # the default (32) works the same way, with more calls
+        rel = app.state.get_release()
+        layer, t = rel.default_entry()
+        image = {"path": upload(app, shape_image(tmp_path / "a.png")), "meta": FILEDATA_TAG}
+        tab, script = uuid.uuid4().hex[:10], uuid.uuid4().hex[:10]
+        heartbeat = _Heartbeat(app, tab)
+        deadline = time.monotonic() + 10
+        while tab not in holder.browser_sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tab in holder.browser_sessions
+        analyze, select = _fn_index(app.demo, "analyze"), _fn_index(app.demo, "select_row")
+        for session in (tab, script):
+            first = queue_event(app, analyze, [image, layer, t, rel.name], session)
+            assert first["success"], first
+        neuron = first["output"]["data"][3]["value"]
+        for i in range(12):  # scripted calls, each a new session
+            assert call(app, "search_neurons", [["red", "circle"][i % 2], "", -1, ""])[0] == "complete"
+        assert holder.unconfirmed <= 4 and len(holder.session_data) <= 5
+        row = {"index": [0, 0], "value": neuron, "row_value": [neuron, 1.0, 1.0, ""], "selected": True}
+        shown = queue_event(app, select, [None, layer, t, rel.name], tab, row)
+        assert shown["success"] and shown["output"]["data"][1], shown  # the tab's analysis is still there
+        gone = queue_event(app, select, [None, layer, t, rel.name], script, row)
+        assert not gone["success"] and "Analyze an image first" in gone["output"]["error"], gone
+        heartbeat.close()
+        deadline = time.monotonic() + 10
+        while tab in holder.browser_sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tab not in holder.browser_sessions
+        for i in range(6):
+            call(app, "search_neurons", ["red", "", -1, ""])
+        assert tab not in holder.session_data and len(holder.session_data) <= 4

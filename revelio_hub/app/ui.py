@@ -37,11 +37,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 from gradio import FileData
+from starlette.middleware import Middleware
 
 from revelio_hub.app import analysis as A
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.state import AppState, LoadedRelease
-from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
+from revelio_hub.app.sessions import HeartbeatMarker, lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.shown_files import blocked_release_dirs, shown_copy, shown_examples
 from revelio_hub.app.temp_files import cleanup_lifespan
 from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots, whole_number
@@ -135,7 +136,9 @@ def launch_kwargs(state: AppState) -> dict[str, Any]:
         "max_file_size": "25mb",
         "show_error": False,
         # Uploads and heat maps deleted once old (Gradio's delete_cache dies under concurrency: see temp_files).
-        "app_kwargs": {"lifespan": cleanup_lifespan(state.config.delete_cache)},
+        "app_kwargs": {"lifespan": cleanup_lifespan(state.config.delete_cache),
+                       # Sessions of API scripts are not kept (only browser tabs hold a heartbeat): sessions.py.
+                       "middleware": [Middleware(HeartbeatMarker)]},
     }
 
 
