@@ -269,3 +269,56 @@ def test_shown_images_come_from_copies_that_endpoints_accept(app, tmp_path):
         original = {"path": rel.examples[0][0], "meta": TAG}
         event, payload = call(app, api_name, [original, *FILE_ENDPOINTS[api_name]])
         assert event == "error" and payload["error"] == UPLOAD_REFUSED, (api_name, payload)
+
+
+@pytest.mark.parametrize("api_name", sorted(FILE_ENDPOINTS))
+def test_malformed_file_values_get_one_sentence_and_no_traceback(app, api_name, capfd):
+    """Paths of 5,000+ characters or with a NUL byte: the one refusal, not ``{"error": null}``, and no traceback
+    (nor the path) in the server's output."""
+    from gradio.utils import get_upload_folder
+
+    cases = [{"path": "/x" * 3000, "meta": TAG}, {"path": f"{get_upload_folder()}/{'a' * 6000}.png", "meta": TAG},
+             {"path": "/etc/passwd\x00.png", "meta": TAG}, {"path": f"{get_upload_folder()}/a\x00b.png", "meta": TAG}]
+    capfd.readouterr()
+    for value in cases:
+        event, payload = call(app, api_name, [value, *FILE_ENDPOINTS[api_name]])
+        assert event == "error" and payload["error"] == UPLOAD_REFUSED, (value["path"][:40], payload)
+    out = capfd.readouterr()
+    assert "Traceback" not in out.err + out.out and "a" * 200 not in out.err + out.out
+
+
+def test_long_text_inputs_are_not_echoed_whole(app, tmp_path):
+    """A 100 KB class to explain, label value, layer or release: a short error, without the input."""
+    served = {"path": upload(app, shape_image(tmp_path / "mine.png")), "meta": TAG}
+    huge = "stripes" * 15_000
+    cases = {
+        "attribute_json": [served, "", -1, "", huge],
+        "search_neurons": [huge, "", -1, ""],
+        "analyze_json": [served, huge, -1, ""],
+        "neuron": [huge, "", -1, 0],
+    }
+    for api_name, data in cases.items():
+        event, payload = call(app, api_name, data)
+        assert event == "error" and payload["error"] and len(payload["error"]) < 400, (api_name, payload)
+        assert "stripes" * 20 not in payload["error"]
+
+
+def test_unexpected_errors_log_one_line_without_the_request_at_default_level(caplog):
+    """An unexpected exception (its message may quote a client's input) logs its kind, not its message or
+    traceback, unless the operator turns on DEBUG."""
+    import logging
+
+    from revelio_hub.app.ui import user_errors
+
+    secret = "/home/client/" + "x" * 5000
+    for level, traceback_logged in ((logging.INFO, False), (logging.DEBUG, True)):
+        caplog.clear()
+        with caplog.at_level(level, logger="revelio_hub.app.ui"):
+            with pytest.raises(gr.Error) as info:
+                with user_errors("analysing the image"):
+                    raise KeyError(secret)
+        assert "KeyError" in info.value.message and secret not in info.value.message
+        errors = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert len(errors) == 1 and "KeyError" in errors[0].getMessage() and not errors[0].exc_info
+        assert secret not in caplog.text or traceback_logged
+        assert any(r.exc_info for r in caplog.records) == traceback_logged

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
 from revelio_hub.app.shown_files import shown_copy
-from revelio_hub.app.validation import ImageLimits, read_image, shown, whole_number
+from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, read_image, shown, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -226,7 +226,7 @@ def analyze(
     import torch
 
     if ranking not in RANKINGS:
-        raise ValueError(f"Unknown ranking {ranking!r}; choose one of: {', '.join(RANKINGS)}.")
+        raise ValueError(f"Unknown ranking {shown(ranking)}; choose one of: {', '.join(RANKINGS)}.")
 
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     if progress:
@@ -543,7 +543,7 @@ def sorted_neurons(
 ) -> list[list[Any]]:
     """Rows of the neuron list sorted ``by`` one of :data:`SORT_KEYS` (as the atlas defines the order)."""
     if by not in SORT_KEYS:
-        raise ValueError(f"Cannot sort neurons by {by!r}; choose one of: {', '.join(SORT_KEYS)}.")
+        raise ValueError(f"Cannot sort neurons by {shown(by)}; choose one of: {', '.join(SORT_KEYS)}.")
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     atlas = _atlas(rel.entry(layer, t), rel, layer, t)
     return _neuron_rows(atlas, atlas.sorted_neurons(by, limit=n), n)
@@ -561,7 +561,7 @@ def class_neurons(
     """Rows of neurons whose top images are mostly ``class_name``."""
     names = class_names(state, release, layer, timestep)
     if class_name not in names:
-        raise ValueError(f"Unknown class {class_name!r}; this release's classes are: {', '.join(names)}.")
+        raise ValueError(f"Unknown class {shown(class_name)}; this release's classes are: {', '.join(names)}.")
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     atlas = _atlas(rel.entry(layer, t), rel, layer, t)
     return _neuron_rows(atlas, atlas.neurons_for_class(class_name), n)
@@ -588,14 +588,14 @@ def search_neurons(
     """
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Give a label value to search for, e.g. a class name or 'stripes'.")
-    if len(value) > 200:
-        raise ValueError("That label value is too long (200 characters at most).")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"That label value is too long ({MAX_TEXT_CHARS} characters at most).")
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     atlas = _atlas(rel.entry(layer, t), rel, layer, t)
     column, name = (value.split("=", 1) if "=" in value else (None, value))
     column = column.strip() if column is not None else None
     if column is not None and column not in atlas.label_columns:
-        raise ValueError(f"Unknown label column {column!r}; this entry has: {', '.join(atlas.label_columns)}.")
+        raise ValueError(f"Unknown label column {shown(column)}; this entry has: {', '.join(atlas.label_columns)}.")
     rows = atlas.search(name.strip(), column=column, limit=max(1, min(int(limit), 500)))
     dense = atlas.dense_mask
     for row in rows:

@@ -3,8 +3,9 @@
 Every event function here is a thin shell: it unpacks component values, calls
 :mod:`revelio_hub.app.analysis`, and turns a ``ValueError`` into ``gr.Error``
 (a plain message in the UI and for ``gradio_client``; never a stack trace).
-Unexpected exceptions are logged with their traceback on the server and
-reported to the user as one sentence.
+Unexpected exceptions are logged as one line on the server (the traceback
+at DEBUG level: it may quote what a client sent) and reported to the user as
+one sentence.
 
 API (for ``gradio_client``):
 
@@ -45,7 +46,14 @@ from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import HeartbeatMarker, lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.shown_files import blocked_release_dirs, shown_copy, shown_examples
 from revelio_hub.app.temp_files import cleanup_lifespan
-from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots, whole_number
+from revelio_hub.app.validation import (
+    UPLOAD_REFUSED,
+    Upload,
+    served_upload,
+    unusable_path,
+    upload_roots,
+    whole_number,
+)
 from revelio_hub.app.workers import WorkerDied
 from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
@@ -86,11 +94,14 @@ def user_errors(action: str) -> Iterator[None]:
         raise
     except (ValueError, WorkerDied) as exc:
         raise gr.Error(html.escape(str(exc), quote=False), print_exception=False) from None
-    except Exception as exc:  # the log keeps the traceback; the user gets a sentence
-        logger.exception("Unexpected error while %s", action)
+    except Exception as exc:  # the user gets a sentence; the log its kind, the traceback at DEBUG level
+        # An exception's message and traceback may quote what a client sent (a path, a huge string), so the
+        # default log level gets one line; an operator chasing a bug turns on DEBUG for the traceback.
+        logger.error("Unexpected %s while %s (traceback at DEBUG level)", type(exc).__name__, action)
+        logger.debug("Traceback of the unexpected error while %s", action, exc_info=True)
         raise gr.Error(
             f"Something went wrong while {action} ({type(exc).__name__}). "
-            "Try another image or setting; the server log has the details.",
+            "Try another image or setting; the server log names the error.",
             print_exception=False,
         ) from None
 
@@ -148,14 +159,15 @@ def _is_file_payload(value: Any) -> bool:
     )
 
 
-def _has_remote_file(value: Any) -> bool:
-    """Does any tagged file payload in ``value`` name a URL (which Gradio would fetch on the server)?"""
+def _has_unusable_file(value: Any) -> bool:
+    """Does any tagged file payload in ``value`` name a URL (which Gradio would fetch on the server), or a path
+    with a NUL byte or longer than any real one (Gradio's own checks fail on those with a traceback)?"""
     if _is_file_payload(value):
-        return "://" in value["path"]
+        return unusable_path(value["path"])
     if isinstance(value, dict):
-        return any(_has_remote_file(v) for v in value.values())
+        return any(_has_unusable_file(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_has_remote_file(v) for v in value)
+        return any(_has_unusable_file(v) for v in value)
     return False
 
 
@@ -168,7 +180,8 @@ class ServedBlocks(gr.Blocks):
     making it absolute, which reveals the server's working directory. This
     turns them into :data:`~revelio_hub.app.validation.UPLOAD_REFUSED`, the
     sentence :func:`~revelio_hub.app.validation.served_upload` gives for
-    every other refused value, and refuses URLs before Gradio downloads them.
+    every other refused value, and refuses URLs (before Gradio downloads them), NUL bytes and
+    over-long paths (on which Gradio's checks fail with a traceback echoing the request).
 
     It also makes the app's sessions lean (:mod:`revelio_hub.app.sessions`).
     """
@@ -195,7 +208,7 @@ class ServedBlocks(gr.Blocks):
         import pydantic
         from gradio.exceptions import InvalidPathError
 
-        if _has_remote_file(inputs):
+        if _has_unusable_file(inputs):
             raise gr.Error(UPLOAD_REFUSED, print_exception=False)
         try:
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)

@@ -59,6 +59,8 @@ class ImageLimits:
 #: The one answer to every served file value that is not a real upload (same text whether or not the path exists).
 UPLOAD_REFUSED = "The image upload did not arrive; upload the file again."
 NO_IMAGE = "No image given: upload an image (PNG, JPEG, WebP, ...) or pick an example."
+#: Longest path a served file value may name (Linux's PATH_MAX); longer ones are refused before any file lookup.
+MAX_PATH_CHARS = 4096
 #: The tag Gradio puts on file payloads (``gradio_client.handle_file``, the browser's uploads).
 FILEDATA_TAG = "gradio.FileData"
 _MAX_SHOWN = 60
@@ -80,6 +82,10 @@ def shown(value: Any, limit: int = _MAX_SHOWN) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+#: Free-text inputs (a searched label value, a class to explain) longer than this are refused before any
+#: lookup: messages quote them, and a 100 KB "class name" must not come back whole.
+MAX_TEXT_CHARS = 200
 
 _WHOLE = re.compile(r"\s*[+-]?\d{1,12}\s*")
 #: Larger numbers are refused before any lookup (no timestep, neuron id or count is near this).
@@ -105,6 +111,11 @@ def whole_number(value: Any, what: str) -> int:
     if number is None or abs(number) >= _MAX_WHOLE:
         raise ValueError(f"{what} must be a whole number, got {shown(value, 24)}.")
     return number
+
+
+def unusable_path(path: str) -> bool:
+    """A path no upload has: a URL (Gradio would fetch it), a NUL byte, or more than :data:`MAX_PATH_CHARS`."""
+    return "://" in path or "\x00" in path or len(path) > MAX_PATH_CHARS
 
 
 def upload_roots() -> list[str]:
@@ -145,8 +156,7 @@ def served_upload(
         or meta.get("_type") != FILEDATA_TAG
         or not isinstance(path, str)
         or not path
-        or "://" in path
-        or "\x00" in path
+        or unusable_path(path)
     ):
         raise ValueError(UPLOAD_REFUSED)
     real = os.path.realpath(path)
@@ -235,12 +245,15 @@ def read_image(value: Any, limits: ImageLimits = ImageLimits()) -> Image.Image:
 
 __all__ = [
     "ImageLimits",
+    "MAX_PATH_CHARS",
+    "MAX_TEXT_CHARS",
     "NO_IMAGE",
     "UPLOAD_REFUSED",
     "Upload",
     "read_image",
     "served_upload",
     "shown",
+    "unusable_path",
     "upload_roots",
     "whole_number",
 ]
