@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
 from revelio_hub.app.shown_files import shown_copy
-from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, read_image, shown, whole_number
+from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -231,7 +231,7 @@ def analyze(
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     if progress:
         progress(0.0, "Reading the image…")
-    img = read_image(image, limits)
+    img = state.decoded.read(image, limits)
     digest = image_digest(img)
     entry = rel.entry(layer, t)
     sae_recipe = model_recipe(entry.sae)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from revelio_hub.app.analysis import Analysis, _top_images, model_recipe, resolve_entry
 from revelio_hub.app.state import AppState, LoadedRelease, image_digest
-from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, read_image, shown
+from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -105,7 +105,7 @@ def attribute_image(
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     entry = _diffc_entry(rel, layer, t)
     target = _target(target)
-    img = read_image(image, limits)
+    img = state.decoded.read(image, limits)
     digest = image_digest(img)
     maps = state.feature_maps(img, rel, t, model_recipe(entry.diffc), digest=digest)
     return _attribute(rel, entry, layer, t, maps[layer], digest, target, top)
@@ -276,7 +276,7 @@ def compare_images(
     maps = []
     for what, value in (("first", image), ("second", other)):
         try:
-            img = read_image(value, limits)
+            img = state.decoded.read(value, limits)
         except ValueError as exc:
             raise ValueError(f"The {what} image: {exc}" if what == "second" else str(exc)) from None
         maps.append(state.feature_maps(img, rel, t, recipe)[layer])
