@@ -185,6 +185,23 @@ class LeanStateHolder(StateHolder):
             old, _ = self._unconfirmed.popitem(last=False)
             self.session_data.pop(old, None)
             self.time_last_used.pop(old, None)
+            self._forget_queue_entries(old)
+
+    def _forget_queue_entries(self, session_id: str) -> None:
+        """Drop what Gradio's queue keeps per session once none of its events is pending.
+
+        Gradio 6.31 keeps, for every session that ever sent an event, its set
+        of pending event ids (never removed once empty) and its message queue
+        (the last 2,000): one of each per scripted call, for ever.
+        """
+        queue = getattr(getattr(self, "blocks", None), "_queue", None)
+        pending = getattr(queue, "pending_event_ids_session", None)
+        messages = getattr(queue, "pending_messages_per_session", None)
+        if not isinstance(pending, dict) or pending.get(session_id):  # an event of it still waits or runs
+            return
+        pending.pop(session_id, None)
+        if isinstance(messages, dict):
+            messages.pop(session_id, None)
 
     def heartbeat_opened(self, session_id: str) -> None:
         """A browser tab holds ``session_id`` open: keep it as Gradio would."""
