@@ -1,11 +1,11 @@
 """Uploads decoded once: a repeated reference to one upload costs a hash, not a decode.
 
 A PNG compresses a flat 40-megapixel image (the app's pixel limit) into about
-0.1 MB, and decoding it costs about a second of server CPU. An API client can
-upload such a file once and then name it again in 200-byte requests: issue 22
-measured 1.4 s of server CPU per call, and four such callers moved another
-user's median latency from 17 ms to 1.9 s. The feature cache did not help: its
-key is a hash of the *decoded* pixels.
+0.1 MB, and decoding it costs most of a second of server CPU. An API client can
+upload such a file once and then name it again in 200-byte requests, each one
+decoded anew: 799 ms of server CPU per repeated call before this cache, 26 ms
+with it (``bench_app.py --soak``, ``docs/benchmarks.md``, issue 22). The
+feature cache did not help: its key is a hash of the *decoded* pixels.
 
 :class:`DecodedImages` keeps the last few uploads as the app uses them
 (decoded, RGB, downscaled to ``ImageLimits.max_side``), keyed by a hash of the

@@ -3,9 +3,9 @@
 Gradio writes every upload and every generated image under its temp folder
 (``$GRADIO_TEMP_DIR`` or ``<tmp>/gradio``), shared with any other Gradio app on
 the machine. Spaces and Docker stop a container with SIGTERM, which by default
-ends Python without running any cleanup: issue 22 found 2,002 files (104 MB)
-left after one, and an earlier user's upload URL still answering after a
-restart.
+ends Python without running any cleanup: every upload and heat map of the
+run stayed on disk, and an earlier user's upload URL still answered after a
+restart (issue 22).
 
 So each run of ``app.py`` works in a folder of its own,
 ``<Gradio temp folder>/revelio-hub/run-<pid>-<random>`` (:func:`claim_run_folder`

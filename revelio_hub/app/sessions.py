@@ -19,8 +19,9 @@ own sessions are used, unchanged.
 
 **Sessions of scripts are not kept.** A session is also where Gradio keeps
 a call's ``gr.State`` values (the Analyze tab's result, with its images),
-and it keeps up to 10,000 sessions: 400 scripted ``/analyze`` calls grew the
-server by 157 MB (issue 22). A browser tab holds a heartbeat connection
+and it keeps up to 10,000 sessions: 2,000 scripted calls mixing every
+endpoint grew the server by 371.7 MB before this, 30.0 MB after
+(``bench_app.py --soak``, ``docs/benchmarks.md``, issue 22). A browser tab holds a heartbeat connection
 (``GET /gradio_api/heartbeat/<session>``) for as long as it is open; a script
 never opens one. :class:`HeartbeatMarker` (ASGI middleware) tells the session
 store which sessions have an open heartbeat, and :class:`LeanStateHolder`
