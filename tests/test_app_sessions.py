@@ -167,3 +167,24 @@ def test_sessions_of_scripts_are_dropped_and_a_browser_tabs_session_is_kept(tmp_
         for i in range(6):
             call(app, "search_neurons", ["red", "", -1, ""])
         assert tab not in holder.session_data and len(holder.session_data) <= 4
+
+
+def test_a_short_soak_of_every_endpoint_keeps_a_bounded_number_of_sessions(tmp_path):
+    """100 scripted calls mixing every public endpoint (``bench_app.py --soak``'s mix, a new session each):
+    the sessions, Gradio's per-session queue entries and the decoded uploads stay within their bounds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from app_inputs import LaunchedApp
+    from app_soak import soak
+
+    from revelio_hub.app.decoded_images import DEFAULT_MAX_IMAGES
+    from revelio_hub.app.sessions import UNCONFIRMED_SESSIONS
+
+    images = [shape_image(tmp_path / f"{i}.png", color=(40 * i, 200 - 30 * i, 90)) for i in range(4)]
+    with LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()]))) as app:
+        result = soak(app.url, os.getpid(), tmp_path / "unused", images, 100, ("", -1, ""))
+        queue = app.demo._queue
+        assert result["errors"] == 0 and result["warmup_errors"] == 0, result
+        assert len(app.demo.state_holder.session_data) <= UNCONFIRMED_SESSIONS
+        assert len(queue.pending_event_ids_session) <= UNCONFIRMED_SESSIONS
+        assert len(queue.pending_messages_per_session) <= UNCONFIRMED_SESSIONS
+        assert 0 < len(app.state.decoded) <= DEFAULT_MAX_IMAGES
