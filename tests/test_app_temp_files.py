@@ -178,6 +178,7 @@ def _wait_up(url: str, proc, timeout: float = 120) -> None:
     raise AssertionError("the app did not answer")
 
 
+@pytest.mark.slow  # three starts of app.py: about 40 s on an idle 2-core machine, 2 min on a busy one
 def test_sigterm_deletes_the_runs_files_and_a_restart_serves_no_old_upload(tmp_path):
     """SIGTERM (how Spaces and Docker stop a container): in-flight work ends, the app exits within seconds
     and its uploads and heat maps are gone; a run killed without cleanup is cleaned by the next start;
