@@ -9,8 +9,8 @@ Two kinds of caller reach :func:`read_image`:
   that JSON would let a client make the server open any file on its disk, so
   the endpoints first pass the value through :func:`served_upload`, which
   accepts only a tagged ``gradio.FileData`` whose file lies (symlinks and
-  ``..`` resolved) inside Gradio's upload folder, or one of the release's own
-  example files, and returns an :class:`Upload`. Every refusal there reads
+  ``..`` resolved) inside Gradio's upload folder (uploads, and the copies of
+  the example images the page shows), and returns an :class:`Upload`. Every refusal there reads
   :data:`UPLOAD_REFUSED`, whether or not the path exists, so the answer tells
   a client nothing about the server's files. Messages about an upload name it
   by the name the user gave it, never by its server path.
@@ -136,7 +136,8 @@ def served_upload(
     ``meta._type == "gradio.FileData"``) whose ``path``, with symlinks and
     ``..`` resolved, is an existing file inside one of ``allowed_roots``
     (Gradio's upload folder: :func:`upload_roots`) or is one of
-    ``allowed_files`` (the release's example images). Everything else (a plain
+    ``allowed_files`` (the app passes none: its example images are served from
+    copies in the upload folder). Everything else (a plain
     path string, an untagged dict, a URL, a file elsewhere, a missing file)
     raises ``ValueError(UPLOAD_REFUSED)``: one text, so the answer does not
     reveal which server paths exist. ``None`` raises the "no image" message.
