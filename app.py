@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
 
-    from revelio_hub.app.run_folder import claim_run_folder, stop_on_sigterm
+    from revelio_hub.app.run_folder import GracefulStop, claim_run_folder
     from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
     from revelio_hub.app.ui import build_ui, launch_kwargs
     from revelio_hub.app.workers import default_workers
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM included: nothing users uploaded outlives the process.
     run = claim_run_folder()
     try:
-        with stop_on_sigterm():
-            demo = build_ui(state)
+        with GracefulStop() as stop:
+            demo = stop.blocks = build_ui(state)
             if not args.no_warmup:
                 threading.Thread(target=state.warmup, name="revelio-warmup", daemon=True).start()
             demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(state))

@@ -226,6 +226,34 @@ def queue_event(app, fn_index: int, data: list, session: str, event_data: Any = 
     raise AssertionError("no answer")
 
 
+class Heartbeat:
+    """A browser tab's heartbeat connection (``GET /gradio_api/heartbeat/<session>``), held open in a thread."""
+
+    def __init__(self, url: str, session: str) -> None:
+        import threading
+
+        import httpx
+
+        self.client = httpx.Client(timeout=60)
+        self.opened = threading.Event()
+
+        def hold() -> None:
+            try:
+                with self.client.stream("GET", f"{url}gradio_api/heartbeat/{session}") as stream:
+                    for _ in stream.iter_lines():
+                        self.opened.set()
+            except Exception:  # closed from the test
+                pass
+
+        self.thread = threading.Thread(target=hold, daemon=True)
+        self.thread.start()
+        assert self.opened.wait(30)
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(10)
+
+
 def upload(app, path: Path) -> str:
     """Upload ``path`` the way the browser and gradio_client do; returns its server-side path."""
     import httpx

@@ -98,41 +98,13 @@ def _fn_index(demo, name: str) -> int:
     return next(i for i, fn in demo.fns.items() if getattr(fn.fn, "__name__", "") == name)
 
 
-class _Heartbeat:
-    """A browser tab's heartbeat connection (``GET /gradio_api/heartbeat/<session>``), held open in a thread."""
-
-    def __init__(self, app, session: str) -> None:
-        import threading
-
-        import httpx
-
-        self.client = httpx.Client(timeout=60)
-        self.opened = threading.Event()
-
-        def hold() -> None:
-            try:
-                with self.client.stream("GET", f"{app.url}gradio_api/heartbeat/{session}") as stream:
-                    for _ in stream.iter_lines():
-                        self.opened.set()
-            except Exception:  # closed from the test
-                pass
-
-        self.thread = threading.Thread(target=hold, daemon=True)
-        self.thread.start()
-        assert self.opened.wait(30)
-
-    def close(self) -> None:
-        self.client.close()
-        self.thread.join(10)
-
-
 def test_sessions_of_scripts_are_dropped_and_a_browser_tabs_session_is_kept(tmp_path):
     """Scripted calls (no heartbeat) keep at most a few sessions, whatever their number; a tab with an open
     heartbeat keeps its analysis through them; once the tab closes, its session goes too (issue 22)."""
     import time
     import uuid
 
-    from app_inputs import LaunchedApp, queue_event
+    from app_inputs import Heartbeat, LaunchedApp, queue_event
 
     with LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()]))) as app:
         holder = app.demo.state_holder
@@ -141,7 +113,7 @@ def test_sessions_of_scripts_are_dropped_and_a_browser_tabs_session_is_kept(tmp_
         layer, t = rel.default_entry()
         image = {"path": upload(app, shape_image(tmp_path / "a.png")), "meta": FILEDATA_TAG}
         tab, script = uuid.uuid4().hex[:10], uuid.uuid4().hex[:10]
-        heartbeat = _Heartbeat(app, tab)
+        heartbeat = Heartbeat(app.url, tab)
         deadline = time.monotonic() + 10
         while tab not in holder.browser_sessions and time.monotonic() < deadline:
             time.sleep(0.05)

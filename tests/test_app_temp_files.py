@@ -180,13 +180,13 @@ def _wait_up(url: str, proc, timeout: float = 120) -> None:
 
 @pytest.mark.slow  # three starts of app.py: about 40 s on an idle 2-core machine, 2 min on a busy one
 def test_sigterm_deletes_the_runs_files_and_a_restart_serves_no_old_upload(tmp_path):
-    """SIGTERM (how Spaces and Docker stop a container): in-flight work ends, the app exits within seconds
+    """SIGTERM (how Spaces and Docker stop a container), with a browser tab open: the app exits within seconds
     and its uploads and heat maps are gone; a run killed without cleanup is cleaned by the next start;
     an earlier upload's URL is not served after a restart; nothing else in the temp folder is touched."""
     import signal
 
     import httpx
-    from app_inputs import FILEDATA_TAG, free_port, shape_image
+    from app_inputs import FILEDATA_TAG, Heartbeat, free_port, shape_image
 
     temp = tmp_path / "gradio"
     temp.mkdir()
@@ -209,12 +209,14 @@ def test_sigterm_deletes_the_runs_files_and_a_restart_serves_no_old_upload(tmp_p
                 assert any(line.startswith("event: complete") for line in s.iter_lines())
             assert Path(path).is_file() and httpx.get(f"{url}gradio_api/file={path}", timeout=30).status_code == 200
             urls.append(f"gradio_api/file={path}")
+            tab = Heartbeat(url, "open-tab") if stop == signal.SIGTERM else None  # a browser tab stays open
             start = time.monotonic()
             proc.send_signal(stop)
             proc.wait(timeout=30)
             if stop == signal.SIGTERM:
                 assert time.monotonic() - start < 10 and proc.returncode == 0, proc.stderr.read()[-2000:]
                 assert not Path(path).exists() and not Path(path).parents[1].exists()  # the run's folder is gone
+                tab.close()
             else:
                 assert Path(path).is_file()  # a killed run cleans nothing: the next start does
         port = free_port()

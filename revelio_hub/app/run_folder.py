@@ -15,14 +15,13 @@ process ends, however it ends. At start-up every ``run-*`` folder under
 ``revelio-hub`` whose lock can be taken belongs to a run that is gone, and is
 deleted (:func:`remove_stale_runs`); a folder whose lock is held belongs to a
 live app and is left alone, and nothing outside ``revelio-hub/run-*`` folders
-holding a lock file is ever touched. :func:`stop_on_sigterm` turns SIGTERM into
-the same orderly stop as Ctrl-C, after which :meth:`RunFolder.remove` deletes
-the run's folder.
+holding a lock file is ever touched. :class:`GracefulStop` turns SIGTERM into
+an orderly stop (Gradio's own ``Blocks.close()``), after which
+:meth:`RunFolder.remove` deletes the run's folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -33,7 +32,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional, Union
+from typing import IO, Any, Optional, Union
 
 logger = logging.getLogger(__name__)
 
@@ -119,25 +118,40 @@ def claim_run_folder(parent: Optional[Union[str, os.PathLike]] = None, *, set_en
     return RunFolder(path, lock)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class GracefulStop:
+    """While inside, SIGTERM stops the app as Gradio's own ``Blocks.close()`` does, or as Ctrl-C before there is one.
 
-
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """While inside, SIGTERM stops the app as Ctrl-C does (Gradio closes its server; ``finally`` blocks run).
-
-    Only the main thread may install a handler; elsewhere this does nothing.
+    Set :attr:`blocks` once the app is built: SIGTERM then closes it (its
+    queue, the browser tabs' heartbeat streams, its server), ``launch``
+    returns and the caller's ``finally`` runs. Without it (still starting),
+    SIGTERM raises ``KeyboardInterrupt``. Ctrl-C's path closes only the
+    server, which then waits for open tabs' heartbeats; closing the Blocks
+    ends them first. Only the main thread may install a handler; elsewhere
+    this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+    def __init__(self) -> None:
+        self.blocks: Optional[Any] = None
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.blocks is None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        logger.info("SIGTERM: closing the app")
+        self.blocks.close()
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
 
 
 __all__ = ["APP_TEMP_NAME", "LOCK_NAME", "RunFolder", "claim_run_folder", "gradio_temp_parent",
-           "remove_stale_runs", "stop_on_sigterm"]
+           "remove_stale_runs", "GracefulStop"]
