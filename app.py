@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
 
     from revelio_hub.app.mcp_tools import mcp_requested, mcp_unavailable
+    from revelio_hub.app.run_folder import GracefulStop, claim_run_folder
     from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
     from revelio_hub.app.ui import build_ui, launch_kwargs
     from revelio_hub.app.workers import default_workers
@@ -92,13 +93,20 @@ def main(argv: list[str] | None = None) -> None:
         state = AppState.from_config(config)
     except ValueError as exc:  # a bad --release is a usage error, not a crash
         raise SystemExit(f"app.py: error: {exc}") from None
-    demo = build_ui(state)
-    if not args.no_warmup:
-        threading.Thread(target=state.warmup, name="revelio-warmup", daemon=True).start()
+    # A temp folder of this run's own (earlier runs' leftovers deleted), removed again when the app stops,
+    # SIGTERM included: nothing users uploaded outlives the process.
+    run = claim_run_folder()
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=mcp,
-                    **launch_kwargs(state))
+        with GracefulStop() as stop:
+            demo = stop.blocks = build_ui(state)
+            if not args.no_warmup:
+                threading.Thread(target=state.warmup, name="revelio-warmup", daemon=True).start()
+            demo.launch(server_name=args.host, server_port=args.port, share=args.share, mcp_server=mcp,
+                        **launch_kwargs(state))
+    except KeyboardInterrupt:  # stopped before the server was up
+        pass
     finally:
+        run.remove()  # first: a container's grace period after SIGTERM is short (Docker: 10 s)
         state.close()
 
 

@@ -27,6 +27,14 @@ Starts the real app (``python app.py``) in a subprocess and measures:
     python benchmarks/bench_app.py            # bundled toy release
     python benchmarks/bench_app.py --calls 50 --json
     python benchmarks/bench_app.py --clients 8 --json
+    python benchmarks/bench_app.py --soak 2000 --json   # memory and temp folder under scripted traffic
+
+``--soak N`` measures something else instead (issue 22, :mod:`app_soak`): the
+server's and its worker's resident memory and the temp folder's file count
+before and after N raw-HTTP calls that mix every public endpoint (each a new
+Gradio session, as from ``curl``), after a warm-up that visits every
+(endpoint, image) pair once; and the server CPU per ``/analyze_json`` call that
+references one uploaded 40-megapixel PNG again (``--big-image-calls``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from app_soak import cpu_seconds, repeated_big_image, soak  # noqa: E402 (this folder: run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,13 +88,6 @@ def _images(folder: Path, n: int, start: int = 0) -> list[Path]:
         render(image_spec(i, seed=4242), image_size=96).save(path)
         paths.append(path)
     return paths
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads) from ``/proc``."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _HttpClient:
@@ -144,11 +147,11 @@ def _load(url: str, images: list[Path], clients: int, layer: str, timestep: int,
             answer = exc
         return time.perf_counter() - start, answer
 
-    start, server_cpu, client_cpu = time.perf_counter(), _cpu_seconds(server_pid), time.process_time()
+    start, server_cpu, client_cpu = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
         done = list(pool.map(call, enumerate(images)))
     wall = time.perf_counter() - start
-    server_cpu, client_cpu = _cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
+    server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     for session in sessions:
         session.close()
     ok = [seconds for seconds, answer in done if not isinstance(answer, Exception)]
@@ -226,6 +229,61 @@ def _gradio_floor(images: list[Path], calls: int, warmup: int, concurrency: int)
     return new, same
 
 
+def _big_png(path: Path) -> Path:
+    """A 8000×5000 (40-megapixel, the app's limit) PNG of a few shapes: about 0.1 MB on disk, 120 MB decoded."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (8000, 5000), (245, 245, 235))
+    ImageDraw.Draw(img).ellipse((2000, 1000, 6000, 4000), fill=(220, 40, 40))
+    img.save(path, optimize=True)
+    return path
+
+
+def run_soak(args: argparse.Namespace) -> dict:
+    """``--soak``: serve ``app.py`` with its own temp folder and measure what scripted traffic leaves behind."""
+    from revelio_hub.app.state import DEFAULT_RELEASE_PATH
+
+    release = args.release or str(DEFAULT_RELEASE_PATH)
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        temp_root = Path(tmp) / "gradio"
+        env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(temp_root))
+        cmd = [sys.executable, str(REPO / "app.py"), "--release", release, "--port", str(port), "--host", "127.0.0.1",
+               "--device", args.device, "--dtype", args.dtype]
+        if args.workers is not None:
+            cmd += ["--workers", str(args.workers)]
+        images = _images(Path(tmp), args.soak_images)
+        big = _big_png(Path(tmp) / "big_40mp.png") if args.big_image_calls else None
+        proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            _wait_http(url, proc, timeout=120)
+            entry = (args.layer, args.timestep, "")
+            log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+            result = {"release": release, "device": args.device,
+                      "soak": soak(url, proc.pid, temp_root, images, args.soak, entry, log=log)}
+            if big is not None:
+                result["repeated_40mp_png"] = repeated_big_image(url, proc.pid, big, args.big_image_calls, entry)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        s = result["soak"]
+        print(f"{s['calls']} calls after {s['warmup_calls']} warm-up calls ({s['errors']} errors, {s['wall_s']} s): "
+              f"server + workers RSS grew {s['rss_growth_mb']} MB (target ≤ 50), temp folder "
+              f"{s['temp_file_growth']} files / {s['temp_mb_growth']} MB (target ≤ 100 files)")
+        if "repeated_40mp_png" in result:
+            b = result["repeated_40mp_png"]
+            print(f"40-MP PNG ({b['file_kib']} KiB) referenced again: {b['server_cpu_ms_per_repeated_call']} ms of "
+                  f"server CPU per call (first call {b['first_call_server_cpu_ms']} ms)")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release", default=None, help="release id or folder (default: the bundled toy release)")
@@ -244,8 +302,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=None,
                         help="backbone worker processes of the served app (app.py --workers; default: app.py's own, "
                         "1 on a CPU with 2+ cores); 0 runs passes in the server process, the baseline of issue 10")
+    parser.add_argument("--soak", type=int, default=0, metavar="N",
+                        help="instead: memory and temp-folder growth over N raw-HTTP calls mixing every endpoint")
+    parser.add_argument("--soak-images", type=int, default=16, help="distinct images the --soak calls cycle through")
+    parser.add_argument("--big-image-calls", type=int, default=10,
+                        help="with --soak: repeated /analyze_json calls on one uploaded 40-megapixel PNG (0: skip)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
+    if args.soak:
+        return run_soak(args)
     if args.clients < 1 or args.load_calls < 1 or args.rounds < 1:
         parser.error("--clients, --load-calls and --rounds must be at least 1")
 

@@ -11,7 +11,7 @@ import json
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -210,6 +210,53 @@ def call(app, api_name: str, data: list, timeout: float = 120) -> tuple[str, Any
             elif line.startswith("data:") and event in ("complete", "error"):
                 return event, json.loads(line.split(":", 1)[1])
     raise AssertionError(f"no result for /{api_name}")
+
+
+def queue_event(app, fn_index: int, data: list, session: str, event_data: Any = None,
+                params: Optional[dict] = None) -> dict:
+    """Run one event as the browser does (``/queue/join`` + the session's event stream); its final message.
+
+    ``params`` are the page's query parameters (the browser sends them with the event).
+    """
+    import httpx
+
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data, "trigger_id": None}
+    r = httpx.post(f"{app.url}gradio_api/queue/join", params=params, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as s:
+        for line in s.iter_lines():
+            msg = json.loads(line[5:]) if line.startswith("data:") else {}
+            if msg.get("msg") == "process_completed":
+                return msg
+    raise AssertionError("no answer")
+
+
+class Heartbeat:
+    """A browser tab's heartbeat connection (``GET /gradio_api/heartbeat/<session>``), held open in a thread."""
+
+    def __init__(self, url: str, session: str) -> None:
+        import threading
+
+        import httpx
+
+        self.client = httpx.Client(timeout=60)
+        self.opened = threading.Event()
+
+        def hold() -> None:
+            try:
+                with self.client.stream("GET", f"{url}gradio_api/heartbeat/{session}") as stream:
+                    for _ in stream.iter_lines():
+                        self.opened.set()
+            except Exception:  # closed from the test
+                pass
+
+        self.thread = threading.Thread(target=hold, daemon=True)
+        self.thread.start()
+        assert self.opened.wait(30)
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(10)
 
 
 def upload(app, path: Path) -> str:

@@ -333,7 +333,9 @@ def test_layer_and_release_switch_offer_the_release_entries(state):
         assert [c[0] if isinstance(c, tuple) else c for c in update["choices"]] == rel.timesteps(layer)
         assert update["value"] in rel.timesteps(layer)
     out = events.change_release(rel.name)
-    assert out[0]["value"] == rel.default_entry()[0] and out[2] == rel.examples
+    assert out[0]["value"] == rel.default_entry()[0] and [c for _, c in out[2]] == [c for _, c in rel.examples]
+    for (shown_path, _), (path, _) in zip(out[2], rel.examples):  # copies of the examples, never the release's files
+        assert str(rel.local_dir) not in shown_path and Path(shown_path).read_bytes() == Path(path).read_bytes()
     card = card_markdown(rel)
     assert "](figures/" not in card  # relative figures are served (from a copy in Gradio's cache)
     assert str(rel.local_dir) not in card  # the release folder's path never reaches users

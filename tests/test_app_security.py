@@ -21,13 +21,13 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from app_fixtures import app  # noqa: E402,F401 (fixture: the app served in this process)
-from app_inputs import app_release_path, call, huge_png, not_an_image, shape_image, upload  # noqa: E402
+from app_inputs import app_release_path, call, huge_png, not_an_image, queue_event, shape_image, upload  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 gr = pytest.importorskip("gradio")
@@ -97,23 +97,6 @@ LINK_FILE_EVENTS = {"analyze_1", "analysis_link"}
 def test_every_file_endpoint_is_covered(app):
     """The cases below cover every event with a file input (a new endpoint cannot slip past them)."""
     assert set(file_events(app)) == set(FILE_ENDPOINTS) | PRIVATE_FILE_EVENTS | LINK_FILE_EVENTS
-
-
-def queue_event(app, fn_index: int, data: list, session: str, event_data: Any = None,
-                params: Optional[dict] = None) -> dict:
-    """Run one event as the browser does (``/queue/join`` + the session's event stream); its final message.
-
-    ``params`` are the page's query parameters (the browser sends them with the event).
-    """
-    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data, "trigger_id": None}
-    r = httpx.post(f"{app.url}gradio_api/queue/join", params=params, json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as s:
-        for line in s.iter_lines():
-            msg = json.loads(line[5:]) if line.startswith("data:") else {}
-            if msg.get("msg") == "process_completed":
-                return msg
-    raise AssertionError("no answer")
 
 
 def test_private_reanalysis_events_refuse_server_paths(app, files, tmp_path):
@@ -263,3 +246,101 @@ def test_served_upload_gate(tmp_path):
         assert str(info.value) == UPLOAD_REFUSED
     with pytest.raises(ValueError, match=NO_IMAGE[:20]):
         served_upload(None, [root])
+
+
+def _file_url(app, path: str) -> str:
+    return f"{app.url}gradio_api/file={path}"
+
+
+def test_release_weights_and_metadata_are_not_served(app):
+    """Weights, release.json, configs and every other release file: refused by relative and by absolute path.
+
+    A private local ``--release`` must not leak its SAE or Diff-C weights (issue 22); the page's images are
+    served from copies in the upload folder instead (next test).
+    """
+    root = Path(app_release_path()).resolve()
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json", ".jsonl", ".md"}]
+    assert any(p.suffix == ".safetensors" for p in files) and (root / "release.json") in files
+    files += [next(root.rglob("*.webp"))]  # a thumbnail too: only its copy is served
+    for file in files:
+        for shown_path in (str(file), os.path.relpath(file), f"{root.parent}/./{root.name}/../{root.name}/{file.relative_to(root)}"):
+            r = httpx.get(_file_url(app, shown_path), timeout=30)
+            assert r.status_code in (403, 404), (shown_path, r.status_code)
+            assert b"safetensors" not in r.content[:64]  # (the 403 quotes the path the client sent, nothing else)
+
+
+def test_shown_images_come_from_copies_that_endpoints_accept(app, tmp_path):
+    """The example gallery and a neuron's top images are served (as copies); an API call with the example the
+    page shows works, while the example's path in the release folder is refused like any server path."""
+    root = str(Path(app_release_path()).resolve())
+    rel = app.state.get_release()
+    if not rel.examples:
+        pytest.skip("the release has no examples")
+    config = httpx.get(f"{app.url}config", timeout=60).json()
+    gallery = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "examples")
+    shown = gallery["props"]["value"][0]["image"]
+    assert root not in shown["path"] and httpx.get(shown["url"], timeout=30).status_code == 200
+    layer, t = rel.default_entry()
+    event, payload = call(app, "neuron", [rel.name, layer, t, 0])
+    assert event == "complete", payload
+    top = payload[2][0]["image"]
+    assert root not in top["path"] and httpx.get(top["url"], timeout=30).content[:4] == b"RIFF"
+    for api_name in ("analyze_json", "attribute_json"):
+        event, payload = call(app, api_name, [{"path": shown["path"], "meta": TAG}, *FILE_ENDPOINTS[api_name]])
+        assert event == "complete", (api_name, payload)
+        original = {"path": rel.examples[0][0], "meta": TAG}
+        event, payload = call(app, api_name, [original, *FILE_ENDPOINTS[api_name]])
+        assert event == "error" and payload["error"] == UPLOAD_REFUSED, (api_name, payload)
+
+
+@pytest.mark.parametrize("api_name", sorted(FILE_ENDPOINTS))
+def test_malformed_file_values_get_one_sentence_and_no_traceback(app, api_name, capfd):
+    """Paths of 5,000+ characters or with a NUL byte: the one refusal, not ``{"error": null}``, and no traceback
+    (nor the path) in the server's output."""
+    from gradio.utils import get_upload_folder
+
+    cases = [{"path": "/x" * 3000, "meta": TAG}, {"path": f"{get_upload_folder()}/{'a' * 6000}.png", "meta": TAG},
+             {"path": "/etc/passwd\x00.png", "meta": TAG}, {"path": f"{get_upload_folder()}/a\x00b.png", "meta": TAG}]
+    capfd.readouterr()
+    for value in cases:
+        event, payload = call(app, api_name, [value, *FILE_ENDPOINTS[api_name]])
+        assert event == "error" and payload["error"] == UPLOAD_REFUSED, (value["path"][:40], payload)
+    out = capfd.readouterr()
+    assert "Traceback" not in out.err + out.out and "a" * 200 not in out.err + out.out
+
+
+def test_long_text_inputs_are_not_echoed_whole(app, tmp_path):
+    """A 100 KB class to explain, label value, layer or release: a short error, without the input."""
+    served = {"path": upload(app, shape_image(tmp_path / "mine.png")), "meta": TAG}
+    huge = "stripes" * 15_000
+    cases = {
+        "attribute_json": [served, "", -1, "", huge],
+        "search_neurons": [huge, "", -1, ""],
+        "analyze_json": [served, huge, -1, ""],
+        "neuron": [huge, "", -1, 0],
+    }
+    for api_name, data in cases.items():
+        event, payload = call(app, api_name, data)
+        assert event == "error" and payload["error"] and len(payload["error"]) < 400, (api_name, payload)
+        assert "stripes" * 20 not in payload["error"]
+
+
+def test_unexpected_errors_log_one_line_without_the_request_at_default_level(caplog):
+    """An unexpected exception (its message may quote a client's input) logs its kind, not its message or
+    traceback, unless the operator turns on DEBUG."""
+    import logging
+
+    from revelio_hub.app.ui import user_errors
+
+    secret = "/home/client/" + "x" * 5000
+    for level, traceback_logged in ((logging.INFO, False), (logging.DEBUG, True)):
+        caplog.clear()
+        with caplog.at_level(level, logger="revelio_hub.app.ui"):
+            with pytest.raises(gr.Error) as info:
+                with user_errors("analysing the image"):
+                    raise KeyError(secret)
+        assert "KeyError" in info.value.message and secret not in info.value.message
+        errors = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert len(errors) == 1 and "KeyError" in errors[0].getMessage() and not errors[0].exc_info
+        assert secret not in caplog.text or traceback_logged
+        assert any(r.exc_info for r in caplog.records) == traceback_logged

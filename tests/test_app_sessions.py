@@ -92,3 +92,71 @@ def test_the_queue_summarises_analytics_every_n_events_and_leaves_the_environmen
     monkeypatch.setenv(ANALYTICS_EVERY_ENV, "7")  # an operator's setting wins
     other = build_ui(AppState.from_config(AppConfig(releases=[app_release_path()])))
     assert other._queue.ANAYLTICS_CACHE_FREQUENCY == 7 and os.environ[ANALYTICS_EVERY_ENV] == "7"
+
+
+def _fn_index(demo, name: str) -> int:
+    return next(i for i, fn in demo.fns.items() if getattr(fn.fn, "__name__", "") == name)
+
+
+def test_sessions_of_scripts_are_dropped_and_a_browser_tabs_session_is_kept(tmp_path):
+    """Scripted calls (no heartbeat) keep at most a few sessions, whatever their number; a tab with an open
+    heartbeat keeps its analysis through them; once the tab closes, its session goes too (issue 22)."""
+    import time
+    import uuid
+
+    from app_inputs import Heartbeat, LaunchedApp, queue_event
+
+    with LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()]))) as app:
+        holder = app.demo.state_holder
+        holder.unconfirmed_limit = 4  # the default (32) works the same way, with more calls
+        rel = app.state.get_release()
+        layer, t = rel.default_entry()
+        image = {"path": upload(app, shape_image(tmp_path / "a.png")), "meta": FILEDATA_TAG}
+        tab, script = uuid.uuid4().hex[:10], uuid.uuid4().hex[:10]
+        heartbeat = Heartbeat(app.url, tab)
+        deadline = time.monotonic() + 10
+        while tab not in holder.browser_sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tab in holder.browser_sessions
+        analyze, select = _fn_index(app.demo, "analyze"), _fn_index(app.demo, "select_row")
+        for session in (tab, script):
+            first = queue_event(app, analyze, [image, layer, t, rel.name], session)
+            assert first["success"], first
+        neuron = first["output"]["data"][3]["value"]
+        for i in range(12):  # scripted calls, each a new session
+            assert call(app, "search_neurons", [["red", "circle"][i % 2], "", -1, ""])[0] == "complete"
+        assert holder.unconfirmed <= 4 and len(holder.session_data) <= 5
+        row = {"index": [0, 0], "value": neuron, "row_value": [neuron, 1.0, 1.0, ""], "selected": True}
+        shown = queue_event(app, select, [None, layer, t, rel.name], tab, row)
+        assert shown["success"] and shown["output"]["data"][1], shown  # the tab's analysis is still there
+        gone = queue_event(app, select, [None, layer, t, rel.name], script, row)
+        assert not gone["success"] and "Analyze an image first" in gone["output"]["error"], gone
+        heartbeat.close()
+        deadline = time.monotonic() + 10
+        while tab in holder.browser_sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tab not in holder.browser_sessions
+        for i in range(6):
+            call(app, "search_neurons", ["red", "", -1, ""])
+        assert tab not in holder.session_data and len(holder.session_data) <= 4
+
+
+def test_a_short_soak_of_every_endpoint_keeps_a_bounded_number_of_sessions(tmp_path):
+    """100 scripted calls mixing every public endpoint (``bench_app.py --soak``'s mix, a new session each):
+    the sessions, Gradio's per-session queue entries and the decoded uploads stay within their bounds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from app_inputs import LaunchedApp
+    from app_soak import soak
+
+    from revelio_hub.app.decoded_images import DEFAULT_MAX_IMAGES
+    from revelio_hub.app.sessions import UNCONFIRMED_SESSIONS
+
+    images = [shape_image(tmp_path / f"{i}.png", color=(40 * i, 200 - 30 * i, 90)) for i in range(4)]
+    with LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()]))) as app:
+        result = soak(app.url, os.getpid(), tmp_path / "unused", images, 100, ("", -1, ""))
+        queue = app.demo._queue
+        assert result["errors"] == 0 and result["warmup_errors"] == 0, result
+        assert len(app.demo.state_holder.session_data) <= UNCONFIRMED_SESSIONS
+        assert len(queue.pending_event_ids_session) <= UNCONFIRMED_SESSIONS
+        assert len(queue.pending_messages_per_session) <= UNCONFIRMED_SESSIONS
+        assert 0 < len(app.state.decoded) <= DEFAULT_MAX_IMAGES

@@ -129,3 +129,109 @@ def test_temp_folder_stays_bounded_over_200_calls(tmp_path, monkeypatch):
     assert max(oldest) <= age + frequency + 10, (oldest, duration)
     # Once requests stop, the folder is back to its size at start: nothing accumulated.
     assert now[0] <= before[0] + 4 and now[1] <= before[1] + 4, (before, now)
+
+
+# ------------------------------------------------------------------ a run's own folder, SIGTERM, restart
+
+
+def test_stale_run_folders_are_removed_and_live_or_foreign_ones_kept(tmp_path):
+    from revelio_hub.app.run_folder import APP_TEMP_NAME, LOCK_NAME, claim_run_folder, remove_stale_runs
+
+    live = claim_run_folder(tmp_path, set_env=False)  # a live run: its lock is held
+    root = tmp_path / APP_TEMP_NAME
+    ended = root / "run-1-dead"
+    (ended / "abc").mkdir(parents=True)
+    (ended / LOCK_NAME).touch()
+    (ended / "abc" / "upload.png").write_bytes(b"x")
+    foreign = [root / "run-2-nolock", root / "mine", tmp_path / "run-3-outside"]
+    for folder in foreign:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("not the app's")
+    (foreign[1] / LOCK_NAME).touch()  # a lock file outside a run-* folder marks nothing
+    assert remove_stale_runs(root) == 1
+    assert not ended.exists() and live.path.is_dir() and all((f / "keep.txt").is_file() for f in foreign)
+    live.remove()
+    assert not live.path.exists()
+
+
+def _start_app(port: int, temp: Path) -> "subprocess.Popen":
+    import subprocess
+
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(temp), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "app.py"), "--release", app_release_path(),
+           "--port", str(port), "--no-warmup"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_up(url: str, proc, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("the app did not answer")
+
+
+@pytest.mark.slow  # three starts of app.py: about 40 s on an idle 2-core machine, 2 min on a busy one
+def test_sigterm_deletes_the_runs_files_and_a_restart_serves_no_old_upload(tmp_path):
+    """SIGTERM (how Spaces and Docker stop a container), with a browser tab open: the app exits within seconds
+    and its uploads and heat maps are gone; a run killed without cleanup is cleaned by the next start;
+    an earlier upload's URL is not served after a restart; nothing else in the temp folder is touched."""
+    import signal
+
+    import httpx
+    from app_inputs import FILEDATA_TAG, Heartbeat, free_port, shape_image
+
+    temp = tmp_path / "gradio"
+    temp.mkdir()
+    (temp / "someone_else.txt").write_text("another app's file")
+    image = shape_image(tmp_path / "mine.png")
+    urls, procs = [], []
+    try:
+        for stop in (signal.SIGTERM, signal.SIGKILL):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/"
+            proc = _start_app(port, temp)
+            procs.append(proc)
+            _wait_up(url, proc)
+            with open(image, "rb") as fh:
+                path = httpx.post(f"{url}gradio_api/upload", files={"files": ("mine.png", fh, "image/png")},
+                                  timeout=60).json()[0]
+            value = {"path": path, "meta": FILEDATA_TAG}
+            r = httpx.post(f"{url}gradio_api/call/analyze", json={"data": [value, None, None, ""]}, timeout=60)
+            with httpx.stream("GET", f"{url}gradio_api/call/analyze/{r.json()['event_id']}", timeout=120) as s:
+                assert any(line.startswith("event: complete") for line in s.iter_lines())
+            assert Path(path).is_file() and httpx.get(f"{url}gradio_api/file={path}", timeout=30).status_code == 200
+            urls.append(f"gradio_api/file={path}")
+            tab = Heartbeat(url, "open-tab") if stop == signal.SIGTERM else None  # a browser tab stays open
+            start = time.monotonic()
+            proc.send_signal(stop)
+            proc.wait(timeout=30)
+            if stop == signal.SIGTERM:
+                assert time.monotonic() - start < 10 and proc.returncode == 0, proc.stderr.read()[-2000:]
+                assert not Path(path).exists() and not Path(path).parents[1].exists()  # the run's folder is gone
+                tab.close()
+            else:
+                assert Path(path).is_file()  # a killed run cleans nothing: the next start does
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/"
+        proc = _start_app(port, temp)
+        procs.append(proc)
+        _wait_up(url, proc)
+        assert not Path(path).exists()
+        for old in urls:
+            assert httpx.get(url + old, timeout=30).status_code in (403, 404)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        leftovers = [p for p in temp.rglob("*") if p.is_file() and "revelio-hub" in p.parts]
+        assert leftovers == [] and (temp / "someone_else.txt").read_text() == "another app's file"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()

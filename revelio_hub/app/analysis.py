@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
-from revelio_hub.app.validation import ImageLimits, read_image, shown, whole_number
+from revelio_hub.app.shown_files import shown_copy
+from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -225,12 +226,12 @@ def analyze(
     import torch
 
     if ranking not in RANKINGS:
-        raise ValueError(f"Unknown ranking {ranking!r}; choose one of: {', '.join(RANKINGS)}.")
+        raise ValueError(f"Unknown ranking {shown(ranking)}; choose one of: {', '.join(RANKINGS)}.")
 
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     if progress:
         progress(0.0, "Reading the image…")
-    img = read_image(image, limits)
+    img = state.decoded.read(image, limits)
     digest = image_digest(img)
     entry = rel.entry(layer, t)
     sae_recipe = model_recipe(entry.sae)
@@ -432,7 +433,8 @@ def _top_images(atlas: Any, neuron_id: int, n: int) -> list[tuple[Any, str]]:
     """(thumbnail, "label · activation") of a neuron's top dataset images.
 
     Thumbnails are returned as file paths when the atlas folder has them, so
-    Gradio serves the stored WebP files instead of re-encoding images.
+    Gradio serves the stored WebP files instead of re-encoding images: copies
+    in Gradio's upload folder, never the release folder itself (:mod:`revelio_hub.app.shown_files`).
     """
     if atlas is None:
         return []
@@ -442,7 +444,7 @@ def _top_images(atlas: Any, neuron_id: int, n: int) -> list[tuple[Any, str]]:
     items: list[tuple[Any, str]] = []
     for image_id, act, label in list(zip(info.top_image_ids, info.top_activations, info.top_labels))[:n]:
         file = Path(atlas.path) / THUMBNAIL_DIR / f"{int(image_id)}.webp" if atlas.path is not None else None
-        image = str(file) if file is not None and file.is_file() else atlas.thumbnail(int(image_id))
+        image = shown_copy(file) if file is not None and file.is_file() else atlas.thumbnail(int(image_id))
         caption = f"{label} · {float(act):.2f}" if label else f"#{int(image_id)} · {float(act):.2f}"
         items.append((image, caption))
     return items
@@ -541,7 +543,7 @@ def sorted_neurons(
 ) -> list[list[Any]]:
     """Rows of the neuron list sorted ``by`` one of :data:`SORT_KEYS` (as the atlas defines the order)."""
     if by not in SORT_KEYS:
-        raise ValueError(f"Cannot sort neurons by {by!r}; choose one of: {', '.join(SORT_KEYS)}.")
+        raise ValueError(f"Cannot sort neurons by {shown(by)}; choose one of: {', '.join(SORT_KEYS)}.")
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     atlas = _atlas(rel.entry(layer, t), rel, layer, t)
     return _neuron_rows(atlas, atlas.sorted_neurons(by, limit=n), n)
@@ -559,7 +561,7 @@ def class_neurons(
     """Rows of neurons whose top images are mostly ``class_name``."""
     names = class_names(state, release, layer, timestep)
     if class_name not in names:
-        raise ValueError(f"Unknown class {class_name!r}; this release's classes are: {', '.join(names)}.")
+        raise ValueError(f"Unknown class {shown(class_name)}; this release's classes are: {', '.join(names)}.")
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     atlas = _atlas(rel.entry(layer, t), rel, layer, t)
     return _neuron_rows(atlas, atlas.neurons_for_class(class_name), n)
@@ -586,14 +588,14 @@ def search_neurons(
     """
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Give a label value to search for, e.g. a class name or 'stripes'.")
-    if len(value) > 200:
-        raise ValueError("That label value is too long (200 characters at most).")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"That label value is too long ({MAX_TEXT_CHARS} characters at most).")
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     atlas = _atlas(rel.entry(layer, t), rel, layer, t)
     column, name = (value.split("=", 1) if "=" in value else (None, value))
     column = column.strip() if column is not None else None
     if column is not None and column not in atlas.label_columns:
-        raise ValueError(f"Unknown label column {column!r}; this entry has: {', '.join(atlas.label_columns)}.")
+        raise ValueError(f"Unknown label column {shown(column)}; this entry has: {', '.join(atlas.label_columns)}.")
     rows = atlas.search(name.strip(), column=column, limit=max(1, min(int(limit), 500)))
     dense = atlas.dense_mask
     for row in rows:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from revelio_hub.app.analysis import Analysis, _top_images, model_recipe, resolve_entry
 from revelio_hub.app.state import AppState, LoadedRelease, image_digest
-from revelio_hub.app.validation import ImageLimits, read_image
+from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -80,7 +80,9 @@ def _target(value: Any) -> Optional[str]:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str):
-        raise ValueError(f"The class to explain must be a class name (or empty for the top class), got {value!r}.")
+        raise ValueError(f"The class to explain must be a class name (or empty for the top class), got {shown(value)}.")
+    if len(value) > MAX_TEXT_CHARS:  # messages quote it: a 100 KB "class name" must not come back whole
+        raise ValueError(f"The class to explain is too long ({MAX_TEXT_CHARS} characters at most).")
     return value.strip()
 
 
@@ -103,7 +105,7 @@ def attribute_image(
     rel, layer, t = resolve_entry(state, release, layer, timestep)
     entry = _diffc_entry(rel, layer, t)
     target = _target(target)
-    img = read_image(image, limits)
+    img = state.decoded.read(image, limits)
     digest = image_digest(img)
     maps = state.feature_maps(img, rel, t, model_recipe(entry.diffc), digest=digest)
     return _attribute(rel, entry, layer, t, maps[layer], digest, target, top)
@@ -274,7 +276,7 @@ def compare_images(
     maps = []
     for what, value in (("first", image), ("second", other)):
         try:
-            img = read_image(value, limits)
+            img = state.decoded.read(value, limits)
         except ValueError as exc:
             raise ValueError(f"The {what} image: {exc}" if what == "second" else str(exc)) from None
         maps.append(state.feature_maps(img, rel, t, recipe)[layer])

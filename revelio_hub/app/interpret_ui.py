@@ -46,7 +46,7 @@ class InterpretEvents:
         self.events = events
 
     def _served(self, image: Any) -> Any:
-        """Every file input passes the same gate as ``/analyze_json``: Gradio uploads (or the release's examples) only."""
+        """Every file input passes the same gate as ``/analyze_json``: files in Gradio's upload folder only."""
         return self.events.served_image(image)
 
     # ------------------------------------------------------------ Why this class?

@@ -16,12 +16,27 @@ code; everything else about the session is Gradio's. :func:`use_lean_sessions` s
 ``StateHolder`` to create such sessions. If a Gradio version builds sessions
 differently, the check in :func:`lean_sessions_supported` fails and Gradio's
 own sessions are used, unchanged.
+
+**Sessions of scripts are not kept.** A session is also where Gradio keeps
+a call's ``gr.State`` values (the Analyze tab's result, with its images),
+and it keeps up to 10,000 sessions: 2,000 scripted calls mixing every
+endpoint grew the server by 371.7 MB before this, 30.0 MB after
+(``bench_app.py --soak``, ``docs/benchmarks.md``, issue 22). A browser tab holds a heartbeat connection
+(``GET /gradio_api/heartbeat/<session>``) for as long as it is open; a script
+never opens one. :class:`HeartbeatMarker` (ASGI middleware) tells the session
+store which sessions have an open heartbeat, and :class:`LeanStateHolder`
+keeps every other session only among the last :data:`UNCONFIRMED_SESSIONS`:
+enough for a script that chains a few calls in one session, and for a page
+whose first event reaches the server before its heartbeat does. A tab that
+closes its heartbeat joins them, so its state goes soon after it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Iterator
+import re
+from collections import OrderedDict
+from typing import Any, Awaitable, Callable, Iterable, Iterator, MutableMapping
 
 from gradio.state_holder import SessionState, StateHolder
 
@@ -138,13 +153,112 @@ class LeanSessionState(SessionState):
         )
 
 
+#: Sessions without an open browser heartbeat (API scripts) kept at once; older ones are dropped with their state.
+UNCONFIRMED_SESSIONS = 32
+
+
 class LeanStateHolder(StateHolder):
-    """Gradio's ``StateHolder`` creating :class:`LeanSessionState` sessions."""
+    """Gradio's ``StateHolder`` creating :class:`LeanSessionState` sessions, and keeping only a few of the
+    sessions that no open browser tab holds (:data:`UNCONFIRMED_SESSIONS`, oldest dropped first)."""
+
+    #: How many sessions without an open heartbeat are kept (an instance may set its own).
+    unconfirmed_limit: int = UNCONFIRMED_SESSIONS
+
+    def _bookkeeping(self) -> None:
+        if "_unconfirmed" not in vars(self):  # the instance was switched to this class after it was made
+            self._unconfirmed: "OrderedDict[str, None]" = OrderedDict()
+            self._browser: set[str] = set()
 
     def __getitem__(self, session_id: str) -> SessionState:
-        if session_id not in self.session_data:
-            self.session_data[session_id] = LeanSessionState(self.blocks)
+        self._bookkeeping()
+        with self.lock:
+            if session_id not in self.session_data:
+                self.session_data[session_id] = LeanSessionState(self.blocks)
+                if session_id not in self._browser:
+                    self._remember(session_id)
         return super().__getitem__(session_id)
+
+    def _remember(self, session_id: str) -> None:
+        """Count ``session_id`` among the unconfirmed sessions; drop the oldest beyond the limit (lock held)."""
+        self._unconfirmed[session_id] = None
+        self._unconfirmed.move_to_end(session_id)
+        while len(self._unconfirmed) > self.unconfirmed_limit:
+            old, _ = self._unconfirmed.popitem(last=False)
+            self.session_data.pop(old, None)
+            self.time_last_used.pop(old, None)
+            self._forget_queue_entries(old)
+
+    def _forget_queue_entries(self, session_id: str) -> None:
+        """Drop what Gradio's queue keeps per session once none of its events is pending.
+
+        Gradio 6.31 keeps, for every session that ever sent an event, its set
+        of pending event ids (never removed once empty) and its message queue
+        (the last 2,000): one of each per scripted call, for ever.
+        """
+        queue = getattr(getattr(self, "blocks", None), "_queue", None)
+        pending = getattr(queue, "pending_event_ids_session", None)
+        messages = getattr(queue, "pending_messages_per_session", None)
+        if not isinstance(pending, dict) or pending.get(session_id):  # an event of it still waits or runs
+            return
+        pending.pop(session_id, None)
+        if isinstance(messages, dict):
+            messages.pop(session_id, None)
+
+    def heartbeat_opened(self, session_id: str) -> None:
+        """A browser tab holds ``session_id`` open: keep it as Gradio would."""
+        self._bookkeeping()
+        with self.lock:
+            self._browser.add(session_id)
+            self._unconfirmed.pop(session_id, None)
+
+    def heartbeat_closed(self, session_id: str) -> None:
+        """The tab went away: its session is kept like a script's, so it goes once newer ones push it out."""
+        self._bookkeeping()
+        with self.lock:
+            self._browser.discard(session_id)
+            if session_id in self.session_data:
+                self._remember(session_id)
+
+    @property
+    def browser_sessions(self) -> frozenset:
+        """Sessions whose browser tab holds a heartbeat open now."""
+        self._bookkeeping()
+        return frozenset(self._browser)
+
+    @property
+    def unconfirmed(self) -> int:
+        """How many sessions without an open heartbeat are kept now."""
+        self._bookkeeping()
+        return len(self._unconfirmed)
+
+
+_HEARTBEAT = re.compile(r"/heartbeat/([^/]+)/?$")
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+class HeartbeatMarker:
+    """ASGI middleware: tells the app's session store when a browser opens and closes its heartbeat.
+
+    Added with ``launch(app_kwargs={"middleware": [Middleware(HeartbeatMarker)]})``; the store is the
+    serving app's own (``scope["app"].state_holder``), so two apps in one process never share one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        match = _HEARTBEAT.search(scope.get("path", "")) if scope.get("type") == "http" else None
+        holder = getattr(scope.get("app"), "state_holder", None) if match else None
+        if not isinstance(holder, LeanStateHolder):
+            await self.app(scope, receive, send)
+            return
+        session_id = match.group(1)
+        holder.heartbeat_opened(session_id)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            holder.heartbeat_closed(session_id)
 
 
 def lean_sessions_supported(blocks: Any) -> bool:
@@ -169,4 +283,12 @@ def use_lean_sessions(holder: StateHolder) -> StateHolder:
     return holder
 
 
-__all__ = ["LazyConfigs", "LeanSessionState", "LeanStateHolder", "lean_sessions_supported", "use_lean_sessions"]
+__all__ = [
+    "HeartbeatMarker",
+    "LazyConfigs",
+    "LeanSessionState",
+    "LeanStateHolder",
+    "UNCONFIRMED_SESSIONS",
+    "lean_sessions_supported",
+    "use_lean_sessions",
+]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence
 
+from revelio_hub.app.decoded_images import DecodedImages
 from revelio_hub.app.gpu import GPU_DURATION_S, call_device, gpu_task, load_device
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the app must answer within seconds of starting
@@ -411,6 +412,8 @@ class AppState:
         self.features = FeatureCache(config.feature_cache_size)
         # Reconstruction errors a backbone worker computed with a pass, under the same keys as the maps.
         self.errors = FeatureCache(config.feature_cache_size)
+        # Uploads decoded once: naming one upload again costs a hash of its bytes (decoded_images.py).
+        self.decoded = DecodedImages()
         self.backbone_calls = 0  # backbone passes run (cache misses), for tests and the benchmark
         self._move_lock = threading.Lock()
         self._calls_lock = threading.Lock()
@@ -472,15 +475,6 @@ class AppState:
             f"Unknown release {shown}; this app serves: {', '.join(self.release_names)} "
             "(or pass \"\" for the default)."
         )
-
-    def allowed_paths(self) -> list[str]:
-        """Local folders of the releases: Gradio may serve atlas thumbnails and examples from them only."""
-        paths = []
-        for rel in self.releases.values():
-            root = rel.local_dir
-            if root is not None:
-                paths.append(str(root))
-        return paths
 
     # ----------------------------------------------------------------- compute
 

@@ -3,8 +3,9 @@
 Every event function here is a thin shell: it unpacks component values, calls
 :mod:`revelio_hub.app.analysis`, and turns a ``ValueError`` into ``gr.Error``
 (a plain message in the UI and for ``gradio_client``; never a stack trace).
-Unexpected exceptions are logged with their traceback on the server and
-reported to the user as one sentence.
+Unexpected exceptions are logged as one line on the server (the traceback
+at DEBUG level: it may quote what a client sent) and reported to the user as
+one sentence.
 
 API (for ``gradio_client``):
 
@@ -24,8 +25,9 @@ Page links (``?release=&layer=&t=&neuron=`` or ``&example=``) open a neuron or a
 analysed example: :mod:`revelio_hub.app.deep_links`.
 
 The endpoints are public: anyone can post to them. So every file input goes
-through :func:`~revelio_hub.app.validation.served_upload` (only files that
-came in through Gradio's upload, or the release's examples), Gradio's own
+through :func:`~revelio_hub.app.validation.served_upload` (only files in
+Gradio's upload folder: uploads, and the copies of the examples the page
+shows), release folders are never served (:mod:`revelio_hub.app.shown_files`), Gradio's own
 refusals of file payloads are answered with the same sentence
 (:class:`ServedBlocks`), messages are HTML-escaped (Gradio renders them as
 HTML), and users see release *names*, never server paths.
@@ -41,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 from gradio import FileData
+from starlette.middleware import Middleware
 
 from revelio_hub.app import analysis as A
 from revelio_hub.app import deep_links as DL
@@ -48,9 +51,17 @@ from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.api_surface import IntDropdown, json_endpoint
 from revelio_hub.app.mcp_tools import file_route_urls_as_paths, ui_only, wire_tools
 from revelio_hub.app.state import AppState, LoadedRelease
-from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
+from revelio_hub.app.sessions import HeartbeatMarker, lean_sessions_supported, use_lean_sessions
+from revelio_hub.app.shown_files import blocked_release_dirs, shown_copy, shown_examples
 from revelio_hub.app.temp_files import cleanup_lifespan
-from revelio_hub.app.validation import UPLOAD_REFUSED, Upload, served_upload, upload_roots, whole_number
+from revelio_hub.app.validation import (
+    UPLOAD_REFUSED,
+    Upload,
+    served_upload,
+    unusable_path,
+    upload_roots,
+    whole_number,
+)
 from revelio_hub.app.workers import WorkerDied
 from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
@@ -91,11 +102,14 @@ def user_errors(action: str) -> Iterator[None]:
         raise
     except (ValueError, WorkerDied) as exc:
         raise gr.Error(html.escape(str(exc), quote=False), print_exception=False) from None
-    except Exception as exc:  # the log keeps the traceback; the user gets a sentence
-        logger.exception("Unexpected error while %s", action)
+    except Exception as exc:  # the user gets a sentence; the log its kind, the traceback at DEBUG level
+        # An exception's message and traceback may quote what a client sent (a path, a huge string), so the
+        # default log level gets one line; an operator chasing a bug turns on DEBUG for the traceback.
+        logger.error("Unexpected %s while %s (traceback at DEBUG level)", type(exc).__name__, action)
+        logger.debug("Traceback of the unexpected error while %s", action, exc_info=True)
         raise gr.Error(
             f"Something went wrong while {action} ({type(exc).__name__}). "
-            "Try another image or setting; the server log has the details.",
+            "Try another image or setting; the server log names the error.",
             print_exception=False,
         ) from None
 
@@ -136,11 +150,14 @@ def launch_kwargs(state: AppState) -> dict[str, Any]:
     return {
         "theme": theme(),
         "css": CSS,
-        "allowed_paths": state.allowed_paths(),
+        # Release folders are never served; the images the page shows are copied out (see shown_files).
+        "blocked_paths": blocked_release_dirs(state),
         "max_file_size": "25mb",
         "show_error": False,
         # Uploads and heat maps deleted once old (Gradio's delete_cache dies under concurrency: see temp_files).
-        "app_kwargs": {"lifespan": cleanup_lifespan(state.config.delete_cache)},
+        "app_kwargs": {"lifespan": cleanup_lifespan(state.config.delete_cache),
+                       # Sessions of API scripts are not kept (only browser tabs hold a heartbeat): sessions.py.
+                       "middleware": [Middleware(HeartbeatMarker)]},
     }
 
 
@@ -150,14 +167,15 @@ def _is_file_payload(value: Any) -> bool:
     )
 
 
-def _has_remote_file(value: Any) -> bool:
-    """Does any tagged file payload in ``value`` name a URL (which Gradio would fetch on the server)?"""
+def _has_unusable_file(value: Any) -> bool:
+    """Does any tagged file payload in ``value`` name a URL (which Gradio would fetch on the server), or a path
+    with a NUL byte or longer than any real one (Gradio's own checks fail on those with a traceback)?"""
     if _is_file_payload(value):
-        return "://" in value["path"]
+        return unusable_path(value["path"])
     if isinstance(value, dict):
-        return any(_has_remote_file(v) for v in value.values())
+        return any(_has_unusable_file(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_has_remote_file(v) for v in value)
+        return any(_has_unusable_file(v) for v in value)
     return False
 
 
@@ -170,9 +188,10 @@ class ServedBlocks(gr.Blocks):
     making it absolute, which reveals the server's working directory. This
     turns them into :data:`~revelio_hub.app.validation.UPLOAD_REFUSED`, the
     sentence :func:`~revelio_hub.app.validation.served_upload` gives for
-    every other refused value, and refuses URLs before Gradio downloads them (a
-    URL of the app's own file route is read as the upload it names:
-    :func:`~revelio_hub.app.mcp_tools.file_route_urls_as_paths`).
+    every other refused value, and refuses URLs (before Gradio downloads them), NUL bytes and
+    over-long paths (on which Gradio's checks fail with a traceback echoing the request); a URL
+    of the app's own file route is read as the upload it names
+    (:func:`~revelio_hub.app.mcp_tools.file_route_urls_as_paths`).
 
     It also makes the app's sessions lean (:mod:`revelio_hub.app.sessions`).
     """
@@ -200,7 +219,7 @@ class ServedBlocks(gr.Blocks):
         from gradio.exceptions import InvalidPathError
 
         inputs = file_route_urls_as_paths(inputs)  # an MCP agent's "<app>/gradio_api/file=<upload>": that upload
-        if _has_remote_file(inputs):
+        if _has_unusable_file(inputs):
             raise gr.Error(UPLOAD_REFUSED, print_exception=False)
         try:
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
@@ -244,8 +263,6 @@ def card_markdown(rel: LoadedRelease) -> str:
     ``/file=`` link carries the absolute path, and the release folder's path
     must not reach users.
     """
-    from gradio.processing_utils import save_file_to_cache
-
     text = about_links(rel) + "\n\n" + (rel.card or "_This release has no card._")
     root = rel.local_dir
     if root is None:
@@ -255,7 +272,7 @@ def card_markdown(rel: LoadedRelease) -> str:
         file = (root / match.group(2)).resolve()
         if not file.is_file() or root not in file.parents:
             return match.group(0)
-        cached = save_file_to_cache(file, cache_dir=upload_roots()[0])
+        cached = shown_copy(file)
         return f"{match.group(1)}gradio_api/file={cached}{match.group(3)}"
 
     return _IMAGE_LINK.sub(serve, text)
@@ -337,8 +354,7 @@ class Events:
     def served_image(self, value: Any) -> Upload:
         """The uploaded file an endpoint received, or ``ValueError`` (see :func:`served_upload`)."""
         roots = self._upload_roots if self._upload_roots is not None else upload_roots()
-        examples = [path for rel in self.state.releases.values() for path, _ in rel.examples]
-        return served_upload(value, roots, examples)
+        return served_upload(value, roots)
 
     # ---------------------------------------------------------------- Analyze
 
@@ -437,7 +453,7 @@ class Events:
             index = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else evt.index
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(examples):
                 raise ValueError("Could not load that example; upload an image instead.")
-            return examples[index][0]
+            return shown_copy(examples[index][0])
 
     def change_layer(self, release, layer):
         """Offer the timesteps the release has for the chosen layer."""
@@ -450,7 +466,7 @@ class Events:
             rel = self.state.get_release(release)
             layer_u, t_u = _entry_updates(rel)
             layer_b, t_b = _entry_updates(rel)
-            return (layer_u, t_u, rel.examples, card_markdown(rel), layer_b, t_b, *self.clear_results())
+            return (layer_u, t_u, shown_examples(rel.examples), card_markdown(rel), layer_b, t_b, *self.clear_results())
 
     # --------------------------------------------------------- Neuron browser
 
@@ -574,7 +590,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                                                  elem_id="show-dense")
                         analysis_copy = DL.copy_link_row("Copy link to this analysis", "analysis-link")
                         examples = gr.Gallery(
-                            rel0.examples, label="Examples (click one to load it)", columns=5, height=150,
+                            shown_examples(rel0.examples), label="Examples (click one to load it)", columns=5, height=150,
                             allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
                         )
                         gr.Markdown(HELP, elem_classes=["revelio-help"])

@@ -9,8 +9,8 @@ Two kinds of caller reach :func:`read_image`:
   that JSON would let a client make the server open any file on its disk, so
   the endpoints first pass the value through :func:`served_upload`, which
   accepts only a tagged ``gradio.FileData`` whose file lies (symlinks and
-  ``..`` resolved) inside Gradio's upload folder, or one of the release's own
-  example files, and returns an :class:`Upload`. Every refusal there reads
+  ``..`` resolved) inside Gradio's upload folder (uploads, and the copies of
+  the example images the page shows), and returns an :class:`Upload`. Every refusal there reads
   :data:`UPLOAD_REFUSED`, whether or not the path exists, so the answer tells
   a client nothing about the server's files. Messages about an upload name it
   by the name the user gave it, never by its server path.
@@ -59,6 +59,8 @@ class ImageLimits:
 #: The one answer to every served file value that is not a real upload (same text whether or not the path exists).
 UPLOAD_REFUSED = "The image upload did not arrive; upload the file again."
 NO_IMAGE = "No image given: upload an image (PNG, JPEG, WebP, ...) or pick an example."
+#: Longest path a served file value may name (Linux's PATH_MAX); longer ones are refused before any file lookup.
+MAX_PATH_CHARS = 4096
 #: The tag Gradio puts on file payloads (``gradio_client.handle_file``, the browser's uploads).
 FILEDATA_TAG = "gradio.FileData"
 _MAX_SHOWN = 60
@@ -80,6 +82,10 @@ def shown(value: Any, limit: int = _MAX_SHOWN) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+#: Free-text inputs (a searched label value, a class to explain) longer than this are refused before any
+#: lookup: messages quote them, and a 100 KB "class name" must not come back whole.
+MAX_TEXT_CHARS = 200
 
 _WHOLE = re.compile(r"\s*[+-]?\d{1,12}\s*")
 #: Larger numbers are refused before any lookup (no timestep, neuron id or count is near this).
@@ -107,6 +113,11 @@ def whole_number(value: Any, what: str) -> int:
     return number
 
 
+def unusable_path(path: str) -> bool:
+    """A path no upload has: a URL (Gradio would fetch it), a NUL byte, or more than :data:`MAX_PATH_CHARS`."""
+    return "://" in path or "\x00" in path or len(path) > MAX_PATH_CHARS
+
+
 def upload_roots() -> list[str]:
     """Folders a served upload may live in: Gradio's upload cache (``$GRADIO_TEMP_DIR`` or ``<tmp>/gradio``)."""
     from gradio.utils import get_upload_folder
@@ -125,7 +136,8 @@ def served_upload(
     ``meta._type == "gradio.FileData"``) whose ``path``, with symlinks and
     ``..`` resolved, is an existing file inside one of ``allowed_roots``
     (Gradio's upload folder: :func:`upload_roots`) or is one of
-    ``allowed_files`` (the release's example images). Everything else (a plain
+    ``allowed_files`` (the app passes none: its example images are served from
+    copies in the upload folder). Everything else (a plain
     path string, an untagged dict, a URL, a file elsewhere, a missing file)
     raises ``ValueError(UPLOAD_REFUSED)``: one text, so the answer does not
     reveal which server paths exist. ``None`` raises the "no image" message.
@@ -145,8 +157,7 @@ def served_upload(
         or meta.get("_type") != FILEDATA_TAG
         or not isinstance(path, str)
         or not path
-        or "://" in path
-        or "\x00" in path
+        or unusable_path(path)
     ):
         raise ValueError(UPLOAD_REFUSED)
     real = os.path.realpath(path)
@@ -235,12 +246,15 @@ def read_image(value: Any, limits: ImageLimits = ImageLimits()) -> Image.Image:
 
 __all__ = [
     "ImageLimits",
+    "MAX_PATH_CHARS",
+    "MAX_TEXT_CHARS",
     "NO_IMAGE",
     "UPLOAD_REFUSED",
     "Upload",
     "read_image",
     "served_upload",
     "shown",
+    "unusable_path",
     "upload_roots",
     "whole_number",
 ]
