@@ -26,6 +26,7 @@ import gradio as gr
 
 from revelio_hub.app import analysis as A
 from revelio_hub.app.state import AppState, LoadedRelease
+from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import whole_number
 
 #: The query keys a link may carry, in the order links are written.
@@ -153,7 +154,7 @@ class LinkEvents:
         layers = [gr.update(choices=rel.layers, value=link.layer) for _ in range(2)]
         neuron = link.neuron if link.neuron is not None else 0
         browser = self.events.browser_entry(rel.name, link.layer, link.timestep, by, None, neuron)
-        image = rel.examples[link.example][0] if link.example is not None else gr.update()
+        image = shown_copy(rel.examples[link.example][0]) if link.example is not None else gr.update()
         tab = gr.Tabs(selected="analyze" if link.example is not None or link.neuron is None else "browser")
         return (tab, gr.update(value=rel.name), layers[0], timesteps[0], examples, card, layers[1], timesteps[1], neuron,
                 *browser, image, link, gr.update(value="", visible=False))
