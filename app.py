@@ -57,7 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
+    # One INFO line per HTTP request is noise: huggingface_hub's client (httpx2) checks every file of a
+    # Hub release at start-up (thousands of HEAD requests for an atlas's thumbnails), gradio's (httpx) too.
+    for http_logger in ("httpx", "httpx2"):
+        logging.getLogger(http_logger).setLevel(logging.WARNING)
 
     from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
     from revelio_hub.app.ui import build_ui, launch_kwargs
