@@ -39,6 +39,7 @@ from gradio import FileData
 
 from revelio_hub.app import analysis as A
 from revelio_hub.app import interpret_ui as IU
+from revelio_hub.app.phone import PHONE_HEAD, scroll_to_results
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.temp_files import cleanup_lifespan
@@ -128,6 +129,7 @@ def launch_kwargs(state: AppState) -> dict[str, Any]:
     return {
         "theme": theme(),
         "css": CSS,
+        "head": PHONE_HEAD,
         "allowed_paths": state.allowed_paths(),
         "max_file_size": "25mb",
         "show_error": False,
@@ -358,7 +360,8 @@ class Events:
             return (result.predictions, rows, gr.update(choices=[], value=None), why, [], result.image, result)
         top = shown[0].id
         gal, overlay, text = A.neuron_view(self.state, result, top)
-        choices = [(f"{n.id} · {n.summary}" if n.summary else str(n.id), n.id) for n in shown]
+        # "217 · stripes (background)": the summary's first part fits a phone's dropdown; the caption has the rest
+        choices = [(f"{n.id} · {n.summary.split(' · ')[0]}" if n.summary else str(n.id), n.id) for n in shown]
         return result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result
 
     def apply_dense_choice(self, result, show_dense):
@@ -525,7 +528,9 @@ def build_ui(state: AppState) -> gr.Blocks:
             )
         analysis_state = gr.State(None)
 
-        with gr.Tabs() as tabs:
+        # "wrap": every tab stays in the bar (two lines on a phone) instead of Gradio's measured "..." menu,
+        # whose re-measuring once showed "About" twice.
+        with gr.Tabs(overflow_behavior="wrap") as tabs:
             with gr.Tab("Analyze", id="analyze"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=300):
@@ -560,7 +565,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                             max_height=260, column_widths=["88px", "104px", "92px", "auto"], elem_id="neurons",
                             elem_classes=["revelio-table"],
                         )
-                        with gr.Row(equal_height=True):
+                        with gr.Row(equal_height=True, elem_id="neuron-pick"):
                             neuron_dd = gr.Dropdown([], label="Selected neuron", scale=1, min_width=160,
                                                     elem_id="neuron-select")
                             caption = gr.Markdown("", label="About the selected neuron", elem_classes=["revelio-caption"],
@@ -621,6 +626,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             ev.analyze, analyze_in, results, api_name="analyze", preprocess=False, show_progress="full", **backbone,
         )
         analyzed.failure(ev.clear_results, None, results, **private)
+        scroll_to_results(analyzed)  # on a phone the results lie a screen below the button
         # /analyze keeps its four inputs (API callers); a ticked "show dense" box is applied right after
         analyzed.then(ev.apply_dense_choice, [analysis_state, show_dense], neuron_outputs, **private)
         show_dense.input(ev.toggle_dense, [analysis_state, show_dense], neuron_outputs, **private)
