@@ -341,3 +341,40 @@ def test_offline_preview_of_a_local_release_serves_analyze_json_with_only_its_re
         log.close()
     logged = (tmp_path / "app.log").read_text()
     assert "HTTP Request" not in logged and "Traceback" not in logged, logged[-2000:]
+
+
+def test_app_log_has_no_line_per_hub_request(hub, tmp_path):
+    """Serving a Hub release, app.py logs its start-up, not one INFO line per HTTP request huggingface_hub makes."""
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo(RELEASE_ID)
+    HfApi().upload_folder(repo_id=RELEASE_ID, folder_path=app_release_path(),
+                          allow_patterns=["release.json", "README.md", "examples/*", "figures/*"])
+    before = len(hub.requests)
+    env = dict(os.environ)  # the fixture's endpoint and token
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=str(REPO),
+               GRADIO_ANALYTICS_ENABLED="False")
+    port = _free_port()
+    log = open(tmp_path / "app.log", "w+")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--release", RELEASE_ID, "--port", str(port),
+                             "--no-warmup", "--workers", "0"], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "app.log").read_text()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    assert len(hub.requests) - before >= 3  # the release's files came from the Hub, one request each or more
+    logged = (tmp_path / "app.log").read_text()
+    assert "HTTP Request" not in logged, logged[-2000:]
