@@ -52,7 +52,12 @@ PHONE_CSS = f"""
   [data-testid=block-label] {{ position: relative !important; white-space: normal !important; height: auto !important;
                               max-width: calc(100% - 140px); margin-bottom: 6px; }}
   .caption-label {{ white-space: normal !important; overflow: visible !important; text-overflow: clip !important;
-                    max-width: 100% !important; }}
+                    max-width: 100% !important; position: static !important; transform: none !important;
+                    margin: 4px !important; }}
+  /* A captioned gallery tile: the picture, then its caption below it (not written over the picture). */
+  .thumbnail-item:has(.caption-label) {{ aspect-ratio: auto !important; height: auto !important;
+                                         display: flex !important; flex-direction: column; }}
+  .thumbnail-item:has(.caption-label) > img {{ aspect-ratio: 1 / 1; width: 100% !important; height: auto !important; }}
   /* The selected neuron and its description stack: the dropdown gets the whole width. */
   #neuron-pick {{ flex-direction: column !important; }}
   #neuron-pick > * {{ min-width: 100% !important; }}
