@@ -279,10 +279,14 @@ def test_repo_requirements_install_before_the_code_and_cover_every_import():
     assert requirement_names("\n".join(declared)) == names  # one dependency list, written twice, in step
 
 
-def test_offline_preview_of_a_local_release_serves_analyze_json_with_only_its_requirements(tmp_path):
+def test_offline_preview_of_a_local_release_serves_analyze_json_with_only_its_requirements(tmp_path, capsys):
     """``--dry-run`` from a local release folder: no Hub, a marked preview, a folder that runs on its own."""
     out_dir = tmp_path / "preview"
     release = Path(app_release_path())
+    # Publishing still needs a Hub release; the one-line refusal points at the preview.
+    assert make_space.main(["--release", str(release), "--space", SPACE_ID]) == 2
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert len(refused) == 1 and "push it first" in refused[0] and "--dry-run" in refused[0]
     offline = {k: v for k, v in os.environ.items() if k not in ("HF_ENDPOINT", "HF_TOKEN")}
     offline.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"),
                    PYTHONPATH=str(REPO))  # no Hub to reach, no token, no cache
