@@ -14,7 +14,7 @@ import re
 import sys
 from typing import Any, NoReturn
 
-__all__ = ["HelpFormatter", "add_hidden_alias", "plain_text", "usage_error"]
+__all__ = ["HelpFormatter", "add_hidden_alias", "plain_text", "error_line", "usage_error"]
 
 #: ``:mod:`x```, ``:func:`~a.b```, ``:class:`X```... (Sphinx roles) and ````literal```` (reST literals).
 _ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`")
@@ -79,12 +79,18 @@ def add_hidden_alias(parser: Any, old: str, dest: str, **_ignored: Any) -> None:
     parser._option_string_actions[old] = target
 
 
-def usage_error(prog: str, message: Any) -> NoReturn:
-    """Print ``<prog>: error: <first line of message>`` to stderr and exit with status 2 (argparse's convention).
+def error_line(prog: str, message: Any) -> int:
+    """Print ``<prog>: error: <first line of message>`` to stderr; returns 2, the exit status (argparse's convention).
 
     For mistakes a user fixes (a missing store, a bad flag combination): a
-    traceback around the one useful sentence only hides it.
+    traceback around the one useful sentence only hides it. ``main()``
+    functions ``return error_line(...)``; deeper code calls :func:`usage_error`.
     """
     first = str(message).strip().splitlines()[0] if str(message).strip() else "invalid arguments"
     print(f"{prog}: error: {first}", file=sys.stderr)
-    raise SystemExit(2)
+    return 2
+
+
+def usage_error(prog: str, message: Any) -> NoReturn:
+    """:func:`error_line`, then exit with status 2."""
+    raise SystemExit(error_line(prog, message))

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from revelio_hub.cli import HelpFormatter, add_hidden_alias, usage_error
+from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line, usage_error
 from revelio_hub.layer_names import canonical_layer
 
 EPILOG = """\
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['layer']:>12s}  t={r['timestep']:<4d}  {metric} {r.get(metric, float('nan')):.3f}")
             print(f"wrote {a.out}/sweep.json, sweep.csv and sweep.png")
     except (ValueError, FileNotFoundError) as err:
-        usage_error(f"train_diffc.py {a.command}", err)
+        return error_line(f"train_diffc.py {a.command}", err)
     return 0
 
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from revelio_hub.cli import HelpFormatter, add_hidden_alias, usage_error
+from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line
 from revelio_hub.layer_names import canonical_layer
 
 EPILOG = """\
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                            accelerator=acc, resume=not args.no_resume, overwrite=args.overwrite,
                            progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:  # the user's to fix: one line, no traceback
-        usage_error("train_ksae.py", exc)
+        return error_line("train_ksae.py", exc)
     if acc.is_main_process:
         print(json.dumps(result.eval, indent=2))
     finish(acc)
