@@ -19,14 +19,14 @@ ENV HOME=/home/user \
     GRADIO_TEMP_DIR=/home/user/.cache/gradio
 WORKDIR $HOME/app
 
-# Dependencies first, so code edits do not reinstall torch. requirements.txt ends with "-e ."
-# (the project itself), which needs the package sources: copy just enough to resolve it.
-COPY --chown=user pyproject.toml requirements.txt README.md ./
-COPY --chown=user revelio_hub ./revelio_hub
-# The README's install command. torch is pinned there; the CPU wheel index keeps the image small
-# (build with --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 for a GPU Space).
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN PIP_EXTRA_INDEX_URL=$TORCH_INDEX_URL pip install --user -r requirements.txt
+# Dependencies first, so code edits do not reinstall torch. requirements.txt is complete on its own
+# (no "-e ."), as on a Gradio Space; app.py imports revelio_hub from the working directory.
+COPY --chown=user requirements.txt ./
+# The README's install command; requirements.txt names torch's CPU wheel index, which keeps the image
+# small. For a GPU image install a CUDA build of the pinned torch first, e.g.
+#   --build-arg TORCH_FIRST="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+ARG TORCH_FIRST=""
+RUN if [ -n "$TORCH_FIRST" ]; then pip install --user $TORCH_FIRST; fi && pip install --user -r requirements.txt
 
 COPY --chown=user . .
 

@@ -63,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
+    # One INFO line per HTTP request is noise: huggingface_hub's client (httpx2) checks every file of a
+    # Hub release at start-up (thousands of HEAD requests for an atlas's thumbnails), gradio's (httpx) too.
+    for http_logger in ("httpx", "httpx2"):
+        logging.getLogger(http_logger).setLevel(logging.WARNING)
 
     from revelio_hub.app.mcp_tools import mcp_requested, mcp_unavailable
     from revelio_hub.app.run_folder import GracefulStop, claim_run_folder

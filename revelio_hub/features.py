@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .layer_names import canonical_layer
 from .recipe import FeatureRecipe
 
 logger = logging.getLogger(__name__)
@@ -477,7 +478,7 @@ def extract_to_store(
         raise ValueError(f"views must be >= 1, got {views}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    layers = _unique(layers)
+    layers = _unique(canonical_layer(layer) for layer in layers)
     timesteps = _unique(int(t) for t in timesteps)
     if not layers or not timesteps:
         raise ValueError("Give at least one layer and one timestep")
@@ -688,14 +689,14 @@ class FeatureStore:
 
     def recipe(self, layer: str, t: int, granularity: str = "pooled") -> FeatureRecipe:
         """The :class:`FeatureRecipe` of one entry (what SAE/Diff-C configs record)."""
-        self._check_entry(layer, t)
+        layer = self._check_entry(layer, t)
         data = dict(self.summary["recipe"])
         data.update(layer=layer, timestep=int(t), d_in=int(self.summary["channels"][layer]), granularity=granularity)
         return FeatureRecipe.from_dict(data)
 
     def shard_paths(self, layer: str, t: int) -> list[Path]:
         """Committed chunk files of one entry (temporary files ignored)."""
-        self._check_entry(layer, t)
+        layer = self._check_entry(layer, t)
         directory = entry_dir(self.path, layer, t)
         if not directory.is_dir():
             return []
@@ -721,7 +722,7 @@ class FeatureStore:
         """
         from safetensors import safe_open
 
-        self._check_entry(layer, t)
+        layer = self._check_entry(layer, t)
         if kind not in ("pooled", "spatial"):
             raise ValueError(f"kind must be 'pooled' or 'spatial', got {kind!r}")
         if kind == "spatial" and not self.has_spatial:
@@ -838,6 +839,9 @@ class FeatureStore:
             features=features,
         )
 
-    def _check_entry(self, layer: str, t: int) -> None:
+    def _check_entry(self, layer: str, t: int) -> str:
+        """The entry's canonical layer name (``mid_block`` -> ``bottleneck``); ``ValueError`` when it is absent."""
+        layer = canonical_layer(layer)
         if (layer, int(t)) not in self.entries:
             raise ValueError(f"No entry ({layer!r}, t={t}) in {self.path}; available: {self.entries}")
+        return layer

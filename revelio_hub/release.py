@@ -36,12 +36,14 @@ import torch
 
 from revelio_hub import __version__
 from revelio_hub.hub import download, is_local, push_folder
+from revelio_hub.layer_names import canonical_layer
 
 __all__ = [
     "Release",
     "ReleaseEntry",
     "EntrySource",
     "assemble_release",
+    "check_release_inputs",
     "default_examples",
     "push_release",
     "RELEASE_FILE",
@@ -286,6 +288,7 @@ class Release:
             timestep = int(timestep)
         except (TypeError, ValueError):
             raise ValueError(f"timestep must be an integer, got {timestep!r}") from None
+        layer = canonical_layer(layer)
         for item in self.config["entries"]:
             if str(item["layer"]) == layer and int(item["timestep"]) == timestep:
                 return item
@@ -305,6 +308,7 @@ class Release:
         from revelio_hub.sae.model import KSparseAutoencoder
 
         item = self._entry_config(layer, timestep)
+        layer = str(item["layer"])
         rel = item.get("path") or entry_path(layer, timestep)
         root = self._fetch([f"{rel}/**"])
         folder = root / rel
@@ -603,6 +607,31 @@ def _move_into_place(built: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _entry_sources(entries: Sequence[Union[EntrySource, dict]]) -> list[EntrySource]:
+    sources = [e if isinstance(e, EntrySource) else EntrySource.from_dict(e) for e in entries]
+    if not sources:
+        raise ValueError("a release needs at least one entry (an SAE, Diff-C or atlas folder)")
+    return sources
+
+
+def _check_embedded_backbone(embed_backbone: Optional[PathLike]) -> None:
+    if embed_backbone is not None and not (Path(embed_backbone) / "model_index.json").is_file():
+        raise ValueError(f"--embed-backbone {embed_backbone} is not a diffusers-layout folder (no model_index.json)")
+
+
+def check_release_inputs(out: PathLike, entries: Sequence[Union[EntrySource, dict]], *, overwrite: bool = False,
+                         embed_backbone: Optional[PathLike] = None) -> None:
+    """The local checks of :func:`assemble_release` alone: the target folder, every entry's folders, the backbone.
+
+    Reads local files only. ``make_release.py`` runs it before anything that may
+    touch the network (opening ``--dataset`` for default examples), so a
+    mistyped folder fails at once instead of after the Hub's retries.
+    """
+    _check_target(Path(out), overwrite)
+    _plan_entries(_entry_sources(entries))
+    _check_embedded_backbone(embed_backbone)
+
+
 def assemble_release(
     out: PathLike,
     entries: Sequence[Union[EntrySource, dict]],
@@ -644,10 +673,7 @@ def assemble_release(
 
     out = Path(out)
     _check_target(out, overwrite)
-    sources = [e if isinstance(e, EntrySource) else EntrySource.from_dict(e) for e in entries]
-    if not sources:
-        raise ValueError("a release needs at least one entry (an SAE, Diff-C or atlas folder)")
-    planned, recipes, class_names, atlas_dataset = _plan_entries(sources)
+    planned, recipes, class_names, atlas_dataset = _plan_entries(_entry_sources(entries))
     dataset = dataset or atlas_dataset
 
     backbones = sorted({str(r.get("backbone")) for r in recipes})
@@ -658,8 +684,7 @@ def assemble_release(
         backbone = backbones[0]
     elif recipes and backbones != [backbone]:
         raise ValueError(f"backbone={backbone!r} but the entries' recipes name {backbones}")
-    if embed_backbone is not None and not (Path(embed_backbone) / "model_index.json").is_file():
-        raise ValueError(f"--embed-backbone {embed_backbone} is not a diffusers-layout folder (no model_index.json)")
+    _check_embedded_backbone(embed_backbone)
     for given, what in ((base_model, "base_model (--base-model)"), (dataset_id, "dataset_id (--dataset-id)")):
         if given is not None and _hub_id(given) is None:
             raise ValueError(f"{what} must be a Hub repo id like 'owner/name', got {given!r}")

@@ -3,14 +3,19 @@
 A Space needs four things, and :func:`write_space_folder` writes exactly those:
 
 * ``app.py`` and the ``revelio_hub`` package (no tests, no caches): the app itself;
-* ``requirements.txt``: the package's dependencies, torch pinned to the version
-  this checkout runs, from the CPU wheel index on CPU hardware (a plain
-  ``torch`` requirement pulls a multi-GB CUDA build), and ``spaces`` on ZeroGPU;
+* ``requirements.txt``: every dependency the app imports, gradio pinned to the
+  front matter's ``sdk_version`` (so ``python app.py`` runs in the folder after
+  ``pip install -r requirements.txt``), torch pinned to the version this checkout
+  runs, from the CPU wheel index on CPU hardware (a plain ``torch`` requirement
+  pulls a multi-GB CUDA build), and ``spaces`` on ZeroGPU;
 * ``README.md``: the Space's front matter (Gradio SDK at the installed version,
   ``models: [release]`` so the Hub links the Space and the release).
 
-The release itself is *not* copied: the Space reads it from the Hub, named by
-the ``REVELIO_RELEASE`` Space variable. :func:`publish_space` checks the token
+A published Space does *not* hold the release: it reads it from the Hub, named
+by the ``REVELIO_RELEASE`` Space variable. A *preview* (``--dry-run`` of a local
+release folder) is built offline, before anything is pushed: it bundles a copy
+of the release under ``releases/<folder name>`` and says so in its README, so the
+folder runs on its own with ``python app.py``. :func:`publish_space` checks the token
 and the release before creating anything, then creates (or updates in place)
 the Space through ``huggingface_hub``'s API: ``create_repo``, Space variables,
 hardware, ``upload_folder`` with deletions of stale app files.
@@ -73,6 +78,8 @@ class SpaceSpec:
         space: ``owner/name`` of the Space (only needed to publish).
         private: create the Space private.
         title: display title (default: from the release name).
+        preview: a local preview (``--dry-run``): ``release`` may then be a
+            local release folder, which the folder bundles instead of naming a Hub repo.
     """
 
     release: str
@@ -80,19 +87,36 @@ class SpaceSpec:
     space: Optional[str] = None
     private: bool = False
     title: Optional[str] = None
+    preview: bool = False
 
     def __post_init__(self) -> None:
         choices = hardware_choices()
         if self.hardware not in choices:
             raise SpaceError(f"Unknown hardware {self.hardware!r}; choose one of: {', '.join(choices)}.")
-        if is_local(self.release):
+        if self.bundles_release and not self.preview:
             raise SpaceError(
-                f"--release {self.release!r} is a local folder, but a Space reads its release from the Hub: "
-                "push it first (python training/make_release.py ... --push you/name) and pass that id."
+                f"--release {self.release!r} is a local folder, but a published Space reads its release from the Hub: "
+                "push it first (python training/make_release.py ... --push you/name) and pass that id, "
+                "or preview the Space offline with --dry-run FOLDER."
             )
-        _check_repo_id(self.release, "--release")
+        if self.bundles_release and not (Path(self.release) / "release.json").is_file():
+            raise SpaceError(f"--release {self.release!r} is a folder without release.json, not a Revelio Hub release.")
+        if not self.bundles_release:
+            _check_repo_id(self.release, "--release")
         if self.space is not None:
             _check_repo_id(self.space, "--space")
+
+    @property
+    def bundles_release(self) -> bool:
+        """True when ``release`` is a local folder: the written folder then carries a copy of it."""
+        return is_local(self.release)
+
+    @property
+    def release_in_space(self) -> str:
+        """How the app in the written folder names the release: the Hub id, or the bundled copy's relative path."""
+        if self.bundles_release:
+            return f"releases/{Path(self.release).expanduser().resolve().name}"
+        return self.release
 
     @property
     def variables(self) -> dict[str, str]:
@@ -104,7 +128,7 @@ class SpaceSpec:
         """
         from revelio_hub.app.state import RELEASE_ENV
 
-        return {RELEASE_ENV: self.release, "REVELIO_DEVICE": "auto" if is_gpu(self.hardware) else "cpu"}
+        return {RELEASE_ENV: self.release_in_space, "REVELIO_DEVICE": "auto" if is_gpu(self.hardware) else "cpu"}
 
 
 def _check_repo_id(repo_id: str, flag: str) -> None:
@@ -167,13 +191,19 @@ def _requirement_name(line: str) -> str:
 def space_requirements(hardware: str) -> str:
     """``requirements.txt`` of the Space for ``hardware``.
 
-    gradio is left out: the Space installs the ``sdk_version`` of its front matter.
+    Complete on its own (no ``-e .``: a Space installs requirements before the
+    code is copied in; the package is importable because ``app.py`` sits next
+    to it). gradio is pinned to the front matter's ``sdk_version``, so the
+    folder also runs with plain ``python app.py`` after installing this file.
     """
+    import gradio
+
     lines = ["# Written by training/make_space.py for hardware " + hardware + "."]
     if not is_gpu(hardware):
         lines += ["# CPU hardware: torch's CPU build (a plain `torch` pulls multi-GB CUDA libraries).",
                   f"--extra-index-url {CPU_TORCH_INDEX}"]
     lines.append(f"torch=={_torch_version()}")
+    lines.append(f"gradio=={gradio.__version__}  # the sdk_version of README.md's front matter")
     if hardware == ZERO_GPU:
         lines.append("spaces  # ZeroGPU: the backbone pass holds a GPU through spaces.GPU")
     for req in _package_requirements():
@@ -185,24 +215,24 @@ def space_requirements(hardware: str) -> str:
 def space_card(spec: SpaceSpec, release: Any) -> str:
     """The Space's ``README.md``: front matter (built with ``huggingface_hub.SpaceCardData``) and a short body."""
     import gradio
-    from huggingface_hub import SpaceCard, SpaceCardData, constants
+    from huggingface_hub import SpaceCard, SpaceCardData
 
-    name = str(getattr(release, "name", "") or spec.release.split("/")[-1])
-    models = [spec.release]
+    name = str(getattr(release, "name", "") or spec.release_in_space.split("/")[-1])
+    models = [] if spec.bundles_release else [spec.release]
     backbone = getattr(release, "backbone_id", None)
     if backbone and not getattr(release, "embedded_backbone", None) and str(backbone).count("/") == 1:
         models.append(str(backbone))  # the Hub links the Space from the diffusion model's page too
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"models": models} if models else {}
     if spec.hardware in SUGGESTABLE_HARDWARE:
         extra["suggested_hardware"] = spec.hardware
+    title = spec.title or f"Revelio Hub: {name}"
     data = SpaceCardData(
-        title=spec.title or f"Revelio Hub: {name}",
+        title=f"{title} (preview)" if spec.bundles_release else title,
         sdk="gradio",
         sdk_version=gradio.__version__,
         python_version="3.11",
         app_file="app.py",
         license=str((release.config or {}).get("license") or "apache-2.0"),
-        models=models,
         tags=["revelio-hub", "interpretability", "sparse-autoencoder", "diffusion"],
         emoji="🔍",
         colorFrom="indigo",
@@ -211,32 +241,51 @@ def space_card(spec: SpaceSpec, release: Any) -> str:
         short_description=f"Diffusion-model neurons: {name}"[:60],
         **extra,
     )
+    template = "---\n{{ card_data }}\n---\n{{ body }}"
+    return str(SpaceCard.from_template(data, template_str=template, body=_card_body(spec, name)))
+
+
+def _card_body(spec: SpaceSpec, name: str) -> str:
+    """The README below the front matter; a preview says it is one, first, and how to publish for real."""
+    from huggingface_hub import constants
+
     hub = constants.ENDPOINT.rstrip("/")
     zero = (
         "\nOn ZeroGPU the backbone pass borrows a GPU for each analysis (`spaces.GPU`); everything else runs on the CPU.\n"
         if spec.hardware == ZERO_GPU else ""
     )
-    body = f"""
+    if spec.bundles_release:
+        source = (
+            f"> **Preview, built offline** from a local release folder, bundled here as `{spec.release_in_space}`.\n"
+            "> Run it with `pip install -r requirements.txt && "
+            f"REVELIO_RELEASE={spec.release_in_space} python app.py`. To publish, push the release "
+            "(`python training/make_release.py ... --push you/name`) and run "
+            "`python training/make_space.py --release you/name --space you/space`: "
+            "a published Space reads its release from the Hub and holds no copy of it.\n\n"
+        )
+    else:
+        source = f"- Release (k-SAEs, Diff-C, neuron atlases): [{spec.release}]({hub}/{spec.release})\n"
+    rerun = "" if spec.bundles_release else (
+        f"\nPublished with `python training/make_space.py --release {spec.release} --hardware {spec.hardware}`;\n"
+        "rerun it to update this Space in place.\n"
+    )
+    return f"""
 # Revelio Hub: {name}
 
 Upload an image, pick a layer and a timestep, and see which k-sparse-autoencoder neurons of a diffusion
 model it lights up, where they fire, what they mean, and the classes Diff-C reads from the same features.
 
-- Release (k-SAEs, Diff-C, neuron atlases): [{spec.release}]({hub}/{spec.release})
-- Paper: [*{PAPER_TITLE}*]({PAPER_URL}) (ICCV 2025)
+{source}- Paper: [*{PAPER_TITLE}*]({PAPER_URL}) (ICCV 2025)
 - Hardware: `{spec.hardware}`; the app reads the release named by the `REVELIO_RELEASE` variable.
-{zero}
-Published with `python training/make_space.py --release {spec.release} --hardware {spec.hardware}`;
-rerun it to update this Space in place.
-"""
-    template = "---\n{{ card_data }}\n---\n{{ body }}"
-    return str(SpaceCard.from_template(data, template_str=template, body=body))
+{zero}{rerun}"""
 
 
 def write_space_folder(spec: SpaceSpec, out: os.PathLike | str, release: Any = None, *, token: Optional[str] = None) -> list[str]:
     """Write the Space's files into ``out`` (created; must be empty or absent); returns their relative paths.
 
-    ``release`` is the opened release (``open_release``); it is opened from the Hub when not given.
+    ``release`` is the opened release (``open_release``); it is opened when not
+    given: from the Hub, or offline from the local folder of a preview, whose
+    copy then goes to ``out/releases/<folder name>`` (no network at all).
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -248,6 +297,8 @@ def write_space_folder(spec: SpaceSpec, out: os.PathLike | str, release: Any = N
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(app_file, out / "app.py")
     shutil.copytree(PACKAGE_DIR, out / "revelio_hub", ignore=IGNORED)
+    if spec.bundles_release:
+        shutil.copytree(Path(spec.release).expanduser(), out / spec.release_in_space, ignore=IGNORED)
     (out / "requirements.txt").write_text(space_requirements(spec.hardware), encoding="utf-8")
     (out / "README.md").write_text(space_card(spec, release), encoding="utf-8")
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())

@@ -57,8 +57,26 @@ def test_every_option_shows_its_default(script, monkeypatch):
                     or isinstance(action, argparse._HelpAction)):
                 continue
             text = formatter._expand_help(action) if action.help else ""
-            assert "default" in formatter._get_help_string(action).lower() and text, \
+            said = formatter._get_help_string(action).lower()
+            assert ("default" in said or "required" in said) and text, \
                 f"{script} {parser.prog} {action.option_strings[0]}: {text!r}"
+            assert not ("required" in said and "(default: none)" in said), \
+                f"{script} {parser.prog} {action.option_strings[0]} says both required and default: none"
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["make_space"])
+def test_help_is_plain_text_and_required_options_are_required(script, monkeypatch):
+    """--help reads in a terminal: no Sphinx markup; an option its help calls required is required in usage too."""
+    for parser in _all_parsers(_parser(script, monkeypatch)):
+        page = parser.format_help()
+        for markup in (":mod:", ":func:", ":class:", ":meth:", ":attr:", "``"):
+            assert markup not in page, f"{script} {parser.prog}: {markup} in --help"
+        for action in parser._actions:
+            if action.option_strings and (action.help or "").rstrip(".").lower().endswith("(required)"):
+                assert action.required, f"{script} {parser.prog} {action.option_strings[0]}"
+    from revelio_hub.cli import plain_text
+
+    assert plain_text("over :func:`~revelio_hub.a.b` and ``x --y``, :mod:`m`") == "over `revelio_hub.a.b` and `x --y`, `m`"
 
 
 def _parse(script: str, argv: list[str]):
@@ -81,6 +99,13 @@ def test_one_name_per_idea_and_hidden_old_names(capsys):
     ksae = ["--store", "s", "--layer", "l", "--timestep", "25", "--out", "o"]
     assert _parse("train_ksae", ksae + ["--view-ids", "0", "2"]).view_ids == [0, 2]
     assert _parse("train_ksae", ksae + ["--views", "1"]).view_ids == [1]
+
+    usage = runpy.run_path(str(ROOT / "training" / "train_diffc.py"))
+    with pytest.raises(SystemExit):
+        usage["parse_args"](["train", "--help"])
+    page = capsys.readouterr().out
+    assert "--timestep TIMESTEP" in page.split("options:")[0] and "[--timestep" not in page  # required in usage
+    assert "(required)" not in page and "--timestep TIMESTEP   diffusion timestep, e.g. 25\n" in page
 
     for script, old in (("train_diffc", "--t "), ("extract_features", "--views"), ("train_ksae", "--views")):
         argv = ["train", "--help"] if script == "train_diffc" else ["--help"]
@@ -119,3 +144,61 @@ def test_accelerate_launch_num_processes_prints_the_torchrun_command(tmp_path):
     assert done.returncode != 0
     assert "torchrun --nproc_per_node 2 training/train_ksae.py --features" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_diffusers_layer_names_are_aliases_of_the_canonical_ones():
+    """The README presents mid_block and bottleneck as one layer: every parser takes both and says the canonical name."""
+    from revelio_hub.layer_names import canonical_layer
+
+    assert [canonical_layer(n) for n in ("mid_block", "up_blocks.1", "up_blocks[1]", "down_blocks.0",
+                                         "transformer_blocks[3]", "transformer_blocks.13", "up_ft2", "block4",
+                                         "nonsense", "up_blocks.x")] == [
+        "bottleneck", "up_ft1", "up_ft1", "down_ft0", "block3", "block13", "up_ft2", "block4", "nonsense", "up_blocks.x"]
+    ksae = ["--store", "s", "--timestep", "25", "--out", "o", "--layer"]
+    assert _parse("train_ksae", ksae + ["mid_block"]).layer == "bottleneck"
+    assert _parse("train_diffc", ["train", "--train-store", "s", "--out", "o", "--timestep", "25", "--layer",
+                                  "up_blocks[1]"]).layer == "up_ft1"
+    assert _parse("train_diffc", ["sweep", "--train-store", "s", "--out", "o", "--layers", "mid_block",
+                                  "up_blocks.0"]).layers == ["bottleneck", "up_ft0"]
+    assert _parse("extract_features", ["--backbone", "b", "--dataset", "d", "--out", "o", "--layers", "mid_block",
+                                       "up_ft1"]).layers == ["bottleneck", "up_ft1"]
+    assert _parse("build_atlas", ["--store", "s", "--sae", "m", "--timestep", "25", "--out", "o", "--layer",
+                                  "mid_block"]).layer == "bottleneck"
+
+    # the library and the app too: a release entry, a backbone, the app's (layer, t) check
+    from revelio_hub.app.state import DEFAULT_RELEASE_PATH, LoadedRelease
+    from revelio_hub.release import Release
+
+    if not (DEFAULT_RELEASE_PATH / "release.json").is_file():
+        pytest.skip("the bundled toy release is not built in this checkout")
+    release = Release.from_pretrained(DEFAULT_RELEASE_PATH)
+    assert release.entry_metrics("mid_block", 25) == release.entry_metrics("bottleneck", 25)
+    assert release.load("mid_block", 25, load_atlas=False).sae.recipe["layer"] == "bottleneck"
+    assert release.load_backbone().check_layers(["mid_block", "up_blocks[1]"]) == ["bottleneck", "up_ft1"]
+    assert LoadedRelease.open(str(DEFAULT_RELEASE_PATH)).check_entry("mid_block", 25) == ("bottleneck", 25)
+    with pytest.raises(ValueError, match="up_ft9.* is not in release"):  # said back by its canonical name
+        LoadedRelease.open(str(DEFAULT_RELEASE_PATH)).check_entry("up_blocks.9", 25)
+
+
+def _run_script(script: str, *args: str, launcher: tuple[str, ...] = ("python",), timeout: int = 300):
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable if part == "python" else part for part in launcher]
+    return subprocess.run([*command, str(ROOT / "training" / f"{script}.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_missing_store_is_one_line_and_exit_status_2(tmp_path):
+    """A newcomer's first mistake reads as one sentence, not a traceback around it."""
+    done = _run_script("train_ksae", "--store", str(tmp_path / "no-store"), "--layer", "mid_block", "--timestep",
+                       "25", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"train_ksae.py: error: {tmp_path / 'no-store'} is not a feature store (no summary.json); "
+        "create one with training/extract_features.py"]
+    assert not (tmp_path / "o").exists()
+    diffc = _run_script("train_diffc", "train", "--train-store", str(tmp_path / "no-store"), "--layer", "up_ft1",
+                        "--timestep", "25", "--out", str(tmp_path / "d"))
+    assert diffc.returncode == 2 and len(diffc.stderr.strip().splitlines()) == 1, diffc.stderr
+    assert diffc.stderr.startswith("train_diffc.py train: error: ") and "no-store" in diffc.stderr

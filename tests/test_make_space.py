@@ -9,18 +9,22 @@ created.
 
 from __future__ import annotations
 
+import ast
 import os
+import site
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from importlib.metadata import packages_distributions
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_inputs import app_release_path  # noqa: E402
+from app_inputs import app_release_path, call, shape_image, upload  # noqa: E402
 
 yaml = pytest.importorskip("yaml")
 gradio = pytest.importorskip("gradio")
@@ -99,7 +103,8 @@ def test_make_space_creates_a_zerogpu_space_with_only_the_app(hub, published_rel
     assert f"torch=={torch.__version__.split('+')[0]}" in reqs
     assert any(line.split("#")[0].strip() == "spaces" for line in reqs)
     assert not any("download.pytorch.org/whl/cpu" in line for line in reqs)  # the GPU build
-    assert not any(line.startswith("gradio") for line in reqs)  # sdk_version decides
+    # gradio at the front matter's sdk_version, so `python app.py` runs in the folder after installing it
+    assert f"gradio=={meta['sdk_version']}" in [line.split("#")[0].strip() for line in reqs]
 
 
 def test_rerun_updates_the_space_in_place(hub, published_release):
@@ -209,3 +214,171 @@ def test_about_tab_links_the_model_card_and_the_paper(hub, published_release):
     assert f"]({PAPER_URL})" in remote and PAPER_URL == "https://arxiv.org/abs/2411.16725"
     local = card_markdown(LoadedRelease.open(app_release_path()))
     assert f"]({PAPER_URL})" in local and f"{hub.url}/" not in local  # a local folder has no Hub page
+
+
+# ------------------------------------------------------- offline preview and complete requirements
+
+
+def imported_distributions(folder: Path) -> dict[str, str]:
+    """Distribution of every third-party module the code under ``folder`` imports -> one file importing it.
+
+    Imports inside a ``try`` that catches ImportError are optional (``spaces``) and left out.
+    """
+    owners = packages_distributions()
+    found: dict[str, str] = {}
+    for path in folder.rglob("*.py"):
+        if any(part in ("tests", "releases", "benchmarks") for part in path.relative_to(folder).parts):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                    for h in t.handlers if "ImportError" in ast.unparse(h.type or ast.Name("BaseException"))
+                    for stmt in t.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("__future__", "revelio_hub", "make_space"):
+                    continue
+                for dist in owners.get(top, [top]):
+                    found.setdefault(dist.lower().replace("_", "-"), str(path.relative_to(folder)))
+    return found
+
+
+def requirement_names(text: str) -> set[str]:
+    """Distribution names a requirements file installs (options such as --extra-index-url left out)."""
+    from revelio_hub.space import _requirement_name
+
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    return {_requirement_name(line) for line in lines if line and not line.startswith("-")}
+
+
+def test_repo_requirements_install_before_the_code_and_cover_every_import():
+    """The repository deploys as a Space as it stands: its requirements.txt is complete without the code."""
+    text = (REPO / "requirements.txt").read_text()
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    assert not any(line.startswith(("-e", "--editable", ".")) for line in lines)  # installs before the copy
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines  # CPU wheel on CPU hardware
+    import torch
+
+    assert f"torch=={torch.__version__.split('+')[0]}" in lines
+    readme = (REPO / "README.md").read_text()
+    assert f"gradio=={front_matter(readme)['sdk_version']}" in lines  # what the Space's SDK installs
+    names = requirement_names(text)
+    missing = {dist: where for dist, where in imported_distributions(REPO).items() if dist not in names}
+    assert not missing, f"imported but not in requirements.txt: {missing}"
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert requirement_names("\n".join(declared)) == names  # one dependency list, written twice, in step
+
+
+def test_offline_preview_of_a_local_release_serves_analyze_json_with_only_its_requirements(tmp_path, capsys):
+    """``--dry-run`` from a local release folder: no Hub, a marked preview, a folder that runs on its own."""
+    out_dir = tmp_path / "preview"
+    release = Path(app_release_path())
+    # Publishing still needs a Hub release; the one-line refusal points at the preview.
+    assert make_space.main(["--release", str(release), "--space", SPACE_ID]) == 2
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert len(refused) == 1 and "push it first" in refused[0] and "--dry-run" in refused[0]
+    offline = {k: v for k, v in os.environ.items() if k not in ("HF_ENDPOINT", "HF_TOKEN")}
+    offline.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"),
+                   PYTHONPATH=str(REPO))  # no Hub to reach, no token, no cache
+    made = subprocess.run([sys.executable, str(SCRIPT), "--release", str(release), "--dry-run", str(out_dir)],
+                          env=offline, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    assert "preview" in made.stdout and "nothing was created" in made.stdout
+    bundled = f"releases/{release.name}"
+    assert f"REVELIO_RELEASE={bundled} python app.py" in made.stdout  # how to run it
+    assert (out_dir / bundled / "release.json").read_bytes() == (release / "release.json").read_bytes()
+    readme = (out_dir / "README.md").read_text()
+    meta = front_matter(readme)
+    assert "preview" in meta["title"] and "Preview" in readme and "models" not in meta  # not a Hub release
+
+    # Its requirements name every distribution its code imports (what a fresh venv would install).
+    reqs = (out_dir / "requirements.txt").read_text()
+    names = requirement_names(reqs)
+    missing = {dist: where for dist, where in imported_distributions(out_dir).items() if dist not in names}
+    assert not missing, f"imported but not in the Space's requirements.txt: {missing}"
+
+    # Run from the folder with a clean environment: installed distributions only (site-packages, no .pth
+    # hooks, so no editable install of this checkout), no PYTHONPATH to the repository, offline.
+    sites = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": os.pathsep.join(sites),
+           "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "MPLCONFIGDIR": str(tmp_path / "mpl"),
+           "REVELIO_RELEASE": bundled}
+    elsewhere = subprocess.run([sys.executable, "-S", "-c", "import revelio_hub"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert elsewhere.returncode != 0  # the package comes from the folder, not from this checkout
+    port = _free_port()
+    log = open(tmp_path / "app.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-S", "app.py", "--port", str(port), "--no-warmup", "--workers", "0"],
+                            cwd=out_dir, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        served = SimpleNamespace(url=f"http://127.0.0.1:{port}/")
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(served.url, timeout=5).close()
+                break
+            except OSError:
+                time.sleep(1)
+        assert proc.poll() is None, f"the preview app exited:\n{(tmp_path / 'app.log').read_text()}"
+        image = upload(served, shape_image(tmp_path / "red.png"))
+        event, payload = call(served, "analyze_json", [{"path": image, "meta": {"_type": "gradio.FileData"}}, "", -1, ""])
+        assert event == "complete", payload
+        answer = payload[0]
+        assert answer["neurons"] and answer["layer"] and answer["predictions"], answer
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    logged = (tmp_path / "app.log").read_text()
+    assert "HTTP Request" not in logged and "Traceback" not in logged, logged[-2000:]
+
+
+def test_app_log_has_no_line_per_hub_request(hub, tmp_path):
+    """Serving a Hub release, app.py logs its start-up, not one INFO line per HTTP request huggingface_hub makes."""
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo(RELEASE_ID)
+    HfApi().upload_folder(repo_id=RELEASE_ID, folder_path=app_release_path(),
+                          allow_patterns=["release.json", "README.md", "examples/*", "figures/*"])
+    before = len(hub.requests)
+    env = dict(os.environ)  # the fixture's endpoint and token
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=str(REPO),
+               GRADIO_ANALYTICS_ENABLED="False")
+    port = _free_port()
+    log = open(tmp_path / "app.log", "w+")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--release", RELEASE_ID, "--port", str(port),
+                             "--no-warmup", "--workers", "0"], cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "app.log").read_text()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    assert len(hub.requests) - before >= 3  # the release's files came from the Hub, one request each or more
+    logged = (tmp_path / "app.log").read_text()
+    assert "HTTP Request" not in logged, logged[-2000:]

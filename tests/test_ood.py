@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from revelio_hub.interpret.atlas import build_atlas
-from revelio_hub.interpret.ood import OODConfig, assess, image_reconstruction_error
+from revelio_hub.interpret.ood import OODConfig, assess, image_reconstruction_error, ordinal
 from revelio_hub.sae.model import KSparseAutoencoder
 
 
@@ -56,3 +56,13 @@ def test_verdict_takes_the_worst_layer_and_says_so():
     assert not none.out_of_distribution and "no out-of-distribution check" in none.message
     with pytest.raises(ValueError):
         OODConfig(max_percentile=10)
+
+
+def test_percentiles_read_as_english_ordinals():
+    """The verdict is prose a user reads: "71st percentile", never "71th"."""
+    expected = {1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 11: "11th", 12: "12th", 13: "13th", 21: "21st", 22: "22nd",
+                23: "23rd", 71: "71st", 100: "100th", 101: "101st", 111: "111th", 112: "112th", 0: "0th"}
+    assert {n: ordinal(n) for n in expected} == expected
+    assert "at the 71st percentile" in assess(0.03, 71.2).message
+    assert "at the 72nd percentile" in assess(0.03, 71.5).message  # rounded first, then named
+    assert "at the 13th percentile" in assess(0.03, 13.0).message

@@ -289,17 +289,28 @@ def _cli_main():
     return runpy.run_path(str(Path(__file__).parents[1] / "training" / "make_release.py"))["main"]
 
 
-def test_make_release_checks_inputs_before_writing(artifacts, tmp_path):
+def _refused(main, argv, capsys, pattern: str) -> None:
+    """``main(argv)`` stops with argparse's convention: exit status 2 and one line naming the problem."""
+    import re
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("make_release.py: error: ") and re.search(pattern, err), err
+
+
+def test_make_release_checks_inputs_before_writing(artifacts, tmp_path, capsys):
     main = _cli_main()
     s = artifacts["sources"][0]
     out = tmp_path / "releases" / "mine"
     out.parent.mkdir()
     flags = ["--sae", str(s.sae), "--atlas", str(s.atlas), "--out", str(out)]
-    with pytest.raises(SystemExit, match=r"my_examples/\*\.jpg does not exist \(a shell pattern"):
-        main(flags + ["--examples", str(tmp_path / "my_examples" / "*.jpg")])
+    _refused(main, flags + ["--examples", str(tmp_path / "my_examples" / "*.jpg")], capsys,
+             r"my_examples/\*\.jpg does not exist \(a shell pattern")
     assert not out.exists() and list((tmp_path / "releases").iterdir()) == []  # nothing half-written
-    with pytest.raises(SystemExit, match="atlas folder .*nope does not exist"):
-        main(["--sae", str(s.sae), "--atlas", str(tmp_path / "nope"), "--out", str(out)])
+    _refused(main, ["--sae", str(s.sae), "--atlas", str(tmp_path / "nope"), "--out", str(out)], capsys,
+             "atlas folder .*nope does not exist")
     assert not out.exists()
     # the same command with good inputs then works, without --overwrite
     good = [str(p) for p, _ in artifacts["examples"]]
@@ -307,12 +318,22 @@ def test_make_release_checks_inputs_before_writing(artifacts, tmp_path):
     assert [c for _, c in Release.from_pretrained(out).examples] == [Path(p).stem for p in good]
     # a failing --overwrite run leaves the existing release as it was
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(flags + ["--overwrite", "--examples", str(tmp_path / "missing.png")])
+    _refused(main, flags + ["--overwrite", "--examples", str(tmp_path / "missing.png")], capsys, "does not exist")
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert [p.name for p in (tmp_path / "releases").iterdir()] == ["mine"]
     assert main(flags + ["--overwrite", "--examples"]) == 0  # --examples alone: no examples
     assert Release.from_pretrained(out).examples == []
+
+
+def test_make_release_checks_local_folders_before_opening_the_dataset(artifacts, tmp_path, hub, capsys):
+    """A mistyped --sae fails at once: --dataset (default examples from the Hub) is not opened first."""
+    main = _cli_main()
+    s = artifacts["sources"][0]
+    before = len(hub.requests)
+    _refused(main, ["--sae", str(tmp_path / "no-such-sae"), "--atlas", str(s.atlas), "--out", str(tmp_path / "r"),
+                    "--dataset", "me/some-dataset"], capsys, "no-such-sae")
+    assert len(hub.requests) == before  # no Hub request at all
+    assert not (tmp_path / "r").exists()
 
 
 def test_card_metadata_names_hub_ids_only(tmp_path):

@@ -30,6 +30,7 @@ is kept by default, read from the dataset by image id; --label-columns chooses t
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.cli import HelpFormatter
+    from revelio_hub.layer_names import canonical_layer
 
     p = argparse.ArgumentParser(
         description="Build a neuron atlas (stats.safetensors, atlas.json, thumbnails/) for a k-SAE from a "
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--store", required=True, help="Feature store folder (training/extract_features.py).")
-    p.add_argument("--layer", required=True, help="Layer of the store entry, e.g. up_ft1.")
+    p.add_argument("--layer", required=True, type=canonical_layer, help="Layer of the store entry, e.g. up_ft1.")
     p.add_argument("--timestep", type=int, required=True, help="Timestep of the store entry, e.g. 25.")
     p.add_argument("--sae", required=True, help="k-SAE folder or Hub repo id (training/train_ksae.py output).")
     p.add_argument("--sae-subfolder", default=None, help="Subfolder of --sae (e.g. up_ft1/t25/sae of a release; default: none).")

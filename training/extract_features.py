@@ -36,6 +36,7 @@ mixed: the run stops with an error unless --overwrite is given.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.cli import HelpFormatter, add_hidden_alias
+    from revelio_hub.layer_names import canonical_layer
 
     p = argparse.ArgumentParser(
         description="Extract diffusion features (pooled vectors and optionally spatial maps) of an image "
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-column", default=None, help="Image column (default: auto-detected).")
     p.add_argument("--label-column", default=None,
                    help="Label column (default: auto-detected ClassLabel or label/labels; 'none' for unlabelled).")
-    p.add_argument("--layers", nargs="+", default=["bottleneck"],
-                   help="Layers to read, e.g. bottleneck up_ft1 up_ft2 or DiT block13 (default: %(default)s).")
+    p.add_argument("--layers", nargs="+", type=canonical_layer, default=["bottleneck"],
+                   help="Layers to read, e.g. bottleneck up_ft1 up_ft2 or DiT block13; diffusers names such as mid_block "
+                   "or up_blocks.1 mean the same layers (default: %(default)s).")
     p.add_argument("--timesteps", nargs="+", type=int, default=[25],
                    help="Diffusion timesteps t in [0, num_train_timesteps) (default: %(default)s).")
     p.add_argument("--image-size", type=int, default=None,

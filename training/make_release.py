@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from revelio_hub.cli import HelpFormatter, usage_error
+
 EPILOG = """\
 examples:
   # one entry per --sae; --diffc/--atlas attach to the --sae before them (or use --config)
@@ -36,8 +38,6 @@ Command-line flags override the file. The token for --push comes from `hf auth l
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.cli import HelpFormatter
-
     p = argparse.ArgumentParser(
         description="Assemble a release folder (<layer>/t<t>/{sae,diffc,atlas}/, release.json, model card, "
         "metrics figure) from k-SAE, Diff-C and atlas outputs, and optionally push it to the Hugging Face Hub. "
@@ -114,28 +114,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     from revelio_hub.interpret.atlas_dataset import check_output, push_atlas_dataset, write_release_atlas_dataset
-    from revelio_hub.release import Release, assemble_release, default_examples, push_release
+    from revelio_hub.release import Release, assemble_release, check_release_inputs, default_examples, push_release
 
     config: dict = {}
     if args.config:
         try:
             config = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise SystemExit(f"error: cannot read --config {args.config}: {error}")
+            usage_error("make_release.py", f"cannot read --config {args.config}: {error}")
     entries = _entries_from_flags(argv) or config.get("entries") or []
     if not entries:
-        raise SystemExit("error: no entries: give --sae/--diffc/--atlas folders or a --config listing them")
+        usage_error("make_release.py", "no entries: give --sae/--diffc/--atlas folders or a --config listing them")
 
     def pick(name: str, default=None):
         value = getattr(args, name)
         return value if value is not None else config.get(name, default)
+
+    try:  # local inputs first: a mistyped folder should not wait for the Hub (default examples below)
+        check_release_inputs(args.out, entries, overwrite=args.overwrite, embed_backbone=pick("embed_backbone"))
+    except (ValueError, FileNotFoundError) as error:
+        usage_error("make_release.py", error)
 
     atlas_dataset = None
     if args.atlas_dataset is not None:  # checked before the release is built: a mistake leaves nothing behind
         try:
             atlas_dataset = check_output(args.atlas_dataset or f"{Path(args.out)}-atlas", args.overwrite)
         except ValueError as error:
-            raise SystemExit(f"error: --atlas-dataset: {error}")
+            usage_error("make_release.py", f"--atlas-dataset: {error}")
     examples = pick("examples")
     if examples is None and pick("dataset"):
         split = pick("dataset_split") or "test"
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite, base_model=pick("base_model"), dataset_id=pick("dataset_id"),
         )
     except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}")
+        usage_error("make_release.py", error)
     release = Release.from_pretrained(out)
     print(f"wrote {out}: {len(release.entries)} entries {release.entries}")
     for layer, t in release.entries:

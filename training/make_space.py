@@ -20,8 +20,12 @@ examples:
   # look at the files first (nothing is created on the Hub)
   python training/make_space.py --release you/revelio-sd15-oxford-pets --hardware t4-small --dry-run space-out
 
-The release must already be on the Hub (python training/make_release.py ... --push you/name): the Space reads it
-from there, named by its REVELIO_RELEASE variable. Rerunning updates the Space in place (its app files are
+  # preview offline, before pushing: the folder bundles a copy of the local release
+  python training/make_space.py --release releases/toy-shapes --dry-run space-preview
+  cd space-preview && pip install -r requirements.txt && REVELIO_RELEASE=releases/toy-shapes python app.py
+
+To publish, the release must already be on the Hub (python training/make_release.py ... --push you/name): the
+Space reads it from there, named by its REVELIO_RELEASE variable. Rerunning updates the Space in place (its app files are
 replaced, stale ones deleted; files you added yourself stay). The token comes from --token, HF_TOKEN or
 `hf auth login`. Hardware other than cpu-basic and zero-a10g is billed by the Hub.
 """
@@ -36,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--release", required=True, metavar="OWNER/NAME", help="Hub repo id of the release to serve.")
+    p.add_argument("--release", required=True, metavar="OWNER/NAME",
+                   help="Hub repo id of the release to serve; with --dry-run also a local release folder (an "
+                   "offline preview that bundles a copy of it).")
     p.add_argument("--space", default=None, metavar="OWNER/NAME", help="Space to create or update (required unless --dry-run).")
     p.add_argument("--hardware", default="cpu-basic", choices=hardware_choices(), metavar="FLAVOR",
                    help="Space hardware: cpu-basic (free), zero-a10g (free shared GPU, ZeroGPU), t4-small, ... "
@@ -55,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = SpaceSpec(release=args.release, hardware=args.hardware, space=args.space, private=args.private,
-                         title=args.title)
+                         title=args.title, preview=bool(args.dry_run))
         if args.dry_run:
             files = write_space_folder(spec, args.dry_run, token=args.token)
-            print(f"Wrote {len(files)} files to {args.dry_run} (hardware {spec.hardware}); nothing was created on the Hub.")
+            kind = "a preview bundling the local release" if spec.bundles_release else f"hardware {spec.hardware}"
+            print(f"Wrote {len(files)} files to {args.dry_run} ({kind}); nothing was created on the Hub.")
             print(f"Variables to set on the Space: {spec.variables}")
+            print(f"Run it: cd {args.dry_run} && pip install -r requirements.txt && "
+                  f"REVELIO_RELEASE={spec.variables['REVELIO_RELEASE']} python app.py")
             return 0
         url = publish_space(spec, token=args.token)
     except SpaceError as error:

@@ -12,6 +12,9 @@ import argparse
 import json
 import sys
 
+from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line, usage_error
+from revelio_hub.layer_names import canonical_layer
+
 EPILOG = """\
 examples:
   # 1. cache spatial maps once: the plain view + 3 augmented views per training image
@@ -42,7 +45,6 @@ resumes from the last finished epoch (checkpoint/, removed when the run finishes
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.diffc.sweep import SweepConfig
     from revelio_hub.diffc.training import DiffCTrainConfig
-    from revelio_hub.cli import HelpFormatter, add_hidden_alias
 
     d, s = DiffCTrainConfig(), SweepConfig()
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
@@ -51,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t = sub.add_parser("train", help="train a Diff-C head (cached features by default, or --online)",
                        epilog=EPILOG, formatter_class=HelpFormatter)
     t.add_argument("--out", required=True, help="output folder (model, metrics, eval.json, checkpoints)")
-    t.add_argument("--layer", required=True, help="layer to classify from, e.g. up_ft1")
-    t.add_argument("--timestep", type=int, default=None, help="diffusion timestep, e.g. 25 (required)")
+    t.add_argument("--layer", required=True, type=canonical_layer, help="layer to classify from, e.g. up_ft1")
+    t.add_argument("--timestep", type=int, required=True, help="diffusion timestep, e.g. 25")
     add_hidden_alias(t, "--t", "timestep", type=int)
     t.add_argument("--train-store", help="feature store of the training split (spatial maps for --head conv; required unless --online)")
     t.add_argument("--test-store", help="feature store of the test split, read only after training (default: none, no test metrics)")
@@ -95,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--train-store", required=True, help="feature store of the training split (pooled is enough)")
     w.add_argument("--test-store", default=None, help="feature store of the test split (else validation accuracy)")
     w.add_argument("--out", required=True, help="output folder for sweep.json, sweep.csv, sweep.png")
-    w.add_argument("--layers", nargs="+", default=None, help="subset of layers (default: all in the store)")
+    w.add_argument("--layers", nargs="+", type=canonical_layer, default=None, help="subset of layers (default: all in the store)")
     w.add_argument("--timesteps", nargs="+", type=int, default=None, help="subset of timesteps (default: all)")
     w.add_argument("--steps", type=int, default=s.steps, help="optimiser steps per probe (default: %(default)s)")
     w.add_argument("--batch-size", type=int, default=s.batch_size, help="default: %(default)s")
@@ -103,10 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--val-fraction", type=float, default=s.val_fraction, help="default: %(default)s")
     w.add_argument("--seed", type=int, default=s.seed, help="default: %(default)s")
     w.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = p.parse_args(argv)
-    if args.command == "train" and args.timestep is None:
-        t.error("the following arguments are required: --timestep")
-    return args
+    return p.parse_args(argv)
 
 
 def _train(a: argparse.Namespace) -> dict:
@@ -120,11 +119,11 @@ def _train(a: argparse.Namespace) -> dict:
     )
     if not a.online:
         if not a.train_store:
-            raise SystemExit("train: --train-store is required (or use --online with --backbone and --dataset)")
+            usage_error("train_diffc.py train", "--train-store is required (or use --online with --backbone and --dataset)")
         return train_diffc_from_store(a.train_store, a.out, a.layer, a.timestep, config, test_store=a.test_store,
                                       progress=not a.no_progress).eval
     if not (a.backbone and a.dataset):
-        raise SystemExit("train --online needs --backbone and --dataset")
+        usage_error("train_diffc.py train", "--online needs --backbone and --dataset")
     import torch
     from accelerate import Accelerator
 
@@ -170,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"{r['layer']:>12s}  t={r['timestep']:<4d}  {metric} {r.get(metric, float('nan')):.3f}")
             print(f"wrote {a.out}/sweep.json, sweep.csv and sweep.png")
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as err:
+        return error_line(f"train_diffc.py {a.command}", err)
     return 0
 
 

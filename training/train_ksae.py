@@ -11,6 +11,9 @@ import argparse
 import json
 import sys
 
+from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line
+from revelio_hub.layer_names import canonical_layer
+
 EPILOG = """\
 examples:
   # the paper's SAE on pooled SD1.5 up_ft1 features at t=25 (k 32, 64x expansion, 83.9M samples)
@@ -36,7 +39,6 @@ cosine), metrics.jsonl, train_config.json.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.cli import HelpFormatter, add_hidden_alias
     from revelio_hub.sae.training import SAETrainConfig
 
     d = SAETrainConfig()
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     src = p.add_argument_group("data (one of --store or --features)")
     src.add_argument("--store", help="Feature store folder written by training/extract_features.py.")
-    src.add_argument("--layer", help="Layer of the store entry, e.g. up_ft1 (required with --store).")
+    src.add_argument("--layer", type=canonical_layer, help="Layer of the store entry, e.g. up_ft1 (required with --store).")
     src.add_argument("--timestep", type=int, help="Timestep of the store entry, e.g. 25 (required with --store).")
     add_hidden_alias(src, "--t", "timestep", type=int)
     src.add_argument("--granularity", choices=["pooled", "token"], default="pooled",
@@ -117,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     from revelio_hub.distributed import finish, make_accelerator
 
     acc = make_accelerator(cpu=args.cpu)
-    if args.store is not None:
-        feats, recipe = load_store_features(args.store, args.layer, args.timestep, args.granularity,
-                                            args.tokens_per_image, args.view_ids, args.seed)
-    else:
-        feats, recipe = load_tensor_features(args.features, args.features_key)
     try:
+        if args.store is not None:
+            feats, recipe = load_store_features(args.store, args.layer, args.timestep, args.granularity,
+                                                args.tokens_per_image, args.view_ids, args.seed)
+        else:
+            feats, recipe = load_tensor_features(args.features, args.features_key)
         cfg = SAETrainConfig(
             k=args.k, expansion=args.expansion, n_latents=args.n_latents, batch_size=args.batch_size,
             total_samples=args.samples, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -139,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_sae(feats, cfg, out_dir=args.out, recipe=recipe, granularity=args.granularity,
                            accelerator=acc, resume=not args.no_resume, overwrite=args.overwrite,
                            progress=not args.no_progress)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as exc:  # the user's to fix: one line, no traceback
+        return error_line("train_ksae.py", exc)
     if acc.is_main_process:
         print(json.dumps(result.eval, indent=2))
     finish(acc)

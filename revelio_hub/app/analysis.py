@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
 from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown, whole_number
+from revelio_hub.layer_names import canonical_layer
 
 if TYPE_CHECKING:
     import torch
@@ -141,6 +142,7 @@ def resolve_entry(
         layer = default_layer
     if not isinstance(layer, str):
         raise ValueError(f"Layer must be a layer name, got {shown(layer, 24)}.")
+    layer = canonical_layer(layer)  # mid_block -> bottleneck: the answer names the canonical layer
     t = None if timestep is None or (isinstance(timestep, str) and not timestep.strip()) else whole_number(timestep, "Timestep")
     if t is None or t == -1:
         ts = rel.timesteps(layer)

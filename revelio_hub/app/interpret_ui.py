@@ -280,7 +280,10 @@ def concept_tab(state: AppState) -> ConceptComponents:
         note = gr.Markdown("" if choices else "_This release's atlases keep no per-label statistics yet._")
         table = gr.Dataframe(interactive=False, label="Best neuron AUROC · neuron id (click a cell to open it)",
                              elem_id="concept-map")
-    return ConceptComponents(value, note, table, gr.State(None))
+        # Inside the tab: a component between two tabs shifts the next tab's index in Gradio's tab bar,
+        # which then lists that tab ("About") twice once it is opened.
+        cmap = gr.State(None)
+    return ConceptComponents(value, note, table, cmap)
 
 
 def wire(ev: InterpretEvents, *, analyzed: Any, analysis_state: Any, image_in: Any, layer_dd: Any, t_dd: Any,

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence
 
 from revelio_hub.app.decoded_images import DecodedImages
 from revelio_hub.app.gpu import GPU_DURATION_S, call_device, gpu_task, load_device
+from revelio_hub.layer_names import canonical_layer
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the app must answer within seconds of starting
     import torch
@@ -285,7 +286,8 @@ class LoadedRelease:
         return entries[0]
 
     def check_entry(self, layer: str, t: int) -> tuple[str, int]:
-        """Validate a (layer, t) choice; the error lists what this release offers."""
+        """Validate a (layer, t) choice (diffusers layer names become canonical); the error lists what this release offers."""
+        layer = canonical_layer(layer)
         try:
             t = int(t)
         except (TypeError, ValueError):

@@ -39,7 +39,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import gradio as gr
 from gradio import FileData
@@ -50,6 +50,7 @@ from revelio_hub.app import deep_links as DL
 from revelio_hub.app import interpret_ui as IU
 from revelio_hub.app.api_surface import IntDropdown, json_endpoint
 from revelio_hub.app.mcp_tools import file_route_urls_as_paths, ui_only, wire_tools
+from revelio_hub.app.phone import PHONE_HEAD, scroll_to_results
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import HeartbeatMarker, lean_sessions_supported, use_lean_sessions
 from revelio_hub.app.shown_files import blocked_release_dirs, shown_copy, shown_examples
@@ -152,6 +153,7 @@ def launch_kwargs(state: AppState) -> dict[str, Any]:
         "css": CSS,
         # Release folders are never served; the images the page shows are copied out (see shown_files).
         "blocked_paths": blocked_release_dirs(state),
+        "head": PHONE_HEAD,
         "max_file_size": "25mb",
         "show_error": False,
         # Uploads and heat maps deleted once old (Gradio's delete_cache dies under concurrency: see temp_files).
@@ -386,7 +388,8 @@ class Events:
             return (result.predictions, rows, gr.update(choices=[], value=None), why, [], result.image, result)
         top = shown[0].id
         gal, overlay, text = A.neuron_view(self.state, result, top)
-        choices = [(f"{n.id} · {n.summary}" if n.summary else str(n.id), n.id) for n in shown]
+        # "217 · stripes (background)": the summary's first part fits a phone's dropdown; the caption has the rest
+        choices = [(f"{n.id} · {n.summary.split(' · ')[0]}" if n.summary else str(n.id), n.id) for n in shown]
         return result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result
 
     def apply_dense_choice(self, result, show_dense):
@@ -574,7 +577,9 @@ def build_ui(state: AppState) -> gr.Blocks:
         link_note = gr.Markdown("", visible=False, elem_id="link-note")
         analysis_state = gr.State(None)
 
-        with gr.Tabs() as tabs:
+        # "wrap": every tab stays in the bar (two lines on a phone) instead of Gradio's measured "..." menu,
+        # whose re-measuring once showed "About" twice.
+        with gr.Tabs(overflow_behavior="wrap") as tabs:
             with gr.Tab("Analyze", id="analyze"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=300):
@@ -611,7 +616,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                             max_height=260, column_widths=["88px", "104px", "92px", "auto"], elem_id="neurons",
                             elem_classes=["revelio-table"],
                         )
-                        with gr.Row(equal_height=True):
+                        with gr.Row(equal_height=True, elem_id="neuron-pick"):
                             neuron_dd = IntDropdown([], label="Selected neuron", scale=1, min_width=160,
                                                     elem_id="neuron-select")
                             caption = gr.Markdown("", label="About the selected neuron", elem_classes=["revelio-caption"],
@@ -673,6 +678,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             ev.analyze, analyze_in, results, api_name="analyze", preprocess=False, show_progress="full", **backbone,
         )
         analyzed.failure(ev.clear_results, None, results, **private)
+        scroll_to_results(analyzed)  # on a phone the results lie a screen below the button
         # /analyze keeps its four inputs (API callers); a ticked "show dense" box is applied right after
         analyzed.then(ev.apply_dense_choice, [analysis_state, show_dense], neuron_outputs, **private)
         show_dense.input(ev.toggle_dense, [analysis_state, show_dense], neuron_outputs, **private)

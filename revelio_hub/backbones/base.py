@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..images import _as_list, to_model_tensor
+from ..layer_names import canonical_layer
 from ..recipe import FeatureRecipe
 from .capture import LayerTaps
 from .noise import batch_noise
@@ -207,8 +208,8 @@ class Backbone:
         return self.image_size // self.vae_factor
 
     def check_layers(self, layers: Union[str, Iterable[str]]) -> list[str]:
-        """Validate layer names; ``ValueError`` lists the valid ones."""
-        names = [layers] if isinstance(layers, str) else list(layers)
+        """Validate layer names (diffusers aliases such as ``mid_block`` become canonical); ``ValueError`` lists the valid ones."""
+        names = [canonical_layer(n) for n in ([layers] if isinstance(layers, str) else list(layers))]
         if not names:
             raise ValueError(f"No layer requested; valid layers of {self.name!r}: {', '.join(self.layers)}.")
         unknown = [n for n in names if n not in self._layer_modules]

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["OODConfig", "OODReport", "image_reconstruction_error", "assess"]
+__all__ = ["OODConfig", "OODReport", "image_reconstruction_error", "assess", "ordinal"]
 
 
 @torch.no_grad()
@@ -96,6 +96,13 @@ class OODReport:
         return d
 
 
+def ordinal(n: int) -> str:
+    """``n`` with its English suffix (1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, 71st, 112th): messages read as prose."""
+    n = int(n)
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def assess(error: float, percentile: Optional[float], diffc_confidence: Optional[float] = None,
            config: OODConfig = OODConfig(), layer: str = "",
            others: Optional[dict[str, tuple[float, Optional[float]]]] = None) -> OODReport:
@@ -122,7 +129,7 @@ def assess(error: float, percentile: Optional[float], diffc_confidence: Optional
                    f"{than} (relative error {w_err:.3f}). Predictions and neuron summaries are unreliable for it.")
     else:
         pct = percentile if percentile is not None else w_pct
-        message = (f"Like the release's data: reconstruction error {float(error):.3f} is at the {pct:.0f}th "
+        message = (f"Like the release's data: reconstruction error {float(error):.3f} is at the {ordinal(round(pct))} "
                    "percentile of the atlas images.")
     return OODReport(float(error), None if percentile is None else float(percentile), diffc_confidence, flagged,
                      message, layers)
