@@ -186,21 +186,37 @@ class KSparseAutoencoder(
         return recon, vals, idx
 
     def image_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense image-level activations N×n_latents, respecting the training granularity.
+        """Dense image-level activations N×n_latents of the TopK code, respecting the training granularity.
 
         Pooled SAE: a map N×d×H×W is mean-pooled over space first (what it was
         trained on). Token SAE: every position is encoded and an image's
         activation of a neuron is its max over positions (0 where it never
         fires). N×d inputs are encoded as they are. Callers chunk large N.
         """
+        return self.image_codes(x)[0]
+
+    def image_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-level ``(TopK code, ReLU of the pre-TopK activations)``, both N×n_latents, from one matmul.
+
+        The second is what the original Revelio code ranks a neuron's top images by and computes
+        σ_label on (it hooks the encoder before ``select_topk`` and applies a ReLU): a neuron
+        there "fires" on every image whose pre-activation is positive, selected by TopK or not.
+        Pooling follows :meth:`image_activations`: mean-pooled maps for a pooled SAE, the max
+        over positions for a token SAE.
+        """
         if x.dim() == 4 and self.granularity == "pooled":
             x = self._to_param(x).mean(dim=(2, 3))  # average in fp32 even for fp16 stored maps
-        if x.dim() == 2:
-            return self.encode_dense(x)
-        vals, idx = self.encode(x)
-        n = vals.shape[0]
-        out = vals.new_zeros(n, self.n_latents)
-        return out.scatter_reduce_(1, idx.reshape(n, -1), vals.reshape(n, -1), reduce="amax", include_self=True)
+        flat, grid = self._flatten(x)
+        pre = self.preactivations(self._to_param(flat) * self.scale)
+        vals, idx = pre.topk(self.k, dim=-1)
+        if self.relu:
+            vals = vals.clamp_min(0)
+        codes = pre.new_zeros(pre.shape).scatter_(-1, idx, vals)
+        dense = pre.clamp_min_(0)
+        if grid is None:
+            return codes, dense
+        n = grid[0]
+        return codes.reshape(n, -1, self.n_latents).amax(1), dense.reshape(n, -1, self.n_latents).amax(1)
 
     def activation_map(self, x_map: torch.Tensor, neuron_ids: Union[torch.Tensor, list[int], int]) -> torch.Tensor:
         """Per-position activations of selected neurons: N×len(neuron_ids)×H×W heat maps.
