@@ -113,8 +113,9 @@ def _fmt(x: Any, kind: str = "float") -> str:
 
 def _table(config: dict[str, Any]) -> str:
     rows = [
-        "| layer | t | latents (k) | FVU | L0 | dead | σ_label ↓ | entropy ↓ (bits) | named ↑ | Diff-C top-1 | top-5 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | t | latents (k) | FVU | L0 | dead | σ_label ↓ | σ_label, shuffled labels | entropy ↓ (bits) "
+        "| named ↑ | Diff-C top-1 | top-5 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for item in config.get("entries", []):
         m = item.get("metrics") or {}
@@ -123,6 +124,7 @@ def _table(config: dict[str, Any]) -> str:
         rows.append(
             f"| `{item['layer']}` | {item['timestep']} | {latents} | {_fmt(sae.get('fvu'))} | {_fmt(sae.get('l0'))} "
             f"| {_fmt(sae.get('dead_fraction'), 'pct')} | {_fmt(atlas.get('sigma_label', atlas.get('mean_purity')))} "
+            f"| {_fmt(atlas.get('sigma_label_shuffled'))} "
             f"| {_fmt(atlas.get('mean_entropy'))} | {_fmt(atlas.get('named_fraction'), 'pct')} "
             f"| {_fmt(diffc.get('top1'), 'pct')} | {_fmt(diffc.get('top5'), 'pct')} |"
         )

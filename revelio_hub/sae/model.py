@@ -59,7 +59,10 @@ class KSparseAutoencoder(
         input_norm: ``None`` or ``{"scale": s}``: inputs are multiplied by
             ``s`` before encoding and reconstructions divided by ``s``.
         relu: apply ReLU after TopK (ours, default). ``False`` reproduces the
-            seed code's plain TopK (see :meth:`from_seed_checkpoint`).
+            original Revelio code's plain TopK (see :meth:`from_seed_checkpoint`).
+        training_recipe: name of the training recipe that produced the weights
+            (``"paper"`` or ``"default"``, see :mod:`revelio_hub.training_recipes`);
+            recorded in ``config.json``, ``None`` when unknown.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class KSparseAutoencoder(
         recipe: Optional[dict] = None,
         input_norm: Optional[dict] = None,
         relu: bool = True,
+        training_recipe: Optional[str] = None,
     ) -> None:
         super().__init__()
         if d_in < 1 or n_latents < 1:
@@ -96,6 +100,7 @@ class KSparseAutoencoder(
         self.recipe = dict(recipe) if recipe is not None else None
         self.input_norm = dict(input_norm) if input_norm is not None else None
         self.relu = bool(relu)
+        self.training_recipe = training_recipe
 
         # Tied, unit-norm initialisation (OpenAI TopK paper): W_enc starts as W_decᵀ.
         w_dec = torch.randn(n_latents, d_in)
@@ -254,6 +259,20 @@ class KSparseAutoencoder(
             )
         if self.recipe is not None:
             FeatureRecipe.from_dict(self.recipe).check_compatible(other, what="features")
+
+    @torch.no_grad()
+    def kaiming_init_(self, generator: Optional[torch.Generator] = None) -> None:
+        """The original Revelio code's initialisation: two separate ``kaiming_uniform_`` draws, untied.
+
+        It draws ``W_enc`` as d_in × n_latents (fan-in n_latents: bound √(6 / n_latents)), stored
+        here transposed, and ``W_dec`` as n_latents × d_in (bound √(6 / d_in)) whose rows are then
+        scaled to unit norm; ``b_enc`` starts at 0. ``b_pre`` is left to the caller (the data mean).
+        """
+        w_enc = nn.init.kaiming_uniform_(torch.empty(self.d_in, self.n_latents), generator=generator)
+        w_dec = nn.init.kaiming_uniform_(torch.empty(self.n_latents, self.d_in), generator=generator)
+        self.W_enc.copy_(w_enc.t())
+        self.W_dec.copy_(w_dec / w_dec.norm(dim=1, keepdim=True))
+        self.b_enc.zero_()
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
