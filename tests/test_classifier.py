@@ -467,3 +467,32 @@ def test_online_mode_extracts_fresh_augmented_features_every_epoch(tmp_path):
     assert sum(not torch.equal(a, b) for a, b in per_image.values()) >= n_train - 1
     model = DiffC.from_pretrained(tmp_path / "out")
     assert model.recipe["layer"] == "bottleneck" and model.recipe["timestep"] == 25
+
+
+def test_paper_recipe_schedule_dropout_and_all_images(tmp_path):
+    """`recipe="paper"`: the learning rate of each of 30 epochs is CosineAnnealingLR(T_max=90)'s, stepped per
+    epoch with no warm-up; dropout 0; every training image trains (no validation split) and the last epoch
+    is kept; the recipe is recorded in the model's config and eval.json."""
+    train = make_maps(2, 1, seed=4)  # 8 images, one batch per epoch: 30 epochs stay cheap
+    cfg = DiffCTrainConfig(recipe="paper", head="conv", hidden=8, batch_size=8, lr=1e-3, checkpoint_every=30)
+    assert (cfg.dropout, cfg.schedule, cfg.val_fraction, cfg.cosine_t_max, cfg.online, cfg.fresh_noise) == (
+        0.0, "cosine_per_epoch", 0.0, 90, True, True)
+    res = train_diffc(train, CLASSES, tmp_path / "paper", cfg, progress=False)
+
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=90)
+    expected = []
+    for _ in range(30):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        sched.step()
+    got = [row["lr"] for row in res.fit.history]
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got[-1] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 29 / 90)) / 2)  # ≈ 0.76 lr: far from 0
+    assert res.fit.best_epoch == 29 and res.eval["num_val_images"] == 0 and res.eval["num_train_images"] == 8
+    model = DiffC.from_pretrained(tmp_path / "paper")
+    assert model.dropout == 0.0 and model.training_recipe == "paper"
+    assert res.eval["training_recipe"] == "paper"
+    # the default recipe warms up and decays per step to 0, with dropout and a validation split
+    d = DiffCTrainConfig()
+    assert (d.recipe, d.schedule, d.dropout, d.val_fraction) == ("default", "warmup_cosine_per_step", 0.3, 0.1)
