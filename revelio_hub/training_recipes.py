@@ -41,6 +41,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from revelio_hub.images import RESIZES
+
 __all__ = ["SAERecipe", "DiffCRecipe", "ExtractionRecipe", "TrainingRecipe", "RECIPES", "get_recipe",
            "RECIPE_NAMES", "DEFAULT_RECIPE"]
 
@@ -48,7 +50,6 @@ SAE_INITS = ("tied", "kaiming_uniform")
 LOSS_NORMS = ("dataset", "batch")
 DECODER_RENORMS = ("after_step", "before_step")
 DIFFC_SCHEDULES = ("warmup_cosine_per_step", "cosine_per_epoch")
-RESIZES = ("bicubic", "bilinear")
 
 
 @dataclass(frozen=True)

@@ -733,7 +733,8 @@ class OnlineSource:
             # RandomResizedCrop + flip that a store's view e + 1 holds, so
             # cached and online training see identically distributed data.
             aug = [
-                augment_view(to_rgb(img), int(self.image_ids[p]), epoch + 1, self.size, seed=seed)
+                augment_view(to_rgb(img), int(self.image_ids[p]), epoch + 1, self.size, seed=seed,
+                             resize=getattr(self.backbone, "resize", "bicubic"))
                 for p, img in zip(pos, self._load(pos))
             ]
             started = time.perf_counter()
