@@ -144,9 +144,11 @@ def _train(a: argparse.Namespace) -> dict:
     from revelio_hub.backbones import load_backbone
     from revelio_hub.data import open_image_dataset
 
+    from revelio_hub.training_recipes import get_recipe
+
     device = Accelerator().device
     backbone = load_backbone(a.backbone, device=device, dtype=getattr(torch, a.dtype), revision=a.revision,
-                             image_size=a.image_size)
+                             image_size=a.image_size, resize=get_recipe(a.recipe).extraction.resize)
     train = open_image_dataset(a.dataset, a.split, label_column=a.label_column).limit(a.max_images)
     test_images = test_labels = None
     if a.test_split:
