@@ -496,3 +496,28 @@ def test_paper_recipe_schedule_dropout_and_all_images(tmp_path):
     # the default recipe warms up and decays per step to 0, with dropout and a validation split
     d = DiffCTrainConfig()
     assert (d.recipe, d.schedule, d.dropout, d.val_fraction) == ("default", "warmup_cosine_per_step", 0.3, 0.1)
+
+
+def test_online_source_draws_fresh_noise_every_epoch_only_when_asked():
+    """The paper recipe's online Diff-C: each epoch sees a new augmentation *and* new noise (the original calls
+    torch.randn every time); without fresh_noise an image keeps its seeded noise. Epochs are reproducible."""
+    from PIL import Image
+
+    from revelio_hub.diffc.training import OnlineSource
+    from revelio_hub.toy.pipeline import load_toy_backbone
+
+    backbone = load_toy_backbone(Path(__file__).resolve().parents[1] / "releases/toy-shapes/backbone")
+    images = [Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)) for i in range(4)]
+
+    def epoch_maps(fresh: bool, epoch: int) -> torch.Tensor:
+        source = OnlineSource(backbone, images, [0, 1, 0, 1], [0, 1, 2, 3], "down_ft1", 25, fresh_noise=fresh)
+        xs = list(source.batches(epoch, 4, seed=0))
+        assert len(xs) == 1
+        return xs[0][0]
+
+    # solid colours: every augmentation is the same image, so only the noise can change the features
+    fixed = [epoch_maps(False, e).sum(0) for e in (0, 1)]
+    fresh = [epoch_maps(True, e).sum(0) for e in (0, 1)]
+    assert torch.allclose(fixed[0], fixed[1], atol=1e-5)
+    assert not torch.allclose(fresh[0], fresh[1], atol=1e-3)
+    assert torch.equal(epoch_maps(True, 1), epoch_maps(True, 1))
