@@ -425,7 +425,8 @@ def test_training_recovers_known_dictionary(tmp_path):
     assert best_cos.mean() >= 0.9
     assert result.eval["fvu"] <= 0.1
     assert result.eval["l0"] <= 8
-    assert torch.allclose(result.model.W_dec.norm(dim=1), torch.ones(512), atol=1e-5)
+    # rows are renormalised before every step, as the original does: only the last Adam update is left
+    assert (result.model.W_dec.norm(dim=1) - 1).abs().max() < 0.05
     # written next to the weights, and the saved model is the trained one
     saved = json.loads((tmp_path / "sae/eval.json").read_text())
     assert saved["fvu"] == pytest.approx(result.eval["fvu"]) and saved["n_samples"] == 3277
@@ -447,7 +448,7 @@ def test_auxk_revives_dead_latents():
     dead = {}
     for coef in (0.0, 1 / 32):
         cfg = SAETrainConfig(k=8, n_latents=512, batch_size=256, steps=200, lr=4e-3, warmup_steps=10, log_every=10,
-                             eval_fraction=0.1, aux_coef=coef, dead_window=2560, checkpoint_every=0)
+                             eval_fraction=0.1, auxk=True, aux_coef=coef, dead_window=2560, checkpoint_every=0)
         result = train_sae(x, cfg, progress=False, init_fn=bad_init)
         dead[coef] = (result.eval["dead_fraction_train"], result.eval["fvu"])
     assert dead[0.0][0] > 0.6  # plain TopK: most latents dead
@@ -587,7 +588,7 @@ def test_cli_trains_from_a_feature_store(tmp_path, granularity, capsys):
     out = tmp_path / "sae"
     argv = ["--store", str(tmp_path / "store"), "--layer", "bottleneck", "--timestep", "25", "--granularity", granularity,
             "--tokens-per-image", "4", "--k", "2", "--expansion", "4", "--batch-size", "16", "--steps", "6",
-            "--warmup-steps", "2", "--log-every", "3", "--out", str(out), "--no-progress"]
+            "--warmup-steps", "2", "--log-every", "3", "--eval-fraction", "0.05", "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     sae = KSparseAutoencoder.from_pretrained(out)
     assert sae.granularity == granularity and sae.n_latents == 32
