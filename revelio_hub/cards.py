@@ -288,7 +288,8 @@ carry it *and* its activation is positively associated with it over all atlas im
   the prompt `{config.get('prompt', '')!r}`, block output read from the listed layer.
 - **k-SAE:** recipe {_recipes_line(config, 'sae')}. TopK (k in the table) on the block output (mean-pooled over
   space, or per position for token-level SAEs), 64× expansion by default, Adam 4e-4 with warm-up, decoder rows kept
-  unit-norm; the `default` recipe adds ReLU, input normalisation, tied init and AuxK, the `paper` recipe none of them.
+  unit-norm, as the original Revelio code (`default` differs from `paper` only by bf16 matmuls on CUDA: the
+  deviations it used to make were measured and dropped).
   The exact settings of each entry are in its `sae/train_config.json`.
 - **Diff-C:** recipe {_recipes_line(config, 'diffc')}. BatchNorm → conv stack → global pooling → linear head on the
   unpooled feature map, AdamW 1e-4 with a cosine schedule; settings in `diffc/train_config.json`.

@@ -75,20 +75,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--recipe", choices=list(RECIPE_NAMES), default=DEFAULT_RECIPE,
                    help="paper: the original Revelio code's training (dropout 0, CosineAnnealingLR(T_max=90) per "
                         "epoch, no warm-up, every training image, last epoch kept, fresh augmentation and noise "
-                        "every epoch: needs --online); default: ours. Options below override single choices "
+                        "every epoch: needs --online); default: the same, and also allows cached views (--train-store), "
+                        "measured less accurate. Options below override single choices "
                         "(default: %(default)s)")
     t.add_argument("--dropout", type=float, default=None,
-                   help="conv head dropout (default: the recipe's; default 0.3, paper 0.0)")
+                   help="conv head dropout (default: the recipe's, 0.0)")
     t.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
     t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
+    t.add_argument("--schedule", choices=["cosine_per_epoch", "warmup_cosine_per_step"], default=None,
+                   help="learning-rate schedule (default: the recipe's, cosine_per_epoch: CosineAnnealingLR(T_max=90) "
+                        "stepped per epoch)")
     t.add_argument("--warmup-fraction", type=float, default=None,
-                   help="share of steps in linear warm-up before the per-step cosine decay (default: the recipe's; "
-                        "default 0.05; the paper's per-epoch cosine has none)")
+                   help="share of steps in linear warm-up before a per-step cosine decay (default: the recipe's "
+                        "per-epoch cosine, which has none)")
     t.add_argument("--val-fraction", type=float, default=None,
-                   help="training images per class held out for model selection (default: the recipe's; default "
-                        "0.1, paper 0: every image trains, the last epoch is kept)")
+                   help="training images per class held out for model selection (default: the recipe's, 0: every "
+                        "image trains, the last epoch is kept)")
     t.add_argument("--view-mode", choices=["sample", "all"], default=d.views,
                    help="'sample': one cached view per image per epoch; 'all': every view (default: %(default)s)")
     add_hidden_alias(t, "--views", "view_mode", choices=["sample", "all"])
@@ -124,7 +128,7 @@ def _train(a: argparse.Namespace) -> dict:
 
     config = DiffCTrainConfig(
         recipe=a.recipe, head=a.head, hidden=a.hidden, dropout=a.dropout, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        weight_decay=a.weight_decay, warmup_fraction=a.warmup_fraction, val_fraction=a.val_fraction,
+        weight_decay=a.weight_decay, schedule=a.schedule, warmup_fraction=a.warmup_fraction, val_fraction=a.val_fraction,
         views=a.view_mode, seed=a.seed, mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,
         keep_checkpoint=a.keep_checkpoint,
     )
