@@ -113,8 +113,9 @@ def _fmt(x: Any, kind: str = "float") -> str:
 
 def _table(config: dict[str, Any]) -> str:
     rows = [
-        "| layer | t | latents (k) | FVU | L0 | dead | σ_label ↓ | entropy ↓ (bits) | named ↑ | Diff-C top-1 | top-5 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | t | latents (k) | FVU | L0 | dead | σ_label ↓ | σ_label, shuffled labels | entropy ↓ (bits) "
+        "| named ↑ | Diff-C top-1 | top-5 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for item in config.get("entries", []):
         m = item.get("metrics") or {}
@@ -123,6 +124,7 @@ def _table(config: dict[str, Any]) -> str:
         rows.append(
             f"| `{item['layer']}` | {item['timestep']} | {latents} | {_fmt(sae.get('fvu'))} | {_fmt(sae.get('l0'))} "
             f"| {_fmt(sae.get('dead_fraction'), 'pct')} | {_fmt(atlas.get('sigma_label', atlas.get('mean_purity')))} "
+            f"| {_fmt(atlas.get('sigma_label_shuffled'))} "
             f"| {_fmt(atlas.get('mean_entropy'))} | {_fmt(atlas.get('named_fraction'), 'pct')} "
             f"| {_fmt(diffc.get('top1'), 'pct')} | {_fmt(diffc.get('top5'), 'pct')} |"
         )
@@ -182,6 +184,26 @@ def _purity_neurons(config: dict[str, Any]) -> str:
     if not counts:
         return "1,000"
     return f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}–{counts[-1]:,} (per entry)"
+
+
+def _top_images_line(config: dict[str, Any]) -> str:
+    """Which activations rank the top images the atlas keeps and the app shows (they differ from σ_label's)."""
+    kinds = {((e.get("metrics") or {}).get("atlas") or {}).get("top_images_activations")
+             for e in config.get("entries", [])} - {None}
+    if kinds == {"topk_code"}:
+        return ("The top images the atlas keeps and the app shows are ranked by the SAE's TopK code, the "
+                "activation the app reports for an image (chosen by measurement: docs/benchmarks.md, "
+                "\"σ_label and top images\"); the atlas also holds σ_label on the TopK code (`topk_sigma_label`).")
+    return ""
+
+
+def _recipes_line(config: dict[str, Any], part: str) -> str:
+    """The training recipes (``paper``/``default``) that built the entries' models of one kind."""
+    names = sorted({r for e in config.get("entries", [])
+                    if (r := ((e.get("metrics") or {}).get(part) or {}).get("training_recipe"))})
+    if not names:
+        return "not recorded"
+    return ", ".join(f"`{n}`" for n in names) + " (see `revelio_hub.training_recipes`; `paper` = the original Revelio code's)"
 
 
 def render_card(config: dict[str, Any], repo_id: Optional[str] = None) -> ModelCard:
@@ -246,9 +268,11 @@ To browse the neurons interactively: `python app.py --release {repo_id}`.
 {_table(config)}
 
 FVU is the fraction of variance unexplained on held-out features (lower is better), L0 the mean number of active
-latents, *dead* the share of latents that never fired. σ_label is the paper's metric, computed as its code does: the
-sample standard deviation of the class ids of a neuron's top-10 images, averaged over the (up to) 1,000 neurons with
-the highest mean activation among those firing on more than 10 images (lower means more class-specific); entropy is
+latents, *dead* the share of latents that never fired. σ_label is the paper's metric, computed as the original Revelio
+code does: on ReLU of the SAE's dense pre-TopK activations, the sample standard deviation of the class ids of a
+neuron's top-10 images, averaged over the (up to) 1,000 neurons with the highest mean activation among those firing on
+more than 10 images (lower means more class-specific); beside it the same number with the labels shuffled across
+images, its value without any class structure. {_top_images_line(config)} Entropy is
 the label entropy of the top images of the (up to) 1,000 most frequent neurons. *Named* is the share of live neurons
 whose summary names a label value (the rest say `mixed`): a value is named only when most of the neuron's top images
 carry it *and* its activation is positively associated with it over all atlas images (AUROC, shown in the summary:
@@ -262,11 +286,13 @@ carry it *and* its activation is positively associated with it over all atlas im
 - **Features:** images resized and center-cropped to {config.get('image_size')} px, noised to timestep *t* with seeded
   per-image noise (seed {config.get('noise_seed', 0)}, ensemble of {config.get('ensemble', 1)}), one denoiser pass with
   the prompt `{config.get('prompt', '')!r}`, block output read from the listed layer.
-- **k-SAE:** TopK (k in the table) with ReLU on the block output (mean-pooled over space, or per position for
-  token-level SAEs), 64× expansion by default, Adam 4e-4 with warm-up, decoder rows kept unit-norm, AuxK loss against
-  dead latents. The exact settings of each entry are in its `sae/train_config.json`.
-- **Diff-C:** BatchNorm → conv stack → global pooling → linear head on the unpooled feature map, AdamW 1e-4 with cosine
-  schedule; settings in `diffc/train_config.json`.
+- **k-SAE:** recipe {_recipes_line(config, 'sae')}. TopK (k in the table) on the block output (mean-pooled over
+  space, or per position for token-level SAEs), 64× expansion by default, Adam 4e-4 with warm-up, decoder rows kept
+  unit-norm, as the original Revelio code (`default` differs from `paper` only by bf16 matmuls on CUDA: the
+  deviations it used to make were measured and dropped).
+  The exact settings of each entry are in its `sae/train_config.json`.
+- **Diff-C:** recipe {_recipes_line(config, 'diffc')}. BatchNorm → conv stack → global pooling → linear head on the
+  unpooled feature map, AdamW 1e-4 with a cosine schedule; settings in `diffc/train_config.json`.
 - **Atlas:** for each neuron its top-20 images (128-px WebP thumbnails in `atlas/thumbnails/`), firing frequency,
   mean activation when active, per label value AUROC, entropy and a one-line summary, built over {_fmt(((item.get('metrics') or {}).get('atlas') or {}).get('num_images'), 'int')} images.
 - **Classes:** {len(classes)}{(': ' + ', '.join(classes[:12]) + (' …' if len(classes) > 12 else '')) if classes else ''}.

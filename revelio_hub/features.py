@@ -91,14 +91,17 @@ def entry_dir(root: PathLike, layer: str, timestep: int) -> Path:
     return Path(root) / layer / f"t{int(timestep)}"
 
 
-def augment_view(image: Image.Image, image_id: int, view: int, image_size: int, seed: int = 0) -> Image.Image:
+def augment_view(image: Image.Image, image_id: int, view: int, image_size: int, seed: int = 0,
+                 resize: str = "bicubic") -> Image.Image:
     """The ``view``-th training view of an image.
 
     View 0 is the image itself (the backbone applies the paper's resize + center
     crop). Views >= 1 follow the Diff-C training augmentation,
     ``RandomResizedCrop(image_size, scale=(0.8, 1.0))`` + horizontal flip, drawn
     from a generator seeded by ``(seed, image_id, view)``, so a view is the same
-    on every rerun, rank and batch size.
+    on every rerun, rank and batch size. ``resize="bilinear"`` resamples the crop
+    as torchvision's ``RandomResizedCrop`` does (the original Revelio code's), the
+    default bicubic.
     """
     if view == 0:
         return image
@@ -120,7 +123,8 @@ def augment_view(image: Image.Image, image_id: int, view: int, image_size: int, 
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
         box = (left, top, left + side, top + side)
-    out = image.resize((image_size, image_size), resample=Image.Resampling.BICUBIC, box=box)
+    resample = Image.Resampling.BILINEAR if resize == "bilinear" else Image.Resampling.BICUBIC
+    out = image.resize((image_size, image_size), resample=resample, box=box)
     if rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return out
@@ -522,7 +526,8 @@ def extract_to_store(
     chunks = [todo[start : start + chunk] for start in range(0, len(todo), chunk)]
 
     def prepare(ids: list[int]) -> _PreparedChunk:
-        return _prepare_chunk(source, ids, views, backbone.image_size, seed, num_workers)
+        return _prepare_chunk(source, ids, views, backbone.image_size, seed, num_workers,
+                              getattr(backbone, "resize", "bicubic"))
 
     # Decode and augment the next chunk on a thread while the backbone works on this one,
     # so an accelerator does not wait for JPEG decoding between chunks.
@@ -561,13 +566,14 @@ class _PreparedChunk:
 
 
 def _prepare_chunk(
-    source: Any, ids: list[int], views: int, image_size: int, seed: int, num_workers: int
+    source: Any, ids: list[int], views: int, image_size: int, seed: int, num_workers: int,
+    resize: str = "bicubic",
 ) -> _PreparedChunk:
     ok_ids, images, skipped_ids = source.load_images(ids, num_workers=num_workers)
     row_images, row_ids, row_views = [], [], []
     for image_id, image in zip(ok_ids, images):
         for view in range(views):
-            row_images.append(augment_view(image, image_id, view, image_size, seed))
+            row_images.append(augment_view(image, image_id, view, image_size, seed, resize))
             row_ids.append(image_id)
             row_views.append(view)
     return _PreparedChunk(list(ids), row_images, row_ids, row_views, skipped_ids)

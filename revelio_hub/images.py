@@ -253,22 +253,42 @@ def load_image(
 # ----------------------------------------------------------------- preprocessing
 
 
-def center_crop_resize(image: Any, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic, antialiased) then centre-crop to ``size``×``size``.
+#: How ``Resize(size)`` scales the shorter side: ``"bicubic"`` (ours: long side rounded, crop offsets floored)
+#: or ``"bilinear"`` (the original Revelio code's torchvision ``Resize`` + ``CenterCrop``: long side
+#: truncated, crop offsets rounded).
+RESIZES = ("bicubic", "bilinear")
 
-    This is the paper's ``Resize(size) + CenterCrop(size)``; Pillow's bicubic
-    filter widens its support when shrinking, so downscaling is antialiased.
+
+def center_crop_resize(image: Any, size: int, resize: str = "bicubic") -> Image.Image:
+    """Resize the shorter side to ``size`` then centre-crop to ``size``×``size`` (the paper's ``Resize + CenterCrop``).
+
+    ``resize="bicubic"`` (default) uses Pillow's bicubic filter, which widens its
+    support when shrinking, so downscaling is antialiased. ``resize="bilinear"``
+    reproduces torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on PIL images,
+    as the original Revelio code runs them: antialiased bilinear, the long side
+    ``int(size · long / short)`` and the crop offsets ``int(round((side − size) / 2))``
+    (about one pixel from ours).
     """
     if int(size) <= 0:
         raise ValueError(f"size must be a positive number of pixels, got {size}.")
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}.")
     size = int(size)
     img = to_rgb(image)
     w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if resize == "bilinear":
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)
+        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    else:
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
     if (new_w, new_h) != (size, size):
         img = img.crop((left, top, left + size, top + size))
     return img
@@ -288,17 +308,18 @@ def _as_list(images: Any) -> list:
     raise ValueError(f"Expected an image or a list of images, got {type(images).__name__}.")
 
 
-def to_model_tensor(images: Union[ImageLike, Sequence[ImageLike]], size: int) -> torch.Tensor:
+def to_model_tensor(images: Union[ImageLike, Sequence[ImageLike]], size: int, resize: str = "bicubic") -> torch.Tensor:
     """Preprocess one image or a batch into a ``B×3×size×size`` float32 tensor in ``[-1, 1]``.
 
-    A 4-D array/tensor is read as a batch (B×H×W×C or B×C×H×W).
+    A 4-D array/tensor is read as a batch (B×H×W×C or B×C×H×W); ``resize`` as in
+    :func:`center_crop_resize`.
     """
     items = _as_list(images)
     if not items:
         raise ValueError("No images given.")
-    batch = np.stack([np.asarray(center_crop_resize(im, size)) for im in items])
+    batch = np.stack([np.asarray(center_crop_resize(im, size, resize)) for im in items])
     tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
     return tensor.div_(127.5).sub_(1.0).contiguous()
 
 
-__all__ = ["to_rgb", "load_image", "center_crop_resize", "to_model_tensor", "MIN_SIDE", "DEFAULT_MAX_PIXELS"]
+__all__ = ["to_rgb", "load_image", "center_crop_resize", "to_model_tensor", "MIN_SIDE", "DEFAULT_MAX_PIXELS", "RESIZES"]

@@ -37,6 +37,8 @@ class FeatureRecipe:
         noise_seed: base seed of the per-image deterministic noise.
         ensemble: number of noise draws averaged.
         family: backbone family (``sd``, ``sdxl``, ``dit``, ``pixart``, ``pixel``).
+        resize: how images were resized before the centre crop (``"bicubic"``, ours, or
+            ``"bilinear"``, the original Revelio code's; see ``revelio_hub.images.center_crop_resize``).
     """
 
     backbone: str
@@ -50,6 +52,7 @@ class FeatureRecipe:
     noise_seed: int = 0
     ensemble: int = 1
     family: Optional[str] = None
+    resize: str = "bicubic"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -424,12 +424,18 @@ def _entry_metrics(sae_cfg: dict, sae_eval: dict, diffc_cfg: dict, diffc_eval: d
         metrics["sae"] = {
             "d_in": sae_cfg.get("d_in"), "n_latents": sae_cfg.get("n_latents"), "k": sae_cfg.get("k"),
             "granularity": sae_cfg.get("granularity"),
-            **{k: _finite(sae_eval.get(k)) for k in ("fvu", "explained_variance", "l0", "dead_fraction", "cosine")
+            "training_recipe": sae_cfg.get("training_recipe"),
+            **{k: _finite(sae_eval.get(k)) for k in ("fvu", "explained_variance", "l0", "dead_fraction", "cosine",
+                                                      "original_l0_dense_pre_topk",
+                                                      "original_dead_fraction_dense_pre_topk",
+                                                      "original_explained_variance_uncentred")
                if k in sae_eval},
         }
+        metrics["sae"] = {k: v for k, v in metrics["sae"].items() if v is not None or k != "training_recipe"}
     if diffc_cfg:
         metrics["diffc"] = {
             "head": diffc_cfg.get("head"), "num_classes": len(diffc_cfg.get("class_names") or []),
+            **({"training_recipe": diffc_cfg["training_recipe"]} if diffc_cfg.get("training_recipe") else {}),
             **{k: _finite(diffc_eval.get(k)) for k in ("top1", "top5") if k in diffc_eval},
         }
         if diffc_eval.get("split"):
@@ -440,6 +446,10 @@ def _entry_metrics(sae_cfg: dict, sae_eval: dict, diffc_cfg: dict, diffc_eval: d
             "num_images": atlas_meta.get("num_images"),
             "sigma_label": _finite(summary.get("sigma_label")),
             "sigma_label_neurons": summary.get("sigma_label_neurons"),
+            "sigma_label_shuffled": _finite(summary.get("sigma_label_shuffled")),
+            "topk_sigma_label": _finite(summary.get("topk_sigma_label")),
+            "topk_sigma_label_neurons": summary.get("topk_sigma_label_neurons"),
+            "top_images_activations": atlas_meta.get("top_images_activations"),
             "mean_purity": _finite(summary.get("mean_purity")),
             "mean_entropy": _finite(summary.get("mean_entropy")),
             "dead_fraction": _finite(summary.get("dead_fraction")),

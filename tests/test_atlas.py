@@ -336,8 +336,8 @@ def test_multi_label_atlas_names_the_value_with_evidence_and_says_mixed_otherwis
     assert json.loads((tmp_path / "a" / ATLAS_FILE).read_text())["format_version"] == 2
 
 
-def test_sigma_label_follows_the_seed_formula():
-    """Hand-computed from the seed's save_feature.py: sample std of the top-10 class ids of the neurons
+def test_sigma_label_follows_the_original_formula():
+    """Hand-computed from the original Revelio code's save_feature.py: sample std of the top-10 class ids of the neurons
     firing on > 10 images, ranked by mean activation over their firing images."""
     from revelio_hub.interpret.metrics import sigma_label
 
@@ -369,3 +369,63 @@ def test_format_1_atlas_still_loads_and_summarises(tmp_path):
     assert old.label_columns == {"class": CLASSES}
     assert old.summary(3).startswith("triangle · 10/10 top images")  # no AUROC to show
     assert torch.isnan(old.value_auroc("class")).all()
+
+
+def _original_sigma_label(x, labels, w_enc, b_enc, b_dec, n_neurons=1000, top=10):
+    """The original Revelio code's σ_label, written from its definition (save_feature.py), independently of
+    the library: ReLU of the dense pre-TopK activations of every image, mean activation where it fires
+    (sum / (count + 1e-8)), neurons firing on > 10 images ranked by it, the sample std of the class ids of
+    each one's top-10 images, averaged over the first ``n_neurons``."""
+    hidden_pre = (x - b_dec) @ w_enc + b_enc                         # N × d_sae, no TopK
+    acts = torch.relu(hidden_pre).T                                    # d_sae × N
+    count = (acts > 0).sum(1).float()
+    mean_acts = acts.sum(1) / (count + 1e-8)
+    top_idx = torch.topk(acts, k=20, dim=1).indices                    # the original keeps 20
+    top_labels = labels[top_idx]
+    _, neurons = torch.topk(mean_acts * (count > 10), k=mean_acts.shape[0])
+    std_per_row = top_labels[neurons][:, :top].float().std(dim=1)
+    assert bool((count > 10).sum() >= n_neurons)                       # else the original averages ineligible rows
+    return float(std_per_row[:n_neurons].mean())
+
+
+def test_atlas_sigma_label_is_the_originals_on_pre_topk_activations(tmp_path):
+    """An SAE in the original's layout (TopK without ReLU, no input normalisation, two separate
+    Kaiming-uniform matrices, b_dec at the data mean), streamed in batches: the atlas' σ_label equals the
+    original's definition to 1e-4, and the TopK-code statistic is kept apart under its own name."""
+    from revelio_hub.sae.model import KSparseAutoencoder
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae, k, n, n_classes = 16, 2048, 8, 240, 12
+    labels = torch.randint(0, n_classes, (n,), generator=g)
+    centres = torch.randn(n_classes, d_in, generator=g) * 2
+    x = centres[labels] + torch.randn(n, d_in, generator=g)
+    w_enc = torch.nn.init.kaiming_uniform_(torch.empty(d_in, d_sae), generator=g)
+    w_dec = torch.nn.init.kaiming_uniform_(torch.empty(d_sae, d_in), generator=g)
+    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    b_enc = torch.randn(d_sae, generator=g) * 0.1
+    b_dec = x.mean(0)
+    torch.save({"state_dict": {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": b_dec}, "k": k},
+               tmp_path / "original.pt")
+    sae = KSparseAutoencoder.from_seed_checkpoint(tmp_path / "original.pt")  # relu=False, no input_norm
+    assert not sae.relu and sae.input_norm is None
+
+    expected = _original_sigma_label(x, labels, w_enc, b_enc, b_dec)
+    names = [f"c{i}" for i in range(n_classes)]
+    atlas = build_atlas(_batches(x, labels, [100, 100, 40]), names, sae=sae, config=AtlasConfig(top_n=20))
+    s = atlas.summary_stats
+    assert s["sigma_label_neurons"] == 1000
+    assert s["sigma_label"] == pytest.approx(expected, abs=1e-4)
+    # the labels carry class structure, so shuffling them must raise σ_label
+    assert s["sigma_label_shuffled"] > s["sigma_label"] + 0.3
+    # on TopK codes far fewer neurons qualify: a different number, kept under another name
+    assert s["topk_sigma_label_neurons"] < 1000
+    assert "topk_sigma_label" in s and s["topk_sigma_label"] != pytest.approx(expected, abs=1e-3)
+    # the pre-TopK statistics travel with the atlas, so the number can be recomputed from the folder
+    atlas.save(tmp_path / "atlas")
+    back = NeuronAtlas.load(tmp_path / "atlas")
+    from revelio_hub.interpret.metrics import sigma_label
+
+    ids = back.stats["pre_topk_top_image_ids"]
+    count = (back.stats["pre_topk_frequency"] * n).round().long()
+    again, used = sigma_label(labels[ids], count, back.stats["pre_topk_mean_activation"])
+    assert used == 1000 and again == pytest.approx(expected, abs=1e-4)

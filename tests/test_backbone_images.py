@@ -197,3 +197,23 @@ def test_app_reads_large_jpegs_through_the_reduced_decode(tmp_path, decoded_size
 
     img = read_image(str(_photo(tmp_path / "upload.jpg")), ImageLimits(max_side=256))
     assert set(decoded_sizes) == {(600, 400)} and max(img.size) == 256
+
+
+def test_bilinear_resize_follows_torchvision_resize_and_center_crop():
+    """The paper recipe's preprocessing: torchvision's Resize(64) + CenterCrop(64) on a PIL image, as the original
+    Revelio code runs it: bilinear, long side int(64 · 203 / 100) = 129 (truncated, ours rounds to 130), crop
+    offset int(round(65 / 2)) = 32 (ours floors (130 − 64) / 2 = 33)."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (100, 203, 3), dtype=np.uint8))
+    expected = img.resize((129, 64), Image.Resampling.BILINEAR).crop((32, 0, 96, 64))
+    got = center_crop_resize(img, 64, resize="bilinear")
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    ours = center_crop_resize(img, 64)
+    assert not np.array_equal(np.asarray(ours), np.asarray(got))
+    tall_img = img.transpose(Image.Transpose.TRANSPOSE)  # 100 wide, 203 high
+    tall = center_crop_resize(tall_img, 64, resize="bilinear")
+    tall_expected = tall_img.resize((64, 129), Image.Resampling.BILINEAR).crop((0, 32, 64, 96))
+    assert np.array_equal(np.asarray(tall), np.asarray(tall_expected))
+    assert to_model_tensor([img], 64, resize="bilinear").shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        center_crop_resize(img, 64, resize="nearest")

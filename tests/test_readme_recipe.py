@@ -144,7 +144,7 @@ def test_readme_recipe_runs_as_written(tmp_path, hub):
     backbone = make_tiny_sd15(tmp_path / "tiny-sd15")
     data = _make_dataset(tmp_path / "pets")
     values = {
-        "BACKBONE": str(backbone), "DATA": str(data), "LAYERS": "bottleneck up_ft1", "TIMESTEPS": "25",
+        "RECIPE": "default", "BACKBONE": str(backbone), "DATA": str(data), "LAYERS": "bottleneck up_ft1", "TIMESTEPS": "25",
         "SIZE": "64", "SAE_ARGS": "--steps 30 --expansion 4 --warmup-steps 5 --no-progress",
         "DIFFC_ARGS": "--epochs 2 --hidden 32 --no-progress", "LAUNCH": "torchrun --nproc_per_node 2",
     }
@@ -237,6 +237,48 @@ def test_readme_recipe_runs_as_written(tmp_path, hub):
         done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_readme_paper_recipe_runs_as_written(tmp_path):
+    """``RECIPE=paper``: steps 1–4 as written (features of both splits, the paper-recipe k-SAEs evaluated
+    on the test split, online Diff-C with fresh views every epoch); each model records the recipe."""
+    import json
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "training").symlink_to(ROOT / "training")
+    values = {
+        "RECIPE": "paper", "BACKBONE": str(make_tiny_sd15(tmp_path / "tiny-sd15")),
+        "DATA": str(_make_dataset(tmp_path / "pets")), "LAYERS": "up_ft1", "TIMESTEPS": "25", "SIZE": "64",
+        "SAE_ARGS": "--steps 30 --expansion 4 --warmup-steps 5 --no-progress",
+        "DIFFC_ARGS": "--epochs 2 --hidden 32 --no-progress",
+    }
+    script, found = ["set -e"], set()
+    for language, code in readme_blocks():
+        if language != "bash":
+            continue
+        script.append(override_variables(code, values, found))
+        if "train_diffc.py train" in code:  # step 4: the paper's training is complete
+            break
+    assert found == set(values)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    (work / "paper.sh").write_text("\n".join(script) + "\n")
+    done = subprocess.run(["bash", "paper.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-8000:]
+    assert not (work / "stores/sd15-pets-512-train").exists()  # the paper extracts Diff-C features online
+    store = json.loads((work / "stores/sd15-pets-256-train/summary.json").read_text())
+    assert store["recipe"]["resize"] == "bilinear"
+    sae_cfg = json.loads((work / "runs/sae/up_ft1_t25/config.json").read_text())
+    sae_eval = json.loads((work / "runs/sae/up_ft1_t25/eval.json").read_text())
+    assert sae_cfg["training_recipe"] == "paper" and sae_cfg["relu"] is False and sae_cfg["input_norm"] is None
+    assert sae_eval["evaluated_on"] == "eval_split" and sae_eval["n_train"] == 4 * len(CLASSES)
+    assert sae_eval["n_samples"] == 2 * len(CLASSES) and "original_l0_dense_pre_topk" in sae_eval
+    diffc_cfg = json.loads((work / "runs/diffc/up_ft1_t25/config.json").read_text())
+    diffc_eval = json.loads((work / "runs/diffc/up_ft1_t25/eval.json").read_text())
+    assert diffc_cfg["training_recipe"] == "paper" and diffc_cfg["dropout"] == 0.0
+    assert diffc_eval["num_val_images"] == 0 and diffc_eval["best_epoch"] == 1 and diffc_eval["split"] == "test"
 
 
 def test_section_parser_keeps_blocks_verbatim():

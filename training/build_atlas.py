@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from revelio_hub.interpret.atlas import AtlasConfig, TopKAccumulator, atlas_inputs, finalize_atlas, store_batches
+    from revelio_hub.interpret.atlas import (AtlasConfig, TopKAccumulator, atlas_inputs, finalize_atlas,
+                                             pre_topk_accumulator, store_batches)
     from revelio_hub.interpret.neuron_labels import ActivationLog
     from revelio_hub.interpret.ood import image_reconstruction_error
     from revelio_hub.features import FeatureStore
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     columns, tables = _label_tables(store, source, args.label_columns)
 
     acc = TopKAccumulator(sae.n_latents, config.top_n, config.threshold, device=accelerator.device)
+    pre_topk = pre_topk_accumulator(sae.n_latents, config, accelerator.device)  # the paper's sigma_label
     log = ActivationLog(sae.n_latents, list(columns), config.threshold)
     from tqdm.auto import tqdm
 
@@ -117,23 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                                    total=n_batches, desc=f"atlas {args.layer} t={args.timestep}",
                                    disable=not accelerator.is_main_process):
             x = x.to(accelerator.device)
-            acts = sae.image_activations(x)
+            acts, dense = sae.image_codes(x)
             by_column = {c: table[ids.long()] for c, table in tables.items()}
             first = next(iter(columns), None)
             acc.update(acts, by_column[first] if first else labels, ids)
+            pre_topk.update(dense, by_column[first] if first else labels, ids)
             log.update(acts, ids, by_column, image_reconstruction_error(sae, x))
 
     if accelerator.num_processes > 1:  # merge the per-process states: concatenated top-N rows are candidates
         from accelerate.utils import gather_object
 
-        state = {k: accelerator.gather(v.contiguous()) for k, v in acc.state().items()}
-        merged = TopKAccumulator(sae.n_latents, config.top_n, config.threshold, device=accelerator.device)
-        merged._merge(state["values"], state["image_ids"], state["labels"])
-        merged.fire_count = state["fire_count"].view(-1, sae.n_latents).sum(0)
-        merged.fire_sum = state["fire_sum"].view(-1, sae.n_latents).sum(0)
-        merged.fire_sq = state["fire_sq"].view(-1, sae.n_latents).sum(0)
-        merged.num_images = int(state["num_images"].sum())
-        acc = merged
+        acc, pre_topk = _gathered(accelerator, acc), _gathered(accelerator, pre_topk)
         logs = gather_object([log])
         log = logs[0]
         for other in logs[1:]:
@@ -154,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   image_ids=list(ids)).features.float()
     atlas = finalize_atlas(
         acc, list(next(iter(columns.values()), [])), config=config, sae=sae, thumbnails=thumbnails,
-        heatmap_maps=heatmap_maps, log=log, label_columns=columns,
+        heatmap_maps=heatmap_maps, log=log, label_columns=columns, pre_topk=pre_topk,
         heatmap_neurons=_most_frequent(acc, args.heatmaps) if args.heatmaps > 0 else None,
         out=args.out, progress=True,
         extra_meta={"dataset": dataset, "split": split, "layer": args.layer, "timestep": args.timestep,
@@ -164,9 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     sigma = s.get("sigma_label")
     print(f"wrote {args.out}: {atlas.num_neurons:,} neurons over {atlas.num_images:,} images, "
           f"{s['dead_count']:,} dead ({100 * s['dead_fraction']:.1f}%), label columns {list(columns)}, sigma_label "
-          f"{'n/a' if sigma is None else f'{sigma:.3f}'} over {s.get('sigma_label_neurons')} neurons")
+          f"{'n/a' if sigma is None else f'{sigma:.3f}'} over {s.get('sigma_label_neurons')} neurons "
+          f"(shuffled labels: {s.get('sigma_label_shuffled')})")
     finish(accelerator)
     return 0
+
+
+def _gathered(accelerator, acc):
+    """One accumulator over every process's images: the concatenated per-process top-N rows are the candidates."""
+    from revelio_hub.interpret.atlas import TopKAccumulator
+
+    state = {k: accelerator.gather(v.contiguous()) for k, v in acc.state().items()}
+    merged = TopKAccumulator(acc.n_latents, acc.top_n, acc.threshold, device=accelerator.device)
+    merged._merge(state["values"], state["image_ids"], state["labels"])
+    merged.fire_count = state["fire_count"].view(-1, acc.n_latents).sum(0)
+    merged.fire_sum = state["fire_sum"].view(-1, acc.n_latents).sum(0)
+    merged.fire_sq = state["fire_sq"].view(-1, acc.n_latents).sum(0)
+    merged.num_images = int(state["num_images"].sum())
+    return merged
 
 
 def _label_tables(store, source, wanted: str | None):

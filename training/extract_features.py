@@ -37,6 +37,7 @@ mixed: the run stops with an error unless --overwrite is given.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.cli import HelpFormatter, add_hidden_alias
     from revelio_hub.layer_names import canonical_layer
+    from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES
 
     p = argparse.ArgumentParser(
         description="Extract diffusion features (pooled vectors and optionally spatial maps) of an image "
@@ -69,8 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="Noise and augmentation seed (default: %(default)s).")
     p.add_argument("--ensemble", type=int, default=1,
                    help="Noise draws averaged per image (DIFT-style; default: %(default)s).")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="Compute precision (features are stored in fp32/fp16 regardless; default: %(default)s).")
+    p.add_argument("--recipe", choices=list(RECIPE_NAMES), default=DEFAULT_RECIPE,
+                   help="paper: the original Revelio code's preprocessing (fp32, bilinear Resize + CenterCrop "
+                        "as torchvision rounds them); default: ours (bicubic). --dtype overrides the precision "
+                        "(default: %(default)s).")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="Compute precision (features are stored in fp32/fp16 regardless; default: the recipe's, "
+                        "float32).")
     p.add_argument("--cpu", action="store_true",
                    help="Force the CPU (also chosen automatically for multi-process runs without CUDA).")
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster on GPUs).")
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from revelio_hub.backbones import load_backbone
     from revelio_hub.data import open_image_dataset
     from revelio_hub.features import extract_to_store
+    from revelio_hub.training_recipes import get_recipe
 
     from revelio_hub.distributed import finish, make_accelerator
 
@@ -119,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             accelerator.wait_for_everyone()
             source = open_source()
+        extraction = get_recipe(args.recipe).extraction
         opts = {"channels_last": True} if args.channels_last else {}
-        backbone = load_backbone(args.backbone, device=accelerator.device, dtype=getattr(torch, args.dtype),
+        opts["resize"] = extraction.resize
+        backbone = load_backbone(args.backbone, device=accelerator.device,
+                                 dtype=getattr(torch, args.dtype or extraction.dtype),
                                  revision=args.revision, image_size=args.image_size, **opts)
         if accelerator.is_main_process:
             log.info("%d images in %s[%s]; backbone %s (%s, %d px) on %d process(es)", len(source), args.dataset,

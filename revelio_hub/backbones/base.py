@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..images import _as_list, to_model_tensor
+from ..images import RESIZES, _as_list, to_model_tensor
 from ..layer_names import canonical_layer
 from ..recipe import FeatureRecipe
 from .capture import LayerTaps
@@ -91,8 +91,12 @@ class Backbone:
         channels_last: bool = False,
         early_exit: bool = True,
         prompt: str = "",
+        resize: str = "bicubic",
     ) -> None:
         dtype = resolve_dtype(dtype)
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}.")
+        self.resize = resize
         self.name = str(name)
         self.revision = revision
         self.device = torch.device(device)
@@ -265,11 +269,12 @@ class Backbone:
             backbone=self.name, layer=layer, timestep=t, image_size=self.image_size,
             d_in=self.channels(layer), granularity=granularity, revision=self.revision,
             prompt=self.prompt, noise_seed=int(seed), ensemble=int(ensemble), family=self.family,
+            resize=self.resize,
         )
 
     def preprocess(self, images: Any) -> torch.Tensor:
         """Images (PIL any mode, arrays, tensors) -> B×3×S×S float32 in [-1, 1] on the CPU."""
-        return to_model_tensor(images, self.image_size)
+        return to_model_tensor(images, self.image_size, self.resize)
 
     # ------------------------------------------------------------ extraction
 

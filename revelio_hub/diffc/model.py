@@ -83,6 +83,7 @@ class DiffC(
         hidden: int = 1024,
         dropout: float = 0.3,
         recipe: Optional[dict] = None,
+        training_recipe: Optional[str] = None,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -110,6 +111,7 @@ class DiffC(
         self.hidden = int(hidden)
         self.dropout = float(dropout)
         self.recipe: Optional[dict] = dict(recipe) if recipe is not None else None
+        self.training_recipe = training_recipe  # "paper" / "default" (revelio_hub.training_recipes), None: unknown
         # What save_pretrained writes to config.json: the normalised arguments,
         # whatever form they were passed in (e.g. a FeatureRecipe object).
         self._hub_mixin_config = {
@@ -120,6 +122,8 @@ class DiffC(
             "dropout": self.dropout,
             "recipe": self.recipe,
         }
+        if training_recipe is not None:
+            self._hub_mixin_config["training_recipe"] = training_recipe
 
         n_classes = len(class_names)
         if head == "conv":

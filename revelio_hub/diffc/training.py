@@ -46,6 +46,7 @@ from revelio_hub.features import augment_view
 from revelio_hub.images import to_rgb
 from revelio_hub.interpret.metrics import per_class_accuracy, topk_accuracy
 from revelio_hub.recipe import FeatureRecipe
+from revelio_hub.training_recipes import DEFAULT_RECIPE, DiffCRecipe, get_recipe
 
 VIEW_MODES = ("sample", "all")
 CHECKPOINT_DIR = "checkpoint"
@@ -57,18 +58,32 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class DiffCTrainConfig:
-    """Hyper-parameters of a Diff-C run; defaults follow the paper and its code (revelio-diffusion/revelio).
+    """Hyper-parameters of a Diff-C run.
+
+    ``recipe`` (``"default"`` or ``"paper"``, see :mod:`revelio_hub.training_recipes`) fills the
+    fields left at ``None`` (dropout, schedule, warm-up, ``cosine_t_max``, validation share,
+    online extraction, fresh noise) from its :class:`~revelio_hub.training_recipes.DiffCRecipe`.
+    The numbers (30 epochs, batch 16, AdamW 1e-4, weight decay 0.01 as AdamW's default) are the
+    paper's in both.
 
     Attributes:
+        recipe: the preset that fills the ``None`` fields, recorded in the model's config.
         head: ``"conv"`` (paper head) or ``"linear"`` (pooled probe).
         hidden: width of the conv head.
-        dropout: dropout probability of the conv head.
+        dropout: dropout probability of the conv head (paper: 0.0).
         epochs: passes over the training images (30 in the paper).
         batch_size: images per optimiser step (16 in the paper).
         lr: AdamW learning rate (1e-4 in the paper).
         weight_decay: AdamW weight decay.
+        schedule: ``"warmup_cosine_per_step"`` or ``"cosine_per_epoch"`` (the paper's
+            ``CosineAnnealingLR(T_max=cosine_t_max)`` stepped after every epoch).
         warmup_fraction: fraction of all steps spent in linear warm-up before the cosine decay.
-        val_fraction: fraction of training images (per class) held out for model selection.
+        cosine_t_max: ``T_max`` of the per-epoch cosine, in epochs (paper: 90).
+        val_fraction: fraction of training images (per class) held out for model selection
+            (0: every image trains and the last epoch is kept, the paper).
+        online: features recomputed from a fresh augmentation every epoch (``train_diffc_online``);
+            recorded, the caller picks the trainer.
+        fresh_noise: with ``online``, new diffusion noise every epoch.
         views: ``"sample"`` draws one cached view per image each epoch (all views,
             the plain one included, equally likely); ``"all"`` uses every cached view each epoch.
         seed: seeds the validation split, the view sampling, shuffling, init and dropout.
@@ -79,15 +94,20 @@ class DiffCTrainConfig:
         mixed_precision: passed to ``accelerate.Accelerator`` (``"no"``, ``"bf16"``, ``"fp16"``).
     """
 
+    recipe: str = DEFAULT_RECIPE
     head: str = "conv"
     hidden: int = 1024
-    dropout: float = 0.3
+    dropout: Optional[float] = None
     epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.01
-    warmup_fraction: float = 0.05
-    val_fraction: float = 0.1
+    schedule: Optional[str] = None
+    warmup_fraction: Optional[float] = None
+    cosine_t_max: Optional[int] = None
+    val_fraction: Optional[float] = None
+    online: Optional[bool] = None
+    fresh_noise: Optional[bool] = None
     views: str = "sample"
     seed: int = 0
     eval_batch_size: int = 128
@@ -96,6 +116,13 @@ class DiffCTrainConfig:
     keep_checkpoint: bool = False
 
     def __post_init__(self) -> None:
+        preset = asdict(get_recipe(self.recipe).diffc)
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        DiffCRecipe(**{name: getattr(self, name) for name in preset})  # validates the recipe fields
+        if self.schedule == "cosine_per_epoch" and (self.cosine_t_max is None or self.cosine_t_max < 1):
+            raise ValueError(f"cosine_per_epoch needs cosine_t_max ≥ 1 epochs, got {self.cosine_t_max}.")
         if self.head not in HEADS:
             raise ValueError(f"Unknown head {self.head!r}; valid: {list(HEADS)}.")
         if self.views not in VIEW_MODES:
@@ -393,7 +420,11 @@ def fit(
     steps_per_epoch = source.num_batches(config.batch_size, shard)
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+    per_epoch = config.schedule == "cosine_per_epoch"
+    if per_epoch:  # the original: CosineAnnealingLR(T_max=90) stepped after each epoch, stopped after 30
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.cosine_t_max)
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
     # The scheduler is not prepared (accelerate would step it once per process per
     # step); it follows this process's own step count and is checkpointed explicitly.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -428,6 +459,7 @@ def fit(
         model.train()
         started = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
+        epoch_lr = optimizer.param_groups[0]["lr"]
         bar = tqdm(
             source.batches(epoch, config.batch_size, config.seed, shard),
             total=steps_per_epoch,
@@ -442,16 +474,19 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
-            scheduler.step()
+            if not per_epoch:
+                scheduler.step()
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        if per_epoch:
+            scheduler.step()
         row: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss_sum / max(seen, 1),
             "train_top1": correct / max(seen, 1),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": epoch_lr if per_epoch else scheduler.get_last_lr()[0],
             "train_seconds": time.perf_counter() - started,
         }
         if val is not None and len(val):
@@ -522,7 +557,7 @@ class DiffCResult:
 def _new_model(in_channels: int, class_names: Sequence[str], config: DiffCTrainConfig, recipe: Optional[dict]) -> DiffC:
     torch.manual_seed(config.seed)
     return DiffC(in_channels, list(class_names), head=config.head, hidden=config.hidden,
-                 dropout=config.dropout, recipe=recipe)
+                 dropout=config.dropout, recipe=recipe, training_recipe=config.recipe)
 
 
 def _finish(
@@ -534,6 +569,7 @@ def _finish(
     model = fitted.model
     result: dict[str, Any] = {
         "head": config.head,
+        "training_recipe": config.recipe,
         "best_epoch": fitted.best_epoch,
         "epochs": config.epochs,
         "validation": fitted.best_val,
@@ -649,10 +685,12 @@ def train_diffc_from_store(
 
 
 class OnlineSource:
-    """Training batches computed by the backbone from freshly augmented images every epoch (the seed's way).
+    """Training batches computed by the backbone from freshly augmented images every epoch (the original's way).
 
     Augmentation is :func:`revelio_hub.features.augment_view` (RandomResizedCrop
-    0.8–1.0 + flip), one new draw per image and epoch.
+    0.8–1.0 + flip), one new draw per image and epoch; with ``fresh_noise`` the
+    diffusion noise is drawn anew every epoch too (seeded by the epoch), as the
+    original does, else each image keeps its seeded noise.
 
     ``images`` is a sequence of images (PIL/arrays) indexed like ``labels``, or
     any object with ``load_images(ids) -> (ok_ids, images, skipped)`` such as
@@ -661,13 +699,15 @@ class OnlineSource:
     """
 
     def __init__(self, backbone: Any, images: Any, labels: Sequence[int], image_ids: Sequence[int],
-                 layer: str, timestep: int, *, noise_seed: int = 0, ensemble: int = 1) -> None:
+                 layer: str, timestep: int, *, noise_seed: int = 0, ensemble: int = 1,
+                 fresh_noise: bool = False) -> None:
         self.backbone = backbone
         self.images = images
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.image_ids = torch.as_tensor(np.asarray(image_ids), dtype=torch.long)
         self.layer, self.timestep = layer, int(timestep)
         self.noise_seed, self.ensemble = noise_seed, ensemble
+        self.fresh_noise = bool(fresh_noise)
         self.size = int(backbone.image_size)
         self.extract_seconds = 0.0
 
@@ -693,11 +733,14 @@ class OnlineSource:
             # RandomResizedCrop + flip that a store's view e + 1 holds, so
             # cached and online training see identically distributed data.
             aug = [
-                augment_view(to_rgb(img), int(self.image_ids[p]), epoch + 1, self.size, seed=seed)
+                augment_view(to_rgb(img), int(self.image_ids[p]), epoch + 1, self.size, seed=seed,
+                             resize=getattr(self.backbone, "resize", "bicubic"))
                 for p, img in zip(pos, self._load(pos))
             ]
             started = time.perf_counter()
-            maps = self.backbone.extract(aug, [self.layer], [self.timestep], pool=None, seed=self.noise_seed,
+            # fresh noise (the original draws torch.randn every call): a new seed per epoch, still reproducible
+            noise_seed = self.noise_seed + 1_000_003 * (epoch + 1) if self.fresh_noise else self.noise_seed
+            maps = self.backbone.extract(aug, [self.layer], [self.timestep], pool=None, seed=noise_seed,
                                          ensemble=self.ensemble, batch_size=len(aug),
                                          image_ids=[int(self.image_ids[p]) for p in pos])
             self.extract_seconds += time.perf_counter() - started
@@ -745,7 +788,8 @@ def train_diffc_online(
         source_images: Any = images
     else:
         source_images = [images[int(i)] for i in train_idx]
-    source = OnlineSource(backbone, source_images, labels_np[train_idx], ids[train_idx], layer, timestep)
+    source = OnlineSource(backbone, source_images, labels_np[train_idx], ids[train_idx], layer, timestep,
+                          fresh_noise=config.fresh_noise)
     val = plain(images, val_idx, labels_np, ids) if len(val_idx) else None
     recipe = backbone.recipe(layer, timestep, granularity="spatial").to_dict()
     model = _new_model(backbone.channels(layer), class_names, config, recipe)

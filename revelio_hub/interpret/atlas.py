@@ -6,8 +6,8 @@ of every label column), how often it fires, how strongly when it does, how well
 its activation detects each label value over all atlas images (AUROC, see
 :mod:`revelio_hub.interpret.neuron_labels`), and how class-specific its top images are
 (label entropy, and the paper's ``sigma_label``: the sample std of the class ids
-of the top-10 images, averaged over the neurons with the highest mean
-activation). From these it writes one honest line per neuron
+of the top-10 images by ReLU of the SAE's pre-TopK activations, averaged over
+the neurons with the highest mean activation, as the original Revelio code). From these it writes one honest line per neuron
 (:meth:`NeuronAtlas.summary`), the same text in the app, the JSON API and the
 card. Top images are stored as small WebP thumbnails inside the atlas folder so
 the app and a Hub release never need the dataset itself. The atlas also keeps
@@ -23,7 +23,9 @@ Folder format (CONTRACTS.md)::
     stats.safetensors   frequency, mean_activation, activation_std, purity, entropy (n),
                         top_image_ids, top_activations, top_labels (n×K; id -1 = empty slot),
                         top_labels.<column> (n×K, the other label columns),
-                        value_auroc (n × Σ values, columns concatenated in label_columns order)
+                        value_auroc (n × Σ values, columns concatenated in label_columns order),
+                        pre_topk_top_image_ids (n×purity_top), pre_topk_frequency, pre_topk_mean_activation
+                        (n; ReLU of the SAE's pre-TopK activations, from which σ_label is computed)
     atlas.json          format_version (2), class_names (= first label column), label_columns,
                         num_images, summary (incl. sigma_label), summary_thresholds,
                         reconstruction_error (quantiles over the atlas images), thumbnail size, ...
@@ -76,7 +78,7 @@ THUMBNAIL_DIR = "thumbnails"
 HEATMAP_DIR = "heatmaps"
 FORMAT_VERSION = 2
 SORT_KEYS = ("frequency", "auroc", "entropy", "mean_activation", "purity")
-_INT_KEYS = ("top_image_ids", "top_labels")
+_INT_KEYS = ("top_image_ids", "top_labels", "pre_topk_top_image_ids")
 TOP_LABELS_PREFIX = "top_labels."
 #: Quantiles of the reconstruction error kept in atlas.json (0%, 0.1%, ..., 100%).
 ERROR_QUANTILES = 1001
@@ -94,7 +96,7 @@ class AtlasConfig:
     """How an atlas is built.
 
     Attributes:
-        top_n: top images kept per neuron (the seed keeps 20 and shows 10).
+        top_n: top images kept per neuron (the original Revelio code keeps 20 and shows 10).
         purity_top: how many top images the purity / entropy use (the paper: 10).
         summary_neurons: the layer summary averages purity over this many most
             frequently firing neurons (the paper: 1,000).
@@ -102,7 +104,7 @@ class AtlasConfig:
         thumbnail_quality: WebP quality (0–100); 80 keeps a 128-px thumbnail ≈ 3–5 kB.
         threshold: an activation above this counts as firing.
         sigma_min_images: ``sigma_label`` only counts neurons firing on more than this many
-            images (the seed: 10), so that all of their top-10 images are real firings.
+            images (the original: 10), so that all of their top-10 images are real firings.
         summary_min_auroc / summary_min_precision / summary_min_top_images / summary_max_values:
             when a neuron's summary names a label value (see
             :class:`~revelio_hub.interpret.neuron_labels.SummaryThresholds`); stored in atlas.json and
@@ -882,6 +884,7 @@ def build_atlas(
     if device is None:
         device = next(sae.parameters()).device if sae is not None else "cpu"
     acc = accumulator
+    pre_topk: Optional[TopKAccumulator] = None
     log: Optional[ActivationLog] = None
     iterator: Iterator = iter(batches)
     if progress:
@@ -894,10 +897,10 @@ def build_atlas(
                 raise ValueError("each batch must be a tuple (x, labels, image_ids)")
             x, labels, image_ids = batch
             x = _as_tensor(x, torch.float32)
-            errors = None
+            errors = dense = None
             if sae is not None:
                 xs = x.to(device=device, dtype=next(sae.parameters()).dtype)
-                acts = sae.image_activations(xs).float()
+                acts, dense = (a.float() for a in sae.image_codes(xs))
                 errors = image_reconstruction_error(sae, xs)
             else:
                 acts = x
@@ -912,13 +915,23 @@ def build_atlas(
                 acc = TopKAccumulator(acts.shape[1], config.top_n, config.threshold, device=device)
             if log is None:
                 log = ActivationLog(acts.shape[1], list(columns), config.threshold)
+            if dense is not None:
+                if pre_topk is None:
+                    pre_topk = pre_topk_accumulator(acts.shape[1], config, device)
+                pre_topk.update(dense, labs, ids)
             acc.update(acts, labs, ids)
             log.update(acts, ids, by_column, errors)
     if acc is None:
         raise ValueError("build_atlas got no batches: there is nothing to build an atlas from")
     return finalize_atlas(acc, class_names, config=config, sae=sae, thumbnails=thumbnails,
                           heatmap_maps=heatmap_maps, heatmap_neurons=heatmap_neurons, out=out,
-                          extra_meta=extra_meta, progress=progress, log=log, label_columns=columns)
+                          extra_meta=extra_meta, progress=progress, log=log, label_columns=columns,
+                          pre_topk=pre_topk)
+
+
+def pre_topk_accumulator(n_latents: int, config: AtlasConfig, device: Union[str, torch.device]) -> TopKAccumulator:
+    """The accumulator of the paper's σ_label: ReLU(pre-TopK) activations, top ``purity_top`` images per neuron."""
+    return TopKAccumulator(n_latents, config.purity_top, 0.0, device=device)
 
 
 def _label_columns(class_names: Optional[Sequence[str]],
@@ -965,13 +978,17 @@ def finalize_atlas(
     progress: bool = False,
     log: Optional[ActivationLog] = None,
     label_columns: Optional[Mapping[str, Sequence[str]]] = None,
+    pre_topk: Optional[TopKAccumulator] = None,
 ) -> NeuronAtlas:
     """Turn accumulated statistics into an atlas: label AUROCs, entropy, sigma_label, summary, thumbnails, heat maps.
 
     ``log`` (every image's activations and labels, see :class:`ActivationLog`)
     adds the per-value AUROCs, the other label columns' top labels and the
     reconstruction-error distribution; without it only the class column's
-    top-image statistics are available.
+    top-image statistics are available. ``pre_topk`` (:func:`pre_topk_accumulator`
+    fed with ``KSparseAutoencoder.image_codes``' second output) gives the paper's
+    σ_label; the same formula on the TopK codes is kept as ``topk_sigma_label``.
+    Without it (an atlas of given activations) σ_label is computed on those.
     """
     config = config or AtlasConfig()
     columns = _label_columns(class_names, label_columns)
@@ -1013,9 +1030,6 @@ def finalize_atlas(
     chosen_purity = chosen_purity[~torch.isnan(chosen_purity)]
     chosen_entropy = entropy[order]
     chosen_entropy = chosen_entropy[~torch.isnan(chosen_entropy)]
-    sigma, sigma_n = M.sigma_label(res["top_labels"], res["fire_count"], res["mean_activation"],
-                                 n_neurons=config.summary_neurons, top=config.purity_top,
-                                 min_images=config.sigma_min_images) if class_names else (None, 0)
     n = acc.n_latents
     dead = int((~alive).sum())
     summary = {
@@ -1023,8 +1037,7 @@ def finalize_atlas(
         "dead_count": dead,
         "dead_fraction": dead / n,
         "summary_neurons": config.summary_neurons,
-        "sigma_label": sigma,
-        "sigma_label_neurons": sigma_n,
+        **_sigma_labels(res, pre_topk, log, columns, config, stats),
         "mean_purity": float(chosen_purity.mean()) if chosen_purity.numel() else None,
         "mean_entropy": float(chosen_entropy.mean()) if chosen_entropy.numel() else None,
         "mean_frequency": float(freq.mean()),
@@ -1047,7 +1060,11 @@ def finalize_atlas(
         "dense_frequency": config.dense_frequency,
         "sigma_label_metric": (f"the paper's: mean sample std of the class ids of the top-{config.purity_top} images "
                                f"of the {config.summary_neurons} neurons with the highest mean activation among those "
-                               f"firing on more than {config.sigma_min_images} images (lower = more class-specific)"),
+                               f"firing on more than {config.sigma_min_images} images (lower = more class-specific), "
+                               + ("on ReLU of the SAE's pre-TopK activations, as the original Revelio code; "
+                                  "topk_sigma_label: the same on the TopK codes" if pre_topk is not None
+                                  else "on the activations given") + "; *_shuffled: labels permuted across images"),
+        "top_images_activations": "topk_code" if sae is not None else "given",
         "purity_metric": "per neuron: population std of the class ids of its top images (lower = more class-specific)",
         "entropy_unit": "bits",
         **meta_extra,
@@ -1087,6 +1104,41 @@ def finalize_atlas(
     if out is not None:
         atlas.save(out)
     return atlas
+
+
+def _sigma_labels(res: dict[str, torch.Tensor], pre_topk: Optional[TopKAccumulator], log: Optional[ActivationLog],
+                  columns: Mapping[str, Sequence[str]], config: AtlasConfig,
+                  stats: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """σ_label (the paper's: on ``pre_topk`` when given) and its value for shuffled labels; the TopK one beside.
+
+    Also stores the pre-TopK top image ids, frequency and mean activation in
+    ``stats`` (``pre_topk_*``), so the number can be recomputed from the atlas.
+    """
+    if not columns:
+        return {"sigma_label": None, "sigma_label_neurons": 0, "sigma_label_shuffled": None}
+    first = next(iter(columns))
+    kw = dict(n_neurons=config.summary_neurons, top=config.purity_top, min_images=config.sigma_min_images)
+
+    def both(r: dict[str, torch.Tensor]) -> tuple[Optional[float], int, Optional[float]]:
+        sigma, used = M.sigma_label(r["top_labels"], r["fire_count"], r["mean_activation"], **kw)
+        shuffled = None
+        if log is not None and log.num_images and sigma is not None:
+            ids = r["top_image_ids"]
+            size = max(int(ids.max()), int(log.all_image_ids().max())) + 1
+            shuffled = M.shuffled_sigma_label(ids, log.labels_by_image_id(first, size), r["fire_count"],
+                                              r["mean_activation"], **kw)
+        return sigma, used, shuffled
+
+    topk = both(res)
+    if pre_topk is None:
+        return {"sigma_label": topk[0], "sigma_label_neurons": topk[1], "sigma_label_shuffled": topk[2]}
+    pre = pre_topk.result()
+    stats["pre_topk_top_image_ids"] = pre["top_image_ids"]
+    stats["pre_topk_frequency"] = pre["frequency"]
+    stats["pre_topk_mean_activation"] = pre["mean_activation"]
+    paper = both(pre)
+    return {"sigma_label": paper[0], "sigma_label_neurons": paper[1], "sigma_label_shuffled": paper[2],
+            "topk_sigma_label": topk[0], "topk_sigma_label_neurons": topk[1], "topk_sigma_label_shuffled": topk[2]}
 
 
 def _add_heatmaps(atlas: NeuronAtlas, sae: Any, maps: Callable[[Sequence[int]], torch.Tensor],

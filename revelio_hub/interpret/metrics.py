@@ -23,6 +23,7 @@ __all__ = [
     "label_purity",
     "mean_label_purity",
     "sigma_label",
+    "shuffled_sigma_label",
     "label_entropy",
     "auroc",
     "topk_accuracy",
@@ -141,7 +142,7 @@ def label_purity(top_labels: torch.Tensor, top: int = 10) -> torch.Tensor:
     sorted by activation; 0 means all share one class, larger is more mixed.
     This is the atlas' per-neuron "purity" column, kept for old atlases. It is
     **not** the paper's number: :func:`sigma_label` is (sample std, neuron
-    selection as the seed). Class ids are arbitrary integers, so prefer
+    selection as the original Revelio code). Class ids are arbitrary integers, so prefer
     :func:`label_entropy` or a value's AUROC to judge one neuron.
     """
     top_labels = _as_2d(top_labels, "top_labels")
@@ -172,17 +173,22 @@ def mean_label_purity(
 
 def sigma_label(top_labels: torch.Tensor, fire_count: torch.Tensor, mean_activation: torch.Tensor,
                 n_neurons: int = 1000, top: int = 10, min_images: int = 10) -> tuple[Optional[float], int]:
-    """The paper's label-purity number, computed as the seed's ``save_feature.py`` does.
+    """The paper's label-purity formula (σ_label), as the original Revelio code's ``save_feature.py`` computes it.
 
     Among neurons that fire on more than ``min_images`` images, ranked by their
     mean activation over the images where they fire (highest first), the first
     ``n_neurons``: the mean over them of the **sample** standard deviation
     (``torch.std``, n − 1) of the class ids of their top ``top`` images. Lower
     means more class-specific; the value depends on how classes are numbered,
-    so compare it only within one dataset. Returns ``(sigma_label, neurons used)``,
+    so compare it only within one dataset, and next to its value for shuffled
+    labels (:func:`shuffled_sigma_label`). Returns ``(sigma_label, neurons used)``,
     ``(None, 0)`` when no neuron qualifies.
 
-    One deliberate difference: the seed multiplies the mean activation of
+    The paper's number needs the paper's activations: ReLU of the SAE's dense
+    pre-TopK activations (``KSparseAutoencoder.image_codes``); the atlas feeds
+    those. On TopK codes far fewer neurons qualify and the value is not the paper's.
+
+    One deliberate difference: the original multiplies the mean activation of
     ineligible neurons by 0, which only sorts them last; they enter its average
     only when fewer than ``n_neurons`` neurons qualify (their top slots then
     hold zero-activation images). Here they never count.
@@ -193,8 +199,36 @@ def sigma_label(top_labels: torch.Tensor, fire_count: torch.Tensor, mean_activat
     order = eligible[torch.argsort(mean_activation[eligible].double(), descending=True, stable=True)][:n_neurons]
     labels = top_labels[order, :top]
     if top < 2 or (labels < 0).any():
-        return None, 0  # the seed's top-10 are all real, labelled firings
+        return None, 0  # the original's top-10 are all real, labelled firings
     return float(labels.double().std(dim=1, unbiased=True).mean()), int(order.numel())
+
+
+def shuffled_sigma_label(top_image_ids: torch.Tensor, labels_by_id: torch.Tensor, fire_count: torch.Tensor,
+                         mean_activation: torch.Tensor, n_neurons: int = 1000, top: int = 10,
+                         min_images: int = 10, permutations: int = 10, seed: int = 0) -> Optional[float]:
+    """:func:`sigma_label` with the class ids permuted across images: the value of "no class structure".
+
+    σ_label alone cannot be read (its scale depends on the number of classes and
+    their numbering); beside this baseline it can. ``labels_by_id`` maps image id
+    → class id (−1 = unknown, ids that no top list uses); the labels of the
+    labelled ids are permuted ``permutations`` times with a seeded generator and
+    the mean is returned (``None`` when no neuron qualifies).
+    """
+    known = torch.nonzero(labels_by_id >= 0).flatten()
+    if known.numel() == 0:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(permutations):
+        table = labels_by_id.clone()
+        table[known] = labels_by_id[known[torch.randperm(known.numel(), generator=g)]]
+        ids = top_image_ids[:, :top]
+        top_labels = torch.where(ids >= 0, table[ids.clamp_min(0)], torch.full_like(ids, -1))
+        value, _ = sigma_label(top_labels, fire_count, mean_activation, n_neurons, top, min_images)
+        if value is None:
+            return None
+        values.append(value)
+    return float(sum(values) / len(values))
 
 
 def label_entropy(top_labels: torch.Tensor, num_classes: Optional[int] = None, top: int = 10) -> torch.Tensor:

@@ -59,7 +59,10 @@ class KSparseAutoencoder(
         input_norm: ``None`` or ``{"scale": s}``: inputs are multiplied by
             ``s`` before encoding and reconstructions divided by ``s``.
         relu: apply ReLU after TopK (ours, default). ``False`` reproduces the
-            seed code's plain TopK (see :meth:`from_seed_checkpoint`).
+            original Revelio code's plain TopK (see :meth:`from_seed_checkpoint`).
+        training_recipe: name of the training recipe that produced the weights
+            (``"paper"`` or ``"default"``, see :mod:`revelio_hub.training_recipes`);
+            recorded in ``config.json``, ``None`` when unknown.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class KSparseAutoencoder(
         recipe: Optional[dict] = None,
         input_norm: Optional[dict] = None,
         relu: bool = True,
+        training_recipe: Optional[str] = None,
     ) -> None:
         super().__init__()
         if d_in < 1 or n_latents < 1:
@@ -96,6 +100,7 @@ class KSparseAutoencoder(
         self.recipe = dict(recipe) if recipe is not None else None
         self.input_norm = dict(input_norm) if input_norm is not None else None
         self.relu = bool(relu)
+        self.training_recipe = training_recipe
 
         # Tied, unit-norm initialisation (OpenAI TopK paper): W_enc starts as W_decᵀ.
         w_dec = torch.randn(n_latents, d_in)
@@ -186,21 +191,37 @@ class KSparseAutoencoder(
         return recon, vals, idx
 
     def image_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense image-level activations N×n_latents, respecting the training granularity.
+        """Dense image-level activations N×n_latents of the TopK code, respecting the training granularity.
 
         Pooled SAE: a map N×d×H×W is mean-pooled over space first (what it was
         trained on). Token SAE: every position is encoded and an image's
         activation of a neuron is its max over positions (0 where it never
         fires). N×d inputs are encoded as they are. Callers chunk large N.
         """
+        return self.image_codes(x)[0]
+
+    def image_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-level ``(TopK code, ReLU of the pre-TopK activations)``, both N×n_latents, from one matmul.
+
+        The second is what the original Revelio code ranks a neuron's top images by and computes
+        σ_label on (it hooks the encoder before ``select_topk`` and applies a ReLU): a neuron
+        there "fires" on every image whose pre-activation is positive, selected by TopK or not.
+        Pooling follows :meth:`image_activations`: mean-pooled maps for a pooled SAE, the max
+        over positions for a token SAE.
+        """
         if x.dim() == 4 and self.granularity == "pooled":
             x = self._to_param(x).mean(dim=(2, 3))  # average in fp32 even for fp16 stored maps
-        if x.dim() == 2:
-            return self.encode_dense(x)
-        vals, idx = self.encode(x)
-        n = vals.shape[0]
-        out = vals.new_zeros(n, self.n_latents)
-        return out.scatter_reduce_(1, idx.reshape(n, -1), vals.reshape(n, -1), reduce="amax", include_self=True)
+        flat, grid = self._flatten(x)
+        pre = self.preactivations(self._to_param(flat) * self.scale)
+        vals, idx = pre.topk(self.k, dim=-1)
+        if self.relu:
+            vals = vals.clamp_min(0)
+        codes = pre.new_zeros(pre.shape).scatter_(-1, idx, vals)
+        dense = pre.clamp_min_(0)
+        if grid is None:
+            return codes, dense
+        n = grid[0]
+        return codes.reshape(n, -1, self.n_latents).amax(1), dense.reshape(n, -1, self.n_latents).amax(1)
 
     def activation_map(self, x_map: torch.Tensor, neuron_ids: Union[torch.Tensor, list[int], int]) -> torch.Tensor:
         """Per-position activations of selected neurons: N×len(neuron_ids)×H×W heat maps.
@@ -238,6 +259,20 @@ class KSparseAutoencoder(
             )
         if self.recipe is not None:
             FeatureRecipe.from_dict(self.recipe).check_compatible(other, what="features")
+
+    @torch.no_grad()
+    def kaiming_init_(self, generator: Optional[torch.Generator] = None) -> None:
+        """The original Revelio code's initialisation: two separate ``kaiming_uniform_`` draws, untied.
+
+        It draws ``W_enc`` as d_in × n_latents (fan-in n_latents: bound √(6 / n_latents)), stored
+        here transposed, and ``W_dec`` as n_latents × d_in (bound √(6 / d_in)) whose rows are then
+        scaled to unit norm; ``b_enc`` starts at 0. ``b_pre`` is left to the caller (the data mean).
+        """
+        w_enc = nn.init.kaiming_uniform_(torch.empty(self.d_in, self.n_latents), generator=generator)
+        w_dec = nn.init.kaiming_uniform_(torch.empty(self.n_latents, self.d_in), generator=generator)
+        self.W_enc.copy_(w_enc.t())
+        self.W_dec.copy_(w_dec / w_dec.norm(dim=1, keepdim=True))
+        self.b_enc.zero_()
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -1,10 +1,15 @@
 """Training k-sparse autoencoders: config, data helpers, the trainer loop, evaluation.
 
-The loop follows the paper's recipe (its code, revelio-diffusion/revelio: k 32, 64× expansion, Adam
-4e-4 with 500 warm-up steps, batch 8192, normalised MSE, ``b_pre`` at the data
-mean, unit-norm decoder rows with the parallel gradient component removed) and
-adds what the seed lacks: AuxK on dead latents (OpenAI's TopK paper), a
-held-out evaluation, resumable checkpoints and data parallelism.
+One loop serves two recipes (:mod:`revelio_hub.training_recipes`). ``paper``
+reproduces the original Revelio code (revelio-diffusion/revelio) step by step:
+plain TopK, no input normalisation, two separate Kaiming-uniform matrices, the
+batch-variance-normalised MSE, no AuxK, no hold-out, its warm-up (one step ahead)
+and its order of decoder renormalisation. ``default`` is the project's: the
+same numbers (k 32, 64× expansion, Adam 4e-4 with 500 warm-up steps, batch
+8192, ``b_pre`` at the data mean, unit-norm decoder rows with the parallel
+gradient component removed) with the deviations that won when measured side by
+side. Both get a held-out or separate-split evaluation, resumable checkpoints
+and data parallelism.
 
 Design choices that make runs reproducible:
 
@@ -13,9 +18,10 @@ Design choices that make runs reproducible:
   Nothing in the loop draws random numbers, so a resumed run needs only the
   step, the weights, Adam's moments and the dead-latent counters, and a
   2-process run sees exactly the samples of the 1-process run.
-* The MSE is normalised by the training set's variance (a constant), not the
-  batch variance, so per-rank losses sum to the global loss and gradients can be
-  summed across ranks (at batch 8192 the two normalisers agree to <1%).
+* The default recipe normalises the MSE by the training set's variance (a
+  constant), the paper's by the global batch's (reduced across ranks first);
+  either way per-rank losses sum to the global loss and gradients can be summed
+  across ranks (at batch 8192 the two normalisers agree to <1%).
 * No host syncs in the inner loop: metrics are accumulated on device and read
   back at logging steps only.
 
@@ -43,6 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from revelio_hub.interpret import metrics as M
 from revelio_hub.sae.model import KSparseAutoencoder
+from revelio_hub.training_recipes import DEFAULT_RECIPE, SAERecipe, get_recipe
 from revelio_hub.sae.kernels import sparse_decode, topk_encode
 
 __all__ = [
@@ -70,9 +77,15 @@ _RESUMABLE_CHANGES = {"checkpoint_every", "eval_batch_size", "dead_eval_min_samp
 
 @dataclass
 class SAETrainConfig:
-    """Hyper-parameters of one k-SAE run (defaults: the paper's, plus AuxK).
+    """Hyper-parameters of one k-SAE run.
+
+    ``recipe`` (``"default"`` or ``"paper"``, see :mod:`revelio_hub.training_recipes`) fills
+    every field left at ``None`` below from its :class:`~revelio_hub.training_recipes.SAERecipe`;
+    a value given explicitly wins. The numbers (k 32, 64×, Adam 4e-4, 500 warm-up steps,
+    batch 8192, 83.9M samples) are the paper's in both recipes.
 
     Attributes:
+        recipe: the preset that fills the ``None`` fields, recorded in the model's config.
         k: active latents per sample.
         expansion: n_latents = expansion × d_in (ignored when ``n_latents`` is set).
         n_latents: explicit dictionary size.
@@ -83,7 +96,7 @@ class SAETrainConfig:
         warmup_steps: linear warm-up length.
         lr_decay_fraction: final fraction of training with linear decay to 0 (0 = constant, the paper).
         adam_betas / adam_eps: Adam settings.
-        aux_k: latents in the AuxK code (default d_in // 2, as OpenAI); 0 disables AuxK.
+        aux_k: latents in the AuxK code (default d_in // 2, as OpenAI) when ``auxk`` is on.
         aux_coef: AuxK loss weight (1/32). The AuxK loss is OpenAI's: the squared error of
             reconstructing the main code's residual from the dead latents, divided by the
             residual's centred batch variance, so it is ≈ 1 whatever the residual's scale.
@@ -95,17 +108,16 @@ class SAETrainConfig:
             rows (training + held-out), because a latent firing on 1 sample in 10,000 looks
             dead on a few hundred. ``dead_fraction_over`` in ``eval.json`` says which.
         b_pre_init: ``"mean"`` (paper), ``"geometric_median"`` (OpenAI) or ``"zeros"``.
-        normalize_input: record a scalar input scale so the centred mean squared norm is 1: training
-            then behaves the same whatever the feature magnitude (Adam steps on b_enc are absolute).
-        eval_fraction: held-out share of the samples for the final evaluation.
         eval_batch_size: chunk size of the evaluation.
         checkpoint_every: steps between resumable checkpoints (0 = only at the end).
         log_every: steps between log lines.
         seed: seeds the init, the split and the batch order.
-        mixed_precision: ``"auto"`` (bf16 matmuls on CUDA, fp32 on CPU), ``"bf16"`` or ``"no"``.
-        relu: ReLU after TopK (keep True; False reproduces the seed's activation).
+        normalize_input, init, relu, auxk, eval_fraction, loss_norm, warmup_offset, decoder_renorm,
+        drop_last, mixed_precision: the recipe's choices (see :class:`~revelio_hub.training_recipes.SAERecipe`);
+            ``None`` takes the recipe's.
     """
 
+    recipe: str = DEFAULT_RECIPE
     k: int = 32
     expansion: int = 64
     n_latents: Optional[int] = None
@@ -122,17 +134,28 @@ class SAETrainConfig:
     dead_window: int = 10_000_000
     dead_eval_min_samples: int = 100_000
     b_pre_init: str = "mean"
-    normalize_input: bool = True
-    eval_fraction: float = 0.05
     eval_batch_size: int = 8192
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
-    mixed_precision: str = "auto"
-    relu: bool = True
+    normalize_input: Optional[bool] = None
+    init: Optional[str] = None
+    relu: Optional[bool] = None
+    auxk: Optional[bool] = None
+    eval_fraction: Optional[float] = None
+    loss_norm: Optional[str] = None
+    warmup_offset: Optional[int] = None
+    decoder_renorm: Optional[str] = None
+    drop_last: Optional[bool] = None
+    mixed_precision: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        preset = asdict(get_recipe(self.recipe).sae)
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        SAERecipe(**{name: getattr(self, name) for name in preset})  # validates the recipe fields
         if self.b_pre_init not in ("mean", "geometric_median", "zeros"):
             raise ValueError(f"b_pre_init must be 'mean', 'geometric_median' or 'zeros', got {self.b_pre_init!r}")
         if self.mixed_precision not in ("auto", "bf16", "no"):
@@ -328,7 +351,7 @@ def _adam(model: KSparseAutoencoder, cfg: SAETrainConfig) -> torch.optim.Adam:
 
 
 def _lr_at(step: int, cfg: SAETrainConfig, total: int) -> float:
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+    lr = cfg.lr * min(1.0, (step + cfg.warmup_offset) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
     decay_steps = int(round(cfg.lr_decay_fraction * total))
     if decay_steps > 0 and step >= total - decay_steps:
         lr *= (total - step) / decay_steps
@@ -391,6 +414,7 @@ def train_sae(
     progress: bool = True,
     stop_after_step: Optional[int] = None,
     init_fn: Optional[Callable[[KSparseAutoencoder], None]] = None,
+    eval_features: Optional[torch.Tensor] = None,
 ) -> TrainResult:
     """Train a k-SAE on ``features`` (N×d_in, pooled vectors or sampled tokens).
 
@@ -414,6 +438,9 @@ def train_sae(
         init_fn: called (under ``torch.no_grad``) on the freshly initialised
             model before training, e.g. to warm-start from another SAE's weights.
             Must be deterministic: it also runs before a resume overwrites the weights.
+        eval_features: a separate evaluation split (N×d_in, e.g. the test images' features);
+            ``eval.json`` is then computed on it instead of the held-out share (the paper
+            recipe holds nothing out).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -443,6 +470,11 @@ def train_sae(
         cfg = _whole_set_batches(cfg, n_train, world, acc.is_main_process)
     eval_x = features[perm[:n_eval]].float()
     train_cpu = features[perm[n_eval:]].float()
+    eval_over = "held_out"
+    if eval_features is not None:
+        if eval_features.dim() != 2 or eval_features.shape[1] != d_in:
+            raise ValueError(f"eval_features must be N×{d_in}, got shape {tuple(eval_features.shape)}")
+        eval_x, eval_over = eval_features.float(), "eval_split"
 
     # keep the training data on the device when it fits comfortably
     if device.type == "cuda":
@@ -459,17 +491,7 @@ def train_sae(
         raise ValueError("the training features have zero variance; nothing to learn")
     scale = float(torch.sqrt(1.0 / centred_sq)) if cfg.normalize_input else 1.0
     var_total = float(centred_sq) * scale**2  # mean centred squared norm after scaling
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = KSparseAutoencoder(
-            d_in,
-            n_latents,
-            k=cfg.k,
-            granularity=granularity,
-            recipe=recipe,
-            input_norm={"scale": scale} if cfg.normalize_input else None,
-            relu=cfg.relu,
-        )
+    model = _new_model(d_in, n_latents, cfg, granularity, recipe, scale)
     with torch.no_grad():
         if cfg.b_pre_init == "mean":
             model.b_pre.copy_((mean * scale).float())
@@ -481,7 +503,7 @@ def train_sae(
     model.to(device).train()
     opt = _adam(model, cfg)
 
-    aux_k = cfg.aux_k if cfg.aux_k is not None else d_in // 2
+    aux_k = (cfg.aux_k if cfg.aux_k is not None else d_in // 2) if cfg.auxk else 0
     aux_k = min(aux_k, n_latents)
     window = min(cfg.dead_window, n_train)
     tracker = M.DeadLatentTracker(n_latents, window, device=device)
@@ -513,7 +535,7 @@ def train_sae(
 
     total = cfg.total_steps
     local_b = cfg.batch_size // world
-    steps_per_epoch = n_train // cfg.batch_size
+    steps_per_epoch = n_train // cfg.batch_size if cfg.drop_last else math.ceil(n_train / cfg.batch_size)
     params = list(model.parameters())
     history: list[dict[str, Any]] = []
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fvu, l0, aux
@@ -532,7 +554,11 @@ def train_sae(
             epoch_perm = torch.randperm(n_train, generator=ep_gen).to(train.device)
             cached_epoch = epoch
         gidx = epoch_perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        x = train[gidx[rank * local_b : (rank + 1) * local_b]].to(device, non_blocking=True) * scale
+        b = gidx.numel()  # smaller than batch_size only for the last batch of an epoch without drop_last
+        mine = gidx[rank * local_b : (rank + 1) * local_b] if b == cfg.batch_size else gidx.tensor_split(world)[rank]
+        x = train[mine].to(device, non_blocking=True) * scale
+        if cfg.decoder_renorm == "before_step":
+            model.normalize_decoder()
 
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg, total)
@@ -560,7 +586,7 @@ def train_sae(
         )
         recon = sparse_decode(vals, idx, model.W_dec).float() + model.b_pre
         err = x - recon
-        main = err.pow(2).sum() / (cfg.batch_size * var_total)
+        main = err.pow(2).sum() / _loss_denominator(x, b, var_total, cfg, acc, world)
         loss = main
         aux_loss = torch.zeros((), device=device)
         if use_aux:
@@ -570,7 +596,7 @@ def train_sae(
 
         counts = torch.zeros(n_latents, dtype=torch.float32, device=device)
         counts.index_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).float())
-        stats = torch.stack([loss.detach(), main.detach(), (vals != 0).sum().float() / cfg.batch_size, aux_loss.detach()])
+        stats = torch.stack([loss.detach(), main.detach(), (vals != 0).sum().float() / b, aux_loss.detach()])
         if world > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in params] + [counts, stats.float()])
             flat = acc.reduce(flat, "sum")
@@ -583,8 +609,9 @@ def train_sae(
         model.remove_parallel_decoder_grad()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.normalize_decoder()
-        tracker.update(counts > 0, cfg.batch_size)
+        if cfg.decoder_renorm == "after_step":
+            model.normalize_decoder()
+        tracker.update(counts > 0, b)
         sums += stats.double()
         n_acc += 1
 
@@ -625,7 +652,13 @@ def train_sae(
     if finished:
         if eval_x.shape[0] >= 2:
             eval_metrics = evaluate_sae(model, eval_x, cfg.eval_batch_size)
+            eval_metrics["evaluated_on"] = eval_over
         dead_report = _dead_fraction_report(model, eval_x, train_cpu, cfg)
+        rows = eval_x if eval_x.shape[0] >= 2 else train_cpu
+        original = original_code_metrics(model, rows, cfg.eval_batch_size)
+        eval_metrics.update({f"original_{k}": v for k, v in original.items() if k != "n_samples"})
+        eval_metrics["original_metrics_over"] = eval_over if eval_x.shape[0] >= 2 else "train"
+        eval_metrics["recipe"] = cfg.recipe
         if "dead_fraction" in eval_metrics and dead_report["dead_fraction_over"] != "held_out":
             eval_metrics["dead_fraction_held_out"] = eval_metrics["dead_fraction"]  # kept, but too few rows to trust
         eval_metrics.update(dead_report)
@@ -646,10 +679,76 @@ def train_sae(
     return TrainResult(model=model.cpu(), eval=eval_metrics, steps=completed, history=history, train_seconds=train_seconds)
 
 
-def _whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: bool) -> SAETrainConfig:
-    """A batch larger than the data becomes the whole training set per step, as in the seed.
+def _new_model(d_in: int, n_latents: int, cfg: SAETrainConfig, granularity: str, recipe: Optional[dict],
+               scale: float) -> KSparseAutoencoder:
+    """A freshly initialised SAE as the recipe wants it (tied or the original's two Kaiming draws), seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = KSparseAutoencoder(
+            d_in,
+            n_latents,
+            k=cfg.k,
+            granularity=granularity,
+            recipe=recipe,
+            input_norm={"scale": scale} if cfg.normalize_input else None,
+            relu=cfg.relu,
+            training_recipe=cfg.recipe,
+        )
+        if cfg.init == "kaiming_uniform":
+            model.kaiming_init_()
+    return model
 
-    The seed's loader (a shuffled ``DataLoader`` with ``batch_size`` > dataset) simply
+
+def _loss_denominator(x: torch.Tensor, batch: int, var_total: float, cfg: SAETrainConfig, acc: Any,
+                      world: int) -> torch.Tensor:
+    """What the squared error is divided by: the training set's variance × batch, or the batch's own.
+
+    ``"batch"`` is the original's ``mean((x̂ − x)²) / mean((x − mean_batch(x))²)`` written as a ratio of
+    sums over the *global* batch (reduced across processes), so per-process losses still sum to it.
+    """
+    if cfg.loss_norm == "dataset":
+        return torch.tensor(batch * var_total, dtype=torch.float32, device=x.device)
+    xd = x.detach().double()
+    sums = torch.cat([xd.sum(0), xd.pow(2).sum().reshape(1), torch.tensor([float(x.shape[0])], device=x.device,
+                                                                           dtype=torch.float64)])
+    if world > 1:
+        sums = acc.reduce(sums, "sum")
+    total_sum, total_sq, n = sums[:-2], sums[-2], sums[-1]
+    return (total_sq - total_sum.pow(2).sum() / n.clamp_min(1)).float().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def original_code_metrics(model: KSparseAutoencoder, features: torch.Tensor, batch_size: int = 8192,
+                          dead_threshold: float = 1e-6) -> dict[str, Any]:
+    """The quantities the original Revelio code logs, under their own names, on ``features``.
+
+    It counts activity on the *dense pre-TopK* activations (``hidden_pre > 0``), not on the
+    TopK code: ``l0_dense_pre_topk`` is the mean number of positive pre-activations per sample
+    and ``dead_fraction_dense_pre_topk`` the share of latents positive on fewer than
+    ``dead_threshold`` of the samples (its ``dead_feature_threshold``, 1e-6). Its explained
+    variance is uncentred: the mean over samples of ``1 − ‖x̂ − x‖² / ‖x‖²``. None of these
+    equals our FVU, L0 or dead fraction; they are here so that a user can compare with its logs.
+    """
+    device = model.W_enc.device
+    positive = torch.zeros(model.n_latents, dtype=torch.float64, device=device)
+    l0 = ev = torch.zeros((), dtype=torch.float64, device=device)
+    n = features.shape[0]
+    for start in range(0, n, batch_size):
+        x = features[start : start + batch_size].to(device=device, dtype=torch.float32)
+        pre = model.preactivations(x * model.scale) > 0
+        positive += pre.sum(0).double()
+        l0 = l0 + pre.sum().double()
+        recon, _, _ = model(x)
+        ev = ev + (1 - (recon - x).double().pow(2).sum(1) / x.double().pow(2).sum(1).clamp_min(1e-30)).sum()
+    return {"l0_dense_pre_topk": float(l0 / n),
+            "dead_fraction_dense_pre_topk": float((positive / n < dead_threshold).double().mean()),
+            "explained_variance_uncentred": float(ev / n), "n_samples": int(n)}
+
+
+def _whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: bool) -> SAETrainConfig:
+    """A batch larger than the data becomes the whole training set per step, as in the original.
+
+    The original's loader (a shuffled ``DataLoader`` with ``batch_size`` > dataset) simply
     yields every sample each step while its counter adds ``batch_size``: on Oxford
     Pets its 83.9M "samples" are 10,240 full-set steps. We keep that step count and
     record the batch actually used (trimmed to a multiple of the process count).
@@ -661,7 +760,7 @@ def _whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: b
     if verbose:
         logger.warning(
             "warning: batch_size=%d exceeds the %d training samples: each of the %d steps uses the whole "
-            "training set (%d samples, as the seed's loader does), %s samples in all",
+            "training set (%d samples, as the original Revelio code's loader does), %s samples in all",
             cfg.batch_size, n_train, steps, batch, f"{steps * batch:,}",
         )
     return replace(cfg, batch_size=batch, steps=steps)

@@ -41,7 +41,9 @@ TOY_BACKBONE_NAME = "revelio-hub/toy-shapes-ddpm"
 LABEL_FACTOR = "shape"
 #: Bumped when the SAE trainer changes what it produces (2: AuxK over the centred residual variance, the
 #: dead set refreshed every step, dead fraction over all rows): a work folder's older SAEs are retrained.
-SAE_TRAINER_VERSION = 2
+SAE_TRAINER_VERSION = 3
+#: 3: the default recipe became the paper's (no input normalisation, Kaiming-uniform untied init, plain TopK, no
+#: AuxK, no hold-out: evaluated on the test split's tokens), measured in benchmarks/bench_paper_recipe.py.
 #: The build settings, written into the release so the benchmark can train its control the same way.
 TOY_BUILD_FILE = "toy_build.json"
 
@@ -80,7 +82,7 @@ class ToyBuildConfig:
     diffc_epochs: int = 30
     diffc_batch_size: int = 64
     diffc_lr: float = 3e-3
-    diffc_dropout: float = 0.1
+    diffc_dropout: float = 0.0  # dropout lost held-out accuracy side by side (docs/benchmarks.md)
     #: Diff-C is trained for these layers only: on 32×32 maps (up_ft1) it costs
     #: minutes per entry on CPU and the coarser layers already classify shapes.
     diffc_layers: tuple[str, ...] = ("down_ft1", "bottleneck", "up_ft0")
@@ -211,7 +213,7 @@ def factor_labels(dataset, image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, out: Optional[Path] = None,
-                     progress: bool = False):
+                     progress: bool = False, eval_maps: Optional[torch.Tensor] = None):
     """Token-level k-SAE on ``sae_tokens_per_image`` sampled positions of each N×C×H×W map.
 
     Used for the release's SAEs and, with the same settings, for the benchmark's
@@ -226,11 +228,15 @@ def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, o
         dead_window=len(tokens), checkpoint_every=0, log_every=max(1, config.sae_steps // 10), seed=config.seed,
         aux_k=config.sae_aux_k, aux_coef=config.sae_aux_coef,
     )
-    return train_sae(tokens, cfg, out_dir=out, recipe=recipe, granularity="token", progress=progress)
+    eval_tokens = sample_tokens(eval_maps.float(), config.sae_tokens_per_image, seed=config.seed)[0] \
+        if eval_maps is not None else None
+    return train_sae(tokens, cfg, out_dir=out, recipe=recipe, granularity="token", progress=progress,
+                     eval_features=eval_tokens)
 
 
-def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path, progress: bool = False):
-    """The release SAE of one (layer, t), trained on the train store's spatial maps."""
+def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path, progress: bool = False,
+                    test_store: Any = None):
+    """The release SAE of one (layer, t), trained on the train store's spatial maps, evaluated on the test store's."""
     from revelio_hub.sae.model import KSparseAutoencoder
 
     marker = out / "toy_stage.json"
@@ -243,7 +249,8 @@ def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path
     if out.exists():
         shutil.rmtree(out)
     maps = store.load(layer, t, kind="spatial", views=0).features
-    res = train_tokens_sae(config, maps, store.recipe(layer, t, "token").to_dict(), out, progress)
+    eval_maps = test_store.load(layer, t, kind="spatial", views=0).features if test_store is not None else None
+    res = train_tokens_sae(config, maps, store.recipe(layer, t, "token").to_dict(), out, progress, eval_maps)
     marker.write_text(json.dumps(settings))
     return res
 
@@ -253,10 +260,7 @@ def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: st
     """Diff-C (conv head) on the shape label of one (layer, t); evaluated on the test split."""
     from revelio_hub.diffc.training import DiffCTrainConfig, train_diffc_from_store
 
-    cfg = DiffCTrainConfig(head="conv", hidden=config.diffc_hidden, epochs=config.diffc_epochs,
-                           batch_size=config.diffc_batch_size, lr=config.diffc_lr, dropout=config.diffc_dropout,
-                           seed=config.seed,
-                           checkpoint_every=max(1, config.diffc_epochs))
+    cfg = toy_diffc_config(config)
     # Reuse a finished run with identical settings; otherwise start clean (a
     # half-written run from other settings must never be resumed).
     marker = out / "toy_stage.json"
@@ -271,6 +275,20 @@ def train_entry_diffc(config: ToyBuildConfig, train_store, test_store, layer: st
     res = train_diffc_from_store(train_store, out, layer, t, cfg, test_store=test_store, progress=progress)
     marker.write_text(json.dumps(settings))
     return res
+
+
+def toy_diffc_config(config: ToyBuildConfig):
+    """The toy's Diff-C settings: the default recipe, CPU-sized, on the stored plain view of each image.
+
+    Online extraction (the recipe's) would run the backbone 30 times per image; the toy trains on one
+    cached view instead and says so in the recorded config (``online=False``).
+    """
+    from revelio_hub.diffc.training import DiffCTrainConfig
+
+    return DiffCTrainConfig(head="conv", hidden=config.diffc_hidden, epochs=config.diffc_epochs,
+                            batch_size=config.diffc_batch_size, lr=config.diffc_lr, dropout=config.diffc_dropout,
+                            seed=config.seed, checkpoint_every=max(1, config.diffc_epochs), online=False,
+                            fresh_noise=False)
 
 
 @dataclass
@@ -448,8 +466,6 @@ def seed_from_release(config: ToyBuildConfig, release: str | Path, paths: BuildP
             "train_seed", "noise_seed", "layers", "timesteps")
     if any(getattr(built, k) != getattr(config, k) for k in keys):
         return seeded
-    from revelio_hub.diffc.training import DiffCTrainConfig
-
     for layer in config.diffc_layers:
         for t in config.timesteps:
             src = release / layer / f"t{t}" / "diffc"
@@ -460,10 +476,7 @@ def seed_from_release(config: ToyBuildConfig, release: str | Path, paths: BuildP
             if out.exists():
                 shutil.rmtree(out)
             shutil.copytree(src, out)
-            cfg = DiffCTrainConfig(head="conv", hidden=config.diffc_hidden, epochs=config.diffc_epochs,
-                                   batch_size=config.diffc_batch_size, lr=config.diffc_lr,
-                                   dropout=config.diffc_dropout, seed=config.seed,
-                                   checkpoint_every=max(1, config.diffc_epochs))
+            cfg = toy_diffc_config(config)
             settings = {"diffc": asdict(cfg), "layer": layer, "timestep": t, "train": str(paths.store("train"))}
             (out / "toy_stage.json").write_text(json.dumps(settings))
             seeded.append(f"diffc {layer}/t{t}")
@@ -531,7 +544,8 @@ def build_toy_release(
     with timed("sae"):
         for layer in config.layers:
             for t in config.timesteps:
-                res = train_entry_sae(config, stores["train"], layer, t, paths.sae(layer, t), progress=False)
+                res = train_entry_sae(config, stores["train"], layer, t, paths.sae(layer, t), progress=False,
+                                      test_store=stores["test"])
                 report["entries"].setdefault(f"{layer}/t{t}", {})["sae"] = res.eval
                 log(f"[toy build] SAE {layer} t={t}: FVU {res.eval.get('fvu', float('nan')):.3f}, "
                     f"L0 {res.eval.get('l0', float('nan')):.1f}, dead {res.eval.get('dead_fraction', float('nan')):.2%}")
