@@ -17,9 +17,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from importlib.metadata import packages_distributions
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 
@@ -104,7 +106,8 @@ def test_make_space_creates_a_zerogpu_space_with_only_the_app(hub, published_rel
     assert any(line.split("#")[0].strip() == "spaces" for line in reqs)
     assert not any("download.pytorch.org/whl/cpu" in line for line in reqs)  # the GPU build
     # gradio at the front matter's sdk_version, so `python app.py` runs in the folder after installing it
-    assert f"gradio=={meta['sdk_version']}" in [line.split("#")[0].strip() for line in reqs]
+    # (with the mcp extra, so the Space's variable REVELIO_MCP=1 can serve MCP tools)
+    assert f"gradio[mcp]=={meta['sdk_version']}" in [line.split("#")[0].strip() for line in reqs]
 
 
 def test_rerun_updates_the_space_in_place(hub, published_release):
@@ -165,6 +168,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def served_app(args: list[str], cwd: Path, env: dict, log_path: Path) -> Iterator[str]:
+    """``python <args> --port P`` started in ``cwd``, its output in ``log_path``; yields its URL once it answers
+    (the test fails with the log when it exits or does not answer in 180 s), and stops it afterwards."""
+    port = _free_port()
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], cwd=cwd, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 180
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    urllib.request.urlopen(url, timeout=5).close()
+                    break
+                except OSError:
+                    time.sleep(1)
+            assert proc.poll() is None and time.monotonic() < deadline, f"the app did not start:\n{log_path.read_text()}"
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def test_dry_run_writes_a_folder_whose_app_starts_offline(hub, published_release, tmp_path, capsys):
     out_dir = tmp_path / "space"
     assert make_space.main(["--release", published_release, "--hardware", "cpu-basic", "--dry-run", str(out_dir)]) == 0
@@ -181,27 +210,8 @@ def test_dry_run_writes_a_folder_whose_app_starts_offline(hub, published_release
     which = subprocess.run([sys.executable, "-c", "import revelio_hub; print(revelio_hub.__file__)"], cwd=out_dir,
                            env=env, capture_output=True, text=True, timeout=120)
     assert Path(which.stdout.strip()).resolve().parent == (out_dir / "revelio_hub").resolve()
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "app.py", "--release", app_release_path(), "--port", str(port), "--no-warmup"],
-        cwd=out_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline, status = time.monotonic() + 180, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    status = response.status
-                    break
-            except OSError:
-                time.sleep(1)
-        assert status == 200, f"app did not start (exit {proc.poll()}):\n{proc.stdout.read() if proc.poll() is not None else ''}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with served_app(["app.py", "--release", app_release_path(), "--no-warmup"], out_dir, env, tmp_path / "app.log"):
+        pass  # it answered HTTP
 
 
 def test_about_tab_links_the_model_card_and_the_paper(hub, published_release):
@@ -269,7 +279,7 @@ def test_repo_requirements_install_before_the_code_and_cover_every_import():
 
     assert f"torch=={torch.__version__.split('+')[0]}" in lines
     readme = (REPO / "README.md").read_text()
-    assert f"gradio=={front_matter(readme)['sdk_version']}" in lines  # what the Space's SDK installs
+    assert f"gradio[mcp]=={front_matter(readme)['sdk_version']}" in lines  # what the Space's SDK installs, MCP included
     names = requirement_names(text)
     missing = {dist: where for dist, where in imported_distributions(REPO).items() if dist not in names}
     assert not missing, f"imported but not in requirements.txt: {missing}"
@@ -317,32 +327,13 @@ def test_offline_preview_of_a_local_release_serves_analyze_json_with_only_its_re
     elsewhere = subprocess.run([sys.executable, "-S", "-c", "import revelio_hub"], cwd=tmp_path, env=env,
                                capture_output=True, text=True, timeout=120)
     assert elsewhere.returncode != 0  # the package comes from the folder, not from this checkout
-    port = _free_port()
-    log = open(tmp_path / "app.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-S", "app.py", "--port", str(port), "--no-warmup", "--workers", "0"],
-                            cwd=out_dir, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        served = SimpleNamespace(url=f"http://127.0.0.1:{port}/")
-        deadline = time.monotonic() + 180
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(served.url, timeout=5).close()
-                break
-            except OSError:
-                time.sleep(1)
-        assert proc.poll() is None, f"the preview app exited:\n{(tmp_path / 'app.log').read_text()}"
+    with served_app(["-S", "app.py", "--no-warmup", "--workers", "0"], out_dir, env, tmp_path / "app.log") as url:
+        served = SimpleNamespace(url=url)
         image = upload(served, shape_image(tmp_path / "red.png"))
         event, payload = call(served, "analyze_json", [{"path": image, "meta": {"_type": "gradio.FileData"}}, "", -1, ""])
         assert event == "complete", payload
         answer = payload[0]
         assert answer["neurons"] and answer["layer"] and answer["predictions"], answer
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     logged = (tmp_path / "app.log").read_text()
     assert "HTTP Request" not in logged and "Traceback" not in logged, logged[-2000:]
 
@@ -358,27 +349,9 @@ def test_app_log_has_no_line_per_hub_request(hub, tmp_path):
     env = dict(os.environ)  # the fixture's endpoint and token
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=str(REPO),
                GRADIO_ANALYTICS_ENABLED="False")
-    port = _free_port()
-    log = open(tmp_path / "app.log", "w+")
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--release", RELEASE_ID, "--port", str(port),
-                             "--no-warmup", "--workers", "0"], cwd=tmp_path, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
-                break
-            except OSError:
-                time.sleep(1)
-        assert proc.poll() is None, (tmp_path / "app.log").read_text()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with served_app([str(REPO / "app.py"), "--release", RELEASE_ID, "--no-warmup", "--workers", "0"], tmp_path, env,
+                    tmp_path / "app.log"):
+        pass  # it started, reading the release from the Hub
     assert len(hub.requests) - before >= 3  # the release's files came from the Hub, one request each or more
     logged = (tmp_path / "app.log").read_text()
     assert "HTTP Request" not in logged, logged[-2000:]
