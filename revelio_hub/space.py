@@ -203,7 +203,8 @@ def space_requirements(hardware: str) -> str:
         lines += ["# CPU hardware: torch's CPU build (a plain `torch` pulls multi-GB CUDA libraries).",
                   f"--extra-index-url {CPU_TORCH_INDEX}"]
     lines.append(f"torch=={_torch_version()}")
-    lines.append(f"gradio=={gradio.__version__}  # the sdk_version of README.md's front matter")
+    # the sdk_version of README.md's front matter; the mcp extra lets the Space's variable REVELIO_MCP=1 serve MCP tools
+    lines.append(f"gradio[mcp]=={gradio.__version__}")
     if hardware == ZERO_GPU:
         lines.append("spaces  # ZeroGPU: the backbone pass holds a GPU through spaces.GPU")
     for req in _package_requirements():
