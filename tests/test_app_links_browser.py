@@ -22,7 +22,7 @@ def open_page(browser, url: str, errors: list[str]):
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(url, wait_until="domcontentloaded")
-    page.wait_for_selector("#analyze-btn", timeout=60_000)
+    page.wait_for_selector("#analyze-btn", state="attached", timeout=60_000)  # a neuron link hides its tab
     return page
 
 

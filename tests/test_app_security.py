@@ -281,7 +281,9 @@ def test_shown_images_come_from_copies_that_endpoints_accept(app, tmp_path):
     shown = gallery["props"]["value"][0]["image"]
     assert root not in shown["path"] and httpx.get(shown["url"], timeout=30).status_code == 200
     layer, t = rel.default_entry()
-    event, payload = call(app, "neuron", [rel.name, layer, t, 0])
+    atlas = rel.entry(layer, t).atlas
+    neuron = next(i for i in range(atlas.num_neurons) if atlas.top_images(i, 1))  # one with top images
+    event, payload = call(app, "neuron", [rel.name, layer, t, neuron])
     assert event == "complete", payload
     top = payload[2][0]["image"]
     assert root not in top["path"] and httpx.get(top["url"], timeout=30).content[:4] == b"RIFF"

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             atlas_dataset = check_output(args.atlas_dataset or f"{Path(args.out)}-atlas", args.overwrite)
         except ValueError as error:
-            usage_error("make_release.py", f"--atlas-dataset: {error}")
+            raise SystemExit(f"error: --atlas-dataset: {error}")
     examples = pick("examples")
     if examples is None and pick("dataset"):
         split = pick("dataset_split") or "test"

@@ -201,7 +201,7 @@ def copy_link_row(label: str, elem_id: str) -> tuple[Any, Any]:
     """A "copy link" button and the box that shows the link it copied."""
     with gr.Row(equal_height=True):
         button = gr.Button(label, size="sm", scale=0, min_width=160, elem_id=f"{elem_id}-button")
-        box = gr.Textbox(label="Link (copied)", show_label=False, interactive=False, scale=3,
+        box = gr.Textbox(label="Link (copied)", interactive=False, scale=3,
                          placeholder="Click to get a link to what is shown", elem_id=elem_id)
     return button, box
 
