@@ -192,6 +192,15 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float:
     raise TimeoutError(f"app.py did not answer {url} within {timeout} s")
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask the served app to stop (SIGTERM: its run folder is cleaned), kill it if it lingers past 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _gradio_floor(images: list[Path], calls: int, warmup: int, concurrency: int) -> tuple[list[float], list[float]]:
     """Latency of a no-op ``/analyze_json`` (same signature, same queue) through gradio_client."""
     import gradio as gr
@@ -265,11 +274,7 @@ def run_soak(args: argparse.Namespace) -> dict:
             if big is not None:
                 result["repeated_40mp_png"] = repeated_big_image(url, proc.pid, big, args.big_image_calls, entry)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -355,11 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
             for (r, n), batch in load_images.items():  # round by round, 1 client then N
                 rounds[(r, n)] = _load(url, batch, n, args.layer, args.timestep, proc.pid)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
 
         # Baseline: the same analysis in this process, no server.
         import torch

@@ -23,6 +23,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
+from gradio.processing_utils import save_file_to_cache
+from gradio.utils import get_upload_folder
+
 if TYPE_CHECKING:
     from revelio_hub.app.state import AppState
 
@@ -34,9 +37,6 @@ def shown_copy(path: Union[str, os.PathLike]) -> str:
     touched, so the age-based cleanup of the temp folder does not delete it
     right after it was handed out again.
     """
-    from gradio.processing_utils import save_file_to_cache
-    from gradio.utils import get_upload_folder
-
     return save_file_to_cache(Path(path), cache_dir=get_upload_folder())
 
 
