@@ -68,12 +68,14 @@ def main(argv: list[str] | None = None) -> None:
     for http_logger in ("httpx", "httpx2"):
         logging.getLogger(http_logger).setLevel(logging.WARNING)
 
+    from revelio_hub.app.gradio_version import warn_if_untested_gradio
     from revelio_hub.app.mcp_tools import mcp_requested, mcp_unavailable
     from revelio_hub.app.run_folder import GracefulStop, claim_run_folder
     from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
     from revelio_hub.app.ui import build_ui, launch_kwargs
     from revelio_hub.app.workers import default_workers
 
+    warn_if_untested_gradio()  # one line naming both versions; the app still starts
     mcp = mcp_requested(args.mcp)
     if mcp and mcp_unavailable():
         raise SystemExit(f"app.py: error: {mcp_unavailable()}")
