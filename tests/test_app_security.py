@@ -332,12 +332,12 @@ def test_unexpected_errors_log_one_line_without_the_request_at_default_level(cap
     traceback, unless the operator turns on DEBUG."""
     import logging
 
-    from revelio_hub.app.ui import user_errors
+    from revelio_hub.app.errors import user_errors
 
     secret = "/home/client/" + "x" * 5000
     for level, traceback_logged in ((logging.INFO, False), (logging.DEBUG, True)):
         caplog.clear()
-        with caplog.at_level(level, logger="revelio_hub.app.ui"):
+        with caplog.at_level(level, logger="revelio_hub.app.errors"):
             with pytest.raises(gr.Error) as info:
                 with user_errors("analysing the image"):
                     raise KeyError(secret)

@@ -120,7 +120,7 @@ def test_a_killed_worker_costs_one_request_then_a_new_one_answers(images):
 
 def test_web_users_are_told_to_retry_when_a_worker_died():
     gr = pytest.importorskip("gradio")
-    from revelio_hub.app.ui import user_errors
+    from revelio_hub.app.errors import user_errors
 
     with pytest.raises(gr.Error, match="worker process stopped during this request.*try again"):
         with user_errors("analysing the image"):
