@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_fixtures import app  # noqa: E402,F401 (fixture: the app served in this process)
 from app_inputs import app_release_path, call, huge_png, not_an_image, queue_event, shape_image, upload  # noqa: E402
 
-httpx = pytest.importorskip("httpx")
-gr = pytest.importorskip("gradio")
+import httpx
+import gradio as gr
 
 from revelio_hub.app.validation import UPLOAD_REFUSED  # noqa: E402
 
