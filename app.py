@@ -14,49 +14,70 @@ import argparse
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+
+from revelio_hub.app.gradio_version import warn_if_untested_gradio
+from revelio_hub.app.mcp_tools import MCP_ENV, mcp_requested, mcp_unavailable
+from revelio_hub.app.run_folder import GracefulStop, claim_run_folder
+from revelio_hub.app.state import (
+    DEFAULT_RELEASE_PATH,
+    RELEASE_ENV,
+    AppConfig,
+    AppState,
+    default_concurrency,
+    default_release_ids,
+    default_threads,
+)
+from revelio_hub.app.workers import default_workers
+from revelio_hub.cli import add_options, option
+
+
+@dataclass(kw_only=True)
+class AppOptions:
+    """The command line of app.py: which releases, on what device, served where."""
+
+    release: Optional[list[str]] = field(default=None, metadata=option(
+        "Release to serve: a Hub repo id or a local release folder. Repeat to offer several "
+        f"(a dropdown switches between them; the first is the default). Default: ${RELEASE_ENV} "
+        f"(comma-separated) or the bundled toy release ({DEFAULT_RELEASE_PATH.name}).",
+        repeat=True, metavar="ID_OR_PATH"))
+    device: str = field(default_factory=lambda: os.environ.get("REVELIO_DEVICE", "cpu"), metadata=option(
+        "torch device for the backbone (cpu, cuda, cuda:1, mps), or auto: load on the CPU and run "
+        "the backbone on CUDA when there is one (the ZeroGPU pattern; `pip install spaces`). $REVELIO_DEVICE."))
+    dtype: Literal["float32", "float16", "bfloat16"] = field(default="float32", metadata=option("backbone dtype."))
+    host: str = field(default_factory=lambda: os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), metadata=option(
+        "interface to listen on (0.0.0.0 to accept remote connections; $GRADIO_SERVER_NAME)."))
+    port: int = field(default_factory=lambda: int(os.environ.get("GRADIO_SERVER_PORT", 7860)), metadata=option(
+        "port to listen on ($GRADIO_SERVER_PORT)."))
+    share: bool = field(default=False, metadata=option("also create a temporary public gradio.live link."))
+    concurrency: Optional[int] = field(default=None, metadata=option(
+        f"analyses run at once (default: from the CPU count, here {default_concurrency()})."))
+    threads: Optional[int] = field(default=None, metadata=option(
+        "torch CPU threads (default: CPU count / concurrency; raise it with --concurrency 1 "
+        "for a large backbone on CPU)."))
+    workers: Optional[int] = field(default=None, metadata=option(
+        "processes that run the backbone passes, CPU only (default: 1 on a CPU with 2+ cores, "
+        f"else 0; here {default_workers('cpu')} for --device cpu). Python in one process runs on one "
+        "core at a time; a worker lets the server use another. 0 runs passes in the server process."))
+    cache_size: int = field(default=64, metadata=option(
+        "images × timesteps whose backbone features are kept in memory."))
+    mcp: bool = field(default=False, metadata=option(
+        "also serve the JSON API as Model Context Protocol tools for LLM agents, at "
+        "/gradio_api/mcp/ (needs the optional mcp package: pip install \"revelio-hub[mcp]\"). "
+        f"${MCP_ENV}=1 does the same (a Space's variable)."))
+    no_warmup: bool = field(default=False, metadata=option(
+        "do not load the default backbone in the background after start-up (first request pays for it)."))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.app.mcp_tools import MCP_ENV
-    from revelio_hub.app.state import DEFAULT_RELEASE_PATH, RELEASE_ENV, default_concurrency
-    from revelio_hub.app.workers import default_workers
-
     parser = argparse.ArgumentParser(
         description="Revelio Hub: explore diffusion-model neurons (k-SAE), their atlas and Diff-C predictions in a browser.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--release", action="append", metavar="ID_OR_PATH",
-        help="Release to serve: a Hub repo id or a local release folder. Repeat to offer several "
-        f"(a dropdown switches between them; the first is the default). Default: ${RELEASE_ENV} "
-        f"(comma-separated) or the bundled toy release ({DEFAULT_RELEASE_PATH.name}).",
-    )
-    parser.add_argument("--device", default=os.environ.get("REVELIO_DEVICE", "cpu"),
-                        help="torch device for the backbone (cpu, cuda, cuda:1, mps), or auto: load on the CPU and run "
-                        "the backbone on CUDA when there is one (the ZeroGPU pattern; `pip install spaces`). "
-                        "$REVELIO_DEVICE.")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="backbone dtype.")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="interface to listen on (0.0.0.0 to accept remote connections; $GRADIO_SERVER_NAME).")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
-                        help="port to listen on ($GRADIO_SERVER_PORT).")
-    parser.add_argument("--share", action="store_true", help="also create a temporary public gradio.live link.")
-    parser.add_argument("--concurrency", type=int, default=None,
-                        help=f"analyses run at once (default: from the CPU count, here {default_concurrency()}).")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: CPU count / concurrency; raise it with --concurrency 1 "
-                        "for a large backbone on CPU).")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes that run the backbone passes, CPU only (default: 1 on a CPU with 2+ cores, "
-                        f"else 0; here {default_workers('cpu')} for --device cpu). Python in one process runs on one "
-                        "core at a time; a worker lets the server use another. 0 runs passes in the server process.")
-    parser.add_argument("--cache-size", type=int, default=64, help="images × timesteps whose backbone features are kept in memory.")
-    parser.add_argument("--mcp", action="store_true",
-                        help="also serve the JSON API as Model Context Protocol tools for LLM agents, at "
-                        f"/gradio_api/mcp/ (needs the optional mcp package: pip install \"revelio-hub[mcp]\"). "
-                        f"${MCP_ENV}=1 does the same (a Space's variable).")
-    parser.add_argument("--no-warmup", action="store_true",
-                        help="do not load the default backbone in the background after start-up (first request pays for it).")
+    add_options(parser, AppOptions)
     return parser.parse_args(argv)
 
 
@@ -68,12 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     for http_logger in ("httpx", "httpx2"):
         logging.getLogger(http_logger).setLevel(logging.WARNING)
 
-    from revelio_hub.app.mcp_tools import mcp_requested, mcp_unavailable
-    from revelio_hub.app.run_folder import GracefulStop, claim_run_folder
-    from revelio_hub.app.state import AppConfig, AppState, default_release_ids, default_threads
-    from revelio_hub.app.ui import build_ui, launch_kwargs
-    from revelio_hub.app.workers import default_workers
+    from revelio_hub.app.ui import build_ui, launch_kwargs  # after parsing: --help answers without building the UI
 
+    warn_if_untested_gradio()  # one line naming both versions; the app still starts
     mcp = mcp_requested(args.mcp)
     if mcp and mcp_unavailable():
         raise SystemExit(f"app.py: error: {mcp_unavailable()}")
@@ -89,8 +107,6 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"app.py: error: {exc}") from None
     if args.device in ("cpu", "auto"):  # the heads run on the CPU in both
-        import torch
-
         torch.set_num_threads(args.threads or default_threads(config.concurrency))
     try:
         state = AppState.from_config(config)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -684,16 +685,7 @@ def assemble_release(
     out = Path(out)
     _check_target(out, overwrite)
     planned, recipes, class_names, atlas_dataset = _plan_entries(_entry_sources(entries))
-    dataset = dataset or atlas_dataset
-
-    backbones = sorted({str(r.get("backbone")) for r in recipes})
-    if backbone is None:
-        if len(backbones) != 1:
-            raise ValueError(f"the entries were trained on different or unknown backbones {backbones}; "
-                             "a release holds one backbone (pass backbone= to name it)")
-        backbone = backbones[0]
-    elif recipes and backbones != [backbone]:
-        raise ValueError(f"backbone={backbone!r} but the entries' recipes name {backbones}")
+    backbone = _release_backbone(backbone, recipes)
     _check_embedded_backbone(embed_backbone)
     for given, what in ((base_model, "base_model (--base-model)"), (dataset_id, "dataset_id (--dataset-id)")):
         if given is not None and _hub_id(given) is None:
@@ -704,40 +696,10 @@ def assemble_release(
     first = recipes[0] if recipes else {}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        entry_items = []
-        for plan in planned:
-            layer, t = plan.key
-            rel = entry_path(layer, t)
-            if plan.sae is not None:
-                _copy_model(plan.sae, build / rel / "sae")
-            if plan.diffc is not None:
-                _copy_model(plan.diffc, build / rel / "diffc")
-            if plan.atlas is not None:
-                shutil.copytree(plan.atlas, build / rel / "atlas")
-            entry_items.append({"layer": layer, "timestep": t, "path": rel, "sae": plan.sae is not None,
-                                "diffc": plan.diffc is not None, "atlas": plan.atlas is not None,
-                                "image_size": plan.sizes, "metrics": plan.metrics})
-
-        embedded = None
-        if embed_backbone is not None:
-            shutil.copytree(Path(embed_backbone), build / BACKBONE_DIR,
-                            ignore=shutil.ignore_patterns("checkpoint*", "*.ckpt", ".cache"))
-            embedded = BACKBONE_DIR
-
-        example_items = []
-        for image, file_name, label in example_plan:
-            (build / EXAMPLES_DIR).mkdir(exist_ok=True)
-            target = build / EXAMPLES_DIR / file_name
-            if isinstance(image, Path):
-                shutil.copy2(image, target)
-            else:
-                image.convert("RGB").save(target)
-            example_items.append({"file": f"{EXAMPLES_DIR}/{file_name}", "label": label})
-
+        embedded = _copy_embedded_backbone(embed_backbone, build)
+        dataset = dataset or atlas_dataset
         config = {
             "format_version": FORMAT_VERSION,
             "name": name or out.name,
@@ -754,8 +716,8 @@ def assemble_release(
             "dataset": {"id": dataset, "hub_id": dataset_id or _hub_id(dataset), "split": dataset_split,
                         "class_names": class_names},
             "license": license,
-            "entries": entry_items,
-            "examples": example_items,
+            "entries": _copy_entries(planned, build),
+            "examples": _copy_examples(example_plan, build),
             "figure": None,
             "created_with": f"revelio-hub {__version__}",
         }
@@ -768,6 +730,60 @@ def assemble_release(
         shutil.rmtree(build, ignore_errors=True)
         raise
     return out
+
+
+def _release_backbone(backbone: Optional[str], recipes: Sequence[dict]) -> str:
+    """The one backbone the entries were trained on (or ``backbone``, when their recipes agree with it)."""
+    backbones = sorted({str(r.get("backbone")) for r in recipes})
+    if backbone is None:
+        if len(backbones) != 1:
+            raise ValueError(f"the entries were trained on different or unknown backbones {backbones}; "
+                             "a release holds one backbone (pass backbone= to name it)")
+        return backbones[0]
+    if recipes and backbones != [backbone]:
+        raise ValueError(f"backbone={backbone!r} but the entries' recipes name {backbones}")
+    return backbone
+
+
+def _copy_entries(planned: Sequence["_PlannedEntry"], build: Path) -> list[dict]:
+    """Copy each entry's models and atlas into ``build``; returns the entries' ``release.json`` items."""
+    items = []
+    for plan in planned:
+        layer, t = plan.key
+        rel = entry_path(layer, t)
+        if plan.sae is not None:
+            _copy_model(plan.sae, build / rel / "sae")
+        if plan.diffc is not None:
+            _copy_model(plan.diffc, build / rel / "diffc")
+        if plan.atlas is not None:
+            shutil.copytree(plan.atlas, build / rel / "atlas")
+        items.append({"layer": layer, "timestep": t, "path": rel, "sae": plan.sae is not None,
+                      "diffc": plan.diffc is not None, "atlas": plan.atlas is not None,
+                      "image_size": plan.sizes, "metrics": plan.metrics})
+    return items
+
+
+def _copy_embedded_backbone(embed_backbone: Optional[PathLike], build: Path) -> Optional[str]:
+    """Copy the backbone folder into ``build`` (without training checkpoints); returns its path in the release."""
+    if embed_backbone is None:
+        return None
+    shutil.copytree(Path(embed_backbone), build / BACKBONE_DIR,
+                    ignore=shutil.ignore_patterns("checkpoint*", "*.ckpt", ".cache"))
+    return BACKBONE_DIR
+
+
+def _copy_examples(example_plan: Sequence[tuple[Any, str, Optional[str]]], build: Path) -> list[dict]:
+    """Copy (or save) the example images into ``build``; returns their ``release.json`` items."""
+    items = []
+    for image, file_name, label in example_plan:
+        (build / EXAMPLES_DIR).mkdir(exist_ok=True)
+        target = build / EXAMPLES_DIR / file_name
+        if isinstance(image, Path):
+            shutil.copy2(image, target)
+        else:
+            image.convert("RGB").save(target)
+        items.append({"file": f"{EXAMPLES_DIR}/{file_name}", "label": label})
+    return items
 
 
 def push_release(folder: PathLike, repo_id: str, *, private: bool = False,

@@ -8,12 +8,8 @@ background-networking flags Chromium keeps trying (and failing) to reach Google'
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import LaunchedApp, app_release_path  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -40,7 +36,7 @@ def browser():
     """Headless Chromium through playwright (no browser download: Debian's /usr/bin/chromium)."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does it)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import BAD_INPUTS, GOOD_ODD_INPUTS, LibraryReference, app_release_path, red_and_blue, shape_image  # noqa: E402
 
-gr = pytest.importorskip("gradio")
-torch = pytest.importorskip("torch")
+import gradio as gr
+import torch
 
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app.state import AppConfig, AppState, FeatureCache  # noqa: E402

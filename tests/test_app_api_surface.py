@@ -17,11 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import LaunchedApp, app_release_path, shape_image  # noqa: E402
-
-pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import shape_image  # noqa: E402
 from app_fixtures import app, browser, open_and_analyze  # noqa: E402,F401 (fixtures)
 

@@ -7,17 +7,11 @@ on a free loopback port, with the same queue settings as ``python app.py``.
 from __future__ import annotations
 
 import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import BAD_INPUTS, LaunchedApp, LibraryReference, shape_image, app_release_path  # noqa: E402
-
-pytest.importorskip("gradio")
-client_mod = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 

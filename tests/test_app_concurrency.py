@@ -14,17 +14,13 @@ for that image.
 from __future__ import annotations
 
 import random
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import LaunchedApp, app_release_path  # noqa: E402
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("gradio")
+import torch
 
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app.state import AppConfig, AppState, default_threads  # noqa: E402

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import not_an_image, shape_image  # noqa: E402
 
 from revelio_hub.app.decoded_images import DecodedImages  # noqa: E402

@@ -6,16 +6,13 @@ they must reproduce come from :class:`app_inputs.LibraryReference` (no app code)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import LibraryReference, app_release_path, red_and_blue, shape_image  # noqa: E402
 
-gr = pytest.importorskip("gradio")
-torch = pytest.importorskip("torch")
+import gradio as gr
+import torch
 
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app import attribution_view as V  # noqa: E402

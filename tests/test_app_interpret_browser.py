@@ -3,12 +3,8 @@ and clicking a bar shows that neuron's heat map."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import shape_image  # noqa: E402
 from app_fixtures import app, browser, open_and_analyze  # noqa: E402,F401 (fixtures)
 

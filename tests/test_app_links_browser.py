@@ -5,12 +5,9 @@ shown, and a bad link says what is wrong in one sentence without a path."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_fixtures import app, browser  # noqa: E402,F401 (fixtures)
 
 from revelio_hub.app import analysis as A  # noqa: E402

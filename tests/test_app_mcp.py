@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import LaunchedApp, app_release_path, red_and_blue  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +24,6 @@ TOOLS = {"analyze_json", "attribute_json", "compare_json", "search_neurons", "de
 
 @pytest.fixture(scope="module")
 def app():
-    pytest.importorskip("mcp")
     from revelio_hub.app.state import AppConfig, AppState
 
     with LaunchedApp(AppState.from_config(AppConfig(releases=[app_release_path()], workers=0)),

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_fixtures import app  # noqa: E402,F401 (fixture: the app served in this process)
 from app_inputs import app_release_path, call, huge_png, not_an_image, queue_event, shape_image, upload  # noqa: E402
 
-httpx = pytest.importorskip("httpx")
-gr = pytest.importorskip("gradio")
+import httpx
+import gradio as gr
 
 from revelio_hub.app.validation import UPLOAD_REFUSED  # noqa: E402
 
@@ -332,12 +329,12 @@ def test_unexpected_errors_log_one_line_without_the_request_at_default_level(cap
     traceback, unless the operator turns on DEBUG."""
     import logging
 
-    from revelio_hub.app.ui import user_errors
+    from revelio_hub.app.errors import user_errors
 
     secret = "/home/client/" + "x" * 5000
     for level, traceback_logged in ((logging.INFO, False), (logging.DEBUG, True)):
         caplog.clear()
-        with caplog.at_level(level, logger="revelio_hub.app.ui"):
+        with caplog.at_level(level, logger="revelio_hub.app.errors"):
             with pytest.raises(gr.Error) as info:
                 with user_errors("analysing the image"):
                     raise KeyError(secret)

@@ -8,15 +8,9 @@ renders only the components it touches.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import FILEDATA_TAG, app_release_path, call, shape_image, upload  # noqa: E402
-
-gr = pytest.importorskip("gradio")
 
 from gradio.state_holder import SessionState  # noqa: E402
 
@@ -144,7 +138,6 @@ def test_sessions_of_scripts_are_dropped_and_a_browser_tabs_session_is_kept(tmp_
 def test_a_short_soak_of_every_endpoint_keeps_a_bounded_number_of_sessions(tmp_path):
     """100 scripted calls mixing every public endpoint (``bench_app.py --soak``'s mix, a new session each):
     the sessions, Gradio's per-session queue entries and the decoded uploads stay within their bounds."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from app_inputs import LaunchedApp
     from app_soak import soak
 

@@ -17,8 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import LaunchedApp, app_release_path  # noqa: E402
 
 from revelio_hub.app.state import DEFAULT_DELETE_CACHE, AppConfig, AppState  # noqa: E402

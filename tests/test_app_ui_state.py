@@ -11,15 +11,12 @@ would send. The numeric-input rule of every endpoint is checked over raw HTTP.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import FILEDATA_TAG, LaunchedApp, app_release_path, call, shape_image, upload  # noqa: E402
 
-gr = pytest.importorskip("gradio")
+import gradio as gr
 
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app.state import AppConfig, AppState  # noqa: E402

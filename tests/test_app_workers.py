@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path  # noqa: E402
 
-torch = pytest.importorskip("torch")
+import torch
 
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app.state import AppConfig, AppState  # noqa: E402
@@ -119,8 +117,8 @@ def test_a_killed_worker_costs_one_request_then_a_new_one_answers(images):
 
 
 def test_web_users_are_told_to_retry_when_a_worker_died():
-    gr = pytest.importorskip("gradio")
-    from revelio_hub.app.ui import user_errors
+    import gradio as gr
+    from revelio_hub.app.errors import user_errors
 
     with pytest.raises(gr.Error, match="worker process stopped during this request.*try again"):
         with user_errors("analysing the image"):

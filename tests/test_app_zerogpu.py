@@ -14,12 +14,8 @@ import types
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path, shape_image  # noqa: E402
-
-pytest.importorskip("gradio")
-torch = pytest.importorskip("torch")
+import torch
 
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app.gpu import GPU_DURATION_S, call_device, gpu_task, load_device  # noqa: E402

@@ -202,13 +202,12 @@ def test_missing_or_corrupt_atlas_files_are_named(tmp_path):
         NeuronAtlas.load(folder)
 
 
+@pytest.mark.slow  # runs training/build_atlas.py: 50 s on a loaded 2-core machine
 def test_build_atlas_script_on_a_feature_store(tmp_path):
     """training/build_atlas.py end to end: imagefolder → store (spatial) → token SAE → atlas with thumbnails + heat maps."""
     import runpy
     import sys
     from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import make_tiny_pixel
 
     from revelio_hub.backbones import load_backbone

@@ -10,14 +10,11 @@ from __future__ import annotations
 import math
 import re
 import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path  # noqa: E402
 
 import datasets  # noqa: E402

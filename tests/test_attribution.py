@@ -8,13 +8,9 @@ bundled toy release (token SAEs); a pooled SAE is built here.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path  # noqa: E402
 
 from revelio_hub.diffc.model import DiffC  # noqa: E402

@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path  # noqa: E402
 
 from revelio_hub.app.deep_links import Link, example_index, parse_link  # noqa: E402

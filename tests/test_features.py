@@ -95,6 +95,7 @@ def reference(backbone, workspace):
     return _extract(backbone, workspace, workspace[0] / "reference")
 
 
+@pytest.mark.slow  # a spatial extraction: 39 s loaded
 def test_spatial_store_round_trip(backbone, workspace):
     out = workspace[0] / "spatial"
     store = _extract(backbone, workspace, out, spatial=True, views=2, shard_size=4)
@@ -157,6 +158,7 @@ def test_augmented_views_are_seeded_per_image_and_view():
     assert augment_view(image, 3, 0, 32, 0) is image
 
 
+@pytest.mark.slow  # kills and reruns an extraction: 71 s loaded
 def test_resume_after_a_kill_gives_the_uninterrupted_rows(backbone, workspace, reference, capsys):
     out = workspace[0] / "killed"
 
@@ -227,6 +229,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes under torchrun: 44 s loaded
 def test_two_process_accelerate_run_writes_the_same_rows(workspace, reference):
     root, model = workspace
     out = root / "two-proc"

@@ -24,20 +24,16 @@ from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path, call, shape_image, upload  # noqa: E402
 
-yaml = pytest.importorskip("yaml")
-gradio = pytest.importorskip("gradio")
+import yaml
+import gradio
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "make_space.py"
 PACKAGE = REPO / "revelio_hub"
 RELEASE_ID = "me/revelio-toy"
 SPACE_ID = "me/revelio-toy-space"
-
-sys.path.insert(0, str(REPO / "training"))
 import make_space  # noqa: E402
 
 
@@ -194,6 +190,7 @@ def served_app(args: list[str], cwd: Path, env: dict, log_path: Path) -> Iterato
                 proc.kill()
 
 
+@pytest.mark.slow  # starts the Space's app: 24 s loaded
 def test_dry_run_writes_a_folder_whose_app_starts_offline(hub, published_release, tmp_path, capsys):
     out_dir = tmp_path / "space"
     assert make_space.main(["--release", published_release, "--hardware", "cpu-basic", "--dry-run", str(out_dir)]) == 0
@@ -289,6 +286,7 @@ def test_repo_requirements_install_before_the_code_and_cover_every_import():
     assert requirement_names("\n".join(declared)) == names  # one dependency list, written twice, in step
 
 
+@pytest.mark.slow  # starts the preview's app: 78 s loaded
 def test_offline_preview_of_a_local_release_serves_analyze_json_with_only_its_requirements(tmp_path, capsys):
     """``--dry-run`` from a local release folder: no Hub, a marked preview, a folder that runs on its own."""
     out_dir = tmp_path / "preview"
@@ -338,6 +336,7 @@ def test_offline_preview_of_a_local_release_serves_analyze_json_with_only_its_re
     assert "HTTP Request" not in logged and "Traceback" not in logged, logged[-2000:]
 
 
+@pytest.mark.slow  # starts the app on a Hub release: 29 s loaded
 def test_app_log_has_no_line_per_hub_request(hub, tmp_path):
     """Serving a Hub release, app.py logs its start-up, not one INFO line per HTTP request huggingface_hub makes."""
     from huggingface_hub import HfApi

@@ -30,8 +30,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 from tiny_models import make_tiny_sd15  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_tiny_pixel  # noqa: E402
 

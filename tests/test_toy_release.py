@@ -112,6 +112,7 @@ def smoke_release(tmp_path_factory):
     return root, report
 
 
+@pytest.mark.slow  # the smoke build (shared fixture): 175 s loaded
 def test_smoke_build_makes_a_loadable_release(smoke_release):
     root, report = smoke_release
     out = root / "release"
@@ -126,6 +127,7 @@ def test_smoke_build_makes_a_loadable_release(smoke_release):
     assert "figures/samples.png" in card
 
 
+@pytest.mark.slow  # reruns the smoke build: 46 s loaded
 def test_smoke_build_rerun_reuses_finished_stages(smoke_release):
     from revelio_hub.toy.pipeline import ToyBuildConfig, build_toy_release
 
@@ -136,6 +138,7 @@ def test_smoke_build_rerun_reuses_finished_stages(smoke_release):
     assert again["timings_s"]["features"] < first["timings_s"]["features"] + 1.0
 
 
+@pytest.mark.slow  # needs the smoke build
 def test_backbone_folder_opens_with_the_generic_loader(smoke_release):
     from revelio_hub.backbones import load_backbone
 

@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from revelio_hub.cli import HelpFormatter, add_options, from_args, option
+from revelio_hub.interpret.atlas import AtlasConfig
+from revelio_hub.layer_names import canonical_layer
 
 EPILOG = """\
 examples:
@@ -28,10 +34,36 @@ is kept by default, read from the dataset by image id; --label-columns chooses t
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.cli import HelpFormatter
-    from revelio_hub.layer_names import canonical_layer
+@dataclass(kw_only=True)
+class AtlasRun:
+    """What the atlas describes and where it goes; how it is built is :class:`AtlasConfig` (its options follow)."""
 
+    store: str = field(metadata=option("Feature store folder (training/extract_features.py)."))
+    layer: str = field(metadata=option("Layer of the store entry, e.g. up_ft1.", parse=canonical_layer))
+    timestep: int = field(metadata=option("Timestep of the store entry, e.g. 25."))
+    sae: str = field(metadata=option("k-SAE folder or Hub repo id (training/train_ksae.py output)."))
+    sae_subfolder: Optional[str] = field(default=None, metadata=option(
+        "Subfolder of --sae (e.g. up_ft1/t25/sae of a release; default: none)."))
+    dataset: Optional[str] = field(default=None, metadata=option(
+        "Dataset for thumbnails (default: the one recorded in the store)."))
+    split: Optional[str] = field(default=None, metadata=option("Dataset split (default: the store's)."))
+    out: str = field(metadata=option("Atlas folder to write."))
+    no_thumbnails: bool = field(default=False, metadata=option("Do not store thumbnails."))
+    label_columns: Optional[str] = field(default=None, metadata=option(
+        "Dataset label columns to keep, comma-separated (default: all; the class column comes first). "
+        "Pass an empty string to keep only the store's class labels.", metavar="A,B,..."))
+    heatmaps: int = field(default=0, metadata=option(
+        "Store heat-map overlays for the N most frequent neurons (needs spatial maps; default: 0, none).",
+        metavar="N"))
+    batch_size: int = field(default=256, metadata=option("Images per batch."))
+    cpu: bool = field(default=False, metadata=option("Run on the CPU even if a GPU is available."))
+
+
+#: The AtlasConfig settings offered on the command line (the summary thresholds stay editable in atlas.json).
+ATLAS_OPTIONS = ("top_n", "purity_top", "summary_neurons", "thumbnail_size")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Build a neuron atlas (stats.safetensors, atlas.json, thumbnails/) for a k-SAE from a "
         "feature store: per-neuron top-N images, firing frequency, mean activation, per label value AUROC, "
@@ -39,31 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--store", required=True, help="Feature store folder (training/extract_features.py).")
-    p.add_argument("--layer", required=True, type=canonical_layer, help="Layer of the store entry, e.g. up_ft1.")
-    p.add_argument("--timestep", type=int, required=True, help="Timestep of the store entry, e.g. 25.")
-    p.add_argument("--sae", required=True, help="k-SAE folder or Hub repo id (training/train_ksae.py output).")
-    p.add_argument("--sae-subfolder", default=None, help="Subfolder of --sae (e.g. up_ft1/t25/sae of a release; default: none).")
-    p.add_argument("--dataset", default=None,
-                   help="Dataset for thumbnails (default: the one recorded in the store).")
-    p.add_argument("--split", default=None, help="Dataset split (default: the store's).")
-    p.add_argument("--out", required=True, help="Atlas folder to write.")
-    p.add_argument("--top-n", type=int, default=20, help="Top images kept per neuron (default: %(default)s).")
-    p.add_argument("--purity-top", type=int, default=10,
-                   help="Top images used for sigma_label/entropy/precision (default: %(default)s, as the paper).")
-    p.add_argument("--summary-neurons", type=int, default=1000,
-                   help="sigma_label over this many neurons with the highest mean activation among those firing on "
-                        "more than 10 images, or all of them when fewer "
-                        "(default: %(default)s, as the paper).")
-    p.add_argument("--thumbnail-size", type=int, default=128, help="Thumbnail side in pixels (default: %(default)s).")
-    p.add_argument("--no-thumbnails", action="store_true", help="Do not store thumbnails.")
-    p.add_argument("--label-columns", default=None, metavar="A,B,...",
-                   help="Dataset label columns to keep, comma-separated (default: all; the class column comes first). "
-                        "Pass an empty string to keep only the store's class labels.")
-    p.add_argument("--heatmaps", type=int, default=0, metavar="N",
-                   help="Store heat-map overlays for the N most frequent neurons (needs spatial maps; default: 0, none).")
-    p.add_argument("--batch-size", type=int, default=256, help="Images per batch (default: %(default)s).")
-    p.add_argument("--cpu", action="store_true", help="Run on the CPU even if a GPU is available.")
+    add_options(p, AtlasRun)
+    add_options(p.add_argument_group("how the atlas is built"), AtlasConfig, only=ATLAS_OPTIONS)
     return p.parse_args(argv)
 
 
@@ -72,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from revelio_hub.interpret.atlas import (AtlasConfig, TopKAccumulator, atlas_inputs, finalize_atlas,
-                                             pre_topk_accumulator, store_batches)
+    from revelio_hub.interpret.atlas import (TopKAccumulator, atlas_inputs, finalize_atlas, pre_topk_accumulator,
+                                             store_batches)
     from revelio_hub.interpret.neuron_labels import ActivationLog
     from revelio_hub.interpret.ood import image_reconstruction_error
     from revelio_hub.features import FeatureStore
@@ -83,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator = make_accelerator(cpu=args.cpu)
     try:
-        config = AtlasConfig(top_n=args.top_n, purity_top=args.purity_top, summary_neurons=args.summary_neurons,
-                             thumbnail_size=args.thumbnail_size)
+        config = from_args(AtlasConfig, args)
         store = FeatureStore(args.store)
         sae = KSparseAutoencoder.from_pretrained(args.sae, subfolder=args.sae_subfolder).to(accelerator.device).eval()
         kind = atlas_inputs(store, args.layer, args.timestep, sae)

@@ -20,32 +20,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from revelio_hub.cli import HelpFormatter, add_options, option
+from revelio_hub.toy.pipeline import ToyBuildConfig, build_toy_release
+
+
+@dataclass(kw_only=True)
+class ToyReleaseRun:
+    """Where the toy release and its intermediate products go, and what the build skips or reuses."""
+
+    out: str = field(default="releases/toy-shapes", metadata=option("release folder to write"))
+    work: Optional[str] = field(default=None, metadata=option(
+        "folder for intermediate products (default: runs/toy-build, or runs/toy-build-smoke with --smoke)"))
+    smoke: bool = field(default=False, metadata=option(
+        "tiny sizes: checks the wiring in < 2 minutes, not a useful model"))
+    threads: Optional[int] = field(default=None, metadata=option("torch CPU threads (default: torch's choice)"))
+    report: Optional[str] = field(default=None, metadata=option(
+        "also write the build report (metrics, timings) to this JSON file"))
+    no_benchmark: bool = field(default=False, metadata=option(
+        "skip the monosemanticity benchmark normally added to the card"))
+    no_progress: bool = field(default=False, metadata=option("hide progress bars"))
+    reuse_from: Optional[str] = field(default=None, metadata=option(
+        "seed the work folder with this toy release's trained backbone and Diff-C heads when they "
+        "were built with the same settings (skips the ~20-minute backbone training); must not be --out itself",
+        metavar="RELEASE"))
 
 
 def main(argv=None) -> None:
-    from revelio_hub.cli import HelpFormatter
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", default="releases/toy-shapes", help="release folder to write (default: %(default)s)")
-    p.add_argument("--work", default=None,
-                   help="folder for intermediate products (default: runs/toy-build, or runs/toy-build-smoke with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the wiring in < 2 minutes, not a useful model")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--report", default=None, help="also write the build report (metrics, timings) to this JSON file")
-    p.add_argument("--no-benchmark", action="store_true",
-                   help="skip the monosemanticity benchmark normally added to the card")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--reuse-from", default=None, metavar="RELEASE",
-                   help="seed the work folder with this toy release's trained backbone and Diff-C heads when they "
-                        "were built with the same settings (skips the ~20-minute backbone training); "
-                        "must not be --out itself")
+    add_options(p, ToyReleaseRun)
     a = p.parse_args(argv)
     if a.threads:
-        import torch
-
         torch.set_num_threads(a.threads)
-    from revelio_hub.toy.pipeline import ToyBuildConfig, build_toy_release
-
     config = ToyBuildConfig.smoke() if a.smoke else ToyBuildConfig.full()
     work = a.work or os.path.join("runs", "toy-build-smoke" if a.smoke else "toy-build")
     if a.reuse_from and os.path.realpath(a.reuse_from) == os.path.realpath(a.out):

@@ -10,6 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from revelio_hub.cli import HelpFormatter, add_options, option
+from revelio_hub.layer_names import canonical_layer
+from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES
 
 EPILOG = """\
 examples:
@@ -34,60 +40,62 @@ mixed: the run stops with an error unless --overwrite is given.
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.cli import HelpFormatter, add_hidden_alias
-    from revelio_hub.layer_names import canonical_layer
-    from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES
+@dataclass(kw_only=True)
+class ExtractionRun:
+    """Every option of one extraction: the backbone, the images, what is read of them, and the store."""
 
+    backbone: str = field(metadata=option("Hub id or local diffusers folder of the diffusion model."))
+    revision: Optional[str] = field(default=None, metadata=option(
+        "Hub revision of the backbone (branch, tag or commit; default: main)."))
+    dataset: str = field(metadata=option(
+        "Hub dataset id, local image folder (class subfolders), parquet/arrow file or folder, "
+        "or a save_to_disk directory."))
+    split: str = field(default="train", metadata=option("Dataset split."))
+    image_column: Optional[str] = field(default=None, metadata=option("Image column (default: auto-detected)."))
+    label_column: Optional[str] = field(default=None, metadata=option(
+        "Label column (default: auto-detected ClassLabel or label/labels; 'none' for unlabelled)."))
+    layers: list[str] = field(default_factory=lambda: ["bottleneck"], metadata=option(
+        "Layers to read, e.g. bottleneck up_ft1 up_ft2 or DiT block13; diffusers names such as mid_block "
+        "or up_blocks.1 mean the same layers.", parse=canonical_layer))
+    timesteps: list[int] = field(default_factory=lambda: [25], metadata=option(
+        "Diffusion timesteps t in [0, num_train_timesteps)."))
+    image_size: Optional[int] = field(default=None, metadata=option(
+        "Input side in pixels (default: the backbone's; the paper uses 256 for k-SAE, 512 for Diff-C)."))
+    spatial: bool = field(default=False, metadata=option("Also store the unpooled maps (fp16; large)."))
+    num_views: int = field(default=1, metadata=option(
+        "Rows per image: view 0 is the plain image, views >= 1 are seeded RandomResizedCrop(0.8-1.0)"
+        " + flip augmentations."))
+    batch_size: int = field(default=8, metadata=option("Images per forward pass."))
+    seed: int = field(default=0, metadata=option("Noise and augmentation seed."))
+    ensemble: int = field(default=1, metadata=option("Noise draws averaged per image (DIFT-style)."))
+    recipe: str = field(default=DEFAULT_RECIPE, metadata=option(
+        "paper: the original Revelio code's preprocessing (fp32, bilinear Resize + CenterCrop "
+        "as torchvision rounds them); default: ours (bicubic). --dtype overrides the precision "
+        "(default: %(default)s).", choices=RECIPE_NAMES))
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(default=None, metadata=option(
+        "Compute precision (features are stored in fp32/fp16 regardless; default: the recipe's, float32)."))
+    cpu: bool = field(default=False, metadata=option(
+        "Force the CPU (also chosen automatically for multi-process runs without CUDA)."))
+    channels_last: bool = field(default=False, metadata=option("NHWC convolutions (faster on GPUs)."))
+    max_images: Optional[int] = field(default=None, metadata=option(
+        "Only the first N images (quick trials; default: all)."))
+    shard_size: Optional[int] = field(default=None, metadata=option(
+        "Images per shard file (default: 512 pooled, 64 with --spatial). Work since the last "
+        "complete shard is redone after a kill."))
+    num_workers: int = field(default=4, metadata=option("Image-decoding threads."))
+    out: str = field(metadata=option("Output directory of the feature store."))
+    overwrite: bool = field(default=False, metadata=option("Delete an existing store at --out and start over."))
+    no_progress: bool = field(default=False, metadata=option("Hide the progress bar."))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Extract diffusion features (pooled vectors and optionally spatial maps) of an image "
         "dataset split into a resumable feature store (safetensors shards + summary.json).",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--backbone", required=True, help="Hub id or local diffusers folder of the diffusion model.")
-    p.add_argument("--revision", default=None, help="Hub revision of the backbone (branch, tag or commit; default: main).")
-    p.add_argument("--dataset", required=True,
-                   help="Hub dataset id, local image folder (class subfolders), parquet/arrow file or folder, "
-                        "or a save_to_disk directory.")
-    p.add_argument("--split", default="train", help="Dataset split (default: %(default)s).")
-    p.add_argument("--image-column", default=None, help="Image column (default: auto-detected).")
-    p.add_argument("--label-column", default=None,
-                   help="Label column (default: auto-detected ClassLabel or label/labels; 'none' for unlabelled).")
-    p.add_argument("--layers", nargs="+", type=canonical_layer, default=["bottleneck"],
-                   help="Layers to read, e.g. bottleneck up_ft1 up_ft2 or DiT block13; diffusers names such as mid_block "
-                   "or up_blocks.1 mean the same layers (default: %(default)s).")
-    p.add_argument("--timesteps", nargs="+", type=int, default=[25],
-                   help="Diffusion timesteps t in [0, num_train_timesteps) (default: %(default)s).")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="Input side in pixels (default: the backbone's; the paper uses 256 for k-SAE, 512 for Diff-C).")
-    p.add_argument("--spatial", action="store_true", help="Also store the unpooled maps (fp16; large).")
-    p.add_argument("--num-views", type=int, default=1,
-                   help="Rows per image: view 0 is the plain image, views >= 1 are seeded RandomResizedCrop(0.8-1.0)"
-                        " + flip augmentations (default: %(default)s).")
-    add_hidden_alias(p, "--views", "num_views", type=int)
-    p.add_argument("--batch-size", type=int, default=8, help="Images per forward pass (default: %(default)s).")
-    p.add_argument("--seed", type=int, default=0, help="Noise and augmentation seed (default: %(default)s).")
-    p.add_argument("--ensemble", type=int, default=1,
-                   help="Noise draws averaged per image (DIFT-style; default: %(default)s).")
-    p.add_argument("--recipe", choices=list(RECIPE_NAMES), default=DEFAULT_RECIPE,
-                   help="paper: the original Revelio code's preprocessing (fp32, bilinear Resize + CenterCrop "
-                        "as torchvision rounds them); default: ours (bicubic). --dtype overrides the precision "
-                        "(default: %(default)s).")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="Compute precision (features are stored in fp32/fp16 regardless; default: the recipe's, "
-                        "float32).")
-    p.add_argument("--cpu", action="store_true",
-                   help="Force the CPU (also chosen automatically for multi-process runs without CUDA).")
-    p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster on GPUs).")
-    p.add_argument("--max-images", type=int, default=None, help="Only the first N images (quick trials; default: all).")
-    p.add_argument("--shard-size", type=int, default=None,
-                   help="Images per shard file (default: 512 pooled, 64 with --spatial). Work since the last "
-                        "complete shard is redone after a kill.")
-    p.add_argument("--num-workers", type=int, default=4, help="Image-decoding threads (default: %(default)s).")
-    p.add_argument("--out", required=True, help="Output directory of the feature store.")
-    p.add_argument("--overwrite", action="store_true", help="Delete an existing store at --out and start over.")
-    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    add_options(p, ExtractionRun)
     return p.parse_args(argv)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from revelio_hub.cli import HelpFormatter, usage_error
+from revelio_hub.cli import HelpFormatter, add_options, option, usage_error
 
 EPILOG = """\
 examples:
@@ -37,6 +39,56 @@ Command-line flags override the file. The token for --push comes from `hf auth l
 """
 
 
+@dataclass(kw_only=True)
+class ReleaseRun:
+    """Every option of make_release.py: the entries' folders, what the card records, where the release goes."""
+
+    out: str = field(metadata=option("Release folder to write."))
+    config: Optional[str] = field(default=None, metadata=option(
+        "JSON file listing the entries and options (see below)."))
+    sae: list[str] = field(default_factory=list, metadata=option(
+        "k-SAE output folder (config.json + model.safetensors + eval.json); starts a new entry.",
+        repeat=True, metavar="DIR"))
+    diffc: list[str] = field(default_factory=list, metadata=option(
+        "Diff-C output folder for the current entry (or a Diff-C-only entry if no --sae precedes).",
+        repeat=True, metavar="DIR"))
+    atlas: list[str] = field(default_factory=list, metadata=option(
+        "Atlas folder (training/build_atlas.py) for the current entry.", repeat=True, metavar="DIR"))
+    backbone: Optional[str] = field(default=None, metadata=option(
+        "Backbone id to record (default: from the SAE recipes)."))
+    backbone_revision: Optional[str] = field(default=None, metadata=option(
+        "Backbone revision to record (default: from the recipes)."))
+    embed_backbone: Optional[str] = field(default=None, metadata=option(
+        "Copy this diffusers-layout backbone folder into the release, so it loads without the "
+        "original (small models only; default: the release names the backbone and users load it).", metavar="FOLDER"))
+    base_model: Optional[str] = field(default=None, metadata=option(
+        "Hub id for the card's base_model (default: the backbone when it is a Hub id; a local "
+        "backbone folder is never written there).", metavar="HUB_ID"))
+    examples: Optional[list[str]] = field(default=None, metadata=option(
+        "Example images the app offers (files; your shell expands patterns such as dir/*.jpg). "
+        "Default: 4 images of --dataset's --dataset-split, one per class; --examples alone: none.",
+        nargs="*", metavar="IMAGE"))
+    dataset: Optional[str] = field(default=None, metadata=option(
+        "Dataset the metrics were measured on: Hub id or local folder, shown in the card and the "
+        "source of the default examples (default: the one recorded in the atlases)."))
+    dataset_id: Optional[str] = field(default=None, metadata=option(
+        "Hub dataset id for the card's datasets metadata (default: --dataset when it is a Hub id).",
+        metavar="HUB_ID"))
+    dataset_split: Optional[str] = field(default=None, metadata=option(
+        "Split the metrics were measured on (default: none; the default examples come from 'test')."))
+    name: Optional[str] = field(default=None, metadata=option("Release name (default: the --out folder name)."))
+    license: Optional[str] = field(default=None, metadata=option("License id for the card (default: apache-2.0)."))
+    overwrite: bool = field(default=False, metadata=option("Replace an existing release folder at --out."))
+    push: Optional[str] = field(default=None, metadata=option(
+        "Create this Hub repo and upload the release (default: none, local folder only).", metavar="REPO_ID"))
+    atlas_dataset: Optional[str] = field(default=None, metadata=option(
+        "Also write the atlases as a Hub dataset (parquet, thumbnails as Image columns, a dataset "
+        "card; datasets.load_dataset reads it) into DIR (default: <--out>-atlas). With --push it is "
+        "uploaded to the dataset repo <REPO_ID>-atlas.", nargs="?", const="", metavar="DIR"))
+    private: bool = field(default=False, metadata=option("With --push: create the repo as private."))
+    token: Optional[str] = field(default=None, metadata=option("Hub token (default: the saved login or HF_TOKEN)."))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Assemble a release folder (<layer>/t<t>/{sae,diffc,atlas}/, release.json, model card, "
@@ -46,43 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--out", required=True, help="Release folder to write.")
-    p.add_argument("--config", default=None, help="JSON file listing the entries and options (see below).")
-    p.add_argument("--sae", action="append", default=[], metavar="DIR",
-                   help="k-SAE output folder (config.json + model.safetensors + eval.json); starts a new entry.")
-    p.add_argument("--diffc", action="append", default=[], metavar="DIR",
-                   help="Diff-C output folder for the current entry (or a Diff-C-only entry if no --sae precedes).")
-    p.add_argument("--atlas", action="append", default=[], metavar="DIR",
-                   help="Atlas folder (training/build_atlas.py) for the current entry.")
-    p.add_argument("--backbone", default=None, help="Backbone id to record (default: from the SAE recipes).")
-    p.add_argument("--backbone-revision", default=None, help="Backbone revision to record (default: from the recipes).")
-    p.add_argument("--embed-backbone", default=None, metavar="FOLDER",
-                   help="Copy this diffusers-layout backbone folder into the release, so it loads without the "
-                        "original (small models only; default: the release names the backbone and users load it).")
-    p.add_argument("--base-model", default=None, metavar="HUB_ID",
-                   help="Hub id for the card's base_model (default: the backbone when it is a Hub id; a local "
-                        "backbone folder is never written there).")
-    p.add_argument("--examples", nargs="*", default=None, metavar="IMAGE",
-                   help="Example images the app offers (files; your shell expands patterns such as dir/*.jpg). "
-                        "Default: 4 images of --dataset's --dataset-split, one per class; --examples alone: none.")
-    p.add_argument("--dataset", default=None,
-                   help="Dataset the metrics were measured on: Hub id or local folder, shown in the card and the "
-                        "source of the default examples (default: the one recorded in the atlases).")
-    p.add_argument("--dataset-id", default=None, metavar="HUB_ID",
-                   help="Hub dataset id for the card's datasets metadata (default: --dataset when it is a Hub id).")
-    p.add_argument("--dataset-split", default=None, help="Split the metrics were measured on (default: none; "
-                                                           "the default examples come from 'test').")
-    p.add_argument("--name", default=None, help="Release name (default: the --out folder name).")
-    p.add_argument("--license", default=None, help="License id for the card (default: apache-2.0).")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing release folder at --out.")
-    p.add_argument("--push", default=None, metavar="REPO_ID", help="Create this Hub repo and upload the release "
-                                                                     "(default: none, local folder only).")
-    p.add_argument("--atlas-dataset", nargs="?", const="", default=None, metavar="DIR",
-                   help="Also write the atlases as a Hub dataset (parquet, thumbnails as Image columns, a dataset "
-                        "card; datasets.load_dataset reads it) into DIR (default: <--out>-atlas). With --push it is "
-                        "uploaded to the dataset repo <REPO_ID>-atlas.")
-    p.add_argument("--private", action="store_true", help="With --push: create the repo as private.")
-    p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN).")
+    add_options(p, ReleaseRun)
     return p.parse_args(argv)
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from revelio_hub.cli import add_options, option
+from revelio_hub.space import SpaceError, SpaceSpec, hardware_choices, publish_space, write_space_folder
 
 EPILOG = """\
 examples:
@@ -31,34 +36,41 @@ replaced, stale ones deleted; files you added yourself stay). The token comes fr
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.space import hardware_choices
+@dataclass(kw_only=True)
+class SpaceRun:
+    """Which release the Space serves, where it goes, and on what hardware (see :class:`SpaceSpec`)."""
 
+    release: str = field(metadata=option(
+        "Hub repo id of the release to serve; with --dry-run also a local release folder (an "
+        "offline preview that bundles a copy of it).", metavar="OWNER/NAME"))
+    space: Optional[str] = field(default=None, metadata=option(
+        "Space to create or update (required unless --dry-run).", metavar="OWNER/NAME"))
+    hardware: str = field(default="cpu-basic", metadata=option(
+        "Space hardware: cpu-basic (free), zero-a10g (free shared GPU, ZeroGPU), t4-small, ... "
+        f"(one of: {', '.join(hardware_choices())}). Default: %(default)s.",
+        choices=hardware_choices(), metavar="FLAVOR"))
+    private: bool = field(default=False, metadata=option("Create the Space private."))
+    title: Optional[str] = field(default=None, metadata=option(
+        "Space title (default: 'Revelio Hub: <release name>')."))
+    dry_run: Optional[str] = field(default=None, metadata=option(
+        "Write the Space's files into FOLDER and stop: nothing is created on the Hub.", metavar="FOLDER"))
+    token: Optional[str] = field(default=None, metadata=option(
+        "Hub token with write access (default: HF_TOKEN or the stored login)."))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Create (or update) a Gradio Space that serves a Revelio Hub release: app.py, the package, "
         "requirements for the chosen hardware and a README whose front matter links the release.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--release", required=True, metavar="OWNER/NAME",
-                   help="Hub repo id of the release to serve; with --dry-run also a local release folder (an "
-                   "offline preview that bundles a copy of it).")
-    p.add_argument("--space", default=None, metavar="OWNER/NAME", help="Space to create or update (required unless --dry-run).")
-    p.add_argument("--hardware", default="cpu-basic", choices=hardware_choices(), metavar="FLAVOR",
-                   help="Space hardware: cpu-basic (free), zero-a10g (free shared GPU, ZeroGPU), t4-small, ... "
-                   f"(one of: {', '.join(hardware_choices())}). Default: %(default)s.")
-    p.add_argument("--private", action="store_true", help="Create the Space private.")
-    p.add_argument("--title", default=None, help="Space title (default: 'Revelio Hub: <release name>').")
-    p.add_argument("--dry-run", default=None, metavar="FOLDER",
-                   help="Write the Space's files into FOLDER and stop: nothing is created on the Hub.")
-    p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or the stored login).")
+    add_options(p, SpaceRun)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from revelio_hub.space import SpaceError, SpaceSpec, publish_space, write_space_folder
-
     try:
         spec = SpaceSpec(release=args.release, hardware=args.hardware, space=args.space, private=args.private,
                          title=args.title, preview=bool(args.dry_run))

@@ -5,7 +5,7 @@ the core app; :func:`revelio_hub.app.ui.build_ui` calls the builders here
 inside its Blocks and hands over the components they connect to. Event
 functions are methods of :class:`InterpretEvents` (tests call them directly),
 thin shells over :mod:`revelio_hub.app.attribution_view` that turn
-``ValueError`` into ``gr.Error`` via :func:`~revelio_hub.app.ui.user_errors`.
+``ValueError`` into ``gr.Error`` via :func:`~revelio_hub.app.errors.user_errors`.
 
 API (public, same input rules as ``/analyze_json``: uploads only):
 
@@ -26,16 +26,11 @@ from gradio import FileData
 from revelio_hub.app import analysis as A
 from revelio_hub.app import attribution_view as V
 from revelio_hub.app.api_surface import json_endpoint
+from revelio_hub.app.errors import user_errors
 from revelio_hub.app.state import AppState
 
 __all__ = ["InterpretEvents", "WhyComponents", "CompareComponents", "ConceptComponents",
            "why_section", "compare_section", "concept_tab", "wire"]
-
-
-def _user_errors(action: str):
-    from revelio_hub.app.ui import user_errors  # late: ui imports this module
-
-    return user_errors(action)
 
 
 class InterpretEvents:
@@ -64,7 +59,7 @@ class InterpretEvents:
         empty = ("", None, [], None, gr.update(choices=[], value=None))
         if result is None:
             return empty
-        with _user_errors("explaining the prediction"):
+        with user_errors("explaining the prediction"):
             rel, layer, t = A.resolve_entry(self.state, result.release, result.layer, result.timestep)
             entry = rel.entry(layer, t)
             if entry.diffc is None:
@@ -78,7 +73,7 @@ class InterpretEvents:
 
     def why(self, result: Any, target: Any):
         """Explain another class of the analysed image."""
-        with _user_errors("explaining the prediction"):
+        with user_errors("explaining the prediction"):
             if result is None:
                 raise ValueError("Analyze an image first.")
             note, chart, thumbs, layout, _ = self._why(result, target)
@@ -92,7 +87,7 @@ class InterpretEvents:
 
     def click_bar(self, result: Any, layout: Any, evt: gr.SelectData):
         """A click on a bar of the chart shows that neuron's heat map and top images, as the neuron table does."""
-        with _user_errors("showing the neuron"):
+        with user_errors("showing the neuron"):
             if result is None or not layout:
                 raise ValueError("Analyze an image first.")
             index = evt.index if isinstance(evt.index, (list, tuple)) else None
@@ -101,7 +96,7 @@ class InterpretEvents:
 
     def click_thumb(self, result: Any, layout: Any, evt: gr.SelectData):
         """A click on a thumbnail under the chart does the same for its neuron."""
-        with _user_errors("showing the neuron"):
+        with user_errors("showing the neuron"):
             if result is None or not layout:
                 raise ValueError("Analyze an image first.")
             i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -113,7 +108,7 @@ class InterpretEvents:
 
     def compare(self, image, other, layer, timestep, release):
         """Compare the analysed image's upload with a second one: neurons more active in each."""
-        with _user_errors("comparing the images"):
+        with user_errors("comparing the images"):
             view = V.compare_images(self.state, self._served(image), self._served_other(other), layer, timestep, release)
             first, second = view.tables()
             c = view.comparison
@@ -134,14 +129,14 @@ class InterpretEvents:
     # --------------------------------------------------------------- Concept map
 
     def concept_choices(self, release):
-        with _user_errors("listing label values"):
+        with user_errors("listing label values"):
             choices = V.concept_choices(self.state, release)
             note = ("" if choices else
                     "_This release's atlases keep no per-label statistics; rebuild its atlases to get a concept map._")
             return gr.update(choices=choices, value=None), note, None, None
 
     def concept(self, release, choice):
-        with _user_errors("building the concept map"):
+        with user_errors("building the concept map"):
             if not choice:
                 return None, "", None
             cmap = V.concept_map(self.state, release, choice)
@@ -154,7 +149,7 @@ class InterpretEvents:
 
     def concept_click(self, release, cmap, evt: gr.SelectData):
         """Open the clicked cell's neuron in the Neuron browser tab."""
-        with _user_errors("opening the neuron"):
+        with user_errors("opening the neuron"):
             index = evt.index if isinstance(evt.index, (list, tuple)) else None
             cell = V.concept_cell(cmap, int(index[0]), int(index[1])) if cmap is not None and index else None
             if cell is None:
@@ -184,7 +179,7 @@ class InterpretEvents:
             "summary"}], "pushing_up", "pushing_down", "spearman", ...}; effect = P(class) with nothing removed
             minus P(class) with the neuron removed (positive: the neuron pushes the class up).
         """
-        with _user_errors("explaining the prediction"):
+        with user_errors("explaining the prediction"):
             return V.attribute_image(self.state, self._served(image), layer or None, timestep, release,
                                      target).to_json()
 
@@ -202,7 +197,7 @@ class InterpretEvents:
             {"release", "layer", "timestep", "more_in_first": [{"neuron", "first", "second", "difference"
             "summary"}], "more_in_second": [...], "shared_active_neurons"}
         """
-        with _user_errors("comparing the images"):
+        with user_errors("comparing the images"):
             return V.compare_images(self.state, self._served(image), self._served_other(other), layer or None,
                                     timestep, release).to_json()
 

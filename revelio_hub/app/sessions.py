@@ -29,6 +29,14 @@ keeps every other session only among the last :data:`UNCONFIRMED_SESSIONS`:
 enough for a script that chains a few calls in one session, and for a page
 whose first event reaches the server before its heartbeat does. A tab that
 closes its heartbeat joins them, so its state goes soon after it.
+
+**Why not Gradio's documented clean-up.** ``launch(state_session_capacity=...)``
+counts an open browser tab like a script's call, ``gr.State(time_to_live=...)``,
+``delete_callback`` and ``Blocks.unload`` clean state values, not sessions, and
+none avoids rendering every component per new session (6.578 ms and 173.2 KB
+for Gradio's own, 0.072 ms and 17.9 KB lean: ``bench_sessions.py``, cpu2,
+2026-12-03, ``docs/benchmarks.md``). This relies on Gradio internals, tested on
+the version ``pyproject.toml`` pins (:mod:`revelio_hub.app.gradio_version`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ HTML), and users see release *names*, never server paths.
 """
 
 import contextlib
-import html
 import logging
 import os
 import re
@@ -48,6 +47,7 @@ from starlette.middleware import Middleware
 from revelio_hub.app import analysis as A
 from revelio_hub.app import deep_links as DL
 from revelio_hub.app import interpret_ui as IU
+from revelio_hub.app.errors import user_errors
 from revelio_hub.app.api_surface import IntDropdown, json_endpoint
 from revelio_hub.app.mcp_tools import file_route_urls_as_paths, ui_only, wire_tools
 from revelio_hub.app.phone import PHONE_HEAD, scroll_to_results
@@ -63,7 +63,6 @@ from revelio_hub.app.validation import (
     upload_roots,
     whole_number,
 )
-from revelio_hub.app.workers import WorkerDied
 from revelio_hub.cards import PAPER_TITLE, PAPER_URL
 
 logger = logging.getLogger(__name__)
@@ -88,31 +87,6 @@ CSS = """
 /* Data tables keep their column widths and scroll sideways on narrow screens. */
 .revelio-table table {min-width: max-content}
 """
-
-
-@contextlib.contextmanager
-def user_errors(action: str) -> Iterator[None]:
-    """Show ``ValueError``s as they are (HTML-escaped) and anything else as one plain sentence.
-
-    Gradio renders error messages as HTML, and messages may quote what the
-    user sent (a file name, a layer name): escaping keeps that text inert.
-    """
-    try:
-        yield
-    except gr.Error:
-        raise
-    except (ValueError, WorkerDied) as exc:
-        raise gr.Error(html.escape(str(exc), quote=False), print_exception=False) from None
-    except Exception as exc:  # the user gets a sentence; the log its kind, the traceback at DEBUG level
-        # An exception's message and traceback may quote what a client sent (a path, a huge string), so the
-        # default log level gets one line; an operator chasing a bug turns on DEBUG for the traceback.
-        logger.error("Unexpected %s while %s (traceback at DEBUG level)", type(exc).__name__, action)
-        logger.debug("Traceback of the unexpected error while %s", action, exc_info=True)
-        raise gr.Error(
-            f"Something went wrong while {action} ({type(exc).__name__}). "
-            "Try another image or setting; the server log names the error.",
-            print_exception=False,
-        ) from None
 
 
 def theme() -> gr.themes.Base:
@@ -740,4 +714,4 @@ def build_ui(state: AppState) -> gr.Blocks:
     return demo
 
 
-__all__ = ["Events", "ServedBlocks", "build_ui", "launch_kwargs", "user_errors", "theme", "CSS"]
+__all__ = ["Events", "ServedBlocks", "build_ui", "launch_kwargs", "theme", "CSS"]

@@ -97,9 +97,10 @@ class AtlasConfig:
 
     Attributes:
         top_n: top images kept per neuron (the original Revelio code keeps 20 and shows 10).
-        purity_top: how many top images the purity / entropy use (the paper: 10).
-        summary_neurons: the layer summary averages purity over this many most
-            frequently firing neurons (the paper: 1,000).
+        purity_top: top images used for sigma_label, entropy and precision (the paper: 10).
+        summary_neurons: sigma_label over this many neurons with the highest mean activation
+            among those firing on more than ``sigma_min_images`` images, or all of them when
+            fewer (the paper: 1,000).
         thumbnail_size: side of the square WebP thumbnails, in pixels.
         thumbnail_quality: WebP quality (0–100); 80 keeps a 128-px thumbnail ≈ 3–5 kB.
         threshold: an activation above this counts as firing.

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ..cli import option
 from .shapes import image_spec, render
 
 NULL_CONDITIONING_FILE = "null_conditioning.safetensors"
@@ -37,11 +38,32 @@ class ToyBackboneConfig:
     """Architecture and training schedule of the toy backbone (all seeds fixed).
 
     ``data_seed`` selects the stream of training shapes; evaluation images should
-    come from a different seed so they are truly held out.
+    come from a different seed so they are truly held out. The fields double as
+    ``training/train_toy_backbone.py``'s options (:func:`revelio_hub.cli.add_options`).
+
+    Attributes:
+        image_size: training resolution in pixels.
+        block_out_channels: UNet block widths; attention only in the last (lowest-resolution) block.
+        layers_per_block: resnet layers per UNet block.
+        cross_attention_dim: width of the constant null-conditioning tokens the attention block reads.
+        attention_head_dim: channels per attention head.
+        null_tokens: how many null-conditioning tokens.
+        num_train_timesteps: DDPM timesteps of the noise schedule.
+        steps: optimiser steps.
+        batch_size: images per optimiser step.
+        learning_rate: peak learning rate (warm-up, then cosine).
+        warmup_steps: linear learning-rate warm-up steps.
+        weight_decay: AdamW weight decay.
+        ema_decay: EMA decay of the weights; 0 disables EMA weights.
+        seed: model init and noise seed.
+        data_seed: seed of the endless stream of training shapes.
+        checkpoint_every: steps between checkpoints (0: none).
+        sample_steps: ancestral DDPM sampling steps for the sample grid.
+        sample_count: images in the sample grid.
     """
 
     image_size: int = 32
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata=option(flag="--widths", metavar="WIDTH"))
     layers_per_block: int = 1
     cross_attention_dim: int = 64
     attention_head_dim: int = 8
@@ -49,7 +71,7 @@ class ToyBackboneConfig:
     num_train_timesteps: int = 1000
     steps: int = 4800
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = field(default=1e-3, metadata=option(flag="--lr"))
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.995

@@ -16,12 +16,18 @@ The functions here take plain tensors so they can be checked on planted data;
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from revelio_hub.interpret.metrics import auroc
+from revelio_hub.release import Release
+from revelio_hub.toy.backbone_training import ToyBackboneConfig, random_backbone
+from revelio_hub.toy.build_recipe import TOY_BUILD_FILE, ToyBuildConfig, load_toy_backbone, train_tokens_sae
+from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
 
 
 @dataclass
@@ -197,14 +203,6 @@ def run_benchmark(release_path: str, config: Optional[BenchmarkConfig] = None, *
     either sign), ``random_sae`` (an SAE with the same settings trained on the
     same architecture with random weights) and ``random_raw``.
     """
-    import tempfile
-    from pathlib import Path
-
-    from revelio_hub.release import Release
-    from revelio_hub.toy.backbone_training import ToyBackboneConfig, random_backbone
-    from revelio_hub.toy.pipeline import TOY_BUILD_FILE, ToyBuildConfig, load_toy_backbone, train_tokens_sae
-    from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
-
     cfg = config or BenchmarkConfig()
     release = Release.from_pretrained(release_path)
     build_file = Path(release.path) / TOY_BUILD_FILE
@@ -296,8 +294,6 @@ def _targets(summary: dict[str, Any], diffc_acc: dict[str, float]) -> dict[str, 
 
 def markdown_summary(report: dict[str, Any]) -> str:
     """The card's table: per factor, the best entry and mean best-unit AUROC of each unit set."""
-    from revelio_hub.toy.shapes import FACTORS
-
     s = report["summary"]
     kinds = [k for k in ("sae", "raw", "raw_either_sign", "random_sae", "random_raw") if k in s]
     lines = [

@@ -17,123 +17,36 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 
 from revelio_hub.toy.backbone_training import (
     SAMPLE_GRID_FILE,
-    ToyBackboneConfig,
     ensure_sample_grid,
     is_trained_backbone,
     train_toy_backbone,
 )
+from revelio_hub.toy.build_recipe import (
+    TOY_BACKBONE_NAME,
+    TOY_BUILD_FILE,
+    ToyBuildConfig,
+    load_toy_backbone,
+    train_tokens_sae,
+)
+from revelio_hub.toy.monosemanticity import BenchmarkConfig, markdown_summary, run_benchmark, save_heatmap
 from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
 
 logger = logging.getLogger(__name__)
 
-#: The backbone id recorded in every recipe of the toy release. Features are only
-#: comparable when the backbone *name* matches, so the build and every consumer
-#: load the embedded folder under this stable name instead of its path.
-TOY_BACKBONE_NAME = "revelio-hub/toy-shapes-ddpm"
 LABEL_FACTOR = "shape"
 #: Bumped when the SAE trainer changes what it produces (2: AuxK over the centred residual variance, the
 #: dead set refreshed every step, dead fraction over all rows): a work folder's older SAEs are retrained.
-SAE_TRAINER_VERSION = 3
 #: 3: the default recipe became the paper's (no input normalisation, Kaiming-uniform untied init, plain TopK, no
 #: AuxK, no hold-out: evaluated on the test split's tokens), measured in benchmarks/bench_paper_recipe.py.
-#: The build settings, written into the release so the benchmark can train its control the same way.
-TOY_BUILD_FILE = "toy_build.json"
-
-
-@dataclass
-class ToyBuildConfig:
-    """Sizes and seeds of one toy-release build (everything that changes the result).
-
-    ``train_seed``/``test_seed`` select disjoint shape streams (and the backbone's
-    own ``data_seed`` a third), so the test split and the benchmark's images are
-    never seen in training.
-    """
-
-    backbone: ToyBackboneConfig = field(default_factory=ToyBackboneConfig)
-    train_images: int = 2000
-    test_images: int = 600
-    train_seed: int = 0
-    test_seed: int = 1
-    layers: tuple[str, ...] = ("down_ft1", "bottleneck", "up_ft0", "up_ft1")
-    timesteps: tuple[int, ...] = (25, 100, 200)
-    noise_seed: int = 0
-    extract_batch_size: int = 64
-    # token-level k-SAE
-    sae_expansion: int = 8
-    sae_k: int = 8
-    sae_tokens_per_image: int = 32
-    sae_steps: int = 1000
-    sae_batch_size: int = 1024
-    sae_lr: float = 2e-3
-    sae_warmup_steps: int = 100
-    #: AuxK: latents in the auxiliary code (None: d_in // 2, as OpenAI) and its loss weight.
-    sae_aux_k: Optional[int] = None
-    sae_aux_coef: float = 1 / 32
-    # Diff-C (conv head on spatial maps, small hidden width for CPU)
-    diffc_hidden: int = 32
-    diffc_epochs: int = 30
-    diffc_batch_size: int = 64
-    diffc_lr: float = 3e-3
-    diffc_dropout: float = 0.0  # dropout lost held-out accuracy side by side (docs/benchmarks.md)
-    #: Diff-C is trained for these layers only: on 32×32 maps (up_ft1) it costs
-    #: minutes per entry on CPU and the coarser layers already classify shapes.
-    diffc_layers: tuple[str, ...] = ("down_ft1", "bottleneck", "up_ft0")
-    # atlas
-    atlas_top_k: int = 10
-    #: Atlases cover the first ``atlas_images`` test images: their thumbnails are most of an entry's size.
-    atlas_images: int = 300
-    # ground-truth monosemanticity benchmark written into the card
-    bench_images: int = 1000
-    bench_random_train_images: int = 1000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.backbone, dict):
-            self.backbone = ToyBackboneConfig.from_dict(self.backbone)
-        self.layers = tuple(self.layers)
-        self.diffc_layers = tuple(l for l in self.diffc_layers if l in self.layers)
-        self.timesteps = tuple(int(t) for t in self.timesteps)
-        if self.train_images < 16 or self.test_images < 16:
-            raise ValueError("train_images and test_images must be at least 16")
-
-    @classmethod
-    def full(cls) -> "ToyBuildConfig":
-        """The committed release's settings."""
-        return cls()
-
-    @classmethod
-    def smoke(cls) -> "ToyBuildConfig":
-        """Same stages, tiny sizes: a CI check that the pipeline is wired correctly (not a useful model)."""
-        return cls(
-            backbone=ToyBackboneConfig(block_out_channels=(16, 32, 32), cross_attention_dim=32, steps=4,
-                                       batch_size=8, warmup_steps=2, checkpoint_every=0, sample_steps=4,
-                                       sample_count=16),
-            train_images=48, test_images=32, layers=("bottleneck", "up_ft0"), timesteps=(25, 200),
-            extract_batch_size=32, sae_expansion=2, sae_k=4, sae_tokens_per_image=8, sae_steps=20,
-            sae_batch_size=64, sae_warmup_steps=2, diffc_hidden=16, diffc_epochs=2, diffc_batch_size=16,
-            atlas_top_k=5, bench_images=48, bench_random_train_images=48,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["backbone"] = self.backbone.to_dict()
-        d["layers"] = list(self.layers)
-        d["diffc_layers"] = list(self.diffc_layers)
-        d["timesteps"] = list(self.timesteps)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ToyBuildConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+SAE_TRAINER_VERSION = 3
 
 
 @dataclass
@@ -197,41 +110,11 @@ def make_splits(config: ToyBuildConfig, folder: Path) -> dict[str, Any]:
     return out
 
 
-def load_toy_backbone(folder: str | Path, **kwargs: Any):
-    """Open a toy backbone folder under the release's stable backbone name (see :data:`TOY_BACKBONE_NAME`)."""
-    from revelio_hub.backbones import PixelBackbone
-
-    kwargs.setdefault("name", TOY_BACKBONE_NAME)
-    return PixelBackbone.from_pretrained(str(folder), **kwargs)
-
-
 def factor_labels(dataset, image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """All factor labels of the given dataset rows (feature stores only carry the shape label)."""
     ids = image_ids.long().tolist()
     cols = {f: torch.tensor(dataset[f], dtype=torch.long) for f in FACTORS}
     return {f: col[ids] for f, col in cols.items()}
-
-
-def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, out: Optional[Path] = None,
-                     progress: bool = False, eval_maps: Optional[torch.Tensor] = None):
-    """Token-level k-SAE on ``sae_tokens_per_image`` sampled positions of each N×C×H×W map.
-
-    Used for the release's SAEs and, with the same settings, for the benchmark's
-    random-weights control, so both sides get exactly the same training.
-    """
-    from revelio_hub.sae.training import SAETrainConfig, sample_tokens, train_sae
-
-    tokens, _ = sample_tokens(maps.float(), config.sae_tokens_per_image, seed=config.seed)
-    cfg = SAETrainConfig(
-        k=config.sae_k, expansion=config.sae_expansion, batch_size=min(config.sae_batch_size, len(tokens) // 2),
-        steps=config.sae_steps, lr=config.sae_lr, warmup_steps=config.sae_warmup_steps,
-        dead_window=len(tokens), checkpoint_every=0, log_every=max(1, config.sae_steps // 10), seed=config.seed,
-        aux_k=config.sae_aux_k, aux_coef=config.sae_aux_coef,
-    )
-    eval_tokens = sample_tokens(eval_maps.float(), config.sae_tokens_per_image, seed=config.seed)[0] \
-        if eval_maps is not None else None
-    return train_sae(tokens, cfg, out_dir=out, recipe=recipe, granularity="token", progress=progress,
-                     eval_features=eval_tokens)
 
 
 def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path, progress: bool = False,
@@ -571,7 +454,6 @@ def build_toy_release(
 
 def add_benchmark(config: ToyBuildConfig, out: Path, report: dict[str, Any], log: Callable[[str], None]) -> dict:
     """Run the monosemanticity benchmark on the fresh release; add its JSON, heat map and table to the release."""
-    from revelio_hub.toy.monosemanticity import BenchmarkConfig, markdown_summary, run_benchmark, save_heatmap
 
     bench = run_benchmark(str(out), BenchmarkConfig(num_images=config.bench_images,
                                                     random_train_images=config.bench_random_train_images),

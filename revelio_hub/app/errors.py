@@ -1,0 +1,48 @@
+"""What a user sees when an event fails: their own mistake as it is, anything else as one plain sentence.
+
+Every event of the app (the Analyze tab in :mod:`revelio_hub.app.ui`, the
+Explain, Neuron, Compare and Concepts tabs in :mod:`revelio_hub.app.interpret_ui`)
+runs inside :func:`user_errors`; it lives here, below both, so neither UI
+module has to reach into the other for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+from typing import Iterator
+
+import gradio as gr
+
+from revelio_hub.app.workers import WorkerDied
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def user_errors(action: str) -> Iterator[None]:
+    """Show ``ValueError``s as they are (HTML-escaped) and anything else as one plain sentence.
+
+    Gradio renders error messages as HTML, and messages may quote what the
+    user sent (a file name, a layer name): escaping keeps that text inert.
+    """
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (ValueError, WorkerDied) as exc:
+        raise gr.Error(html.escape(str(exc), quote=False), print_exception=False) from None
+    except Exception as exc:  # the user gets a sentence; the log its kind, the traceback at DEBUG level
+        # An exception's message and traceback may quote what a client sent (a path, a huge string), so the
+        # default log level gets one line; an operator chasing a bug turns on DEBUG for the traceback.
+        logger.error("Unexpected %s while %s (traceback at DEBUG level)", type(exc).__name__, action)
+        logger.debug("Traceback of the unexpected error while %s", action, exc_info=True)
+        raise gr.Error(
+            f"Something went wrong while {action} ({type(exc).__name__}). "
+            "Try another image or setting; the server log names the error.",
+            print_exception=False,
+        ) from None
+
+
+__all__ = ["user_errors"]
