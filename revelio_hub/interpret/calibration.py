@@ -21,27 +21,26 @@ image showing two classes has no single right answer).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from revelio_hub.interpret.ood import image_reconstruction_error
 from revelio_hub.interpret.reliability import (
-    RELIABILITY_DIR, ReliabilityModel, auroc, image_signals, nearest_distance,
+    RELIABILITY_DIR, VIEWS, ReliabilityModel, auroc, image_signals, nearest_distance,
 )
 from revelio_hub.interpret.shifts import SHIFTS, shift_suite
+from revelio_hub.release import Release, entry_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CalibrationConfig", "Sample", "Measurements", "calibration_set", "measure", "fit", "evaluate",
-           "calibrate_entries", "VIEWS"]
-
-#: Cheap transformed copies whose Diff-C answer is compared with the image's own.
-VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {"flip": ImageOps.mirror}
+           "calibrate_entries", "calibrate_release", "held_out_images", "write_calibration", "VIEWS"]
 
 
 @dataclass
@@ -59,6 +58,7 @@ class CalibrationConfig:
         max_sae_params: other layers' SAEs join only when this small (d_in × n_latents), as the app's check.
         l2: ridge penalty of the logistic regression (standardised signals).
         batch_size: images per backbone pass.
+        timesteps: calibrate only the Diff-C entries at these t (``None``: all).
     """
 
     seed: int = 0
@@ -70,9 +70,11 @@ class CalibrationConfig:
     max_sae_params: int = 20_000_000
     l2: float = 1e-2
     batch_size: int = 64
+    timesteps: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         self.shifts, self.views = tuple(self.shifts), tuple(self.views)
+        self.timesteps = None if self.timesteps is None else tuple(int(t) for t in self.timesteps)
         unknown = [s for s in self.shifts if s not in SHIFTS] + [v for v in self.views if v not in VIEWS]
         if unknown:
             raise ValueError(f"unknown shifts or views: {unknown}; shifts: {list(SHIFTS)}, views: {list(VIEWS)}")
@@ -265,7 +267,7 @@ def evaluate(model: ReliabilityModel, signals: dict[str, torch.Tensor], wrong: t
 def calibrate_entries(release: Any, images: Sequence[Image.Image], labels: Sequence[int],
                       config: CalibrationConfig = CalibrationConfig(),
                       backbone_for: Optional[Callable[[Optional[int]], Any]] = None,
-                      log: Callable[[str], None] = print) -> dict[tuple[str, int], ReliabilityModel]:
+                      log: Callable[[str], None] = print, device: Any = "cpu") -> dict[tuple[str, int], ReliabilityModel]:
     """Fit one reliability model per Diff-C entry of ``release`` (a :class:`revelio_hub.release.Release`).
 
     ``images``/``labels``: held-out images of the release and their class ids
@@ -275,10 +277,10 @@ def calibrate_entries(release: Any, images: Sequence[Image.Image], labels: Seque
     images = list(images)[: config.max_images]
     labels = list(labels)[: len(images)]
     samples = calibration_set(images, config)
-    backbone_for = backbone_for or _backbone_loader(release)
+    backbone_for = backbone_for or _backbone_loader(release, device)
     models: dict[tuple[str, int], ReliabilityModel] = {}
-    for t in sorted({t for _, t in release.diffc_entries}):
-        entries = {layer: release.load(layer, t, load_atlas=False) for layer, tt in release.entries if tt == t}
+    for t in sorted({t for _, t in release.diffc_entries if config.timesteps is None or t in config.timesteps}):
+        entries = {layer: release.load(layer, t, load_atlas=False, device=device) for layer, tt in release.entries if tt == t}
         diffcs = {l: e.diffc for l, e in entries.items() if e.diffc is not None}
         saes = {l: e.sae for l, e in entries.items() if e.sae is not None and
                 (l in diffcs or e.sae.d_in * e.sae.n_latents <= config.max_sae_params)}
@@ -313,12 +315,12 @@ def _fit_entry(m: Measurements, samples: list[Sample], labels: Sequence[int], la
     return model
 
 
-def _backbone_loader(release: Any) -> Callable[[Optional[int]], Any]:
+def _backbone_loader(release: Any, device: Any = "cpu") -> Callable[[Optional[int]], Any]:
     cache: dict[Optional[int], Any] = {}
 
     def load(size: Optional[int]) -> Any:
         if size not in cache:
-            cache[size] = release.load_backbone(image_size=size)
+            cache[size] = release.load_backbone(device=device, image_size=size)
         return cache[size]
 
     return load
@@ -326,10 +328,6 @@ def _backbone_loader(release: Any) -> Callable[[Optional[int]], Any]:
 
 def write_calibration(folder: str | Path, models: dict[tuple[str, int], ReliabilityModel]) -> list[Path]:
     """Store each model in ``<folder>/<layer>/t<t>/reliability/`` and mark the entries in ``release.json``."""
-    import json
-
-    from revelio_hub.release import entry_path
-
     folder = Path(folder)
     written = [m.save(folder / entry_path(l, t) / RELIABILITY_DIR) for (l, t), m in models.items()]
     config_file = folder / "release.json"
@@ -343,3 +341,77 @@ def write_calibration(folder: str | Path, models: dict[tuple[str, int], Reliabil
                 k: cal[k] for k in ("auroc_wrong", "held_out_flagged", "wrong_unflagged", "images")}
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     return written
+
+
+CARD_HEADING = "## Reliability: when the app says its answer is unreliable"
+
+
+def card_section(metrics: dict[str, dict[str, Any]], config: CalibrationConfig) -> str:
+    """The model card's section on the reliability score: what it is, and its rates on the calibration images."""
+    rows = "\n".join(
+        f"| {key} | {m['auroc_wrong']:.3f} | {m['held_out_flagged']:.1%} | {m['wrong_unflagged']:.1%} | {m['images']} |"
+        for key, m in metrics.items())
+    return (
+        f"{CARD_HEADING}\n\n"
+        "Every entry with a Diff-C head carries a calibrated score of how likely Diff-C's answer is wrong "
+        "(`<entry>/reliability/`). It combines the SAE reconstruction error of every layer at the entry's t, "
+        "the distance to the nearest held-out image, Diff-C's entropy and energy, and whether Diff-C keeps its "
+        "answer on a mirrored copy, in a logistic regression fitted on held-out images of the release and generic "
+        f"shifts of them ({', '.join(config.shifts)}; shift seed {config.seed}). The threshold flags "
+        f"{config.false_alarm:.0%} of the held-out images; a flagged image's predictions and neuron names are "
+        "shown greyed, and the JSON API answers `\"reliable\": false` with the reasons.\n\n"
+        "Rates on the calibration images themselves (in-sample; rates on new images and shifts drawn from another "
+        "seed: `python benchmarks/bench_trust.py --release <this folder>`):\n\n"
+        "| entry | AUROC for \"Diff-C wrong\" | held-out images flagged | wrong answers not flagged | images |\n"
+        f"|---|---|---|---|---|\n{rows}\n"
+    )
+
+
+def append_card_section(folder: str | Path, section: str) -> None:
+    """Put ``section`` at the end of the release's ``README.md``, replacing an earlier reliability section."""
+    card = Path(folder) / "README.md"
+    text = card.read_text() if card.exists() else ""
+    start = text.find(CARD_HEADING)
+    if start != -1:
+        end = text.find("\n## ", start + len(CARD_HEADING))
+        text = text[:start] + (text[end + 1:] if end != -1 else "")
+    card.write_text(text.rstrip("\n") + "\n\n" + section)
+
+
+def held_out_images(source: Any, class_names: Sequence[str], skip: int = 0,
+                    count: int = 300) -> tuple[list[Image.Image], list[int]]:
+    """Rows ``skip`` … ``skip + count`` of an :class:`~revelio_hub.data.ImageSource` as RGB images and class ids
+    in ``class_names``' order (the Diff-C heads'); a label outside ``class_names`` is a clear error."""
+    index = {str(n): i for i, n in enumerate(class_names)}
+    missing = sorted({str(n) for n in source.class_names} - set(index))
+    if source.label_column is None or missing:
+        raise ValueError(f"the held-out images need labels from the release's classes {list(class_names)}; "
+                         + ("the dataset has no label column" if source.label_column is None
+                            else f"the dataset's labels {missing[:5]} are not among them"))
+    images, labels = [], []
+    for row in range(skip, min(len(source), skip + count)):
+        img = source.load_image(row)
+        if img is not None:
+            images.append(img.convert("RGB"))
+            labels.append(index[str(source.class_names[int(source.labels[row])])])
+    if len(images) < 20:
+        raise ValueError(f"only {len(images)} usable held-out images; the calibration needs at least 20")
+    return images, labels
+
+
+def calibrate_release(folder: str | Path, source: Any, config: CalibrationConfig = CalibrationConfig(),
+                      skip: int = 0, log: Callable[[str], None] = print, device: Any = "cpu") -> dict[str, Any]:
+    """Calibrate every Diff-C entry of the release in ``folder`` on ``source``'s rows ``skip`` … and store the result.
+
+    Returns ``{"layer/tT": calibration metrics}``. The release folder gains
+    ``<entry>/reliability/`` and ``"reliability": true`` in ``release.json``.
+    """
+    release = Release.from_pretrained(str(folder))
+    if not release.diffc_entries:
+        raise ValueError(f"{folder} has no entry with a Diff-C head: nothing to calibrate")
+    images, labels = held_out_images(source, release.class_names, skip, config.max_images)
+    models = calibrate_entries(release, images, labels, config, log=log, device=device)
+    write_calibration(folder, models)
+    metrics = {f"{l}/t{t}": m.metrics["calibration"] for (l, t), m in models.items()}
+    append_card_section(folder, card_section(metrics, config))
+    return metrics

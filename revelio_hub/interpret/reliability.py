@@ -39,12 +39,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from PIL import Image, ImageOps
 
 __all__ = [
-    "FORMAT_VERSION", "RELIABILITY_DIR", "RELIABILITY_FILE", "REFERENCES_FILE", "UNRELIABLE_MESSAGE",
+    "VIEWS", "FORMAT_VERSION", "RELIABILITY_DIR", "RELIABILITY_FILE", "REFERENCES_FILE", "UNRELIABLE_MESSAGE",
     "ReliabilityModel", "Verdict", "image_signals", "nearest_distance", "auroc",
 ]
 
@@ -54,6 +55,8 @@ RELIABILITY_FILE = "reliability.json"
 REFERENCES_FILE = "references.safetensors"
 #: The one line a flagged image gets in the app (the issue's wording: short, and says what it affects).
 UNRELIABLE_MESSAGE = "Unlike the release's data: its predictions and neuron names are unreliable here."
+#: Cheap transformed copies whose Diff-C answer is compared with the image's own (one backbone pass each).
+VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {"flip": ImageOps.mirror}
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -203,6 +206,23 @@ class ReliabilityModel:
             raise ValueError(f"reliability score needs the signals {missing}")
         z = self._standardised(values)
         return torch.sigmoid(z @ torch.tensor(self.weights, dtype=torch.float64) + self.bias).float()
+
+    def image_values(self, errors: dict[str, float], logits: torch.Tensor,
+                     view_logits: Optional[dict[str, torch.Tensor]] = None,
+                     pooled: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """The signals of one image from what the app has: SAE errors by layer, Diff-C logits (1×K), the
+        views' logits, the entry layer's pooled features (1×C). Missing inputs are a clear error."""
+        nearest = None
+        if "nearest_distance" in self.signals:
+            if pooled is None or self.references is None:
+                raise ValueError("the nearest_distance signal needs the pooled features and the stored references")
+            nearest = nearest_distance(pooled.reshape(1, -1), self.references, self.centre)
+        missing = [l for l in self.layers if l not in errors] + [v for v in self.views if v not in (view_logits or {})]
+        if missing:
+            raise ValueError(f"the reliability score of {self.layer} t={self.timestep} needs {missing}")
+        values = image_signals({l: torch.tensor([float(errors[l])]) for l in self.layers}, logits.reshape(1, -1),
+                               {v: view_logits[v].reshape(1, -1) for v in self.views}, nearest)
+        return {k: float(v[0]) for k, v in values.items() if k in self.signals}
 
     def _standardised(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         x = torch.stack([values[s].double().flatten() for s in self.signals], dim=1)
