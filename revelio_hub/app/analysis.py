@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
 from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown, whole_number
-from revelio_hub.interpret.ood import assess, image_reconstruction_error, ordinal
+from revelio_hub.interpret.ood import assess, ordinal, sae_error
 from revelio_hub.interpret.reliability import UNRELIABLE_MESSAGE, VIEWS
 from revelio_hub.layer_names import canonical_layer
 
@@ -310,18 +310,6 @@ def rank_neurons(atlas: Any, acts: "torch.Tensor", n: int, ranking: str = DEFAUL
 def _small_sae_layers(rel: LoadedRelease, layer: str, t: int) -> list[str]:
     """Other layers at ``t`` whose SAE joins the out-of-distribution check (see :data:`OOD_EXTRA_SAE_MAX_PARAMS`)."""
     return [name for name in rel.small_sae_layers(t) if name != layer]
-
-
-def sae_error(sae: Any, fmap: "torch.Tensor") -> float:
-    """The OOD check's number for one image: ``sae``'s reconstruction error on its ``1×C×H×W`` map.
-
-    One function for the server process and the backbone worker
-    (:mod:`revelio_hub.app.workers`), so both give the same float.
-    """
-    import torch
-
-    with torch.inference_mode():
-        return float(image_reconstruction_error(sae, fmap)[0])
 
 
 def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, "torch.Tensor"],

@@ -12,7 +12,8 @@ API (for ``gradio_client``):
 * ``/analyze`` - the Analyze button: (image, layer, timestep, release) ->
   predictions, neuron table, selected neuron, caption, gallery, heat map.
 * ``/analyze_json`` - (image file, layer, timestep, release name or "") -> a
-  JSON dict ``{"release", "layer", "timestep", "predictions", "note", "neurons", "ranking", "ood"}``.
+  JSON dict ``{"release", "layer", "timestep", "predictions", "note", "neurons", "ranking", "reliable",
+  "reasons", "ood"}``.
 * ``/search_neurons`` - (label value, layer, timestep, release name or "") -> a
   JSON list of neurons detecting that value, best AUROC first.
 * ``/neuron`` - (release, layer, timestep, neuron id) -> stats, label
@@ -535,8 +536,11 @@ class Events:
             "note" (why predictions are null: this entry has no Diff-C head)
             "neurons": [{"id", "activation", "relevance" (activation over the neuron's usual activation)
             "frequency", "summary", "dense"}] most relevant first, "ranking" (how neurons are ranked)
+            "reliable" (false: the image is unlike the release's data, its classes and neuron names are unreliable)
+            "reasons" (why, in words; empty when reliable)
             "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution"
-            "message", "layers"} (trust the neurons and classes less when out_of_distribution is true)}
+            "message", "layers", "reliable", "reasons", "reliability": {"score", "threshold", "decided_by",
+            "signals"} (the calibrated score, when the release has one)}}
         """
         with user_errors("analysing the image"):
             return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["OODConfig", "OODReport", "image_reconstruction_error", "assess", "ordinal"]
+__all__ = ["OODConfig", "OODReport", "image_reconstruction_error", "sae_error", "assess", "ordinal"]
 
 
 @torch.no_grad()
@@ -44,6 +44,15 @@ def image_reconstruction_error(sae: Any, x: torch.Tensor) -> torch.Tensor:
         resid = (x - recon).pow(2).sum(dim=1)
         total = (x - centre[None, :]).pow(2).sum(dim=1)
     return (resid.double() / total.double().clamp_min(1e-12)).float().cpu()
+
+
+def sae_error(sae: Any, fmap: torch.Tensor) -> float:
+    """The check's number for one image: ``sae``'s reconstruction error on its ``1×C×H×W`` map.
+
+    One function for the app's server process and its backbone workers, so both give the same float.
+    """
+    with torch.inference_mode():
+        return float(image_reconstruction_error(sae, fmap)[0])
 
 
 @dataclass(frozen=True)
