@@ -138,3 +138,27 @@ def test_photo_is_flagged_and_most_held_out_shapes_are_not(release_dir, tmp_path
     decided = next(v for v in verdicts if v.reliable).ood["reliability"]["decided_by"]
     assert decided in line and "percentile" in line  # the line names the signal (and its layer) that decided
     state.close()
+
+
+def test_the_app_measures_the_signals_the_calibration_measured(release_dir, tmp_path):
+    """The score is only calibrated if the app feeds it the numbers the calibration saw: same features, same signals."""
+    from revelio_hub.app import analysis as A
+    from revelio_hub.app.state import AppConfig, AppState
+    from revelio_hub.interpret.calibration import entry_signals, measure
+
+    state = AppState.from_config(AppConfig(releases=[release_dir], workers=0))
+    rel = state.get_release()
+    layer, t = next((l, t) for l, t in rel.release.diffc_entries if t == 25)
+    model = rel.entry(layer, t).reliability
+    images = held_out_shapes(3, start=500, image_size=rel.image_size or 32)[0]
+    saes = {l: rel.entry(l, t).sae for l in model.layers}
+    backbone = rel.release.load_backbone(image_size=rel.image_size)
+    m = measure(images, t, saes, {layer: rel.entry(layer, t).diffc}, lambda _size: backbone, model.views)
+    expected = entry_signals(m, layer, model.layers, model.views, (model.references, model.centre))
+    for i, img in enumerate(images):
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        got = A.analyze(state, str(path), layer, t).ood["reliability"]["signals"]
+        for name in model.signals:
+            assert got[name]["value"] == pytest.approx(float(expected[name][i]), rel=1e-3, abs=1e-4), name
+    state.close()

@@ -136,9 +136,9 @@ def assess(error: float, percentile: Optional[float], diffc_confidence: Optional
         where = f" at layer {worst}" if worst else ""
         message = (f"This image is unlike the release's data: the SAE{where} rebuilds its features worse than "
                    f"{than} (relative error {w_err:.3f}). Predictions and neuron summaries are unreliable for it.")
-    else:
-        pct = percentile if percentile is not None else w_pct
-        message = (f"Like the release's data: reconstruction error {float(error):.3f} is at the {ordinal(round(pct))} "
-                   "percentile of the atlas images.")
+    else:  # quote the layer that decided (the one closest to the threshold), not only the analysed one
+        at = f" at layer {worst}" if worst else ""
+        message = (f"Like the release's data: reconstruction error {w_err:.3f}{at} is at the {ordinal(round(w_pct))} "
+                   "percentile of the atlas images" + (" (the highest of the checked layers)." if len(known) > 1 else "."))
     return OODReport(float(error), None if percentile is None else float(percentile), diffc_confidence, flagged,
                      message, layers)
