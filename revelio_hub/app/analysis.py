@@ -270,8 +270,7 @@ def analyze(
         predictions = {str(name): round(float(p), 6) for name, p in predictions.items()}
     else:
         note = no_diffc_note(rel, layer, t)
-    errors = state.reconstruction_errors(state.feature_key(digest, rel, t, sae_recipe))
-    ood = out_of_distribution(rel, layer, t, maps, predictions or {}, errors, logits, views)
+    ood = out_of_distribution(rel, layer, t, maps, predictions or {}, maps.errors, logits, views)
     return Analysis(rel.name, layer, t, predictions, neurons, digest, display_image(img), note=note, ood=ood,
                     ranking=ranking)
 
@@ -380,8 +379,7 @@ def image_reliability(state: AppState, rel: LoadedRelease, entry: Any, layer: st
     probs = torch.softmax(logits[0], -1)
     predictions = {str(entry.diffc.class_names[int(probs.argmax())]): float(probs.max())}
     sae_maps = state.feature_maps(image, rel, t, model_recipe(entry.sae))
-    errors = state.reconstruction_errors(state.feature_key(image_digest(image), rel, t, model_recipe(entry.sae)))
-    return out_of_distribution(rel, layer, t, sae_maps, predictions, errors, logits,
+    return out_of_distribution(rel, layer, t, sae_maps, predictions, sae_maps.errors, logits,
                                view_logits_of(state, rel, entry, layer, t, image))
 
 
