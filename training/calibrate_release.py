@@ -18,7 +18,7 @@ import sys
 
 EPILOG = """\
 examples:
-  # the bundled toy release, on test images the atlas did not use for anything else
+  # the bundled toy release, on the first 300 images of its test split (never trained on)
   python training/calibrate_release.py --release releases/toy-shapes \\
       --dataset runs/toy-build/data/test --label-column shape
 
@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Share of held-out images the threshold may flag (default: %(default)s).")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="Images per backbone pass (default: %(default)s).")
     p.add_argument("--report", default=None, help="Also write the calibration metrics to this JSON file.")
+    p.add_argument("--push", default=None, metavar="REPO_ID",
+                   help="Then upload the calibrated release to this Hub repo (make_release.py --push rebuilds the "
+                        "folder from its inputs, without the calibration).")
+    p.add_argument("--private", action="store_true", help="With --push: create the repo as private.")
+    p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN).")
     p.add_argument("--cpu", action="store_true", help="Run on the CPU even if a GPU is available.")
     return p.parse_args(argv)
 
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from revelio_hub.data import open_image_dataset
     from revelio_hub.distributed import finish, make_accelerator
     from revelio_hub.interpret.calibration import CalibrationConfig, calibrate_release
-    from revelio_hub.release import Release
+    from revelio_hub.release import Release, push_release
 
     accelerator = make_accelerator(cpu=args.cpu)
     try:
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         with open(args.report, "w") as f:
             json.dump(metrics, f, indent=2)
+    if args.push:
+        print(f"pushed: {push_release(args.release, args.push, private=args.private, token=args.token)}")
     finish(accelerator)
     return 0
 
