@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Comma-separated views compared with the image (flip; '' for none; default: %(default)s).")
     p.add_argument("--false-alarm", type=float, default=d.false_alarm,
                    help="Share of held-out images the threshold may flag (default: %(default)s).")
+    p.add_argument("--timesteps", default=None, metavar="T,T,...",
+                   help="Calibrate only the Diff-C entries at these timesteps (default: all).")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="Images per backbone pass (default: %(default)s).")
     p.add_argument("--report", default=None, help="Also write the calibration metrics to this JSON file.")
     p.add_argument("--push", default=None, metavar="REPO_ID",
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                                     label_column=args.label_column)
         config = CalibrationConfig(seed=args.seed, shifts=tuple(s for s in args.shifts.split(",") if s),
                                    views=tuple(v for v in args.views.split(",") if v), false_alarm=args.false_alarm,
-                                   max_images=args.max_images, batch_size=args.batch_size)
+                                   max_images=args.max_images, batch_size=args.batch_size,
+                                   timesteps=None if not args.timesteps else
+                                   tuple(int(t) for t in args.timesteps.split(",") if t.strip()))
         metrics = calibrate_release(args.release, source, config, skip=args.skip, device=accelerator.device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
