@@ -176,6 +176,32 @@ def score_entry(release: Release, layer: str, t: int, m, samples: list[Sample], 
     return res
 
 
+def analysis_latency(release_dir: str, layer: str, t: int, images: list[Image.Image], tmp: Path) -> dict[str, Any]:
+    """What the check costs a user: ``analyze`` on new images (cold feature cache) with the stored calibration,
+    against the same release with the calibration ignored (the previous rule: no mirrored pass), same process."""
+    from revelio_hub.app import analysis as A
+    from revelio_hub.app.state import AppConfig, AppState
+
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(tmp / f"latency-{i}.png")
+        img.save(paths[-1])
+    out = {}
+    for name in ("previous_rule", "calibrated", "previous_rule_again"):
+        state = AppState.from_config(AppConfig(releases=[release_dir], workers=0, feature_cache_size=2 * len(paths)))
+        rel = state.get_release()
+        A.analyze(state, str(paths[0]), layer, t)  # loads the backbone and the entries: not timed
+        if name != "calibrated":
+            rel.entry(layer, t).reliability = None
+        start = time.perf_counter()
+        for path in paths[1:]:
+            A.analyze(state, str(path), layer, t)
+        out[f"{name}_ms"] = round(1000 * (time.perf_counter() - start) / (len(paths) - 1), 2)
+        state.close()
+    out["ratio"] = round(out["calibrated_ms"] / ((out["previous_rule_ms"] + out["previous_rule_again_ms"]) / 2), 2)
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--release", default=str(REPO / "releases" / "toy-shapes"), help="calibrated release folder")
@@ -187,6 +213,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=1, help="shift-suite seed; must differ from the calibration's (default: 1)")
     p.add_argument("--timesteps", type=int, nargs="*", default=[25], help="entries at these t (default: 25)")
     p.add_argument("--crops", type=int, default=5, help="random crops per photograph (default: %(default)s)")
+    p.add_argument("--latency", type=int, default=0, metavar="N",
+                   help="also time analyze() on N new images with and without the calibration (default: skip)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
 
@@ -241,6 +269,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         m = measure(all_images, t, saes, diffcs, lambda _size: backbone, views)
         for layer in here:
             report["entries"][f"{layer}/t{t}"] = score_entry(release, layer, t, m, samples, labels, groups)
+    if a.latency:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            report["latency"] = analysis_latency(a.release, *calibrated[0], images[: a.latency + 1], Path(tmp))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     _print(report, a.json)
     return report
@@ -250,6 +283,10 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
         return
+    if "latency" in report:
+        lat = report["latency"]
+        print(f"analyze() per new image: {lat['calibrated_ms']} ms with the calibrated check, "
+              f"{lat['previous_rule_ms']} / {lat['previous_rule_again_ms']} ms with the previous rule ({lat['ratio']}x)")
     print(f"{report['held_out_images']} held-out images, shift seed {report['shift_seed']}, "
           f"{report['photo_images']} photo images ({', '.join(report['photos'])}); {report['seconds']} s")
     for key, r in report["entries"].items():
