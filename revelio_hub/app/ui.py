@@ -539,7 +539,7 @@ class Events:
             "reliable" (false: the image is unlike the release's data, its classes and neuron names are unreliable)
             "reasons" (why, in words; empty when reliable)
             "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution"
-            "message", "layers", "reliable", "reasons", "reliability": {"score", "threshold", "decided_by",
+            "message", "layers", "reliable", "reasons", "reliability": {"score", "threshold", "decided_by"
             "signals"} (the calibrated score, when the release has one)}}
         """
         with user_errors("analysing the image"):
