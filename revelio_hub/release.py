@@ -13,6 +13,7 @@ Layout::
     <layer>/t<t>/sae/            config.json + model.safetensors (+ eval.json): a standalone mixin folder
     <layer>/t<t>/diffc/          same, for the Diff-C head
     <layer>/t<t>/atlas/          stats.safetensors, atlas.json, thumbnails/
+    <layer>/t<t>/reliability/    reliability.json (+ references.safetensors): the calibrated "Diff-C is wrong" score
 
 :meth:`Release.from_pretrained` reads only ``release.json`` and ``README.md``;
 :meth:`Release.load` downloads one entry's folder (``allow_patterns``), so a
@@ -37,6 +38,7 @@ import torch
 
 from revelio_hub import __version__
 from revelio_hub.hub import download, is_local, push_folder
+from revelio_hub.interpret.reliability import RELIABILITY_DIR, RELIABILITY_FILE, ReliabilityModel
 from revelio_hub.layer_names import canonical_layer
 
 __all__ = [
@@ -86,6 +88,9 @@ class ReleaseEntry:
     atlas: Any
     path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: The entry's calibrated reliability score (:class:`revelio_hub.interpret.reliability.ReliabilityModel`),
+    #: or ``None`` for an entry without Diff-C or a release calibrated before it existed.
+    reliability: Any = None
 
     #: ``(layer, t)`` of the release's entries that have a Diff-C head (for error messages).
     diffc_entries: list[tuple[str, int]] = field(default_factory=list, repr=False)
@@ -327,8 +332,12 @@ class Release:
                 f"{folder / 'atlas'} describes {atlas.num_neurons} neurons but the SAE has {sae.n_latents}; "
                 "rebuild the atlas for this SAE"
             )
+        reliability = None
+        if item.get("reliability", False) or (folder / RELIABILITY_DIR / RELIABILITY_FILE).is_file():
+            reliability = ReliabilityModel.load(folder / RELIABILITY_DIR)
         return ReleaseEntry(layer=layer, timestep=int(timestep), sae=sae, diffc=diffc, atlas=atlas, path=folder,
-                            metrics=dict(item.get("metrics") or {}), diffc_entries=self.diffc_entries)
+                            metrics=dict(item.get("metrics") or {}), diffc_entries=self.diffc_entries,
+                            reliability=reliability)
 
     def load_backbone(self, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                       image_size: Optional[int] = None, **opts: Any) -> Any:

@@ -300,3 +300,43 @@ class LibraryReference:
             acts = entry.sae.image_activations(maps)[0]
             preds = entry.diffc.predict(maps, top_k=5)[0] if entry.diffc is not None else {}
         return acts, preds
+
+
+def held_out_shapes(n: int, start: int = 0, image_size: int = 32) -> tuple[list[Image.Image], list[int]]:
+    """Toy test-split images (the generator's seed 1, rows ``start`` …) and their shape ids, as the release's
+    held-out images."""
+    from revelio_hub.toy.shapes import make_shapes_dataset
+
+    ds = make_shapes_dataset(n, seed=1, image_size=image_size, start_index=start)
+    return [img.convert("RGB") for img in ds["image"]], list(ds["shape"])
+
+
+def calibrated_release(images: int = 30) -> str:
+    """A copy of :func:`app_release_path` with its t=25 entries calibrated on a small shift suite, made once per
+    test process (the bundled release ships no calibration until it is rebuilt; ~20 s on 2 idle cores)."""
+    import shutil
+    import tempfile
+
+    from revelio_hub.interpret.calibration import CalibrationConfig, calibrate_entries, write_calibration
+    from revelio_hub.release import Release
+
+    if "calibrated" in _BUILT:
+        return _BUILT["calibrated"]
+    src = app_release_path()
+    out = Path(tempfile.mkdtemp(prefix="revelio-calibrated-")) / "calibrated"
+    shutil.copytree(src, out)
+    release = Release.from_pretrained(str(out))
+    shapes, labels = held_out_shapes(images, image_size=int(release.config.get("image_size") or 32))
+    config = CalibrationConfig(max_images=images, timesteps=(25,), shifts=("rotate", "zoom_in", "mosaic"))
+    write_calibration(out, calibrate_entries(release, shapes, labels, config, log=lambda *_: None))
+    _BUILT["calibrated"] = str(out)
+    return str(out)
+
+
+def photo(folder: Path) -> Path:
+    """A real photograph that ships with matplotlib (Grace Hopper), saved as PNG: nothing like a toy shape."""
+    import matplotlib
+
+    out = folder / "photo.png"
+    Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB").save(out)
+    return out

@@ -96,11 +96,13 @@ def test_analyze_matches_library_and_is_sorted(state, images):
     assert sum(result.predictions.values()) <= 1 + 1e-5
     assert all(0 <= p <= 1 for p in result.predictions.values())
     payload = result.to_json()
-    assert set(payload) == {"release", "layer", "timestep", "predictions", "note", "neurons", "ranking", "ood"}
+    assert set(payload) == {"release", "layer", "timestep", "predictions", "note", "neurons", "ranking", "reliable",
+                            "reasons", "ood"}
     assert payload["note"] is None  # this entry has a Diff-C
     assert set(payload["neurons"][0]) == {"id", "activation", "relevance", "frequency", "summary", "dense"}
-    assert set(payload["ood"]) == {"reconstruction_error", "error_percentile", "diffc_confidence",
-                                   "out_of_distribution", "message", "layers"}
+    assert set(payload["ood"]) >= {"reconstruction_error", "error_percentile", "diffc_confidence",
+                                   "out_of_distribution", "message", "layers", "reliable", "reasons"}
+    assert payload["reliable"] is payload["ood"]["reliable"] is (not payload["ood"]["out_of_distribution"])
     assert layer in payload["ood"]["layers"]
     assert payload["ood"]["diffc_confidence"] == pytest.approx(max(preds.values()), abs=1e-5)
 
@@ -116,7 +118,7 @@ def test_unlike_images_are_flagged_and_shapes_are_not(state, images, tmp_path):
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
     flagged = A.analyze(state, str(noise), layer, t).ood
-    assert flagged["out_of_distribution"] and "unlike the release's data" in flagged["message"]
+    assert flagged["out_of_distribution"] and "unlike the release's data" in flagged["message"].lower()
     assert max(v["error_percentile"] for v in flagged["layers"].values()) == pytest.approx(100.0)
     from revelio_hub.toy.shapes import make_shapes_dataset
 

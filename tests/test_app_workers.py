@@ -75,10 +75,11 @@ def test_worker_maps_and_answers_equal_in_process_ones(states, images):
     # The worker ran the small SAEs of the OOD check on each pass: the errors this process would compute.
     from revelio_hub.interpret.ood import image_reconstruction_error
 
-    keys = list(pooled.errors._data)
-    assert keys and len(local.errors) == 0
+    keys = list(pooled.features._data)
+    assert keys and not any(maps.errors for maps in local.features._data.values())
     for key in keys:
-        errors, maps, t = pooled.errors.get(key), pooled.features.get(key), key[2]
+        maps, t = pooled.features.get(key), key[2]
+        errors = maps.errors
         assert set(errors) == set(rel_pooled.small_sae_layers(t)) and errors
         for layer, err in errors.items():
             with torch.inference_mode():

@@ -48,6 +48,7 @@ def test_atlas_keeps_the_error_distribution_and_ranks_new_errors():
 def test_verdict_takes_the_worst_layer_and_says_so():
     ok = assess(0.03, 40.0, 0.9, OODConfig(99.5), layer="down_ft1", others={"bottleneck": (0.1, 60.0)})
     assert not ok.out_of_distribution and "Like the release's data" in ok.message
+    assert "at layer bottleneck" in ok.message and "60th percentile" in ok.message  # the layer that decided
     bad = assess(0.03, 40.0, 0.99, OODConfig(99.5), layer="down_ft1", others={"bottleneck": (0.5, 100.0)})
     assert bad.out_of_distribution and "at layer bottleneck" in bad.message and "unreliable" in bad.message
     d = bad.to_dict()

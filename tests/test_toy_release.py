@@ -125,6 +125,15 @@ def test_smoke_build_makes_a_loadable_release(smoke_release):
     _check_release(out)
     card = (out / "README.md").read_text()
     assert "figures/samples.png" in card
+    # the reliability stage calibrated every Diff-C entry, from generic shifts of the test split only
+    from revelio_hub.interpret.calibration import CARD_HEADING
+    from revelio_hub.release import Release
+
+    assert "reliability" in report["timings_s"] and CARD_HEADING in card
+    release = Release.from_pretrained(str(out))
+    for layer, t in release.diffc_entries:
+        model = release.load(layer, t, load_atlas=False).reliability
+        assert model is not None and model.metrics["calibration"]["per_shift"]["held_out"]["images"] == 24
 
 
 @pytest.mark.slow  # reruns the smoke build: 46 s loaded

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
 from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown, whole_number
+from revelio_hub.interpret.ood import assess, ordinal, sae_error
+from revelio_hub.interpret.reliability import UNRELIABLE_MESSAGE, VIEWS
 from revelio_hub.layer_names import canonical_layer
 
 if TYPE_CHECKING:
@@ -97,8 +99,15 @@ class Analysis:
             "note": self.note,
             "neurons": [n.to_dict() for n in self.neurons],
             "ranking": self.ranking,
+            "reliable": self.reliable,
+            "reasons": list((self.ood or {}).get("reasons") or []),
             "ood": dict(self.ood) if self.ood is not None else None,
         }
+
+    @property
+    def reliable(self) -> bool:
+        """False when the reliability check flagged the image: predictions and neuron names are then unreliable."""
+        return bool((self.ood or {}).get("reliable", True))
 
     def visible_neurons(self, show_dense: bool = False) -> list[NeuronHit]:
         """The neurons the app lists: dense ones only when asked."""
@@ -247,18 +256,21 @@ def analyze(
     if progress:
         progress(0.8, "Decoding neurons and classes…")
     fmap = maps[layer]
+    logits = views = None
     with torch.inference_mode():
         acts = entry.sae.image_activations(fmap)[0].float()
         if entry.diffc is not None:
             predictions = entry.diffc.predict(diffc_maps[layer], top_k=state.config.top_classes)[0]
+            logits = entry.diffc(diffc_maps[layer]).float().cpu()
+    if entry.diffc is not None:
+        views = view_logits_of(state, rel, entry, layer, t, img)
     neurons = rank_neurons(entry.atlas, acts, state.config.top_neurons, ranking)
     note = None
     if predictions is not None:
         predictions = {str(name): round(float(p), 6) for name, p in predictions.items()}
     else:
         note = no_diffc_note(rel, layer, t)
-    errors = state.reconstruction_errors(state.feature_key(digest, rel, t, sae_recipe))
-    ood = out_of_distribution(rel, layer, t, maps, predictions or {}, errors)
+    ood = out_of_distribution(rel, layer, t, maps, predictions or {}, maps.errors, logits, views)
     return Analysis(rel.name, layer, t, predictions, neurons, digest, display_image(img), note=note, ood=ood,
                     ranking=ranking)
 
@@ -299,43 +311,96 @@ def _small_sae_layers(rel: LoadedRelease, layer: str, t: int) -> list[str]:
     return [name for name in rel.small_sae_layers(t) if name != layer]
 
 
-def sae_error(sae: Any, fmap: "torch.Tensor") -> float:
-    """The OOD check's number for one image: ``sae``'s reconstruction error on its ``1×C×H×W`` map.
+def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, "torch.Tensor"],
+                        predictions: dict[str, float],
+                        errors: Optional[dict[str, float]] = None,
+                        logits: Optional["torch.Tensor"] = None,
+                        view_logits: Optional[dict[str, "torch.Tensor"]] = None) -> Optional[dict[str, Any]]:
+    """The reliability verdict on an image: ``reliable``, ``reasons``, and the numbers behind them.
 
-    One function for the server process and the backbone worker
-    (:mod:`revelio_hub.app.workers`), so both give the same float.
+    With a calibrated reliability score (``entry.reliability``, see
+    :mod:`revelio_hub.interpret.reliability`) the score decides: ``logits`` are
+    Diff-C's on the image, ``view_logits`` on its views (:func:`view_logits_of`).
+    Without one (an entry without Diff-C, an older release) the SAE
+    reconstruction-error percentiles decide, the worst layer first
+    (:func:`revelio_hub.interpret.ood.assess`). Either way the
+    reconstruction errors of the analysed layer and the small SAEs of the
+    other layers at ``t`` are reported (``errors``: those a backbone worker
+    already computed on these ``maps``).
+    """
+    entry = rel.entry(layer, t)
+    model = entry.reliability
+    names = [layer, *_small_sae_layers(rel, layer, t)]
+    if model is not None:
+        names += [name for name in model.layers if name not in names]
+    measured = {name: (float(errors[name]) if errors is not None and name in errors
+                       else sae_error(rel.entry(name, t).sae, maps[name])) for name in names if name in maps}
+
+    def percentile(name: str) -> Optional[float]:
+        atlas = rel.entry(name, t).atlas
+        return atlas.error_percentile(measured[name]) if atlas is not None else None
+
+    others = {name: (measured[name], percentile(name)) for name in names[1:] if name in measured}
+    confidence = max(predictions.values()) if predictions else None
+    report = assess(measured[layer], percentile(layer), confidence, layer=layer, others=others).to_dict()
+    if model is None or logits is None:
+        report["reliable"] = not report["out_of_distribution"]
+        report["reasons"] = [report["message"]] if report["out_of_distribution"] else []
+        return report
+    values = model.image_values(measured, logits, view_logits, maps[layer].mean(dim=(2, 3)))
+    return {**report, **reliability_report(model, values)}
+
+
+def reliability_report(model: Any, values: dict[str, float]) -> dict[str, Any]:
+    """The verdict of a calibrated score as the app reports it: ``reliable``, ``reasons``, the message.
+
+    The message of a reliable image quotes the signal (and so the layer) that
+    weighed most, with its percentile among the release's held-out images.
+    """
+    verdict = model.verdict(values)
+    decided = verdict.signals[verdict.decided_by]
+    if verdict.reliable:
+        where = f"{verdict.decided_by} is at the {ordinal(round(decided['percentile']))} percentile"
+        message = (f"Like the release's data: reliability score {verdict.score:.2f} (flagged above "
+                   f"{verdict.threshold:.2f}); the signal that weighed most, {where} of the release's held-out images.")
+    else:
+        message = f"{UNRELIABLE_MESSAGE} Why: {'; '.join(verdict.reasons)}."
+    return {"reliable": verdict.reliable, "reasons": verdict.reasons, "out_of_distribution": not verdict.reliable,
+            "message": message, "reliability": verdict.to_dict()}
+
+
+def image_reliability(state: AppState, rel: LoadedRelease, entry: Any, layer: str, t: int, image: "Image.Image",
+                      maps: dict[str, "torch.Tensor"]) -> Optional[dict[str, Any]]:
+    """:func:`out_of_distribution` for a view that has only the image and its Diff-C maps (``/attribute_json``)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = entry.diffc(maps[layer]).float().cpu()
+    probs = torch.softmax(logits[0], -1)
+    predictions = {str(entry.diffc.class_names[int(probs.argmax())]): float(probs.max())}
+    sae_maps = state.feature_maps(image, rel, t, model_recipe(entry.sae))
+    return out_of_distribution(rel, layer, t, sae_maps, predictions, sae_maps.errors, logits,
+                               view_logits_of(state, rel, entry, layer, t, image))
+
+
+def view_logits_of(state: AppState, rel: LoadedRelease, entry: Any, layer: str, t: int,
+                   image: "Image.Image") -> dict[str, "torch.Tensor"]:
+    """Diff-C's logits on the views (e.g. the mirrored image) the entry's reliability score compares.
+
+    Each view is one more backbone pass, cached like any image's (a second
+    analysis of the same upload costs nothing).
     """
     import torch
 
-    from revelio_hub.interpret.ood import image_reconstruction_error
-
-    with torch.inference_mode():
-        return float(image_reconstruction_error(sae, fmap)[0])
-
-
-def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, "torch.Tensor"],
-                        predictions: dict[str, float],
-                        errors: Optional[dict[str, float]] = None) -> Optional[dict[str, Any]]:
-    """Reconstruction errors and their percentiles among the atlas images, Diff-C's confidence, the verdict.
-
-    The analysed entry's SAE always counts; small SAEs of the release's other
-    layers at the same t join in (their maps come from the same cached pass,
-    see :data:`OOD_EXTRA_SAE_MAX_PARAMS`), and the worst layer decides.
-    ``errors`` holds reconstruction errors already computed on these ``maps``
-    (a backbone worker computes the small SAEs' with the pass); the others
-    are computed here.
-    """
-    from revelio_hub.interpret.ood import assess
-
-    def check(name: str) -> tuple[float, Optional[float]]:
-        entry = rel.entry(name, t)
-        err = float(errors[name]) if errors is not None and name in errors else sae_error(entry.sae, maps[name])
-        return err, (entry.atlas.error_percentile(err) if entry.atlas is not None else None)
-
-    error, percentile = check(layer)
-    others = {name: check(name) for name in _small_sae_layers(rel, layer, t) if name in maps}
-    confidence = max(predictions.values()) if predictions else None
-    return assess(error, percentile, confidence, layer=layer, others=others).to_dict()
+    model = entry.reliability
+    if model is None or entry.diffc is None:
+        return {}
+    out = {}
+    for view in model.views:
+        maps = state.feature_maps(VIEWS[view](image), rel, t, model_recipe(entry.diffc))
+        with torch.inference_mode():
+            out[view] = entry.diffc(maps[layer]).float().cpu()
+    return out
 
 
 def activation_map(state: AppState, analysis: Analysis, neuron: Any) -> "torch.Tensor":

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from revelio_hub.app.analysis import Analysis, _top_images, model_recipe, resolve_entry
+from revelio_hub.app.analysis import Analysis, _top_images, image_reliability, model_recipe, resolve_entry
 from revelio_hub.app.state import AppState, LoadedRelease, image_digest
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown
 
@@ -51,11 +51,15 @@ class AttributionView:
     attribution: "Attribution"
     digest: str
     class_names: list[str] = field(default_factory=list)
+    #: The reliability verdict (as ``Analysis.ood``): a flagged image keeps its numbers, marked unreliable.
+    ood: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
-        """The ``/attribute_json`` payload."""
+        """The ``/attribute_json`` payload (``reliable``/``reasons`` as ``/analyze_json``'s)."""
         a = self.attribution
-        out = {"release": self.release, "layer": self.layer, "timestep": self.timestep}
+        ood = self.ood or {}
+        out = {"release": self.release, "layer": self.layer, "timestep": self.timestep,
+               "reliable": bool(ood.get("reliable", True)), "reasons": list(ood.get("reasons") or [])}
         out.update(a.to_dict())
         out["predicted"] = self.class_names[a.predicted] if self.class_names else a.predicted
         out["pushing_up"] = [r["neuron"] for r in a.pushing("up")]
@@ -108,7 +112,9 @@ def attribute_image(
     img = state.decoded.read(image, limits)
     digest = image_digest(img)
     maps = state.feature_maps(img, rel, t, model_recipe(entry.diffc), digest=digest)
-    return _attribute(rel, entry, layer, t, maps[layer], digest, target, top)
+    view = _attribute(rel, entry, layer, t, maps[layer], digest, target, top)
+    view.ood = image_reliability(state, rel, entry, layer, t, img, maps)
+    return view
 
 
 def attribute_analysis(state: AppState, analysis: Analysis, target: Any = None, *, top: int = WHY_TOP) -> AttributionView:
@@ -118,7 +124,9 @@ def attribute_analysis(state: AppState, analysis: Analysis, target: Any = None, 
     maps = state.features.get(state.feature_key(analysis.digest, rel, t, model_recipe(entry.diffc)))
     if maps is None:
         raise ValueError("This image's features are no longer cached; click Analyze again.")
-    return _attribute(rel, entry, layer, t, maps[layer], analysis.digest, _target(target), top)
+    view = _attribute(rel, entry, layer, t, maps[layer], analysis.digest, _target(target), top)
+    view.ood = analysis.ood
+    return view
 
 
 def _attribute(rel: LoadedRelease, entry: Any, layer: str, t: int, fmap: Any, digest: str, target: Optional[str],

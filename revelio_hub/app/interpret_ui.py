@@ -174,7 +174,8 @@ class InterpretEvents:
             release: the release name ("" = the app's default release).
             target: the class to explain ("" = the predicted class).
         Returns:
-            {"release", "layer", "timestep", "target", "prob", "logit", "predicted"
+            {"release", "layer", "timestep", "reliable" (false: unlike the release's data, the answer is
+            unreliable), "reasons", "target", "prob", "logit", "predicted"
             "neurons": [{"neuron", "activation", "effect_prob", "effect_logit", "estimate_prob", "estimate_logit"
             "summary"}], "pushing_up", "pushing_down", "spearman", ...}; effect = P(class) with nothing removed
             minus P(class) with the neuron removed (positive: the neuron pushes the class up).

@@ -197,6 +197,20 @@ class FeatureCache:
         return key in self._data
 
 
+class FeatureMaps(dict):
+    """``{layer: 1×C×H×W map}`` of one backbone pass, kept with what was computed on them in the same call.
+
+    ``errors``: ``{layer: SAE reconstruction error}`` of the release's small
+    SAEs when a backbone worker ran the pass (it computes them next to the
+    pass, :mod:`revelio_hub.app.workers`); empty when the pass ran in this
+    process. One cache entry holds both, so they cannot drift apart.
+    """
+
+    def __init__(self, maps: dict[str, "torch.Tensor"], errors: Optional[dict[str, float]] = None) -> None:
+        super().__init__(maps)
+        self.errors: dict[str, float] = dict(errors or {})
+
+
 class BackboneCache:
     """One backbone per key (backbone id, device, dtype, image size) for the life of the process.
 
@@ -412,8 +426,6 @@ class AppState:
         self.default_id = releases[0].id
         self.backbones = BackboneCache()
         self.features = FeatureCache(config.feature_cache_size)
-        # Reconstruction errors a backbone worker computed with a pass, under the same keys as the maps.
-        self.errors = FeatureCache(config.feature_cache_size)
         # Uploads decoded once: naming one upload again costs a hash of its bytes (decoded_images.py).
         self.decoded = DecodedImages()
         self.backbone_calls = 0  # backbone passes run (cache misses), for tests and the benchmark
@@ -501,10 +513,6 @@ class AppState:
         except Exception:  # the first request will report the problem to the user
             logger.exception("Warm-up failed")
 
-    def reconstruction_errors(self, key: tuple) -> Optional[dict[str, float]]:
-        """``{layer: SAE reconstruction error}`` a backbone worker computed on the maps cached under ``key``."""
-        return self.errors.get(key)
-
     def close(self) -> None:
         """Stop the backbone worker processes, if any (the server is shutting down)."""
         if self.workers is not None:
@@ -526,7 +534,7 @@ class AppState:
         *,
         digest: Optional[str] = None,
         progress: Optional[Callable[[float, str], None]] = None,
-    ) -> dict[str, "torch.Tensor"]:
+    ) -> FeatureMaps:
         """Unpooled ``1×C×H×W`` maps of every layer ``rel`` offers at ``t``, from the cache when possible.
 
         One backbone pass captures all those layers at once, so switching layer
@@ -550,10 +558,9 @@ class AppState:
         if self.workers is not None:
             # The worker also runs the small SAEs of the OOD check on the maps: less work in this process.
             small = [l for l in rel.small_sae_layers(int(t)) if l in layers]
-            maps, errors = self.workers.features(rel.id, image, layers, int(t), size, seed, ensemble, small)
-            self.errors.put(key, errors)
+            maps = FeatureMaps(*self.workers.features(rel.id, image, layers, int(t), size, seed, ensemble, small))
         else:
-            maps = self._gpu_backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble)
+            maps = FeatureMaps(self._gpu_backbone_pass(rel.id, image, layers, int(t), size, seed, ensemble))
         with self._calls_lock:
             self.backbone_calls += 1
         self.features.put(key, maps)
@@ -584,6 +591,7 @@ __all__ = [
     "AppState",
     "BackboneCache",
     "FeatureCache",
+    "FeatureMaps",
     "LoadedRelease",
     "DEFAULT_RELEASE_PATH",
     "OOD_EXTRA_SAE_MAX_PARAMS",

@@ -12,7 +12,8 @@ API (for ``gradio_client``):
 * ``/analyze`` - the Analyze button: (image, layer, timestep, release) ->
   predictions, neuron table, selected neuron, caption, gallery, heat map.
 * ``/analyze_json`` - (image file, layer, timestep, release name or "") -> a
-  JSON dict ``{"release", "layer", "timestep", "predictions", "note", "neurons", "ranking", "ood"}``.
+  JSON dict ``{"release", "layer", "timestep", "predictions", "note", "neurons", "ranking", "reliable",
+  "reasons", "ood"}``.
 * ``/search_neurons`` - (label value, layer, timestep, release name or "") -> a
   JSON list of neurons detecting that value, best AUROC first.
 * ``/neuron`` - (release, layer, timestep, neuron id) -> stats, label
@@ -75,6 +76,10 @@ CSS = """
 #analyze-btn {min-height: 48px; font-size: 1.05em}
 .revelio-caption {min-height: 2.2em}
 #ood-warning.ood-flagged {border-left: 4px solid #d97706; padding-left: 8px}
+/* A flagged image: its predictions and neuron claims stay readable but greyed, so nobody takes them at face
+   value; the warning above them says why. */
+#results:has(#ood-warning.ood-flagged) :is(#predictions, #neurons, #neuron-caption, #neuron-gallery, #why-chart,
+  #why-thumbs) {opacity: .45; filter: grayscale(1)}
 /* Wide markdown tables (the card's metrics, a neuron's stats) scroll inside their box instead of
    squeezing each cell to one character per line on a phone. */
 .revelio-md table {display: block; max-width: 100%; overflow-x: auto}
@@ -300,10 +305,12 @@ def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
 
 
 def _ood_markdown(result: A.Analysis) -> dict:
+    """The reliability line: a flagged image's warning (its class greys the results, see :data:`CSS`), else the
+    percentile line."""
     ood = result.ood or {}
     message = ood.get("message") or ""
-    if ood.get("out_of_distribution"):
-        return gr.update(value=f"**Warning:** {message}", elem_classes=["ood-flagged"], visible=True)
+    if not result.reliable:
+        return gr.update(value=f"**Unreliable here.** {message}", elem_classes=["ood-flagged"], visible=True)
     return gr.update(value=message, elem_classes=[], visible=bool(message))
 
 
@@ -503,8 +510,11 @@ class Events:
             "note" (why predictions are null: this entry has no Diff-C head)
             "neurons": [{"id", "activation", "relevance" (activation over the neuron's usual activation)
             "frequency", "summary", "dense"}] most relevant first, "ranking" (how neurons are ranked)
+            "reliable" (false: the image is unlike the release's data, its classes and neuron names are unreliable)
+            "reasons" (why, in words; empty when reliable)
             "ood": {"reconstruction_error", "error_percentile", "diffc_confidence", "out_of_distribution"
-            "message", "layers"} (trust the neurons and classes less when out_of_distribution is true)}
+            "message", "layers", "reliable", "reasons", "reliability": {"score", "threshold", "decided_by"
+            "signals"} (the calibrated score, when the release has one)}}
         """
         with user_errors("analysing the image"):
             return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
@@ -573,7 +583,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                             allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
                         )
                         gr.Markdown(HELP, elem_classes=["revelio-help"])
-                    with gr.Column(scale=3, min_width=380):
+                    with gr.Column(scale=3, min_width=380, elem_id="results"):
                         ood_md = gr.Markdown("", visible=False, elem_id="ood-warning",
                                              label="Is the image like the release's data?")
                         with gr.Row(equal_height=True):

@@ -38,6 +38,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from revelio_hub.interpret.ood import sae_error
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -108,7 +110,6 @@ def _worker_pass(release_id: str, image: "Image.Image", layers: list[str], t: in
 
     The maps travel back as numpy arrays (cheaper to send than tensors).
     """
-    from revelio_hub.app.analysis import sae_error
 
     assert _WORKER_STATE is not None, "worker used before its initializer ran"
     maps = _WORKER_STATE._backbone_pass(release_id, image, layers, t, size, seed, ensemble)

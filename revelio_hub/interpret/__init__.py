@@ -4,6 +4,9 @@
 * :mod:`~revelio_hub.interpret.metrics`: FVU, L0, dead fraction, sigma_label, AUROC, accuracy (defined once).
 * :mod:`~revelio_hub.interpret.neuron_labels`: the evidence behind a neuron's summary, and when to say "mixed".
 * :mod:`~revelio_hub.interpret.ood`: is an image unlike the release's data (reconstruction-error percentile).
+* :mod:`~revelio_hub.interpret.reliability`: will Diff-C be wrong on this image (a calibrated score, stored per entry);
+  :mod:`~revelio_hub.interpret.calibration` fits and measures it on held-out images and
+  :mod:`~revelio_hub.interpret.shifts` (generic image shifts).
 
 * :mod:`~revelio_hub.interpret.ablation`: remove SAE neurons from features, keeping the reconstruction error.
 * :mod:`~revelio_hub.interpret.attribution`: which neurons made Diff-C predict a class (exact effects + estimates).

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["OODConfig", "OODReport", "image_reconstruction_error", "assess", "ordinal"]
+__all__ = ["OODConfig", "OODReport", "image_reconstruction_error", "sae_error", "assess", "ordinal"]
 
 
 @torch.no_grad()
@@ -44,6 +44,15 @@ def image_reconstruction_error(sae: Any, x: torch.Tensor) -> torch.Tensor:
         resid = (x - recon).pow(2).sum(dim=1)
         total = (x - centre[None, :]).pow(2).sum(dim=1)
     return (resid.double() / total.double().clamp_min(1e-12)).float().cpu()
+
+
+def sae_error(sae: Any, fmap: torch.Tensor) -> float:
+    """The check's number for one image: ``sae``'s reconstruction error on its ``1×C×H×W`` map.
+
+    One function for the app's server process and its backbone workers, so both give the same float.
+    """
+    with torch.inference_mode():
+        return float(image_reconstruction_error(sae, fmap)[0])
 
 
 @dataclass(frozen=True)
@@ -127,9 +136,9 @@ def assess(error: float, percentile: Optional[float], diffc_confidence: Optional
         where = f" at layer {worst}" if worst else ""
         message = (f"This image is unlike the release's data: the SAE{where} rebuilds its features worse than "
                    f"{than} (relative error {w_err:.3f}). Predictions and neuron summaries are unreliable for it.")
-    else:
-        pct = percentile if percentile is not None else w_pct
-        message = (f"Like the release's data: reconstruction error {float(error):.3f} is at the {ordinal(round(pct))} "
-                   "percentile of the atlas images.")
+    else:  # quote the layer that decided (the one closest to the threshold), not only the analysed one
+        at = f" at layer {worst}" if worst else ""
+        message = (f"Like the release's data: reconstruction error {w_err:.3f}{at} is at the {ordinal(round(w_pct))} "
+                   "percentile of the atlas images" + (" (the highest of the checked layers)." if len(known) > 1 else "."))
     return OODReport(float(error), None if percentile is None else float(percentile), diffc_confidence, flagged,
                      message, layers)

@@ -72,6 +72,8 @@ class ToyBuildConfig:
     # ground-truth monosemanticity benchmark written into the card
     bench_images: int = 1000
     bench_random_train_images: int = 1000
+    #: Test images (the first ones: the atlas images) the reliability score is calibrated on; 0 skips the stage.
+    reliability_images: int = 300
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,7 +100,7 @@ class ToyBuildConfig:
             train_images=48, test_images=32, layers=("bottleneck", "up_ft0"), timesteps=(25, 200),
             extract_batch_size=32, sae_expansion=2, sae_k=4, sae_tokens_per_image=8, sae_steps=20,
             sae_batch_size=64, sae_warmup_steps=2, diffc_hidden=16, diffc_epochs=2, diffc_batch_size=16,
-            atlas_top_k=5, bench_images=48, bench_random_train_images=48,
+            atlas_top_k=5, bench_images=48, bench_random_train_images=48, reliability_images=24,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -445,11 +445,29 @@ def build_toy_release(
     with timed("release"):
         assemble(config, paths, Path(out), splits["test"], report)
         (Path(out) / TOY_BUILD_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if config.reliability_images:
+        with timed("reliability"):
+            report["reliability"] = calibrate_toy_release(config, Path(out), paths, log)
     if benchmark:
         with timed("benchmark"):
             report["benchmark"] = add_benchmark(config, Path(out), report, log)
     timings["total"] = round(time.perf_counter() - t_start, 2)
     return report
+
+
+def calibrate_toy_release(config: ToyBuildConfig, out: Path, paths: BuildPaths,
+                          log: Callable[[str], None]) -> dict[str, Any]:
+    """Calibrate the reliability score of every Diff-C entry on the test split's first images.
+
+    The same library call as ``training/calibrate_release.py``: generic shifts
+    only, nothing from the shape generator (so it works as it would on Pets).
+    """
+    from revelio_hub.data import open_image_dataset
+    from revelio_hub.interpret.calibration import CalibrationConfig, calibrate_release
+
+    source = open_image_dataset(str(paths.data / "test"), label_column=LABEL_FACTOR)
+    cal = CalibrationConfig(seed=config.seed, max_images=min(config.reliability_images, config.test_images))
+    return calibrate_release(out, source, cal, log=lambda m: log(f"[toy build] {m}"))
 
 
 def add_benchmark(config: ToyBuildConfig, out: Path, report: dict[str, Any], log: Callable[[str], None]) -> dict:
