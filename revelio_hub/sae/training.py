@@ -20,8 +20,12 @@ Design choices that make runs reproducible:
   2-process run sees exactly the samples of the 1-process run.
 * The default recipe normalises the MSE by the training set's variance (a
   constant), the paper's by the global batch's (reduced across ranks first);
-  either way per-rank losses sum to the global loss and gradients can be summed
-  across ranks (at batch 8192 the two normalisers agree to <1%).
+  either way per-rank losses sum to the global loss (at batch 8192 the two
+  normalisers agree to <1%). Gradients are synced by DDP (``accelerator.prepare``),
+  which averages: each rank's loss is scaled by the world size so the average is
+  the global gradient. The decoder projection and renormalisation then act on
+  identical synced gradients and weights on every rank, and the dead-latent
+  counters are summed across ranks before they update.
 * No host syncs in the inner loop: metrics are accumulated on device and read
   back at logging steps only.
 
@@ -401,6 +405,37 @@ def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> in
     return int(meta["step"])
 
 
+class _TrainingForward(torch.nn.Module):
+    """One training step's forward pass (encode, decode, loss) as a module of its own.
+
+    ``accelerator.prepare`` wraps it in DDP when there are several processes. DDP
+    syncs gradients only for a backward that followed *its* forward, and the
+    trainer never calls :meth:`KSparseAutoencoder.forward` (it uses the sparse
+    kernels directly), so the training computation itself is the module's forward.
+    This is also the one place a variant's activation or loss plugs in.
+    """
+
+    def __init__(self, sae: KSparseAutoencoder, cfg: SAETrainConfig, acc: Any,
+                 compute_dtype: Optional[torch.dtype]) -> None:
+        super().__init__()
+        self.sae, self.cfg, self.acc, self.compute_dtype = sae, cfg, acc, compute_dtype
+
+    def forward(self, x: torch.Tensor, batch: int, var_total: float, aux_ids: Optional[torch.Tensor],
+                aux_mask: Optional[torch.Tensor], aux_k: int) -> tuple[torch.Tensor, ...]:
+        """``(loss, main loss, AuxK loss, values, indices)`` of this process's share ``x`` of a global batch of ``batch``."""
+        sae, cfg, world = self.sae, self.cfg, self.acc.num_processes
+        vals, idx, aux_vals, aux_idx = topk_encode(
+            x - sae.b_pre, sae.W_enc, sae.b_enc, cfg.k, relu=cfg.relu, aux_ids=aux_ids, k_aux=aux_k,
+            compute_dtype=self.compute_dtype, aux_mask=aux_mask,
+        )
+        err = x - (sparse_decode(vals, idx, sae.W_dec).float() + sae.b_pre)
+        main = err.pow(2).sum() / _loss_denominator(x, batch, var_total, cfg, self.acc, world)
+        aux_loss = torch.zeros((), device=x.device)
+        if aux_k > 0:
+            aux_loss = _auxk_loss(err.detach(), sparse_decode(aux_vals, aux_idx, sae.W_dec).float(), self.acc, world)
+        return main + cfg.aux_coef * aux_loss if aux_k > 0 else main, main, aux_loss, vals, idx
+
+
 def train_sae(
     features: torch.Tensor,
     config: Optional[SAETrainConfig] = None,
@@ -429,7 +464,7 @@ def train_sae(
         granularity: ``"pooled"`` or ``"token"`` (what ``features`` are).
         accelerator: an ``accelerate.Accelerator``; default creates one. With
             several processes each rank computes batch_size / world samples and
-            gradients are summed, so results match one process.
+            DDP syncs the gradients, so results match one process.
         resume: continue from ``out_dir/checkpoint`` if present (the settings must match).
         overwrite: delete a previous run in ``out_dir`` first.
         progress: show a tqdm bar (main process only).
@@ -536,7 +571,7 @@ def train_sae(
     total = cfg.total_steps
     local_b = cfg.batch_size // world
     steps_per_epoch = n_train // cfg.batch_size if cfg.drop_last else math.ceil(n_train / cfg.batch_size)
-    params = list(model.parameters())
+    step_forward = acc.prepare(_TrainingForward(model, cfg, acc, compute_dtype))
     history: list[dict[str, Any]] = []
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fvu, l0, aux
     n_acc = 0
@@ -573,39 +608,18 @@ def train_sae(
             use_aux = aux_ids.numel() > 0
         elif use_aux:
             aux_mask = tracker.dead_mask
-        vals, idx, aux_vals, aux_idx = topk_encode(
-            x - model.b_pre,
-            model.W_enc,
-            model.b_enc,
-            cfg.k,
-            relu=cfg.relu,
-            aux_ids=aux_ids if use_aux else None,
-            k_aux=aux_k if use_aux else 0,
-            compute_dtype=compute_dtype,
-            aux_mask=aux_mask if use_aux else None,
-        )
-        recon = sparse_decode(vals, idx, model.W_dec).float() + model.b_pre
-        err = x - recon
-        main = err.pow(2).sum() / _loss_denominator(x, b, var_total, cfg, acc, world)
-        loss = main
-        aux_loss = torch.zeros((), device=device)
-        if use_aux:
-            aux_loss = _auxk_loss(err.detach(), sparse_decode(aux_vals, aux_idx, model.W_dec).float(), acc, world)
-            loss = loss + cfg.aux_coef * aux_loss
-        loss.backward()
+        loss, main, aux_loss, vals, idx = step_forward(x, b, var_total, aux_ids if use_aux else None,
+                                                       aux_mask if use_aux else None, aux_k if use_aux else 0)
+        # DDP averages the gradients of the processes; each one's loss is its share of the global loss
+        # (summed over ranks it is the global loss), so scaling by the world size makes the average a sum.
+        acc.backward(loss * world if world > 1 else loss)
 
         counts = torch.zeros(n_latents, dtype=torch.float32, device=device)
         counts.index_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).float())
         stats = torch.stack([loss.detach(), main.detach(), (vals != 0).sum().float() / b, aux_loss.detach()])
-        if world > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in params] + [counts, stats.float()])
-            flat = acc.reduce(flat, "sum")
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-            counts = flat[offset : offset + n_latents]
-            stats = flat[offset + n_latents :]
+        if world > 1:  # gradients are synced by DDP; the firing counts and the logged numbers are reduced here
+            flat = acc.reduce(torch.cat([counts, stats.float()]), "sum")
+            counts, stats = flat[:n_latents], flat[n_latents:]
         model.remove_parallel_decoder_grad()
         opt.step()
         opt.zero_grad(set_to_none=True)
