@@ -449,7 +449,7 @@ class TrainingData:
     """What a run trains and evaluates on, after the seeded split.
 
     ``cfg`` is the run's config with a batch larger than the data trimmed to the
-    whole training set (see :func:`_whole_set_batches`).
+    whole training set (see :func:`whole_set_batches`).
     """
 
     cfg: SAETrainConfig
@@ -469,7 +469,7 @@ def split_features(features: torch.Tensor, cfg: SAETrainConfig, acc: Any,
         n_eval = max(n_eval, 2)
     n_train = n_all - n_eval
     if n_train < cfg.batch_size:
-        cfg = _whole_set_batches(cfg, n_train, acc.num_processes, acc.is_main_process)
+        cfg = whole_set_batches(cfg, n_train, acc.num_processes, acc.is_main_process)
     eval_x, train_cpu, eval_over = features[perm[:n_eval]].float(), features[perm[n_eval:]].float(), "held_out"
     if eval_features is not None:
         if eval_features.dim() != 2 or eval_features.shape[1] != d_in:
@@ -666,9 +666,13 @@ def open_run(out: Optional[Path], trainer: SAETrainer, *, resume: bool, overwrit
     return start
 
 
-def final_evaluation(trainer: SAETrainer, eval_x: torch.Tensor, eval_over: str, train_rows: torch.Tensor,
+def final_evaluation(trainer: SAETrainer, eval_x: torch.Tensor, eval_over: str, train_rows: Optional[torch.Tensor],
                      n_train: int) -> dict[str, Any]:
-    """``eval.json``: held-out (or separate-split) metrics, the original code's numbers, and the dead fractions."""
+    """``eval.json``: held-out (or separate-split) metrics, the original code's numbers, and the dead fractions.
+
+    ``train_rows`` (``None`` when training streamed them) join the dead-fraction count when the
+    held-out rows are few, and stand in for them when there are fewer than two.
+    """
     model, cfg = trainer.model, trainer.cfg
     model.eval()
     metrics: dict[str, Any] = {}
@@ -877,7 +881,7 @@ def original_code_metrics(model: KSparseAutoencoder, features: torch.Tensor, bat
             "explained_variance_uncentred": float(ev / n), "n_samples": int(n)}
 
 
-def _whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: bool) -> SAETrainConfig:
+def whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: bool) -> SAETrainConfig:
     """A batch larger than the data becomes the whole training set per step, as in the original.
 
     The original's loader (a shuffled ``DataLoader`` with ``batch_size`` > dataset) simply
@@ -916,10 +920,13 @@ def _auxk_loss(err: torch.Tensor, err_hat: torch.Tensor, acc: Any, world: int) -
 
 
 @torch.no_grad()
-def _dead_fraction_report(model: KSparseAutoencoder, eval_x: torch.Tensor, train_x: torch.Tensor,
+def _dead_fraction_report(model: KSparseAutoencoder, eval_x: torch.Tensor, train_x: Optional[torch.Tensor],
                           cfg: SAETrainConfig) -> dict[str, Any]:
-    """Dead fraction over enough samples: the held-out rows if there are ``dead_eval_min_samples``, else all rows."""
-    if eval_x.shape[0] >= cfg.dead_eval_min_samples:
+    """Dead fraction over enough samples: the held-out rows if there are ``dead_eval_min_samples``, else all rows.
+
+    Without ``train_x`` (a streamed run keeps no training rows) the held-out rows are all there is.
+    """
+    if eval_x.shape[0] >= cfg.dead_eval_min_samples or train_x is None:
         rows, over = [eval_x], "held_out"
     else:
         rows, over = [train_x, eval_x], "all_rows"
