@@ -561,15 +561,18 @@ class SAETrainer:
         aux_k = (cfg.aux_k if cfg.aux_k is not None else model.d_in // 2) if cfg.auxk else 0
         self.aux_k = min(aux_k, model.n_latents)
         self.tracker = M.DeadLatentTracker(model.n_latents, window, device=device)
-        compute_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" or (
+        self._compute_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" or (
             cfg.mixed_precision == "auto" and device.type == "cuda") else None
-        self.step_forward = None  # prepared after a resume loaded the weights (DDP broadcasts rank 0's)
-        self._compute_dtype = compute_dtype
+        self.step_forward: Optional[torch.nn.Module] = None  # set by prepare()
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fvu, l0, aux
         self.n_acc = 0
         self.history: list[dict[str, Any]] = []
 
     def prepare(self) -> None:
+        """Wrap the step's forward for the processes (DDP when there are several).
+
+        Called after a resume loaded the weights: DDP starts by broadcasting rank 0's parameters.
+        """
         self.step_forward = self.acc.prepare(_TrainingForward(self.model, self.cfg, self.acc, self._compute_dtype))
 
     def _aux_selection(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
