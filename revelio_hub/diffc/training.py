@@ -45,7 +45,7 @@ from revelio_hub.distributed import make_accelerator
 from revelio_hub.data import carve_validation
 from revelio_hub.features import augment_view
 from revelio_hub.images import to_rgb
-from revelio_hub.interpret.metrics import per_class_accuracy, topk_accuracy
+from revelio_hub.diffc.metrics import per_class_accuracy, topk_accuracy
 from revelio_hub.recipe import FeatureRecipe
 from revelio_hub.training_recipes import DEFAULT_RECIPE, DiffCRecipe, get_recipe
 

@@ -51,7 +51,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from revelio_hub.interpret import metrics as M
+from revelio_hub.sae import metrics as sae_metrics
 from revelio_hub.sae.model import KSparseAutoencoder
 from revelio_hub.training_recipes import DEFAULT_RECIPE, SAERecipe, get_recipe
 from revelio_hub.sae.kernels import sparse_decode, topk_encode
@@ -345,7 +345,7 @@ def evaluate_sae(model: KSparseAutoencoder, features: torch.Tensor, batch_size: 
         "fvu": fvu,
         "explained_variance": 1.0 - fvu,
         "l0": float(nnz / n),
-        "dead_fraction": M.dead_fraction(fired),
+        "dead_fraction": sae_metrics.dead_fraction(fired),
         "cosine": float(cos / n),
         "n_samples": int(n),
     }
@@ -560,7 +560,7 @@ class SAETrainer:
         self.opt = _adam(model, cfg)
         aux_k = (cfg.aux_k if cfg.aux_k is not None else model.d_in // 2) if cfg.auxk else 0
         self.aux_k = min(aux_k, model.n_latents)
-        self.tracker = M.DeadLatentTracker(model.n_latents, window, device=device)
+        self.tracker = sae_metrics.DeadLatentTracker(model.n_latents, window, device=device)
         self._compute_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" or (
             cfg.mixed_precision == "auto" and device.type == "cuda") else None
         self.step_forward: Optional[torch.nn.Module] = None  # set by prepare()
@@ -942,7 +942,7 @@ def _dead_fraction_report(model: KSparseAutoencoder, eval_x: torch.Tensor, train
             _, vals, idx = model(x)
             fired.scatter_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).long())
             n += x.shape[0]
-    return {"dead_fraction": M.dead_fraction(fired), "dead_fraction_over": over, "dead_fraction_samples": n}
+    return {"dead_fraction": sae_metrics.dead_fraction(fired), "dead_fraction_over": over, "dead_fraction_samples": n}
 
 
 def _config_diffs(saved: dict[str, Any], cfg: SAETrainConfig) -> dict[str, Any]:
