@@ -7,7 +7,7 @@ autograd, batch-variance-normalised MSE, unit-norm decoder, no AuxK). Ours is
 :func:`revelio_hub.sae.training.train_sae` (sparse TopK backward, embedding_bag
 decoder, bf16 matmuls on CUDA, AuxK). Both train on the same synthetic
 sparse-dictionary data for the same number of steps and batch size and are
-evaluated on the same held-out samples (centred FVU, ``revelio_hub.interpret.metrics``).
+evaluated on the same held-out samples (centred FVU, ``revelio_hub.sae.metrics``).
 
 Prints samples/s of both, the ratio, and both held-out FVUs (``--json`` for a
 machine-readable line). Targets: ratio ≥ 3× on CPU at the default reduced size;
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from revelio_hub.interpret import metrics
+    from revelio_hub.sae import metrics
     from revelio_hub.sae.training import SAETrainConfig, evaluate_sae, train_sae
 
     threads = args.threads or (1 if args.device == "cpu" else None)

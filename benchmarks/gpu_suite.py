@@ -385,7 +385,7 @@ def _compiled_runs(ctx: Context, rec: StepRecord, ours: dict, ours_fn: Callable,
 def step_ksae(ctx: Context, rec: StepRecord) -> None:
     import bench_ksae
 
-    from revelio_hub.interpret import metrics
+    from revelio_hub.sae import metrics
     from revelio_hub.sae.training import SAETrainConfig, evaluate_sae, train_sae
 
     S, dev = ctx.sizes, ctx.device

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from .layer_names import canonical_layer
 from .recipe import FeatureRecipe
@@ -159,8 +160,6 @@ def _chunk_names(root: Path, entries: Sequence[tuple[str, int]]) -> dict[tuple[s
 
 
 def _chunk_metadata(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return {
@@ -353,8 +352,6 @@ class FeatureStoreWriter:
     # -- finishing -------------------------------------------------------------------------------
     def finalize(self) -> dict[str, Any]:
         """Count what the complete chunks hold and write the final ``summary.json``."""
-        from safetensors import safe_open
-
         first = entry_dir(self.root, *self.entries[0])
         covered: set[int] = set()
         skipped: dict[int, str] = {}
@@ -425,6 +422,23 @@ def _unique(items: Iterable[Any]) -> list[Any]:
     return seen
 
 
+def check_request(backbone: Any, layers: Sequence[str], timesteps: Sequence[int]) -> tuple[list[str], list[int]]:
+    """The requested layers (canonical names) and timesteps, without repeats; unknown ones fail clearly."""
+    layers = _unique(canonical_layer(layer) for layer in layers)
+    timesteps = _unique(int(t) for t in timesteps)
+    if not layers or not timesteps:
+        raise ValueError("Give at least one layer and one timestep")
+    valid_layers = list(getattr(backbone, "layers", layers))
+    bad = [layer for layer in layers if layer not in valid_layers]
+    if bad:
+        raise ValueError(f"Unknown layer(s) {bad} for {backbone.name}; valid layers: {valid_layers}")
+    num_t = int(getattr(backbone, "num_train_timesteps", 1000))
+    bad_t = [t for t in timesteps if not 0 <= t < num_t]
+    if bad_t:
+        raise ValueError(f"Timestep(s) {bad_t} outside [0, {num_t}) for {backbone.name}")
+    return layers, timesteps
+
+
 def extract_to_store(
     backbone: Any,
     source: Any,
@@ -478,29 +492,37 @@ def extract_to_store(
 
     if world_size > 1 and barrier is None:
         raise ValueError("world_size > 1 needs barrier= (e.g. accelerator.wait_for_everyone)")
-    if views < 1:
-        raise ValueError(f"views must be >= 1, got {views}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    layers = _unique(canonical_layer(layer) for layer in layers)
-    timesteps = _unique(int(t) for t in timesteps)
-    if not layers or not timesteps:
-        raise ValueError("Give at least one layer and one timestep")
-    valid_layers = list(getattr(backbone, "layers", layers))
-    bad = [layer for layer in layers if layer not in valid_layers]
-    if bad:
-        raise ValueError(f"Unknown layer(s) {bad} for {backbone.name}; valid layers: {valid_layers}")
-    num_t = int(getattr(backbone, "num_train_timesteps", 1000))
-    bad_t = [t for t in timesteps if not 0 <= t < num_t]
-    if bad_t:
-        raise ValueError(f"Timestep(s) {bad_t} outside [0, {num_t}) for {backbone.name}")
-
+    for name, value in (("views", views), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    layers, timesteps = check_request(backbone, layers, timesteps)
     if not isinstance(source, ImageSource):
         source = open_image_dataset(source)
     source = source.limit(max_images)
-    header = build_header(
-        backbone, source, layers, timesteps, spatial=spatial, views=views, seed=seed, ensemble=ensemble
-    )
+    header = build_header(backbone, source, layers, timesteps, spatial=spatial, views=views, seed=seed, ensemble=ensemble)
+    writer = _open_writer(out_dir, header, rank, world_size, overwrite, barrier)
+    todo = writer.pending_ids(len(source))
+    chunk = shard_size or (DEFAULT_SPATIAL_SHARD_SIZE if spatial else DEFAULT_SHARD_SIZE)
+    done_shards = len(writer.complete_chunks())
+    if rank == 0 and done_shards and todo:
+        print(f"resuming from shard {done_shards} ({len(writer.done_ids())} of {len(source)} images already "
+              f"in {out_dir})", file=sys.stderr)
+    chunks = [todo[start : start + chunk] for start in range(0, len(todo), chunk)]
+    _extract_pending(writer, backbone, source, chunks, layers, timesteps, spatial=spatial, views=views,
+                     batch_size=batch_size, seed=seed, ensemble=ensemble, num_workers=num_workers, on_chunk=on_chunk,
+                     bar_total=len(range(rank, len(source), world_size)) if progress else None, rank=rank)
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        writer.finalize()
+    if barrier is not None:
+        barrier()
+    return FeatureStore(out_dir)
+
+
+def _open_writer(out_dir: PathLike, header: dict[str, Any], rank: int, world_size: int, overwrite: bool,
+                 barrier: Optional[Callable[[], None]]) -> "FeatureStoreWriter":
+    """Validate on every rank, let rank 0 set the store up, then check it everywhere."""
     writer = FeatureStoreWriter(out_dir, header, rank=rank, world_size=world_size)
     writer.validate(overwrite)  # every rank, before anyone writes: a bad setup fails everywhere
     if barrier is not None:
@@ -510,24 +532,24 @@ def extract_to_store(
     if barrier is not None:
         barrier()
     writer.check()
+    return writer
 
-    todo = writer.pending_ids(len(source))
-    chunk = shard_size or (DEFAULT_SPATIAL_SHARD_SIZE if spatial else DEFAULT_SHARD_SIZE)
-    done_shards = len(writer.complete_chunks())
-    if rank == 0 and done_shards and todo:
-        print(f"resuming from shard {done_shards} ({len(writer.done_ids())} of {len(source)} images already "
-              f"in {out_dir})", file=sys.stderr)
+
+def _extract_pending(writer: "FeatureStoreWriter", backbone: Any, source: Any, chunks: list[list[int]],
+                     layers: list[str], timesteps: list[int], *, spatial: bool, views: int, batch_size: int, seed: int,
+                     ensemble: int, num_workers: int, on_chunk: Optional[Callable[[str], None]],
+                     bar_total: Optional[int], rank: int) -> None:
+    """Extract and commit ``chunks`` one after the other (the next one decoded on a thread meanwhile)."""
+    todo = sum(len(c) for c in chunks)
     bar = None
-    if progress:
+    if bar_total is not None:
         from tqdm.auto import tqdm
 
-        mine = len(range(rank, len(source), world_size))
-        bar = tqdm(total=mine, initial=mine - len(todo), desc=f"extract[rank {rank}]", unit="img")
-    chunks = [todo[start : start + chunk] for start in range(0, len(todo), chunk)]
+        bar = tqdm(total=bar_total, initial=bar_total - todo, desc=f"extract[rank {rank}]", unit="img")
 
-    def prepare(ids: list[int]) -> _PreparedChunk:
-        return _prepare_chunk(source, ids, views, backbone.image_size, seed, num_workers,
-                              getattr(backbone, "resize", "bicubic"))
+    def prepare(ids: list[int]) -> PreparedRows:
+        return prepare_rows(source, ids, views, backbone.image_size, seed, num_workers,
+                            getattr(backbone, "resize", "bicubic"))
 
     # Decode and augment the next chunk on a thread while the backbone works on this one,
     # so an accelerator does not wait for JPEG decoding between chunks.
@@ -545,17 +567,9 @@ def extract_to_store(
         if bar is not None:
             bar.close()
 
-    if barrier is not None:
-        barrier()
-    if rank == 0:
-        writer.finalize()
-    if barrier is not None:
-        barrier()
-    return FeatureStore(out_dir)
-
 
 @dataclass
-class _PreparedChunk:
+class PreparedRows:
     """Decoded, augmented rows of one chunk, ready for the backbone."""
 
     covered_ids: list[int]
@@ -565,10 +579,10 @@ class _PreparedChunk:
     skipped_ids: list[int]
 
 
-def _prepare_chunk(
+def prepare_rows(
     source: Any, ids: list[int], views: int, image_size: int, seed: int, num_workers: int,
     resize: str = "bicubic",
-) -> _PreparedChunk:
+) -> PreparedRows:
     ok_ids, images, skipped_ids = source.load_images(ids, num_workers=num_workers)
     row_images, row_ids, row_views = [], [], []
     for image_id, image in zip(ok_ids, images):
@@ -576,14 +590,40 @@ def _prepare_chunk(
             row_images.append(augment_view(image, image_id, view, image_size, seed, resize))
             row_ids.append(image_id)
             row_views.append(view)
-    return _PreparedChunk(list(ids), row_images, row_ids, row_views, skipped_ids)
+    return PreparedRows(list(ids), row_images, row_ids, row_views, skipped_ids)
+
+
+def extract_rows(
+    backbone: Any, images: Sequence[Image.Image], image_ids: Sequence[int], layers: Sequence[str],
+    timesteps: Sequence[int], *, spatial: bool = False, batch_size: int = 8, seed: int = 0, ensemble: int = 1,
+) -> tuple[dict[tuple[str, int], list[torch.Tensor]], dict[tuple[str, int], list[torch.Tensor]]]:
+    """One backbone pass per ``batch_size`` images for every (layer, t): ``(pooled, maps)`` lists of fp32 CPU batches.
+
+    ``maps`` (fp16) is filled only with ``spatial``. Shared by the store writer and the
+    streaming SAE trainer, so both see exactly the same vectors for an image.
+    """
+    keys = [(layer, t) for layer in layers for t in timesteps]
+    pooled: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in keys}
+    maps: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in keys}
+    for b in range(0, len(images), batch_size):
+        out = backbone.extract(list(images[b : b + batch_size]), layers, timesteps, pool=None if spatial else "mean",
+                               seed=seed, ensemble=ensemble, batch_size=batch_size,
+                               image_ids=list(image_ids[b : b + batch_size]))
+        for key in keys:
+            x = out[key].detach().to("cpu", torch.float32)
+            if spatial:
+                pooled[key].append(x.mean(dim=(2, 3)))
+                maps[key].append(x.to(torch.float16))
+            else:
+                pooled[key].append(x.flatten(1) if x.dim() > 2 else x)
+    return pooled, maps
 
 
 def _extract_chunk(
     writer: FeatureStoreWriter,
     backbone: Any,
     source: Any,
-    prepared: _PreparedChunk,
+    prepared: PreparedRows,
     layers: list[str],
     timesteps: list[int],
     spatial: bool,
@@ -592,28 +632,9 @@ def _extract_chunk(
     ensemble: int,
     on_chunk: Optional[Callable[[str], None]],
 ) -> None:
-    row_images, row_ids, row_views = prepared.row_images, prepared.row_ids, prepared.row_views
-    keys = [(layer, t) for layer in layers for t in timesteps]
-    pooled: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in keys}
-    maps: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in keys}
-    for b in range(0, len(row_images), batch_size):
-        out = backbone.extract(
-            row_images[b : b + batch_size],
-            layers,
-            timesteps,
-            pool=None if spatial else "mean",
-            seed=seed,
-            ensemble=ensemble,
-            batch_size=batch_size,
-            image_ids=row_ids[b : b + batch_size],
-        )
-        for key in keys:
-            x = out[key].detach().to("cpu", torch.float32)
-            if spatial:
-                pooled[key].append(x.mean(dim=(2, 3)))
-                maps[key].append(x.to(torch.float16))
-            else:
-                pooled[key].append(x.flatten(1) if x.dim() > 2 else x)
+    row_ids, row_views = prepared.row_ids, prepared.row_views
+    pooled, maps = extract_rows(backbone, prepared.row_images, row_ids, layers, timesteps, spatial=spatial,
+                                batch_size=batch_size, seed=seed, ensemble=ensemble)
     pooled_t = {
         k: torch.cat(v) if v else torch.zeros(0, writer.header["channels"][k[0]]) for k, v in pooled.items()
     }
@@ -726,8 +747,6 @@ class FeatureStore:
             views: keep only these view indices (e.g. ``0`` for un-augmented rows).
             image_ids: keep only these images (e.g. a training subset).
         """
-        from safetensors import safe_open
-
         layer = self._check_entry(layer, t)
         if kind not in ("pooled", "spatial"):
             raise ValueError(f"kind must be 'pooled' or 'spatial', got {kind!r}")
@@ -740,7 +759,28 @@ class FeatureStore:
         view_set = None if views is None else np.atleast_1d(np.asarray(views, dtype=np.int64))
         id_set = None if image_ids is None else np.asarray(list(image_ids), dtype=np.int64)
 
-        # Pass 1: small index tensors only, to learn which rows to keep and where they go.
+        plan, labels, ids, vws = self._plan_rows(layer, t, view_set, id_set)
+        if not plan:
+            channels = int(self.summary["channels"][layer])
+            empty = torch.zeros((0, channels), dtype=torch.float32 if kind == "pooled" else torch.float16)
+            z = torch.zeros(0, dtype=torch.int64)
+            return FeatureSet(empty, z, z.clone(), z.clone())
+        image_ids_t, views_t = torch.cat(ids), torch.cat(vws)
+        order = np.lexsort((views_t.numpy(), image_ids_t.numpy()))
+        destination = np.empty_like(order)
+        destination[order] = np.arange(order.size)
+
+        out = self._copy_rows(plan, kind, order, destination)
+        sort = torch.from_numpy(order)
+        return FeatureSet(
+            features=out,
+            labels=torch.cat(labels)[sort],
+            image_ids=image_ids_t[sort],
+            views=views_t[sort],
+        )
+
+    def _plan_rows(self, layer: str, t: int, view_set: Optional[np.ndarray], id_set: Optional[np.ndarray]) -> tuple:
+        """Pass 1 of :meth:`load`: ``(plan, labels, ids, views)``, the (shard, rows) to read and their index tensors."""
         plan, labels, ids, vws = [], [], [], []
         for shard in self.shard_paths(layer, t):
             with safe_open(str(shard), framework="pt") as f:
@@ -761,18 +801,14 @@ class FeatureStore:
                 labels.append(f.get_tensor("labels")[index])
                 ids.append(shard_ids[index])
                 vws.append(shard_views[index])
-        if not plan:
-            channels = int(self.summary["channels"][layer])
-            empty = torch.zeros((0, channels), dtype=torch.float32 if kind == "pooled" else torch.float16)
-            z = torch.zeros(0, dtype=torch.int64)
-            return FeatureSet(empty, z, z.clone(), z.clone())
-        image_ids_t, views_t = torch.cat(ids), torch.cat(vws)
-        order = np.lexsort((views_t.numpy(), image_ids_t.numpy()))
-        destination = np.empty_like(order)
-        destination[order] = np.arange(order.size)
+        return plan, labels, ids, vws
 
-        # Pass 2: copy each shard's selected rows straight to their sorted place, so the
-        # peak memory is the result plus one shard (spatial maps can be tens of GB).
+    @staticmethod
+    def _copy_rows(plan: list, kind: str, order: np.ndarray, destination: np.ndarray) -> torch.Tensor:
+        """Pass 2 of :meth:`load`: each shard's selected rows copied straight to their sorted place.
+
+        The peak memory is the result plus one shard (spatial maps can be tens of GB).
+        """
         out = None
         offset = 0
         for shard, rows in plan:
@@ -789,13 +825,7 @@ class FeatureStore:
             out[torch.from_numpy(destination[offset : offset + rows.size])] = x
             offset += rows.size
             del x
-        sort = torch.from_numpy(order)
-        return FeatureSet(
-            features=out,
-            labels=torch.cat(labels)[sort],
-            image_ids=image_ids_t[sort],
-            views=views_t[sort],
-        )
+        return out
 
     def to_dataset(
         self,

@@ -525,3 +525,30 @@ def test_online_source_draws_fresh_noise_every_epoch_only_when_asked():
     assert torch.allclose(fixed[0], fixed[1], atol=1e-5)
     assert not torch.allclose(fresh[0], fresh[1], atol=1e-3)
     assert torch.equal(epoch_maps(True, 1), epoch_maps(True, 1))
+
+
+def test_torchrun_on_cpu_trains_one_data_parallel_run(data, tmp_path):
+    """``torchrun --nproc_per_node 2`` on a CPU-only machine: one run over both processes, not two independent runs."""
+    import os
+    import sys
+
+    from process_group import run_group
+
+    train, test = data
+    train_store = _write_store(tmp_path / "train", {("up_ft1", 25): train}, spatial=True)
+    test_store = _write_store(tmp_path / "test", {("up_ft1", 25): LabeledFeatures(
+        test.features, test.labels, test.image_ids - 1000, test.views)}, spatial=True)
+    script = Path(__file__).parents[1] / "training" / "train_diffc.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      str(script), "train", "--train-store", str(train_store), "--test-store", str(test_store),
+                      "--layer", "up_ft1", "--timestep", "25", "--out", str(tmp_path / "run"), "--hidden", "16",
+                      "--epochs", "2", "--val-fraction", "0.1", "--no-progress"], env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("saved Diff-C head") == 1 and "(2 process(es))" in proc.stdout  # one report, by rank 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert [r["epoch"] for r in rows] == [0, 1]  # one line per epoch, not one per process
+    # each process took half of every epoch; together they saw every training image once per epoch
+    assert all(r["processes"] == 2 and r["train_samples"] == result["num_train_images"] for r in rows)
+    assert result["split"] == "test" and DiffC.from_pretrained(tmp_path / "run").class_names == CLASSES

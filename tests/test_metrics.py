@@ -5,30 +5,32 @@ import math
 import pytest
 import torch
 
+from revelio_hub.diffc import metrics as diffc_metrics
 from revelio_hub.interpret import metrics
+from revelio_hub.sae import metrics as sae_metrics
 
 
 def test_fvu_is_centred():
     x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean (2, 0): total centred SS = 2
-    assert metrics.fvu(x, x) == 0.0
+    assert sae_metrics.fvu(x, x) == 0.0
     # predicting the mean explains nothing
-    assert metrics.fvu(x, x.mean(0, keepdim=True).expand_as(x)) == pytest.approx(1.0)
+    assert sae_metrics.fvu(x, x.mean(0, keepdim=True).expand_as(x)) == pytest.approx(1.0)
     x_hat = torch.tensor([[1.0, 1.0], [3.0, 0.0]])  # residual SS = 1
-    assert metrics.fvu(x, x_hat) == pytest.approx(0.5)
-    assert metrics.explained_variance(x, x_hat) == pytest.approx(0.5)
+    assert sae_metrics.fvu(x, x_hat) == pytest.approx(0.5)
+    assert sae_metrics.explained_variance(x, x_hat) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="same shape"):
-        metrics.fvu(x, x[:, :1])
+        sae_metrics.fvu(x, x[:, :1])
 
 
 def test_l0_and_cosine():
     codes = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
-    assert metrics.l0(codes) == pytest.approx(1.5)
+    assert sae_metrics.l0(codes) == pytest.approx(1.5)
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert metrics.reconstruction_cosine(x, torch.tensor([[2.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.5)
+    assert sae_metrics.reconstruction_cosine(x, torch.tensor([[2.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.5)
 
 
 def test_dead_tracker_window():
-    tr = metrics.DeadLatentTracker(4, window=10)
+    tr = sae_metrics.DeadLatentTracker(4, window=10)
     tr.update_from_indices(torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0]]), n_samples=6)
     # latent 1 had value 0: it did not fire
     assert tr.since_fired.tolist() == [0, 6, 6, 6]
@@ -36,7 +38,7 @@ def test_dead_tracker_window():
     tr.update_from_indices(torch.tensor([[2, 0]]), torch.tensor([[1.0, 1.0]]), n_samples=4)
     assert tr.dead_mask.tolist() == [False, True, False, True]
     assert tr.fraction() == 0.5
-    assert metrics.dead_fraction(torch.tensor([0, 3, 0, 1])) == 0.5
+    assert sae_metrics.dead_fraction(torch.tensor([0, 3, 0, 1])) == 0.5
 
 
 def test_label_purity_and_entropy():
@@ -65,9 +67,9 @@ def test_auroc_ranks_and_ties():
 def test_classification_accuracies():
     logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [3.0, 1.0, 2.0]])
     labels = torch.tensor([0, 2, 1])
-    assert metrics.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
-    assert metrics.topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
-    acc = metrics.per_class_accuracy(logits, labels)
+    assert diffc_metrics.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert diffc_metrics.topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
+    acc = diffc_metrics.per_class_accuracy(logits, labels)
     assert acc[0] == 1.0 and acc[1] == 0.0 and acc[2] == 0.0
-    acc = metrics.per_class_accuracy(torch.tensor([0, 0]), torch.tensor([0, 2]), num_classes=3)
+    acc = diffc_metrics.per_class_accuracy(torch.tensor([0, 0]), torch.tensor([0, 2]), num_classes=3)
     assert acc[0] == 1.0 and math.isnan(acc[1]) and acc[2] == 0.0

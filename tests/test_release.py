@@ -37,7 +37,7 @@ def _images() -> list[Image.Image]:
 def artifacts(tmp_path_factory):
     """Trainer-style outputs for two entries of a tiny pixel backbone, with metrics measured on real features."""
     from revelio_hub.backbones import load_backbone
-    from revelio_hub.interpret.metrics import topk_accuracy
+    from revelio_hub.diffc.metrics import topk_accuracy
     from revelio_hub.sae.training import evaluate_sae
 
     root = tmp_path_factory.mktemp("artifacts")

@@ -3,7 +3,8 @@
 
 Thin command-line wrapper over :mod:`revelio_hub.diffc.training` and
 :mod:`revelio_hub.diffc.sweep`; runs
-under plain ``python`` or ``accelerate launch``.
+under plain ``python``, ``accelerate launch`` or ``torchrun`` (``train``: one data-parallel run,
+on CPU-only machines too).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line, usage_error
 from revelio_hub.layer_names import canonical_layer
@@ -122,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _train(a: argparse.Namespace) -> dict:
+def _train(a: argparse.Namespace, acc: Any) -> dict:
     from revelio_hub.diffc.training import DiffCTrainConfig, train_diffc_from_store, train_diffc_online
 
     config = DiffCTrainConfig(
@@ -142,18 +144,17 @@ def _train(a: argparse.Namespace) -> dict:
         if not a.train_store:
             usage_error("train_diffc.py train", "--train-store is required (or use --online with --backbone and --dataset)")
         return train_diffc_from_store(a.train_store, a.out, a.layer, a.timestep, config, test_store=a.test_store,
-                                      progress=not a.no_progress).eval
+                                      progress=not a.no_progress, accelerator=acc).eval
     if not (a.backbone and a.dataset):
         usage_error("train_diffc.py train", "--online needs --backbone and --dataset")
     import torch
-    from accelerate import Accelerator
 
     from revelio_hub.backbones import load_backbone
     from revelio_hub.data import open_image_dataset
 
     from revelio_hub.training_recipes import get_recipe
 
-    device = Accelerator().device
+    device = acc.device
     backbone = load_backbone(a.backbone, device=device, dtype=getattr(torch, a.dtype), revision=a.revision,
                              image_size=a.image_size, resize=get_recipe(a.recipe).extraction.resize)
     train = open_image_dataset(a.dataset, a.split, label_column=a.label_column).limit(a.max_images)
@@ -164,7 +165,7 @@ def _train(a: argparse.Namespace) -> dict:
         test_labels = test.labels[ids]
     return train_diffc_online(backbone, train, train.labels, train.class_names, a.layer, a.timestep, a.out, config,
                               image_ids=range(len(train)), test_images=test_images, test_labels=test_labels,
-                              progress=not a.no_progress).eval
+                              progress=not a.no_progress, accelerator=acc).eval
 
 
 def _sweep(a: argparse.Namespace) -> list:
@@ -177,15 +178,18 @@ def _sweep(a: argparse.Namespace) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from revelio_hub.distributed import check_launch
+    from revelio_hub.distributed import check_launch, finish, make_accelerator
 
     check_launch()  # a CPU-only `accelerate launch --num_processes N` would run one process: say so
     try:
         if a.command == "train":
-            result = _train(a)
-            keys = ("split", "top1", "top5", "best_epoch", "validation")
-            print(json.dumps({k: result.get(k) for k in keys}, indent=2))
-            print(f"saved Diff-C head, eval.json and confusion.png to {a.out}")
+            acc = make_accelerator(mixed_precision=a.mixed_precision)  # one process group for torchrun's N processes
+            result = _train(a, acc)
+            if acc.is_main_process:
+                keys = ("split", "top1", "top5", "best_epoch", "validation")
+                print(json.dumps({k: result.get(k) for k in keys}, indent=2))
+                print(f"saved Diff-C head, eval.json and confusion.png to {a.out} ({acc.num_processes} process(es))")
+            finish(acc)
         else:
             rows = _sweep(a)
             metric = "test_top1" if a.test_store else "val_top1"

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Train a k-sparse autoencoder on stored diffusion features.
+"""Train a k-sparse autoencoder on stored diffusion features, or every (layer, t) SAE straight from a backbone.
 
-Thin command-line wrapper over :func:`revelio_hub.sae.training.train_sae`;
-``accelerate launch`` / ``torchrun`` runs it data-parallel (same global batch).
+Thin command-line wrapper over :func:`revelio_hub.sae.training.train_sae` and
+:func:`revelio_hub.sae.streaming.train_sae_stream`; ``accelerate launch`` /
+``torchrun`` runs it data-parallel (same global batch).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line
 from revelio_hub.layer_names import canonical_layer
@@ -28,6 +30,10 @@ examples:
   accelerate launch --num_processes 4 training/train_ksae.py --store stores/sd15-pets-train \\
       --layer up_ft1 --timestep 25 --granularity token --tokens-per-image 64 --out runs/sae-tok
 
+  # no feature store: one SAE per (layer, t), all fed by one backbone pass per batch, into runs/grid/<layer>/t<t>
+  python training/train_ksae.py --backbone releases/toy-shapes/backbone --dataset data/toy-train \
+      --layers bottleneck up_ft1 --timesteps 25 100 --batch-size 64 --steps 2000 --out runs/grid
+
   # plain tensors, two CPU processes (torchrun: `accelerate launch --cpu` starts one process without MPI)
   torchrun --nproc_per_node 2 training/train_ksae.py --features feats.safetensors \\
       --k 8 --expansion 8 --batch-size 512 --steps 2000 --out runs/small
@@ -42,19 +48,8 @@ cosine), metrics.jsonl, train_config.json.
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.sae.training import SAETrainConfig
-    from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES
-
-    d = SAETrainConfig()
-    p = argparse.ArgumentParser(
-        description="Train a k-sparse autoencoder (TopK, unit-norm decoder; --recipe paper: the original Revelio "
-        "code's training exactly, --recipe default: the same with bf16 matmuls on CUDA) on pooled or token-level "
-        "diffusion features.",
-        epilog=EPILOG,
-        formatter_class=HelpFormatter,
-    )
-    src = p.add_argument_group("data (one of --store or --features)")
+def _data_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("data (one of --store, --features or --backbone)")
     src.add_argument("--store", help="Feature store folder written by training/extract_features.py.")
     src.add_argument("--layer", type=canonical_layer, help="Layer of the store entry, e.g. up_ft1 (required with --store).")
     src.add_argument("--timestep", type=int, help="Timestep of the store entry, e.g. 25 (required with --store).")
@@ -70,8 +65,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--features", help="Plain safetensors file with an N×d_in tensor (instead of --store; default: none).")
     src.add_argument("--features-key", default=None, help="Tensor name in --features (default: its only tensor).")
 
+
+def _stream_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("streaming (--backbone with --dataset: no store; pooled SAEs, --out/<layer>/t<t>)")
+    s.add_argument("--backbone", help="Hub id or local diffusers folder of the diffusion model to stream features from.")
+    s.add_argument("--revision", default=None, help="Hub revision of the backbone (default: main).")
+    s.add_argument("--dataset", help="Hub dataset id, image folder, parquet file or saved datasets folder.")
+    s.add_argument("--split", default="train", help="Dataset split (default: %(default)s).")
+    s.add_argument("--layers", nargs="+", type=canonical_layer, help="Layers to train an SAE on, e.g. bottleneck up_ft1.")
+    s.add_argument("--timesteps", nargs="+", type=int, help="Timesteps, e.g. 25 100 (one SAE per layer and timestep).")
+    s.add_argument("--image-size", type=int, default=None, help="Input resolution (default: the backbone's).")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="Backbone dtype (default: the recipe's).")
+    s.add_argument("--noise-seed", type=int, default=0, help="Diffusion noise seed, as a store's --seed (default: %(default)s).")
+    s.add_argument("--ensemble", type=int, default=1, help="Noise draws averaged per image (default: %(default)s).")
+    s.add_argument("--extract-batch-size", type=int, default=8, help="Images per backbone call (default: %(default)s).")
+    s.add_argument("--num-workers", type=int, default=2, help="Image-decoding threads (default: %(default)s).")
+    s.add_argument("--max-images", type=int, default=None, help="Only the first N images (default: all).")
+
+
+def _model_args(p: argparse.ArgumentParser, d: Any, recipe_names: Any, default_recipe: str) -> None:
     m = p.add_argument_group("model and optimisation (numbers: the paper's)")
-    m.add_argument("--recipe", choices=list(RECIPE_NAMES), default=DEFAULT_RECIPE,
+    m.add_argument("--recipe", choices=list(recipe_names), default=default_recipe,
                    help="paper: the original Revelio code's training exactly (TopK without ReLU, no input "
                         "normalisation, two Kaiming-uniform matrices, batch-normalised MSE, no AuxK, no hold-out: "
                         "pass --eval-store); default: the same with bf16 matmuls on CUDA, since no measured deviation won (README, "
@@ -105,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: bf16 matmuls on CUDA, fp32 on CPU (default: the recipe's; auto, paper: no).")
     m.add_argument("--seed", type=int, default=d.seed, help="Seeds init, split and batch order (default: %(default)s).")
 
+
+def _run_args(p: argparse.ArgumentParser, d: Any) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="Output folder (weights, eval.json, metrics.jsonl, checkpoint/).")
     r.add_argument("--eval-fraction", type=float, default=None,
@@ -119,55 +136,132 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--overwrite", action="store_true", help="Delete a previous run in --out first.")
     r.add_argument("--no-progress", action="store_true", help="No progress bar.")
     r.add_argument("--cpu", action="store_true", help="Train on CPU even when a GPU is present.")
-    args = p.parse_args(argv)
-    if (args.store is None) == (args.features is None):
-        p.error("give exactly one of --store (with --layer and --timestep) or --features")
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if sum(x is not None for x in (args.store, args.features, args.backbone)) != 1:
+        p.error("give exactly one of --store (with --layer and --timestep), --features or --backbone (with --dataset)")
     if args.store is not None and (args.layer is None or args.timestep is None):
         p.error("--store needs --layer and --timestep")
     if args.eval_store is not None and args.store is None:
         p.error("--eval-store needs --store (with --layer and --timestep)")
+    if args.backbone is not None and not (args.dataset and args.layers and args.timesteps):
+        p.error("--backbone needs --dataset, --layers and --timesteps")
+    if args.backbone is not None and args.granularity != "pooled":
+        p.error("streaming from --backbone trains pooled SAEs; token SAEs need a store extracted with --spatial")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from revelio_hub.sae.training import SAETrainConfig
+    from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES
+
+    d = SAETrainConfig()
+    p = argparse.ArgumentParser(
+        description="Train a k-sparse autoencoder (TopK, unit-norm decoder; --recipe paper: the original Revelio "
+        "code's training exactly, --recipe default: the same with bf16 matmuls on CUDA) on pooled or token-level "
+        "diffusion features, from a feature store or straight from the backbone.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    _data_args(p)
+    _stream_args(p)
+    _model_args(p, d, RECIPE_NAMES, DEFAULT_RECIPE)
+    _run_args(p, d)
+    args = p.parse_args(argv)
+    _check_args(p, args)
     return args
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from revelio_hub.sae.training import SAETrainConfig
+
+    return SAETrainConfig(
+        recipe=args.recipe, k=args.k, expansion=args.expansion, n_latents=args.n_latents, batch_size=args.batch_size,
+        total_samples=args.samples, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+        lr_decay_fraction=args.lr_decay_fraction, aux_k=args.aux_k, aux_coef=args.aux_coef,
+        dead_window=args.dead_window, b_pre_init=args.b_pre_init, normalize_input=False if args.no_normalize_input else None,
+        eval_fraction=args.eval_fraction, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        seed=args.seed, mixed_precision=args.mixed_precision,
+    )
+
+
+def _train_stored(args: argparse.Namespace, acc: Any) -> dict:
+    """--store / --features: one SAE on vectors in memory."""
+    from revelio_hub.sae.training import load_store_features, load_tensor_features, train_sae
+
+    if args.store is not None:
+        feats, recipe = load_store_features(args.store, args.layer, args.timestep, args.granularity,
+                                            args.tokens_per_image, args.view_ids, args.seed)
+    else:
+        feats, recipe = load_tensor_features(args.features, args.features_key)
+    eval_feats = None
+    if args.eval_store is not None:
+        eval_feats, _ = load_store_features(args.eval_store, args.layer, args.timestep, args.granularity,
+                                            args.tokens_per_image, [0], args.seed)
+    cfg = _config(args)
+    if acc.is_main_process:
+        print(f"k-SAE on {tuple(feats.shape)} features ({args.granularity}), {acc.num_processes} process(es), "
+              f"{cfg.total_steps} steps of {cfg.batch_size}", file=sys.stderr)
+    result = train_sae(feats, cfg, out_dir=args.out, recipe=recipe, granularity=args.granularity,
+                       accelerator=acc, resume=not args.no_resume, overwrite=args.overwrite,
+                       progress=not args.no_progress, eval_features=eval_feats)
+    return result.eval
+
+
+def _open_dataset(args: argparse.Namespace, acc: Any) -> Any:
+    """The main process builds the datasets cache first, the others then reuse it (the barrier is passed on errors too)."""
+    from revelio_hub.data import open_image_dataset
+
+    if acc.is_main_process:
+        try:
+            source = open_image_dataset(args.dataset, split=args.split)
+        finally:
+            acc.wait_for_everyone()
+    else:
+        acc.wait_for_everyone()
+        source = open_image_dataset(args.dataset, split=args.split)
+    return source.limit(args.max_images)
+
+
+def _train_streaming(args: argparse.Namespace, acc: Any) -> dict:
+    """--backbone: every (layer, t) SAE from one backbone pass per batch, no store."""
+    import torch
+
+    from revelio_hub.backbones import load_backbone
+    from revelio_hub.sae.streaming import train_sae_stream
+    from revelio_hub.training_recipes import get_recipe
+
+    source = _open_dataset(args, acc)
+    extraction = get_recipe(args.recipe).extraction
+    backbone = load_backbone(args.backbone, device=acc.device, dtype=getattr(torch, args.dtype or extraction.dtype),
+                             revision=args.revision, image_size=args.image_size, resize=extraction.resize)
+    cfg = _config(args)
+    if acc.is_main_process:
+        print(f"k-SAEs on {len(args.layers)} layer(s) x {len(args.timesteps)} timestep(s) streamed from "
+              f"{backbone.name} over {len(source)} images, {acc.num_processes} process(es), "
+              f"{cfg.total_steps} steps of {cfg.batch_size}", file=sys.stderr)
+    results = train_sae_stream(backbone, source, args.out, args.layers, args.timesteps, cfg, accelerator=acc,
+                               noise_seed=args.noise_seed, ensemble=args.ensemble,
+                               extract_batch_size=args.extract_batch_size, num_workers=args.num_workers,
+                               resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return {f"{layer}/t{t}": r.eval for (layer, t), r in results.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
-    from revelio_hub.sae.training import SAETrainConfig, load_store_features, load_tensor_features, train_sae
-
     from revelio_hub.distributed import finish, make_accelerator
 
     acc = make_accelerator(cpu=args.cpu)
     try:
-        if args.store is not None:
-            feats, recipe = load_store_features(args.store, args.layer, args.timestep, args.granularity,
-                                                args.tokens_per_image, args.view_ids, args.seed)
-        else:
-            feats, recipe = load_tensor_features(args.features, args.features_key)
-        eval_feats = None
-        if args.eval_store is not None:
-            eval_feats, _ = load_store_features(args.eval_store, args.layer, args.timestep, args.granularity,
-                                                args.tokens_per_image, [0], args.seed)
-        cfg = SAETrainConfig(
-            recipe=args.recipe, k=args.k, expansion=args.expansion, n_latents=args.n_latents, batch_size=args.batch_size,
-            total_samples=args.samples, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
-            lr_decay_fraction=args.lr_decay_fraction, aux_k=args.aux_k, aux_coef=args.aux_coef,
-            dead_window=args.dead_window, b_pre_init=args.b_pre_init, normalize_input=False if args.no_normalize_input else None,
-            eval_fraction=args.eval_fraction, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-            seed=args.seed, mixed_precision=args.mixed_precision,
-        )
-        if args.no_resume and (Path(args.out) / "checkpoint").exists() and not args.overwrite:
+        if args.no_resume and not args.overwrite and any(Path(args.out).glob("**/checkpoint")):
             raise ValueError(f"{args.out} has a checkpoint; drop --no-resume to continue it or add --overwrite")
-        if acc.is_main_process:
-            print(f"k-SAE on {tuple(feats.shape)} features ({args.granularity}), {acc.num_processes} process(es), "
-                  f"{cfg.total_steps} steps of {cfg.batch_size}", file=sys.stderr)
-        result = train_sae(feats, cfg, out_dir=args.out, recipe=recipe, granularity=args.granularity,
-                           accelerator=acc, resume=not args.no_resume, overwrite=args.overwrite,
-                           progress=not args.no_progress, eval_features=eval_feats)
+        result = _train_streaming(args, acc) if args.backbone is not None else _train_stored(args, acc)
     except (ValueError, FileNotFoundError) as exc:  # the user's to fix: one line, no traceback
         return error_line("train_ksae.py", exc)
     if acc.is_main_process:
-        print(json.dumps(result.eval, indent=2))
+        print(json.dumps(result, indent=2))
     finish(acc)
     return 0
 

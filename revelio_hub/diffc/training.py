@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from revelio_hub.diffc.model import HEADS, DiffC
+from revelio_hub.distributed import make_accelerator
 from revelio_hub.data import carve_validation
 from revelio_hub.features import augment_view
 from revelio_hub.images import to_rgb
-from revelio_hub.interpret.metrics import per_class_accuracy, topk_accuracy
+from revelio_hub.diffc.metrics import per_class_accuracy, topk_accuracy
 from revelio_hub.recipe import FeatureRecipe
 from revelio_hub.training_recipes import DEFAULT_RECIPE, DiffCRecipe, get_recipe
 
@@ -385,6 +386,118 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class _Selection:
+    """The resumable trainer state besides the weights: where to start and the best epoch so far."""
+
+    start_epoch: int = 0
+    best_epoch: int = -1
+    best_key: Optional[tuple[float, float]] = None
+    best_val: dict[str, Any] = field(default_factory=dict)
+    resumed_from: Optional[int] = None
+
+    def state(self, epoch: int, config: DiffCTrainConfig) -> dict[str, Any]:
+        return {"epoch": epoch, "best_epoch": self.best_epoch, "best_key": list(self.best_key),
+                "best_val": self.best_val, "config": config.identity()}
+
+
+def _optimization(model: nn.Module, config: DiffCTrainConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW and its schedule: the original's per-epoch cosine, or warm-up + cosine per step."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "cosine_per_epoch":  # the original: CosineAnnealingLR(T_max=90) stepped after each epoch
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.cosine_t_max)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+
+
+def _resume(out: Path, config: DiffCTrainConfig, accelerator: Any) -> _Selection:
+    """Load ``checkpoint/`` (or a finished run's state) made with the same config; refuse a different one."""
+    state_path, finished_path = out / CHECKPOINT_DIR / STATE_FILE, out / STATE_FILE
+    if not (state_path.exists() or finished_path.exists()):
+        return _Selection()
+    state = json.loads((state_path if state_path.exists() else finished_path).read_text())
+    if state.get("config") != config.identity():
+        raise ValueError(
+            f"{out} holds a {'checkpoint' if state_path.exists() else 'finished run'} with a different "
+            f"configuration ({state.get('config')}); use a new output folder or delete it."
+        )
+    if state_path.exists():
+        accelerator.load_state(str(out / CHECKPOINT_DIR))
+    start = int(state["epoch"]) + 1
+    if accelerator.is_main_process and start < config.epochs:
+        print(f"resuming from epoch {start} of {config.epochs} ({out / CHECKPOINT_DIR})", file=sys.stderr)
+    key = tuple(state["best_key"]) if state.get("best_key") is not None else None
+    return _Selection(start, int(state["best_epoch"]), key, dict(state["best_val"]), start)
+
+
+def _train_epoch(model: nn.Module, optimizer: Any, scheduler: Any, source: TrainSource, epoch: int,
+                 config: DiffCTrainConfig, accelerator: Any, progress: bool) -> dict[str, Any]:
+    """One pass over this process's shard; the returned numbers are over all processes' samples."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    set_seed(config.seed * 1_000 + epoch)  # dropout etc. depend on (seed, epoch) only: exact resume
+    model.train()
+    started = time.perf_counter()
+    per_epoch = config.schedule == "cosine_per_epoch"
+    shard = (accelerator.process_index, accelerator.num_processes)
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
+    epoch_lr = optimizer.param_groups[0]["lr"]
+    bar = tqdm(source.batches(epoch, config.batch_size, config.seed, shard),
+               total=source.num_batches(config.batch_size, shard), desc=f"epoch {epoch + 1}/{config.epochs}",
+               disable=not (progress and accelerator.is_local_main_process), leave=False)
+    for x, y in bar:
+        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        if not per_epoch:
+            scheduler.step()
+        totals += torch.tensor([float(loss.detach()) * len(y), float((logits.detach().argmax(1) == y).sum()), len(y)],
+                               dtype=torch.float64)
+        bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}")
+    if per_epoch:
+        scheduler.step()
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    seen = max(float(totals[2]), 1.0)
+    return {"epoch": epoch, "train_loss": float(totals[0]) / seen, "train_top1": float(totals[1]) / seen,
+            "train_samples": int(totals[2]), "processes": accelerator.num_processes,
+            "lr": epoch_lr if per_epoch else scheduler.get_last_lr()[0],
+            "train_seconds": time.perf_counter() - started}
+
+
+def _select(row: dict[str, Any], raw: DiffC, val: Optional[LabeledFeatures], config: DiffCTrainConfig,
+            sel: _Selection) -> bool:
+    """Add validation numbers to ``row``; True (and ``sel`` updated) if this epoch is the best so far."""
+    if val is not None and len(val):
+        report = classification_report(predict_logits(raw, val.features, config.eval_batch_size), val.labels, raw.class_names)
+        row.update(val_loss=report["loss"], val_top1=report["top1"], val_top5=report["top5"])
+        key = (report["top1"], -report["loss"])
+    else:
+        key = (float(row["epoch"]), 0.0)  # no validation split: keep the last epoch
+    improved = sel.best_key is None or key > sel.best_key
+    if improved:
+        sel.best_key, sel.best_epoch = key, row["epoch"]
+        sel.best_val = {k: row[k] for k in ("val_top1", "val_top5", "val_loss") if k in row}
+    row["best_epoch"] = sel.best_epoch
+    return improved
+
+
+def _close_run(out: Path, config: DiffCTrainConfig, accelerator: Any, finished: bool) -> None:
+    """A finished run's trainer state moves next to the model; the optimizer state goes unless asked to stay."""
+    ckpt = out / CHECKPOINT_DIR
+    accelerator.wait_for_everyone()
+    if finished and accelerator.is_main_process and (ckpt / STATE_FILE).exists():
+        shutil.copy2(ckpt / STATE_FILE, out / STATE_FILE)
+        if not config.keep_checkpoint:
+            shutil.rmtree(ckpt)
+    accelerator.wait_for_everyone()
+
+
 def fit(
     model: DiffC,
     source: TrainSource,
@@ -404,102 +517,30 @@ def fit(
     If a checkpoint made with the same config exists, training continues from
     it. ``stop_after_epoch`` ends the run early (as if killed), for tests.
     The test split is deliberately not a parameter: selection cannot see it.
+    Under ``torchrun`` (CPU included, see :func:`revelio_hub.distributed.make_accelerator`)
+    the processes form one data-parallel run: each takes a shard of every epoch.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / CHECKPOINT_DIR
     metrics_path = out / "metrics.jsonl"
-    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
-
+    accelerator = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
     shard = (accelerator.process_index, accelerator.num_processes)
-    steps_per_epoch = source.num_batches(config.batch_size, shard)
-    total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    per_epoch = config.schedule == "cosine_per_epoch"
-    if per_epoch:  # the original: CosineAnnealingLR(T_max=90) stepped after each epoch, stopped after 30
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.cosine_t_max)
-    else:
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+    optimizer, scheduler = _optimization(model, config, source.num_batches(config.batch_size, shard) * config.epochs)
     # The scheduler is not prepared (accelerate would step it once per process per
     # step); it follows this process's own step count and is checkpointed explicitly.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(model)
 
-    start_epoch, best_epoch, best_key, resumed_from = 0, -1, None, None
-    best_val: dict[str, Any] = {}
-    state_path = ckpt / STATE_FILE
-    finished_path = out / STATE_FILE  # a finished run whose checkpoint/ was removed
-    if state_path.exists() or finished_path.exists():
-        state = json.loads((state_path if state_path.exists() else finished_path).read_text())
-        if state.get("config") != config.identity():
-            raise ValueError(
-                f"{out} holds a {'checkpoint' if state_path.exists() else 'finished run'} with a different "
-                f"configuration ({state.get('config')}); use a new output folder or delete it."
-            )
-        if state_path.exists():
-            accelerator.load_state(str(ckpt))
-        start_epoch = resumed_from = int(state["epoch"]) + 1
-        if accelerator.is_main_process and start_epoch < config.epochs:
-            print(f"resuming from epoch {start_epoch} of {config.epochs} ({ckpt})", file=sys.stderr)
-        best_epoch, best_val = int(state["best_epoch"]), dict(state["best_val"])
-        best_key = tuple(state["best_key"]) if state.get("best_key") is not None else None
-    history = [r for r in _read_jsonl(metrics_path) if r.get("epoch", 0) < start_epoch]
+    sel = _resume(out, config, accelerator)
+    history = [r for r in _read_jsonl(metrics_path) if r.get("epoch", 0) < sel.start_epoch]
     if accelerator.is_main_process:
         _write_jsonl(metrics_path, history)  # drop lines of an epoch that never reached its checkpoint
 
     last_epoch = config.epochs - 1 if stop_after_epoch is None else min(stop_after_epoch, config.epochs - 1)
-    for epoch in range(start_epoch, last_epoch + 1):
-        set_seed(config.seed * 1_000 + epoch)  # dropout etc. depend on (seed, epoch) only: exact resume
-        model.train()
-        started = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        bar = tqdm(
-            source.batches(epoch, config.batch_size, config.seed, shard),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (progress and accelerator.is_local_main_process),
-            leave=False,
-        )
-        for x, y in bar:
-            x, y = x.to(accelerator.device), y.to(accelerator.device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            if not per_epoch:
-                scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        if per_epoch:
-            scheduler.step()
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_top1": correct / max(seen, 1),
-            "lr": epoch_lr if per_epoch else scheduler.get_last_lr()[0],
-            "train_seconds": time.perf_counter() - started,
-        }
-        if val is not None and len(val):
-            report = classification_report(predict_logits(raw, val.features, config.eval_batch_size), val.labels, raw.class_names)
-            row.update(val_loss=report["loss"], val_top1=report["top1"], val_top5=report["top5"])
-            key = (report["top1"], -report["loss"])
-        else:
-            key = (float(epoch), 0.0)  # no validation split: keep the last epoch
-        improved = best_key is None or key > best_key
-        if improved:
-            best_key, best_epoch = key, epoch
-            best_val = {k: row[k] for k in ("val_top1", "val_top5", "val_loss") if k in row}
-        row["best_epoch"] = best_epoch
+    for epoch in range(sel.start_epoch, last_epoch + 1):
+        row = _train_epoch(model, optimizer, scheduler, source, epoch, config, accelerator, progress)
+        improved = _select(row, raw, val, config, sel)
         history.append(row)
         if accelerator.is_main_process:
             if improved:
@@ -507,19 +548,10 @@ def fit(
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
         if (epoch + 1) % config.checkpoint_every == 0 or epoch == last_epoch:
-            _save_checkpoint(accelerator, ckpt, {
-                "epoch": epoch, "best_epoch": best_epoch, "best_key": list(best_key),
-                "best_val": best_val, "config": config.identity(),
-            })
-    accelerator.wait_for_everyone()
-    if last_epoch == config.epochs - 1 and accelerator.is_main_process and (ckpt / STATE_FILE).exists():
-        # finished: the trainer state moves next to the model, the optimizer state goes unless asked to stay
-        shutil.copy2(ckpt / STATE_FILE, finished_path)
-        if not config.keep_checkpoint:
-            shutil.rmtree(ckpt)
-    accelerator.wait_for_everyone()
+            _save_checkpoint(accelerator, out / CHECKPOINT_DIR, sel.state(epoch, config))
+    _close_run(out, config, accelerator, last_epoch == config.epochs - 1)
     best = DiffC.from_pretrained(out) if (out / "model.safetensors").exists() else raw
-    return FitResult(best, best_epoch, best_val, history, resumed_from)
+    return FitResult(best, sel.best_epoch, sel.best_val, history, sel.resumed_from)
 
 
 def _save_checkpoint(accelerator: Any, ckpt: Path, state: dict[str, Any]) -> None:
@@ -563,9 +595,13 @@ def _new_model(in_channels: int, class_names: Sequence[str], config: DiffCTrainC
 def _finish(
     fitted: FitResult, output_dir: Path, test: TestData, class_names: Sequence[str],
     config: DiffCTrainConfig, recipe: Optional[dict], split_sizes: dict[str, int],
-    to_eval: Callable[[Any], LabeledFeatures],
+    to_eval: Callable[[Any], LabeledFeatures], accelerator: Any,
 ) -> DiffCResult:
-    """Evaluate the selected model on the test data (first read here) and write eval.json + confusion.png."""
+    """Evaluate the selected model on the test data (first read here) and write eval.json + confusion.png.
+
+    Every process evaluates (the numbers are returned everywhere); only the main one writes.
+    """
+    main = accelerator.is_main_process
     model = fitted.model
     result: dict[str, Any] = {
         "head": config.head,
@@ -581,11 +617,14 @@ def _finish(
         data = to_eval(test() if callable(test) else test)
         report = classification_report(predict_logits(model, data.features, config.eval_batch_size), data.labels, class_names)
         result.update(split="test", **{k: v for k, v in report.items()})
-        save_confusion_png(report["confusion_matrix"], class_names, output_dir / "confusion.png",
-                           title=f"Diff-C ({config.head}) test top-1 {report['top1']:.1%}")
+        if main:
+            save_confusion_png(report["confusion_matrix"], class_names, output_dir / "confusion.png",
+                               title=f"Diff-C ({config.head}) test top-1 {report['top1']:.1%}")
     else:
         result["split"] = None
-    (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    if main:
+        (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    accelerator.wait_for_everyone()
     return DiffCResult(model, output_dir, result, fitted)
 
 
@@ -599,6 +638,7 @@ def train_diffc(
     recipe: Union[FeatureRecipe, dict, None] = None,
     progress: bool = True,
     stop_after_epoch: Optional[int] = None,
+    accelerator: Any = None,
 ) -> DiffCResult:
     """Train Diff-C on cached features and evaluate the selected model on ``test``.
 
@@ -606,9 +646,11 @@ def train_diffc(
     is used) may be a callable returning the test features: it is called only
     after training and model selection are over, so loading a test store can be
     deferred until then. Writes the model, ``metrics.jsonl``, ``eval.json`` and
-    ``confusion.png`` to ``output_dir``; rerunning the same call resumes.
+    ``confusion.png`` to ``output_dir``; rerunning the same call resumes. ``accelerator``
+    (default: :func:`~revelio_hub.distributed.make_accelerator`) makes it one data-parallel run.
     """
     config = config or DiffCTrainConfig()
+    accelerator = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
     data = LabeledFeatures.of(train)
     class_names = [str(c) for c in class_names]
     if len(data) == 0:
@@ -626,14 +668,14 @@ def train_diffc(
     model = _new_model(int(data.features.shape[1]), class_names, config, recipe_dict)
     out = Path(output_dir)
     fitted = fit(model, CachedSource(train_part, config.views), val_plain, config, out,
-                 progress=progress, stop_after_epoch=stop_after_epoch)
+                 progress=progress, stop_after_epoch=stop_after_epoch, accelerator=accelerator)
     sizes = {"num_train_images": len(np.unique(train_part.image_ids.numpy())),
              "num_val_images": 0 if val_plain is None else len(val_plain),
              "num_train_rows": len(train_part)}
     if stop_after_epoch is not None and stop_after_epoch < config.epochs - 1:
         return DiffCResult(fitted.model, out, {}, fitted)
     return _finish(fitted, out, test, class_names, config, recipe_dict, sizes,
-                   lambda t: LabeledFeatures.of(t).plain_view())
+                   lambda t: LabeledFeatures.of(t).plain_view(), accelerator)
 
 
 def train_diffc_from_store(
@@ -645,6 +687,7 @@ def train_diffc_from_store(
     *,
     test_store: Union[str, Path, Any, None] = None,
     progress: bool = True,
+    accelerator: Any = None,
 ) -> DiffCResult:
     """Glue: train on ``train_store``'s spatial (or, for the linear head, pooled) features of (layer, t).
 
@@ -678,7 +721,8 @@ def train_diffc_from_store(
         return ts.load(layer, timestep, kind=kind, views=0)
 
     return train_diffc(train, store.class_names, output_dir, config,
-                       test=load_test if ts is not None else None, recipe=recipe_obj, progress=progress)
+                       test=load_test if ts is not None else None, recipe=recipe_obj, progress=progress,
+                       accelerator=accelerator)
 
 
 # ------------------------------------------------------------ online mode
@@ -763,6 +807,7 @@ def train_diffc_online(
     test_labels: Optional[Sequence[int]] = None,
     progress: bool = True,
     stop_after_epoch: Optional[int] = None,
+    accelerator: Any = None,
 ) -> DiffCResult:
     """``--online`` mode: features recomputed from freshly augmented images every epoch.
 
@@ -770,6 +815,7 @@ def train_diffc_online(
     use the plain Resize+CenterCrop view, extracted once.
     """
     config = config or DiffCTrainConfig()
+    accelerator = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
     labels_np = np.asarray(labels, dtype=np.int64)
     ids = np.arange(len(labels_np)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
     train_idx, val_idx = carve_validation(labels_np, config.val_fraction, seed=config.seed)
@@ -794,13 +840,14 @@ def train_diffc_online(
     recipe = backbone.recipe(layer, timestep, granularity="spatial").to_dict()
     model = _new_model(backbone.channels(layer), class_names, config, recipe)
     out = Path(output_dir)
-    fitted = fit(model, source, val, config, out, progress=progress, stop_after_epoch=stop_after_epoch)
+    fitted = fit(model, source, val, config, out, progress=progress, stop_after_epoch=stop_after_epoch,
+                 accelerator=accelerator)
     sizes = {"num_train_images": int(len(train_idx)), "num_val_images": int(len(val_idx))}
     test = None
     if test_images is not None:
         tl = np.asarray(test_labels, dtype=np.int64)
         test = lambda: plain(test_images, np.arange(len(tl)), tl, np.arange(len(tl)))  # noqa: E731
-    return _finish(fitted, out, test, class_names, config, recipe, sizes, LabeledFeatures.of)
+    return _finish(fitted, out, test, class_names, config, recipe, sizes, LabeledFeatures.of, accelerator)
 
 
 __all__ = [

@@ -1,7 +1,8 @@
 """What the SAE neurons mean and what they do: atlases, metrics, labels, OOD, attribution, comparison.
 
 * :mod:`~revelio_hub.interpret.atlas`: per-neuron statistics and top images (:class:`NeuronAtlas`), search.
-* :mod:`~revelio_hub.interpret.metrics`: FVU, L0, dead fraction, sigma_label, AUROC, accuracy (defined once).
+* :mod:`~revelio_hub.interpret.metrics`: sigma_label, label entropy, AUROC, rank agreement (defined once; the
+  training metrics live in :mod:`revelio_hub.sae.metrics` and :mod:`revelio_hub.diffc.metrics`).
 * :mod:`~revelio_hub.interpret.neuron_labels`: the evidence behind a neuron's summary, and when to say "mixed".
 * :mod:`~revelio_hub.interpret.ood`: is an image unlike the release's data (reconstruction-error percentile).
 * :mod:`~revelio_hub.interpret.reliability`: will Diff-C be wrong on this image (a calibrated score, stored per entry);

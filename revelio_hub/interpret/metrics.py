@@ -1,135 +1,30 @@
-"""Metrics shared by the trainers, the atlas, the model cards and the app.
+"""Interpretation metrics: label purity (σ_label), label entropy, AUROC, rank agreement.
 
-Each metric is defined once, here, so that a number printed by the trainer, the
-one written in a model card and the one shown in the app mean the same thing.
+Each metric is defined once, here, so that a number written in a model card and
+the one shown in the app mean the same thing. The training metrics live next to
+training: reconstruction and dead latents in :mod:`revelio_hub.sae.metrics`,
+classification accuracy in :mod:`revelio_hub.diffc.metrics`.
 All functions take torch tensors (any device) and return python floats or
 CPU/device tensors as documented; none of them mutate inputs.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
+from revelio_hub.sae.metrics import as_2d
+
 __all__ = [
-    "fvu",
-    "explained_variance",
-    "l0",
-    "reconstruction_cosine",
-    "dead_fraction",
-    "DeadLatentTracker",
     "label_purity",
     "mean_label_purity",
     "sigma_label",
     "shuffled_sigma_label",
     "label_entropy",
     "auroc",
-    "topk_accuracy",
-    "per_class_accuracy",
     "spearman",
 ]
-
-
-def _as_2d(x: torch.Tensor, name: str) -> torch.Tensor:
-    if x.dim() == 1:
-        return x[:, None]
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be N×d (or N), got shape {tuple(x.shape)}")
-    return x
-
-
-# ---------------------------------------------------------------- reconstruction
-
-
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Fraction of variance unexplained, centred: Σ‖x − x̂‖² / Σ‖x − mean(x)‖².
-
-    Centring matters: an autoencoder that only outputs the data mean scores 1,
-    not the (much smaller, flattering) value obtained against raw ‖x‖².
-    Computed in float64 so large batches of fp32/bf16 features stay exact.
-    """
-    x = _as_2d(x, "x").double()
-    x_hat = _as_2d(x_hat, "x_hat").double()
-    if x.shape != x_hat.shape:
-        raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
-    if x.shape[0] < 2:
-        raise ValueError("FVU needs at least 2 samples (the variance of one sample is 0)")
-    resid = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
-    if total == 0:
-        raise ValueError("FVU is undefined: the inputs have zero variance")
-    return float(resid / total)
-
-
-def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """1 − FVU."""
-    return 1.0 - fvu(x, x_hat)
-
-
-def l0(codes: torch.Tensor) -> float:
-    """Mean number of non-zero entries per sample.
-
-    Works on dense codes (N×n_latents) and on the sparse form's values (N×k):
-    with ReLU after TopK some of the k values can be 0, so L0 ≤ k.
-    """
-    codes = _as_2d(codes, "codes")
-    return float((codes != 0).sum(-1).double().mean())
-
-
-def reconstruction_cosine(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Mean cosine similarity between each input and its reconstruction."""
-    x = _as_2d(x, "x").double()
-    x_hat = _as_2d(x_hat, "x_hat").double()
-    return float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).mean())
-
-
-def dead_fraction(fire_counts: torch.Tensor) -> float:
-    """Fraction of latents whose fire count (over some window) is zero."""
-    return float((fire_counts == 0).double().mean())
-
-
-class DeadLatentTracker:
-    """Which latents have not fired within the last ``window`` samples.
-
-    Keeps one counter per latent (samples since it last fired) on the device of
-    the codes, so updating it costs no host sync; only :meth:`fraction` reads a
-    number back. Mirrors the "dead if not fired in the last 10M tokens" rule of
-    OpenAI's TopK SAE paper; the trainer clamps ``window`` to the dataset size.
-    """
-
-    def __init__(self, n_latents: int, window: int, device: torch.device | str = "cpu") -> None:
-        if window <= 0:
-            raise ValueError(f"window must be a positive number of samples, got {window}")
-        self.n_latents = n_latents
-        self.window = int(window)
-        self.since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
-
-    def update(self, fired: torch.Tensor, n_samples: int) -> None:
-        """``fired``: bool (n_latents,) of latents active at least once in these ``n_samples``."""
-        self.since_fired += n_samples
-        self.since_fired.masked_fill_(fired, 0)
-
-    def update_from_indices(self, indices: torch.Tensor, values: torch.Tensor, n_samples: int) -> torch.Tensor:
-        """Update from a sparse code; returns the per-latent fire counts of this batch."""
-        counts = torch.zeros(self.n_latents, dtype=torch.long, device=indices.device)
-        counts.scatter_add_(0, indices.reshape(-1), (values.reshape(-1) > 0).long())
-        self.update(counts > 0, n_samples)
-        return counts
-
-    @property
-    def dead_mask(self) -> torch.Tensor:
-        return self.since_fired >= self.window
-
-    def fraction(self) -> float:
-        return float(self.dead_mask.double().mean())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"since_fired": self.since_fired.clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.since_fired.copy_(state["since_fired"].to(self.since_fired))
 
 
 # ---------------------------------------------------------------- interpretability
@@ -145,7 +40,7 @@ def label_purity(top_labels: torch.Tensor, top: int = 10) -> torch.Tensor:
     selection as the original Revelio code). Class ids are arbitrary integers, so prefer
     :func:`label_entropy` or a value's AUROC to judge one neuron.
     """
-    top_labels = _as_2d(top_labels, "top_labels")
+    top_labels = as_2d(top_labels, "top_labels")
     if top < 1:
         raise ValueError(f"top must be ≥ 1, got {top}")
     labels = top_labels[:, :top].double()
@@ -237,7 +132,7 @@ def label_entropy(top_labels: torch.Tensor, num_classes: Optional[int] = None, t
     0 means all top images share one class; log2(min(top, num_classes)) is the
     maximum. Unlike the std purity it does not depend on how classes are numbered.
     """
-    top_labels = _as_2d(top_labels, "top_labels")[:, :top].long()
+    top_labels = as_2d(top_labels, "top_labels")[:, :top].long()
     if num_classes is None:
         num_classes = int(top_labels.max()) + 1 if top_labels.numel() else 1
     if top_labels.numel() and (top_labels.min() < 0 or top_labels.max() >= num_classes):
@@ -258,7 +153,7 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | float:
     """
     labels = labels.reshape(-1).bool()
     one_d = scores.dim() == 1
-    s = _as_2d(scores, "scores")
+    s = as_2d(scores, "scores")
     if s.shape[0] != labels.shape[0]:
         raise ValueError(f"scores have {s.shape[0]} samples, labels have {labels.shape[0]}")
     n_pos = int(labels.sum())
@@ -273,37 +168,6 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | float:
     rank_sum = ranks[:, labels.to(ranks.device)].sum(1)
     result = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return float(result[0]) if one_d else result
-
-
-# ---------------------------------------------------------------- classification
-
-
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    """Fraction of samples whose true label is among the ``k`` highest logits."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be N×classes, got shape {tuple(logits.shape)}")
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return float((top == labels.reshape(-1, 1).to(top.device)).any(1).double().mean())
-
-
-def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
-    """Accuracy per class (float64, length ``num_classes``; NaN for classes absent from ``labels``).
-
-    ``predictions`` are class ids (N) or logits (N×classes).
-    """
-    if predictions.dim() == 2:
-        num_classes = num_classes or predictions.shape[1]
-        predictions = predictions.argmax(1)
-    labels = labels.reshape(-1).long()
-    predictions = predictions.reshape(-1).long().to(labels.device)
-    if num_classes is None:
-        num_classes = int(max(labels.max(), predictions.max())) + 1
-    total = torch.bincount(labels, minlength=num_classes).double()
-    correct = torch.bincount(labels[predictions == labels], minlength=num_classes).double()
-    acc = correct / total
-    acc[total == 0] = math.nan
-    return acc
 
 
 # ---------------------------------------------------------------- rank agreement

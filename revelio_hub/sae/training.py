@@ -20,8 +20,12 @@ Design choices that make runs reproducible:
   2-process run sees exactly the samples of the 1-process run.
 * The default recipe normalises the MSE by the training set's variance (a
   constant), the paper's by the global batch's (reduced across ranks first);
-  either way per-rank losses sum to the global loss and gradients can be summed
-  across ranks (at batch 8192 the two normalisers agree to <1%).
+  either way per-rank losses sum to the global loss (at batch 8192 the two
+  normalisers agree to <1%). Gradients are synced by DDP (``accelerator.prepare``),
+  which averages: each rank's loss is scaled by the world size so the average is
+  the global gradient. The decoder projection and renormalisation then act on
+  identical synced gradients and weights on every rank, and the dead-latent
+  counters are summed across ranks before they update.
 * No host syncs in the inner loop: metrics are accumulated on device and read
   back at logging steps only.
 
@@ -47,7 +51,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from revelio_hub.interpret import metrics as M
+from revelio_hub.sae import metrics as sae_metrics
 from revelio_hub.sae.model import KSparseAutoencoder
 from revelio_hub.training_recipes import DEFAULT_RECIPE, SAERecipe, get_recipe
 from revelio_hub.sae.kernels import sparse_decode, topk_encode
@@ -56,6 +60,14 @@ __all__ = [
     "SAETrainConfig",
     "TrainResult",
     "train_sae",
+    "SAETrainer",
+    "BatchOrder",
+    "Normalisation",
+    "initial_model",
+    "open_run",
+    "final_evaluation",
+    "save_run",
+    "split_features",
     "evaluate_sae",
     "sample_tokens",
     "geometric_median",
@@ -333,7 +345,7 @@ def evaluate_sae(model: KSparseAutoencoder, features: torch.Tensor, batch_size: 
         "fvu": fvu,
         "explained_variance": 1.0 - fvu,
         "l0": float(nnz / n),
-        "dead_fraction": M.dead_fraction(fired),
+        "dead_fraction": sae_metrics.dead_fraction(fired),
         "cosine": float(cos / n),
         "n_samples": int(n),
     }
@@ -401,6 +413,342 @@ def _load_checkpoint(path: Path, model, opt, tracker, cfg: SAETrainConfig) -> in
     return int(meta["step"])
 
 
+class _TrainingForward(torch.nn.Module):
+    """One training step's forward pass (encode, decode, loss) as a module of its own.
+
+    ``accelerator.prepare`` wraps it in DDP when there are several processes. DDP
+    syncs gradients only for a backward that followed *its* forward, and the
+    trainer never calls :meth:`KSparseAutoencoder.forward` (it uses the sparse
+    kernels directly), so the training computation itself is the module's forward.
+    This is also the one place a variant's activation or loss plugs in.
+    """
+
+    def __init__(self, sae: KSparseAutoencoder, cfg: SAETrainConfig, acc: Any,
+                 compute_dtype: Optional[torch.dtype]) -> None:
+        super().__init__()
+        self.sae, self.cfg, self.acc, self.compute_dtype = sae, cfg, acc, compute_dtype
+
+    def forward(self, x: torch.Tensor, batch: int, var_total: float, aux_ids: Optional[torch.Tensor],
+                aux_mask: Optional[torch.Tensor], aux_k: int) -> tuple[torch.Tensor, ...]:
+        """``(loss, main loss, AuxK loss, values, indices)`` of this process's share ``x`` of a global batch of ``batch``."""
+        sae, cfg, world = self.sae, self.cfg, self.acc.num_processes
+        vals, idx, aux_vals, aux_idx = topk_encode(
+            x - sae.b_pre, sae.W_enc, sae.b_enc, cfg.k, relu=cfg.relu, aux_ids=aux_ids, k_aux=aux_k,
+            compute_dtype=self.compute_dtype, aux_mask=aux_mask,
+        )
+        err = x - (sparse_decode(vals, idx, sae.W_dec).float() + sae.b_pre)
+        main = err.pow(2).sum() / _loss_denominator(x, batch, var_total, cfg, self.acc, world)
+        aux_loss = torch.zeros((), device=x.device)
+        if aux_k > 0:
+            aux_loss = _auxk_loss(err.detach(), sparse_decode(aux_vals, aux_idx, sae.W_dec).float(), self.acc, world)
+        return main + cfg.aux_coef * aux_loss if aux_k > 0 else main, main, aux_loss, vals, idx
+
+
+@dataclass
+class TrainingData:
+    """What a run trains and evaluates on, after the seeded split.
+
+    ``cfg`` is the run's config with a batch larger than the data trimmed to the
+    whole training set (see :func:`whole_set_batches`).
+    """
+
+    cfg: SAETrainConfig
+    train_cpu: torch.Tensor
+    train: torch.Tensor  # the same rows, on the device when they fit
+    eval_x: torch.Tensor
+    eval_over: str
+
+
+def split_features(features: torch.Tensor, cfg: SAETrainConfig, acc: Any,
+                   eval_features: Optional[torch.Tensor] = None) -> TrainingData:
+    """The seeded hold-out split (identical on every rank) and where the training rows live."""
+    n_all, d_in = features.shape
+    perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(cfg.seed))
+    n_eval = int(round(n_all * cfg.eval_fraction))
+    if cfg.eval_fraction > 0:
+        n_eval = max(n_eval, 2)
+    n_train = n_all - n_eval
+    if n_train < cfg.batch_size:
+        cfg = whole_set_batches(cfg, n_train, acc.num_processes, acc.is_main_process)
+    eval_x, train_cpu, eval_over = features[perm[:n_eval]].float(), features[perm[n_eval:]].float(), "held_out"
+    if eval_features is not None:
+        if eval_features.dim() != 2 or eval_features.shape[1] != d_in:
+            raise ValueError(f"eval_features must be N×{d_in}, got shape {tuple(eval_features.shape)}")
+        eval_x, eval_over = eval_features.float(), "eval_split"
+    device = acc.device
+    # keep the training data on the device when it fits comfortably
+    on_device = device.type != "cuda" or train_cpu.numel() * 4 < 0.4 * torch.cuda.mem_get_info(device)[0]
+    train = train_cpu.to(device) if on_device else train_cpu.pin_memory() if device.type == "cuda" else train_cpu
+    return TrainingData(cfg, train_cpu, train, eval_x, eval_over)
+
+
+@dataclass
+class Normalisation:
+    """The data statistics a run starts from: the mean (for ``b_pre``) and the input scale.
+
+    ``var_total`` is the mean centred squared norm after scaling: the ``"dataset"`` loss normaliser.
+    """
+
+    mean: torch.Tensor
+    scale: float
+    var_total: float
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, cfg: SAETrainConfig) -> "Normalisation":
+        mean = rows.double().mean(0)
+        centred_sq = (rows.double() - mean).pow(2).sum(1).mean()
+        if centred_sq <= 0:
+            raise ValueError("the training features have zero variance; nothing to learn")
+        scale = float(torch.sqrt(1.0 / centred_sq)) if cfg.normalize_input else 1.0
+        return cls(mean, scale, float(centred_sq) * scale**2)
+
+
+def initial_model(rows: torch.Tensor, norm: Normalisation, cfg: SAETrainConfig, *, n_latents: int, granularity: str,
+                  recipe: Optional[dict], init_fn: Optional[Callable[[KSparseAutoencoder], None]] = None,
+                  ) -> KSparseAutoencoder:
+    """A seeded new SAE with ``b_pre`` at the data's mean / geometric median (of ``rows``), as ``cfg`` asks."""
+    model = _new_model(rows.shape[1], n_latents, cfg, granularity, recipe, norm.scale)
+    with torch.no_grad():
+        if cfg.b_pre_init == "mean":
+            model.b_pre.copy_((norm.mean * norm.scale).float())
+        elif cfg.b_pre_init == "geometric_median":
+            pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:32768]
+            model.b_pre.copy_(geometric_median(rows[pick] * norm.scale))
+        if init_fn is not None:
+            init_fn(model)
+    return model
+
+
+class BatchOrder:
+    """Which rows step ``s`` trains on: a pure function of (seed, step), the same on every process.
+
+    Epoch ``e`` is ``randperm(n, seed · 1,000,003 + e + 1)``; each global batch is sliced
+    across the processes, so N processes see exactly the samples of one.
+    """
+
+    def __init__(self, n: int, cfg: SAETrainConfig, rank: int, world: int, device: torch.device) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.device = n, cfg.batch_size, cfg.seed, rank, world, device
+        self.steps_per_epoch = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
+        self._epoch, self._perm = -1, None
+
+    def rows(self, step: int) -> tuple[torch.Tensor, int]:
+        """(this process's row ids, the global batch size) of ``step``."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).to(self.device)
+        gidx = self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+        b = gidx.numel()  # smaller than batch_size only for the last batch of an epoch without drop_last
+        local = self.batch_size // self.world
+        mine = gidx[self.rank * local : (self.rank + 1) * local] if b == self.batch_size else gidx.tensor_split(self.world)[self.rank]
+        return mine, b
+
+
+class SAETrainer:
+    """One SAE's optimisation: Adam, the dead-latent tracker, the (DDP-wrapped) step and its log.
+
+    Fed from outside, one batch per :meth:`step`, so the same code trains from a
+    feature matrix (:func:`train_sae`) or from backbone passes, several SAEs at once
+    (:mod:`revelio_hub.sae.streaming`).
+    """
+
+    def __init__(self, model: KSparseAutoencoder, cfg: SAETrainConfig, acc: Any, *, var_total: float,
+                 window: int, total: int) -> None:
+        self.model, self.cfg, self.acc, self.var_total, self.window, self.total = model, cfg, acc, var_total, window, total
+        device = acc.device
+        model.to(device).train()
+        self.opt = _adam(model, cfg)
+        aux_k = (cfg.aux_k if cfg.aux_k is not None else model.d_in // 2) if cfg.auxk else 0
+        self.aux_k = min(aux_k, model.n_latents)
+        self.tracker = sae_metrics.DeadLatentTracker(model.n_latents, window, device=device)
+        self._compute_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" or (
+            cfg.mixed_precision == "auto" and device.type == "cuda") else None
+        self.step_forward: Optional[torch.nn.Module] = None  # set by prepare()
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fvu, l0, aux
+        self.n_acc = 0
+        self.history: list[dict[str, Any]] = []
+
+    def prepare(self) -> None:
+        """Wrap the step's forward for the processes (DDP when there are several).
+
+        Called after a resume loaded the weights: DDP starts by broadcasting rank 0's parameters.
+        """
+        self.step_forward = self.acc.prepare(_TrainingForward(self.model, self.cfg, self.acc, self._compute_dtype))
+
+    def _aux_selection(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+        """AuxK on the latents dead *now*, refreshed every step: ``(ids, mask, k_aux)``.
+
+        On an accelerator as a mask from the device-side counter (listing the dead ids would be a
+        host sync per step); on the CPU, where reading a value costs nothing, as the list of dead
+        ids, so only their columns are searched.
+        """
+        if not (self.aux_k > 0 and self.cfg.aux_coef > 0):
+            return None, None, 0
+        if self.acc.device.type == "cpu":
+            ids = torch.nonzero(self.tracker.dead_mask).reshape(-1)
+            return (ids, None, self.aux_k) if ids.numel() > 0 else (None, None, 0)
+        return None, self.tracker.dead_mask, self.aux_k
+
+    def step(self, step: int, x: torch.Tensor, batch: int) -> None:
+        """One optimiser step on this process's share ``x`` (scaled inputs) of a global batch of ``batch``."""
+        cfg, model, world = self.cfg, self.model, self.acc.num_processes
+        if cfg.decoder_renorm == "before_step":
+            model.normalize_decoder()
+        for group in self.opt.param_groups:
+            group["lr"] = _lr_at(step, cfg, self.total)
+        aux_ids, aux_mask, aux_k = self._aux_selection()
+        loss, main, aux_loss, vals, idx = self.step_forward(x, batch, self.var_total, aux_ids, aux_mask, aux_k)
+        # DDP averages the gradients of the processes; each one's loss is its share of the global loss
+        # (summed over ranks it is the global loss), so scaling by the world size makes the average a sum.
+        self.acc.backward(loss * world if world > 1 else loss)
+        counts = torch.zeros(model.n_latents, dtype=torch.float32, device=x.device)
+        counts.index_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).float())
+        stats = torch.stack([loss.detach(), main.detach(), (vals != 0).sum().float() / batch, aux_loss.detach()])
+        if world > 1:  # gradients are synced by DDP; the firing counts and the logged numbers are reduced here
+            flat = self.acc.reduce(torch.cat([counts, stats.float()]), "sum")
+            counts, stats = flat[: model.n_latents], flat[model.n_latents :]
+        model.remove_parallel_decoder_grad()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if cfg.decoder_renorm == "after_step":
+            model.normalize_decoder()
+        self.tracker.update(counts > 0, batch)
+        self.sums += stats.double()
+        self.n_acc += 1
+
+    def log(self, step: int, out: Optional[Path]) -> Optional[dict[str, Any]]:
+        """At a logging step: the mean numbers since the last one (appended to ``metrics.jsonl``)."""
+        done = step + 1
+        if not (done % self.cfg.log_every == 0 or done == self.total):
+            return None
+        means = (self.sums / self.n_acc).tolist()
+        rec = {"step": done, "samples": done * self.cfg.batch_size, "lr": _lr_at(step, self.cfg, self.total),
+               "loss": means[0], "fvu": means[1], "l0": means[2], "aux_loss": means[3],
+               "dead_fraction": self.tracker.fraction()}
+        self.history.append(rec)
+        if out is not None and self.acc.is_main_process:
+            with open(out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.sums.zero_()
+        self.n_acc = 0
+        return rec
+
+    def checkpoint(self, step: int, out: Optional[Path]) -> None:
+        """At a checkpoint step (not the last): the resumable state, written by rank 0."""
+        done = step + 1
+        if out is None or self.cfg.checkpoint_every <= 0 or done % self.cfg.checkpoint_every or done >= self.total:
+            return
+        if self.acc.is_main_process:
+            _save_checkpoint(out / CHECKPOINT_DIR / CHECKPOINT_FILE, done, self.model, self.opt, self.tracker, self.cfg)
+        self.acc.wait_for_everyone()
+
+
+def open_run(out: Optional[Path], trainer: SAETrainer, *, resume: bool, overwrite: bool) -> Union[int, TrainResult]:
+    """Prepare ``out`` for the run: clear it (``overwrite``), resume its checkpoint, or return its finished result.
+
+    Returns the step to start from, or the saved :class:`TrainResult` of a finished run.
+    """
+    acc, cfg = trainer.acc, trainer.cfg
+    if out is None:
+        return 0
+    if overwrite and acc.is_main_process:
+        for name in (CHECKPOINT_DIR, METRICS_FILE, EVAL_FILE, TRAIN_CONFIG_FILE, "config.json", "model.safetensors"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    ckpt_path, start = out / CHECKPOINT_DIR / CHECKPOINT_FILE, 0
+    if resume and ckpt_path.exists():
+        start = _load_checkpoint(ckpt_path, trainer.model, trainer.opt, trainer.tracker, cfg)
+        if acc.is_main_process:
+            print(f"resuming from step {start} of {cfg.total_steps} ({ckpt_path})", file=sys.stderr)
+    elif not overwrite and (out / "model.safetensors").exists():
+        return _finished_run(out, cfg)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(out / METRICS_FILE, start)
+    return start
+
+
+def final_evaluation(trainer: SAETrainer, eval_x: torch.Tensor, eval_over: str, train_rows: Optional[torch.Tensor],
+                     n_train: int) -> dict[str, Any]:
+    """``eval.json``: held-out (or separate-split) metrics, the original code's numbers, and the dead fractions.
+
+    ``train_rows`` (``None`` when training streamed them) join the dead-fraction count when the
+    held-out rows are few, and stand in for them when there are fewer than two.
+    """
+    model, cfg = trainer.model, trainer.cfg
+    model.eval()
+    metrics: dict[str, Any] = {}
+    if eval_x.shape[0] >= 2:
+        metrics = evaluate_sae(model, eval_x, cfg.eval_batch_size)
+        metrics["evaluated_on"] = eval_over
+    dead_report = _dead_fraction_report(model, eval_x, train_rows, cfg)
+    rows = eval_x if eval_x.shape[0] >= 2 else train_rows
+    original = original_code_metrics(model, rows, cfg.eval_batch_size)
+    metrics.update({f"original_{k}": v for k, v in original.items() if k != "n_samples"})
+    metrics["original_metrics_over"] = eval_over if eval_x.shape[0] >= 2 else "train"
+    metrics["recipe"] = cfg.recipe
+    if "dead_fraction" in metrics and dead_report["dead_fraction_over"] != "held_out":
+        metrics["dead_fraction_held_out"] = metrics["dead_fraction"]  # kept, but too few rows to trust
+    metrics.update(dead_report)
+    metrics.update({"dead_fraction_train": trainer.tracker.fraction(), "dead_window_samples": trainer.window,
+                    "steps": trainer.total, "samples_seen": trainer.total * cfg.batch_size, "n_train": n_train})
+    return metrics
+
+
+def save_run(out: Optional[Path], trainer: SAETrainer, metrics: dict[str, Any]) -> None:
+    """Write the final weights, ``eval.json`` and ``train_config.json``; drop the resumable state."""
+    if out is None:
+        return
+    if trainer.acc.is_main_process:
+        trainer.model.save_pretrained(out)
+        (out / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
+        (out / TRAIN_CONFIG_FILE).write_text(json.dumps(trainer.cfg.to_dict(), indent=2))
+        # the weights are final: the resumable state (3× the model with Adam's moments) is not needed
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    trainer.acc.wait_for_everyone()
+
+
+def _check_inputs(features: torch.Tensor, cfg: SAETrainConfig, world: int) -> int:
+    """The dictionary size, after refusing inputs the trainer cannot use."""
+    if features.dim() != 2:
+        raise ValueError(f"features must be N×d_in (pooled vectors or sampled tokens), got shape {tuple(features.shape)}")
+    if not features.dtype.is_floating_point:
+        raise ValueError(f"features must be floating point, got {features.dtype}")
+    n_latents = cfg.n_latents or cfg.expansion * features.shape[1]
+    if cfg.k > n_latents:
+        raise ValueError(f"k={cfg.k} exceeds n_latents={n_latents}")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+    return n_latents
+
+
+def _run_steps(trainer: SAETrainer, train: torch.Tensor, scale: float, start: int, stop: int, out: Optional[Path],
+               progress: bool) -> tuple[int, float]:
+    """Steps ``start``..``stop`` on rows of ``train``, logging and checkpointing; ``(steps done, seconds)``."""
+    from tqdm.auto import tqdm
+
+    acc = trainer.acc
+    order = BatchOrder(train.shape[0], trainer.cfg, acc.process_index, acc.num_processes, train.device)
+    bar = tqdm(total=trainer.total, initial=start, desc="k-SAE", disable=not (progress and acc.is_main_process),
+               dynamic_ncols=True)
+    completed, t0 = start, time.perf_counter()
+    for step in range(start, stop):
+        mine, b = order.rows(step)
+        trainer.step(step, train[mine].to(acc.device, non_blocking=True) * scale, b)
+        rec = trainer.log(step, out)
+        if rec is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}",
+                            dead=f"{100 * rec['dead_fraction']:.1f}%")
+        trainer.checkpoint(step, out)
+        completed = step + 1
+        bar.update(1)
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize(acc.device)
+    bar.close()
+    return completed, time.perf_counter() - t0
+
+
 def train_sae(
     features: torch.Tensor,
     config: Optional[SAETrainConfig] = None,
@@ -429,7 +777,7 @@ def train_sae(
         granularity: ``"pooled"`` or ``"token"`` (what ``features`` are).
         accelerator: an ``accelerate.Accelerator``; default creates one. With
             several processes each rank computes batch_size / world samples and
-            gradients are summed, so results match one process.
+            DDP syncs the gradients, so results match one process.
         resume: continue from ``out_dir/checkpoint`` if present (the settings must match).
         overwrite: delete a previous run in ``out_dir`` first.
         progress: show a tqdm bar (main process only).
@@ -443,240 +791,31 @@ def train_sae(
             recipe holds nothing out).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     cfg = config or SAETrainConfig()
-    if features.dim() != 2:
-        raise ValueError(f"features must be N×d_in (pooled vectors or sampled tokens), got shape {tuple(features.shape)}")
-    if not features.dtype.is_floating_point:
-        raise ValueError(f"features must be floating point, got {features.dtype}")
     acc = accelerator or Accelerator()
-    world, rank, device = acc.num_processes, acc.process_index, acc.device
-    n_all, d_in = features.shape
-    n_latents = cfg.n_latents or cfg.expansion * d_in
-    if cfg.k > n_latents:
-        raise ValueError(f"k={cfg.k} exceeds n_latents={n_latents}")
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
-
-    # ---- split (seeded, identical on every rank)
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(n_all, generator=g)
-    n_eval = int(round(n_all * cfg.eval_fraction))
-    if cfg.eval_fraction > 0:
-        n_eval = max(n_eval, 2)
-    n_train = n_all - n_eval
-    if n_train < cfg.batch_size:
-        cfg = _whole_set_batches(cfg, n_train, world, acc.is_main_process)
-    eval_x = features[perm[:n_eval]].float()
-    train_cpu = features[perm[n_eval:]].float()
-    eval_over = "held_out"
-    if eval_features is not None:
-        if eval_features.dim() != 2 or eval_features.shape[1] != d_in:
-            raise ValueError(f"eval_features must be N×{d_in}, got shape {tuple(eval_features.shape)}")
-        eval_x, eval_over = eval_features.float(), "eval_split"
-
-    # keep the training data on the device when it fits comfortably
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        on_device = train_cpu.numel() * 4 < 0.4 * free
-    else:
-        on_device = True
-    train = train_cpu.to(device) if on_device else train_cpu.pin_memory() if device.type == "cuda" else train_cpu
-
-    # ---- normalisation and init
-    mean = train_cpu.double().mean(0)
-    centred_sq = (train_cpu.double() - mean).pow(2).sum(1).mean()
-    if centred_sq <= 0:
-        raise ValueError("the training features have zero variance; nothing to learn")
-    scale = float(torch.sqrt(1.0 / centred_sq)) if cfg.normalize_input else 1.0
-    var_total = float(centred_sq) * scale**2  # mean centred squared norm after scaling
-    model = _new_model(d_in, n_latents, cfg, granularity, recipe, scale)
-    with torch.no_grad():
-        if cfg.b_pre_init == "mean":
-            model.b_pre.copy_((mean * scale).float())
-        elif cfg.b_pre_init == "geometric_median":
-            sub = train_cpu[torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:32768]]
-            model.b_pre.copy_(geometric_median(sub * scale))
-        if init_fn is not None:
-            init_fn(model)
-    model.to(device).train()
-    opt = _adam(model, cfg)
-
-    aux_k = (cfg.aux_k if cfg.aux_k is not None else d_in // 2) if cfg.auxk else 0
-    aux_k = min(aux_k, n_latents)
-    window = min(cfg.dead_window, n_train)
-    tracker = M.DeadLatentTracker(n_latents, window, device=device)
-    compute_dtype = (
-        torch.bfloat16
-        if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-        else None
-    )
-
-    # ---- output folder and resume
+    n_latents = _check_inputs(features, cfg, acc.num_processes)
+    data = split_features(features, cfg, acc, eval_features)
+    cfg, n_train = data.cfg, data.train_cpu.shape[0]
+    norm = Normalisation.of(data.train_cpu, cfg)
+    model = initial_model(data.train_cpu, norm, cfg, n_latents=n_latents, granularity=granularity, recipe=recipe,
+                          init_fn=init_fn)
+    trainer = SAETrainer(model, cfg, acc, var_total=norm.var_total, window=min(cfg.dead_window, n_train),
+                         total=cfg.total_steps)
     out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / CHECKPOINT_DIR / CHECKPOINT_FILE if out else None
-    start = 0
-    if out is not None:
-        if overwrite and acc.is_main_process:
-            for name in (CHECKPOINT_DIR, METRICS_FILE, EVAL_FILE, TRAIN_CONFIG_FILE, "config.json", "model.safetensors"):
-                p = out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        acc.wait_for_everyone()
-        if resume and ckpt_path.exists():
-            start = _load_checkpoint(ckpt_path, model, opt, tracker, cfg)
-            if acc.is_main_process:
-                print(f"resuming from step {start} of {cfg.total_steps} ({ckpt_path})", file=sys.stderr)
-        elif not overwrite and (out / "model.safetensors").exists():
-            return _finished_run(out, cfg)
-        if acc.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            _truncate_log(out / METRICS_FILE, start)
-
-    total = cfg.total_steps
-    local_b = cfg.batch_size // world
-    steps_per_epoch = n_train // cfg.batch_size if cfg.drop_last else math.ceil(n_train / cfg.batch_size)
-    params = list(model.parameters())
-    history: list[dict[str, Any]] = []
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, fvu, l0, aux
-    n_acc = 0
-    cached_epoch, epoch_perm = -1, None
-    bar = tqdm(total=total, initial=start, desc="k-SAE", disable=not (progress and acc.is_main_process), dynamic_ncols=True)
-
-    completed = start
-    t0 = time.perf_counter()
-    for step in range(start, total):
-        if stop_after_step is not None and step >= stop_after_step:
-            break
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != cached_epoch:
-            ep_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 1)
-            epoch_perm = torch.randperm(n_train, generator=ep_gen).to(train.device)
-            cached_epoch = epoch
-        gidx = epoch_perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        b = gidx.numel()  # smaller than batch_size only for the last batch of an epoch without drop_last
-        mine = gidx[rank * local_b : (rank + 1) * local_b] if b == cfg.batch_size else gidx.tensor_split(world)[rank]
-        x = train[mine].to(device, non_blocking=True) * scale
-        if cfg.decoder_renorm == "before_step":
-            model.normalize_decoder()
-
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg, total)
-
-        # AuxK on the latents dead *now*, refreshed every step. On an accelerator as a mask from the
-        # device-side counter (listing the dead ids would be a host sync per step); on the CPU, where
-        # reading a value costs nothing, as the list of dead ids, so only their columns are searched.
-        use_aux = aux_k > 0 and cfg.aux_coef > 0
-        aux_mask = aux_ids = None
-        if use_aux and device.type == "cpu":
-            aux_ids = torch.nonzero(tracker.dead_mask).reshape(-1)
-            use_aux = aux_ids.numel() > 0
-        elif use_aux:
-            aux_mask = tracker.dead_mask
-        vals, idx, aux_vals, aux_idx = topk_encode(
-            x - model.b_pre,
-            model.W_enc,
-            model.b_enc,
-            cfg.k,
-            relu=cfg.relu,
-            aux_ids=aux_ids if use_aux else None,
-            k_aux=aux_k if use_aux else 0,
-            compute_dtype=compute_dtype,
-            aux_mask=aux_mask if use_aux else None,
-        )
-        recon = sparse_decode(vals, idx, model.W_dec).float() + model.b_pre
-        err = x - recon
-        main = err.pow(2).sum() / _loss_denominator(x, b, var_total, cfg, acc, world)
-        loss = main
-        aux_loss = torch.zeros((), device=device)
-        if use_aux:
-            aux_loss = _auxk_loss(err.detach(), sparse_decode(aux_vals, aux_idx, model.W_dec).float(), acc, world)
-            loss = loss + cfg.aux_coef * aux_loss
-        loss.backward()
-
-        counts = torch.zeros(n_latents, dtype=torch.float32, device=device)
-        counts.index_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).float())
-        stats = torch.stack([loss.detach(), main.detach(), (vals != 0).sum().float() / b, aux_loss.detach()])
-        if world > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in params] + [counts, stats.float()])
-            flat = acc.reduce(flat, "sum")
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-            counts = flat[offset : offset + n_latents]
-            stats = flat[offset + n_latents :]
-        model.remove_parallel_decoder_grad()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cfg.decoder_renorm == "after_step":
-            model.normalize_decoder()
-        tracker.update(counts > 0, b)
-        sums += stats.double()
-        n_acc += 1
-
-        done = completed = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            means = (sums / n_acc).tolist()
-            dead = tracker.fraction()
-            rec = {
-                "step": done,
-                "samples": done * cfg.batch_size,
-                "lr": _lr_at(step, cfg, total),
-                "loss": means[0],
-                "fvu": means[1],
-                "l0": means[2],
-                "aux_loss": means[3],
-                "dead_fraction": dead,
-            }
-            history.append(rec)
-            bar.set_postfix(loss=f"{means[0]:.4f}", fvu=f"{means[1]:.4f}", l0=f"{means[2]:.1f}", dead=f"{100 * dead:.1f}%")
-            if out is not None and acc.is_main_process:
-                with open(out / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            sums.zero_()
-            n_acc = 0
-        if out is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < total:
-            if acc.is_main_process:
-                _save_checkpoint(ckpt_path, done, model, opt, tracker, cfg)
-            acc.wait_for_everyone()
-        bar.update(1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - t0
-    bar.close()
-
-    finished = stop_after_step is None or stop_after_step >= total
+    start = open_run(out, trainer, resume=resume, overwrite=overwrite)
+    if isinstance(start, TrainResult):
+        return start
+    trainer.prepare()
+    stop = cfg.total_steps if stop_after_step is None else min(cfg.total_steps, stop_after_step)
+    completed, train_seconds = _run_steps(trainer, data.train, norm.scale, start, stop, out, progress)
     model.eval()
-    eval_metrics: dict[str, Any] = {}
-    if finished:
-        if eval_x.shape[0] >= 2:
-            eval_metrics = evaluate_sae(model, eval_x, cfg.eval_batch_size)
-            eval_metrics["evaluated_on"] = eval_over
-        dead_report = _dead_fraction_report(model, eval_x, train_cpu, cfg)
-        rows = eval_x if eval_x.shape[0] >= 2 else train_cpu
-        original = original_code_metrics(model, rows, cfg.eval_batch_size)
-        eval_metrics.update({f"original_{k}": v for k, v in original.items() if k != "n_samples"})
-        eval_metrics["original_metrics_over"] = eval_over if eval_x.shape[0] >= 2 else "train"
-        eval_metrics["recipe"] = cfg.recipe
-        if "dead_fraction" in eval_metrics and dead_report["dead_fraction_over"] != "held_out":
-            eval_metrics["dead_fraction_held_out"] = eval_metrics["dead_fraction"]  # kept, but too few rows to trust
-        eval_metrics.update(dead_report)
-        eval_metrics.update(
-            {"dead_fraction_train": tracker.fraction(), "dead_window_samples": window, "steps": total,
-             "samples_seen": total * cfg.batch_size, "n_train": n_train}
-        )
-        if out is not None and acc.is_main_process:
-            model.save_pretrained(out)
-            with open(out / EVAL_FILE, "w") as f:
-                json.dump(eval_metrics, f, indent=2)
-            with open(out / TRAIN_CONFIG_FILE, "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
-            # the weights are final: the resumable state (3× the model with Adam's moments) is not needed
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        if out is not None:
-            acc.wait_for_everyone()
-    return TrainResult(model=model.cpu(), eval=eval_metrics, steps=completed, history=history, train_seconds=train_seconds)
+    metrics: dict[str, Any] = {}
+    if stop_after_step is None or stop_after_step >= cfg.total_steps:
+        metrics = final_evaluation(trainer, data.eval_x, data.eval_over, data.train_cpu, n_train)
+        save_run(out, trainer, metrics)
+    return TrainResult(model=model.cpu(), eval=metrics, steps=completed, history=trainer.history,
+                       train_seconds=train_seconds)
 
 
 def _new_model(d_in: int, n_latents: int, cfg: SAETrainConfig, granularity: str, recipe: Optional[dict],
@@ -745,7 +884,7 @@ def original_code_metrics(model: KSparseAutoencoder, features: torch.Tensor, bat
             "explained_variance_uncentred": float(ev / n), "n_samples": int(n)}
 
 
-def _whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: bool) -> SAETrainConfig:
+def whole_set_batches(cfg: SAETrainConfig, n_train: int, world: int, verbose: bool) -> SAETrainConfig:
     """A batch larger than the data becomes the whole training set per step, as in the original.
 
     The original's loader (a shuffled ``DataLoader`` with ``batch_size`` > dataset) simply
@@ -784,10 +923,13 @@ def _auxk_loss(err: torch.Tensor, err_hat: torch.Tensor, acc: Any, world: int) -
 
 
 @torch.no_grad()
-def _dead_fraction_report(model: KSparseAutoencoder, eval_x: torch.Tensor, train_x: torch.Tensor,
+def _dead_fraction_report(model: KSparseAutoencoder, eval_x: torch.Tensor, train_x: Optional[torch.Tensor],
                           cfg: SAETrainConfig) -> dict[str, Any]:
-    """Dead fraction over enough samples: the held-out rows if there are ``dead_eval_min_samples``, else all rows."""
-    if eval_x.shape[0] >= cfg.dead_eval_min_samples:
+    """Dead fraction over enough samples: the held-out rows if there are ``dead_eval_min_samples``, else all rows.
+
+    Without ``train_x`` (a streamed run keeps no training rows) the held-out rows are all there is.
+    """
+    if eval_x.shape[0] >= cfg.dead_eval_min_samples or train_x is None:
         rows, over = [eval_x], "held_out"
     else:
         rows, over = [train_x, eval_x], "all_rows"
@@ -800,7 +942,7 @@ def _dead_fraction_report(model: KSparseAutoencoder, eval_x: torch.Tensor, train
             _, vals, idx = model(x)
             fired.scatter_add_(0, idx.reshape(-1), (vals.reshape(-1) != 0).long())
             n += x.shape[0]
-    return {"dead_fraction": M.dead_fraction(fired), "dead_fraction_over": over, "dead_fraction_samples": n}
+    return {"dead_fraction": sae_metrics.dead_fraction(fired), "dead_fraction_over": over, "dead_fraction_samples": n}
 
 
 def _config_diffs(saved: dict[str, Any], cfg: SAETrainConfig) -> dict[str, Any]:
