@@ -133,3 +133,76 @@ def test_token_atlas_records_where_its_neurons_peak(tmp_path):
     # a pooled atlas (no maps) has no "where"
     flat = build_atlas([(torch.rand(20, 3), torch.zeros(20, dtype=torch.long), torch.arange(20))], ["only"])
     assert flat.where(0) is None and "where" not in flat.summary(0)
+
+
+# ------------------------------------------------------------------ "Why this class?" by concept, σ_label
+
+
+@pytest.fixture(scope="module")
+def toy_entry():
+    from revelio_hub.release import Release
+    from revelio_hub.toy.shapes import make_shapes_dataset
+
+    release = Release.from_pretrained(app_release_path())
+    layer, t = release.diffc_entries[0]
+    entry = release.load(layer, t)
+    backbone = release.load_backbone()
+    images = [row["image"] for row in make_shapes_dataset(3, seed=11, image_size=backbone.image_size)]
+    with torch.no_grad():
+        maps = backbone.extract(images, [layer], [t], seed=int((entry.diffc.recipe or {}).get("noise_seed") or 0))
+    return entry, maps[(layer, t)].float()
+
+
+def _remove_together(sae, diffc, x: torch.Tensor, neurons: list[int], target: int) -> float:
+    """P(target) lost when every neuron of ``neurons`` is zeroed at every position (decode + error + Diff-C)."""
+    with torch.no_grad():
+        vals, idx = sae.encode(x)
+        error = x - sae.decode(vals, idx).permute(0, 3, 1, 2)
+        drop = torch.zeros_like(idx, dtype=torch.bool)
+        for j in neurons:
+            drop |= idx == j
+        ablated = sae.decode(vals.masked_fill(drop, 0.0), idx).permute(0, 3, 1, 2) + error
+        probs = diffc.eval()(torch.cat([x, ablated])).softmax(1)[:, target]
+    return float(probs[0] - probs[1])
+
+
+def test_concept_effects_are_exact_joint_removals_of_the_shown_neurons(toy_entry):
+    from revelio_hub.interpret.concept_effects import concept_effects, shown_neurons
+
+    entry, maps = toy_entry
+    atlas = entry.atlas
+    found = 0
+    for x in maps:
+        a = entry.attribute(x[None], top=16)[0]
+        shown = shown_neurons(a, atlas)
+        assert all(not bool(atlas.dense_mask[int(a.neurons[k])]) for k in shown)  # dense hidden by default
+        groups = concept_effects(entry.sae, entry.diffc, x, a, atlas)
+        for g in groups:
+            found += 1
+            # every member is a shown neuron whose summary names the group's value
+            assert all(any(e.column == g.column and e.value == g.value for e in atlas.explanation(j)) for j in g.neurons)
+            assert set(g.neurons) <= {int(a.neurons[k]) for k in shown}
+            assert g.effect_prob == pytest.approx(_remove_together(entry.sae, entry.diffc, x[None], g.neurons,
+                                                                   a.target), abs=2e-6)
+            singles = {int(a.neurons[k]): float(a.effects_prob[k]) for k in range(len(a))}
+            assert g.summed_prob == pytest.approx(sum(singles[j] for j in g.neurons), abs=1e-9)
+            change = -g.effect_prob
+            assert g.text(a.target_name) == (f"{g.column} = {g.value} neurons ({len(g.neurons)}): "
+                                            f"{'−' if change < 0 else '+'}{abs(change):.2f} of P({a.target_name}) "
+                                            "when removed")
+        assert [abs(g.effect_prob) for g in groups] == sorted((abs(g.effect_prob) for g in groups), reverse=True)
+    if atlas.calibration is not None or any(atlas.explanation(i) for i in range(atlas.num_neurons)):
+        assert found > 0  # the bundled release names values: some group must form on three images
+
+
+def test_sigma_label_is_shown_beside_its_chance_level():
+    from revelio_hub.app.analysis import sigma_label_note
+
+    class Stub:
+        summary_stats = {"sigma_label": 1.30, "sigma_label_neurons": 300, "sigma_label_shuffled": 1.36}
+
+    note = sigma_label_note(Stub())
+    assert "1.30" in note and "1.36" in note and "4% below chance" in note
+    Stub.summary_stats = {"sigma_label": 1.40, "sigma_label_neurons": 300, "sigma_label_shuffled": 1.36}
+    assert "not below chance" in sigma_label_note(Stub())
+    assert sigma_label_note(None) == ""
