@@ -3,6 +3,8 @@
 * :mod:`~revelio_hub.interpret.atlas`: per-neuron statistics and top images (:class:`NeuronAtlas`), search.
 * :mod:`~revelio_hub.interpret.metrics`: FVU, L0, dead fraction, sigma_label, AUROC, accuracy (defined once).
 * :mod:`~revelio_hub.interpret.neuron_labels`: the evidence behind a neuron's summary, and when to say "mixed".
+* :mod:`~revelio_hub.interpret.claim_calibration`: how often claims like a summary's held on held-out images.
+* :mod:`~revelio_hub.interpret.where`: where a token-level neuron peaks on its top images.
 * :mod:`~revelio_hub.interpret.ood`: is an image unlike the release's data (reconstruction-error percentile).
 
 * :mod:`~revelio_hub.interpret.ablation`: remove SAE neurons from features, keeping the reconstruction error.
@@ -10,17 +12,20 @@
 * :mod:`~revelio_hub.interpret.faithfulness`: deletion curves and AOPC, to check an ordering of neurons.
 * :mod:`~revelio_hub.interpret.comparison`: the neurons that separate two images.
 * :mod:`~revelio_hub.interpret.concepts`: best neuron AUROC for a label value over layers × timesteps.
+* :mod:`~revelio_hub.interpret.concept_effects`: "why this class" per named value (groups removed together).
 """
 
 from revelio_hub.interpret.ablation import NeuronCodes, encode_codes, remove_neurons
 from revelio_hub.interpret.attribution import Attribution, attribute
 from revelio_hub.interpret.comparison import Comparison, NeuronDifference, compare
+from revelio_hub.interpret.concept_effects import ConceptEffect, concept_effects
 from revelio_hub.interpret.concepts import ConceptMap, concept_map, label_values
 from revelio_hub.interpret.faithfulness import DeletionCurve, aopc, deletion_curve
 
 __all__ = [
     "Attribution",
     "Comparison",
+    "ConceptEffect",
     "ConceptMap",
     "DeletionCurve",
     "NeuronCodes",
@@ -28,6 +33,7 @@ __all__ = [
     "aopc",
     "attribute",
     "compare",
+    "concept_effects",
     "concept_map",
     "deletion_curve",
     "encode_codes",
