@@ -18,8 +18,16 @@ atlas dead fractions; the paper's sigma_label. ``--rankings`` compares neuron
 rankings (relevance, z-score, raw activation); ``--tune`` sweeps the summary
 thresholds on a separate tuning seed (never the reporting seed) to choose them.
 
+``--why N`` also scores "Why this class?" (what ``/attribute_json`` returns) on
+the first N held-out images at entries with a Diff-C: of the correctly
+classified ones, the share where one of the top-3 neurons pushing the class up
+(dense ones hidden, as in the app) names the predicted shape; the same with
+dense neurons shown; and the share where the largest by-concept group pushing
+it up is that shape.
+
 Examples:
     python benchmarks/bench_explain.py --json
+    python benchmarks/bench_explain.py --timesteps 25 --why 100 --json
     python benchmarks/bench_explain.py --rankings relevance zscore activation --timesteps 25
     python benchmarks/bench_explain.py --tune --seed 5 --images 150
 """
