@@ -206,3 +206,18 @@ def test_sigma_label_is_shown_beside_its_chance_level():
     Stub.summary_stats = {"sigma_label": 1.40, "sigma_label_neurons": 300, "sigma_label_shuffled": 1.36}
     assert "not below chance" in sigma_label_note(Stub())
     assert sigma_label_note(None) == ""
+
+
+def test_neuron_browser_shows_sigma_label_beside_chance():
+    """What the Neuron browser tab shows (Events.neuron_details renders the same markdown)."""
+    from revelio_hub.app import analysis as A
+    from revelio_hub.app.state import AppConfig, AppState
+    from revelio_hub.app.ui import Events
+
+    state = AppState.from_config(AppConfig(releases=[app_release_path()], feature_cache_size=2))
+    rel = state.get_release()
+    layer, t = rel.entries[0]
+    stats = rel.entry(layer, t).atlas.summary_stats
+    markdown, _, _ = Events(state).neuron_details(rel.name, layer, t, A.sorted_neurons(state, "", layer, t)[0][0])
+    assert f"σ_label of this layer: {stats['sigma_label']:.2f}" in markdown
+    assert f"shuffled labels on the same neurons: {stats['sigma_label_shuffled']:.2f}" in markdown
