@@ -18,8 +18,16 @@ atlas dead fractions; the paper's sigma_label. ``--rankings`` compares neuron
 rankings (relevance, z-score, raw activation); ``--tune`` sweeps the summary
 thresholds on a separate tuning seed (never the reporting seed) to choose them.
 
+``--why N`` also scores "Why this class?" (what ``/attribute_json`` returns) on
+the first N held-out images at entries with a Diff-C: of the correctly
+classified ones, the share where one of the top-3 neurons pushing the class up
+(dense ones hidden, as in the app) names the predicted shape; the same with
+dense neurons shown; and the share where the largest by-concept group pushing
+it up is that shape.
+
 Examples:
     python benchmarks/bench_explain.py --json
+    python benchmarks/bench_explain.py --timesteps 25 --why 100 --json
     python benchmarks/bench_explain.py --rankings relevance zscore activation --timesteps 25
     python benchmarks/bench_explain.py --tune --seed 5 --images 150
 """
@@ -44,12 +52,18 @@ sys.path.insert(0, str(REPO))
 # "value (column) · AUROC 0.99 · 10/10 top images" (one or two, "; "-separated), or the old "value 9/10 · ..."
 _NEW = re.compile(r"(?:^|; )([^;·()]+?)(?: \(([^()]+)\))? · (?:AUROC [0-9.]+ · )?\d+/\d+ top images")
 _OLD = re.compile(r"^(\S+) \d+/\d+ · ")
+# calibrated: "small (size) · cross (shape) · true on 93% and 95% of held-out images ..."
+_CALIBRATED = re.compile(r"^(.+?) · true on [0-9]+%")
+_VALUE = re.compile(r"^([^()]+?)(?: \([^()]+\))?$")
 
 
 def named_values(summary: str) -> list[str]:
-    """The label values a summary names (empty for ``mixed``/dead); handles the old ``"circle 5/10 · ..."`` form."""
-    if summary.startswith(("mixed", "dead")) or not summary:
+    """The label values a summary names (empty for ``mixed``/``unsure``/dead); reads every summary format so far."""
+    if summary.startswith(("mixed", "dead", "unsure")) or not summary:
         return []
+    m = _CALIBRATED.match(summary)
+    if m:
+        return [_VALUE.match(part.strip()).group(1).strip() for part in m.group(1).split(" · ")]
     found = [m.group(1).strip() for m in _NEW.finditer(summary)]
     if found:
         return found
@@ -138,6 +152,31 @@ def ood_rates(A, state, kinds: dict[str, list[Image.Image]], layer: str, t: int)
     return out
 
 
+def why_scores(state, images, layer: str, t: int, top: int = 3) -> dict[str, Any]:
+    """"Why this class?" on correctly classified images: does one of the first ``top`` neurons pushing the
+    predicted class up name that class (shape)? With dense neurons hidden (the app's default) and shown;
+    also whether the by-concept view's largest group names it."""
+    from revelio_hub.app import attribution_view as V
+
+    counts = {"hidden": 0, "shown": 0, "concept": 0}
+    correct = 0
+    for image, truth in images:
+        view = V.attribute_image(state, image, layer, t)
+        name = view.attribution.target_name
+        if name not in truth:
+            continue
+        correct += 1
+        for key, dense in (("hidden", False), ("shown", True)):
+            view.show_dense = dense
+            rows = [r for r in V._chart_rows(view, top) if r["effect_prob"] > 0][:top]
+            counts[key] += any(name in named_values(r["summary"]) for r in rows)
+        up = [c for c in view.concepts if c.effect_prob > 0]
+        counts["concept"] += bool(up) and up[0].value == name
+    share = lambda k: round(counts[k] / correct, 4) if correct else None  # noqa: E731
+    return {"correct_images": correct, f"top{top}_names_class": share("hidden"),
+            f"top{top}_names_class_dense_shown": share("shown"), "largest_concept_names_class": share("concept")}
+
+
 def tune(A, state, images, entries, top: int, grid_auroc, grid_precision,
          ranking: Optional[str] = None, max_values: Optional[int] = None) -> list[dict[str, Any]]:
     """Coverage/precision of every threshold pair on the tuning images (rankings fixed, summaries recomputed)."""
@@ -191,6 +230,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--grid-precision", type=float, nargs="*", default=[0.7, 0.8, 0.9, 1.0],
                    help="min_precision values tried by --tune")
     p.add_argument("--max-values", type=int, default=None, help="max_values tried by --tune (default: the atlas')")
+    p.add_argument("--why", type=int, default=0, metavar="N",
+                   help="also score \"Why this class?\" on the first N held-out images at entries with a Diff-C "
+                        "(default: 0, skip)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
     if a.seed in (0, 1) and not a.tune:
@@ -234,6 +276,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         res["atlas_dead_fraction"] = summary.get("dead_fraction")
         res["sigma_label"] = summary.get("sigma_label")
         res["sigma_label_neurons"] = summary.get("sigma_label_neurons")
+        res["sigma_label_shuffled"] = summary.get("sigma_label_shuffled")
+        if a.why > 0 and entry.diffc is not None:
+            res["why"] = why_scores(state, images[: a.why], layer, t)
         results[key] = res
     report["entries"] = results
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -258,7 +303,8 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
                 parts.append(f"{name}: coverage {r['coverage']} precision {r['precision']} "
                              f"(held-out flagged {r['held_out_flagged']})")
         print(f"{key:>16}  " + " | ".join(parts) + f"  OOD {res.get('ood_flagged')}  sigma_label "
-              f"{res.get('sigma_label')}  dead sae/atlas {res.get('sae_dead_fraction')}/{res.get('atlas_dead_fraction')}")
+              f"{res.get('sigma_label')} (shuffled {res.get('sigma_label_shuffled')})  dead sae/atlas "
+              f"{res.get('sae_dead_fraction')}/{res.get('atlas_dead_fraction')}" + (f"  why {res['why']}" if "why" in res else ""))
 
 
 if __name__ == "__main__":

@@ -274,9 +274,15 @@ neuron's top-10 images, averaged over the (up to) 1,000 neurons with the highest
 more than 10 images (lower means more class-specific); beside it the same number with the labels shuffled across
 images, its value without any class structure. {_top_images_line(config)} Entropy is
 the label entropy of the top images of the (up to) 1,000 most frequent neurons. *Named* is the share of live neurons
-whose summary names a label value (the rest say `mixed`): a value is named only when most of the neuron's top images
-carry it *and* its activation is positively associated with it over all atlas images (AUROC, shown in the summary:
-0.5 = chance, 1 = it singles the value out perfectly). Diff-C accuracy is measured on the test split.
+whose summary names a label value (the rest say `unsure` or `mixed`). Claims are calibrated when the atlas is
+built: the atlas images are cut into 5 parts; claims made from four parts (per label column the value with the best
+AUROC, with the share of the top images carrying it) are checked on the fifth, on the images the neuron fires strongly
+on (activation at least 1.5 × its mean when firing). A summary names a value only where claims like it (same AUROC
+band, top-image share and density) were true on at least 90% of those held-out images, and quotes that share ("true
+on 94% of held-out images it fires strongly on"); otherwise it says `unsure` and the share measured. Token-level
+entries add where the neuron peaks on its top images ("where: top-left", or "anywhere"). Atlases built before the
+calibration name a value when most top images carry it and its AUROC (shown: 0.5 = chance, 1 = perfect) is at least
+0.55. Diff-C accuracy is measured on the test split.
 
 {_examples(item)}
 {figure}

@@ -88,9 +88,18 @@ def test_why_chart_bars_map_clicks_to_their_neurons(state, events, images):
     view = V.attribute_analysis(state, analysis)
     assert "Why " + view.attribution.target_name in note
     assert target["value"] == view.attribution.target_name and target["choices"]
-    up, down = view.attribution.pushing("up", V.CHART_BARS), view.attribution.pushing("down", V.CHART_BARS)
+    # dense neurons (firing on most atlas images) are hidden, as in the neuron table; the same box shows them
+    shown = lambda rows: [r for r in rows if r["neuron"] not in view.dense][: V.CHART_BARS]  # noqa: E731
+    up, down = shown(view.attribution.pushing("up")), shown(view.attribution.pushing("down"))
     charted = [r["neuron"] for r in up] + [r["neuron"] for r in reversed(down)]
     assert [b.neuron for b in layout["bars"]] == charted and chart.size[0] > 100
+    _, _, _, with_dense = events.why(analysis, view.attribution.target_name, True)
+    up, down = view.attribution.pushing("up", V.CHART_BARS), view.attribution.pushing("down", V.CHART_BARS)
+    assert [b.neuron for b in with_dense["bars"]] == [r["neuron"] for r in up] + [r["neuron"] for r in reversed(down)]
+    if view.dense & {r["neuron"] for r in up + down}:
+        assert "dense neuron" in note and "hidden" in note
+    for c in view.concepts[:6]:  # the by-concept lines under the chart (six at most)
+        assert c.text(view.attribution.target_name) in note
     for bar in layout["bars"]:  # a click in the middle of each bar's row selects that bar's neuron
         middle = (bar.top + bar.bottom) / 2
         evt = gr.SelectData(None, {"index": [chart.size[0] // 2, middle], "value": None})

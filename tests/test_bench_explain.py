@@ -22,6 +22,13 @@ def test_summary_parser_reads_what_users_read():
     assert named("circle 5/10 · purity 1.20 · fires on 40.0% of images") == ["circle"]  # the first format
     assert named("mixed (no single label value explains its top images) · fires on 3% of images") == []
     assert named("dead neuron (never fired on 300 images)") == []
+    # calibrated summaries (issue 19): one or two values, the held-out share, "where"; "unsure" names nothing
+    assert named("cyan (color) · true on 94% of held-out images it fires strongly on · fires on 4% of images") == ["cyan"]
+    assert named("small (size) · cross (shape) · true on 93% and 95% of held-out images it fires strongly on · "
+                 "where: top-left · fires on 4.0% of images") == ["small", "cross"]
+    assert named("star · true on 91% of held-out images it fires strongly on · fires on 3% of images") == ["star"]
+    assert named("unsure: cyan (color)? claims like it held on 71% of held-out images it fires strongly on · "
+                 "where: anywhere · fires on 4.0% of images") == []
 
 
 @pytest.mark.skipif(not (Path(app_release_path()) / "release.json").is_file(), reason="no bundled release")

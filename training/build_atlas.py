@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                              store_batches)
     from revelio_hub.interpret.neuron_labels import ActivationLog
     from revelio_hub.interpret.ood import image_reconstruction_error
+    from revelio_hub.interpret.where import peak_positions
     from revelio_hub.features import FeatureStore
     from revelio_hub.sae.model import KSparseAutoencoder
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     n_batches = (len(mine) + args.batch_size - 1) // args.batch_size
+    peak_grid = None  # token SAEs: where each neuron peaks on its top images ("where: top-left")
     with torch.no_grad():
         for x, labels, ids in tqdm(store_batches(store, args.layer, args.timestep, kind, args.batch_size, mine),
                                    total=n_batches, desc=f"atlas {args.layer} t={args.timestep}",
@@ -132,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             first = next(iter(columns), None)
             acc.update(acts, by_column[first] if first else labels, ids)
             pre_topk.update(dense, by_column[first] if first else labels, ids)
-            log.update(acts, ids, by_column, image_reconstruction_error(sae, x))
+            peaks = None
+            if kind == "spatial" and sae.granularity != "pooled":
+                peaks, peak_grid = peak_positions(sae, x), tuple(x.shape[2:])
+            log.update(acts, ids, by_column, image_reconstruction_error(sae, x), peaks)
 
     if accelerator.num_processes > 1:  # merge the per-process states: concatenated top-N rows are candidates
         from accelerate.utils import gather_object
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   image_ids=list(ids)).features.float()
     atlas = finalize_atlas(
         acc, list(next(iter(columns.values()), [])), config=config, sae=sae, thumbnails=thumbnails,
-        heatmap_maps=heatmap_maps, log=log, label_columns=columns, pre_topk=pre_topk,
+        heatmap_maps=heatmap_maps, log=log, label_columns=columns, pre_topk=pre_topk, peak_grid=peak_grid,
         heatmap_neurons=_most_frequent(acc, args.heatmaps) if args.heatmaps > 0 else None,
         out=args.out, progress=True,
         extra_meta={"dataset": dataset, "split": split, "layer": args.layer, "timestep": args.timestep,

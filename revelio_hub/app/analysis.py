@@ -130,6 +130,8 @@ class NeuronDetails:
     dense: bool = False
     label_values: list[dict[str, Any]] = field(default_factory=list)
     histogram_column: Optional[str] = None
+    #: the entry's σ_label beside its chance level (:func:`sigma_label_note`); "" when the atlas lacks it
+    layer_note: str = ""
 
 
 # --------------------------------------------------------------------- helpers
@@ -577,7 +579,25 @@ def neuron_details(state: AppState, release: Optional[str], layer: str, timestep
         dense=bool(getattr(record, "dense", False)),
         label_values=evidence,
         histogram_column=column,
+        layer_note=sigma_label_note(atlas),
     )
+
+
+def sigma_label_note(atlas: Any) -> str:
+    """The entry's σ_label with the value shuffled labels give on the same neurons, so a reader sees chance.
+
+    A σ_label near its shuffled value means the layer's top images are no more
+    class-pure than random images.
+    """
+    stats = atlas.summary_stats if atlas is not None else {}
+    sigma, chance = stats.get("sigma_label"), stats.get("sigma_label_shuffled")
+    if sigma is None:
+        return ""
+    text = f"σ_label of this layer: {sigma:.2f} over {stats.get('sigma_label_neurons')} neurons (lower = more class-specific)"
+    if chance is None:
+        return text + "; no value for shuffled labels recorded."
+    verdict = "not below chance" if sigma >= chance else f"{100 * (1 - sigma / chance):.0f}% below chance"
+    return text + f"; shuffled labels on the same neurons: {chance:.2f} ({verdict})."
 
 
 def _rounded(x: float, digits: int) -> Optional[float]:
@@ -706,6 +726,7 @@ __all__ = [
     "neuron_view",
     "neuron_gallery",
     "neuron_details",
+    "sigma_label_note",
     "sorted_neurons",
     "class_neurons",
     "class_names",

@@ -10,7 +10,11 @@ and turns results into what the UI shows (a signed bar chart, tables).
 * **Why this class?** — :func:`attribute_image` / :func:`attribute_analysis`:
   which neurons push the predicted (or chosen) class up or down, measured by
   removing each through the SAE and re-running Diff-C; :func:`why_chart` draws
-  them as a signed bar chart whose bars can be clicked (:func:`bar_at`).
+  them as a signed bar chart whose bars can be clicked (:func:`bar_at`). Dense
+  neurons (firing on most images) are hidden unless asked, as in the neuron
+  table; the shown neurons that name one label value are also removed together
+  (:func:`~revelio_hub.interpret.concept_effects.concept_effects`): "shape =
+  star neurons: −0.41 of P(star) when removed".
 * **Compare two images** — :func:`compare_images`: neurons whose activations
   differ most between two images, both directions.
 * **Concept map** — :func:`concept_choices`, :func:`concept_map`: for one label
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from revelio_hub.app.analysis import Analysis, _top_images, image_reliability, model_recipe, resolve_entry
 from revelio_hub.app.state import AppState, LoadedRelease, image_digest
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown
+from revelio_hub.interpret.concept_effects import ConceptEffect, concept_effects
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -53,6 +58,11 @@ class AttributionView:
     class_names: list[str] = field(default_factory=list)
     #: The reliability verdict (as ``Analysis.ood``): a flagged image keeps its numbers, marked unreliable.
     ood: Optional[dict[str, Any]] = None
+    #: measured neurons that fire on most atlas images (hidden from the chart unless ``show_dense``)
+    dense: set[int] = field(default_factory=set)
+    show_dense: bool = False
+    #: groups of shown neurons naming one value, removed together (largest effect first)
+    concepts: list[ConceptEffect] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The ``/attribute_json`` payload (``reliable``/``reasons`` as ``/analyze_json``'s)."""
@@ -61,6 +71,9 @@ class AttributionView:
         out = {"release": self.release, "layer": self.layer, "timestep": self.timestep,
                "reliable": bool(ood.get("reliable", True)), "reasons": list(ood.get("reasons") or [])}
         out.update(a.to_dict())
+        for row in out["neurons"]:
+            row["dense"] = row["neuron"] in self.dense
+        out["concepts"] = [dict(c.to_dict(), text=c.text(a.target_name)) for c in self.concepts]
         out["predicted"] = self.class_names[a.predicted] if self.class_names else a.predicted
         out["pushing_up"] = [r["neuron"] for r in a.pushing("up")]
         out["pushing_down"] = [r["neuron"] for r in a.pushing("down")]
@@ -100,6 +113,7 @@ def attribute_image(
     *,
     top: int = WHY_TOP,
     limits: ImageLimits = ImageLimits(),
+    show_dense: bool = False,
 ) -> AttributionView:
     """Which neurons made the entry's Diff-C predict ``target`` (default: its top class) for ``image``.
 
@@ -112,27 +126,33 @@ def attribute_image(
     img = state.decoded.read(image, limits)
     digest = image_digest(img)
     maps = state.feature_maps(img, rel, t, model_recipe(entry.diffc), digest=digest)
-    view = _attribute(rel, entry, layer, t, maps[layer], digest, target, top)
+    view = _attribute(rel, entry, layer, t, maps[layer], digest, target, top, show_dense)
     view.ood = image_reliability(state, rel, entry, layer, t, img, maps)
     return view
 
 
-def attribute_analysis(state: AppState, analysis: Analysis, target: Any = None, *, top: int = WHY_TOP) -> AttributionView:
+def attribute_analysis(state: AppState, analysis: Analysis, target: Any = None, *, top: int = WHY_TOP,
+                       show_dense: bool = False) -> AttributionView:
     """"Why this class?" for an analysed image, from its cached features (no backbone pass)."""
     rel, layer, t = resolve_entry(state, analysis.release, analysis.layer, analysis.timestep)
     entry = _diffc_entry(rel, layer, t)
     maps = state.features.get(state.feature_key(analysis.digest, rel, t, model_recipe(entry.diffc)))
     if maps is None:
         raise ValueError("This image's features are no longer cached; click Analyze again.")
-    view = _attribute(rel, entry, layer, t, maps[layer], analysis.digest, _target(target), top)
+    view = _attribute(rel, entry, layer, t, maps[layer], analysis.digest, _target(target), top, show_dense)
     view.ood = analysis.ood
     return view
 
 
 def _attribute(rel: LoadedRelease, entry: Any, layer: str, t: int, fmap: Any, digest: str, target: Optional[str],
-               top: int) -> AttributionView:
+               top: int, show_dense: bool = False) -> AttributionView:
     result = entry.attribute(fmap, target=target, top=top)[0]
-    return AttributionView(rel.name, layer, t, result, digest, list(entry.diffc.class_names))
+    atlas = entry.atlas
+    dense = ({int(j) for j in result.neurons.tolist() if bool(atlas.dense_mask[int(j)])}
+             if atlas is not None else set())
+    concepts = concept_effects(entry.sae, entry.diffc, fmap, result, atlas, include_dense=bool(show_dense))
+    return AttributionView(rel.name, layer, t, result, digest, list(entry.diffc.class_names), dense,
+                           bool(show_dense), concepts)
 
 
 @dataclass
@@ -145,8 +165,13 @@ class ChartBar:
 
 
 def _chart_rows(view: AttributionView, n: int) -> list[dict[str, Any]]:
+    """The charted neurons: up to ``n`` pushing up, then up to ``n`` pushing down; dense ones only when shown."""
     a = view.attribution
-    return a.pushing("up", n) + list(reversed(a.pushing("down", n)))
+
+    def keep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rows if view.show_dense or r["neuron"] not in view.dense][:n]
+
+    return keep(a.pushing("up")) + list(reversed(keep(a.pushing("down"))))
 
 
 def why_chart(view: AttributionView, n: int = CHART_BARS) -> tuple["Image.Image", list[ChartBar]]:
@@ -234,7 +259,24 @@ def why_note(view: AttributionView) -> str:
         f"{len(a)} of the {len(a.all_neurons)} active neurons were measured (the {len(a)} with the largest "
         f"gradient × activation estimate; rank agreement of that estimate with the exact effects: ρ = {rho}). "
         "Click a bar or a thumbnail to see where that neuron fires."
+        + _dense_line(view) + _concept_lines(view)
     )
+
+
+def _dense_line(view: AttributionView) -> str:
+    hidden = 0 if view.show_dense else len(view.dense)
+    return (f" {hidden} dense neuron{'s' if hidden != 1 else ''} (firing on most images) hidden; tick "
+            "\"Show dense neurons\" to include them." if hidden else "")
+
+
+def _concept_lines(view: AttributionView) -> str:
+    """The by-concept view: each named value's shown neurons removed together (exact), largest change first."""
+    if not view.concepts:
+        return ""
+    name = view.attribution.target_name
+    lines = "\n".join(f"- {c.text(name)} (sum of their single effects: {-c.summed_prob:+.2f})"
+                      for c in view.concepts[:6])
+    return ("\n\n**By concept** — the shown neurons whose summaries name one value, removed together:\n" + lines)
 
 
 # ------------------------------------------------------------------ comparison
@@ -372,6 +414,7 @@ def concept_cell(cmap: "ConceptMap", row: int, col: int) -> Optional[tuple[str, 
 __all__ = [
     "AttributionView",
     "ChartBar",
+    "ConceptEffect",
     "ComparisonView",
     "COMPARE_HEADERS",
     "WHY_TOP",

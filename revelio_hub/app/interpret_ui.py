@@ -46,15 +46,15 @@ class InterpretEvents:
 
     # ------------------------------------------------------------ Why this class?
 
-    def _why(self, result: Any, target: Any):
-        view = V.attribute_analysis(self.state, result, target)
+    def _why(self, result: Any, target: Any, show_dense: Any = False):
+        view = V.attribute_analysis(self.state, result, target, show_dense=bool(show_dense))
         chart, bars = V.why_chart(view)
         thumbs = V.why_thumbnails(self.state, view)
         rows = V._chart_rows(view, V.CHART_BARS)
         layout = {"bars": bars, "thumbs": [r["neuron"] for r in rows][: len(thumbs)]}
         return V.why_note(view), chart, thumbs, layout, view
 
-    def after_analyze(self, result: Any):
+    def after_analyze(self, result: Any, show_dense: Any = False):
         """Explain the top class of a freshly analysed image; offer the entry's classes as targets."""
         empty = ("", None, [], None, gr.update(choices=[], value=None))
         if result is None:
@@ -67,17 +67,23 @@ class InterpretEvents:
                 where = ", ".join(f"{l} t={tt}" for l, tt in both) or "none"
                 return (f"_No Diff-C classifier at {layer} t={t}, so there is no class to explain. "
                         f"Entries with one: {where}._", None, [], None, gr.update(choices=[], value=None))
-            note, chart, thumbs, layout, view = self._why(result, None)
+            note, chart, thumbs, layout, view = self._why(result, None, show_dense)
             classes = list(entry.diffc.class_names)
             return note, chart, thumbs, layout, gr.update(choices=classes, value=view.attribution.target_name)
 
-    def why(self, result: Any, target: Any):
-        """Explain another class of the analysed image."""
+    def why(self, result: Any, target: Any, show_dense: Any = False):
+        """Explain another class of the analysed image (dense neurons shown when the Analyze tab's box is ticked)."""
         with user_errors("explaining the prediction"):
             if result is None:
                 raise ValueError("Analyze an image first.")
-            note, chart, thumbs, layout, _ = self._why(result, target)
+            note, chart, thumbs, layout, _ = self._why(result, target, show_dense)
             return note, chart, thumbs, layout
+
+    def toggle_dense(self, result: Any, target: Any, show_dense: Any):
+        """The "show dense neurons" box changed: redraw the explanation (nothing to redraw before an analysis)."""
+        if result is None:
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        return self.why(result, target, show_dense)
 
     def _show(self, result: Any, neuron: Optional[int]):
         if neuron is None:
@@ -284,16 +290,22 @@ def concept_tab(state: AppState) -> ConceptComponents:
 
 def wire(ev: InterpretEvents, *, analyzed: Any, analysis_state: Any, image_in: Any, layer_dd: Any, t_dd: Any,
          release_dd: Any, neuron_dd: Any, caption: Any, gallery: Any, heatmap: Any, why: WhyComponents,
-         compare: CompareComponents, concept: ConceptComponents, tabs: Any, browser: list, concurrency: int) -> None:
+         compare: CompareComponents, concept: ConceptComponents, tabs: Any, browser: list, concurrency: int,
+         show_dense: Any = None) -> None:
     """Connect the views' events (inside the Blocks' context) and register the JSON endpoints."""
     private = {"api_visibility": "private"}
     shown = [neuron_dd, caption, gallery, heatmap]
     # Every event that sets or clears the analysis (Analyze, a layer/timestep re-analysis, a new image or
     # release) refreshes the explanation, so it never describes another entry's result.
+    # The "show dense neurons" box of the neuron table applies to the explanation too.
+    dense_in = [show_dense] if show_dense is not None else []
+    why_out = [why.note, why.chart, why.thumbs, why.layout]
     for dep in (analyzed if isinstance(analyzed, (list, tuple)) else [analyzed]):
-        dep.then(ev.after_analyze, analysis_state, [why.note, why.chart, why.thumbs, why.layout, why.target], **private)
-    why.button.click(ev.why, [analysis_state, why.target], [why.note, why.chart, why.thumbs, why.layout], **private)
-    why.target.input(ev.why, [analysis_state, why.target], [why.note, why.chart, why.thumbs, why.layout], **private)
+        dep.then(ev.after_analyze, [analysis_state, *dense_in], [*why_out, why.target], **private)
+    why.button.click(ev.why, [analysis_state, why.target, *dense_in], why_out, **private)
+    why.target.input(ev.why, [analysis_state, why.target, *dense_in], why_out, **private)
+    if show_dense is not None:
+        show_dense.input(ev.toggle_dense, [analysis_state, why.target, show_dense], why_out, **private)
     why.chart.select(ev.click_bar, [analysis_state, why.layout], shown, **private)
     why.thumbs.select(ev.click_thumb, [analysis_state, why.layout], shown, **private)
 

@@ -301,6 +301,8 @@ def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
         text += "\n".join(
             f"| {v['column']} | {v['value']} | {'–' if v.get('auroc') is None else format(v['auroc'], '.2f')} "
             f"| {v.get('top_hits', 0)}/{v.get('top_images', 0)} |" for v in d.label_values)
+    if d.layer_note:
+        text += f"\n\n_{d.layer_note}_"
     return text
 
 
@@ -715,6 +717,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             layer_dd=layer_dd, t_dd=t_dd, release_dd=release_dd, neuron_dd=neuron_dd, caption=caption,
             gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
             browser=[b_layer, b_t, b_neuron, b_stats, b_hist, b_gallery], concurrency=cfg.concurrency,
+            show_dense=show_dense,
         )
         json_endpoint(ev.search_neurons, api_name="search_neurons", output="neurons")
         wire_tools(state, user_errors)  # /describe_neuron, /list_releases (the MCP tools' other half)

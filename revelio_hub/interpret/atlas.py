@@ -43,13 +43,14 @@ import math
 import operator
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 from revelio_hub.interpret import metrics as M
+from revelio_hub.interpret.claim_calibration import CalibrationConfig, ClaimCalibration, calibrate_claims
 from revelio_hub.interpret.neuron_labels import (
     ActivationLog,
     SummaryThresholds,
@@ -59,6 +60,7 @@ from revelio_hub.interpret.neuron_labels import (
     summary_text,
     value_auroc,
 )
+from revelio_hub.interpret.where import peak_positions, where_label
 
 __all__ = [
     "AtlasConfig",
@@ -78,7 +80,7 @@ THUMBNAIL_DIR = "thumbnails"
 HEATMAP_DIR = "heatmaps"
 FORMAT_VERSION = 2
 SORT_KEYS = ("frequency", "auroc", "entropy", "mean_activation", "purity")
-_INT_KEYS = ("top_image_ids", "top_labels", "pre_topk_top_image_ids")
+_INT_KEYS = ("top_image_ids", "top_labels", "pre_topk_top_image_ids", "top_peak_positions")
 TOP_LABELS_PREFIX = "top_labels."
 #: Quantiles of the reconstruction error kept in atlas.json (0%, 0.1%, ..., 100%).
 ERROR_QUANTILES = 1001
@@ -112,6 +114,9 @@ class AtlasConfig:
             changeable after the build.
         dense_frequency: neurons firing on more than this share of images are "dense": they
             say little about any one image, so the app hides them unless asked.
+        claim_calibration: how claims are checked on held-out halves of the atlas images
+            (:mod:`~revelio_hub.interpret.claim_calibration`); with a table, a summary names a value
+            only where claims like it measured ≥ 0.9 precise. ``None``: uncalibrated summaries.
     """
 
     top_n: int = 20
@@ -126,6 +131,7 @@ class AtlasConfig:
     summary_min_top_images: int = SummaryThresholds.min_top_images
     summary_max_values: int = SummaryThresholds.max_values
     dense_frequency: float = 0.5
+    claim_calibration: Optional[CalibrationConfig] = field(default_factory=CalibrationConfig)
 
     @property
     def thresholds(self) -> SummaryThresholds:
@@ -303,6 +309,8 @@ class NeuronInfo:
     named_values: list[dict[str, Any]] = field(default_factory=list)
     dense: bool = False
     best_auroc: float = math.nan
+    #: where its top images peak (token SAEs): "top-left", "centre", "anywhere", ...; None when not recorded
+    where: Optional[str] = None
 
     @property
     def fire_rate_percent(self) -> float:
@@ -328,6 +336,7 @@ class NeuronAtlas:
     # summary(i) per (neuron, thresholds): the app lists ~10 neurons per request, and building each line
     # (evidence over every label column, thresholds parsed from meta) was 9% of a toy request's server time.
     _summaries: dict[tuple[int, str], str] = field(default_factory=dict, repr=False)
+    _calibration: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -366,6 +375,13 @@ class NeuronAtlas:
     @thresholds.setter
     def thresholds(self, value: SummaryThresholds) -> None:
         self.meta["summary_thresholds"] = SummaryThresholds.from_dict(value.to_dict()).to_dict()
+
+    @property
+    def calibration(self) -> Optional[ClaimCalibration]:
+        """The measured precision of claims per band (``None`` for atlases built without it)."""
+        if self._calibration is None:
+            self._calibration = ClaimCalibration.from_dict(self.meta.get("claim_calibration")) or False
+        return self._calibration or None
 
     @property
     def dense_frequency(self) -> float:
@@ -476,10 +492,48 @@ class NeuronAtlas:
         return out
 
     def explanation(self, i: int) -> list[ValueEvidence]:
-        """The label values :meth:`summary` names for neuron ``i`` (empty when it says ``mixed`` or the neuron is dead)."""
-        if float(self.stats["frequency"][self._check(i)]) <= 0:
-            return []
-        return explain(self.evidence(i), self.thresholds)
+        """The label values :meth:`summary` names for neuron ``i`` (empty when it says ``mixed``/``unsure`` or is dead).
+
+        With a claim calibration: the values (of different columns, at most its
+        ``max_values``) whose band measured at least its ``min_precision`` on
+        held-out images, each carrying that figure (``held_out``); otherwise the
+        uncalibrated rule (:class:`SummaryThresholds`).
+        """
+        return self._claims(i)[0]
+
+    def _claims(self, i: int) -> tuple[list[ValueEvidence], Optional[ValueEvidence]]:
+        """(named values, the best unnamed candidate: "unsure") of neuron ``i``."""
+        freq = float(self.stats["frequency"][self._check(i)])
+        if freq <= 0:
+            return [], None
+        cal = self.calibration
+        if cal is None:
+            return explain(self.evidence(i), self.thresholds), None
+        dense = freq > self.dense_frequency
+        candidates = []
+        for e in self.evidence(i):
+            if e.filled < cal.config.min_top_images or cal.band(e.auroc, e.precision) is None:
+                continue
+            p = cal.precision(e.auroc, e.precision, dense)
+            candidates.append(replace(e, held_out=math.nan if p is None else p))
+        named = [e for e in candidates if e.held_out >= cal.config.min_precision]
+        named.sort(key=lambda e: (e.held_out, e.strength()), reverse=True)
+        unsure = max(candidates, key=lambda e: (-1.0 if math.isnan(e.held_out) else e.held_out, e.strength()),
+                     default=None)
+        return named[: cal.config.max_values], (None if named else unsure)
+
+    def where(self, i: int) -> Optional[str]:
+        """Where neuron ``i``'s top images peak ("top-left", "centre", "anywhere", ...); ``None`` when not recorded.
+
+        Token-level SAEs only: the atlas keeps each top image's peak position
+        (``top_peak_positions``) on the feature map's grid (``peak_grid``).
+        """
+        i = self._check(i)
+        grid = self.meta.get("peak_grid")
+        if not grid or "top_peak_positions" not in self.stats:
+            return None
+        top = int(self.meta.get("purity_top", 10))
+        return where_label(self.stats["top_peak_positions"][i, :top].tolist(), grid)
 
     def best_auroc(self) -> torch.Tensor:
         """n: each neuron's highest value AUROC over all columns (NaN without AUROC)."""
@@ -509,6 +563,7 @@ class NeuronAtlas:
             dead=freq <= 0,
             summary=self.summary(i),
             label_values=[e.to_dict() for e in ev],
+            where=self.where(i),
             named_values=[e.to_dict() for e in self.explanation(i)],
             dense=freq > self.dense_frequency,
             best_auroc=max((e.auroc for e in ev if not math.isnan(e.auroc)), default=math.nan),
@@ -527,20 +582,26 @@ class NeuronAtlas:
         return dict(counts.most_common())
 
     def summary(self, i: int) -> str:
-        """One honest line: the label value(s) the neuron detects, or ``mixed``, e.g.
+        """One honest line: the label value(s) the neuron detects, ``unsure`` or ``mixed``, e.g.
 
-        ``"magenta (color) · AUROC 0.99 · 10/10 top images · fires on 4.1% of images"``.
+        ``"cyan (color) · true on 94% of held-out images it fires strongly on · where: top-left · fires on 4.1% of
+        images"``.
 
-        A value is named only when it passes :attr:`thresholds` (AUROC over all
-        atlas images *and* share of the top images); a second value only when it
-        passes too. The same text is shown in the app, the JSON API and the card.
+        With a claim calibration a value is named only where claims like it
+        (same AUROC band, top-image agreement and density) were true on at least
+        90% of held-out images the neuron fired strongly on
+        (:mod:`~revelio_hub.interpret.claim_calibration`); older atlases name a
+        value that passes :attr:`thresholds` and quote AUROC and top images. The
+        same text is shown in the app, the JSON API and the card.
         """
         i = self._check(i)
         key = (i, json.dumps(self.meta.get("summary_thresholds"), sort_keys=True, default=str))
         text = self._summaries.get(key)
         if text is None:
             freq = float(self.stats["frequency"][i])
-            text = summary_text(self.explanation(i), freq, self.num_images, single_column=len(self.label_columns) <= 1)
+            named, unsure = self._claims(i)
+            text = summary_text(named, freq, self.num_images, single_column=len(self.label_columns) <= 1,
+                                unsure=unsure, where=self.where(i))
             self._summaries[key] = text
         return text
 
@@ -788,7 +849,8 @@ class NeuronAtlas:
         stats = {k: (v.long() if _is_int_key(k) else v) for k, v in stats.items()}
         n = stats["frequency"].shape[0]
         bad = [k for k in required if stats[k].shape[0] != n]
-        bad += [k for k in stats if k.startswith(TOP_LABELS_PREFIX) and stats[k].shape != stats["top_image_ids"].shape]
+        bad += [k for k in stats if (k.startswith(TOP_LABELS_PREFIX) or k == "top_peak_positions")
+                and stats[k].shape != stats["top_image_ids"].shape]
         if "value_auroc" in stats:
             n_values = sum(len(v) for v in (meta.get("label_columns") or {}).values())
             if stats["value_auroc"].shape != (n, n_values):
@@ -887,6 +949,7 @@ def build_atlas(
     acc = accumulator
     pre_topk: Optional[TopKAccumulator] = None
     log: Optional[ActivationLog] = None
+    peak_grid: Optional[tuple[int, ...]] = None
     iterator: Iterator = iter(batches)
     if progress:
         from tqdm.auto import tqdm
@@ -898,11 +961,13 @@ def build_atlas(
                 raise ValueError("each batch must be a tuple (x, labels, image_ids)")
             x, labels, image_ids = batch
             x = _as_tensor(x, torch.float32)
-            errors = dense = None
+            errors = dense = peaks = None
             if sae is not None:
                 xs = x.to(device=device, dtype=next(sae.parameters()).dtype)
                 acts, dense = (a.float() for a in sae.image_codes(xs))
                 errors = image_reconstruction_error(sae, xs)
+                if xs.dim() == 4 and getattr(sae, "granularity", "pooled") != "pooled":
+                    peaks, peak_grid = peak_positions(sae, xs), tuple(xs.shape[2:])
             else:
                 acts = x
             ids = _as_tensor(image_ids, torch.long).reshape(-1)
@@ -921,13 +986,13 @@ def build_atlas(
                     pre_topk = pre_topk_accumulator(acts.shape[1], config, device)
                 pre_topk.update(dense, labs, ids)
             acc.update(acts, labs, ids)
-            log.update(acts, ids, by_column, errors)
+            log.update(acts, ids, by_column, errors, peaks)
     if acc is None:
         raise ValueError("build_atlas got no batches: there is nothing to build an atlas from")
     return finalize_atlas(acc, class_names, config=config, sae=sae, thumbnails=thumbnails,
                           heatmap_maps=heatmap_maps, heatmap_neurons=heatmap_neurons, out=out,
                           extra_meta=extra_meta, progress=progress, log=log, label_columns=columns,
-                          pre_topk=pre_topk)
+                          pre_topk=pre_topk, peak_grid=peak_grid)
 
 
 def pre_topk_accumulator(n_latents: int, config: AtlasConfig, device: Union[str, torch.device]) -> TopKAccumulator:
@@ -980,6 +1045,7 @@ def finalize_atlas(
     log: Optional[ActivationLog] = None,
     label_columns: Optional[Mapping[str, Sequence[str]]] = None,
     pre_topk: Optional[TopKAccumulator] = None,
+    peak_grid: Optional[Sequence[int]] = None,
 ) -> NeuronAtlas:
     """Turn accumulated statistics into an atlas: label AUROCs, entropy, sigma_label, summary, thumbnails, heat maps.
 
@@ -990,6 +1056,8 @@ def finalize_atlas(
     fed with ``KSparseAutoencoder.image_codes``' second output) gives the paper's
     σ_label; the same formula on the TopK codes is kept as ``topk_sigma_label``.
     Without it (an atlas of given activations) σ_label is computed on those.
+    With ``log`` the claims are calibrated (``config.claim_calibration``); ``peak_grid``
+    (H, W) with peaks in the log gives each top image's peak position ("where").
     """
     config = config or AtlasConfig()
     columns = _label_columns(class_names, label_columns)
@@ -1014,6 +1082,16 @@ def finalize_atlas(
             table = log.labels_by_image_id(c, size)
             stats[TOP_LABELS_PREFIX + c] = torch.where(ids >= 0, table[ids.clamp_min(0)], torch.full_like(ids, -1))
         stats["value_auroc"] = value_auroc(log, columns)
+        if config.claim_calibration is not None:
+            meta_extra["claim_calibration"] = calibrate_claims(
+                log, columns, top=config.purity_top, dense_frequency=config.dense_frequency,
+                config=config.claim_calibration).to_dict()
+    if log is not None and peak_grid is not None:
+        peaks = log.peak_lookup(res["top_image_ids"], torch.arange(acc.n_latents)[:, None].expand_as(
+            res["top_image_ids"]))
+        if peaks is not None:
+            stats["top_peak_positions"] = peaks
+            meta_extra["peak_grid"] = [int(g) for g in peak_grid]
     errors = log.reconstruction_errors() if log is not None else None
     if errors is not None and errors.numel():
         q = torch.quantile(errors.double(), torch.linspace(0, 1, min(ERROR_QUANTILES, max(errors.numel(), 2)),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -37,7 +37,10 @@ __all__ = [
     "value_auroc",
     "explain",
     "summary_text",
+    "HELD_OUT_PHRASE",
     "column_offsets",
+    "chunk_auroc",
+    "label_onehots",
 ]
 
 
@@ -68,6 +71,8 @@ class ActivationLog:
     image_ids: list[torch.Tensor] = field(default_factory=list)
     labels: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     errors: list[torch.Tensor] = field(default_factory=list)
+    #: per kept activation, the flattened position of its peak on the feature map (token SAEs; see interpret/where.py)
+    peaks: list[torch.Tensor] = field(default_factory=list)
     num_images: int = 0
 
     def __post_init__(self) -> None:
@@ -76,14 +81,19 @@ class ActivationLog:
             self.labels.setdefault(c, [])
 
     def update(self, acts: torch.Tensor, image_ids: torch.Tensor, labels: Mapping[str, torch.Tensor],
-               errors: Optional[torch.Tensor] = None) -> None:
-        """Fold in one batch: ``acts`` B×n, ``image_ids`` B, ``labels`` column → B ids (-1 = unknown)."""
+               errors: Optional[torch.Tensor] = None, peaks: Optional[torch.Tensor] = None) -> None:
+        """Fold in one batch: ``acts`` B×n, ``image_ids`` B, ``labels`` column → B ids (-1 = unknown).
+
+        ``peaks`` (B×n, optional): where on the map each activation peaks (:func:`~revelio_hub.interpret.where.peak_positions`).
+        """
         b = acts.shape[0]
         acts = acts.detach().float().cpu()
         row, neuron = torch.nonzero(acts > self.threshold, as_tuple=True)
         self.rows.append((row + self.num_images).int())
         self.neurons.append(neuron.int())
         self.values.append(acts[row, neuron])
+        if peaks is not None:
+            self.peaks.append(peaks.detach().cpu()[row, neuron].int())
         self.image_ids.append(image_ids.detach().reshape(-1).long().cpu())
         for c in self.columns:
             lab = labels.get(c)
@@ -107,6 +117,7 @@ class ActivationLog:
         for c in self.columns:
             self.labels[c].extend(other.labels[c])
         self.errors.extend(other.errors)
+        self.peaks.extend(other.peaks)
         self.num_images += other.num_images
 
     # ------------------------------------------------------------------ read back
@@ -124,6 +135,28 @@ class ActivationLog:
         err = torch.cat(self.errors)
         return err if err.shape[0] == self.num_images else None
 
+    def peak_lookup(self, image_ids: torch.Tensor, neurons: torch.Tensor) -> Optional[torch.Tensor]:
+        """Peak position of each (image id, neuron) pair (same shapes; -1 where it did not fire or is unknown).
+
+        ``None`` when peaks were not logged for every batch.
+        """
+        if not self.peaks or len(self.peaks) != len(self.rows):
+            return None
+        rows, neurons_all = torch.cat(self.rows).long(), torch.cat(self.neurons).long()
+        keys = rows * self.n_latents + neurons_all
+        order = torch.argsort(keys)
+        keys, peaks = keys[order], torch.cat(self.peaks).long()[order]
+        if not keys.numel() or not image_ids.numel():
+            return torch.full(image_ids.shape, -1, dtype=torch.long)
+        ids = self.all_image_ids()
+        row_of = torch.full((int(max(int(ids.max()), int(image_ids.max()))) + 1,), -1, dtype=torch.long)
+        row_of[ids] = torch.arange(ids.numel())
+        wanted_rows = torch.where(image_ids >= 0, row_of[image_ids.clamp_min(0)], torch.full_like(image_ids, -1))
+        wanted = wanted_rows * self.n_latents + neurons
+        at = torch.searchsorted(keys, wanted.reshape(-1)).clamp_max(keys.numel() - 1).reshape(wanted.shape)
+        found = (wanted_rows >= 0) & (keys[at] == wanted)
+        return torch.where(found, peaks[at], torch.full_like(wanted, -1))
+
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, neurons, values) of every kept activation, sorted by neuron."""
         if not self.rows:
@@ -132,6 +165,18 @@ class ActivationLog:
         rows, neurons, values = torch.cat(self.rows).long(), torch.cat(self.neurons).long(), torch.cat(self.values)
         order = torch.argsort(neurons, stable=True)
         return rows[order], neurons[order], values[order]
+
+    def dense_chunks(self, chunk: int = 256) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, images × (stop − start) dense activations) over neuron chunks: O(n_images × chunk) memory."""
+        rows, neurons, values = self.entries()
+        n = self.n_latents
+        bounds = torch.searchsorted(neurons, torch.arange(0, n + chunk, chunk).clamp_max(n))
+        for ci, start in enumerate(range(0, n, chunk)):
+            stop = min(start + chunk, n)
+            lo, hi = int(bounds[ci]), int(bounds[ci + 1])
+            dense = torch.zeros(self.num_images, stop - start, dtype=torch.float32)
+            dense[rows[lo:hi], neurons[lo:hi] - start] = values[lo:hi]
+            yield start, stop, dense
 
     def labels_by_image_id(self, column: str, size: Optional[int] = None) -> torch.Tensor:
         """A lookup table image_id → label of ``column`` (-1 where the image was not logged)."""
@@ -153,6 +198,50 @@ def _ranks(scores: torch.Tensor) -> torch.Tensor:
     return ((left + right + 1).double() / 2).t()  # N×C
 
 
+def label_onehots(labels: Mapping[str, torch.Tensor], label_columns: Mapping[str, Sequence[str]],
+                  n_images: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per column: (known mask n_images, one-hot n_images × V float64) of image labels (-1 = unknown)."""
+    out = {}
+    for c, names in label_columns.items():
+        lab = labels[c]
+        known = lab >= 0
+        m = len(names)
+        oh = torch.zeros(n_images, m, dtype=torch.float64)
+        if m:
+            oh[known.nonzero().flatten(), lab[known].clamp_max(m - 1)] = 1.0
+        out[c] = (known, oh)
+    return out
+
+
+def chunk_auroc(dense: torch.Tensor, onehots: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                label_columns: Mapping[str, Sequence[str]]) -> torch.Tensor:
+    """AUROC of each column of ``dense`` (images × neurons) for every label value: neurons × Σ values, NaN if undefined."""
+    offsets = column_offsets(label_columns)
+    total = sum(len(v) for v in label_columns.values())
+    out = torch.full((dense.shape[1], total), math.nan, dtype=torch.float32)
+    full_ranks = None
+    for c, (known, oh) in onehots.items():
+        a, b = offsets[c]
+        if b == a:
+            continue
+        if bool(known.all()):
+            if full_ranks is None:
+                full_ranks = _ranks(dense)
+            ranks, y = full_ranks, oh
+        else:
+            idx = known.nonzero().flatten()
+            if idx.numel() < 2:
+                continue
+            ranks, y = _ranks(dense[idx]), oh[idx]
+        pos = y.sum(0)  # V
+        neg = y.shape[0] - pos
+        rank_sum = y.t() @ ranks  # V×C
+        auc = (rank_sum - (pos * (pos + 1) / 2)[:, None]) / (pos * neg).clamp_min(1)[:, None]
+        auc[(pos == 0) | (neg == 0)] = math.nan
+        out[:, a:b] = auc.t().float()
+    return out
+
+
 def value_auroc(log: ActivationLog, label_columns: Mapping[str, Sequence[str]], chunk: int = 256) -> torch.Tensor:
     """AUROC of every neuron's image activation as a score for every label value: n × Σ values (float32).
 
@@ -161,48 +250,14 @@ def value_auroc(log: ActivationLog, label_columns: Mapping[str, Sequence[str]], 
     image. Rank-based (Mann-Whitney U, ties ½): the many exact zeros of sparse
     codes are handled exactly.
     """
-    offsets = column_offsets(label_columns)
     total = sum(len(v) for v in label_columns.values())
     n, n_img = log.n_latents, log.num_images
     out = torch.full((n, total), math.nan, dtype=torch.float32)
     if n_img == 0 or total == 0:
         return out
-    rows, neurons, values = log.entries()
-    bounds = torch.searchsorted(neurons, torch.arange(0, n + chunk, chunk).clamp_max(n))
-    onehots = {}
-    for c, values_names in label_columns.items():
-        lab = log.column_labels(c)
-        known = lab >= 0
-        m = len(values_names)
-        oh = torch.zeros(n_img, m, dtype=torch.float64)
-        if m:
-            oh[known.nonzero().flatten(), lab[known].clamp_max(m - 1)] = 1.0
-        onehots[c] = (known, oh)
-    for ci, start in enumerate(range(0, n, chunk)):
-        stop = min(start + chunk, n)
-        lo, hi = int(bounds[ci]), int(bounds[ci + 1])
-        dense = torch.zeros(n_img, stop - start, dtype=torch.float32)
-        dense[rows[lo:hi], neurons[lo:hi] - start] = values[lo:hi]
-        full_ranks = None
-        for c, (known, oh) in onehots.items():
-            a, b = offsets[c]
-            if b == a:
-                continue
-            if bool(known.all()):
-                if full_ranks is None:
-                    full_ranks = _ranks(dense)
-                ranks, y = full_ranks, oh
-            else:
-                idx = known.nonzero().flatten()
-                if idx.numel() < 2:
-                    continue
-                ranks, y = _ranks(dense[idx]), oh[idx]
-            pos = y.sum(0)  # V
-            neg = y.shape[0] - pos
-            rank_sum = y.t() @ ranks  # V×C
-            auc = (rank_sum - (pos * (pos + 1) / 2)[:, None]) / (pos * neg).clamp_min(1)[:, None]
-            auc[(pos == 0) | (neg == 0)] = math.nan
-            out[start:stop, a:b] = auc.t().float()
+    onehots = label_onehots({c: log.column_labels(c) for c in label_columns}, label_columns, n_img)
+    for start, stop, dense in log.dense_chunks(chunk):
+        out[start:stop] = chunk_auroc(dense, onehots, label_columns)
     return out
 
 
@@ -257,6 +312,8 @@ class ValueEvidence:
     auroc: float  # NaN when the atlas has no AUROC (format 1)
     hits: int  # top images carrying the value
     filled: int  # top images considered
+    #: measured precision of claims like this one on held-out images (claim calibration); NaN when not measured
+    held_out: float = math.nan
 
     @property
     def precision(self) -> float:
@@ -270,10 +327,13 @@ class ValueEvidence:
         return (-1.0 if math.isnan(self.auroc) else self.auroc, self.precision)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"column": self.column, "value": self.value,
-                "auroc": None if math.isnan(self.auroc) else round(self.auroc, 4),
-                "precision": round(self.precision, 4) if self.filled else None,
-                "top_hits": self.hits, "top_images": self.filled}
+        out = {"column": self.column, "value": self.value,
+               "auroc": None if math.isnan(self.auroc) else round(self.auroc, 4),
+               "precision": round(self.precision, 4) if self.filled else None,
+               "top_hits": self.hits, "top_images": self.filled}
+        if not math.isnan(self.held_out):
+            out["held_out_precision"] = round(self.held_out, 4)
+        return out
 
 
 def explain(evidence: Sequence[ValueEvidence], thresholds: SummaryThresholds) -> list[ValueEvidence]:
@@ -283,24 +343,51 @@ def explain(evidence: Sequence[ValueEvidence], thresholds: SummaryThresholds) ->
     return passing[: thresholds.max_values]
 
 
-def summary_text(named: Sequence[ValueEvidence], frequency: float, num_images: int, single_column: bool = False) -> str:
-    """One line: ``magenta (color) · AUROC 0.99 · 10/10 top images · fires on 4% of images``, or ``mixed · ...``.
+#: How calibrated summaries say what their percentage counts (see interpret/claim_calibration.py).
+HELD_OUT_PHRASE = "of held-out images it fires strongly on"
 
-    AUROC reads "higher = the neuron singles this value out better" (0.5 =
-    chance, 1 = perfect); the count is of the neuron's top images. The column
-    name is left out when the atlas has only one label column.
+
+def _named_part(e: ValueEvidence, single_column: bool) -> str:
+    return e.value if single_column else f"{e.value} ({e.column})"
+
+
+def summary_text(named: Sequence[ValueEvidence], frequency: float, num_images: int, single_column: bool = False,
+                 unsure: Optional[ValueEvidence] = None, where: Optional[str] = None) -> str:
+    """One line: ``cyan (color) · true on 94% of held-out images it fires strongly on · fires on 4% of images``.
+
+    Calibrated values (``held_out`` set) quote their measured precision; two
+    values of different columns read ``small (size) · cross (shape) · true on
+    93% and 95% ...``. ``unsure`` (a value whose claims were too rarely true on
+    held-out images, or could not be checked) is shown as a question, never as
+    a name. Uncalibrated atlases (built before claim calibration) keep the
+    older line: ``magenta (color) · AUROC 0.99 · 10/10 top images``. AUROC reads
+    "higher = the neuron singles this value out better" (0.5 = chance). The
+    column name is left out when the atlas has only one label column.
+    ``where`` (token SAEs) says where the neuron's top images peak.
     """
     if frequency <= 0:
         return f"dead neuron (never fired on {num_images} images)"
-    parts = []
-    for e in named:
-        name = e.value if single_column else f"{e.value} ({e.column})"
-        bits = [name]
-        if not math.isnan(e.auroc):
-            bits.append(f"AUROC {e.auroc:.2f}")
-        bits.append(f"{e.hits}/{e.filled} top images")
-        parts.append(" · ".join(bits))
-    head = "; ".join(parts) if parts else "mixed (no single label value explains its top images)"
+    calibrated = [e for e in named if not math.isnan(e.held_out)]
+    if calibrated:
+        rates = " and ".join(f"{100 * e.held_out:.0f}%" for e in calibrated)
+        head = " · ".join(_named_part(e, single_column) for e in calibrated) + f" · true on {rates} {HELD_OUT_PHRASE}"
+    elif named:
+        parts = []
+        for e in named:
+            bits = [_named_part(e, single_column)]
+            if not math.isnan(e.auroc):
+                bits.append(f"AUROC {e.auroc:.2f}")
+            bits.append(f"{e.hits}/{e.filled} top images")
+            parts.append(" · ".join(bits))
+        head = "; ".join(parts)
+    elif unsure is not None:
+        checked = (f"claims like it held on {100 * unsure.held_out:.0f}% {HELD_OUT_PHRASE}"
+                   if not math.isnan(unsure.held_out) else "too few held-out images to check claims like it")
+        head = f"unsure: {_named_part(unsure, single_column)}? {checked}"
+    else:
+        head = "mixed (no single label value explains its top images)"
+    if where:
+        head += f" · where: {where}"
     pct = 100 * frequency
     freq = f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%"
     return f"{head} · fires on {freq} of images"

@@ -1,0 +1,217 @@
+"""How often a neuron's claim ("this neuron means cyan") is true on images the claim was not made from.
+
+A summary that names a value from weak evidence reads exactly like one from
+strong evidence. So at atlas build time the atlas' images are cut into
+``folds`` parts (seeded). For each part, every neuron's claims are made from
+the *other* parts, as the summary makes them: per label column, the value with
+the highest AUROC, with the share of the neuron's top images that carry it. On
+the held-out part we count, for every claim, the images the neuron **fires
+strongly on** (activation at least ``strong`` × its mean activation when firing
+on the claim images; the app lists an image's neurons by that ratio, its
+"relevance") and how many of them carry the claimed value. Pooled over the claims of one *band* (AUROC band ×
+top-image agreement × dense or not), that share is the band's measured
+precision. A summary then names a value only when its band measured at least
+``min_precision`` (0.9) and quotes the figure; otherwise it says "unsure".
+
+The table is stored in ``atlas.json`` (``claim_calibration``, see
+docs/CONTRACTS.md); atlases built before it keep their uncalibrated summaries.
+Summaries of the finished atlas use all its images, so they rest on twice the
+evidence the calibration's claims had: the quoted precision is, if anything,
+conservative.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from revelio_hub.interpret.neuron_labels import ActivationLog, chunk_auroc, column_offsets, label_onehots
+
+__all__ = ["CalibrationConfig", "ClaimCalibration", "calibrate_claims", "CALIBRATION_VERSION"]
+
+#: Version of the stored table; a reader ignores tables of a version it does not know (summaries stay uncalibrated).
+CALIBRATION_VERSION = 1
+
+
+@dataclass
+class CalibrationConfig:
+    """How claims are calibrated at atlas build time.
+
+    Attributes:
+        auroc_edges: lower edges of the AUROC bands (a claim below the first is never made).
+        agreement_edges: lower edges of the top-image agreement bands (share of the
+            top ``purity_top`` images carrying the value); below the first, no claim.
+        min_precision: a band's measured precision needed to name a value (the issue's floor: 0.9).
+        min_pairs: a band needs at least this many (claim, held-out strong firing) pairs to count as measured.
+        min_top_images: a claim needs at least this many filled top images.
+        max_values: values of different label columns a summary may name.
+        folds: parts the images are cut into; claims come from all parts but one, checked on that one.
+        strong: "fires strongly" = activation ≥ ``strong`` × the neuron's mean activation when firing.
+            1.5 measured the regime of the neurons the app lists first for an image (docs/benchmarks.md,
+            "Calibrated claims"); at 1.0 a neuron's many middling firings dominate.
+        seed: of the split into parts.
+    """
+
+    auroc_edges: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    agreement_edges: Sequence[float] = (0.8, 0.9, 1.0)
+    min_precision: float = 0.9
+    min_pairs: int = 30
+    min_top_images: int = 5
+    max_values: int = 2
+    folds: int = 5
+    strong: float = 1.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.auroc_edges = [float(e) for e in self.auroc_edges]
+        self.agreement_edges = [float(e) for e in self.agreement_edges]
+        for name, edges in (("auroc_edges", self.auroc_edges), ("agreement_edges", self.agreement_edges)):
+            if not edges or sorted(edges) != edges or not 0 <= edges[0] <= edges[-1] <= 1:
+                raise ValueError(f"{name} must be ascending values in [0, 1], got {edges}")
+        if not 0 < self.min_precision <= 1:
+            raise ValueError(f"min_precision must lie in (0, 1], got {self.min_precision}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be ≥ 2 (claims and their check need different images), got {self.folds}")
+        if self.min_pairs < 1 or self.min_top_images < 1 or self.max_values < 1:
+            raise ValueError("min_pairs, min_top_images and max_values must be ≥ 1")
+
+
+@dataclass
+class ClaimCalibration:
+    """The measured precision of claims per band, as stored in ``atlas.json``.
+
+    ``true``/``pairs`` are indexed ``[dense][auroc band][agreement band]``;
+    precision = true / pairs, ``None`` where the band has fewer than
+    ``min_pairs`` pairs (unmeasured: no claim is made there).
+    """
+
+    config: CalibrationConfig
+    true: list[list[list[int]]]
+    pairs: list[list[list[int]]]
+    claims: list[list[list[int]]]
+    held_out_images: int
+    dense_frequency: float
+    version: int = CALIBRATION_VERSION
+    firing: str = ("held-out images on which the neuron's activation is at least `strong` × its mean activation when "
+                   "firing on the claim images")
+
+    def band(self, auroc: float, agreement: float) -> Optional[tuple[int, int]]:
+        """(AUROC band, agreement band) of a claim, or ``None`` when it is below the first edges (never claimed)."""
+        if math.isnan(auroc) or math.isnan(agreement):
+            return None
+        a = bisect.bisect_right(self.config.auroc_edges, auroc + 1e-9) - 1
+        g = bisect.bisect_right(self.config.agreement_edges, agreement + 1e-9) - 1
+        return None if a < 0 or g < 0 else (a, g)
+
+    def precision(self, auroc: float, agreement: float, dense: bool) -> Optional[float]:
+        """Measured precision of claims like this one; ``None`` when unmeasured (too few pairs) or below the edges."""
+        b = self.band(auroc, agreement)
+        if b is None:
+            return None
+        n = self.pairs[int(dense)][b[0]][b[1]]
+        return self.true[int(dense)][b[0]][b[1]] / n if n >= self.config.min_pairs else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "config": asdict(self.config), "true": self.true, "pairs": self.pairs,
+                "claims": self.claims, "held_out_images": self.held_out_images,
+                "dense_frequency": self.dense_frequency, "firing": self.firing}
+
+    @classmethod
+    def from_dict(cls, data: Optional[Mapping[str, Any]]) -> Optional["ClaimCalibration"]:
+        """The stored table, or ``None`` when absent or of an unknown version (uncalibrated summaries)."""
+        if not data or data.get("version") != CALIBRATION_VERSION:
+            return None
+        cfg = data.get("config") or {}
+        known = set(CalibrationConfig.__dataclass_fields__)
+        return cls(CalibrationConfig(**{k: v for k, v in cfg.items() if k in known}),
+                   [[list(map(int, r)) for r in d] for d in data["true"]],
+                   [[list(map(int, r)) for r in d] for d in data["pairs"]],
+                   [[list(map(int, r)) for r in d] for d in data.get("claims", data["pairs"])],
+                   int(data.get("held_out_images", 0)), float(data.get("dense_frequency", 0.5)))
+
+    def table(self) -> list[dict[str, Any]]:
+        """Rows ``{dense, auroc_from, agreement_from, claims, pairs, precision}`` for cards and docs."""
+        a_edges, g_edges = self.config.auroc_edges, self.config.agreement_edges
+        rows = []
+        for d in (0, 1):
+            for a in range(len(a_edges)):
+                for g in range(len(g_edges)):
+                    n = self.pairs[d][a][g]
+                    rows.append({"dense": bool(d), "auroc_from": a_edges[a], "agreement_from": g_edges[g],
+                                 "claims": self.claims[d][a][g], "pairs": n,
+                                 "precision": round(self.true[d][a][g] / n, 4) if n else None})
+        return rows
+
+
+def _folds(n: int, folds: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(claim images, held-out images) per fold: a seeded permutation cut into ``folds`` parts."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = [p.sort().values for p in perm.tensor_split(folds)]
+    return [(torch.cat(parts[:i] + parts[i + 1 :]).sort().values, parts[i]) for i in range(folds)]
+
+
+def calibrate_claims(log: ActivationLog, label_columns: Mapping[str, Sequence[str]], *, top: int,
+                     dense_frequency: float, config: Optional[CalibrationConfig] = None,
+                     chunk: int = 256) -> ClaimCalibration:
+    """Measure claim precision per band on the two halves of the logged images (see the module docstring).
+
+    The images of one neuron chunk are cut into ``config.folds`` parts; works in neuron chunks (O(n_images × chunk) memory), as :func:`value_auroc`.
+    """
+    config = config or CalibrationConfig()
+    shape = (2, len(config.auroc_edges), len(config.agreement_edges))
+    true, pairs, claims = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), \
+        torch.zeros(shape, dtype=torch.long)
+    n_img = log.num_images
+    labels = {c: log.column_labels(c) for c in label_columns}
+    if n_img >= 2 * config.folds and label_columns:
+        for _, _, dense in log.dense_chunks(chunk):
+            for made, held in _folds(n_img, config.folds, config.seed):
+                _count_fold(dense[made], dense[held], {c: v[made] for c, v in labels.items()},
+                            {c: v[held] for c, v in labels.items()}, label_columns, top, dense_frequency, config,
+                            (true, pairs, claims))
+    return ClaimCalibration(config, true.tolist(), pairs.tolist(), claims.tolist(), n_img, dense_frequency)
+
+
+def _count_fold(made: torch.Tensor, held: torch.Tensor, made_labels: Mapping[str, torch.Tensor],
+                held_labels: Mapping[str, torch.Tensor], label_columns: Mapping[str, Sequence[str]], top: int,
+                dense_frequency: float, config: CalibrationConfig, out: tuple[torch.Tensor, ...]) -> None:
+    """Make every neuron's claims on ``made`` (images × neurons) and check them on ``held``; add to ``out``."""
+    true, pairs, claims = out
+    fired = made > 0
+    count = fired.sum(0)
+    freq = count.float() / max(made.shape[0], 1)
+    mean = made.sum(0) / count.clamp_min(1)
+    strong = (held > 0) & (held >= config.strong * mean[None])  # held-out images × neurons
+    k = min(top, made.shape[0])
+    top_vals, top_rows = made.topk(k, dim=0)
+    filled = (top_vals > 0).sum(0)
+    is_dense = (freq > dense_frequency).long()
+    auc = chunk_auroc(made, label_onehots(made_labels, label_columns, made.shape[0]), label_columns)
+    a_edges = torch.tensor(config.auroc_edges) - 1e-9
+    g_edges = torch.tensor(config.agreement_edges) - 1e-9
+    for column, (a, b) in column_offsets(label_columns).items():
+        if b == a:
+            continue
+        col_auc = auc[:, a:b]
+        best = torch.nan_to_num(col_auc, nan=-1.0).argmax(1)
+        best_auc = col_auc.gather(1, best[:, None])[:, 0]
+        top_labels = made_labels[column][top_rows]  # k × neurons
+        hits = ((top_labels == best[None]) & (top_vals > 0)).sum(0)
+        agreement = hits.float() / filled.clamp_min(1)
+        a_band = torch.bucketize(best_auc, a_edges, right=True) - 1
+        g_band = torch.bucketize(agreement, g_edges, right=True) - 1
+        ok = (count > 0) & (filled >= config.min_top_images) & (a_band >= 0) & (g_band >= 0) & ~torch.isnan(best_auc)
+        idx = ok.nonzero().flatten()
+        if not idx.numel():
+            continue
+        held_col = held_labels[column]
+        hit_img = held_col[:, None] == best[idx][None]  # held × claims
+        s = strong[:, idx] & (held_col >= 0)[:, None]  # images without a label in this column say nothing
+        flat = is_dense[idx] * true.stride(0) + a_band[idx] * true.stride(1) + g_band[idx]
+        true.view(-1).index_add_(0, flat, (s & hit_img).sum(0))
+        pairs.view(-1).index_add_(0, flat, s.sum(0))
+        claims.view(-1).index_add_(0, flat, torch.ones_like(flat))

@@ -1,0 +1,223 @@
+"""Calibrated claims, "where" labels, "Why this class?" by concept and σ_label beside its chance level (issue 19)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_inputs import app_release_path  # noqa: E402
+
+from revelio_hub.interpret.atlas import ATLAS_FILE, AtlasConfig, NeuronAtlas, build_atlas  # noqa: E402
+from revelio_hub.interpret.claim_calibration import CalibrationConfig, ClaimCalibration  # noqa: E402
+from revelio_hub.interpret.where import where_label  # noqa: E402
+
+COLUMNS = {"shape": ["circle", "square", "star"], "colour": ["blue", "red"]}
+
+
+def _planted(n: int = 600, seed: int = 0):
+    """Neuron 0 detects red exactly. Neuron 1's top images are all squares, but on held-out images it fires as
+    strongly on a third of the other shapes: its "square" claim is true on only about half of its strong firings."""
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.randint(0, 3, (n,), generator=g)
+    colour = torch.randint(0, 2, (n,), generator=g)
+    acts = torch.zeros(n, 2)
+    acts[:, 0] = torch.where(colour == 1, 1 + torch.rand(n, generator=g), torch.zeros(n))
+    square = shape == 1
+    other_fires = ~square & (torch.rand(n, generator=g) < 0.35)
+    acts[:, 1] = torch.where(square, 2 + torch.rand(n, generator=g), torch.zeros(n))
+    acts[:, 1] = torch.where(other_fires, 1.9 + torch.rand(n, generator=g) * 1.0, acts[:, 1])
+    top = torch.argsort(acts[:, 1], descending=True)[:10]
+    acts[top, 1] = 3.5 + torch.arange(10, 0, -1).float() / 10  # the top-10 are squares only
+    shape[top] = 1
+    return acts, {"shape": shape, "colour": colour}
+
+
+def _atlas(tmp_path, calibration=CalibrationConfig(strong=1.0)):
+    acts, labels = _planted()
+    ids = torch.arange(acts.shape[0])
+    config = AtlasConfig(claim_calibration=calibration)
+    build_atlas([(acts, labels, ids)], label_columns=COLUMNS, config=config, out=tmp_path / "a")
+    return NeuronAtlas.load(tmp_path / "a"), acts, labels
+
+
+def test_claims_below_the_precision_floor_are_not_named(tmp_path):
+    atlas, acts, labels = _atlas(tmp_path)
+    cal = atlas.calibration
+    assert cal is not None and cal.held_out_images == acts.shape[0]
+
+    # The red detector's band measured (nearly) every held-out strong firing red: named, with that figure.
+    named = atlas.explanation(0)
+    assert [e.value for e in named] == ["red"] and named[0].held_out >= 0.9
+    pct = f"{100 * named[0].held_out:.0f}%"
+    assert atlas.summary(0).startswith(f"red (colour) · true on {pct} of held-out images it fires strongly on")
+    assert atlas.neuron(0).named_values[0]["held_out_precision"] == pytest.approx(named[0].held_out, abs=1e-4)
+
+    # The square neuron's top images are 10/10 squares, yet its claims held on far fewer held-out images.
+    e = next(e for e in atlas.evidence(1) if e.column == "shape")
+    assert e.value == "square" and e.hits == e.filled == 10
+    measured = cal.precision(e.auroc, e.precision, dense=bool(atlas.dense_mask[1]))
+    assert measured is not None and measured < 0.9
+    # ... and recomputing the measured share by hand over the held-out folds agrees in size
+    strong_square = (labels["shape"][acts[:, 1] > 0] == 1).float().mean()
+    assert measured == pytest.approx(float(strong_square), abs=0.2)
+    assert atlas.explanation(1) == []
+    summary = atlas.summary(1)
+    assert summary.startswith(f"unsure: square (shape)? claims like it held on {100 * measured:.0f}%")
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_explain.py"))
+    assert bench["named_values"](summary) == [] and bench["named_values"](atlas.summary(0)) == ["red"]
+
+    # A stricter floor un-names the red detector too; the table is data in atlas.json.
+    meta = json.loads((tmp_path / "a" / ATLAS_FILE).read_text())
+    meta["claim_calibration"]["config"]["min_precision"] = 1.01 if named[0].held_out < 1 else 1.0
+    meta["claim_calibration"]["true"] = [[[0 for _ in r] for r in d] for d in meta["claim_calibration"]["true"]]
+    (tmp_path / "a" / ATLAS_FILE).write_text(json.dumps(meta))
+    stricter = NeuronAtlas.load(tmp_path / "a")
+    assert stricter.explanation(0) == [] and stricter.summary(0).startswith("unsure: red (colour)?")
+
+
+def test_calibration_round_trips_and_old_atlases_keep_their_summaries(tmp_path):
+    atlas, _, _ = _atlas(tmp_path)
+    stored = json.loads((tmp_path / "a" / ATLAS_FILE).read_text())["claim_calibration"]
+    again = ClaimCalibration.from_dict(stored)
+    assert again.to_dict() == atlas.calibration.to_dict() == stored
+    # too few pairs in a band = unmeasured: no claim is made there
+    few = ClaimCalibration.from_dict({**stored, "pairs": [[[5 for _ in r] for r in d] for d in stored["pairs"]]})
+    assert few.precision(0.99, 1.0, dense=False) is None
+    # An atlas built without calibration (or of an unknown table version) keeps the AUROC / top-image line.
+    old, _, _ = _atlas(tmp_path / "old", calibration=None)
+    assert old.calibration is None
+    assert old.summary(0).startswith("red (colour) · AUROC 1.00 · 10/10 top images")
+    assert ClaimCalibration.from_dict({**stored, "version": 99}) is None
+    with pytest.raises(ValueError, match="min_precision"):
+        CalibrationConfig(min_precision=0)
+    with pytest.raises(ValueError, match="folds"):
+        CalibrationConfig(folds=1)
+
+
+def test_where_label_names_the_region_of_the_peaks():
+    grid = (8, 8)
+    top_left = [0, 1, 9, 10, 18, 2, 17, 8, 3, 24]  # rows 0-3, columns 0-3
+    assert where_label(top_left, grid) == "top-left"
+    centre = [27, 28, 35, 36, 27, 28, 35, 36, 44, 19]  # rows/cols 2-5, both sides of the middle
+    assert where_label(centre, grid) == "centre"
+    top = [0, 7, 1, 6, 9, 14, 2, 5, 16, 23]  # top rows, both halves
+    assert where_label(top, grid) == "top"
+    spread = [0, 7, 56, 63, 27, 36, 3, 60, 24, 31]
+    assert where_label(spread, grid) == "anywhere"
+    assert where_label([0, 1, -1, -1], grid) is None  # too few known peaks
+
+
+def test_token_atlas_records_where_its_neurons_peak(tmp_path):
+    from revelio_hub.sae.model import KSparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = KSparseAutoencoder(4, 8, k=2, granularity="token").eval()
+    maps = torch.randn(40, 4, 6, 6) * 0.1
+    direction = sae.W_enc[3].detach()  # what neuron 3 reads; planted in the top-left corner of every image
+    maps[:, :, 0, 0] += 5 * direction[:, None].expand(4, 40).t() / direction.norm()
+    labels = torch.zeros(40, dtype=torch.long)
+    atlas = build_atlas([(maps, labels, torch.arange(40))], ["only"], sae=sae, out=tmp_path / "w")
+    atlas = NeuronAtlas.load(tmp_path / "w")
+    assert atlas.meta["peak_grid"] == [6, 6]
+    assert atlas.stats["top_peak_positions"].shape == atlas.stats["top_image_ids"].shape
+    assert atlas.stats["frequency"][3] > 0
+    assert atlas.where(3) == "top-left" and "where: top-left" in atlas.summary(3)
+    # a pooled atlas (no maps) has no "where"
+    flat = build_atlas([(torch.rand(20, 3), torch.zeros(20, dtype=torch.long), torch.arange(20))], ["only"])
+    assert flat.where(0) is None and "where" not in flat.summary(0)
+
+
+# ------------------------------------------------------------------ "Why this class?" by concept, σ_label
+
+
+@pytest.fixture(scope="module")
+def toy_entry():
+    from revelio_hub.release import Release
+    from revelio_hub.toy.shapes import make_shapes_dataset
+
+    release = Release.from_pretrained(app_release_path())
+    layer, t = release.diffc_entries[0]
+    entry = release.load(layer, t)
+    backbone = release.load_backbone()
+    images = [row["image"] for row in make_shapes_dataset(3, seed=11, image_size=backbone.image_size)]
+    with torch.no_grad():
+        maps = backbone.extract(images, [layer], [t], seed=int((entry.diffc.recipe or {}).get("noise_seed") or 0))
+    return entry, maps[(layer, t)].float()
+
+
+def _remove_together(sae, diffc, x: torch.Tensor, neurons: list[int], target: int) -> float:
+    """P(target) lost when every neuron of ``neurons`` is zeroed at every position (decode + error + Diff-C)."""
+    with torch.no_grad():
+        vals, idx = sae.encode(x)
+        error = x - sae.decode(vals, idx).permute(0, 3, 1, 2)
+        drop = torch.zeros_like(idx, dtype=torch.bool)
+        for j in neurons:
+            drop |= idx == j
+        ablated = sae.decode(vals.masked_fill(drop, 0.0), idx).permute(0, 3, 1, 2) + error
+        probs = diffc.eval()(torch.cat([x, ablated])).softmax(1)[:, target]
+    return float(probs[0] - probs[1])
+
+
+def test_concept_effects_are_exact_joint_removals_of_the_shown_neurons(toy_entry):
+    from revelio_hub.interpret.concept_effects import concept_effects, shown_neurons
+
+    entry, maps = toy_entry
+    atlas = entry.atlas
+    found = 0
+    for x in maps:
+        a = entry.attribute(x[None], top=16)[0]
+        shown = shown_neurons(a, atlas)
+        assert all(not bool(atlas.dense_mask[int(a.neurons[k])]) for k in shown)  # dense hidden by default
+        groups = concept_effects(entry.sae, entry.diffc, x, a, atlas)
+        for g in groups:
+            found += 1
+            # every member is a shown neuron whose summary names the group's value
+            assert all(any(e.column == g.column and e.value == g.value for e in atlas.explanation(j)) for j in g.neurons)
+            assert set(g.neurons) <= {int(a.neurons[k]) for k in shown}
+            assert g.effect_prob == pytest.approx(_remove_together(entry.sae, entry.diffc, x[None], g.neurons,
+                                                                   a.target), abs=2e-6)
+            singles = {int(a.neurons[k]): float(a.effects_prob[k]) for k in range(len(a))}
+            assert g.summed_prob == pytest.approx(sum(singles[j] for j in g.neurons), abs=1e-9)
+            change = -g.effect_prob
+            assert g.text(a.target_name) == (f"{g.column} = {g.value} neurons ({len(g.neurons)}): "
+                                            f"{'−' if change < 0 else '+'}{abs(change):.2f} of P({a.target_name}) "
+                                            "when removed")
+        assert [abs(g.effect_prob) for g in groups] == sorted((abs(g.effect_prob) for g in groups), reverse=True)
+    if atlas.calibration is not None or any(atlas.explanation(i) for i in range(atlas.num_neurons)):
+        assert found > 0  # the bundled release names values: some group must form on three images
+
+
+def test_sigma_label_is_shown_beside_its_chance_level():
+    from revelio_hub.app.analysis import sigma_label_note
+
+    class Stub:
+        summary_stats = {"sigma_label": 1.30, "sigma_label_neurons": 300, "sigma_label_shuffled": 1.36}
+
+    note = sigma_label_note(Stub())
+    assert "1.30" in note and "1.36" in note and "4% below chance" in note
+    Stub.summary_stats = {"sigma_label": 1.40, "sigma_label_neurons": 300, "sigma_label_shuffled": 1.36}
+    assert "not below chance" in sigma_label_note(Stub())
+    assert sigma_label_note(None) == ""
+
+
+def test_neuron_browser_shows_sigma_label_beside_chance():
+    """What the Neuron browser tab shows (Events.neuron_details renders the same markdown)."""
+    from revelio_hub.app import analysis as A
+    from revelio_hub.app.state import AppConfig, AppState
+    from revelio_hub.app.ui import Events
+
+    state = AppState.from_config(AppConfig(releases=[app_release_path()], feature_cache_size=2))
+    rel = state.get_release()
+    layer, t = rel.entries[0]
+    stats = rel.entry(layer, t).atlas.summary_stats
+    markdown, _, _ = Events(state).neuron_details(rel.name, layer, t, A.sorted_neurons(state, "", layer, t)[0][0])
+    assert f"σ_label of this layer: {stats['sigma_label']:.2f}" in markdown
+    assert f"shuffled labels on the same neurons: {stats['sigma_label_shuffled']:.2f}" in markdown
