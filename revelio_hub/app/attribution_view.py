@@ -56,13 +56,13 @@ class AttributionView:
     attribution: "Attribution"
     digest: str
     class_names: list[str] = field(default_factory=list)
-    #: The reliability verdict (as ``Analysis.ood``): a flagged image keeps its numbers, marked unreliable.
-    ood: Optional[dict[str, Any]] = None
     #: measured neurons that fire on most atlas images (hidden from the chart unless ``show_dense``)
     dense: set[int] = field(default_factory=set)
     show_dense: bool = False
     #: groups of shown neurons naming one value, removed together (largest effect first)
     concepts: list[ConceptEffect] = field(default_factory=list)
+    #: The reliability verdict (as ``Analysis.ood``): a flagged image keeps its numbers, marked unreliable.
+    ood: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``/attribute_json`` payload (``reliable``/``reasons`` as ``/analyze_json``'s)."""
@@ -151,8 +151,8 @@ def _attribute(rel: LoadedRelease, entry: Any, layer: str, t: int, fmap: Any, di
     dense = ({int(j) for j in result.neurons.tolist() if bool(atlas.dense_mask[int(j)])}
              if atlas is not None else set())
     concepts = concept_effects(entry.sae, entry.diffc, fmap, result, atlas, include_dense=bool(show_dense))
-    return AttributionView(rel.name, layer, t, result, digest, list(entry.diffc.class_names), dense,
-                           bool(show_dense), concepts)
+    return AttributionView(rel.name, layer, t, result, digest, class_names=list(entry.diffc.class_names),
+                           dense=dense, show_dense=bool(show_dense), concepts=concepts)
 
 
 @dataclass
