@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Atlas building: streaming per-neuron top-N (ours) vs the seed-style dense activation matrix.
+"""Atlas building: streaming per-neuron top-N (ours) vs the original-style dense activation matrix.
 
-The seed computes every image's activations into one N × n_latents matrix and
+The original Revelio code computes every image's activations into one N × n_latents matrix and
 takes ``topk`` over images; at 100k images × 81,920 latents that matrix is
 32.8 GB (fp32). Ours merges each batch's top-N into a running top-N, so memory
 is O(n_latents × (top_n + batch)) whatever N is. This script times both on the
@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     timings = {}
     results = {}
-    for name, fn in (("seed_style_dense", seed_style), ("ours_streaming", ours)):
+    for name, fn in (("original_style_dense", seed_style), ("ours_streaming", ours)):
         best = float("inf")
         for _ in range(args.repeats):
             sync()
@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace) -> dict:
             best = min(best, time.perf_counter() - t0)
         timings[name] = best
 
-    rows, vals, _ = results["seed_style_dense"]
+    rows, vals, _ = results["original_style_dense"]
     atlas = results["ours_streaming"]
     fired = vals > 0
     same = torch.equal(atlas.stats["top_image_ids"], torch.where(fired, rows, torch.full_like(rows, -1)))
@@ -89,11 +89,11 @@ def measure(args: argparse.Namespace) -> dict:
         "n_latents": args.n_latents,
         "d_in": args.d_in,
         "batch_size": args.batch_size,
-        "seed_style_s": round(timings["seed_style_dense"], 4),
+        "original_style_s": round(timings["original_style_dense"], 4),
         "ours_s": round(timings["ours_streaming"], 4),
-        "seed_style_img_per_s": round(args.images / timings["seed_style_dense"], 1),
+        "original_style_img_per_s": round(args.images / timings["original_style_dense"], 1),
         "ours_img_per_s": round(args.images / timings["ours_streaming"], 1),
-        "speed_ratio_ours_over_seed": round(timings["seed_style_dense"] / timings["ours_streaming"], 3),
+        "speed_ratio_ours_over_seed": round(timings["original_style_dense"] / timings["ours_streaming"], 3),
         "dense_matrix_gb": round(dense_bytes / 1e9, 3),
         "streaming_state_gb": round(stream_bytes / 1e9, 3),
         "memory_ratio_dense_over_ours": round(dense_bytes / stream_bytes, 2),

@@ -84,7 +84,7 @@ def median_flip(flips: list) -> tuple:
 
 
 def naive_top16(sae, diffc, x, neurons):
-    """Seed-style loop: for each neuron, zero it in the code, decode + error, one Diff-C forward each."""
+    """Original-style loop: for each neuron, zero it in the code, decode + error, one Diff-C forward each."""
     import torch
 
     with torch.no_grad():

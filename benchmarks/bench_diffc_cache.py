@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Diff-C training from cached features vs ``--online`` (the seed's way), same data, one run.
+"""Diff-C training from cached features vs ``--online`` (the original Revelio code's way), same data, one run.
 
 Both modes train the same head on the same images with the same backbone: a
 randomly initialised toy pixel-space UNet (``revelio_hub.toy``; the SD

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Feature extraction speed: seed-style baseline vs ``Backbone.extract``, same inputs, same run.
+"""Feature extraction speed: original-style baseline vs ``Backbone.extract``, same inputs, same run.
 
 Builds an SD1.5-architecture UNet and VAE with random weights (the real
 checkpoint's configs, so the FLOPs match; ``--small`` shrinks the widths for
@@ -8,7 +8,7 @@ CPUs) and times two workloads:
 * sweep: 3 timesteps × 2 layers (``bottleneck``, ``up_ft1``);
 * single: ``bottleneck`` at t = 25.
 
-The seed-style baseline does what the paper's code does per (layer, t): VAE
+The original-style baseline does what the paper's code does per (layer, t): VAE
 encode, fresh random noise, a full fp32 UNet forward with a hook. Our path
 encodes once per batch, captures all layers in one pass that stops after the
 deepest one, runs channels_last, and on CUDA bf16 (``--compile`` also compiles
@@ -81,8 +81,8 @@ def build_models(small: bool):
     return unet, vae
 
 
-class SeedStyleExtractor:
-    """The seed code's per-call path: encode, fresh noise, full fp32 forward, hook one block."""
+class OriginalStyleExtractor:
+    """The original Revelio code's per-call path: encode, fresh noise, full fp32 forward, hook one block."""
 
     def __init__(self, unet, vae, scheduler, context: torch.Tensor, device: torch.device):
         from diffusers import DDPMScheduler
@@ -180,13 +180,13 @@ def main() -> None:
     pixels = torch.rand(n_images, 3, image_size, image_size, generator=generator) * 2 - 1
     batches_cpu = list(pixels.split(batch_size))
 
-    seed = SeedStyleExtractor(unet, vae, scheduler, context, device)
+    original = OriginalStyleExtractor(unet, vae, scheduler, context, device)
 
-    def run_seed(layers, timesteps):
+    def run_original(layers, timesteps):
         for layer in layers:
             for t in timesteps:
                 for chunk in batches_cpu:
-                    seed(chunk, layer, t)
+                    original(chunk, layer, t)
 
     dtype = torch.bfloat16 if cuda and not args.no_bf16 else torch.float32
     # Our backbone gets its own copies: it may cast them to bf16 / channels_last.
@@ -198,13 +198,13 @@ def main() -> None:
         ours.compile()  # VAE encoder + the UNet's modules inside each block (hooks stay eager)
 
     workloads = {"sweep": (SWEEP_LAYERS, SWEEP_TIMESTEPS), "single": (("bottleneck",), (25,))}
-    seed_s, our_s, seed_cpu, our_cpu = {}, {}, {}, {}
+    original_s, our_s, original_cpu, our_cpu = {}, {}, {}, {}
     for name, (layers, timesteps) in workloads.items():
         times = timed_pair({
-            "seed": lambda l=layers, t=timesteps: run_seed(l, t),
+            "original": lambda l=layers, t=timesteps: run_original(l, t),
             "ours": lambda l=layers, t=timesteps: ours.extract_pixels(pixels, l, t, batch_size=batch_size),
         }, device, repeats)
-        (seed_s[name], seed_cpu[name]), (our_s[name], our_cpu[name]) = times["seed"], times["ours"]
+        (original_s[name], original_cpu[name]), (our_s[name], our_cpu[name]) = times["original"], times["ours"]
 
     results = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -216,10 +216,10 @@ def main() -> None:
     for name, (layers, timesteps) in workloads.items():
         entry = {
             "layers": list(layers), "timesteps": list(timesteps),
-            "seed_style_img_s": n_images / seed_s[name], "ours_img_s": n_images / our_s[name],
-            "ratio": seed_s[name] / our_s[name],
-            "seed_style_cpu_s": seed_cpu[name], "ours_cpu_s": our_cpu[name],
-            "cpu_time_ratio": seed_cpu[name] / our_cpu[name],
+            "original_style_img_s": n_images / original_s[name], "ours_img_s": n_images / our_s[name],
+            "ratio": original_s[name] / our_s[name],
+            "original_style_cpu_s": original_cpu[name], "ours_cpu_s": our_cpu[name],
+            "cpu_time_ratio": original_cpu[name] / our_cpu[name],
         }
         if cuda and not args.small:
             limit = flop_limit_img_s(image_size, layers, timesteps)
@@ -233,7 +233,7 @@ def main() -> None:
     print(f"device {results['device']}  " + "  ".join(f"{k}={v}" for k, v in results["config"].items()))
     for name in workloads:
         e = results[name]
-        line = (f"{name:6s} {'+'.join(e['layers'])} × t{e['timesteps']}: seed-style {e['seed_style_img_s']:.2f} img/s, "
+        line = (f"{name:6s} {'+'.join(e['layers'])} × t{e['timesteps']}: original-style {e['original_style_img_s']:.2f} img/s, "
                 f"ours {e['ours_img_s']:.2f} img/s, ratio {e['ratio']:.2f}× (process CPU-time ratio "
                 f"{e['cpu_time_ratio']:.2f}×)")
         if "fraction_of_flop_limit" in e:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""k-SAE training throughput: our trainer against a seed-style trainer, same data, same steps, one run.
+"""k-SAE training throughput: our trainer against a original-style trainer, same data, same steps, one run.
 
-The seed-style baseline is written out here (fp32, TopK without ReLU, the code
+The original-style baseline is written out here (fp32, TopK without ReLU, the code
 scattered into a dense N × n_latents matrix, dense matmul decode, plain
 autograd, batch-variance-normalised MSE, unit-norm decoder, no AuxK). Ours is
 :func:`revelio_hub.sae.training.train_sae` (sparse TopK backward, embedding_bag
@@ -59,8 +59,8 @@ def make_data(n: int, d: int, seed: int):
     return coef @ atoms + 2.0 * torch.randn(d, generator=g)
 
 
-def seed_style_train(x, steps: int, batch: int, n_latents: int, k: int, lr: float, seed: int, device):
-    """The baseline: the seed's step, written out (dense everything, fp32, plain autograd)."""
+def original_style_train(x, steps: int, batch: int, n_latents: int, k: int, lr: float, seed: int, device):
+    """The baseline: the original Revelio code's step, written out (dense everything, fp32, plain autograd)."""
     import torch
 
     d = x.shape[1]
@@ -128,8 +128,8 @@ def main(argv=None) -> int:
         return 2
 
     # ---- seed style (a short warm-up run first, then the timed one)
-    seed_style_train(train_x, args.warmup, args.batch_size, n_latents, args.k, args.lr, args.seed, device)
-    base_s, base_recon = seed_style_train(train_x, args.steps, args.batch_size, n_latents, args.k, args.lr, args.seed, device)
+    original_style_train(train_x, args.warmup, args.batch_size, n_latents, args.k, args.lr, args.seed, device)
+    base_s, base_recon = original_style_train(train_x, args.steps, args.batch_size, n_latents, args.k, args.lr, args.seed, device)
     base_fvu = metrics.fvu(held_out, base_recon(held_out))
 
     # ---- ours (same data, steps, batch, lr; paper settings otherwise)
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
         "k": args.k,
         "batch_size": args.batch_size,
         "steps": args.steps,
-        "seed_style_samples_per_s": n / base_s,
-        "seed_style_heldout_fvu": base_fvu,
+        "original_style_samples_per_s": n / base_s,
+        "original_style_heldout_fvu": base_fvu,
     }
     for precision in variants:
         ours(args.warmup, precision)

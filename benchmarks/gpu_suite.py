@@ -10,13 +10,13 @@ step runs) and under its own share of ``--budget-s`` (``suite_runner.py``):
 
 0. ``models``: writes the two model folders (time and size), so that their
    cost does not eat into the extraction step's cap;
-1. ``extract``: seed-style (fp32, full UNet, hook) vs ``Backbone.extract_pixels``
+1. ``extract``: original-style (fp32, full UNet, hook) vs ``Backbone.extract_pixels``
    (bf16 on CUDA, channels_last, early exit; then ``Backbone.compile``, cold and
    warm) for ``bottleneck`` and ``up_ft1`` at 512 px and ``bottleneck`` at 256 px,
    batch 32, plus DiT-XL/2 at 256 px: img/s, and GFLOP/s from FLOPs counted once
    per config with ``torch.utils.flop_counter`` (logic of ``bench_extract.py``);
 2. ``ksae``: the k-SAE training step at paper size (d_in 1280, 81,920 latents,
-   k 32, batch 8192), seed-style fp32 dense vs ``train_sae``: samples/s, peak
+   k 32, batch 8192), original-style fp32 dense vs ``train_sae``: samples/s, peak
    memory, held-out FVU after the same number of steps (``bench_ksae.py``);
 3. ``diffc``: one epoch of cached-feature Diff-C training on 512-px ``up_ft1``
    maps (1280×32×32), images/s;
@@ -277,7 +277,7 @@ def step_models(ctx: Context, rec: StepRecord) -> None:
 
 def step_extract(ctx: Context, rec: StepRecord) -> None:
     import torch
-    from bench_extract import SeedStyleExtractor, timed_pair
+    from bench_extract import OriginalStyleExtractor, timed_pair
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
     import paper_models
@@ -293,13 +293,13 @@ def step_extract(ctx: Context, rec: StepRecord) -> None:
     big = not ctx.small
     eager_need = 15.0 if big else 0.5
 
-    # Seed style: the components in fp32, loaded as the seed loads them, one full UNet pass per (layer, t).
+    # Original style: the components in fp32, loaded as the original Revelio code loads them, one full UNet pass per (layer, t).
     unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(sd, subfolder="vae").eval()
     scheduler = PNDMScheduler.from_pretrained(sd, subfolder="scheduler")
     ours = {px: load_backbone(str(sd), device=dev, dtype=dtype, image_size=px, channels_last=True)
             for px in (S.hi_px, S.lo_px)}
-    seed = SeedStyleExtractor(unet, vae, scheduler, ours[S.hi_px].conditioning["prompt_embeds"], dev)
+    original = OriginalStyleExtractor(unet, vae, scheduler, ours[S.hi_px].conditioning["prompt_embeds"], dev)
     configs = [(S.hi_px, "bottleneck"), (S.hi_px, "up_ft1"), (S.lo_px, "bottleneck")]
     pixels = {px: torch.rand(bs, 3, px, px, generator=torch.Generator().manual_seed(px)) * 2 - 1
               for px in (S.hi_px, S.lo_px)}
@@ -312,21 +312,21 @@ def step_extract(ctx: Context, rec: StepRecord) -> None:
         key = f"{layer}@{px}px"
         if not rec.fits(eager_need, f"{key} eager"):
             continue
-        seed_fn = lambda px=px, layer=layer: seed(pixels[px], layer, t)  # noqa: E731
-        seed_gf = count_flops(seed_fn) / bs / 1e9
+        original_fn = lambda px=px, layer=layer: original(pixels[px], layer, t)  # noqa: E731
+        original_gf = count_flops(original_fn) / bs / 1e9
         gflop[key] = count_flops(ours_fn(px, layer)) / bs / 1e9
-        times = timed_pair({"seed": seed_fn, "ours": ours_fn(px, layer)}, dev, S.repeats)
-        seed_ips, ours_ips = bs / times["seed"][0], bs / times["ours"][0]
+        times = timed_pair({"original": original_fn, "ours": ours_fn(px, layer)}, dev, S.repeats)
+        original_ips, ours_ips = bs / times["original"][0], bs / times["ours"][0]
         goal = GOAL_EXTRACT if (big and key == "bottleneck@512px") else None
-        rec.add(f"{key} seed-style fp32", seed_ips, "img/s")
-        rec.add(f"{key} seed-style", seed_ips * seed_gf, "GFLOP/s", note=f"{seed_gf:.1f} GFLOP/img counted")
+        rec.add(f"{key} original-style fp32", original_ips, "img/s")
+        rec.add(f"{key} original-style", original_ips * original_gf, "GFLOP/s", note=f"{original_gf:.1f} GFLOP/img counted")
         rec.add(f"{key} ours {tag} eager", ours_ips, "img/s", goal=goal)
         rec.add(f"{key} ours eager", ours_ips * gflop[key], "GFLOP/s", note=f"{gflop[key]:.1f} GFLOP/img counted")
-        rec.add(f"{key} eager speed-up", ours_ips / seed_ips, "x")
-    del seed, unet, vae
+        rec.add(f"{key} eager speed-up", ours_ips / original_ips, "x")
+    del original, unet, vae
     ctx.free()
 
-    # DiT-XL/2 at 256 px (our path; the seed code has no DiT extractor).
+    # DiT-XL/2 at 256 px (our path; the original Revelio code has no DiT extractor).
     if rec.fits(eager_need, "DiT eager"):
         dit_folder = ctx.folder("dit")
         dit = load_backbone(str(dit_folder), device=dev, dtype=dtype, image_size=S.dit_px, channels_last=True)
@@ -397,13 +397,13 @@ def step_ksae(ctx: Context, rec: StepRecord) -> None:
     rec.notes.append(f"d_in {S.ksae_d}, {S.ksae_latents} latents, k {S.ksae_k}, batch {S.ksae_batch}, "
                      f"{S.ksae_steps} timed steps each")
 
-    bench_ksae.seed_style_train(train_x, S.ksae_warmup, S.ksae_batch, S.ksae_latents, S.ksae_k, lr, 0, dev)
+    bench_ksae.original_style_train(train_x, S.ksae_warmup, S.ksae_batch, S.ksae_latents, S.ksae_k, lr, 0, dev)
     ctx.reset_peak()
-    seconds, reconstruct = bench_ksae.seed_style_train(train_x, S.ksae_steps, S.ksae_batch, S.ksae_latents,
+    seconds, reconstruct = bench_ksae.original_style_train(train_x, S.ksae_steps, S.ksae_batch, S.ksae_latents,
                                                        S.ksae_k, lr, 0, dev)
-    rec.add("seed-style fp32 dense", samples / seconds, "samples/s")
-    rec.add("seed-style peak memory", ctx.peak_gib(), "GiB", note=mem_note)
-    rec.add("seed-style held-out FVU", metrics.fvu(held_out, reconstruct(held_out)), "FVU")
+    rec.add("original-style fp32 dense", samples / seconds, "samples/s")
+    rec.add("original-style peak memory", ctx.peak_gib(), "GiB", note=mem_note)
+    rec.add("original-style held-out FVU", metrics.fvu(held_out, reconstruct(held_out)), "FVU")
     del reconstruct
     ctx.free()
 
@@ -422,7 +422,7 @@ def step_ksae(ctx: Context, rec: StepRecord) -> None:
     rec.add("ours (train_sae)", ips, "samples/s", goal=None if ctx.small else GOAL_KSAE)
     rec.add("ours peak memory", ctx.peak_gib(), "GiB", note=mem_note)
     rec.add("ours held-out FVU", evaluate_sae(result.model.to(dev), held_out, batch_size=S.ksae_batch)["fvu"], "FVU")
-    rec.add("speed-up", ips / rec.figures["seed-style fp32 dense"].value, "x")
+    rec.add("speed-up", ips / rec.figures["original-style fp32 dense"].value, "x")
 
 
 # ------------------------------------------------------------------ 3. Diff-C epoch
@@ -463,9 +463,9 @@ def step_atlas(ctx: Context, rec: StepRecord) -> None:
         "--k", str(S.ksae_k), "--batch-size", str(S.atlas_batch), "--device", str(ctx.device), "--repeats", "2"])
     report = bench_atlas.measure(args)
     rec.add(f"ours streaming, {S.ksae_latents} latents", report["ours_img_per_s"], "img/s")
-    rec.add("seed-style dense N x n_latents", report["seed_style_img_per_s"], "img/s")
+    rec.add("original-style dense N x n_latents", report["original_style_img_per_s"], "img/s")
     rec.add("dense matrix at 100k images", report["dense_matrix_gb_at_100k_images"], "GB",
-            note="what the seed-style path would hold")
+            note="what the original-style path would hold")
     if not report["same_top_images"]:
         raise AssertionError("the streaming atlas picked other top images than the dense baseline")
 
@@ -651,9 +651,9 @@ def build_steps(ctx: Context) -> list[Step]:
     return [
         Step("models", "SD-1.5 and DiT-XL/2 folders, random weights", lambda r: step_models(ctx, r),
              share=0.10, skip=needs("models")),
-        Step("extract", "extraction: seed-style vs ours, eager and compiled", lambda r: step_extract(ctx, r),
+        Step("extract", "extraction: original-style vs ours, eager and compiled", lambda r: step_extract(ctx, r),
              share=0.35, skip=needs("extract")),
-        Step("ksae", "k-SAE training step: seed-style vs train_sae", lambda r: step_ksae(ctx, r), share=0.15,
+        Step("ksae", "k-SAE training step: original-style vs train_sae", lambda r: step_ksae(ctx, r), share=0.15,
              skip=needs("ksae")),
         Step("diffc", "Diff-C: one epoch on cached up_ft1 maps", lambda r: step_diffc(ctx, r), share=0.07,
              skip=needs("diffc")),

@@ -1,6 +1,6 @@
 """Cached feature stores: extract diffusion features once, train on them many times.
 
-The seed code recomputed diffusion features every epoch; here one extraction
+The original Revelio code recomputed diffusion features every epoch; here one extraction
 writes a *store* (a directory for one dataset split) that the k-SAE, Diff-C and
 atlas stages read back as tensors or as a :class:`datasets.Dataset`.
 

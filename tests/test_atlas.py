@@ -412,7 +412,7 @@ def test_atlas_sigma_label_is_the_originals_on_pre_topk_activations(tmp_path):
     b_dec = x.mean(0)
     torch.save({"state_dict": {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": b_dec}, "k": k},
                tmp_path / "original.pt")
-    sae = KSparseAutoencoder.from_seed_checkpoint(tmp_path / "original.pt")  # relu=False, no input_norm
+    sae = KSparseAutoencoder.from_original_checkpoint(tmp_path / "original.pt")  # relu=False, no input_norm
     assert not sae.relu and sae.input_norm is None
 
     expected = _original_sigma_label(x, labels, w_enc, b_enc, b_dec)

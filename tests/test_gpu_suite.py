@@ -53,12 +53,12 @@ def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     extract = steps["extract"]["figures"]
     for layer, px in (("bottleneck", 128), ("up_ft1", 128), ("bottleneck", 64)):
         key = f"{layer}@{px}px"
-        assert extract[f"{key} seed-style fp32"]["unit"] == "img/s"
+        assert extract[f"{key} original-style fp32"]["unit"] == "img/s"
         assert extract[f"{key} ours fp32 eager"]["unit"] == "img/s"
         assert extract[f"{key} ours eager"]["unit"] == "GFLOP/s"
     assert extract["bottleneck@128px compile cold"]["unit"] == "s"
     assert any(k.startswith("DiT block") for k in extract)
-    for key in ("seed-style fp32 dense", "ours (train_sae)", "ours held-out FVU", "seed-style held-out FVU"):
+    for key in ("original-style fp32 dense", "ours (train_sae)", "ours held-out FVU", "original-style held-out FVU"):
         assert key in steps["ksae"]["figures"]
     assert {"/analyze_json new image p50", "/analyze_json new image p95"} <= set(steps["app"]["figures"])
 

@@ -1,4 +1,4 @@
-"""k-SAE: model API, loading, seed import, sparse kernels and the trainer (offline, CPU, seconds)."""
+"""k-SAE: model API, loading, import of the original Revelio code's checkpoints, sparse kernels and the trainer (offline, CPU, seconds)."""
 
 import json
 import os
@@ -164,15 +164,15 @@ def _seed_config_module():
     """A stand-in for the paper's ``SD-kSAE/training/config.py``: same module path, class name and fields.
 
     Pickle records a class by ``module.qualname``, so a file written with this
-    class is byte-for-byte what the seed's ``save_model`` writes for the same values.
+    class is byte-for-byte what the original Revelio code's ``save_model`` writes for the same values.
     """
     import dataclasses
     import types
     from typing import Optional
 
     @dataclasses.dataclass
-    class SDSAERunnerConfig:  # fields, defaults and __post_init__ effects as in the seed (wandb left out)
-        image_size: int = 512,  # noqa: the seed's trailing comma makes these tuples
+    class SDSAERunnerConfig:  # fields, defaults and __post_init__ effects as in the original Revelio code (wandb left out)
+        image_size: int = 512,  # noqa: the original Revelio code's trailing comma makes these tuples
         num_sampling_steps: int = 25,
         vae: str = "mse"
         model_name: str = "openai/clip-vit-base-patch32"
@@ -223,7 +223,7 @@ def _seed_config_module():
 
 
 def _write_seed_checkpoint(path, monkeypatch, d_in, expansion, k, g):
-    """``KSparseAutoencoder.save_model`` of the seed: ``torch.save({"cfg": cfg, "state_dict": sd})``."""
+    """``KSparseAutoencoder.save_model`` of the original Revelio code: ``torch.save({"cfg": cfg, "state_dict": sd})``."""
     package, module = _seed_config_module()
     monkeypatch.setitem(sys.modules, "training", package)
     monkeypatch.setitem(sys.modules, "training.config", module)
@@ -231,7 +231,7 @@ def _write_seed_checkpoint(path, monkeypatch, d_in, expansion, k, g):
                                    model_name="pets/SDv1-5/timestep_25/mid_block", device="cpu")
     n = cfg.d_sae
 
-    class SeedSAE(torch.nn.Module):  # parameters registered in the seed's order
+    class OriginalSAE(torch.nn.Module):  # parameters registered in the original Revelio code's order
         def __init__(self):
             super().__init__()
             self.W_enc = torch.nn.Parameter(torch.randn(d_in, n, generator=g))
@@ -239,9 +239,9 @@ def _write_seed_checkpoint(path, monkeypatch, d_in, expansion, k, g):
             self.W_dec = torch.nn.Parameter(torch.randn(n, d_in, generator=g))  # rows not unit-norm
             self.b_dec = torch.nn.Parameter(torch.randn(d_in, generator=g))
 
-    sae = SeedSAE()
+    sae = OriginalSAE()
     torch.save({"cfg": cfg, "state_dict": sae.state_dict()}, path)
-    monkeypatch.delitem(sys.modules, "training.config")  # reading must not need the seed's code
+    monkeypatch.delitem(sys.modules, "training.config")  # reading must not need the original Revelio code's code
     monkeypatch.delitem(sys.modules, "training")
     return {name: p.detach() for name, p in sae.named_parameters()}
 
@@ -250,35 +250,35 @@ def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(1)
     d_in, k = 12, 5
     path = tmp_path / "final_k_sparse_autoencoder.pt"
-    seed_state = _write_seed_checkpoint(path, monkeypatch, d_in, 4, k, g)
+    original_state = _write_seed_checkpoint(path, monkeypatch, d_in, 4, k, g)
     x = torch.randn(20, d_in, generator=g)
 
-    # the seed's formula, written out: TopK without ReLU, dense decode
-    pre = (x - seed_state["b_dec"]) @ seed_state["W_enc"] + seed_state["b_enc"]
+    # the original Revelio code's formula, written out: TopK without ReLU, dense decode
+    pre = (x - original_state["b_dec"]) @ original_state["W_enc"] + original_state["b_enc"]
     top = pre.topk(k, dim=-1)
     z = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
-    seed_recon = z @ seed_state["W_dec"] + seed_state["b_dec"]
+    original_recon = z @ original_state["W_dec"] + original_state["b_dec"]
     assert (top.values < 0).any(), "test data should exercise negative top-k values"
 
-    exact = KSparseAutoencoder.from_seed_checkpoint(path)  # relu=False: the seed's activation; k from cfg
+    exact = KSparseAutoencoder.from_original_checkpoint(path)  # relu=False: the original Revelio code's activation; k from cfg
     assert (exact.k, exact.d_in, exact.n_latents) == (k, d_in, 4 * d_in)
-    assert torch.allclose(exact(x)[0], seed_recon, atol=1e-5)
+    assert torch.allclose(exact(x)[0], original_recon, atol=1e-5)
 
     # with our ReLU the two agree exactly on samples whose top-k values are all positive
-    ours = KSparseAutoencoder.from_seed_checkpoint(path, relu=True)
+    ours = KSparseAutoencoder.from_original_checkpoint(path, relu=True)
     positive = (top.values > 0).all(1)
     assert positive.any() and not positive.all()
-    assert torch.allclose(ours(x)[0][positive], seed_recon[positive], atol=1e-5)
-    assert not torch.allclose(ours(x)[0][~positive], seed_recon[~positive], atol=1e-3)
+    assert torch.allclose(ours(x)[0][positive], original_recon[positive], atol=1e-5)
+    assert not torch.allclose(ours(x)[0][~positive], original_recon[~positive], atol=1e-3)
 
-    from revelio_hub.sae.model import read_seed_checkpoint
+    from revelio_hub.sae.model import read_original_checkpoint
 
-    cfg = read_seed_checkpoint(path)["cfg"]
+    cfg = read_original_checkpoint(path)["cfg"]
     assert type(cfg) is dict and cfg["k"] == k and cfg["timestep"] == 25 and cfg["device"] == torch.device("cpu")
 
-    torch.save({"state_dict": {k_: v for k_, v in seed_state.items() if k_ != "b_enc"}, "k": k}, path)
+    torch.save({"state_dict": {k_: v for k_, v in original_state.items() if k_ != "b_enc"}, "k": k}, path)
     with pytest.raises(ValueError, match="b_enc"):
-        KSparseAutoencoder.from_seed_checkpoint(path)
+        KSparseAutoencoder.from_original_checkpoint(path)
 
 
 def test_seed_checkpoint_refuses_other_pickled_objects(tmp_path):
@@ -292,15 +292,15 @@ def test_seed_checkpoint_refuses_other_pickled_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"cfg": Exploit(), "state_dict": state}, path)
     with pytest.raises(ValueError, match="not loaded.*weights_only"):
-        KSparseAutoencoder.from_seed_checkpoint(path)
+        KSparseAutoencoder.from_original_checkpoint(path)
     assert not marker.exists()
 
     import argparse
 
-    # any other class (here training args, as seed scripts often store) is not unpickled either
+    # any other class (here training args, as training scripts often store) is not unpickled either
     torch.save({"cfg": argparse.Namespace(k=4), "state_dict": state}, path)
     with pytest.raises(ValueError, match="not loaded"):
-        KSparseAutoencoder.from_seed_checkpoint(path)
+        KSparseAutoencoder.from_original_checkpoint(path)
 
 
 # ---------------------------------------------------------------- kernels
@@ -494,7 +494,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, capsys):
 
 
 def test_batch_larger_than_the_data_uses_the_whole_set_per_step(tmp_path, caplog):
-    # as the seed's loader: every step sees all training samples; the step count is kept
+    # as the original Revelio code's loader: every step sees all training samples; the step count is kept
     x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0)).relu()
     with caplog.at_level("WARNING", logger="revelio_hub.sae.training"):
         r = train_sae(x, _small_cfg(eval_fraction=0.1), out_dir=tmp_path / "run", progress=False)

@@ -1,6 +1,6 @@
 """Deterministic per-image noise.
 
-The seed code draws fresh noise on every call, so the same image gives different
+The original Revelio code draws fresh noise on every call, so the same image gives different
 features each run. We instead derive a private random stream for every
 ``(seed, image_id, t, ensemble member)`` from a stable hash, generated on the
 CPU: an image's noise then does not depend on the batch it landed in, on the

@@ -59,7 +59,7 @@ class KSparseAutoencoder(
         input_norm: ``None`` or ``{"scale": s}``: inputs are multiplied by
             ``s`` before encoding and reconstructions divided by ``s``.
         relu: apply ReLU after TopK (ours, default). ``False`` reproduces the
-            original Revelio code's plain TopK (see :meth:`from_seed_checkpoint`).
+            original Revelio code's plain TopK (see :meth:`from_original_checkpoint`).
         training_recipe: name of the training recipe that produced the weights
             (``"paper"`` or ``"default"``, see :mod:`revelio_hub.training_recipes`);
             recorded in ``config.json``, ``None`` when unknown.
@@ -299,7 +299,7 @@ class KSparseAutoencoder(
         return f"d_in={self.d_in}, n_latents={self.n_latents}"
 
     @classmethod
-    def from_seed_checkpoint(
+    def from_original_checkpoint(
         cls,
         path: Union[str, Path],
         *,
@@ -310,40 +310,40 @@ class KSparseAutoencoder(
     ) -> "KSparseAutoencoder":
         """Import a ``.pt`` file written by the paper's code (``KSparseAutoencoder.save_model``).
 
-        The seed saves ``torch.save({"cfg": SDSAERunnerConfig(...), "state_dict": {W_enc,
+        The original Revelio code saves ``torch.save({"cfg": SDSAERunnerConfig(...), "state_dict": {W_enc,
         b_enc, W_dec, b_dec}})``, with ``k`` only inside ``cfg``. The file is read with
         ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers
-        only; the one extra class admitted is the seed's config, which becomes a plain
-        mapping (see :func:`read_seed_checkpoint`). Anything else in the pickle, such as
+        only; the one extra class admitted is the original Revelio code's config, which becomes a plain
+        mapping (see :func:`read_original_checkpoint`). Anything else in the pickle, such as
         a function call smuggled in by a malicious file, is refused with ``ValueError``.
 
-        The seed's layout is ``W_enc`` d_in×n, ``W_dec`` n×d_in, ``b_dec`` the
+        The original Revelio code's layout is ``W_enc`` d_in×n, ``W_dec`` n×d_in, ``b_dec`` the
         pre-encoder bias (our ``b_pre``). ``k`` comes from the checkpoint's config
-        unless given. The seed encodes ``z = TopK(W_encᵀ(x − b_dec) + b_enc)``
+        unless given. The original Revelio code encodes ``z = TopK(W_encᵀ(x − b_dec) + b_enc)``
         *without* a ReLU, so by default (``relu=False``) the imported model
         reproduces its reconstructions exactly. ``relu=True`` switches to our
         activation; the two agree whenever the k selected pre-activations are
         positive. Decoder rows are kept as stored (not renormalised), to keep
         reconstructions equal.
         """
-        ckpt = read_seed_checkpoint(path)
+        ckpt = read_original_checkpoint(path)
         state = ckpt.get("state_dict", ckpt)
-        seed_cfg = ckpt.get("cfg") if isinstance(ckpt.get("cfg"), dict) else {}
+        original_cfg = ckpt.get("cfg") if isinstance(ckpt.get("cfg"), dict) else {}
         if not isinstance(state, dict):
-            raise ValueError(f"{path} is not a seed k-SAE checkpoint (expected a dict with 'state_dict')")
+            raise ValueError(f"{path} is not a k-SAE checkpoint of the original Revelio code (expected a dict with 'state_dict')")
         need = ("W_enc", "W_dec", "b_enc", "b_dec")
         missing = [n for n in need if n not in state]
         if missing:
-            raise ValueError(f"{path} lacks seed tensors {missing}; found keys {sorted(state)}")
+            raise ValueError(f"{path} lacks the original Revelio code's tensors {missing}; found keys {sorted(state)}")
         w_enc, w_dec = state["W_enc"], state["W_dec"]
         d_in, n_latents = w_enc.shape
         if tuple(w_dec.shape) != (n_latents, d_in):
-            raise ValueError(f"seed W_dec has shape {tuple(w_dec.shape)}, expected {(n_latents, d_in)} from W_enc {tuple(w_enc.shape)}")
-        if seed_cfg.get("d_sae") not in (None, n_latents) or seed_cfg.get("d_in") not in (None, d_in):
-            raise ValueError(f"{path}: cfg says d_in={seed_cfg.get('d_in')}, d_sae={seed_cfg.get('d_sae')}, "
+            raise ValueError(f"W_dec has shape {tuple(w_dec.shape)}, expected {(n_latents, d_in)} from W_enc {tuple(w_enc.shape)}")
+        if original_cfg.get("d_sae") not in (None, n_latents) or original_cfg.get("d_in") not in (None, d_in):
+            raise ValueError(f"{path}: cfg says d_in={original_cfg.get('d_in')}, d_sae={original_cfg.get('d_sae')}, "
                              f"but W_enc has shape {tuple(w_enc.shape)}")
         if k is None:
-            stored = seed_cfg.get("k", ckpt.get("k"))
+            stored = original_cfg.get("k", ckpt.get("k"))
             if stored is None:
                 raise ValueError(f"{path} does not record k (no cfg.k); pass k=... (the paper uses 32)")
             k = int(stored)
@@ -357,11 +357,11 @@ class KSparseAutoencoder(
 
 
 #: Where the paper's code defines its run config (``SD-kSAE/training/config.py``).
-SEED_CONFIG_CLASS = "training.config.SDSAERunnerConfig"
+ORIGINAL_CONFIG_CLASS = "training.config.SDSAERunnerConfig"
 
 
-class _SeedConfig(dict):
-    """Stands in for the seed's ``SDSAERunnerConfig`` while unpickling: its fields become a plain dict.
+class _OriginalConfig(dict):
+    """Stands in for the original Revelio code's ``SDSAERunnerConfig`` while unpickling: its fields become a plain dict.
 
     The real class is never imported (it pulls in ``wandb`` and runs code in
     ``__post_init__``); pickle's BUILD hands the instance's ``__dict__`` to
@@ -372,33 +372,33 @@ class _SeedConfig(dict):
         if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ state)
             state = {**(state[0] or {}), **(state[1] or {})}
         if not isinstance(state, dict):
-            raise ValueError(f"unexpected state of the seed config: {type(state).__name__}")
+            raise ValueError(f"unexpected state of the original Revelio code's config: {type(state).__name__}")
         self.update(state)
 
 
-def read_seed_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a seed ``.pt`` file as tensors, plain containers and the seed config as a dict.
+def read_original_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """Read a ``.pt`` file of the original Revelio code as tensors, plain containers and the original Revelio code's config as a dict.
 
-    ``torch.load(weights_only=True)`` with one extra allowed global, the seed's
-    config class mapped to :class:`_SeedConfig`; every other global (``os.system``,
+    ``torch.load(weights_only=True)`` with one extra allowed global, the original Revelio code's
+    config class mapped to :class:`_OriginalConfig`; every other global (``os.system``,
     arbitrary classes, ...) makes the unpickler stop with an error, reported here
     as ``ValueError``. Nothing in the file is executed.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"seed checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.name.endswith(".pkl.gz"):
-        raise ValueError(f"{path}: the seed's .pkl.gz format is a plain pickle and is not read; save it as .pt")
+        raise ValueError(f"{path}: the original Revelio code's .pkl.gz format is a plain pickle and is not read; save it as .pt")
     try:
-        with torch.serialization.safe_globals([(_SeedConfig, SEED_CONFIG_CLASS)]):
+        with torch.serialization.safe_globals([(_OriginalConfig, ORIGINAL_CONFIG_CLASS)]):
             ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError and friends: refuse, never fall back to a full unpickle
         raise ValueError(
-            f"{path} holds objects other than tensors, plain containers and the seed's {SEED_CONFIG_CLASS}, "
+            f"{path} holds objects other than tensors, plain containers and the original Revelio code's {ORIGINAL_CONFIG_CLASS}, "
             f"so it is not loaded (read with torch.load(weights_only=True)): {exc}"
         ) from exc
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a seed k-SAE checkpoint (expected a dict, got {type(ckpt).__name__})")
-    if isinstance(ckpt.get("cfg"), _SeedConfig):
+        raise ValueError(f"{path} is not a k-SAE checkpoint of the original Revelio code (expected a dict, got {type(ckpt).__name__})")
+    if isinstance(ckpt.get("cfg"), _OriginalConfig):
         ckpt = {**ckpt, "cfg": dict(ckpt["cfg"])}
     return ckpt
