@@ -222,7 +222,7 @@ def _seed_config_module():
     return package, module
 
 
-def _write_seed_checkpoint(path, monkeypatch, d_in, expansion, k, g):
+def _write_original_checkpoint(path, monkeypatch, d_in, expansion, k, g):
     """``KSparseAutoencoder.save_model`` of the original Revelio code: ``torch.save({"cfg": cfg, "state_dict": sd})``."""
     package, module = _seed_config_module()
     monkeypatch.setitem(sys.modules, "training", package)
@@ -246,11 +246,11 @@ def _write_seed_checkpoint(path, monkeypatch, d_in, expansion, k, g):
     return {name: p.detach() for name, p in sae.named_parameters()}
 
 
-def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path, monkeypatch):
+def test_original_checkpoint_import_reproduces_its_formula(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(1)
     d_in, k = 12, 5
     path = tmp_path / "final_k_sparse_autoencoder.pt"
-    original_state = _write_seed_checkpoint(path, monkeypatch, d_in, 4, k, g)
+    original_state = _write_original_checkpoint(path, monkeypatch, d_in, 4, k, g)
     x = torch.randn(20, d_in, generator=g)
 
     # the original Revelio code's formula, written out: TopK without ReLU, dense decode
@@ -281,7 +281,7 @@ def test_seed_checkpoint_import_reproduces_seed_formula(tmp_path, monkeypatch):
         KSparseAutoencoder.from_original_checkpoint(path)
 
 
-def test_seed_checkpoint_refuses_other_pickled_objects(tmp_path):
+def test_original_checkpoint_refuses_other_pickled_objects(tmp_path):
     marker = tmp_path / "pwned"
 
     class Exploit:
