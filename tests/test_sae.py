@@ -160,7 +160,7 @@ def test_strict_loading_rejects_missing_and_extra_tensors(tmp_path):
         KSparseAutoencoder.from_pretrained(tmp_path / "sae")
 
 
-def _seed_config_module():
+def _original_config_module():
     """A stand-in for the paper's ``SD-kSAE/training/config.py``: same module path, class name and fields.
 
     Pickle records a class by ``module.qualname``, so a file written with this
@@ -224,7 +224,7 @@ def _seed_config_module():
 
 def _write_original_checkpoint(path, monkeypatch, d_in, expansion, k, g):
     """``KSparseAutoencoder.save_model`` of the original Revelio code: ``torch.save({"cfg": cfg, "state_dict": sd})``."""
-    package, module = _seed_config_module()
+    package, module = _original_config_module()
     monkeypatch.setitem(sys.modules, "training", package)
     monkeypatch.setitem(sys.modules, "training.config", module)
     cfg = module.SDSAERunnerConfig(d_in=d_in, expansion_factor=expansion, k=k, timestep=25, log_to_wandb=False,
