@@ -7,7 +7,8 @@
 # It downloads the missing wheels (python 3.12, manylinux x86_64; pinned in gpu_suite.py's
 # DEVICE_WHEELS) into wheels/ (git-ignored), checks that every requirement of those wheels is either
 # among them or already on the GPU image (DEVICE_HAS below), checks that the working tree plus
-# wheels/ stay under the 64 MiB a device call carries, and prints the command to run on the GPU.
+# wheels/ stay under MAX_MIB (default 64; set it to the upload limit of your GPU machine, if any), and prints
+# the command to run on the GPU.
 # Options: PYTHON_VERSION=3.11 bash benchmarks/gpu_suite.sh   (another python on the GPU machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,8 @@ echo "+ $cmd" >&2
 eval "$cmd -q"
 
 # Every non-optional requirement of a carried wheel must be carried too or be on the GPU image.
-# DEVICE_HAS: the GPU image's packages as the device notes list them (2026-11-17).
+# DEVICE_HAS: the packages the target GPU image already has (edit for yours; this list: a stock PyTorch +
+# transformers image).
 DEVICE_HAS="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi
 charset-normalizer click cloudpickle colorama contourpy cycler filelock fonttools frozenlist fsspec h11 hf-xet
 httpcore httpx huggingface-hub idna jinja2 markdown-it-py markupsafe matplotlib mdurl networkx numpy packaging
@@ -66,8 +68,8 @@ EOF
 tree_kib=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -ck 2>/dev/null | tail -1 | cut -f1)
 wheel_kib=$(du -sk "$WHEELS" | cut -f1)
 total_mib=$(( (tree_kib + wheel_kib) / 1024 ))
-echo "working tree ${tree_kib} KiB + $WHEELS/ ${wheel_kib} KiB = ${total_mib} MiB (a device call carries at most 64 MiB)" >&2
-if (( total_mib >= 64 )); then
+echo "working tree ${tree_kib} KiB + $WHEELS/ ${wheel_kib} KiB = ${total_mib} MiB (limit MAX_MIB=${MAX_MIB:-64})" >&2
+if (( total_mib >= ${MAX_MIB:-64} )); then
     echo "too large: carry only the diffusers wheel (the app step is then skipped)" >&2
     exit 1
 fi
@@ -75,7 +77,7 @@ fi
 install=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_suite; print(gpu_suite.wheel_install_command())")
 cat <<EOT
 
-On the GPU machine, in the repo root (wheels/ carried along; with the device tool: carry ["wheels"]):
+On the GPU machine, in the repo root (copy wheels/ along with the repository):
 
   $install && PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --json \${OUT:-.}/gpu_suite.json
 

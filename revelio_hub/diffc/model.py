@@ -60,7 +60,6 @@ class DiffC(
     library_name="revelio-hub",
     tags=["revelio-hub", "diffusion-features", "image-classification", "diff-c"],
     pipeline_tag="image-classification",
-    repo_url="https://github.com/revelio-hub/revelio-hub",
 ):
     """Classifier head over a diffusion block's feature map.
 

@@ -39,7 +39,6 @@ class KSparseAutoencoder(
     StrictHubMixin,
     library_name="revelio-hub",
     tags=["sparse-autoencoder", "k-sparse-autoencoder", "interpretability", "diffusion-features"],
-    repo_url="https://github.com/revelio-hub/revelio-hub",
     # a FeatureRecipe passed as ``recipe`` is written to config.json as its dict
     coders={FeatureRecipe: (lambda r: r.to_dict(), FeatureRecipe.from_dict)},
 ):
