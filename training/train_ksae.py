@@ -44,7 +44,7 @@ cosine), metrics.jsonl, train_config.json.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.sae.training import SAETrainConfig
-    from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES
+    from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES, SAE_VARIANTS
 
     d = SAETrainConfig()
     p = argparse.ArgumentParser(
@@ -86,8 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and counts as batch-size samples, as in the original Revelio code (default: %(default)s).")
     length.add_argument("--steps", type=int, default=None,
                         help="Training steps (overrides --samples; default: samples / batch size).")
-    m.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s).")
-    m.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="Linear warm-up (default: %(default)s).")
+    m.add_argument("--variant", choices=list(SAE_VARIANTS), default=None,
+                   help="Sparsity rule: topk (the paper), batchtopk, matryoshka or multitopk; see "
+                        "revelio_hub.sae.variants (default: the recipe's).")
+    m.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: the recipe's; paper: 4e-4, default: scaled to the dictionary "
+                        "size and run length, revelio_hub.sae.schedule).")
+    m.add_argument("--warmup-steps", type=int, default=None,
+                   help="Linear warm-up (default: the recipe's; paper: 500, default: a share of the run).")
     m.add_argument("--lr-decay-fraction", type=float, default=d.lr_decay_fraction,
                    help="Final fraction of training with linear decay to 0 (default: %(default)s).")
     m.add_argument("--aux-k", type=int, default=None,
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             lr_decay_fraction=args.lr_decay_fraction, aux_k=args.aux_k, aux_coef=args.aux_coef,
             dead_window=args.dead_window, b_pre_init=args.b_pre_init, normalize_input=False if args.no_normalize_input else None,
             eval_fraction=args.eval_fraction, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-            seed=args.seed, mixed_precision=args.mixed_precision,
+            seed=args.seed, mixed_precision=args.mixed_precision, variant=args.variant,
         )
         if args.no_resume and (Path(args.out) / "checkpoint").exists() and not args.overwrite:
             raise ValueError(f"{args.out} has a checkpoint; drop --no-resume to continue it or add --overwrite")

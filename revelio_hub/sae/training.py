@@ -50,7 +50,9 @@ from safetensors.torch import load_file, save_file
 from revelio_hub.interpret import metrics as M
 from revelio_hub.sae.model import KSparseAutoencoder
 from revelio_hub.training_recipes import DEFAULT_RECIPE, SAERecipe, get_recipe
-from revelio_hub.sae.kernels import sparse_decode, topk_encode
+from revelio_hub.sae.kernels import sparse_decode
+from revelio_hub.sae.schedule import auto_lr, auto_warmup
+from revelio_hub.sae.variants import encode_for_training, update_threshold
 
 __all__ = [
     "SAETrainConfig",
@@ -92,8 +94,9 @@ class SAETrainConfig:
         batch_size: global batch (split evenly across processes).
         total_samples: training length in samples (83.9M in the paper); ``steps`` overrides it.
         steps: training length in optimizer steps.
-        lr: Adam learning rate after warm-up.
-        warmup_steps: linear warm-up length.
+        lr: Adam learning rate after warm-up (``None``: the recipe's; the default recipe's is
+            scaled to the dictionary size and run length, :func:`revelio_hub.sae.schedule.auto_lr`).
+        warmup_steps: linear warm-up length (``None``: the recipe's; default recipe: :func:`~revelio_hub.sae.schedule.auto_warmup`).
         lr_decay_fraction: final fraction of training with linear decay to 0 (0 = constant, the paper).
         adam_betas / adam_eps: Adam settings.
         aux_k: latents in the AuxK code (default d_in // 2, as OpenAI) when ``auxk`` is on.
@@ -113,7 +116,7 @@ class SAETrainConfig:
         log_every: steps between log lines.
         seed: seeds the init, the split and the batch order.
         normalize_input, init, relu, auxk, eval_fraction, loss_norm, warmup_offset, decoder_renorm,
-        drop_last, mixed_precision: the recipe's choices (see :class:`~revelio_hub.training_recipes.SAERecipe`);
+        drop_last, mixed_precision, variant: the recipe's choices (see :class:`~revelio_hub.training_recipes.SAERecipe`);
             ``None`` takes the recipe's.
     """
 
@@ -124,8 +127,8 @@ class SAETrainConfig:
     batch_size: int = 8192
     total_samples: int = 83_886_080
     steps: Optional[int] = None
-    lr: float = 4e-4
-    warmup_steps: int = 500
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
     lr_decay_fraction: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -148,6 +151,7 @@ class SAETrainConfig:
     decoder_renorm: Optional[str] = None
     drop_last: Optional[bool] = None
     mixed_precision: Optional[str] = None
+    variant: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
@@ -350,6 +354,17 @@ def _adam(model: KSparseAutoencoder, cfg: SAETrainConfig) -> torch.optim.Adam:
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
 
 
+def _with_schedule(cfg: SAETrainConfig, n_latents: int) -> SAETrainConfig:
+    """``cfg`` with a learning rate and warm-up: given ones, else the default recipe's scaled rule.
+
+    Only the optimiser sees the result; the saved ``train_config.json`` keeps ``None`` (the rule), so
+    rerunning the same command resumes or finds the same run. ``eval.json`` records the values used.
+    """
+    lr = cfg.lr if cfg.lr is not None else auto_lr(n_latents, cfg.total_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else auto_warmup(cfg.total_steps)
+    return replace(cfg, lr=lr, warmup_steps=warmup)
+
+
 def _lr_at(step: int, cfg: SAETrainConfig, total: int) -> float:
     lr = cfg.lr * min(1.0, (step + cfg.warmup_offset) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
     decay_steps = int(round(cfg.lr_decay_fraction * total))
@@ -501,7 +516,8 @@ def train_sae(
         if init_fn is not None:
             init_fn(model)
     model.to(device).train()
-    opt = _adam(model, cfg)
+    sched = _with_schedule(cfg, n_latents)
+    opt = _adam(model, sched)
 
     aux_k = (cfg.aux_k if cfg.aux_k is not None else d_in // 2) if cfg.auxk else 0
     aux_k = min(aux_k, n_latents)
@@ -561,7 +577,7 @@ def train_sae(
             model.normalize_decoder()
 
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg, total)
+            group["lr"] = _lr_at(step, sched, total)
 
         # AuxK on the latents dead *now*, refreshed every step. On an accelerator as a mask from the
         # device-side counter (listing the dead ids would be a host sync per step); on the CPU, where
@@ -573,21 +589,15 @@ def train_sae(
             use_aux = aux_ids.numel() > 0
         elif use_aux:
             aux_mask = tracker.dead_mask
-        vals, idx, aux_vals, aux_idx = topk_encode(
-            x - model.b_pre,
-            model.W_enc,
-            model.b_enc,
-            cfg.k,
-            relu=cfg.relu,
-            aux_ids=aux_ids if use_aux else None,
-            k_aux=aux_k if use_aux else 0,
-            compute_dtype=compute_dtype,
-            aux_mask=aux_mask if use_aux else None,
-        )
-        recon = sparse_decode(vals, idx, model.W_dec).float() + model.b_pre
-        err = x - recon
-        main = err.pow(2).sum() / _loss_denominator(x, b, var_total, cfg, acc, world)
-        loss = main
+        codes = encode_for_training(  # the variant's code and loss terms (revelio_hub.sae.variants)
+            model, x - model.b_pre, k=cfg.k, relu=cfg.relu, aux_ids=aux_ids if use_aux else None,
+            k_aux=aux_k if use_aux else 0, compute_dtype=compute_dtype, aux_mask=aux_mask if use_aux else None)
+        vals, idx, aux_vals, aux_idx = codes.vals, codes.idx, codes.aux_vals, codes.aux_idx
+        denom = _loss_denominator(x, b, var_total, cfg, acc, world)
+        errs = [(w, x - (sparse_decode(v, i, model.W_dec).float() + model.b_pre)) for w, v, i in codes.terms]
+        err = errs[0][1]
+        main = err.pow(2).sum() / denom
+        loss = sum(w * e.pow(2).sum() for w, e in errs) / denom if len(errs) > 1 else main
         aux_loss = torch.zeros((), device=device)
         if use_aux:
             aux_loss = _auxk_loss(err.detach(), sparse_decode(aux_vals, aux_idx, model.W_dec).float(), acc, world)
@@ -611,6 +621,7 @@ def train_sae(
         opt.zero_grad(set_to_none=True)
         if cfg.decoder_renorm == "after_step":
             model.normalize_decoder()
+        update_threshold(model, vals)
         tracker.update(counts > 0, b)
         sums += stats.double()
         n_acc += 1
@@ -622,7 +633,7 @@ def train_sae(
             rec = {
                 "step": done,
                 "samples": done * cfg.batch_size,
-                "lr": _lr_at(step, cfg, total),
+                "lr": _lr_at(step, sched, total),
                 "loss": means[0],
                 "fvu": means[1],
                 "l0": means[2],
@@ -659,6 +670,7 @@ def train_sae(
         eval_metrics.update({f"original_{k}": v for k, v in original.items() if k != "n_samples"})
         eval_metrics["original_metrics_over"] = eval_over if eval_x.shape[0] >= 2 else "train"
         eval_metrics["recipe"] = cfg.recipe
+        eval_metrics.update({"variant": cfg.variant, "lr": sched.lr, "warmup_steps": sched.warmup_steps})
         if "dead_fraction" in eval_metrics and dead_report["dead_fraction_over"] != "held_out":
             eval_metrics["dead_fraction_held_out"] = eval_metrics["dead_fraction"]  # kept, but too few rows to trust
         eval_metrics.update(dead_report)
@@ -693,6 +705,7 @@ def _new_model(d_in: int, n_latents: int, cfg: SAETrainConfig, granularity: str,
             input_norm={"scale": scale} if cfg.normalize_input else None,
             relu=cfg.relu,
             training_recipe=cfg.recipe,
+            variant=cfg.variant,
         )
         if cfg.init == "kaiming_uniform":
             model.kaiming_init_()

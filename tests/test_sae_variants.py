@@ -1,0 +1,166 @@
+"""SAE variants (BatchTopK, Matryoshka, Multi-TopK), the default learning-rate rule and synthetic atoms (CPU, seconds)."""
+
+import json
+
+import pytest
+import torch
+
+from revelio_hub.sae.kernels import topk_encode
+from revelio_hub.sae.model import KSparseAutoencoder
+from revelio_hub.sae.schedule import auto_lr, auto_warmup
+from revelio_hub.sae.synthetic import SyntheticAtoms, atom_mcc, make_synthetic
+from revelio_hub.sae.training import SAETrainConfig, train_sae
+from revelio_hub.sae.variants import VARIANTS, default_prefixes, encode_for_training
+from revelio_hub.training_recipes import get_recipe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+SPEC = SyntheticAtoms(d=16, n_atoms=32, min_active=2, max_active=4)
+
+
+def _train(variant, tmp_path, steps=40, **kw):
+    x, atoms = make_synthetic(SPEC, 4096)
+    cfg = SAETrainConfig(k=4, n_latents=64, batch_size=256, steps=steps, lr=4e-3, warmup_steps=5, variant=variant,
+                         eval_fraction=0.05, checkpoint_every=0, log_every=10, **kw)
+    return train_sae(x, cfg, out_dir=tmp_path / variant, progress=False), x, atoms
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_trains_saves_its_variant_and_round_trips_exactly(variant, tmp_path):
+    result, x, atoms = _train(variant, tmp_path)
+    model = result.model
+    config = json.loads((tmp_path / variant / "config.json").read_text())
+    assert config["variant"] == variant
+    assert result.eval["variant"] == variant and result.eval["fvu"] < 0.9
+    loaded = KSparseAutoencoder.from_pretrained(tmp_path / variant)
+    assert loaded.variant == variant and loaded.prefixes == model.prefixes
+    for a, b in zip(model(x[:64]), loaded(x[:64])):
+        assert torch.equal(a, b)
+    assert torch.equal(model.image_activations(x[:8]), loaded.image_activations(x[:8]))
+    if variant == "batchtopk":
+        assert float(loaded.threshold) > 0 and torch.equal(loaded.threshold, model.threshold)
+
+
+def test_config_without_variant_loads_as_topk(tmp_path):
+    model = KSparseAutoencoder(8, 32, k=4)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("variant"), config.pop("prefixes")  # a file written before variants existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = KSparseAutoencoder.from_pretrained(tmp_path)
+    assert loaded.variant == "topk" and loaded.code_width == 4
+    x = torch.randn(5, 8)
+    assert torch.equal(loaded(x)[0], model(x)[0])
+
+
+def test_unknown_variant_and_bad_prefixes_fail_clearly():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        KSparseAutoencoder(8, 32, variant="jumprelu2")
+    with pytest.raises(ValueError, match="matryoshka prefixes must increase"):
+        KSparseAutoencoder(8, 32, variant="matryoshka", prefixes=[8, 4, 32])
+    with pytest.raises(ValueError, match="belong to the 'matryoshka'"):
+        KSparseAutoencoder(8, 32, variant="topk", prefixes=[8, 32])
+    with pytest.raises(ValueError, match="must be one of"):
+        SAETrainConfig(variant="gated")
+    assert default_prefixes(64) == [4, 8, 16, 32, 64]
+
+
+def test_batch_topk_keeps_k_per_sample_on_average_and_its_gradient_equals_autograd():
+    torch.manual_seed(0)
+    n, d, m, k = 12, 6, 20, 3
+    x, w, b = torch.randn(n, d, requires_grad=True), torch.randn(m, d, requires_grad=True), torch.randn(m, requires_grad=True)
+    vals, idx, _, _ = topk_encode(x, w, b, k, relu=True, batch_topk=True)
+    pre = torch.relu(x @ w.T + b)
+    assert int((vals > 0).sum()) == min(k * n, int((pre > 0).sum()))  # the batch's k·N largest, ragged per row
+    chosen = torch.zeros(n, m).scatter_(1, idx, (vals > 0).float()).bool()
+    assert pre[chosen].min() >= pre[~chosen].max()
+    per_row = chosen.sum(1)
+    assert per_row.max() > per_row.min()  # rows really get different counts
+    weight = torch.randn_like(vals)
+    (vals * weight).sum().backward()
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    dense = torch.zeros(n, m).scatter_(1, idx, weight * (vals > 0))
+    ((x @ w.T + b) * dense).sum().backward()
+    for got, want in zip(grads, (x.grad, w.grad, b.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_topk_inference_uses_the_learned_threshold(tmp_path):
+    result, x, _ = _train("batchtopk", tmp_path)
+    model = result.model
+    theta = float(model.threshold)
+    vals, idx = model.encode(x[:200])
+    pre = model.preactivations(x[:200] * model.scale)
+    assert vals.shape[-1] == model.code_width == 16
+    active = torch.zeros_like(pre).scatter_(1, idx, vals)
+    # every latent above θ is active (none of these rows has more than the slots), none at or below it
+    assert torch.equal(active > 0, pre > theta)
+    assert 1 < (vals > 0).sum(1).float().mean() < 3 * model.k
+
+
+def test_matryoshka_loss_sums_the_prefix_reconstructions():
+    torch.manual_seed(0)
+    model = KSparseAutoencoder(8, 32, k=4, variant="matryoshka", prefixes=[4, 16, 32])
+    x = torch.randn(10, 8)
+    codes = encode_for_training(model, x - model.b_pre, k=4, relu=True, aux_ids=None, k_aux=0, compute_dtype=None,
+                                aux_mask=None)
+    assert len(codes.terms) == 3
+    for (_, v, i), end in zip(codes.terms[1:], (4, 16)):
+        assert torch.equal(v != 0, (codes.vals != 0) & (codes.idx < end))
+        assert torch.equal(i, codes.idx)
+
+
+def test_multitopk_trains_on_k_and_4k_and_infers_with_k():
+    torch.manual_seed(0)
+    model = KSparseAutoencoder(8, 64, k=3, variant="multitopk")
+    x = torch.randn(10, 8)
+    codes = encode_for_training(model, x - model.b_pre, k=3, relu=True, aux_ids=None, k_aux=0, compute_dtype=None,
+                                aux_mask=None)
+    (w1, v1, i1), (w4, v4, i4) = codes.terms
+    assert (w1, w4) == (1.0, 1 / 8) and v1.shape[-1] == 3 and v4.shape[-1] == 12
+    vals, idx = model.encode(x)
+    assert torch.equal(torch.sort(vals, dim=1).values, torch.sort(v1.detach(), dim=1).values)
+    assert torch.equal(torch.sort(idx, dim=1).values, torch.sort(i1, dim=1).values)
+
+
+def test_paper_recipe_keeps_the_original_rate_and_the_default_scales_it():
+    paper = SAETrainConfig(recipe="paper")
+    assert (paper.lr, paper.warmup_steps, paper.variant) == (4e-4, 500, "topk")
+    default = SAETrainConfig()
+    assert default.lr is None and default.warmup_steps is None
+    assert get_recipe("paper").sae.lr == 4e-4
+    # wider dictionaries get smaller rates, shorter runs larger ones, within bounds
+    assert auto_lr(2**16, 10_000) < auto_lr(2**14, 10_000) < auto_lr(2**12, 10_000)
+    assert auto_lr(2**14, 100) > auto_lr(2**14, 2000) > auto_lr(2**14, 100_000)
+    assert auto_lr(2**14, 1) == auto_lr(2**14, 10)  # capped
+    assert auto_warmup(122) == 12 and auto_warmup(100_000) == 500
+
+
+def test_default_run_records_the_rate_it_used(tmp_path):
+    x, _ = make_synthetic(SPEC, 2048)
+    cfg = SAETrainConfig(k=4, n_latents=64, batch_size=256, steps=20, eval_fraction=0.05, checkpoint_every=0)
+    result = train_sae(x, cfg, out_dir=tmp_path / "run", progress=False)
+    assert result.eval["lr"] == pytest.approx(auto_lr(64, 20)) and result.eval["warmup_steps"] == 2
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["lr"] is None  # the rule, so the same command finds the same run again
+    again = train_sae(x, cfg, out_dir=tmp_path / "run", progress=False)
+    assert again.eval == result.eval
+
+
+def test_synthetic_atoms_and_mcc():
+    x, atoms = make_synthetic(SPEC, 500)
+    again, _ = make_synthetic(SPEC, 500)
+    assert torch.equal(x, again) and atoms.shape == (32, 16)
+    assert torch.allclose(atoms.norm(dim=1), torch.ones(32))
+    assert atom_mcc(atoms, atoms) == pytest.approx(1.0)
+    assert atom_mcc(torch.cat([-atoms[torch.randperm(32)], torch.randn(8, 16)]), atoms) == pytest.approx(1.0)
+    assert atom_mcc(torch.randn(64, 16), atoms) < 0.8
