@@ -164,3 +164,27 @@ def test_synthetic_atoms_and_mcc():
     assert atom_mcc(atoms, atoms) == pytest.approx(1.0)
     assert atom_mcc(torch.cat([-atoms[torch.randperm(32)], torch.randn(8, 16)]), atoms) == pytest.approx(1.0)
     assert atom_mcc(torch.randn(64, 16), atoms) < 0.8
+
+
+def test_cli_variant_option_is_recorded(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    x, _ = make_synthetic(SPEC, 600)
+    save_file({"x": x}, str(tmp_path / "feats.safetensors"))
+    spec = importlib.util.spec_from_file_location("train_ksae", Path(__file__).parents[1] / "training/train_ksae.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "sae"
+    argv = ["--features", str(tmp_path / "feats.safetensors"), "--variant", "matryoshka", "--k", "3", "--expansion", "4",
+            "--batch-size", "64", "--steps", "5", "--eval-fraction", "0.05", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert KSparseAutoencoder.from_pretrained(out).variant == "matryoshka"
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["variant"] == "matryoshka" and printed["lr"] == pytest.approx(auto_lr(64, 5))
+    assert json.loads((out / "train_config.json").read_text())["variant"] == "matryoshka"
+    with pytest.raises(SystemExit):  # argparse refuses an unknown variant, naming the choices
+        cli.main(argv[:3] + ["gated"] + argv[4:])
+    assert "invalid choice: 'gated'" in capsys.readouterr().err
