@@ -188,3 +188,27 @@ def test_cli_variant_option_is_recorded(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse refuses an unknown variant, naming the choices
         cli.main(argv[:3] + ["gated"] + argv[4:])
     assert "invalid choice: 'gated'" in capsys.readouterr().err
+
+
+def test_scoreboard_scores_and_table():
+    from revelio_hub.sae.scoreboard import (factor_indicators, matched_correlation, scoreboard_markdown,
+                                            sparse_probe_accuracy)
+
+    g = torch.Generator().manual_seed(0)
+    y = {"shape": torch.randint(0, 3, (300,), generator=g), "color": torch.randint(0, 2, (300,), generator=g)}
+    ind, names = factor_indicators(y, {"shape": 3, "color": 2})
+    assert names == ["shape=0", "shape=1", "shape=2", "color=0", "color=1"] and ind.shape == (300, 5)
+    noise = torch.rand(300, 20, generator=g)
+    perfect = torch.cat([noise, ind[:, [3, 0, 4, 2, 1]]], 1)  # one dedicated neuron per value, anywhere
+    assert matched_correlation(perfect, ind) == pytest.approx(1.0)
+    assert matched_correlation(noise, ind) < 0.3
+    fit = torch.arange(300) % 2 == 0
+    assert sparse_probe_accuracy(perfect[fit], y["shape"][fit], perfect[~fit], y["shape"][~fit], 3, 1) == 1.0
+    assert sparse_probe_accuracy(noise[fit], y["shape"][fit], noise[~fit], y["shape"][~fit], 3, 1) < 0.6
+    table = scoreboard_markdown({"toy": [{"entry": "bottleneck/t25", "variant": "batchtopk", "fvu": 0.1, "l0": 8.0,
+                                          "dead_fraction": 0.0, "matched_correlation": 0.8, "probe_1": 0.9,
+                                          "probe_5": 0.95, "probe_dense": 0.97, "diffc_loss_recovered": None}],
+                                 "synthetic": [{"variant": "topk", "d": 128, "n_atoms": 512, "mcc": 0.97, "fvu": 0.2,
+                                                "l0": 8.0, "dead_fraction": 0.1}]})
+    assert "| bottleneck/t25 | batchtopk | 0.100 | 8.000 | 0.000 | 0.800 | 0.900 | 0.950 | 0.970 | — |" in table
+    assert "| d 128, 512 atoms | topk | 0.970 |" in table
