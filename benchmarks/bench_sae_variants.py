@@ -59,14 +59,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/i20-toywork", help="Toy build work folder (features/, data/test) (default: %(default)s).")
     p.add_argument("--release", default="releases/toy-shapes", help="Toy release (its SAEs and Diff-C heads) (default: %(default)s).")
-    p.add_argument("--layers", nargs="+", default=["down_ft1", "bottleneck", "up_ft0", "up_ft1"])
+    p.add_argument("--layers", nargs="*", default=["down_ft1", "bottleneck", "up_ft0", "up_ft1"],
+                   help="Toy entries to score (none: synthetic only) (default: %(default)s).")
     p.add_argument("--timestep", type=int, default=25)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--k", type=int, default=8, help="Active latents, all variants (default: the toy build's, %(default)s).")
     p.add_argument("--expansion", type=int, default=8, help="(default: the toy build's, %(default)s)")
     p.add_argument("--steps", type=int, default=1000, help="(default: the toy build's, %(default)s)")
     p.add_argument("--batch-size", type=int, default=1024, help="(default: the toy build's, %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="(default: the toy build's, %(default)s; 0 = the default recipe's rule)")
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="(default: the toy build's, %(default)s; 0 = the default recipe's rule for lr and warm-up)")
     p.add_argument("--warmup-steps", type=int, default=100, help="(default: the toy build's, %(default)s)")
     p.add_argument("--tokens-per-image", type=int, default=32, help="(default: the toy build's, %(default)s)")
     p.add_argument("--synthetic-samples", type=int, default=1_000_000, help="0 skips the synthetic part (default: %(default)s).")
@@ -170,7 +172,8 @@ def toy_rows(a) -> list[dict]:
         models = [("release", KSparseAutoencoder.from_pretrained(bundled), 0.0)] if bundled.exists() else []
         for variant in a.variants:
             cfg = SAETrainConfig(k=a.k, expansion=a.expansion, batch_size=a.batch_size, steps=a.steps,
-                                 lr=a.lr or None, warmup_steps=a.warmup_steps, eval_fraction=0.0, checkpoint_every=0,
+                                 lr=a.lr or None, warmup_steps=a.warmup_steps if a.lr else None,  # 0: the rule
+                                 eval_fraction=0.0, checkpoint_every=0,
                                  log_every=10**9, seed=a.seed, variant=variant)
             r = train_sae(x, cfg, progress=False, eval_features=h.tokens, recipe=recipe, granularity="token")
             models.append((variant, r.model, r.train_seconds))

@@ -20,6 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
+
+from revelio_hub.training_recipes import SAE_VARIANTS
 
 
 def main(argv=None) -> None:
@@ -35,6 +38,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-benchmark", action="store_true",
                    help="skip the monosemanticity benchmark normally added to the card")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--sae-variant", choices=list(SAE_VARIANTS), default=None,
+                   help="sparsity rule of the release's SAEs (revelio_hub.sae.variants; default: the build "
+                        "config's, chosen by benchmarks/bench_sae_variants.py); recorded in toy_build.json")
     p.add_argument("--reuse-from", default=None, metavar="RELEASE",
                    help="seed the work folder with this toy release's trained backbone and Diff-C heads when they "
                         "were built with the same settings (skips the ~20-minute backbone training); "
@@ -47,6 +53,8 @@ def main(argv=None) -> None:
     from revelio_hub.toy.pipeline import ToyBuildConfig, build_toy_release
 
     config = ToyBuildConfig.smoke() if a.smoke else ToyBuildConfig.full()
+    if a.sae_variant is not None:
+        config = replace(config, sae_variant=a.sae_variant)
     work = a.work or os.path.join("runs", "toy-build-smoke" if a.smoke else "toy-build")
     if a.reuse_from and os.path.realpath(a.reuse_from) == os.path.realpath(a.out):
         p.error("--reuse-from must differ from --out: the release folder is rewritten while it is read")

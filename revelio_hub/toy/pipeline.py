@@ -77,6 +77,8 @@ class ToyBuildConfig:
     #: AuxK: latents in the auxiliary code (None: d_in // 2, as OpenAI) and its loss weight.
     sae_aux_k: Optional[int] = None
     sae_aux_coef: float = 1 / 32
+    #: sparsity rule (revelio_hub.sae.variants), chosen by benchmarks/bench_sae_variants.py (docs/benchmarks.md)
+    sae_variant: str = "topk"
     # Diff-C (conv head on spatial maps, small hidden width for CPU)
     diffc_hidden: int = 32
     diffc_epochs: int = 30
@@ -226,7 +228,7 @@ def train_tokens_sae(config: ToyBuildConfig, maps: torch.Tensor, recipe: dict, o
         k=config.sae_k, expansion=config.sae_expansion, batch_size=min(config.sae_batch_size, len(tokens) // 2),
         steps=config.sae_steps, lr=config.sae_lr, warmup_steps=config.sae_warmup_steps,
         dead_window=len(tokens), checkpoint_every=0, log_every=max(1, config.sae_steps // 10), seed=config.seed,
-        aux_k=config.sae_aux_k, aux_coef=config.sae_aux_coef,
+        aux_k=config.sae_aux_k, aux_coef=config.sae_aux_coef, variant=config.sae_variant,
     )
     eval_tokens = sample_tokens(eval_maps.float(), config.sae_tokens_per_image, seed=config.seed)[0] \
         if eval_maps is not None else None
@@ -241,7 +243,7 @@ def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path
 
     marker = out / "toy_stage.json"
     keys = ("sae_expansion", "sae_k", "sae_tokens_per_image", "sae_steps", "sae_batch_size", "sae_lr",
-            "sae_warmup_steps", "sae_aux_k", "sae_aux_coef", "seed")
+            "sae_warmup_steps", "sae_aux_k", "sae_aux_coef", "sae_variant", "seed")
     settings = {**{k: getattr(config, k) for k in keys}, "layer": layer, "timestep": t, "train": str(store.path),
                 "trainer": SAE_TRAINER_VERSION}
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "eval.json").exists():
