@@ -5,10 +5,13 @@ reproduces the original Revelio code (revelio-diffusion/revelio) step by step:
 plain TopK, no input normalisation, two separate Kaiming-uniform matrices, the
 batch-variance-normalised MSE, no AuxK, no hold-out, its warm-up (one step ahead)
 and its order of decoder renormalisation. ``default`` is the project's: the
-same numbers (k 32, 64× expansion, Adam 4e-4 with 500 warm-up steps, batch
-8192, ``b_pre`` at the data mean, unit-norm decoder rows with the parallel
-gradient component removed) with the deviations that won when measured side by
-side. Both get a held-out or separate-split evaluation, resumable checkpoints
+same numbers (k 32, 64× expansion, batch 8192, ``b_pre`` at the data mean,
+unit-norm decoder rows with the parallel gradient component removed) with the
+deviations that won when measured side by side, among them a learning rate
+and warm-up scaled to the dictionary and the run (:mod:`revelio_hub.sae.schedule`;
+the paper's fixed Adam 4e-4 with 500 warm-up steps underfits short runs). The
+sparsity rule (TopK, BatchTopK, Matryoshka, Multi-TopK) is the config's
+``variant`` (:mod:`revelio_hub.sae.variants`). Both get a held-out or separate-split evaluation, resumable checkpoints
 and data parallelism.
 
 Design choices that make runs reproducible:
@@ -83,8 +86,9 @@ class SAETrainConfig:
 
     ``recipe`` (``"default"`` or ``"paper"``, see :mod:`revelio_hub.training_recipes`) fills
     every field left at ``None`` below from its :class:`~revelio_hub.training_recipes.SAERecipe`;
-    a value given explicitly wins. The numbers (k 32, 64×, Adam 4e-4, 500 warm-up steps,
-    batch 8192, 83.9M samples) are the paper's in both recipes.
+    a value given explicitly wins. The numbers (k 32, 64×, batch 8192, 83.9M samples) are the
+    paper's in both recipes; Adam 4e-4 with 500 warm-up steps is the paper recipe's rate, the
+    default recipe scales it (:mod:`revelio_hub.sae.schedule`).
 
     Attributes:
         recipe: the preset that fills the ``None`` fields, recorded in the model's config.
