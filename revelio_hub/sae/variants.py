@@ -12,15 +12,16 @@ training loss differ.
 * ``batchtopk``: during training the batch keeps its k·N largest (ReLU'd)
   pre-activations, so a sample may use more or fewer than k (BatchTopK, Bussmann,
   Leask & Nanda 2024). Inference cannot depend on the batch, so it uses a
-  threshold θ learned during training as the running mean of the smallest
-  selected activation per batch (as the BatchTopK paper does): a latent is active
+  threshold θ learned during training, an exponential running mean of the
+  smallest selected activation per batch (the BatchTopK paper averages the same
+  quantity): a latent is active
   when its pre-activation exceeds θ. Codes keep a fixed width of
   :data:`BATCHTOPK_WIDTH` × k slots (inactive slots hold 0), so an input with
   more than that many latents above θ keeps its largest ones only.
 * ``matryoshka``: TopK codes, but the loss sums the reconstruction error of
   nested prefixes of the dictionary (latents ``[0, m_1)``, ``[0, m_2)``, …, all),
   so early latents must reconstruct on their own and learn general features
-  while later ones refine (Matryoshka SAEs, Bussmann et al. / Nabeshima 2025).
+  while later ones refine (Matryoshka SAEs: Nabeshima 2024; Bussmann et al. 2025).
 * ``multitopk``: TopK codes trained with ``L(k) + L(4k)/8`` (Multi-TopK, Gao et
   al. 2024), so the dictionary also works when more latents are allowed;
   inference uses k.
@@ -48,7 +49,9 @@ BATCHTOPK_WIDTH = 4
 #: Multi-TopK trains with ``L(k) + MULTI_TOPK_WEIGHT · L(MULTI_TOPK_FACTOR · k)`` (Gao et al. 2024's 4k and 1/8).
 MULTI_TOPK_FACTOR = 4
 MULTI_TOPK_WEIGHT = 1 / 8
-#: Weight of the newest batch in BatchTopK's running threshold (the first batch sets it outright).
+#: Weight of the newest batch in BatchTopK's running threshold (the first batch sets it outright). Slow on
+#: purpose for long runs; after a few dozen steps θ still remembers the first batches (docs/benchmarks.md,
+#: "SAE variants": L0 31 instead of 8 after 32 steps), so short BatchTopK runs need more steps.
 THRESHOLD_MOMENTUM = 0.01
 
 
