@@ -212,3 +212,13 @@ def test_scoreboard_scores_and_table():
                                                 "l0": 8.0, "dead_fraction": 0.1}]})
     assert "| bottleneck/t25 | batchtopk | 0.100 | 8.000 | 0.000 | 0.800 | 0.900 | 0.950 | 0.970 | — |" in table
     assert "| d 128, 512 atoms | topk | 0.970 |" in table
+
+
+def test_toy_build_records_its_sae_variant_and_rate_and_old_files_read_as_before():
+    from revelio_hub.toy.pipeline import TOY_SAE_LR, TOY_SAE_VARIANT, ToyBuildConfig
+
+    full = ToyBuildConfig.full().to_dict()
+    assert (full["sae_variant"], full["sae_lr"]) == (TOY_SAE_VARIANT, TOY_SAE_LR)
+    assert ToyBuildConfig.from_dict(full) == ToyBuildConfig.full()
+    old = {k: v for k, v in full.items() if k != "sae_variant"} | {"sae_lr": 2e-3}  # a toy_build.json from before
+    assert ToyBuildConfig.from_dict(old).sae_variant == "topk"
