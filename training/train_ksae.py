@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     d = SAETrainConfig()
     p = argparse.ArgumentParser(
-        description="Train a k-sparse autoencoder (TopK, unit-norm decoder; --recipe paper: the original Revelio "
-        "code's training exactly, --recipe default: the same with bf16 matmuls on CUDA) on pooled or token-level "
-        "diffusion features.",
+        description="Train a k-sparse autoencoder (TopK or --variant, unit-norm decoder; --recipe paper: the original "
+        "Revelio code's training exactly, --recipe default: the same with bf16 matmuls on CUDA and a learning rate "
+        "scaled to the dictionary and the run) on pooled or token-level diffusion features.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
