@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
 from revelio_hub.cli import HelpFormatter, add_options, option
 from revelio_hub.toy.pipeline import ToyBuildConfig, build_toy_release
+from revelio_hub.training_recipes import SAE_VARIANTS
 
 
 @dataclass(kw_only=True)
@@ -44,6 +45,9 @@ class ToyReleaseRun:
     no_benchmark: bool = field(default=False, metadata=option(
         "skip the monosemanticity benchmark normally added to the card"))
     no_progress: bool = field(default=False, metadata=option("hide progress bars"))
+    sae_variant: Optional[str] = field(default=None, metadata=option(
+        "sparsity rule of the release's SAEs (revelio_hub.sae.variants; default: the build config's, chosen by "
+        "benchmarks/bench_sae_variants.py); recorded in toy_build.json", choices=list(SAE_VARIANTS)))
     reuse_from: Optional[str] = field(default=None, metadata=option(
         "seed the work folder with this toy release's trained backbone and Diff-C heads when they "
         "were built with the same settings (skips the ~20-minute backbone training); must not be --out itself",
@@ -57,6 +61,8 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     config = ToyBuildConfig.smoke() if a.smoke else ToyBuildConfig.full()
+    if a.sae_variant is not None:
+        config = replace(config, sae_variant=a.sae_variant)
     work = a.work or os.path.join("runs", "toy-build-smoke" if a.smoke else "toy-build")
     if a.reuse_from and os.path.realpath(a.reuse_from) == os.path.realpath(a.out):
         p.error("--reuse-from must differ from --out: the release folder is rewritten while it is read")

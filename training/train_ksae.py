@@ -15,6 +15,7 @@ from typing import Any
 
 from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line
 from revelio_hub.layer_names import canonical_layer
+from revelio_hub.training_recipes import SAE_VARIANTS
 
 EPILOG = """\
 examples:
@@ -101,8 +102,14 @@ def _model_args(p: argparse.ArgumentParser, d: Any, recipe_names: Any, default_r
                         "and counts as batch-size samples, as in the original Revelio code (default: %(default)s).")
     length.add_argument("--steps", type=int, default=None,
                         help="Training steps (overrides --samples; default: samples / batch size).")
-    m.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s).")
-    m.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="Linear warm-up (default: %(default)s).")
+    m.add_argument("--variant", choices=list(SAE_VARIANTS), default=None,
+                   help="Sparsity rule: topk (the paper), batchtopk, matryoshka or multitopk; see "
+                        "revelio_hub.sae.variants (default: the recipe's).")
+    m.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: the recipe's; paper: 4e-4, default: scaled to the dictionary "
+                        "size and run length, revelio_hub.sae.schedule).")
+    m.add_argument("--warmup-steps", type=int, default=None,
+                   help="Linear warm-up (default: the recipe's; paper: 500, default: a share of the run).")
     m.add_argument("--lr-decay-fraction", type=float, default=d.lr_decay_fraction,
                    help="Final fraction of training with linear decay to 0 (default: %(default)s).")
     m.add_argument("--aux-k", type=int, default=None,
@@ -157,9 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     d = SAETrainConfig()
     p = argparse.ArgumentParser(
-        description="Train a k-sparse autoencoder (TopK, unit-norm decoder; --recipe paper: the original Revelio "
-        "code's training exactly, --recipe default: the same with bf16 matmuls on CUDA) on pooled or token-level "
-        "diffusion features, from a feature store or straight from the backbone.",
+        description="Train a k-sparse autoencoder (TopK or --variant, unit-norm decoder; --recipe paper: the original "
+        "Revelio code's training exactly, --recipe default: the same with bf16 matmuls on CUDA and a learning rate "
+        "scaled to the dictionary and the run) on pooled or token-level diffusion features, from a feature store or "
+        "straight from the backbone.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -181,7 +189,7 @@ def _config(args: argparse.Namespace) -> Any:
         lr_decay_fraction=args.lr_decay_fraction, aux_k=args.aux_k, aux_coef=args.aux_coef,
         dead_window=args.dead_window, b_pre_init=args.b_pre_init, normalize_input=False if args.no_normalize_input else None,
         eval_fraction=args.eval_fraction, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        seed=args.seed, mixed_precision=args.mixed_precision,
+        seed=args.seed, mixed_precision=args.mixed_precision, variant=args.variant,
     )
 
 

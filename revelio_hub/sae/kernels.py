@@ -85,11 +85,15 @@ class TopKEncode(torch.autograd.Function):
         k_aux: int,
         compute_dtype: Optional[torch.dtype],
         aux_mask: Optional[torch.Tensor] = None,
+        batch_topk: bool = False,
     ):
         cd = compute_dtype or x.dtype
         xc = x.to(cd)
         pre = F.linear(xc, weight.to(cd), bias.to(cd))
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        if batch_topk:
+            vals, idx = _batch_topk(pre, k)
+        else:
+            vals, idx = pre.topk(k, dim=-1, sorted=False)
         aux_keep = None
         if aux_mask is not None and k_aux > 0:
             # every latent's column, alive ones pushed to -inf: no host sync to list the dead ones.
@@ -147,7 +151,23 @@ class TopKEncode(torch.autograd.Function):
             grad_b = torch.zeros(n_latents, dtype=torch.float32, device=flat_g.device)
             grad_b.index_add_(0, flat_idx, flat_g.float())
             grad_b = grad_b.to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK selection: the k·N largest ReLU'd pre-activations of the whole N-row batch.
+
+    Returned per row as ``(values, indices)`` of width = the most any row received;
+    slots of rows that received fewer hold 0 (and get no gradient, as ReLU zeros).
+    Reading that width is one host sync per step, the price of a ragged selection.
+    """
+    n = pre.shape[0]
+    total = min(k * n, pre.numel())
+    tau = pre.reshape(-1).topk(total, sorted=False).values.min().clamp_min(0)
+    width = int((pre >= tau).sum(1).max().clamp_min(1))
+    vals, idx = pre.topk(min(width, pre.shape[-1]), dim=-1, sorted=False)
+    keep = (vals >= tau) & (vals > 0)
+    return torch.where(keep, vals, torch.zeros((), dtype=vals.dtype, device=vals.device)), idx
 
 
 def topk_encode(
@@ -161,10 +181,14 @@ def topk_encode(
     k_aux: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
     aux_mask: Optional[torch.Tensor] = None,
+    batch_topk: bool = False,
 ):
     """Functional entry point of :class:`TopKEncode` (see there).
 
     ``aux_mask`` (bool, n_latents) marks the dead latents without a host sync;
-    it takes precedence over ``aux_ids``.
+    it takes precedence over ``aux_ids``. ``batch_topk`` selects the k·N largest
+    ReLU'd pre-activations of the batch instead of k per row (BatchTopK; needs ``relu``).
     """
-    return TopKEncode.apply(x_centred, weight, bias, k, relu, aux_ids, k_aux, compute_dtype, aux_mask)
+    if batch_topk and not relu:
+        raise ValueError("batch_topk selects ReLU'd pre-activations; pass relu=True")
+    return TopKEncode.apply(x_centred, weight, bias, k, relu, aux_ids, k_aux, compute_dtype, aux_mask, batch_topk)

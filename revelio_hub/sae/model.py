@@ -28,6 +28,7 @@ from torch import nn
 from revelio_hub.hub_model import StrictHubMixin
 from revelio_hub.recipe import FeatureRecipe
 from revelio_hub.sae.kernels import sparse_decode
+from revelio_hub.sae.variants import VARIANTS, check_prefixes, code_width, default_prefixes, select_active
 
 __all__ = ["KSparseAutoencoder", "GRANULARITIES"]
 
@@ -62,6 +63,10 @@ class KSparseAutoencoder(
         training_recipe: name of the training recipe that produced the weights
             (``"paper"`` or ``"default"``, see :mod:`revelio_hub.training_recipes`);
             recorded in ``config.json``, ``None`` when unknown.
+        variant: the sparsity rule, one of :data:`~revelio_hub.sae.variants.VARIANTS`
+            (see :mod:`revelio_hub.sae.variants`). Configs written before variants existed
+            have no such key and load as ``"topk"``, which is what they are.
+        prefixes: Matryoshka prefix ends (``"matryoshka"`` only; default n/16 … n).
     """
 
     def __init__(
@@ -74,6 +79,8 @@ class KSparseAutoencoder(
         input_norm: Optional[dict] = None,
         relu: bool = True,
         training_recipe: Optional[str] = None,
+        variant: str = "topk",
+        prefixes: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
         if d_in < 1 or n_latents < 1:
@@ -82,6 +89,10 @@ class KSparseAutoencoder(
             raise ValueError(f"k must lie in [1, n_latents={n_latents}], got {k}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if prefixes is not None and variant != "matryoshka":
+            raise ValueError(f"prefixes belong to the 'matryoshka' variant, not {variant!r}")
         if input_norm is not None:
             scale = input_norm.get("scale") if isinstance(input_norm, dict) else None
             if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -100,6 +111,9 @@ class KSparseAutoencoder(
         self.input_norm = dict(input_norm) if input_norm is not None else None
         self.relu = bool(relu)
         self.training_recipe = training_recipe
+        self.variant = variant
+        self.prefixes = (check_prefixes(prefixes if prefixes is not None else default_prefixes(n_latents), n_latents)
+                         if variant == "matryoshka" else None)
 
         # Tied, unit-norm initialisation (OpenAI TopK paper): W_enc starts as W_decᵀ.
         w_dec = torch.randn(n_latents, d_in)
@@ -108,6 +122,14 @@ class KSparseAutoencoder(
         self.W_enc = nn.Parameter(w_dec.clone())
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.b_pre = nn.Parameter(torch.zeros(d_in))
+        if variant == "batchtopk":
+            # θ, learned during training; −1 = "not set yet" (the trainer's first batch sets it)
+            self.register_buffer("threshold", torch.full((), -1.0))
+
+    @property
+    def code_width(self) -> int:
+        """Slots per sample in a code: k, or more for BatchTopK (inactive slots hold 0)."""
+        return code_width(self.variant, self.k, self.n_latents)
 
     # ------------------------------------------------------------------ helpers
 
@@ -145,24 +167,25 @@ class KSparseAutoencoder(
         """Dense pre-activations of already-normalised N×d inputs (used by the trainer and tests)."""
         return F.linear(x_norm - self.b_pre, self.W_enc, self.b_enc)
 
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_active(pre, self.variant, self.k, self.relu, getattr(self, "threshold", None))
+
     def _encode_flat(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vals, idx = self.preactivations(x_norm).topk(self.k, dim=-1)
-        if self.relu:
-            vals = vals.clamp_min(0)
-        return vals, idx
+        return self._select(self.preactivations(x_norm))
 
     # ------------------------------------------------------------------ public API
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse code of ``x``: (values, indices), last dimension k, sorted by value.
+        """Sparse code of ``x``: (values, indices), last dimension :attr:`code_width` (k for TopK), sorted by value.
 
         ``x``: N×d_in → N×k; a map N×d_in×H×W is encoded per position → N×H×W×k.
-        With ReLU some of the k values can be 0 (fewer than k latents active).
+        With ReLU some of the k values can be 0 (fewer than k latents active);
+        a BatchTopK code holds 0 in every slot below its threshold.
         """
         flat, grid = self._flatten(x)
         vals, idx = self._encode_flat(self._to_param(flat) * self.scale)
         if grid is not None:
-            vals, idx = vals.reshape(*grid, self.k), idx.reshape(*grid, self.k)
+            vals, idx = vals.reshape(*grid, vals.shape[-1]), idx.reshape(*grid, idx.shape[-1])
         return vals, idx
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,9 +235,7 @@ class KSparseAutoencoder(
             x = self._to_param(x).mean(dim=(2, 3))  # average in fp32 even for fp16 stored maps
         flat, grid = self._flatten(x)
         pre = self.preactivations(self._to_param(flat) * self.scale)
-        vals, idx = pre.topk(self.k, dim=-1)
-        if self.relu:
-            vals = vals.clamp_min(0)
+        vals, idx = self._select(pre)
         codes = pre.new_zeros(pre.shape).scatter_(-1, idx, vals)
         dense = pre.clamp_min_(0)
         if grid is None:
@@ -295,7 +316,7 @@ class KSparseAutoencoder(
     _hub_kind = "k-SAE"
 
     def _describe_architecture(self) -> str:
-        return f"d_in={self.d_in}, n_latents={self.n_latents}"
+        return f"d_in={self.d_in}, n_latents={self.n_latents}, variant={self.variant!r}"
 
     @classmethod
     def from_original_checkpoint(

@@ -5,10 +5,13 @@ reproduces the original Revelio code (revelio-diffusion/revelio) step by step:
 plain TopK, no input normalisation, two separate Kaiming-uniform matrices, the
 batch-variance-normalised MSE, no AuxK, no hold-out, its warm-up (one step ahead)
 and its order of decoder renormalisation. ``default`` is the project's: the
-same numbers (k 32, 64× expansion, Adam 4e-4 with 500 warm-up steps, batch
-8192, ``b_pre`` at the data mean, unit-norm decoder rows with the parallel
-gradient component removed) with the deviations that won when measured side by
-side. Both get a held-out or separate-split evaluation, resumable checkpoints
+same numbers (k 32, 64× expansion, batch 8192, ``b_pre`` at the data mean,
+unit-norm decoder rows with the parallel gradient component removed) with the
+deviations that won when measured side by side, among them a learning rate
+and warm-up scaled to the dictionary and the run (:mod:`revelio_hub.sae.schedule`;
+the paper's fixed Adam 4e-4 with 500 warm-up steps underfits short runs). The
+sparsity rule (TopK, BatchTopK, Matryoshka, Multi-TopK) is the config's
+``variant`` (:mod:`revelio_hub.sae.variants`). Both get a held-out or separate-split evaluation, resumable checkpoints
 and data parallelism.
 
 Design choices that make runs reproducible:
@@ -54,7 +57,9 @@ from safetensors.torch import load_file, save_file
 from revelio_hub.sae import metrics as sae_metrics
 from revelio_hub.sae.model import KSparseAutoencoder
 from revelio_hub.training_recipes import DEFAULT_RECIPE, SAERecipe, get_recipe
-from revelio_hub.sae.kernels import sparse_decode, topk_encode
+from revelio_hub.sae.kernels import sparse_decode
+from revelio_hub.sae.schedule import auto_lr, auto_warmup
+from revelio_hub.sae.variants import encode_for_training, update_threshold
 
 __all__ = [
     "SAETrainConfig",
@@ -93,8 +98,9 @@ class SAETrainConfig:
 
     ``recipe`` (``"default"`` or ``"paper"``, see :mod:`revelio_hub.training_recipes`) fills
     every field left at ``None`` below from its :class:`~revelio_hub.training_recipes.SAERecipe`;
-    a value given explicitly wins. The numbers (k 32, 64×, Adam 4e-4, 500 warm-up steps,
-    batch 8192, 83.9M samples) are the paper's in both recipes.
+    a value given explicitly wins. The numbers (k 32, 64×, batch 8192, 83.9M samples) are the
+    paper's in both recipes; Adam 4e-4 with 500 warm-up steps is the paper recipe's rate, the
+    default recipe scales it (:mod:`revelio_hub.sae.schedule`).
 
     Attributes:
         recipe: the preset that fills the ``None`` fields, recorded in the model's config.
@@ -104,8 +110,9 @@ class SAETrainConfig:
         batch_size: global batch (split evenly across processes).
         total_samples: training length in samples (83.9M in the paper); ``steps`` overrides it.
         steps: training length in optimizer steps.
-        lr: Adam learning rate after warm-up.
-        warmup_steps: linear warm-up length.
+        lr: Adam learning rate after warm-up (``None``: the recipe's; the default recipe's is
+            scaled to the dictionary size and run length, :func:`revelio_hub.sae.schedule.auto_lr`).
+        warmup_steps: linear warm-up length (``None``: the recipe's; default recipe: :func:`~revelio_hub.sae.schedule.auto_warmup`).
         lr_decay_fraction: final fraction of training with linear decay to 0 (0 = constant, the paper).
         adam_betas / adam_eps: Adam settings.
         aux_k: latents in the AuxK code (default d_in // 2, as OpenAI) when ``auxk`` is on.
@@ -125,7 +132,7 @@ class SAETrainConfig:
         log_every: steps between log lines.
         seed: seeds the init, the split and the batch order.
         normalize_input, init, relu, auxk, eval_fraction, loss_norm, warmup_offset, decoder_renorm,
-        drop_last, mixed_precision: the recipe's choices (see :class:`~revelio_hub.training_recipes.SAERecipe`);
+        drop_last, mixed_precision, variant: the recipe's choices (see :class:`~revelio_hub.training_recipes.SAERecipe`);
             ``None`` takes the recipe's.
     """
 
@@ -136,8 +143,8 @@ class SAETrainConfig:
     batch_size: int = 8192
     total_samples: int = 83_886_080
     steps: Optional[int] = None
-    lr: float = 4e-4
-    warmup_steps: int = 500
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
     lr_decay_fraction: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -160,6 +167,7 @@ class SAETrainConfig:
     decoder_renorm: Optional[str] = None
     drop_last: Optional[bool] = None
     mixed_precision: Optional[str] = None
+    variant: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
@@ -362,6 +370,17 @@ def _adam(model: KSparseAutoencoder, cfg: SAETrainConfig) -> torch.optim.Adam:
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
 
 
+def _with_schedule(cfg: SAETrainConfig, n_latents: int) -> SAETrainConfig:
+    """``cfg`` with a learning rate and warm-up: given ones, else the default recipe's scaled rule.
+
+    Only the optimiser sees the result; the saved ``train_config.json`` keeps ``None`` (the rule), so
+    rerunning the same command resumes or finds the same run. ``eval.json`` records the values used.
+    """
+    lr = cfg.lr if cfg.lr is not None else auto_lr(n_latents, cfg.total_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else auto_warmup(cfg.total_steps)
+    return replace(cfg, lr=lr, warmup_steps=warmup)
+
+
 def _lr_at(step: int, cfg: SAETrainConfig, total: int) -> float:
     lr = cfg.lr * min(1.0, (step + cfg.warmup_offset) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
     decay_steps = int(round(cfg.lr_decay_fraction * total))
@@ -432,16 +451,20 @@ class _TrainingForward(torch.nn.Module):
                 aux_mask: Optional[torch.Tensor], aux_k: int) -> tuple[torch.Tensor, ...]:
         """``(loss, main loss, AuxK loss, values, indices)`` of this process's share ``x`` of a global batch of ``batch``."""
         sae, cfg, world = self.sae, self.cfg, self.acc.num_processes
-        vals, idx, aux_vals, aux_idx = topk_encode(
-            x - sae.b_pre, sae.W_enc, sae.b_enc, cfg.k, relu=cfg.relu, aux_ids=aux_ids, k_aux=aux_k,
-            compute_dtype=self.compute_dtype, aux_mask=aux_mask,
-        )
-        err = x - (sparse_decode(vals, idx, sae.W_dec).float() + sae.b_pre)
-        main = err.pow(2).sum() / _loss_denominator(x, batch, var_total, cfg, self.acc, world)
+        codes = encode_for_training(  # the variant's code and loss terms (revelio_hub.sae.variants)
+            sae, x - sae.b_pre, k=cfg.k, relu=cfg.relu, aux_ids=aux_ids, k_aux=aux_k,
+            compute_dtype=self.compute_dtype, aux_mask=aux_mask)
+        denom = _loss_denominator(x, batch, var_total, cfg, self.acc, world)
+        errs = [(w, x - (sparse_decode(v, i, sae.W_dec).float() + sae.b_pre)) for w, v, i in codes.terms]
+        err = errs[0][1]
+        main = err.pow(2).sum() / denom
+        loss = sum(w * e.pow(2).sum() for w, e in errs) / denom if len(errs) > 1 else main
         aux_loss = torch.zeros((), device=x.device)
         if aux_k > 0:
-            aux_loss = _auxk_loss(err.detach(), sparse_decode(aux_vals, aux_idx, sae.W_dec).float(), self.acc, world)
-        return main + cfg.aux_coef * aux_loss if aux_k > 0 else main, main, aux_loss, vals, idx
+            aux_loss = _auxk_loss(err.detach(), sparse_decode(codes.aux_vals, codes.aux_idx, sae.W_dec).float(),
+                                  self.acc, world)
+            loss = loss + cfg.aux_coef * aux_loss
+        return loss, main, aux_loss, codes.vals, codes.idx
 
 
 @dataclass
@@ -557,7 +580,9 @@ class SAETrainer:
         self.model, self.cfg, self.acc, self.var_total, self.window, self.total = model, cfg, acc, var_total, window, total
         device = acc.device
         model.to(device).train()
-        self.opt = _adam(model, cfg)
+        #: the learning rate and warm-up actually used (the default recipe's rule when ``cfg`` leaves them None)
+        self.sched = _with_schedule(cfg, model.n_latents)
+        self.opt = _adam(model, self.sched)
         aux_k = (cfg.aux_k if cfg.aux_k is not None else model.d_in // 2) if cfg.auxk else 0
         self.aux_k = min(aux_k, model.n_latents)
         self.tracker = sae_metrics.DeadLatentTracker(model.n_latents, window, device=device)
@@ -595,7 +620,7 @@ class SAETrainer:
         if cfg.decoder_renorm == "before_step":
             model.normalize_decoder()
         for group in self.opt.param_groups:
-            group["lr"] = _lr_at(step, cfg, self.total)
+            group["lr"] = _lr_at(step, self.sched, self.total)
         aux_ids, aux_mask, aux_k = self._aux_selection()
         loss, main, aux_loss, vals, idx = self.step_forward(x, batch, self.var_total, aux_ids, aux_mask, aux_k)
         # DDP averages the gradients of the processes; each one's loss is its share of the global loss
@@ -612,6 +637,7 @@ class SAETrainer:
         self.opt.zero_grad(set_to_none=True)
         if cfg.decoder_renorm == "after_step":
             model.normalize_decoder()
+        update_threshold(model, vals)
         self.tracker.update(counts > 0, batch)
         self.sums += stats.double()
         self.n_acc += 1
@@ -622,7 +648,7 @@ class SAETrainer:
         if not (done % self.cfg.log_every == 0 or done == self.total):
             return None
         means = (self.sums / self.n_acc).tolist()
-        rec = {"step": done, "samples": done * self.cfg.batch_size, "lr": _lr_at(step, self.cfg, self.total),
+        rec = {"step": done, "samples": done * self.cfg.batch_size, "lr": _lr_at(step, self.sched, self.total),
                "loss": means[0], "fvu": means[1], "l0": means[2], "aux_loss": means[3],
                "dead_fraction": self.tracker.fraction()}
         self.history.append(rec)
@@ -688,6 +714,7 @@ def final_evaluation(trainer: SAETrainer, eval_x: torch.Tensor, eval_over: str, 
     metrics.update({f"original_{k}": v for k, v in original.items() if k != "n_samples"})
     metrics["original_metrics_over"] = eval_over if eval_x.shape[0] >= 2 else "train"
     metrics["recipe"] = cfg.recipe
+    metrics.update({"variant": cfg.variant, "lr": trainer.sched.lr, "warmup_steps": trainer.sched.warmup_steps})
     if "dead_fraction" in metrics and dead_report["dead_fraction_over"] != "held_out":
         metrics["dead_fraction_held_out"] = metrics["dead_fraction"]  # kept, but too few rows to trust
     metrics.update(dead_report)
@@ -832,6 +859,7 @@ def _new_model(d_in: int, n_latents: int, cfg: SAETrainConfig, granularity: str,
             input_norm={"scale": scale} if cfg.normalize_input else None,
             relu=cfg.relu,
             training_recipe=cfg.recipe,
+            variant=cfg.variant,
         )
         if cfg.init == "kaiming_uniform":
             model.kaiming_init_()

@@ -124,7 +124,7 @@ def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path
 
     marker = out / "toy_stage.json"
     keys = ("sae_expansion", "sae_k", "sae_tokens_per_image", "sae_steps", "sae_batch_size", "sae_lr",
-            "sae_warmup_steps", "sae_aux_k", "sae_aux_coef", "seed")
+            "sae_warmup_steps", "sae_aux_k", "sae_aux_coef", "sae_variant", "seed")
     settings = {**{k: getattr(config, k) for k in keys}, "layer": layer, "timestep": t, "train": str(store.path),
                 "trainer": SAE_TRAINER_VERSION}
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "eval.json").exists():

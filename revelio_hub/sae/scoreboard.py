@@ -1,0 +1,122 @@
+"""Ground-truth scores of an SAE on data whose factors are known, and the table that shows them.
+
+Why: FVU says how much an SAE reconstructs, not whether its neurons mean
+anything. On the toy shapes every image's factors (shape, colour, size,
+background) are known, so three questions have answers:
+
+* **matched correlation**: pair every factor value with its own neuron
+  (one-to-one, Hungarian on the Pearson correlation between the neuron's
+  image activation and the value's indicator) and average the paired
+  correlations: 1 = a dedicated neuron per value.
+* **sparse probing**: per factor, keep the m neurons per value whose mean
+  activation differs most between that value and the rest (on the probe's
+  training half), fit a multinomial logistic regression on them, report held-out
+  accuracy next to the same probe on all raw features (dense).
+* **Diff-C loss recovered** (computed by the benchmark): the release's classifier's
+  accuracy on SAE reconstructions ÷ on the raw features.
+
+:func:`scoreboard_markdown` renders a ``benchmarks/bench_sae_variants.py --json``
+report as the Markdown table used in ``docs/benchmarks.md`` and in release cards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["factor_indicators", "matched_correlation", "probe_accuracy", "sparse_probe_accuracy",
+           "scoreboard_markdown"]
+
+
+def factor_indicators(labels: dict[str, torch.Tensor], n_values: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
+    """One-hot columns N×(Σ values) for the given factors, and their names ``"factor=i"``."""
+    cols, names = [], []
+    for factor, y in labels.items():
+        for v in range(n_values[factor]):
+            cols.append((y == v).float())
+            names.append(f"{factor}={v}")
+    return torch.stack(cols, 1), names
+
+
+def matched_correlation(acts: torch.Tensor, indicators: torch.Tensor) -> float:
+    """Mean Pearson correlation of the one-to-one (Hungarian) pairing of indicator columns with neurons.
+
+    ``acts``: N×n_neurons image activations; ``indicators``: N×n_values. Neurons that never
+    vary have correlation 0. Needs n_neurons ≥ n_values.
+    """
+    a = acts.double() - acts.double().mean(0)
+    b = indicators.double() - indicators.double().mean(0)
+    a_norm, b_norm = a.norm(dim=0), b.norm(dim=0)
+    corr = (b.T @ a) / (b_norm[:, None] * a_norm[None, :]).clamp_min(1e-12)
+    corr[:, a_norm == 0] = 0
+    rows, cols = linear_sum_assignment(-corr.numpy())
+    return float(corr[rows, cols].mean())
+
+
+def _standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mu, sd = train.mean(0), train.std(0).clamp_min(1e-6)
+    return (train - mu) / sd, (test - mu) / sd
+
+
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   n_classes: int, l2: float = 1e-3, iters: int = 200) -> float:
+    """Held-out accuracy of a multinomial logistic regression (L-BFGS, small L2) on standardised inputs."""
+    xtr, xte = _standardise(train_x.double(), test_x.double())
+    w = torch.zeros(xtr.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xtr @ w + b, train_y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((xte @ w + b).argmax(1) == test_y).double().mean())
+
+
+def sparse_probe_accuracy(train_acts: torch.Tensor, train_y: torch.Tensor, test_acts: torch.Tensor,
+                          test_y: torch.Tensor, n_classes: int, per_value: int) -> float:
+    """Probe on ``per_value`` neurons per class, chosen on the training half by mean-activation difference."""
+    chosen: list[int] = []
+    for c in range(n_classes):
+        inside = train_y == c
+        if inside.all() or not inside.any():
+            continue
+        diff = train_acts[inside].mean(0) - train_acts[~inside].mean(0)
+        if chosen:
+            diff[chosen] = float("-inf")  # one neuron serves one value
+        chosen += diff.topk(per_value).indices.tolist()
+    cols = torch.tensor(sorted(set(chosen)))
+    return probe_accuracy(train_acts[:, cols], train_y, test_acts[:, cols], test_y, n_classes)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def scoreboard_markdown(report: dict[str, Any], columns: Sequence[str] = ("fvu", "l0", "dead_fraction",
+                        "matched_correlation", "probe_1", "probe_5", "probe_dense", "diffc_loss_recovered")) -> str:
+    """The per-(entry, variant) rows of a ``bench_sae_variants.py --json`` report as a Markdown table.
+
+    Also the synthetic rows (MCC of decoder atoms) when the report has them. Used by
+    ``docs/benchmarks.md`` and by release cards (:mod:`revelio_hub.cards` may embed it).
+    """
+    heads = {"fvu": "FVU", "l0": "L0", "dead_fraction": "dead", "matched_correlation": "matched corr.",
+             "probe_1": "probe 1/value", "probe_5": "probe 5/value", "probe_dense": "dense probe",
+             "diffc_loss_recovered": "Diff-C loss rec."}
+    lines = ["| entry | variant | " + " | ".join(heads.get(c, c) for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for row in report.get("toy", []):
+        lines.append(f"| {row['entry']} | {row['variant']} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    synthetic = report.get("synthetic", [])
+    if synthetic:
+        lines += ["", "| synthetic | variant | MCC | FVU | L0 | dead |", "|---|---|---|---|---|---|"]
+        for row in synthetic:
+            lines.append(f"| d {row['d']}, {row['n_atoms']} atoms | {row['variant']} | {_fmt(row['mcc'])} | "
+                         f"{_fmt(row['fvu'])} | {_fmt(row['l0'], 1)} | {_fmt(row['dead_fraction'])} |")
+    return "\n".join(lines)
