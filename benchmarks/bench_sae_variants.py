@@ -45,8 +45,9 @@ from revelio_hub.diffc.model import DiffC
 from revelio_hub.diffc.training import predict_logits
 from revelio_hub.features import FeatureStore
 from revelio_hub.sae.model import KSparseAutoencoder
-from revelio_hub.sae.scoreboard import (factor_indicators, matched_correlation, probe_accuracy,
-                                        scoreboard_markdown, sparse_probe_accuracy)
+from revelio_hub.sae.scoreboard import (SCOREBOARD_FILE, card_section, factor_indicators, matched_correlation,
+                                        merge_reports, probe_accuracy, scoreboard_markdown, sparse_probe_accuracy,
+                                        with_card_section)
 from revelio_hub.sae.synthetic import SyntheticAtoms, atom_mcc, make_synthetic
 from revelio_hub.sae.training import SAETrainConfig, evaluate_sae, load_store_features, sample_tokens, train_sae
 from revelio_hub.sae.variants import VARIANTS
@@ -57,12 +58,15 @@ SCORED_FACTORS = ("shape", "color", "size", "background")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default="/tmp/i20-toywork", help="Toy build work folder (features/, data/test) (default: %(default)s).")
+    p.add_argument("--work", default="runs/toy-build",
+                   help="Toy build work folder (features/, data/test; training/build_toy_release.py --work) (default: %(default)s).")
     p.add_argument("--release", default="releases/toy-shapes", help="Toy release (its SAEs and Diff-C heads) (default: %(default)s).")
     p.add_argument("--layers", nargs="*", default=["down_ft1", "bottleneck", "up_ft0", "up_ft1"],
                    help="Toy entries to score (none: synthetic only) (default: %(default)s).")
     p.add_argument("--timestep", type=int, default=25)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="Variants to train; none (`--variants` alone) scores only the release's own SAEs "
+                        "(default: all).")
     p.add_argument("--k", type=int, default=8, help="Active latents, all variants (default: the toy build's, %(default)s).")
     p.add_argument("--expansion", type=int, default=8, help="(default: the toy build's, %(default)s)")
     p.add_argument("--steps", type=int, default=1000, help="(default: the toy build's, %(default)s)")
@@ -78,6 +82,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="Print the report as one JSON object.")
     p.add_argument("--out", default=None, help="Also write the JSON report here.")
+    p.add_argument("--merge", nargs="+", default=[], metavar="REPORT",
+                   help="Earlier --out reports (e.g. one per --lr) to show with this run's rows in one scoreboard.")
+    p.add_argument("--card", default=None, metavar="RELEASE",
+                   help="Write the (merged) scoreboard into this release: sae_variants.json and the card's "
+                        "'SAE variants' section (replaced when present).")
     return p.parse_args(argv)
 
 
@@ -199,8 +208,21 @@ def main(argv=None) -> int:
     report["seconds"] = time.perf_counter() - t0
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))
+    if a.merge or a.card:
+        report = merge_reports([json.loads(Path(f).read_text()) for f in a.merge] + [report])
+    if a.card:
+        write_to_release(Path(a.card), report)
     print(json.dumps(report) if a.json else scoreboard_markdown(report))
     return 0
+
+
+def write_to_release(release: Path, report: dict) -> None:
+    """The scoreboard's rows next to the card, and its section in the card."""
+    card = release / "README.md"
+    if not card.exists():
+        raise SystemExit(f"--card: {release} has no README.md (a release folder written by make_release.py)")
+    (release / SCOREBOARD_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    card.write_text(with_card_section(card.read_text(), card_section(report)))
 
 
 if __name__ == "__main__":

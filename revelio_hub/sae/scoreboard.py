@@ -27,7 +27,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 __all__ = ["factor_indicators", "matched_correlation", "probe_accuracy", "sparse_probe_accuracy",
-           "scoreboard_markdown"]
+           "scoreboard_markdown", "merge_reports", "card_section", "with_card_section"]
 
 
 def factor_indicators(labels: dict[str, torch.Tensor], n_values: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
@@ -120,3 +120,54 @@ def scoreboard_markdown(report: dict[str, Any], columns: Sequence[str] = ("fvu",
             lines.append(f"| d {row['d']}, {row['n_atoms']} atoms | {row['variant']} | {_fmt(row['mcc'])} | "
                          f"{_fmt(row['fvu'])} | {_fmt(row['l0'], 1)} | {_fmt(row['dead_fraction'])} |")
     return "\n".join(lines)
+
+
+#: The release card's section heading for the scoreboard (replaced, not duplicated, when written again).
+CARD_HEADING = "## SAE variants: ground-truth scoreboard"
+#: The scoreboard's rows as stored next to the card, so every number in the section has its data in the release.
+SCOREBOARD_FILE = "sae_variants.json"
+
+
+def _arm(report: dict[str, Any], variant: str) -> str:
+    """A row's label: the variant and the learning rate it was trained at (``lr 0`` in a report = the default rule)."""
+    if variant == "release":
+        return "this release"
+    lr = (report.get("settings") or {}).get("lr")
+    return f"{variant} · {'default lr rule' if not lr else f'lr {lr:g}'}"
+
+
+def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One scoreboard from several ``bench_sae_variants.py`` reports (e.g. one per learning rate).
+
+    Rows keep their numbers; their ``variant`` names the arm with its learning rate. A report's
+    ``release`` rows scored the release it was run on, so only the last report's are kept.
+    """
+    toy: list[dict[str, Any]] = []
+    synthetic: list[dict[str, Any]] = []
+    for i, report in enumerate(reports):
+        last = i == len(reports) - 1
+        toy += [dict(r, variant=_arm(report, r["variant"])) for r in report.get("toy", [])
+                if r["variant"] != "release" or last]
+        synthetic += [dict(r, variant=_arm(report, r["variant"])) for r in report.get("synthetic", [])]
+    toy.sort(key=lambda r: (r["entry"], r["variant"] != "this release", r["variant"]))
+    return {"benchmark": "sae_variants", "toy": toy, "synthetic": synthetic,
+            "settings": [r.get("settings") for r in reports]}
+
+
+def card_section(report: dict[str, Any]) -> str:
+    """The release card's scoreboard section: how the rows were made, then the table."""
+    return (f"{CARD_HEADING}\n\nEach variant trained like this release's SAEs on the same features and scored on "
+            "held-out shapes at the same L0 (`python benchmarks/bench_sae_variants.py --help` says how each column is "
+            f"computed; the rows are in `{SCOREBOARD_FILE}`). Matched correlation pairs each of the 16 values of "
+            "shape, colour, size and background with its own neuron (1 = a dedicated neuron per value); Diff-C loss "
+            "recovered is the release's Diff-C accuracy on SAE reconstructions ÷ on the raw features.\n\n"
+            + scoreboard_markdown(report) + "\n")
+
+
+def with_card_section(card: str, section: str) -> str:
+    """``card`` with its scoreboard section replaced by ``section`` (appended when it has none)."""
+    start = card.find(CARD_HEADING)
+    if start < 0:
+        return card.rstrip("\n") + "\n\n" + section
+    nxt = card.find("\n## ", start + len(CARD_HEADING))
+    return card[:start] + section + ("" if nxt < 0 else "\n" + card[nxt + 1:])
