@@ -27,7 +27,7 @@ import types
 import typing
 from typing import Any, Callable, Iterable, Literal, NoReturn, Optional, Sequence, TypeVar, Union
 
-__all__ = ["HelpFormatter", "Option", "add_hidden_alias", "add_options", "error_line", "field_docs", "from_args",
+__all__ = ["HelpFormatter", "Option", "add_options", "error_line", "field_docs", "from_args",
            "option", "plain_text", "usage_error"]
 
 T = TypeVar("T")
@@ -80,26 +80,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if text.endswith("."):  # "Images per batch (default: 8)." reads better than "batch. (default: 8)"
             return f"{text[:-1]} (default: {shown})."
         return f"{text} (default: {shown})"
-
-
-def add_hidden_alias(parser: Any, old: str, dest: str, **_ignored: Any) -> None:
-    """Accept ``old`` as another spelling of the option stored in ``dest``, not shown in ``--help``.
-
-    Still used by ``train_ksae.py`` and ``train_diffc.py`` only; it goes when their options are
-    generated with :func:`add_options` (which makes no aliases).
-
-    The old spelling is bound to the *same* argparse action as the current one,
-    so it parses exactly alike, a required option stays required in the usage
-    line and is satisfied by either spelling, and errors name the current
-    spelling. Extra keyword arguments are accepted for older call sites and
-    ignored: the alias parses like the option it stands for.
-    """
-    target = next((a for a in parser._actions if a.dest == dest and a.option_strings), None)
-    if target is None:
-        raise ValueError(f"add the option stored in {dest!r} before its old spelling {old!r}")
-    if old in parser._option_string_actions:
-        raise ValueError(f"{old!r} already names an option")
-    parser._option_string_actions[old] = target
 
 
 def error_line(prog: str, message: Any) -> int:

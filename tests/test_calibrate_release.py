@@ -30,7 +30,7 @@ def test_calibrates_in_place_and_pushes_the_calibrated_folder(hub, tmp_path):
     size = int(Release.from_pretrained(str(release)).config.get("image_size") or 32)
     make_shapes_dataset(24, seed=1, image_size=size).save_to_disk(str(tmp_path / "held_out"))
     code = SCRIPT["main"](["--release", str(release), "--dataset", str(tmp_path / "held_out"), "--label-column",
-                           "shape", "--max-images", "24", "--shifts", "rotate,mosaic", "--views", "",
+                           "shape", "--max-images", "24", "--shifts", "rotate", "mosaic", "--views",
                            "--timesteps", "25", "--push", "someone/toy-calibrated", "--cpu"])
     assert code == 0
     local = Release.from_pretrained(str(release))

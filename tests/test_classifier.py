@@ -423,7 +423,7 @@ def test_cli_train_and_sweep_on_stores(data, tmp_path, capsys):
                    "--no-progress"])
     assert rc == 0 and (tmp_path / "sw" / "sweep.png").exists()
     assert "val_top1" in capsys.readouterr().out
-    assert cli.main(["train", "--train-store", str(train_store), "--layer", "up_ft7", "--t", "25",
+    assert cli.main(["train", "--train-store", str(train_store), "--layer", "up_ft7", "--timestep", "25",
                      "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "up_ft7" in capsys.readouterr().err
 

@@ -83,12 +83,15 @@ def _parse(script: str, argv: list[str]):
     return runpy.run_path(str(ROOT / "training" / f"{script}.py"))["parse_args"](argv)
 
 
-def test_one_name_per_idea_and_hidden_old_names(capsys):
+def test_one_name_per_idea_and_no_hidden_old_names(capsys):
     diffc = ["train", "--train-store", "s", "--layer", "up_ft1", "--out", "o"]
     assert _parse("train_diffc", diffc + ["--timestep", "25"]).timestep == 25
-    assert _parse("train_diffc", diffc + ["--t", "100"]).timestep == 100  # old spelling, hidden
-    assert _parse("train_diffc", diffc + ["--t", "1", "--view-mode", "all"]).view_mode == "all"
-    assert _parse("train_diffc", diffc + ["--t", "1", "--views", "all"]).view_mode == "all"
+    assert _parse("train_diffc", diffc + ["--timestep", "1", "--view-mode", "all"]).view_mode == "all"
+    for old in (["--t", "100"], ["--timestep", "1", "--views", "all"]):  # the old spellings are gone
+        with pytest.raises(SystemExit):
+            _parse("train_diffc", diffc + old)
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err or "ambiguous option" in err
     with pytest.raises(SystemExit):
         _parse("train_diffc", diffc)  # --timestep is required
     assert "--timestep" in capsys.readouterr().err
@@ -100,7 +103,9 @@ def test_one_name_per_idea_and_hidden_old_names(capsys):
     assert "unrecognized arguments: --views" in capsys.readouterr().err
     ksae = ["--store", "s", "--layer", "l", "--timestep", "25", "--out", "o"]
     assert _parse("train_ksae", ksae + ["--view-ids", "0", "2"]).view_ids == [0, 2]
-    assert _parse("train_ksae", ksae + ["--views", "1"]).view_ids == [1]
+    with pytest.raises(SystemExit):
+        _parse("train_ksae", ksae + ["--views", "1"])
+    assert "unrecognized arguments: --views" in capsys.readouterr().err
 
     usage = runpy.run_path(str(ROOT / "training" / "train_diffc.py"))
     with pytest.raises(SystemExit):

@@ -15,6 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from revelio_hub.cli import HelpFormatter, add_options, from_args, option
+from revelio_hub.data import open_image_dataset
+from revelio_hub.distributed import finish, make_accelerator
+from revelio_hub.interpret.calibration import CalibrationConfig, calibrate_release
+from revelio_hub.release import Release, push_release
 
 EPILOG = """\
 examples:
@@ -27,47 +35,34 @@ examples:
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from revelio_hub.cli import HelpFormatter
-    from revelio_hub.interpret.calibration import CalibrationConfig
-    from revelio_hub.interpret.shifts import SHIFTS
+@dataclass(kw_only=True)
+class CalibrationRun:
+    """Which release and held-out images, and what happens to the result."""
 
-    d = CalibrationConfig()
+    release: str = field(metadata=option("Release folder to calibrate (written in place)."))
+    dataset: Optional[str] = field(default=None, metadata=option(
+        "Held-out images with labels (Hub id or local folder; default: the release's dataset)."))
+    split: Optional[str] = field(default=None, metadata=option("Dataset split (default: the release's, else test)."))
+    label_column: Optional[str] = field(default=None, metadata=option("Label column (default: auto-detected)."))
+    skip: int = field(default=0, metadata=option("Start at this row."))
+    report: Optional[str] = field(default=None, metadata=option("Also write the calibration metrics to this JSON file."))
+    push: Optional[str] = field(default=None, metadata=option(
+        "Then upload the calibrated release to this Hub repo (make_release.py --push rebuilds the folder from its "
+        "inputs, without the calibration).", metavar="REPO_ID"))
+    private: bool = field(default=False, metadata=option("With --push: create the repo as private."))
+    token: Optional[str] = field(default=None, metadata=option("Hub token (default: the saved login or HF_TOKEN)."))
+    cpu: bool = field(default=False, metadata=option("Run on the CPU even if a GPU is available."))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
-    p.add_argument("--release", required=True, help="Release folder to calibrate (written in place).")
-    p.add_argument("--dataset", default=None,
-                   help="Held-out images with labels (Hub id or local folder; default: the release's dataset).")
-    p.add_argument("--split", default=None, help="Dataset split (default: the release's, else test).")
-    p.add_argument("--label-column", default=None, help="Label column (default: auto-detected).")
-    p.add_argument("--skip", type=int, default=0, help="Start at this row (default: %(default)s).")
-    p.add_argument("--max-images", type=int, default=d.max_images, help="Held-out images used (default: %(default)s).")
-    p.add_argument("--seed", type=int, default=d.seed, help="Seed of the shift suite (default: %(default)s).")
-    p.add_argument("--shifts", default=",".join(d.shifts),
-                   help=f"Comma-separated shifts, from: {', '.join(SHIFTS)} (default: all).")
-    p.add_argument("--views", default=",".join(d.views),
-                   help="Comma-separated views compared with the image (flip; '' for none; default: %(default)s).")
-    p.add_argument("--false-alarm", type=float, default=d.false_alarm,
-                   help="Share of held-out images the threshold may flag (default: %(default)s).")
-    p.add_argument("--timesteps", default=None, metavar="T,T,...",
-                   help="Calibrate only the Diff-C entries at these timesteps (default: all).")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="Images per backbone pass (default: %(default)s).")
-    p.add_argument("--report", default=None, help="Also write the calibration metrics to this JSON file.")
-    p.add_argument("--push", default=None, metavar="REPO_ID",
-                   help="Then upload the calibrated release to this Hub repo (make_release.py --push rebuilds the "
-                        "folder from its inputs, without the calibration).")
-    p.add_argument("--private", action="store_true", help="With --push: create the repo as private.")
-    p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN).")
-    p.add_argument("--cpu", action="store_true", help="Run on the CPU even if a GPU is available.")
+    add_options(p, CalibrationRun)
+    add_options(p.add_argument_group("calibration"), CalibrationConfig, exclude=("max_sae_params", "l2"))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from revelio_hub.data import open_image_dataset
-    from revelio_hub.distributed import finish, make_accelerator
-    from revelio_hub.interpret.calibration import CalibrationConfig, calibrate_release
-    from revelio_hub.release import Release, push_release
-
     accelerator = make_accelerator(cpu=args.cpu)
     try:
         release = Release.from_pretrained(args.release)
@@ -77,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the release names no Hub dataset; give the held-out images with --dataset")
         source = open_image_dataset(source_id, split=args.split or dataset.get("split") or "test",
                                     label_column=args.label_column)
-        config = CalibrationConfig(seed=args.seed, shifts=tuple(s for s in args.shifts.split(",") if s),
-                                   views=tuple(v for v in args.views.split(",") if v), false_alarm=args.false_alarm,
-                                   max_images=args.max_images, batch_size=args.batch_size,
-                                   timesteps=None if not args.timesteps else
-                                   tuple(int(t) for t in args.timesteps.split(",") if t.strip()))
+        config = from_args(CalibrationConfig, args)
         metrics = calibrate_release(args.release, source, config, skip=args.skip, device=accelerator.device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line, usage_error
+from revelio_hub.cli import HelpFormatter, error_line, usage_error
 from revelio_hub.layer_names import canonical_layer
 
 EPILOG = """\
@@ -59,7 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--out", required=True, help="output folder (model, metrics, eval.json, checkpoints)")
     t.add_argument("--layer", required=True, type=canonical_layer, help="layer to classify from, e.g. up_ft1")
     t.add_argument("--timestep", type=int, required=True, help="diffusion timestep, e.g. 25")
-    add_hidden_alias(t, "--t", "timestep", type=int)
     t.add_argument("--train-store", help="feature store of the training split (spatial maps for --head conv; required unless --online)")
     t.add_argument("--test-store", help="feature store of the test split, read only after training (default: none, no test metrics)")
     t.add_argument("--online", action="store_true",
@@ -99,7 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "image trains, the last epoch is kept)")
     t.add_argument("--view-mode", choices=["sample", "all"], default=d.views,
                    help="'sample': one cached view per image per epoch; 'all': every view (default: %(default)s)")
-    add_hidden_alias(t, "--views", "view_mode", choices=["sample", "all"])
     t.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
     t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=d.mixed_precision,
                    help="autocast precision of the head")

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from revelio_hub.cli import HelpFormatter, add_hidden_alias, error_line
+from revelio_hub.cli import HelpFormatter, error_line
 from revelio_hub.layer_names import canonical_layer
 from revelio_hub.training_recipes import SAE_VARIANTS
 
@@ -54,7 +54,6 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--store", help="Feature store folder written by training/extract_features.py.")
     src.add_argument("--layer", type=canonical_layer, help="Layer of the store entry, e.g. up_ft1 (required with --store).")
     src.add_argument("--timestep", type=int, help="Timestep of the store entry, e.g. 25 (required with --store).")
-    add_hidden_alias(src, "--t", "timestep", type=int)
     src.add_argument("--granularity", choices=["pooled", "token"], default="pooled",
                      help="pooled: one mean-pooled vector per image (the paper); token: sampled positions of the "
                           "spatial maps (needs a store extracted with --spatial). Default: %(default)s.")
@@ -62,7 +61,6 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                      help="Positions sampled per map for --granularity token (default: %(default)s).")
     src.add_argument("--view-ids", type=int, nargs="+", default=None,
                      help="Use only these views of the store, e.g. 0 for the un-augmented images (default: all).")
-    add_hidden_alias(src, "--views", "view_ids", type=int, nargs="+")
     src.add_argument("--features", help="Plain safetensors file with an N×d_in tensor (instead of --store; default: none).")
     src.add_argument("--features-key", default=None, help="Tensor name in --features (default: its only tensor).")
 
