@@ -21,8 +21,8 @@ from revelio_hub.backbones import load_backbone
 from revelio_hub.data import open_image_dataset
 from revelio_hub.features import FeatureStore, extract_to_store
 from revelio_hub.sae.model import KSparseAutoencoder
-from revelio_hub.sae.streaming import entry_dir, train_sae_stream
-from revelio_hub.sae.training import SAETrainConfig, train_sae
+from revelio_hub.sae.streaming import FeatureStream, entry_dir, train_sae_stream
+from revelio_hub.sae.training import SAETrainConfig, sample_tokens, train_sae
 
 from process_group import run_group
 from tiny_models import make_tiny_pixel
@@ -126,6 +126,27 @@ def test_streaming_resumes_after_a_kill_to_the_uninterrupted_weights(backbone, w
     assert again[("up_ft1", 25)].eval == pytest.approx(resumed[("up_ft1", 25)].eval)
     with pytest.raises(ValueError, match="different settings.*'lr'"):
         train_sae_stream(backbone, _source(workspace), tmp_path / "run", LAYERS, [25], _cfg(lr=1e-3), progress=False)
+
+
+def test_token_streaming_feeds_the_stored_maps_tokens_and_saves_token_saes(backbone, workspace, tmp_path):
+    key = ("bottleneck", 25)
+    stream = FeatureStream(backbone, _source(workspace), ["bottleneck"], [25], granularity="token", tokens_per_image=5)
+    ids = [3, 7, 11]
+    rows = stream.features(ids)[key]
+    assert rows.shape == (15, backbone.channels("bottleneck"))
+    assert torch.equal(stream.features([11, 7])[key][5:10], rows[5:10])  # an image's tokens in any batch
+    store = extract_to_store(backbone, _source(workspace), tmp_path / "store", ["bottleneck"], [25], spatial=True,
+                             progress=False)
+    got = FeatureStore(store.path).load("bottleneck", 25, kind="spatial", views=[0])
+    where = {int(i): j for j, i in enumerate(got.image_ids)}
+    expected = torch.cat([sample_tokens(got.features[where[i]:where[i] + 1].float(), 5, seed=i)[0] for i in ids])
+    # the stored maps' positions (what a store-fed token SAE sees), to fp16 rounding of a different batch
+    torch.testing.assert_close(rows, expected, atol=1e-3, rtol=1e-3)
+    results = train_sae_stream(backbone, _source(workspace), tmp_path / "tok", ["bottleneck"], [25],
+                               _cfg(steps=4, checkpoint_every=0), granularity="token", tokens_per_image=5,
+                               progress=False)
+    loaded = KSparseAutoencoder.from_pretrained(entry_dir(tmp_path / "tok", "bottleneck", 25))
+    assert loaded.recipe["granularity"] == "token" and results[key].eval["fvu"] < 1.5
 
 
 def test_streaming_input_errors(backbone, workspace, tmp_path):

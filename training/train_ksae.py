@@ -152,8 +152,6 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--eval-store needs --store (with --layer and --timestep)")
     if args.backbone is not None and not (args.dataset and args.layers and args.timesteps):
         p.error("--backbone needs --dataset, --layers and --timesteps")
-    if args.backbone is not None and args.granularity != "pooled":
-        p.error("streaming from --backbone trains pooled SAEs; token SAEs need a store extracted with --spatial")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -249,7 +247,7 @@ def _train_streaming(args: argparse.Namespace, acc: Any) -> dict:
     results = train_sae_stream(backbone, source, args.out, args.layers, args.timesteps, cfg, accelerator=acc,
                                noise_seed=args.noise_seed, ensemble=args.ensemble,
                                extract_batch_size=args.extract_batch_size, num_workers=args.num_workers,
-                               resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
+                               granularity=args.granularity, tokens_per_image=args.tokens_per_image, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
     return {f"{layer}/t{t}": r.eval for (layer, t), r in results.items()}
 
 

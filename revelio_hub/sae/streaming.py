@@ -42,6 +42,7 @@ from revelio_hub.sae.training import (
     final_evaluation,
     initial_model,
     open_run,
+    sample_tokens,
     save_run,
 )
 
@@ -72,22 +73,40 @@ class FeatureStream:
     ensemble: int = 1
     batch_size: int = 8
     num_workers: int = 0
+    #: ``"pooled"``: one mean-pooled vector per image; ``"token"``: ``tokens_per_image`` sampled positions per map
+    granularity: str = "pooled"
+    tokens_per_image: int = 64
 
     @property
     def keys(self) -> list[LayerKey]:
         return [(layer, t) for layer in self.layers for t in self.timesteps]
 
     def features(self, ids: Sequence[int]) -> dict[LayerKey, torch.Tensor]:
-        """``{(layer, t): N×C}`` for the images ``ids`` that decode (a corrupt image is left out)."""
+        """``{(layer, t): rows×C}`` for the images ``ids`` that decode (a corrupt image is left out).
+
+        Pooled: one row per image. Token: ``tokens_per_image`` rows per image, at positions drawn
+        from the image's id (and the noise seed), so an image gives the same tokens in any batch,
+        epoch or process count, as a store's sampled tokens do.
+        """
         prepared = prepare_rows(self.source, [int(i) for i in ids], 1, self.backbone.image_size, self.noise_seed,
                                 self.num_workers, getattr(self.backbone, "resize", "bicubic"))
-        pooled, _ = extract_rows(self.backbone, prepared.row_images, prepared.row_ids, self.layers, self.timesteps,
-                                 batch_size=self.batch_size, seed=self.noise_seed, ensemble=self.ensemble)
-        return {key: torch.cat(parts) if parts else torch.zeros(0, self.backbone.channels(key[0]))
-                for key, parts in pooled.items()}
+        spatial = self.granularity == "token"
+        pooled, maps = extract_rows(self.backbone, prepared.row_images, prepared.row_ids, self.layers, self.timesteps,
+                                    spatial=spatial, batch_size=self.batch_size, seed=self.noise_seed,
+                                    ensemble=self.ensemble)
+        empty = {key: torch.zeros(0, self.backbone.channels(key[0])) for key in self.keys}
+        if not spatial:
+            return {key: torch.cat(parts) if parts else empty[key] for key, parts in pooled.items()}
+        return {key: self._tokens(torch.cat(parts).float(), prepared.row_ids) if parts else empty[key]
+                for key, parts in maps.items()}
+
+    def _tokens(self, maps: torch.Tensor, image_ids: Sequence[int]) -> torch.Tensor:
+        return torch.cat([sample_tokens(maps[j:j + 1], self.tokens_per_image,
+                                        seed=self.noise_seed * 1_000_003 + int(i))[0]
+                          for j, i in enumerate(image_ids)])
 
     def recipe(self, key: LayerKey) -> dict[str, Any]:
-        return self.backbone.recipe(key[0], key[1], granularity="pooled", ensemble=self.ensemble,
+        return self.backbone.recipe(key[0], key[1], granularity=self.granularity, ensemble=self.ensemble,
                                     seed=self.noise_seed).to_dict()
 
 
@@ -125,7 +144,8 @@ def _open_entries(stream: FeatureStream, first: dict[LayerKey, torch.Tensor], cf
         if cfg.k > n_latents:
             raise ValueError(f"k={cfg.k} exceeds n_latents={n_latents} for {key[0]} (d_in {rows.shape[1]})")
         norm = Normalisation.of(rows, cfg)
-        model = initial_model(rows, norm, cfg, n_latents=n_latents, granularity="pooled", recipe=stream.recipe(key))
+        model = initial_model(rows, norm, cfg, n_latents=n_latents, granularity=stream.granularity,
+                              recipe=stream.recipe(key))
         trainer = SAETrainer(model, cfg, acc, var_total=norm.var_total, window=min(cfg.dead_window, n_train),
                              total=cfg.total_steps)
         out = entry_dir(out_dir, *key)
@@ -183,6 +203,8 @@ def train_sae_stream(
     ensemble: int = 1,
     extract_batch_size: int = 8,
     num_workers: int = 0,
+    granularity: str = "pooled",
+    tokens_per_image: int = 64,
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -201,6 +223,8 @@ def train_sae_stream(
             each extract and train on their share of every global batch (DDP per SAE).
         noise_seed, ensemble: the extraction's noise seed and noise draws, as in a store.
         extract_batch_size: images per backbone call (a step's share is split into such calls).
+        granularity, tokens_per_image: ``"pooled"`` (one vector per image, the paper) or ``"token"``
+            (``tokens_per_image`` sampled positions per map; ``batch_size`` still counts images).
         resume, overwrite, progress, stop_after_step: as in ``train_sae``.
 
     Returns:
@@ -209,7 +233,10 @@ def train_sae_stream(
     cfg = config or SAETrainConfig()
     acc = accelerator or make_accelerator()
     layers, timesteps = check_request(backbone, layers, timesteps)
-    stream = FeatureStream(backbone, source, layers, timesteps, noise_seed, ensemble, extract_batch_size, num_workers)
+    if granularity not in ("pooled", "token"):
+        raise ValueError(f"granularity must be 'pooled' or 'token', got {granularity!r}")
+    stream = FeatureStream(backbone, source, layers, timesteps, noise_seed, ensemble, extract_batch_size, num_workers,
+                           granularity, tokens_per_image)
     train_ids, eval_ids = _split_images(len(source), cfg)
     if len(train_ids) < cfg.batch_size:
         cfg = whole_set_batches(cfg, len(train_ids), acc.num_processes, acc.is_main_process)
