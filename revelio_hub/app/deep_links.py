@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import gradio as gr
 
-from revelio_hub.app import analysis as A
+from revelio_hub.app import analysis
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import whole_number
@@ -75,7 +75,7 @@ def parse_link(state: AppState, params: Mapping[str, str]) -> Optional[Link]:
     for key, value in given.items():
         if len(value) > MAX_VALUE:
             raise ValueError(f"The link's {key} is too long ({MAX_VALUE} characters at most).")
-    rel, layer, t = A.resolve_entry(state, given.get("release", ""), given.get("layer") or None, given.get("t"))
+    rel, layer, t = analysis.resolve_entry(state, given.get("release", ""), given.get("layer") or None, given.get("t"))
     neuron = example = None
     if given.get("neuron"):
         n_latents = int(rel.entry(layer, t).sae.n_latents)

@@ -23,8 +23,8 @@ from typing import Any, Optional
 import gradio as gr
 from gradio import FileData
 
-from revelio_hub.app import analysis as A
-from revelio_hub.app import attribution_view as V
+from revelio_hub.app import analysis
+from revelio_hub.app import attribution_view
 from revelio_hub.app.api_surface import json_endpoint
 from revelio_hub.app.errors import user_errors
 from revelio_hub.app.state import AppState
@@ -47,12 +47,12 @@ class InterpretEvents:
     # ------------------------------------------------------------ Why this class?
 
     def _why(self, result: Any, target: Any, show_dense: Any = False):
-        view = V.attribute_analysis(self.state, result, target, show_dense=bool(show_dense))
-        chart, bars = V.why_chart(view)
-        thumbs = V.why_thumbnails(self.state, view)
-        rows = V._chart_rows(view, V.CHART_BARS)
+        view = attribution_view.attribute_analysis(self.state, result, target, show_dense=bool(show_dense))
+        chart, bars = attribution_view.why_chart(view)
+        thumbs = attribution_view.why_thumbnails(self.state, view)
+        rows = attribution_view._chart_rows(view, attribution_view.CHART_BARS)
         layout = {"bars": bars, "thumbs": [r["neuron"] for r in rows][: len(thumbs)]}
-        return V.why_note(view), chart, thumbs, layout, view
+        return attribution_view.why_note(view), chart, thumbs, layout, view
 
     def after_analyze(self, result: Any, show_dense: Any = False):
         """Explain the top class of a freshly analysed image; offer the entry's classes as targets."""
@@ -60,7 +60,7 @@ class InterpretEvents:
         if result is None:
             return empty
         with user_errors("explaining the prediction"):
-            rel, layer, t = A.resolve_entry(self.state, result.release, result.layer, result.timestep)
+            rel, layer, t = analysis.resolve_entry(self.state, result.release, result.layer, result.timestep)
             entry = rel.entry(layer, t)
             if entry.diffc is None:
                 both = getattr(rel.release, "diffc_entries", None) or []
@@ -97,7 +97,7 @@ class InterpretEvents:
             if result is None or not layout:
                 raise ValueError("Analyze an image first.")
             index = evt.index if isinstance(evt.index, (list, tuple)) else None
-            neuron = V.bar_at(layout["bars"], float(index[1])) if index and len(index) == 2 else None
+            neuron = attribution_view.bar_at(layout["bars"], float(index[1])) if index and len(index) == 2 else None
             return self._show(result, neuron)
 
     def click_thumb(self, result: Any, layout: Any, evt: gr.SelectData):
@@ -115,7 +115,7 @@ class InterpretEvents:
     def compare(self, image, other, layer, timestep, release):
         """Compare the analysed image's upload with a second one: neurons more active in each."""
         with user_errors("comparing the images"):
-            view = V.compare_images(self.state, self._served(image), self._served_other(other), layer, timestep, release)
+            view = attribution_view.compare_images(self.state, self._served(image), self._served_other(other), layer, timestep, release)
             first, second = view.tables()
             c = view.comparison
             note = (f"{len(c.first)} neurons are more active in this image, {len(c.second)} in the other; "
@@ -136,7 +136,7 @@ class InterpretEvents:
 
     def concept_choices(self, release):
         with user_errors("listing label values"):
-            choices = V.concept_choices(self.state, release)
+            choices = attribution_view.concept_choices(self.state, release)
             note = ("" if choices else
                     "_This release's atlases keep no per-label statistics; rebuild its atlases to get a concept map._")
             return gr.update(choices=choices, value=None), note, None, None
@@ -145,8 +145,8 @@ class InterpretEvents:
         with user_errors("building the concept map"):
             if not choice:
                 return None, "", None
-            cmap = V.concept_map(self.state, release, choice)
-            table, _ = V.concept_table(cmap)
+            cmap = attribution_view.concept_map(self.state, release, choice)
+            table, _ = attribution_view.concept_table(cmap)
             best = cmap.best()
             note = (f"Best single neuron for **{cmap.value}** ({cmap.column}): #{best[2]} at {best[0]} t={best[1]}, "
                     f"AUROC {best[3]:.3f}. Click a cell to open its neuron in the Neuron browser."
@@ -157,7 +157,7 @@ class InterpretEvents:
         """Open the clicked cell's neuron in the Neuron browser tab."""
         with user_errors("opening the neuron"):
             index = evt.index if isinstance(evt.index, (list, tuple)) else None
-            cell = V.concept_cell(cmap, int(index[0]), int(index[1])) if cmap is not None and index else None
+            cell = attribution_view.concept_cell(cmap, int(index[0]), int(index[1])) if cmap is not None and index else None
             if cell is None:
                 return (gr.update(),) * 7
             layer, t, neuron = cell
@@ -187,7 +187,7 @@ class InterpretEvents:
             minus P(class) with the neuron removed (positive: the neuron pushes the class up).
         """
         with user_errors("explaining the prediction"):
-            return V.attribute_image(self.state, self._served(image), layer or None, timestep, release,
+            return attribution_view.attribute_image(self.state, self._served(image), layer or None, timestep, release,
                                      target).to_json()
 
     def compare_json(self, image: FileData, other: FileData, layer: str = "", timestep: int = -1,
@@ -205,7 +205,7 @@ class InterpretEvents:
             "summary"}], "more_in_second": [...], "shared_active_neurons"}
         """
         with user_errors("comparing the images"):
-            return V.compare_images(self.state, self._served(image), self._served_other(other), layer or None,
+            return attribution_view.compare_images(self.state, self._served(image), self._served_other(other), layer or None,
                                     timestep, release).to_json()
 
 
@@ -262,9 +262,9 @@ def compare_section() -> CompareComponents:
             with gr.Column():
                 button = gr.Button("Compare", variant="secondary", elem_id="compare-btn")
                 note = gr.Markdown("")
-        first = gr.Dataframe(headers=V.COMPARE_HEADERS, interactive=False, max_height=260,
+        first = gr.Dataframe(headers=attribution_view.COMPARE_HEADERS, interactive=False, max_height=260,
                              label="More active in this image (click a row)", elem_id="compare-first")
-        second = gr.Dataframe(headers=V.COMPARE_HEADERS, interactive=False, max_height=260,
+        second = gr.Dataframe(headers=attribution_view.COMPARE_HEADERS, interactive=False, max_height=260,
                               label="More active in the other image (click a row)", elem_id="compare-second")
     return CompareComponents(other, button, note, first, second)
 
@@ -275,7 +275,7 @@ def concept_tab(state: AppState) -> ConceptComponents:
         gr.Markdown("Pick a label value of the release's atlases: each cell is the best single neuron's AUROC at "
                     "detecting it, at one layer and timestep (0.5 = chance).")
         try:
-            choices = V.concept_choices(state)
+            choices = attribution_view.concept_choices(state)
         except Exception:  # the tab's own event reports problems; the app must still start
             choices = []
         value = gr.Dropdown(choices, value=None, label="Label value", elem_id="concept-value")

@@ -45,9 +45,9 @@ import gradio as gr
 from gradio import FileData
 from starlette.middleware import Middleware
 
-from revelio_hub.app import analysis as A
-from revelio_hub.app import deep_links as DL
-from revelio_hub.app import interpret_ui as IU
+from revelio_hub.app import analysis
+from revelio_hub.app import deep_links
+from revelio_hub.app import interpret_ui
 from revelio_hub.app.errors import user_errors
 from revelio_hub.app.api_surface import IntDropdown, json_endpoint
 from revelio_hub.app.mcp_tools import file_route_urls_as_paths, ui_only, wire_tools
@@ -289,7 +289,7 @@ BROWSER_COLUMNS = ["88px", "180px", "140px", "180px", "164px", "auto"]
 HEATMAP_LABEL = "Where the neuron fires (centre crop)"
 
 
-def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
+def _neuron_stats_markdown(d: analysis.NeuronDetails) -> str:
     text = (
         f"### Neuron {d.id}{' (dense)' if d.dense else ''}\n{d.summary or ''}\n\n"
         "| fires on | mean activation | best AUROC (↑, 1 = perfect) | label entropy (↓, bits) |\n|---|---|---|---|\n"
@@ -306,7 +306,7 @@ def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
     return text
 
 
-def _ood_markdown(result: A.Analysis) -> dict:
+def _ood_markdown(result: analysis.Analysis) -> dict:
     """The reliability line: a flagged image's warning (its class greys the results, see :data:`CSS`), else the
     percentile line."""
     ood = result.ood or {}
@@ -316,7 +316,7 @@ def _ood_markdown(result: A.Analysis) -> dict:
     return gr.update(value=message, elem_classes=[], visible=bool(message))
 
 
-def _neuron_rows(result: A.Analysis, show_dense: bool) -> list[list[Any]]:
+def _neuron_rows(result: analysis.Analysis, show_dense: bool) -> list[list[Any]]:
     return [[n.id, round(n.activation, 4), round(n.relevance, 2), n.summary + (" · dense" if n.dense else "")]
             for n in result.visible_neurons(bool(show_dense))]
 
@@ -354,7 +354,7 @@ class Events:
         """Analyze an image: predicted classes, its most relevant neurons, the first one's images and heat map,
         and whether the image is like the release's data."""
         with user_errors("analysing the image"):
-            result = A.analyze(
+            result = analysis.analyze(
                 self.state, self.served_image(image), layer, timestep, release,
                 progress=(lambda frac, desc: progress(frac, desc=desc)) if progress is not None else None,
             )
@@ -362,7 +362,7 @@ class Events:
             # The note is a plain string (API users get text, not a component update); "" shows nothing.
             return (preds, result.note or "", *shown, _ood_markdown(result))
 
-    def _neuron_outputs(self, result: A.Analysis, show_dense) -> tuple:
+    def _neuron_outputs(self, result: analysis.Analysis, show_dense) -> tuple:
         rows = _neuron_rows(result, show_dense)
         shown = result.visible_neurons(bool(show_dense))
         if not shown:
@@ -370,7 +370,7 @@ class Events:
                 "Only dense neurons fire on this image; tick “Show dense neurons” to list them."
             return (result.predictions, rows, gr.update(choices=[], value=None), why, [], result.image, result)
         top = shown[0].id
-        gal, overlay, text = A.neuron_view(self.state, result, top)
+        gal, overlay, text = analysis.neuron_view(self.state, result, top)
         # "217 · stripes (background)": the summary's first part fits a phone's dropdown; the caption has the rest
         choices = [(f"{n.id} · {n.summary.split(' · ')[0]}" if n.summary else str(n.id), n.id) for n in shown]
         return result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result
@@ -403,7 +403,7 @@ class Events:
         if result is None:
             raise ValueError("Analyze an image first.")
         if None not in (layer, timestep):
-            rel, layer, t = A.resolve_entry(self.state, release, layer, timestep)
+            rel, layer, t = analysis.resolve_entry(self.state, release, layer, timestep)
             if (result.release, result.layer, result.timestep) != (rel.name, layer, t):
                 raise ValueError(
                     f"These results are for {result.layer} t={result.timestep}; "
@@ -417,7 +417,7 @@ class Events:
             result = self._current(result, layer, timestep, release)
             if neuron is None:
                 return "", [], result.image
-            gal, overlay, text = A.neuron_view(self.state, result, neuron)
+            gal, overlay, text = analysis.neuron_view(self.state, result, neuron)
             return text, gal, overlay
 
     def select_row(self, result, layer=None, timestep=None, release=None, evt: gr.SelectData = None):
@@ -460,31 +460,31 @@ class Events:
     def neuron_details(self, release, layer, timestep, neuron):
         """The browser's view of one neuron: stats, label histogram, top images (programs: /describe_neuron)."""
         with user_errors("showing the neuron"):
-            d = A.neuron_details(self.state, release, layer, timestep, neuron)
+            d = analysis.neuron_details(self.state, release, layer, timestep, neuron)
             return _neuron_stats_markdown(d), d.histogram, d.top_images
 
     def sorted_neurons(self, release, layer, timestep, by):
         with user_errors("listing neurons"):
-            return A.sorted_neurons(self.state, release, layer, timestep, by)
+            return analysis.sorted_neurons(self.state, release, layer, timestep, by)
 
     def class_neurons(self, release, layer, timestep, name):
         """Neurons detecting a label value (``column=value`` from the browser's dropdown), best AUROC first."""
         with user_errors("searching neurons for the label value"):
             if not name:
                 return []
-            return A.search_rows(self.state, release, layer, timestep, name)
+            return analysis.search_rows(self.state, release, layer, timestep, name)
 
     def browser_entry(self, release, layer, timestep, by, name, neuron=None):
         """Fill the whole browser for the chosen (release, layer, t): both lists, and the shown neuron's
         stats, label histogram and top images for *this* entry (cleared if the id does not exist here)."""
         with user_errors("loading the release entry"):
-            values = A.label_values(self.state, release, layer, timestep)
+            values = analysis.label_values(self.state, release, layer, timestep)
             name = name if name in {key for _, key in values} else None
-            lists = (A.sorted_neurons(self.state, release, layer, timestep, by),
+            lists = (analysis.sorted_neurons(self.state, release, layer, timestep, by),
                      gr.update(choices=values, value=name),
-                     A.search_rows(self.state, release, layer, timestep, name) if name else [])
+                     analysis.search_rows(self.state, release, layer, timestep, name) if name else [])
             try:
-                details = A.neuron_details(self.state, release, layer, timestep, neuron)
+                details = analysis.neuron_details(self.state, release, layer, timestep, neuron)
             except ValueError:  # no neuron chosen, or an id this entry does not have
                 return (*lists, BROWSER_PROMPT, None, [])
             return (*lists, _neuron_stats_markdown(details), details.histogram, details.top_images)
@@ -519,7 +519,7 @@ class Events:
             "signals"} (the calibrated score, when the release has one)}}
         """
         with user_errors("analysing the image"):
-            return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
+            return analysis.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
 
     def search_neurons(self, value: str, layer: str = "", timestep: int = -1, release: str = "") -> list:
         """Search the neurons that detect a label value (a class, or a value of another label column such as
@@ -535,7 +535,7 @@ class Events:
             "precision" (share of its top images with the value), "frequency", "dense", "summary"}]
         """
         with user_errors("searching neurons"):
-            return A.search_neurons(self.state, value, layer or None, timestep, release)
+            return analysis.search_neurons(self.state, value, layer or None, timestep, release)
 
 
 def build_ui(state: AppState) -> gr.Blocks:
@@ -579,7 +579,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                         analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
                         show_dense = gr.Checkbox(False, label="Show dense neurons (fire on most images)",
                                                  elem_id="show-dense")
-                        analysis_copy = DL.copy_link_row("Copy link to this analysis", "analysis-link")
+                        analysis_copy = deep_links.copy_link_row("Copy link to this analysis", "analysis-link")
                         examples = gr.Gallery(
                             shown_examples(rel0.examples), label="Examples (click one to load it)", columns=5, height=150,
                             allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
@@ -611,8 +611,8 @@ def build_ui(state: AppState) -> gr.Blocks:
                             label="Its top-activating dataset images", columns=5, height="auto",
                             object_fit="contain", allow_preview=True, elem_id="neuron-gallery",
                         )
-                        why = IU.why_section()
-                        compare = IU.compare_section()
+                        why = interpret_ui.why_section()
+                        compare = interpret_ui.compare_section()
 
             with gr.Tab("Neuron browser", id="browser"):
                 with gr.Row():
@@ -620,7 +620,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                     b_t = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
                     b_neuron = gr.Number(value=0, minimum=0, step=1, precision=0, label="Neuron id")
                     b_show = gr.Button("Show neuron", variant="primary")
-                neuron_copy = DL.copy_link_row("Copy link to this neuron", "neuron-link")
+                neuron_copy = deep_links.copy_link_row("Copy link to this neuron", "neuron-link")
                 with gr.Row():
                     with gr.Column(scale=2):
                         b_stats = gr.Markdown(BROWSER_PROMPT, label="Neuron statistics", elem_id="neuron-stats",
@@ -635,17 +635,17 @@ def build_ui(state: AppState) -> gr.Blocks:
                                            ("label entropy (lowest first)", "entropy"),
                                            ("mean activation", "mean_activation")],
                                           value="frequency", label="Sort neurons by")
-                        b_sorted = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False, max_height=320,
+                        b_sorted = gr.Dataframe(headers=analysis.NEURON_TABLE_HEADERS, interactive=False, max_height=320,
                                                 label="Neurons (click a row)", column_widths=BROWSER_COLUMNS,
                                                 elem_id="browser-neurons", elem_classes=["revelio-table"])
                     with gr.Column():
                         b_class = gr.Dropdown([], label="Search: neurons that detect this label value",
                                               filterable=True, elem_id="search-value")
-                        b_class_table = gr.Dataframe(headers=A.SEARCH_TABLE_HEADERS, interactive=False,
+                        b_class_table = gr.Dataframe(headers=analysis.SEARCH_TABLE_HEADERS, interactive=False,
                                                      max_height=320, label="Best detectors, by AUROC (click a row)",
                                                      elem_id="class-neurons", elem_classes=["revelio-table"])
 
-            concept = IU.concept_tab(state)
+            concept = interpret_ui.concept_tab(state)
 
             with gr.Tab("About", id="about"):
                 card_md = gr.Markdown(card_markdown(rel0), elem_id="revelio-card", elem_classes=["revelio-md"])
@@ -701,9 +701,9 @@ def build_ui(state: AppState) -> gr.Blocks:
         )
         release_changed.then(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
         loaded = demo.load(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
-        link_analyzed = DL.wire(
-            DL.LinkEvents(state, ev), loaded,
-            DL.LinkComponents(tabs, release_dd, layer_dd, t_dd, image_in, examples, card_md, b_layer, b_t, b_neuron,
+        link_analyzed = deep_links.wire(
+            deep_links.LinkEvents(state, ev), loaded,
+            deep_links.LinkComponents(tabs, release_dd, layer_dd, t_dd, image_in, examples, card_md, b_layer, b_t, b_neuron,
                               browser_outputs, results, selected_neuron=neuron_dd),
             by=b_sort, note=link_note, neuron_copy=neuron_copy, analysis_copy=analysis_copy, backbone=backbone,
         )
@@ -711,8 +711,8 @@ def build_ui(state: AppState) -> gr.Blocks:
         json_endpoint(ev.analyze_json, api_name="analyze_json", output="analysis", concurrency_id="backbone",
                       concurrency_limit=cfg.concurrency)
         every_analysis = [analyzed, layer_refreshed, t_refreshed, image_changed, release_changed, link_analyzed]
-        IU.wire(
-            IU.InterpretEvents(state, ev), analyzed=every_analysis,
+        interpret_ui.wire(
+            interpret_ui.InterpretEvents(state, ev), analyzed=every_analysis,
             analysis_state=analysis_state, image_in=image_in,
             layer_dd=layer_dd, t_dd=t_dd, release_dd=release_dd, neuron_dd=neuron_dd, caption=caption,
             gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
