@@ -29,12 +29,14 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence
 
 from revelio_hub.app.decoded_images import DecodedImages
 from revelio_hub.app.gpu import GPU_DURATION_S, call_device, gpu_task, load_device
+from revelio_hub.app.workers import BackboneWorkers
 from revelio_hub.layer_names import canonical_layer
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the app must answer within seconds of starting
@@ -436,9 +438,8 @@ class AppState:
         # CPU: backbone passes in worker processes, which hold the backbone (see revelio_hub.app.workers).
         self.workers = None
         if config.workers:
-            from revelio_hub.app.workers import BackboneWorkers
-
-            self.workers = BackboneWorkers(config, config.workers)
+            # Each worker builds a state of its own from the same settings, with no workers of its own.
+            self.workers = BackboneWorkers(partial(AppState.from_config, replace(config, workers=0)), config.workers)
 
     @classmethod
     def from_config(cls, config: AppConfig) -> "AppState":
