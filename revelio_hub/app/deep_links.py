@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 import gradio as gr
 
 from revelio_hub.app import analysis
+from revelio_hub.app.api_surface import PRIVATE
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import whole_number
@@ -213,20 +214,19 @@ def wire(ev: LinkEvents, loaded: Any, c: LinkComponents, *, by: Any, note: Any, 
     Returns the dependency that analyses a linked example, for the events that
     follow every analysis.
     """
-    private = {"api_visibility": "private"}
     link_state = gr.State(None)
     opened = loaded.then(
         ev.open, by,
         [c.tabs, c.release, c.layer, c.timestep, c.examples, c.card, c.browser_layer, c.browser_t,
-         c.browser_neuron, *c.browser_outputs, c.image, link_state, note], **private)
+         c.browser_neuron, *c.browser_outputs, c.image, link_state, note], **PRIVATE)
     analyzed = opened.then(ev.analyze, [link_state, c.image, c.layer, c.timestep, c.release], list(c.results),
-                           preprocess=False, **backbone, **private)
+                           preprocess=False, **backbone, **PRIVATE)
     button, box = neuron_copy
     button.click(ev.neuron_link, [c.release, c.browser_layer, c.browser_t, c.browser_neuron], box,
-                 preprocess=False, **private).then(None, box, box, js=COPY_JS, **private)
+                 preprocess=False, **PRIVATE).then(None, box, box, js=COPY_JS, **PRIVATE)
     button, box = analysis_copy
     button.click(ev.analysis_link, [c.release, c.layer, c.timestep, c.image, c.selected_neuron], box,
-                 preprocess=False, **private).then(None, box, box, js=COPY_JS, **private)
+                 preprocess=False, **PRIVATE).then(None, box, box, js=COPY_JS, **PRIVATE)
     return analyzed
 
 

@@ -17,20 +17,20 @@ API (public, same input rules as ``/analyze_json``: uploads only):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gradio as gr
 from gradio import FileData
 
 from revelio_hub.app import analysis
 from revelio_hub.app import attribution_view
-from revelio_hub.app.api_surface import json_endpoint
+from revelio_hub.app.api_surface import PRIVATE, json_endpoint
 from revelio_hub.app.errors import user_errors
+from revelio_hub.app.page import CompareComponents, ConceptComponents, Page, WhyComponents
 from revelio_hub.app.state import AppState
 
-__all__ = ["InterpretEvents", "WhyComponents", "CompareComponents", "ConceptComponents",
-           "why_section", "compare_section", "concept_tab", "wire"]
+
+__all__ = ["InterpretEvents", "why_section", "compare_section", "concept_tab", "wire"]
 
 
 class InterpretEvents:
@@ -212,33 +212,6 @@ class InterpretEvents:
 # ----------------------------------------------------------------------- layout
 
 
-@dataclass
-class WhyComponents:
-    target: Any
-    button: Any
-    note: Any
-    chart: Any
-    thumbs: Any
-    layout: Any
-
-
-@dataclass
-class CompareComponents:
-    other: Any
-    button: Any
-    note: Any
-    first: Any
-    second: Any
-
-
-@dataclass
-class ConceptComponents:
-    value: Any
-    note: Any
-    table: Any
-    cmap: Any
-
-
 def why_section() -> WhyComponents:
     """The "Why this class?" block (inside the Analyze tab)."""
     with gr.Accordion("Why this class?", open=True, elem_id="why"):
@@ -288,41 +261,42 @@ def concept_tab(state: AppState) -> ConceptComponents:
     return ConceptComponents(value, note, table, cmap)
 
 
-def wire(ev: InterpretEvents, *, analyzed: Any, analysis_state: Any, image_in: Any, layer_dd: Any, t_dd: Any,
-         release_dd: Any, neuron_dd: Any, caption: Any, gallery: Any, heatmap: Any, why: WhyComponents,
-         compare: CompareComponents, concept: ConceptComponents, tabs: Any, browser: list, concurrency: int,
-         show_dense: Any = None) -> None:
-    """Connect the views' events (inside the Blocks' context) and register the JSON endpoints."""
-    private = {"api_visibility": "private"}
-    shown = [neuron_dd, caption, gallery, heatmap]
-    # Every event that sets or clears the analysis (Analyze, a layer/timestep re-analysis, a new image or
-    # release) refreshes the explanation, so it never describes another entry's result.
-    # The "show dense neurons" box of the neuron table applies to the explanation too.
-    dense_in = [show_dense] if show_dense is not None else []
-    why_out = [why.note, why.chart, why.thumbs, why.layout]
-    for dep in (analyzed if isinstance(analyzed, (list, tuple)) else [analyzed]):
-        dep.then(ev.after_analyze, [analysis_state, *dense_in], [*why_out, why.target], **private)
-    why.button.click(ev.why, [analysis_state, why.target, *dense_in], why_out, **private)
-    why.target.input(ev.why, [analysis_state, why.target, *dense_in], why_out, **private)
-    if show_dense is not None:
-        show_dense.input(ev.toggle_dense, [analysis_state, why.target, show_dense], why_out, **private)
-    why.chart.select(ev.click_bar, [analysis_state, why.layout], shown, **private)
-    why.thumbs.select(ev.click_thumb, [analysis_state, why.layout], shown, **private)
+def wire(ev: InterpretEvents, page: Page, *, analyzed: Sequence[Any], concurrency: Optional[int]) -> None:
+    """Connect the views' events (inside the Blocks' context) and register the JSON endpoints.
 
-    compare.button.click(ev.compare, [image_in, compare.other, layer_dd, t_dd, release_dd],
+    ``analyzed``: every event that sets or clears the analysis (Analyze, a layer/timestep re-analysis, a new
+    image or release); each refreshes the explanation and clears the comparison, so neither describes
+    another entry's result.
+    """
+    tab, why, compare, concept = page.analyze, page.analyze.why, page.analyze.compare, page.concept
+    shown = tab.shown_neuron
+    # The "show dense neurons" box of the neuron table applies to the explanation too.
+    why_out = [why.note, why.chart, why.thumbs, why.layout]
+    for dep in analyzed:
+        dep.then(ev.after_analyze, [tab.analysis, tab.show_dense], [*why_out, why.target], **PRIVATE)
+    why.button.click(ev.why, [tab.analysis, why.target, tab.show_dense], why_out, **PRIVATE)
+    why.target.input(ev.why, [tab.analysis, why.target, tab.show_dense], why_out, **PRIVATE)
+    tab.show_dense.input(ev.toggle_dense, [tab.analysis, why.target, tab.show_dense], why_out, **PRIVATE)
+    why.chart.select(ev.click_bar, [tab.analysis, why.layout], shown, **PRIVATE)
+    why.thumbs.select(ev.click_thumb, [tab.analysis, why.layout], shown, **PRIVATE)
+
+    compare.button.click(ev.compare, [tab.image, compare.other, tab.layer, tab.timestep, page.release],
                          [compare.first, compare.second, compare.note], preprocess=False,
-                         concurrency_id="backbone", concurrency_limit=concurrency, **private)
+                         concurrency_id="backbone", concurrency_limit=concurrency, **PRIVATE)
     for table in (compare.first, compare.second):
-        table.select(ev.events.select_row, [analysis_state], shown, **private)
+        table.select(ev.events.select_row, [tab.analysis], shown, **PRIVATE)
     # A comparison describes one (image, other image, entry): any change to them clears it, never leaves it stale.
     compare_out = [compare.first, compare.second, compare.note]
-    for dep in (analyzed if isinstance(analyzed, (list, tuple)) else [analyzed]):
-        dep.then(ev.clear_compare, None, compare_out, **private)
-    compare.other.change(ev.clear_compare, None, compare_out, **private)
+    for dep in analyzed:
+        dep.then(ev.clear_compare, None, compare_out, **PRIVATE)
+    compare.other.change(ev.clear_compare, None, compare_out, **PRIVATE)
 
-    concept.value.input(ev.concept, [release_dd, concept.value], [concept.table, concept.note, concept.cmap], **private)
-    concept.table.select(ev.concept_click, [release_dd, concept.cmap], [tabs, *browser], **private)
-    release_dd.input(ev.concept_choices, release_dd, [concept.value, concept.note, concept.table, concept.cmap], **private)
+    browser = [page.browser.layer, page.browser.timestep, page.browser.neuron, *page.browser.details]
+    concept.value.input(ev.concept, [page.release, concept.value], [concept.table, concept.note, concept.cmap],
+                        **PRIVATE)
+    concept.table.select(ev.concept_click, [page.release, concept.cmap], [page.tabs, *browser], **PRIVATE)
+    page.release.input(ev.concept_choices, page.release, [concept.value, concept.note, concept.table, concept.cmap],
+                       **PRIVATE)
 
     json_endpoint(ev.attribute_json, api_name="attribute_json", output="attribution", concurrency_id="backbone",
                   concurrency_limit=concurrency)
