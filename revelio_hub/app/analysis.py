@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
+from revelio_hub.app.errors import NO_DIFFC
 from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown, whole_number
 from revelio_hub.interpret.ood import assess, ordinal, sae_error
@@ -169,12 +170,10 @@ def diffc_entries(rel: LoadedRelease) -> list[tuple[str, int]]:
 
 
 def no_diffc_note(rel: LoadedRelease, layer: str, t: int) -> str:
-    """What to tell a user whose entry has no classifier: which entries do have one."""
-    others = diffc_entries(rel)
-    where = ("; entries with one: " + ", ".join(f"{l} t={tt}" for l, tt in others)) if others else (
-        "; this release has no Diff-C head at all"
-    )
-    return f"No Diff-C classifier for {layer} t={t}, so no predicted classes{where}."
+    """What to tell a user whose entry has no classifier (:data:`~revelio_hub.app.errors.NO_DIFFC`)."""
+    entries = getattr(rel.release, "diffc_entries", None) or []
+    where = ", ".join(f"{l} t={tt}" for l, tt in entries) or "none in this release"
+    return NO_DIFFC.format(layer=layer, t=t, where=where)
 
 
 def model_recipe(model: Any) -> dict[str, Any]:

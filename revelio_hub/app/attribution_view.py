@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from revelio_hub.app.analysis import Analysis, _top_images, image_reliability, model_recipe, resolve_entry
+from revelio_hub.app.analysis import (Analysis, _top_images, image_reliability, model_recipe, no_diffc_note,
+                                      resolve_entry)
 from revelio_hub.app.state import AppState, LoadedRelease, image_digest
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown
 from revelio_hub.interpret.concept_effects import ConceptEffect, concept_effects
@@ -83,12 +84,7 @@ class AttributionView:
 def _diffc_entry(rel: LoadedRelease, layer: str, t: int) -> Any:
     entry = rel.entry(layer, t)
     if entry.diffc is None or entry.sae is None:
-        both = getattr(rel.release, "diffc_entries", None) or []
-        where = ", ".join(f"{l} t={tt}" for l, tt in both) or "none in this release"
-        raise ValueError(
-            f"{layer} t={t} has no Diff-C classifier, so there is no prediction to explain. "
-            f"Entries with both a k-SAE and a Diff-C: {where}."
-        )
+        raise ValueError(no_diffc_note(rel, layer, t))
     return entry
 
 

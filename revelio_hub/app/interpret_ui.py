@@ -63,10 +63,7 @@ class InterpretEvents:
             rel, layer, t = analysis.resolve_entry(self.state, result.release, result.layer, result.timestep)
             entry = rel.entry(layer, t)
             if entry.diffc is None:
-                both = getattr(rel.release, "diffc_entries", None) or []
-                where = ", ".join(f"{l} t={tt}" for l, tt in both) or "none"
-                return (f"_No Diff-C classifier at {layer} t={t}, so there is no class to explain. "
-                        f"Entries with one: {where}._", None, [], None, gr.update(choices=[], value=None))
+                return (f"_{analysis.no_diffc_note(rel, layer, t)}_", None, [], None, gr.update(choices=[], value=None))
             note, chart, thumbs, layout, view = self._why(result, None, show_dense)
             classes = list(entry.diffc.class_names)
             return note, chart, thumbs, layout, gr.update(choices=classes, value=view.attribution.target_name)
