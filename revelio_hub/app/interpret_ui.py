@@ -4,7 +4,8 @@ Kept apart from :mod:`revelio_hub.app.ui` so that file stays about layout of
 the core app; :func:`revelio_hub.app.ui.build_ui` calls the builders here
 inside its Blocks and hands over the components they connect to. Event
 functions are methods of :class:`InterpretEvents` (tests call them directly),
-thin shells over :mod:`revelio_hub.app.attribution_view` that turn
+thin shells over :mod:`revelio_hub.app.attribution_view`,
+:mod:`revelio_hub.app.comparison_view` and :mod:`revelio_hub.app.concept_view` that turn
 ``ValueError`` into ``gr.Error`` via :func:`~revelio_hub.app.errors.user_errors`.
 
 API (public, same input rules as ``/analyze_json``: uploads only):
@@ -24,6 +25,8 @@ from gradio import FileData
 
 from revelio_hub.app import analysis
 from revelio_hub.app import attribution_view
+from revelio_hub.app import comparison_view
+from revelio_hub.app import concept_view
 from revelio_hub.app.api_surface import PRIVATE, json_endpoint
 from revelio_hub.app.errors import user_errors
 from revelio_hub.app.page import CompareComponents, ConceptComponents, Page, WhyComponents
@@ -112,7 +115,8 @@ class InterpretEvents:
     def compare(self, image, other, layer, timestep, release):
         """Compare the analysed image's upload with a second one: neurons more active in each."""
         with user_errors("comparing the images"):
-            view = attribution_view.compare_images(self.state, self._served(image), self._served_other(other), layer, timestep, release)
+            view = comparison_view.compare_images(self.state, self._served(image), self._served_other(other), layer,
+                                                  timestep, release)
             first, second = view.tables()
             c = view.comparison
             note = (f"{len(c.first)} neurons are more active in this image, {len(c.second)} in the other; "
@@ -133,7 +137,7 @@ class InterpretEvents:
 
     def concept_choices(self, release):
         with user_errors("listing label values"):
-            choices = attribution_view.concept_choices(self.state, release)
+            choices = concept_view.concept_choices(self.state, release)
             note = ("" if choices else
                     "_This release's atlases keep no per-label statistics; rebuild its atlases to get a concept map._")
             return gr.update(choices=choices, value=None), note, None, None
@@ -142,8 +146,8 @@ class InterpretEvents:
         with user_errors("building the concept map"):
             if not choice:
                 return None, "", None
-            cmap = attribution_view.concept_map(self.state, release, choice)
-            table, _ = attribution_view.concept_table(cmap)
+            cmap = concept_view.concept_map(self.state, release, choice)
+            table, _ = concept_view.concept_table(cmap)
             best = cmap.best()
             note = (f"Best single neuron for **{cmap.value}** ({cmap.column}): #{best[2]} at {best[0]} t={best[1]}, "
                     f"AUROC {best[3]:.3f}. Click a cell to open its neuron in the Neuron browser."
@@ -154,7 +158,7 @@ class InterpretEvents:
         """Open the clicked cell's neuron in the Neuron browser tab."""
         with user_errors("opening the neuron"):
             index = evt.index if isinstance(evt.index, (list, tuple)) else None
-            cell = attribution_view.concept_cell(cmap, int(index[0]), int(index[1])) if cmap is not None and index else None
+            cell = concept_view.concept_cell(cmap, int(index[0]), int(index[1])) if cmap is not None and index else None
             if cell is None:
                 return (gr.update(),) * 7
             layer, t, neuron = cell
@@ -202,8 +206,8 @@ class InterpretEvents:
             "summary"}], "more_in_second": [...], "shared_active_neurons"}
         """
         with user_errors("comparing the images"):
-            return attribution_view.compare_images(self.state, self._served(image), self._served_other(other), layer or None,
-                                    timestep, release).to_json()
+            return comparison_view.compare_images(self.state, self._served(image), self._served_other(other),
+                                                  layer or None, timestep, release).to_json()
 
 
 # ----------------------------------------------------------------------- layout
@@ -232,9 +236,9 @@ def compare_section() -> CompareComponents:
             with gr.Column():
                 button = gr.Button("Compare", variant="secondary", elem_id="compare-btn")
                 note = gr.Markdown("")
-        first = gr.Dataframe(headers=attribution_view.COMPARE_HEADERS, interactive=False, max_height=260,
+        first = gr.Dataframe(headers=comparison_view.COMPARE_HEADERS, interactive=False, max_height=260,
                              label="More active in this image (click a row)", elem_id="compare-first")
-        second = gr.Dataframe(headers=attribution_view.COMPARE_HEADERS, interactive=False, max_height=260,
+        second = gr.Dataframe(headers=comparison_view.COMPARE_HEADERS, interactive=False, max_height=260,
                               label="More active in the other image (click a row)", elem_id="compare-second")
     return CompareComponents(other, button, note, first, second)
 
@@ -245,7 +249,7 @@ def concept_tab(state: AppState) -> ConceptComponents:
         gr.Markdown("Pick a label value of the release's atlases: each cell is the best single neuron's AUROC at "
                     "detecting it, at one layer and timestep (0.5 = chance).")
         try:
-            choices = attribution_view.concept_choices(state)
+            choices = concept_view.concept_choices(state)
         except Exception:  # the tab's own event reports problems; the app must still start
             choices = []
         value = gr.Dropdown(choices, value=None, label="Label value", elem_id="concept-value")
