@@ -726,12 +726,7 @@ def _wire_release_and_links(state: AppState, ev: Events, demo: gr.Blocks, page: 
     )
     release_changed.then(ev.browser_entry, browser_inputs, b.outputs, preprocess=False, **PRIVATE)
     loaded = demo.load(ev.browser_entry, browser_inputs, b.outputs, preprocess=False, **PRIVATE)
-    link_analyzed = deep_links.wire(
-        deep_links.LinkEvents(state, ev), loaded,
-        deep_links.LinkComponents(page.tabs, page.release, a.layer, a.timestep, a.image, a.examples, page.card,
-                                  b.layer, b.timestep, b.neuron, b.outputs, a.results, selected_neuron=a.neuron),
-        by=b.sort, note=page.link_note, neuron_copy=b.link_copy, analysis_copy=a.link_copy, backbone=backbone,
-    )
+    link_analyzed = deep_links.wire(deep_links.LinkEvents(state, ev), loaded, page, backbone=backbone)
     return [release_changed, link_analyzed]
 
 
