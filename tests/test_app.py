@@ -21,6 +21,7 @@ import torch
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app.state import AppConfig, AppState, FeatureCache  # noqa: E402
 from revelio_hub.app.validation import read_image  # noqa: E402
+from revelio_hub.interpret.heatmap import overlay_heatmap  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,11 +199,11 @@ def test_heatmap_overlay_marks_where_the_neuron_fires():
     image = Image.new("RGB", (64, 64), (128, 128, 128))
     amap = torch.zeros(4, 4)
     amap[0, 3] = 2.0  # top-right corner
-    out = torch.from_numpy(np.asarray(A.overlay_heatmap(image, amap), dtype=np.float32))
+    out = torch.from_numpy(np.asarray(overlay_heatmap(image, amap), dtype=np.float32))
     changed = (out - 128).abs().sum(-1)
     assert changed[:16, 48:].mean() > 50 and changed[48:, :16].mean() < 1
     # A neuron that never fires leaves the picture as it was.
-    assert np.array_equal(np.asarray(A.overlay_heatmap(image, torch.zeros(4, 4))), np.asarray(image))
+    assert np.array_equal(np.asarray(overlay_heatmap(image, torch.zeros(4, 4))), np.asarray(image))
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

@@ -16,6 +16,8 @@ import torch
 
 from revelio_hub.app import analysis as A  # noqa: E402
 from revelio_hub.app import attribution_view as V  # noqa: E402
+from revelio_hub.app import comparison_view  # noqa: E402
+from revelio_hub.app import concept_view  # noqa: E402
 from revelio_hub.app.interpret_ui import InterpretEvents  # noqa: E402
 from revelio_hub.app.state import AppConfig, AppState  # noqa: E402
 from revelio_hub.app.ui import Events  # noqa: E402
@@ -129,7 +131,7 @@ def test_why_refuses_entries_without_a_classifier(state, images):
 
 def test_compare_tables_have_the_sign_of_the_activations(state, library, images, events):
     layer, t = diffc_entry(state)
-    view = V.compare_images(state, str(images["red"]), str(images["blue"]), layer, t, "", top=5)
+    view = comparison_view.compare_images(state, str(images["red"]), str(images["blue"]), layer, t, "", top=5)
     sae = library.entry(layer, t).sae
     with torch.no_grad():
         a = sae.image_activations(library_features(library, images["red"], layer, t))[0]
@@ -255,29 +257,29 @@ def test_concept_map_cells_open_their_neuron_in_the_browser(state, events):
 
     atlases = {key: Stub(i) for i, key in enumerate(entries)}
     cmap = concept_map(atlases, "stripes")
-    styled, headers = V.concept_table(cmap)
+    styled, headers = concept_view.concept_table(cmap)
     frame = styled.data
     assert list(frame.columns) == headers == ["layer"] + [f"t={t}" for t in cmap.timesteps]
     for (layer, t), stub in atlases.items():
         row, col = cmap.layers.index(layer), cmap.timesteps.index(t) + 1
         best = int(stub.scores[:, 1].argmax())
         assert frame.iloc[row, col] == f"{float(stub.scores[best, 1]):.3f} · #{best}"
-        assert V.concept_cell(cmap, row, col) == (layer, t, best)
+        assert concept_view.concept_cell(cmap, row, col) == (layer, t, best)
         evt = gr.SelectData(None, {"index": [row, col], "value": frame.iloc[row, col]})
         tab, layer_u, t_u, neuron, stats, hist, gallery = events.concept_click("", cmap, evt)
         assert tab.selected == "browser" and layer_u["value"] == layer and t_u["value"] == t and neuron == best
         assert f"Neuron {best}" in stats
-    assert V.concept_cell(cmap, 0, 0) is None  # the layer-name column opens nothing
+    assert concept_view.concept_cell(cmap, 0, 0) is None  # the layer-name column opens nothing
 
 
 def test_concept_map_on_the_release(state):
     """On the release's own atlases: each cell is the entry's best live neuron for the value, and the best cell wins."""
-    choices = [value for _, value in V.concept_choices(state)]
+    choices = [value for _, value in concept_view.concept_choices(state)]
     choice = "background=stripes" if "background=stripes" in choices else (choices[0] if choices else None)
     if choice is None:
         pytest.skip("the release's atlases record no label columns")
     column, value = choice.split("=", 1)
-    cmap = V.concept_map(state, "", choice)
+    cmap = concept_view.concept_map(state, "", choice)
     assert (cmap.column, cmap.value) == (column, value)
     rel = state.get_release()
     filled = 0

@@ -12,19 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "revelio_hub"
-
-#: Circles another change is breaking now, by the modules they run through: a circle among (a subset of)
-#: these modules is expected until that change is in; then its entry goes and the xfail below turns into a pass.
-KNOWN_CIRCLES: dict[frozenset, str] = {
-    frozenset({"revelio_hub.app.analysis", "revelio_hub.app.state", "revelio_hub.app.workers",
-               "revelio_hub.app.shown_files"}):
-        "app/analysis → app/state → app/workers → app/analysis (sae_error), app/state ↔ app/workers "
-        "(AppState built in the worker), app/shown_files → app/state (a type hint): issue 19a",
-}
 
 
 def module_name(path: Path) -> str:
@@ -124,17 +113,6 @@ def test_the_graph_sees_imports_inside_functions():
     assert circles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_circles_but_the_known_ones():
+def test_no_import_circles():
     found = circles(import_graph())
-    unknown = [sorted(c) for c in found if not any(c <= known for known in KNOWN_CIRCLES)]
-    assert not unknown, f"import circles: {unknown}"
-
-
-@pytest.mark.parametrize("known", [
-    pytest.param(known, id=name.split(" ")[0], marks=pytest.mark.xfail(strict=True, reason=f"known circle: {name}"))
-    for known, name in KNOWN_CIRCLES.items()
-])
-def test_known_circles_are_gone(known):
-    """Strict xfail: once the change breaking a circle is in, this passes, fails as XPASS, and its entry goes."""
-    left = [sorted(c) for c in circles(import_graph()) if c <= known]
-    assert not left, f"still there: {KNOWN_CIRCLES[known]}"
+    assert not found, f"import circles: {[sorted(c) for c in found]}"

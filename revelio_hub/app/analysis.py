@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from revelio_hub.app.state import OOD_EXTRA_SAE_MAX_PARAMS, AppState, LoadedRelease, image_digest
+from revelio_hub.app.errors import NO_DIFFC
 from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown, whole_number
+from revelio_hub.interpret.heatmap import overlay_heatmap, with_colour_scale
 from revelio_hub.interpret.ood import assess, ordinal, sae_error
 from revelio_hub.interpret.reliability import UNRELIABLE_MESSAGE, VIEWS
 from revelio_hub.layer_names import canonical_layer
@@ -169,12 +171,10 @@ def diffc_entries(rel: LoadedRelease) -> list[tuple[str, int]]:
 
 
 def no_diffc_note(rel: LoadedRelease, layer: str, t: int) -> str:
-    """What to tell a user whose entry has no classifier: which entries do have one."""
-    others = diffc_entries(rel)
-    where = ("; entries with one: " + ", ".join(f"{l} t={tt}" for l, tt in others)) if others else (
-        "; this release has no Diff-C head at all"
-    )
-    return f"No Diff-C classifier for {layer} t={t}, so no predicted classes{where}."
+    """What to tell a user whose entry has no classifier (:data:`~revelio_hub.app.errors.NO_DIFFC`)."""
+    entries = getattr(rel.release, "diffc_entries", None) or []
+    where = ", ".join(f"{l} t={tt}" for l, tt in entries) or "none in this release"
+    return NO_DIFFC.format(layer=layer, t=t, where=where)
 
 
 def model_recipe(model: Any) -> dict[str, Any]:
@@ -424,72 +424,6 @@ def activation_map(state: AppState, analysis: Analysis, neuron: Any) -> "torch.T
     return amap[0, 0].float()
 
 
-def overlay_heatmap(
-    image: "Image.Image", amap: "torch.Tensor", *, scale: Optional[float] = None, alpha: float = 0.65, cmap: str = "inferno"
-) -> "Image.Image":
-    """Colour-map ``amap`` (H×W, upsampled to the image) and alpha-blend it over ``image``.
-
-    The map is upsampled bicubically (clamped at 0: activations are
-    non-negative), so a 4×4 map reads as a smooth field rather than 16 blocks.
-    Opacity follows activation, so where the neuron is silent the image shows
-    through. ``scale`` is the activation drawn at full colour (default: the
-    map's maximum); a neuron that never fires leaves the image untouched.
-    """
-    import numpy as np
-    import torch.nn.functional as F
-    from matplotlib import colormaps
-    from PIL import Image
-
-    w, h = image.size
-    up = F.interpolate(amap[None, None].float(), size=(h, w), mode="bicubic", align_corners=False)[0, 0].clamp(min=0)
-    peak = float(scale) if scale else float(up.max())
-    if peak <= 0:
-        return image.copy()
-    norm = (up / peak).clamp(0, 1).numpy()
-    rgba = colormaps[cmap](norm)  # H×W×4 floats in [0, 1]
-    heat = (rgba[..., :3] * 255).astype(np.float32)
-    weight = (alpha * np.sqrt(norm))[..., None]  # sqrt: weak but real activation stays visible
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    out = base * (1 - weight) + heat * weight
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode="RGB")
-
-
-def with_colour_scale(
-    overlay: "Image.Image", peak: float, *, alpha: float = 0.65, cmap: str = "inferno", height: int = 44
-) -> "Image.Image":
-    """``overlay`` with a colour scale under it: the colours of :func:`overlay_heatmap` from 0 to ``peak``.
-
-    Drawn into the image (not as page furniture), so API users and saved
-    copies keep the legend. The bar shows each colour as blended at full
-    strength over mid-grey, labelled with the activation it stands for.
-    """
-    import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw, ImageFont
-
-    w, h = overlay.size
-    out = Image.new("RGB", (w, h + height), (255, 255, 255))
-    out.paste(overlay.convert("RGB"), (0, 0))
-    pad, bar_h = 8, 12
-    ramp = np.linspace(0, 1, max(1, w - 2 * pad))
-    colours = colormaps[cmap](ramp)[:, :3] * 255
-    weight = (alpha * np.sqrt(ramp))[:, None]
-    bar = (128 * (1 - weight) + colours * weight).astype(np.uint8)
-    out.paste(Image.fromarray(np.repeat(bar[None], bar_h, axis=0), mode="RGB"), (pad, h + 4))
-    draw = ImageDraw.Draw(out)
-    try:
-        font = ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1: the bitmap font has one size
-        font = ImageFont.load_default()
-    y = h + 4 + bar_h + 2
-    draw.text((pad, y), "0", fill=(40, 40, 40), font=font)
-    middle = "activation of the neuron"
-    draw.text(((w - draw.textlength(middle, font=font)) / 2, y), middle, fill=(40, 40, 40), font=font)
-    top = f"{peak:.3g}"
-    draw.text((w - pad - draw.textlength(top, font=font), y), top, fill=(40, 40, 40), font=font)
-    return out
-
-
 def neuron_gallery(state: AppState, release: Optional[str], layer: str, timestep: Any, neuron: Any, n: Optional[int] = None) -> list[tuple[Any, str]]:
     """The atlas' top-activating dataset images of ``neuron`` as (image, caption) pairs."""
     rel, layer, t = resolve_entry(state, release, layer, timestep)
@@ -721,8 +655,6 @@ __all__ = [
     "NeuronDetails",
     "analyze",
     "activation_map",
-    "overlay_heatmap",
-    "with_colour_scale",
     "neuron_view",
     "neuron_gallery",
     "neuron_details",

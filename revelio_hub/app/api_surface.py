@@ -19,6 +19,10 @@ from gradio.context import get_blocks_context
 from gradio_client.utils import python_type_to_json_schema
 
 
+#: Keywords of a UI event that is no endpoint: the page's own events stay off the API page.
+PRIVATE: dict[str, Any] = {"api_visibility": "private"}
+
+
 class IntDropdown(gr.Dropdown):
     """A dropdown whose choices are whole numbers (timesteps, neuron ids), documented as ``int``.
 
@@ -55,4 +59,4 @@ def json_endpoint(fn: Callable[..., Any], *, api_name: str, output: str, **kwarg
     return dependency
 
 
-__all__ = ["IntDropdown", "json_endpoint"]
+__all__ = ["IntDropdown", "PRIVATE", "json_endpoint"]

@@ -1,4 +1,4 @@
-"""The app's interpretation views: "Why this class?", image comparison and the concept map.
+"""The app's "Why this class?" view: which neurons made Diff-C predict a class.
 
 Plain functions over an :class:`~revelio_hub.app.state.AppState`, like
 :mod:`revelio_hub.app.analysis`: the UI events and the JSON endpoints call
@@ -15,10 +15,9 @@ and turns results into what the UI shows (a signed bar chart, tables).
   table; the shown neurons that name one label value are also removed together
   (:func:`~revelio_hub.interpret.concept_effects.concept_effects`): "shape =
   star neurons: −0.41 of P(star) when removed".
-* **Compare two images** — :func:`compare_images`: neurons whose activations
-  differ most between two images, both directions.
-* **Concept map** — :func:`concept_choices`, :func:`concept_map`: for one label
-  value of the atlas, the best neuron's AUROC at every layer × timestep.
+
+Comparing two images is :mod:`revelio_hub.app.comparison_view`; the concept
+map, :mod:`revelio_hub.app.concept_view`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from revelio_hub.app.analysis import Analysis, _top_images, image_reliability, model_recipe, resolve_entry
+from revelio_hub.app.analysis import (Analysis, _top_images, image_reliability, model_recipe, no_diffc_note,
+                                      resolve_entry)
 from revelio_hub.app.state import AppState, LoadedRelease, image_digest
 from revelio_hub.app.validation import MAX_TEXT_CHARS, ImageLimits, shown
 from revelio_hub.interpret.concept_effects import ConceptEffect, concept_effects
@@ -34,13 +34,12 @@ from revelio_hub.interpret.concept_effects import ConceptEffect, concept_effects
 if TYPE_CHECKING:
     from PIL import Image
 
-    from revelio_hub.interpret import Attribution, Comparison, ConceptMap
+    from revelio_hub.interpret import Attribution
 
 #: Neurons measured exactly for the app's "Why this class?" (each costs one batched Diff-C row).
 WHY_TOP = 16
 #: Bars per direction in the chart.
 CHART_BARS = 6
-COMPARE_HEADERS = ["neuron", "this image", "other image", "difference", "summary"]
 
 
 # ------------------------------------------------------------------ attribution
@@ -83,12 +82,7 @@ class AttributionView:
 def _diffc_entry(rel: LoadedRelease, layer: str, t: int) -> Any:
     entry = rel.entry(layer, t)
     if entry.diffc is None or entry.sae is None:
-        both = getattr(rel.release, "diffc_entries", None) or []
-        where = ", ".join(f"{l} t={tt}" for l, tt in both) or "none in this release"
-        raise ValueError(
-            f"{layer} t={t} has no Diff-C classifier, so there is no prediction to explain. "
-            f"Entries with both a k-SAE and a Diff-C: {where}."
-        )
+        raise ValueError(no_diffc_note(rel, layer, t))
     return entry
 
 
@@ -279,153 +273,14 @@ def _concept_lines(view: AttributionView) -> str:
     return ("\n\n**By concept** — the shown neurons whose summaries name one value, removed together:\n" + lines)
 
 
-# ------------------------------------------------------------------ comparison
-
-
-@dataclass
-class ComparisonView:
-    """Two images compared at one (release, layer, t)."""
-
-    release: str
-    layer: str
-    timestep: int
-    comparison: "Comparison"
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``/compare_json`` payload."""
-        out = {"release": self.release, "layer": self.layer, "timestep": self.timestep}
-        out.update(self.comparison.to_dict())
-        return out
-
-    def tables(self) -> tuple[list[list[Any]], list[list[Any]]]:
-        """Rows for the two tables (columns :data:`COMPARE_HEADERS`)."""
-
-        def rows(items):
-            return [[d.neuron, round(d.first, 4), round(d.second, 4), round(d.difference, 4), d.summary] for d in items]
-
-        return rows(self.comparison.first), rows(self.comparison.second)
-
-
-def compare_images(
-    state: AppState,
-    image: Any,
-    other: Any,
-    layer: Optional[str] = None,
-    timestep: Any = None,
-    release: Optional[str] = "",
-    *,
-    top: int = 10,
-    limits: ImageLimits = ImageLimits(),
-) -> ComparisonView:
-    """The neurons whose activations differ most between ``image`` and ``other`` (both directions)."""
-    from revelio_hub.interpret import compare
-
-    rel, layer, t = resolve_entry(state, release, layer, timestep)
-    entry = rel.entry(layer, t)
-    recipe = model_recipe(entry.sae)
-    maps = []
-    for what, value in (("first", image), ("second", other)):
-        try:
-            img = state.decoded.read(value, limits)
-        except ValueError as exc:
-            raise ValueError(f"The {what} image: {exc}" if what == "second" else str(exc)) from None
-        maps.append(state.feature_maps(img, rel, t, recipe)[layer])
-    result = compare(entry.sae, maps[0], maps[1], top=top, atlas=entry.atlas, layer=layer, timestep=t)
-    return ComparisonView(rel.name, layer, t, result)
-
-
-# ------------------------------------------------------------------ concept map
-
-
-def _atlases(rel: LoadedRelease) -> dict[tuple[str, int], Any]:
-    """Every entry's atlas, or ``None`` where it has none or it predates per-label statistics."""
-    out = {}
-    for layer, t in rel.entries:
-        atlas = rel.entry(layer, t).atlas
-        out[(layer, t)] = atlas if atlas is not None and hasattr(atlas, "label_columns") else None
-    return out
-
-
-def concept_choices(state: AppState, release: Optional[str] = "") -> list[tuple[str, str]]:
-    """Dropdown choices ``("value · column", "column=value")`` over every label column of the release's atlases."""
-    from revelio_hub.interpret import label_values
-
-    rel = state.get_release(release)
-    return [(f"{v} · {c}", f"{c}={v}") for c, values in label_values(_atlases(rel)).items() for v in values]
-
-
-def concept_map(state: AppState, release: Optional[str], choice: str) -> "ConceptMap":
-    """The concept map of a ``"column=value"`` choice (or a bare value, if only one column has it)."""
-    from revelio_hub.interpret import concept_map as build
-
-    if not isinstance(choice, str) or not choice.strip():
-        raise ValueError("Pick a label value.")
-    column, _, value = choice.partition("=") if "=" in choice else ("", "", choice)
-    rel = state.get_release(release)
-    return build(_atlases(rel), value.strip(), column.strip() or None)
-
-
-def concept_table(cmap: "ConceptMap") -> tuple[Any, list[str]]:
-    """A colour-scaled table (pandas Styler) of the map: rows = layers, columns = timesteps, cells "AUROC · #neuron"."""
-    import math
-
-    import pandas as pd
-    from matplotlib import colormaps
-
-    headers = ["layer"] + [f"t={t}" for t in cmap.timesteps]
-    rows = []
-    for i, layer in enumerate(cmap.layers):
-        row = [layer]
-        for j in range(len(cmap.timesteps)):
-            score, neuron = float(cmap.auroc[i, j]), int(cmap.neurons[i, j])
-            row.append("—" if math.isnan(score) else f"{score:.3f} · #{neuron}")
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=headers)
-    cmap_fn = colormaps["viridis"]
-
-    def colour(col: Any) -> list[str]:
-        if col.name == "layer":
-            return [""] * len(col)
-        j = headers.index(col.name) - 1
-        styles = []
-        for i in range(len(col)):
-            score = float(cmap.auroc[i, j])
-            if math.isnan(score):
-                styles.append("")
-                continue
-            r, g, b, _ = cmap_fn(max(0.0, min(1.0, (score - 0.5) / 0.5)))  # 0.5 (chance) → dark, 1 → bright
-            text = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-            styles.append(f"background-color: rgb({int(255 * r)},{int(255 * g)},{int(255 * b)}); color: {text}")
-        return styles
-
-    return frame.style.apply(colour, axis=0), headers
-
-
-def concept_cell(cmap: "ConceptMap", row: int, col: int) -> Optional[tuple[str, int, int]]:
-    """(layer, timestep, neuron) of a clicked table cell; ``None`` for the layer column or an empty cell."""
-    if not 0 <= row < len(cmap.layers) or not 1 <= col <= len(cmap.timesteps):
-        return None
-    neuron = int(cmap.neurons[row, col - 1])
-    if neuron < 0:
-        return None
-    return cmap.layers[row], cmap.timesteps[col - 1], neuron
-
-
 __all__ = [
     "AttributionView",
     "ChartBar",
     "ConceptEffect",
-    "ComparisonView",
-    "COMPARE_HEADERS",
     "WHY_TOP",
     "attribute_analysis",
     "attribute_image",
     "bar_at",
-    "compare_images",
-    "concept_cell",
-    "concept_choices",
-    "concept_map",
-    "concept_table",
     "why_chart",
     "why_note",
     "why_thumbnails",

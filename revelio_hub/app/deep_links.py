@@ -19,12 +19,14 @@ import hashlib
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 from urllib.parse import urlencode
 
 import gradio as gr
 
-from revelio_hub.app import analysis as A
+from revelio_hub.app import analysis
+from revelio_hub.app.api_surface import PRIVATE
+from revelio_hub.app.page import Page
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.shown_files import shown_copy
 from revelio_hub.app.validation import whole_number
@@ -75,7 +77,7 @@ def parse_link(state: AppState, params: Mapping[str, str]) -> Optional[Link]:
     for key, value in given.items():
         if len(value) > MAX_VALUE:
             raise ValueError(f"The link's {key} is too long ({MAX_VALUE} characters at most).")
-    rel, layer, t = A.resolve_entry(state, given.get("release", ""), given.get("layer") or None, given.get("t"))
+    rel, layer, t = analysis.resolve_entry(state, given.get("release", ""), given.get("layer") or None, given.get("t"))
     neuron = example = None
     if given.get("neuron"):
         n_latents = int(rel.entry(layer, t).sae.n_latents)
@@ -106,28 +108,6 @@ def example_index(rel: LoadedRelease, image_path: Optional[str]) -> Optional[int
         if digest is not None and _digest(path) == digest:
             return i
     return None
-
-
-@dataclass
-class LinkComponents:
-    """The components a link sets, and the ones its "copy link" controls read and write."""
-
-    tabs: Any
-    release: Any
-    layer: Any
-    timestep: Any
-    image: Any
-    examples: Any
-    card: Any
-    browser_layer: Any
-    browser_t: Any
-    browser_neuron: Any
-    #: what ``Events.browser_entry`` fills: sorted list, search value, search table, stats, histogram, gallery
-    browser_outputs: Sequence[Any]
-    #: the Analyze tab's result outputs (``Events.clear_results``' order)
-    results: Sequence[Any]
-    #: the Analyze tab's selected neuron (its link carries it)
-    selected_neuron: Any = None
 
 
 class LinkEvents:
@@ -206,28 +186,27 @@ def copy_link_row(label: str, elem_id: str) -> tuple[Any, Any]:
     return button, box
 
 
-def wire(ev: LinkEvents, loaded: Any, c: LinkComponents, *, by: Any, note: Any, neuron_copy: tuple[Any, Any],
-         analysis_copy: tuple[Any, Any], backbone: Mapping[str, Any]) -> Any:
+def wire(ev: LinkEvents, loaded: Any, page: Page, *, backbone: Mapping[str, Any]) -> Any:
     """Events: ``loaded`` (the page-load event) applies the link; the copy buttons write links.
 
     Returns the dependency that analyses a linked example, for the events that
     follow every analysis.
     """
-    private = {"api_visibility": "private"}
+    a, b = page.analyze, page.browser
     link_state = gr.State(None)
     opened = loaded.then(
-        ev.open, by,
-        [c.tabs, c.release, c.layer, c.timestep, c.examples, c.card, c.browser_layer, c.browser_t,
-         c.browser_neuron, *c.browser_outputs, c.image, link_state, note], **private)
-    analyzed = opened.then(ev.analyze, [link_state, c.image, c.layer, c.timestep, c.release], list(c.results),
-                           preprocess=False, **backbone, **private)
-    button, box = neuron_copy
-    button.click(ev.neuron_link, [c.release, c.browser_layer, c.browser_t, c.browser_neuron], box,
-                 preprocess=False, **private).then(None, box, box, js=COPY_JS, **private)
-    button, box = analysis_copy
-    button.click(ev.analysis_link, [c.release, c.layer, c.timestep, c.image, c.selected_neuron], box,
-                 preprocess=False, **private).then(None, box, box, js=COPY_JS, **private)
+        ev.open, b.sort,
+        [page.tabs, page.release, a.layer, a.timestep, a.examples, page.card, b.layer, b.timestep,
+         b.neuron, *b.outputs, a.image, link_state, page.link_note], **PRIVATE)
+    analyzed = opened.then(ev.analyze, [link_state, a.image, a.layer, a.timestep, page.release], a.results,
+                           preprocess=False, **backbone, **PRIVATE)
+    button, box = b.link_copy
+    button.click(ev.neuron_link, [page.release, b.layer, b.timestep, b.neuron], box,
+                 preprocess=False, **PRIVATE).then(None, box, box, js=COPY_JS, **PRIVATE)
+    button, box = a.link_copy
+    button.click(ev.analysis_link, [page.release, a.layer, a.timestep, a.image, a.neuron], box,
+                 preprocess=False, **PRIVATE).then(None, box, box, js=COPY_JS, **PRIVATE)
     return analyzed
 
 
-__all__ = ["COPY_JS", "Link", "LinkComponents", "LinkEvents", "copy_link_row", "example_index", "parse_link", "wire"]
+__all__ = ["COPY_JS", "Link", "LinkEvents", "copy_link_row", "example_index", "parse_link", "wire"]

@@ -19,6 +19,11 @@ from revelio_hub.app.workers import WorkerDied
 
 logger = logging.getLogger(__name__)
 
+#: The one answer for an entry without a classifier, wherever it is met (the Analyze tab's predictions,
+#: "Why this class?", ``/attribute_json``): it says what is missing, what that costs, and where to go instead.
+NO_DIFFC = ("No Diff-C classifier at {layer} t={t}, so there are no predicted classes to show or explain. "
+            "Entries with both a k-SAE and a Diff-C: {where}.")
+
 
 @contextlib.contextmanager
 def user_errors(action: str) -> Iterator[None]:
@@ -45,4 +50,4 @@ def user_errors(action: str) -> Iterator[None]:
         ) from None
 
 
-__all__ = ["user_errors"]
+__all__ = ["NO_DIFFC", "user_errors"]

@@ -4,7 +4,8 @@ Kept apart from :mod:`revelio_hub.app.ui` so that file stays about layout of
 the core app; :func:`revelio_hub.app.ui.build_ui` calls the builders here
 inside its Blocks and hands over the components they connect to. Event
 functions are methods of :class:`InterpretEvents` (tests call them directly),
-thin shells over :mod:`revelio_hub.app.attribution_view` that turn
+thin shells over :mod:`revelio_hub.app.attribution_view`,
+:mod:`revelio_hub.app.comparison_view` and :mod:`revelio_hub.app.concept_view` that turn
 ``ValueError`` into ``gr.Error`` via :func:`~revelio_hub.app.errors.user_errors`.
 
 API (public, same input rules as ``/analyze_json``: uploads only):
@@ -17,20 +18,22 @@ API (public, same input rules as ``/analyze_json``: uploads only):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gradio as gr
 from gradio import FileData
 
-from revelio_hub.app import analysis as A
-from revelio_hub.app import attribution_view as V
-from revelio_hub.app.api_surface import json_endpoint
+from revelio_hub.app import analysis
+from revelio_hub.app import attribution_view
+from revelio_hub.app import comparison_view
+from revelio_hub.app import concept_view
+from revelio_hub.app.api_surface import PRIVATE, json_endpoint
 from revelio_hub.app.errors import user_errors
+from revelio_hub.app.page import CompareComponents, ConceptComponents, Page, WhyComponents
 from revelio_hub.app.state import AppState
 
-__all__ = ["InterpretEvents", "WhyComponents", "CompareComponents", "ConceptComponents",
-           "why_section", "compare_section", "concept_tab", "wire"]
+
+__all__ = ["InterpretEvents", "why_section", "compare_section", "concept_tab", "wire"]
 
 
 class InterpretEvents:
@@ -47,12 +50,12 @@ class InterpretEvents:
     # ------------------------------------------------------------ Why this class?
 
     def _why(self, result: Any, target: Any, show_dense: Any = False):
-        view = V.attribute_analysis(self.state, result, target, show_dense=bool(show_dense))
-        chart, bars = V.why_chart(view)
-        thumbs = V.why_thumbnails(self.state, view)
-        rows = V._chart_rows(view, V.CHART_BARS)
+        view = attribution_view.attribute_analysis(self.state, result, target, show_dense=bool(show_dense))
+        chart, bars = attribution_view.why_chart(view)
+        thumbs = attribution_view.why_thumbnails(self.state, view)
+        rows = attribution_view._chart_rows(view, attribution_view.CHART_BARS)
         layout = {"bars": bars, "thumbs": [r["neuron"] for r in rows][: len(thumbs)]}
-        return V.why_note(view), chart, thumbs, layout, view
+        return attribution_view.why_note(view), chart, thumbs, layout, view
 
     def after_analyze(self, result: Any, show_dense: Any = False):
         """Explain the top class of a freshly analysed image; offer the entry's classes as targets."""
@@ -60,13 +63,10 @@ class InterpretEvents:
         if result is None:
             return empty
         with user_errors("explaining the prediction"):
-            rel, layer, t = A.resolve_entry(self.state, result.release, result.layer, result.timestep)
+            rel, layer, t = analysis.resolve_entry(self.state, result.release, result.layer, result.timestep)
             entry = rel.entry(layer, t)
             if entry.diffc is None:
-                both = getattr(rel.release, "diffc_entries", None) or []
-                where = ", ".join(f"{l} t={tt}" for l, tt in both) or "none"
-                return (f"_No Diff-C classifier at {layer} t={t}, so there is no class to explain. "
-                        f"Entries with one: {where}._", None, [], None, gr.update(choices=[], value=None))
+                return (f"_{analysis.no_diffc_note(rel, layer, t)}_", None, [], None, gr.update(choices=[], value=None))
             note, chart, thumbs, layout, view = self._why(result, None, show_dense)
             classes = list(entry.diffc.class_names)
             return note, chart, thumbs, layout, gr.update(choices=classes, value=view.attribution.target_name)
@@ -97,7 +97,7 @@ class InterpretEvents:
             if result is None or not layout:
                 raise ValueError("Analyze an image first.")
             index = evt.index if isinstance(evt.index, (list, tuple)) else None
-            neuron = V.bar_at(layout["bars"], float(index[1])) if index and len(index) == 2 else None
+            neuron = attribution_view.bar_at(layout["bars"], float(index[1])) if index and len(index) == 2 else None
             return self._show(result, neuron)
 
     def click_thumb(self, result: Any, layout: Any, evt: gr.SelectData):
@@ -115,7 +115,8 @@ class InterpretEvents:
     def compare(self, image, other, layer, timestep, release):
         """Compare the analysed image's upload with a second one: neurons more active in each."""
         with user_errors("comparing the images"):
-            view = V.compare_images(self.state, self._served(image), self._served_other(other), layer, timestep, release)
+            view = comparison_view.compare_images(self.state, self._served(image), self._served_other(other), layer,
+                                                  timestep, release)
             first, second = view.tables()
             c = view.comparison
             note = (f"{len(c.first)} neurons are more active in this image, {len(c.second)} in the other; "
@@ -136,7 +137,7 @@ class InterpretEvents:
 
     def concept_choices(self, release):
         with user_errors("listing label values"):
-            choices = V.concept_choices(self.state, release)
+            choices = concept_view.concept_choices(self.state, release)
             note = ("" if choices else
                     "_This release's atlases keep no per-label statistics; rebuild its atlases to get a concept map._")
             return gr.update(choices=choices, value=None), note, None, None
@@ -145,8 +146,8 @@ class InterpretEvents:
         with user_errors("building the concept map"):
             if not choice:
                 return None, "", None
-            cmap = V.concept_map(self.state, release, choice)
-            table, _ = V.concept_table(cmap)
+            cmap = concept_view.concept_map(self.state, release, choice)
+            table, _ = concept_view.concept_table(cmap)
             best = cmap.best()
             note = (f"Best single neuron for **{cmap.value}** ({cmap.column}): #{best[2]} at {best[0]} t={best[1]}, "
                     f"AUROC {best[3]:.3f}. Click a cell to open its neuron in the Neuron browser."
@@ -157,7 +158,7 @@ class InterpretEvents:
         """Open the clicked cell's neuron in the Neuron browser tab."""
         with user_errors("opening the neuron"):
             index = evt.index if isinstance(evt.index, (list, tuple)) else None
-            cell = V.concept_cell(cmap, int(index[0]), int(index[1])) if cmap is not None and index else None
+            cell = concept_view.concept_cell(cmap, int(index[0]), int(index[1])) if cmap is not None and index else None
             if cell is None:
                 return (gr.update(),) * 7
             layer, t, neuron = cell
@@ -187,7 +188,7 @@ class InterpretEvents:
             minus P(class) with the neuron removed (positive: the neuron pushes the class up).
         """
         with user_errors("explaining the prediction"):
-            return V.attribute_image(self.state, self._served(image), layer or None, timestep, release,
+            return attribution_view.attribute_image(self.state, self._served(image), layer or None, timestep, release,
                                      target).to_json()
 
     def compare_json(self, image: FileData, other: FileData, layer: str = "", timestep: int = -1,
@@ -205,38 +206,11 @@ class InterpretEvents:
             "summary"}], "more_in_second": [...], "shared_active_neurons"}
         """
         with user_errors("comparing the images"):
-            return V.compare_images(self.state, self._served(image), self._served_other(other), layer or None,
-                                    timestep, release).to_json()
+            return comparison_view.compare_images(self.state, self._served(image), self._served_other(other),
+                                                  layer or None, timestep, release).to_json()
 
 
 # ----------------------------------------------------------------------- layout
-
-
-@dataclass
-class WhyComponents:
-    target: Any
-    button: Any
-    note: Any
-    chart: Any
-    thumbs: Any
-    layout: Any
-
-
-@dataclass
-class CompareComponents:
-    other: Any
-    button: Any
-    note: Any
-    first: Any
-    second: Any
-
-
-@dataclass
-class ConceptComponents:
-    value: Any
-    note: Any
-    table: Any
-    cmap: Any
 
 
 def why_section() -> WhyComponents:
@@ -262,9 +236,9 @@ def compare_section() -> CompareComponents:
             with gr.Column():
                 button = gr.Button("Compare", variant="secondary", elem_id="compare-btn")
                 note = gr.Markdown("")
-        first = gr.Dataframe(headers=V.COMPARE_HEADERS, interactive=False, max_height=260,
+        first = gr.Dataframe(headers=comparison_view.COMPARE_HEADERS, interactive=False, max_height=260,
                              label="More active in this image (click a row)", elem_id="compare-first")
-        second = gr.Dataframe(headers=V.COMPARE_HEADERS, interactive=False, max_height=260,
+        second = gr.Dataframe(headers=comparison_view.COMPARE_HEADERS, interactive=False, max_height=260,
                               label="More active in the other image (click a row)", elem_id="compare-second")
     return CompareComponents(other, button, note, first, second)
 
@@ -275,7 +249,7 @@ def concept_tab(state: AppState) -> ConceptComponents:
         gr.Markdown("Pick a label value of the release's atlases: each cell is the best single neuron's AUROC at "
                     "detecting it, at one layer and timestep (0.5 = chance).")
         try:
-            choices = V.concept_choices(state)
+            choices = concept_view.concept_choices(state)
         except Exception:  # the tab's own event reports problems; the app must still start
             choices = []
         value = gr.Dropdown(choices, value=None, label="Label value", elem_id="concept-value")
@@ -288,41 +262,42 @@ def concept_tab(state: AppState) -> ConceptComponents:
     return ConceptComponents(value, note, table, cmap)
 
 
-def wire(ev: InterpretEvents, *, analyzed: Any, analysis_state: Any, image_in: Any, layer_dd: Any, t_dd: Any,
-         release_dd: Any, neuron_dd: Any, caption: Any, gallery: Any, heatmap: Any, why: WhyComponents,
-         compare: CompareComponents, concept: ConceptComponents, tabs: Any, browser: list, concurrency: int,
-         show_dense: Any = None) -> None:
-    """Connect the views' events (inside the Blocks' context) and register the JSON endpoints."""
-    private = {"api_visibility": "private"}
-    shown = [neuron_dd, caption, gallery, heatmap]
-    # Every event that sets or clears the analysis (Analyze, a layer/timestep re-analysis, a new image or
-    # release) refreshes the explanation, so it never describes another entry's result.
-    # The "show dense neurons" box of the neuron table applies to the explanation too.
-    dense_in = [show_dense] if show_dense is not None else []
-    why_out = [why.note, why.chart, why.thumbs, why.layout]
-    for dep in (analyzed if isinstance(analyzed, (list, tuple)) else [analyzed]):
-        dep.then(ev.after_analyze, [analysis_state, *dense_in], [*why_out, why.target], **private)
-    why.button.click(ev.why, [analysis_state, why.target, *dense_in], why_out, **private)
-    why.target.input(ev.why, [analysis_state, why.target, *dense_in], why_out, **private)
-    if show_dense is not None:
-        show_dense.input(ev.toggle_dense, [analysis_state, why.target, show_dense], why_out, **private)
-    why.chart.select(ev.click_bar, [analysis_state, why.layout], shown, **private)
-    why.thumbs.select(ev.click_thumb, [analysis_state, why.layout], shown, **private)
+def wire(ev: InterpretEvents, page: Page, *, analyzed: Sequence[Any], concurrency: Optional[int]) -> None:
+    """Connect the views' events (inside the Blocks' context) and register the JSON endpoints.
 
-    compare.button.click(ev.compare, [image_in, compare.other, layer_dd, t_dd, release_dd],
+    ``analyzed``: every event that sets or clears the analysis (Analyze, a layer/timestep re-analysis, a new
+    image or release); each refreshes the explanation and clears the comparison, so neither describes
+    another entry's result.
+    """
+    tab, why, compare, concept = page.analyze, page.analyze.why, page.analyze.compare, page.concept
+    shown = tab.shown_neuron
+    # The "show dense neurons" box of the neuron table applies to the explanation too.
+    why_out = [why.note, why.chart, why.thumbs, why.layout]
+    for dep in analyzed:
+        dep.then(ev.after_analyze, [tab.analysis, tab.show_dense], [*why_out, why.target], **PRIVATE)
+    why.button.click(ev.why, [tab.analysis, why.target, tab.show_dense], why_out, **PRIVATE)
+    why.target.input(ev.why, [tab.analysis, why.target, tab.show_dense], why_out, **PRIVATE)
+    tab.show_dense.input(ev.toggle_dense, [tab.analysis, why.target, tab.show_dense], why_out, **PRIVATE)
+    why.chart.select(ev.click_bar, [tab.analysis, why.layout], shown, **PRIVATE)
+    why.thumbs.select(ev.click_thumb, [tab.analysis, why.layout], shown, **PRIVATE)
+
+    compare.button.click(ev.compare, [tab.image, compare.other, tab.layer, tab.timestep, page.release],
                          [compare.first, compare.second, compare.note], preprocess=False,
-                         concurrency_id="backbone", concurrency_limit=concurrency, **private)
+                         concurrency_id="backbone", concurrency_limit=concurrency, **PRIVATE)
     for table in (compare.first, compare.second):
-        table.select(ev.events.select_row, [analysis_state], shown, **private)
+        table.select(ev.events.select_row, [tab.analysis], shown, **PRIVATE)
     # A comparison describes one (image, other image, entry): any change to them clears it, never leaves it stale.
     compare_out = [compare.first, compare.second, compare.note]
-    for dep in (analyzed if isinstance(analyzed, (list, tuple)) else [analyzed]):
-        dep.then(ev.clear_compare, None, compare_out, **private)
-    compare.other.change(ev.clear_compare, None, compare_out, **private)
+    for dep in analyzed:
+        dep.then(ev.clear_compare, None, compare_out, **PRIVATE)
+    compare.other.change(ev.clear_compare, None, compare_out, **PRIVATE)
 
-    concept.value.input(ev.concept, [release_dd, concept.value], [concept.table, concept.note, concept.cmap], **private)
-    concept.table.select(ev.concept_click, [release_dd, concept.cmap], [tabs, *browser], **private)
-    release_dd.input(ev.concept_choices, release_dd, [concept.value, concept.note, concept.table, concept.cmap], **private)
+    browser = [page.browser.layer, page.browser.timestep, page.browser.neuron, *page.browser.details]
+    concept.value.input(ev.concept, [page.release, concept.value], [concept.table, concept.note, concept.cmap],
+                        **PRIVATE)
+    concept.table.select(ev.concept_click, [page.release, concept.cmap], [page.tabs, *browser], **PRIVATE)
+    page.release.input(ev.concept_choices, page.release, [concept.value, concept.note, concept.table, concept.cmap],
+                       **PRIVATE)
 
     json_endpoint(ev.attribute_json, api_name="attribute_json", output="attribution", concurrency_id="backbone",
                   concurrency_limit=concurrency)

@@ -37,7 +37,7 @@ from urllib.parse import unquote
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from revelio_hub.app import analysis as A
+from revelio_hub.app import analysis
 from revelio_hub.app.api_surface import json_endpoint
 from revelio_hub.app.state import AppState
 from revelio_hub.app.validation import whole_number
@@ -131,8 +131,8 @@ def describe_neuron(state: AppState, release: Optional[str], layer: Optional[str
     n_top = whole_number(top_images, "top_images")
     if not 0 <= n_top <= MAX_TOP_IMAGES:
         raise ValueError(f"top_images must be from 0 to {MAX_TOP_IMAGES}, got {n_top}.")
-    rel, layer, t = A.resolve_entry(state, release, layer, timestep)
-    details = A.neuron_details(state, rel.name, layer, t, neuron)
+    rel, layer, t = analysis.resolve_entry(state, release, layer, timestep)
+    details = analysis.neuron_details(state, rel.name, layer, t, neuron)
     atlas = rel.entry(layer, t).atlas
     info = atlas.neuron(details.id)
     tops = list(zip(info.top_image_ids, info.top_labels, info.top_activations))[:n_top]
@@ -176,7 +176,7 @@ def list_releases(state: AppState) -> list[dict[str, Any]]:
             "backbone": _hub_id(rel.release.backbone_id),
             "classes": list(rel.release.class_names or []),
             "default": {"layer": layer, "timestep": t},
-            "entries": [{"layer": l, "timestep": tt, "diffc": (l, tt) in set(A.diffc_entries(rel))}
+            "entries": [{"layer": l, "timestep": tt, "diffc": (l, tt) in set(analysis.diffc_entries(rel))}
                         for l, tt in rel.entries],
         })
     return out

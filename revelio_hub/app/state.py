@@ -29,16 +29,20 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence
 
+import torch
+
 from revelio_hub.app.decoded_images import DecodedImages
 from revelio_hub.app.gpu import GPU_DURATION_S, call_device, gpu_task, load_device
+from revelio_hub.app.workers import BackboneWorkers
 from revelio_hub.layer_names import canonical_layer
+from revelio_hub.release import Release
 
-if TYPE_CHECKING:  # heavy imports stay lazy: the app must answer within seconds of starting
-    import torch
+if TYPE_CHECKING:
     from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -158,9 +162,7 @@ class AppConfig:
             self.delete_cache = pair
 
     @property
-    def torch_dtype(self) -> "torch.dtype":
-        import torch
-
+    def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
 
@@ -270,8 +272,6 @@ class LoadedRelease:
 
     @classmethod
     def open(cls, release_id: str) -> "LoadedRelease":
-        from revelio_hub.release import Release
-
         return cls(release_id, Release.from_pretrained(release_id))
 
     # ----------------------------------------------------------------- metadata
@@ -436,9 +436,8 @@ class AppState:
         # CPU: backbone passes in worker processes, which hold the backbone (see revelio_hub.app.workers).
         self.workers = None
         if config.workers:
-            from revelio_hub.app.workers import BackboneWorkers
-
-            self.workers = BackboneWorkers(config, config.workers)
+            # Each worker builds a state of its own from the same settings, with no workers of its own.
+            self.workers = BackboneWorkers(partial(AppState.from_config, replace(config, workers=0)), config.workers)
 
     @classmethod
     def from_config(cls, config: AppConfig) -> "AppState":
@@ -574,8 +573,6 @@ class AppState:
         Pure by design: on ZeroGPU it runs in a worker process, so it takes and
         returns picklable values and leaves caching to the caller.
         """
-        import torch
-
         backbone = self.backbone(self.get_release(release_id), size)
         device = call_device(self.config.device)
         if backbone.device != torch.device(device):

@@ -45,12 +45,13 @@ import gradio as gr
 from gradio import FileData
 from starlette.middleware import Middleware
 
-from revelio_hub.app import analysis as A
-from revelio_hub.app import deep_links as DL
-from revelio_hub.app import interpret_ui as IU
+from revelio_hub.app import analysis
+from revelio_hub.app import deep_links
+from revelio_hub.app import interpret_ui
 from revelio_hub.app.errors import user_errors
-from revelio_hub.app.api_surface import IntDropdown, json_endpoint
+from revelio_hub.app.api_surface import PRIVATE, IntDropdown, json_endpoint
 from revelio_hub.app.mcp_tools import file_route_urls_as_paths, ui_only, wire_tools
+from revelio_hub.app.page import AnalyzeTab, BrowserTab, Page
 from revelio_hub.app.phone import PHONE_HEAD, scroll_to_results
 from revelio_hub.app.state import AppState, LoadedRelease
 from revelio_hub.app.sessions import HeartbeatMarker, lean_sessions_supported, use_lean_sessions
@@ -289,7 +290,7 @@ BROWSER_COLUMNS = ["88px", "180px", "140px", "180px", "164px", "auto"]
 HEATMAP_LABEL = "Where the neuron fires (centre crop)"
 
 
-def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
+def _neuron_stats_markdown(d: analysis.NeuronDetails) -> str:
     text = (
         f"### Neuron {d.id}{' (dense)' if d.dense else ''}\n{d.summary or ''}\n\n"
         "| fires on | mean activation | best AUROC (↑, 1 = perfect) | label entropy (↓, bits) |\n|---|---|---|---|\n"
@@ -306,7 +307,7 @@ def _neuron_stats_markdown(d: A.NeuronDetails) -> str:
     return text
 
 
-def _ood_markdown(result: A.Analysis) -> dict:
+def _ood_markdown(result: analysis.Analysis) -> dict:
     """The reliability line: a flagged image's warning (its class greys the results, see :data:`CSS`), else the
     percentile line."""
     ood = result.ood or {}
@@ -316,7 +317,7 @@ def _ood_markdown(result: A.Analysis) -> dict:
     return gr.update(value=message, elem_classes=[], visible=bool(message))
 
 
-def _neuron_rows(result: A.Analysis, show_dense: bool) -> list[list[Any]]:
+def _neuron_rows(result: analysis.Analysis, show_dense: bool) -> list[list[Any]]:
     return [[n.id, round(n.activation, 4), round(n.relevance, 2), n.summary + (" · dense" if n.dense else "")]
             for n in result.visible_neurons(bool(show_dense))]
 
@@ -354,7 +355,7 @@ class Events:
         """Analyze an image: predicted classes, its most relevant neurons, the first one's images and heat map,
         and whether the image is like the release's data."""
         with user_errors("analysing the image"):
-            result = A.analyze(
+            result = analysis.analyze(
                 self.state, self.served_image(image), layer, timestep, release,
                 progress=(lambda frac, desc: progress(frac, desc=desc)) if progress is not None else None,
             )
@@ -362,7 +363,7 @@ class Events:
             # The note is a plain string (API users get text, not a component update); "" shows nothing.
             return (preds, result.note or "", *shown, _ood_markdown(result))
 
-    def _neuron_outputs(self, result: A.Analysis, show_dense) -> tuple:
+    def _neuron_outputs(self, result: analysis.Analysis, show_dense) -> tuple:
         rows = _neuron_rows(result, show_dense)
         shown = result.visible_neurons(bool(show_dense))
         if not shown:
@@ -370,7 +371,7 @@ class Events:
                 "Only dense neurons fire on this image; tick “Show dense neurons” to list them."
             return (result.predictions, rows, gr.update(choices=[], value=None), why, [], result.image, result)
         top = shown[0].id
-        gal, overlay, text = A.neuron_view(self.state, result, top)
+        gal, overlay, text = analysis.neuron_view(self.state, result, top)
         # "217 · stripes (background)": the summary's first part fits a phone's dropdown; the caption has the rest
         choices = [(f"{n.id} · {n.summary.split(' · ')[0]}" if n.summary else str(n.id), n.id) for n in shown]
         return result.predictions, rows, gr.update(choices=choices, value=top), text, gal, overlay, result
@@ -403,7 +404,7 @@ class Events:
         if result is None:
             raise ValueError("Analyze an image first.")
         if None not in (layer, timestep):
-            rel, layer, t = A.resolve_entry(self.state, release, layer, timestep)
+            rel, layer, t = analysis.resolve_entry(self.state, release, layer, timestep)
             if (result.release, result.layer, result.timestep) != (rel.name, layer, t):
                 raise ValueError(
                     f"These results are for {result.layer} t={result.timestep}; "
@@ -417,7 +418,7 @@ class Events:
             result = self._current(result, layer, timestep, release)
             if neuron is None:
                 return "", [], result.image
-            gal, overlay, text = A.neuron_view(self.state, result, neuron)
+            gal, overlay, text = analysis.neuron_view(self.state, result, neuron)
             return text, gal, overlay
 
     def select_row(self, result, layer=None, timestep=None, release=None, evt: gr.SelectData = None):
@@ -460,31 +461,31 @@ class Events:
     def neuron_details(self, release, layer, timestep, neuron):
         """The browser's view of one neuron: stats, label histogram, top images (programs: /describe_neuron)."""
         with user_errors("showing the neuron"):
-            d = A.neuron_details(self.state, release, layer, timestep, neuron)
+            d = analysis.neuron_details(self.state, release, layer, timestep, neuron)
             return _neuron_stats_markdown(d), d.histogram, d.top_images
 
     def sorted_neurons(self, release, layer, timestep, by):
         with user_errors("listing neurons"):
-            return A.sorted_neurons(self.state, release, layer, timestep, by)
+            return analysis.sorted_neurons(self.state, release, layer, timestep, by)
 
     def class_neurons(self, release, layer, timestep, name):
         """Neurons detecting a label value (``column=value`` from the browser's dropdown), best AUROC first."""
         with user_errors("searching neurons for the label value"):
             if not name:
                 return []
-            return A.search_rows(self.state, release, layer, timestep, name)
+            return analysis.search_rows(self.state, release, layer, timestep, name)
 
     def browser_entry(self, release, layer, timestep, by, name, neuron=None):
         """Fill the whole browser for the chosen (release, layer, t): both lists, and the shown neuron's
         stats, label histogram and top images for *this* entry (cleared if the id does not exist here)."""
         with user_errors("loading the release entry"):
-            values = A.label_values(self.state, release, layer, timestep)
+            values = analysis.label_values(self.state, release, layer, timestep)
             name = name if name in {key for _, key in values} else None
-            lists = (A.sorted_neurons(self.state, release, layer, timestep, by),
+            lists = (analysis.sorted_neurons(self.state, release, layer, timestep, by),
                      gr.update(choices=values, value=name),
-                     A.search_rows(self.state, release, layer, timestep, name) if name else [])
+                     analysis.search_rows(self.state, release, layer, timestep, name) if name else [])
             try:
-                details = A.neuron_details(self.state, release, layer, timestep, neuron)
+                details = analysis.neuron_details(self.state, release, layer, timestep, neuron)
             except ValueError:  # no neuron chosen, or an id this entry does not have
                 return (*lists, BROWSER_PROMPT, None, [])
             return (*lists, _neuron_stats_markdown(details), details.histogram, details.top_images)
@@ -519,7 +520,7 @@ class Events:
             "signals"} (the calibrated score, when the release has one)}}
         """
         with user_errors("analysing the image"):
-            return A.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
+            return analysis.analyze(self.state, self.served_image(image), layer or None, timestep, release).to_json()
 
     def search_neurons(self, value: str, layer: str = "", timestep: int = -1, release: str = "") -> list:
         """Search the neurons that detect a label value (a class, or a value of another label column such as
@@ -535,190 +536,215 @@ class Events:
             "precision" (share of its top images with the value), "frequency", "dense", "summary"}]
         """
         with user_errors("searching neurons"):
-            return A.search_neurons(self.state, value, layer or None, timestep, release)
+            return analysis.search_neurons(self.state, value, layer or None, timestep, release)
+
+
+def _header(state: AppState) -> Any:
+    """The title row; returns the release dropdown (names only: a release id may be a server path)."""
+    release_choices = state.release_names
+    with gr.Row(equal_height=True, elem_id="revelio-header"):
+        with gr.Column(scale=3, min_width=320):  # wider than a phone's share: the row wraps, the title stays whole
+            gr.Markdown(
+                "# Revelio Hub\nSee what a diffusion model knows: which sparse-autoencoder neurons an image "
+                "lights up, where they fire, what they mean, and the classes a light probe reads from the same "
+                "features.",
+                elem_id="revelio-title",
+            )
+        release_dd = gr.Dropdown(
+            release_choices, value=state.get_release().name, label="Release", scale=0, min_width=240,
+            interactive=len(release_choices) > 1, elem_id="release",
+        )
+    return release_dd
+
+
+def _analyze_tab(state: AppState, analysis_state: Any) -> AnalyzeTab:
+    """The Analyze tab: the image and its entry on the left, the results and the interpretation panels right."""
+    rel0 = state.get_release()
+    layer0, t0 = rel0.default_entry()
+    with gr.Tab("Analyze", id="analyze"), gr.Row():
+        with gr.Column(scale=2, min_width=300):
+            image_in = gr.Image(
+                type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                label="Image", height=300, elem_id="image-in",
+            )
+            with gr.Row():
+                layer_dd = gr.Dropdown(rel0.layers, value=layer0, label="Layer", elem_id="layer")
+                t_dd = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
+            analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
+            show_dense = gr.Checkbox(False, label="Show dense neurons (fire on most images)", elem_id="show-dense")
+            analysis_copy = deep_links.copy_link_row("Copy link to this analysis", "analysis-link")
+            examples = gr.Gallery(
+                shown_examples(rel0.examples), label="Examples (click one to load it)", columns=5, height=150,
+                allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
+            )
+            gr.Markdown(HELP, elem_classes=["revelio-help"])
+        with gr.Column(scale=3, min_width=380, elem_id="results"):
+            ood_md = gr.Markdown("", visible=False, elem_id="ood-warning", label="Is the image like the release's data?")
+            with gr.Row(equal_height=True):
+                with gr.Column(min_width=200):
+                    preds = gr.Label(num_top_classes=state.config.top_classes, label="Predicted classes (Diff-C)",
+                                     elem_id="predictions")
+                    preds_note = gr.Markdown("", label="Why there are no predicted classes", elem_id="predictions-note")
+                heatmap = gr.Image(label=HEATMAP_LABEL, height=300, interactive=False, format="png", elem_id="heatmap")
+            neuron_table = gr.Dataframe(
+                headers=NEURON_HEADERS, datatype=["number", "number", "number", "str"],
+                label="Most relevant neurons of this image (click a row)", interactive=False,
+                max_height=260, column_widths=["88px", "104px", "92px", "auto"], elem_id="neurons",
+                elem_classes=["revelio-table"],
+            )
+            with gr.Row(equal_height=True, elem_id="neuron-pick"):
+                neuron_dd = IntDropdown([], label="Selected neuron", scale=1, min_width=160, elem_id="neuron-select")
+                caption = gr.Markdown("", label="About the selected neuron", elem_classes=["revelio-caption"],
+                                      elem_id="neuron-caption")
+            gallery = gr.Gallery(
+                label="Its top-activating dataset images", columns=5, height="auto",
+                object_fit="contain", allow_preview=True, elem_id="neuron-gallery",
+            )
+            why = interpret_ui.why_section()
+            compare = interpret_ui.compare_section()
+    return AnalyzeTab(image_in, layer_dd, t_dd, analyze_btn, show_dense, analysis_copy, examples, ood_md, preds,
+                      preds_note, heatmap, neuron_table, neuron_dd, caption, gallery, analysis_state, why, compare)
+
+
+def _browser_tab(rel0: LoadedRelease) -> BrowserTab:
+    """The Neuron browser tab: one neuron's statistics and images, the sorted list, the label search."""
+    layer0, t0 = rel0.default_entry()
+    with gr.Tab("Neuron browser", id="browser"):
+        with gr.Row():
+            b_layer = gr.Dropdown(rel0.layers, value=layer0, label="Layer")
+            b_t = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
+            b_neuron = gr.Number(value=0, minimum=0, step=1, precision=0, label="Neuron id")
+            b_show = gr.Button("Show neuron", variant="primary")
+        neuron_copy = deep_links.copy_link_row("Copy link to this neuron", "neuron-link")
+        with gr.Row():
+            with gr.Column(scale=2):
+                b_stats = gr.Markdown(BROWSER_PROMPT, label="Neuron statistics", elem_id="neuron-stats",
+                                      elem_classes=["revelio-md"])
+                b_hist = gr.Label(label="Labels of its top images (best-explaining column)", num_top_classes=8)
+            with gr.Column(scale=3):
+                b_gallery = gr.Gallery(label="Top-activating images", columns=5, height="auto", object_fit="contain")
+        with gr.Row():
+            with gr.Column():
+                b_sort = gr.Radio([("how often it fires", "frequency"), ("best label AUROC", "auroc"),
+                                   ("label entropy (lowest first)", "entropy"),
+                                   ("mean activation", "mean_activation")],
+                                  value="frequency", label="Sort neurons by")
+                b_sorted = gr.Dataframe(headers=analysis.NEURON_TABLE_HEADERS, interactive=False, max_height=320,
+                                        label="Neurons (click a row)", column_widths=BROWSER_COLUMNS,
+                                        elem_id="browser-neurons", elem_classes=["revelio-table"])
+            with gr.Column():
+                b_class = gr.Dropdown([], label="Search: neurons that detect this label value",
+                                      filterable=True, elem_id="search-value")
+                b_class_table = gr.Dataframe(headers=analysis.SEARCH_TABLE_HEADERS, interactive=False,
+                                             max_height=320, label="Best detectors, by AUROC (click a row)",
+                                             elem_id="class-neurons", elem_classes=["revelio-table"])
+    return BrowserTab(b_layer, b_t, b_neuron, b_show, neuron_copy, b_stats, b_hist, b_gallery, b_sort, b_sorted,
+                      b_class, b_class_table)
+
+
+def _layout(state: AppState) -> Page:
+    """Every component of the page, in page order (the events are connected afterwards)."""
+    release_dd = _header(state)
+    link_note = gr.Markdown("", visible=False, elem_id="link-note")
+    analysis_state = gr.State(None)
+    # "wrap": every tab stays in the bar (two lines on a phone) instead of Gradio's measured "..." menu,
+    # whose re-measuring once showed "About" twice.
+    with gr.Tabs(overflow_behavior="wrap") as tabs:
+        analyze_tab = _analyze_tab(state, analysis_state)
+        browser = _browser_tab(state.get_release())
+        concept = interpret_ui.concept_tab(state)
+        with gr.Tab("About", id="about"):
+            card_md = gr.Markdown(card_markdown(state.get_release()), elem_id="revelio-card",
+                                  elem_classes=["revelio-md"])
+    return Page(release_dd, link_note, tabs, analyze_tab, browser, concept, card_md)
+
+
+def _wire_analyze(ev: Events, page: Page, backbone: dict[str, Any]) -> list[Any]:
+    """The Analyze tab's events; returns those that set or clear the analysis (Analyze, re-analyses, new image).
+
+    Every output is recomputed or cleared when an input it depends on changes (no stale screens):
+    a new image clears the results; a new layer/timestep re-analyses (cached features: cheap) when
+    there was a result; an error clears what the failed call would have replaced.
+    """
+    tab, results = page.analyze, page.analyze.results
+    analyze_in = [tab.image, tab.layer, tab.timestep, page.release]
+    # preprocess=False: the image arrives as the uploaded FileData (served_upload checks it) and the
+    # dropdowns as sent, so numeric strings follow the same rule as /analyze_json.
+    analyzed = tab.button.click(
+        ev.analyze, analyze_in, results, api_name="analyze", preprocess=False, show_progress="full", **backbone,
+    )
+    analyzed.failure(ev.clear_results, None, results, **PRIVATE)
+    scroll_to_results(analyzed)  # on a phone the results lie a screen below the button
+    # /analyze keeps its four inputs (API callers); a ticked "show dense" box is applied right after
+    analyzed.then(ev.apply_dense_choice, [tab.analysis, tab.show_dense], tab.neuron_outputs, **PRIVATE)
+    tab.show_dense.input(ev.toggle_dense, [tab.analysis, tab.show_dense], tab.neuron_outputs, **PRIVATE)
+    image_changed = tab.image.change(ev.clear_results, None, results, **PRIVATE)
+    refresh = {"fn": ev.refresh, "inputs": [*analyze_in, tab.analysis, tab.show_dense], "outputs": results,
+               "preprocess": False, **backbone, **PRIVATE}
+    layer_refreshed = tab.layer.input(ev.change_layer, [page.release, tab.layer], tab.timestep, **PRIVATE
+                                      ).then(**refresh)
+    t_refreshed = tab.timestep.input(**refresh)
+    for refreshed in (layer_refreshed, t_refreshed):
+        refreshed.failure(ev.clear_results, None, results, **PRIVATE)
+    selected = [tab.analysis, tab.layer, tab.timestep, page.release]
+    tab.neuron.input(ev.select_neuron, [tab.analysis, tab.neuron, tab.layer, tab.timestep, page.release],
+                     [tab.caption, tab.gallery, tab.heatmap], **PRIVATE)
+    tab.neurons.select(ev.select_row, selected, tab.shown_neuron, **PRIVATE)
+    tab.examples.select(ev.pick_example, page.release, tab.image, **PRIVATE)
+    return [analyzed, layer_refreshed, t_refreshed, image_changed]
+
+
+def _wire_browser(ev: Events, page: Page) -> None:
+    """The Neuron browser's events."""
+    b, release_dd = page.browser, page.release
+    browser_inputs = [release_dd, b.layer, b.timestep, b.sort, b.search, b.neuron]
+    details_io = ([release_dd, b.layer, b.timestep, b.neuron], b.details)
+    # preprocess=False: "/neuron" takes the timestep and neuron id as sent (ints or numeric strings), so
+    # a timestep "25" is accepted and a neuron id 3.5 refused instead of rounded.
+    b.button.click(ev.neuron_details, *details_io, api_name="neuron", preprocess=False)
+    b.neuron.submit(ev.neuron_details, *details_io, preprocess=False, **PRIVATE)
+    b.layer.input(ev.change_layer, [release_dd, b.layer], b.timestep, **PRIVATE).then(
+        ev.browser_entry, browser_inputs, b.outputs, preprocess=False, **PRIVATE)
+    b.timestep.input(ev.browser_entry, browser_inputs, b.outputs, preprocess=False, **PRIVATE)
+    b.sort.change(ev.sorted_neurons, [release_dd, b.layer, b.timestep, b.sort], b.sorted, **PRIVATE)
+    b.search.input(ev.class_neurons, [release_dd, b.layer, b.timestep, b.search], b.search_table, **PRIVATE)
+    for table in (b.sorted, b.search_table):
+        table.select(ev.browser_row, [release_dd, b.layer, b.timestep], [b.neuron, *b.details], **PRIVATE)
+
+
+def _wire_release_and_links(state: AppState, ev: Events, demo: gr.Blocks, page: Page,
+                            backbone: dict[str, Any]) -> list[Any]:
+    """A new release clears the Analyze tab and refills the browser; the page load opens its link.
+
+    Returns the events that set or clear the analysis here (release change, a linked example).
+    """
+    a, b = page.analyze, page.browser
+    browser_inputs = [page.release, b.layer, b.timestep, b.sort, b.search, b.neuron]
+    release_changed = page.release.input(
+        ev.change_release, page.release, [a.layer, a.timestep, a.examples, page.card, b.layer, b.timestep, *a.results],
+        **PRIVATE,
+    )
+    release_changed.then(ev.browser_entry, browser_inputs, b.outputs, preprocess=False, **PRIVATE)
+    loaded = demo.load(ev.browser_entry, browser_inputs, b.outputs, preprocess=False, **PRIVATE)
+    link_analyzed = deep_links.wire(deep_links.LinkEvents(state, ev), loaded, page, backbone=backbone)
+    return [release_changed, link_analyzed]
 
 
 def build_ui(state: AppState) -> gr.Blocks:
     """The app for ``state``'s releases, with its queue configured (concurrency sized for the backbone)."""
     cfg = state.config
     ev = Events(state)
-    rel0 = state.get_release()
-    layer0, t0 = rel0.default_entry()
-    release_choices = state.release_names  # names only: a release id may be a server path
-    private = {"api_visibility": "private"}
-
+    backbone = {"concurrency_id": "backbone", "concurrency_limit": cfg.concurrency}
     with ServedBlocks(title="Revelio Hub", fill_width=True) as demo:
-        with gr.Row(equal_height=True, elem_id="revelio-header"):
-            with gr.Column(scale=3, min_width=320):  # wider than a phone's share: the row wraps, the title stays whole
-                gr.Markdown(
-                    "# Revelio Hub\nSee what a diffusion model knows: which sparse-autoencoder neurons an image "
-                    "lights up, where they fire, what they mean, and the classes a light probe reads from the same "
-                    "features.",
-                    elem_id="revelio-title",
-                )
-            release_dd = gr.Dropdown(
-                release_choices, value=rel0.name, label="Release", scale=0, min_width=240,
-                interactive=len(release_choices) > 1, elem_id="release",
-            )
-        link_note = gr.Markdown("", visible=False, elem_id="link-note")
-        analysis_state = gr.State(None)
-
-        # "wrap": every tab stays in the bar (two lines on a phone) instead of Gradio's measured "..." menu,
-        # whose re-measuring once showed "About" twice.
-        with gr.Tabs(overflow_behavior="wrap") as tabs:
-            with gr.Tab("Analyze", id="analyze"):
-                with gr.Row():
-                    with gr.Column(scale=2, min_width=300):
-                        image_in = gr.Image(
-                            type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                            label="Image", height=300, elem_id="image-in",
-                        )
-                        with gr.Row():
-                            layer_dd = gr.Dropdown(rel0.layers, value=layer0, label="Layer", elem_id="layer")
-                            t_dd = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t", elem_id="timestep")
-                        analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze-btn")
-                        show_dense = gr.Checkbox(False, label="Show dense neurons (fire on most images)",
-                                                 elem_id="show-dense")
-                        analysis_copy = DL.copy_link_row("Copy link to this analysis", "analysis-link")
-                        examples = gr.Gallery(
-                            shown_examples(rel0.examples), label="Examples (click one to load it)", columns=5, height=150,
-                            allow_preview=False, object_fit="cover", elem_id="examples", buttons=[],
-                        )
-                        gr.Markdown(HELP, elem_classes=["revelio-help"])
-                    with gr.Column(scale=3, min_width=380, elem_id="results"):
-                        ood_md = gr.Markdown("", visible=False, elem_id="ood-warning",
-                                             label="Is the image like the release's data?")
-                        with gr.Row(equal_height=True):
-                            with gr.Column(min_width=200):
-                                preds = gr.Label(num_top_classes=cfg.top_classes, label="Predicted classes (Diff-C)",
-                                                 elem_id="predictions")
-                                preds_note = gr.Markdown("", label="Why there are no predicted classes",
-                                                         elem_id="predictions-note")
-                            heatmap = gr.Image(label=HEATMAP_LABEL, height=300, interactive=False,
-                                               format="png", elem_id="heatmap")
-                        neuron_table = gr.Dataframe(
-                            headers=NEURON_HEADERS, datatype=["number", "number", "number", "str"],
-                            label="Most relevant neurons of this image (click a row)", interactive=False,
-                            max_height=260, column_widths=["88px", "104px", "92px", "auto"], elem_id="neurons",
-                            elem_classes=["revelio-table"],
-                        )
-                        with gr.Row(equal_height=True, elem_id="neuron-pick"):
-                            neuron_dd = IntDropdown([], label="Selected neuron", scale=1, min_width=160,
-                                                    elem_id="neuron-select")
-                            caption = gr.Markdown("", label="About the selected neuron", elem_classes=["revelio-caption"],
-                                                  elem_id="neuron-caption")
-                        gallery = gr.Gallery(
-                            label="Its top-activating dataset images", columns=5, height="auto",
-                            object_fit="contain", allow_preview=True, elem_id="neuron-gallery",
-                        )
-                        why = IU.why_section()
-                        compare = IU.compare_section()
-
-            with gr.Tab("Neuron browser", id="browser"):
-                with gr.Row():
-                    b_layer = gr.Dropdown(rel0.layers, value=layer0, label="Layer")
-                    b_t = IntDropdown(rel0.timesteps(layer0), value=t0, label="Timestep t")
-                    b_neuron = gr.Number(value=0, minimum=0, step=1, precision=0, label="Neuron id")
-                    b_show = gr.Button("Show neuron", variant="primary")
-                neuron_copy = DL.copy_link_row("Copy link to this neuron", "neuron-link")
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        b_stats = gr.Markdown(BROWSER_PROMPT, label="Neuron statistics", elem_id="neuron-stats",
-                                              elem_classes=["revelio-md"])
-                        b_hist = gr.Label(label="Labels of its top images (best-explaining column)", num_top_classes=8)
-                    with gr.Column(scale=3):
-                        b_gallery = gr.Gallery(label="Top-activating images", columns=5, height="auto",
-                                               object_fit="contain")
-                with gr.Row():
-                    with gr.Column():
-                        b_sort = gr.Radio([("how often it fires", "frequency"), ("best label AUROC", "auroc"),
-                                           ("label entropy (lowest first)", "entropy"),
-                                           ("mean activation", "mean_activation")],
-                                          value="frequency", label="Sort neurons by")
-                        b_sorted = gr.Dataframe(headers=A.NEURON_TABLE_HEADERS, interactive=False, max_height=320,
-                                                label="Neurons (click a row)", column_widths=BROWSER_COLUMNS,
-                                                elem_id="browser-neurons", elem_classes=["revelio-table"])
-                    with gr.Column():
-                        b_class = gr.Dropdown([], label="Search: neurons that detect this label value",
-                                              filterable=True, elem_id="search-value")
-                        b_class_table = gr.Dataframe(headers=A.SEARCH_TABLE_HEADERS, interactive=False,
-                                                     max_height=320, label="Best detectors, by AUROC (click a row)",
-                                                     elem_id="class-neurons", elem_classes=["revelio-table"])
-
-            concept = IU.concept_tab(state)
-
-            with gr.Tab("About", id="about"):
-                card_md = gr.Markdown(card_markdown(rel0), elem_id="revelio-card", elem_classes=["revelio-md"])
-
-        # ---------------------------------------------------------------- events
-        # Every output is recomputed or cleared when an input it depends on changes (no stale screens):
-        # a new image clears the results; a new layer/timestep re-analyses (cached features: cheap) when
-        # there was a result; a new release clears; an error clears what the failed call would have replaced.
-        results = [preds, preds_note, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state, ood_md]
-        neuron_outputs = [preds, neuron_table, neuron_dd, caption, gallery, heatmap, analysis_state]
-        analyze_in = [image_in, layer_dd, t_dd, release_dd]
-        backbone = {"concurrency_id": "backbone", "concurrency_limit": cfg.concurrency}
-        # preprocess=False: the image arrives as the uploaded FileData (served_upload checks it) and the
-        # dropdowns as sent, so numeric strings follow the same rule as /analyze_json.
-        analyzed = analyze_btn.click(
-            ev.analyze, analyze_in, results, api_name="analyze", preprocess=False, show_progress="full", **backbone,
-        )
-        analyzed.failure(ev.clear_results, None, results, **private)
-        scroll_to_results(analyzed)  # on a phone the results lie a screen below the button
-        # /analyze keeps its four inputs (API callers); a ticked "show dense" box is applied right after
-        analyzed.then(ev.apply_dense_choice, [analysis_state, show_dense], neuron_outputs, **private)
-        show_dense.input(ev.toggle_dense, [analysis_state, show_dense], neuron_outputs, **private)
-        image_changed = image_in.change(ev.clear_results, None, results, **private)
-        refresh = {"fn": ev.refresh, "inputs": [*analyze_in, analysis_state, show_dense], "outputs": results,
-                   "preprocess": False, **backbone, **private}
-        layer_refreshed = layer_dd.input(ev.change_layer, [release_dd, layer_dd], t_dd, **private).then(**refresh)
-        t_refreshed = t_dd.input(**refresh)
-        for refreshed in (layer_refreshed, t_refreshed):
-            refreshed.failure(ev.clear_results, None, results, **private)
-        selected = [analysis_state, layer_dd, t_dd, release_dd]
-        neuron_dd.input(ev.select_neuron, [analysis_state, neuron_dd, layer_dd, t_dd, release_dd],
-                        [caption, gallery, heatmap], **private)
-        neuron_table.select(ev.select_row, selected, [neuron_dd, caption, gallery, heatmap], **private)
-        examples.select(ev.pick_example, release_dd, image_in, **private)
-
-        browser_inputs = [release_dd, b_layer, b_t, b_sort, b_class, b_neuron]
-        browser_outputs = [b_sorted, b_class, b_class_table, b_stats, b_hist, b_gallery]
-        details_io = ([release_dd, b_layer, b_t, b_neuron], [b_stats, b_hist, b_gallery])
-        # preprocess=False: "/neuron" takes the timestep and neuron id as sent (ints or numeric strings), so
-        # a timestep "25" is accepted and a neuron id 3.5 refused instead of rounded.
-        b_show.click(ev.neuron_details, *details_io, api_name="neuron", preprocess=False)
-        b_neuron.submit(ev.neuron_details, *details_io, preprocess=False, **private)
-        b_layer.input(ev.change_layer, [release_dd, b_layer], b_t, **private).then(
-            ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
-        b_t.input(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
-        b_sort.change(ev.sorted_neurons, [release_dd, b_layer, b_t, b_sort], b_sorted, **private)
-        b_class.input(ev.class_neurons, [release_dd, b_layer, b_t, b_class], b_class_table, **private)
-        for table in (b_sorted, b_class_table):
-            table.select(ev.browser_row, [release_dd, b_layer, b_t], [b_neuron, b_stats, b_hist, b_gallery], **private)
-
-        release_changed = release_dd.input(
-            ev.change_release, release_dd, [layer_dd, t_dd, examples, card_md, b_layer, b_t, *results], **private,
-        )
-        release_changed.then(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
-        loaded = demo.load(ev.browser_entry, browser_inputs, browser_outputs, preprocess=False, **private)
-        link_analyzed = DL.wire(
-            DL.LinkEvents(state, ev), loaded,
-            DL.LinkComponents(tabs, release_dd, layer_dd, t_dd, image_in, examples, card_md, b_layer, b_t, b_neuron,
-                              browser_outputs, results, selected_neuron=neuron_dd),
-            by=b_sort, note=link_note, neuron_copy=neuron_copy, analysis_copy=analysis_copy, backbone=backbone,
-        )
+        page = _layout(state)
+        analysis_events = _wire_analyze(ev, page, backbone)
+        _wire_browser(ev, page)
+        analysis_events += _wire_release_and_links(state, ev, demo, page, backbone)
         # Both analysis endpoints share one concurrency group: the limit is on backbone passes, not per endpoint.
         json_endpoint(ev.analyze_json, api_name="analyze_json", output="analysis", concurrency_id="backbone",
                       concurrency_limit=cfg.concurrency)
-        every_analysis = [analyzed, layer_refreshed, t_refreshed, image_changed, release_changed, link_analyzed]
-        IU.wire(
-            IU.InterpretEvents(state, ev), analyzed=every_analysis,
-            analysis_state=analysis_state, image_in=image_in,
-            layer_dd=layer_dd, t_dd=t_dd, release_dd=release_dd, neuron_dd=neuron_dd, caption=caption,
-            gallery=gallery, heatmap=heatmap, why=why, compare=compare, concept=concept, tabs=tabs,
-            browser=[b_layer, b_t, b_neuron, b_stats, b_hist, b_gallery], concurrency=cfg.concurrency,
-            show_dense=show_dense,
-        )
+        interpret_ui.wire(interpret_ui.InterpretEvents(state, ev), page, analyzed=analysis_events,
+                          concurrency=cfg.concurrency)
         json_endpoint(ev.search_neurons, api_name="search_neurons", output="neurons")
         wire_tools(state, user_errors)  # /describe_neuron, /list_releases (the MCP tools' other half)
 

@@ -35,16 +35,15 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from multiprocessing.connection import wait
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
+
+import torch
 
 from revelio_hub.interpret.ood import sae_error
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
-
-    from revelio_hub.app.state import AppConfig, AppState
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +70,30 @@ class WorkerDied(RuntimeError):
     """A backbone worker process stopped during the call (its message is meant for the user)."""
 
 
+class PassRunner(Protocol):
+    """What a worker process needs of the app state it builds: the backbone pass and the releases.
+
+    :class:`~revelio_hub.app.state.AppState` is one. Named here, below the
+    state, so this module needs nothing from it: the state hands the pool a
+    picklable function that builds its worker-side copy (``build_state``).
+    """
+
+    def _backbone_pass(self, release_id: str, image: "Image.Image", layers: list[str], t: int,
+                       size: Optional[int], seed: int, ensemble: int) -> dict[str, torch.Tensor]: ...
+
+    def get_release(self, release_id: Optional[str] = None) -> Any: ...
+
+    def backbone(self, rel: Any, image_size: Optional[int] = None) -> Any: ...
+
+
 # ------------------------------------------------------------ worker side
 
 #: The worker process's own app state (releases, backbone cache), built once by :func:`_start_worker`.
-_WORKER_STATE: Optional["AppState"] = None
+_WORKER_STATE: Optional[PassRunner] = None
 
 
 def _exit_with_parent() -> None:
     """Stop this worker when the server process dies (even by SIGKILL, which runs no clean-up there)."""
-    from multiprocessing.connection import wait
-
     parent = multiprocessing.parent_process()
     if parent is None:
         return
@@ -92,16 +105,12 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="revelio-parent-watch", daemon=True).start()
 
 
-def _start_worker(config: dict[str, Any], threads: int) -> None:
-    """Pool initializer: build this process's app state from the server's configuration."""
+def _start_worker(build_state: Callable[[], PassRunner], threads: int) -> None:
+    """Pool initializer: build this process's app state with the server's ``build_state``."""
     global _WORKER_STATE
     _exit_with_parent()
-    import torch
-
-    from revelio_hub.app.state import AppConfig, AppState
-
     torch.set_num_threads(threads)
-    _WORKER_STATE = AppState.from_config(AppConfig(**{**config, "workers": 0}))
+    _WORKER_STATE = build_state()
 
 
 def _worker_pass(release_id: str, image: "Image.Image", layers: list[str], t: int, size: Optional[int],
@@ -133,17 +142,17 @@ class BackboneWorkers:
 
     Processes start on first use (``spawn``: a fresh interpreter, nothing
     inherited from the server's threads) and each loads the backbones it is
-    asked for once.
+    asked for once. ``build_state`` makes a worker's own state there; it is
+    sent to the worker, so it must pickle (a module-level function or
+    classmethod, or a ``functools.partial`` of one).
     """
 
-    def __init__(self, config: "AppConfig", n: int, threads: Optional[int] = None) -> None:
+    def __init__(self, build_state: Callable[[], PassRunner], n: int, threads: Optional[int] = None) -> None:
         if n < 1:
             raise ValueError(f"BackboneWorkers needs at least 1 process, got {n}.")
-        import torch
-
         self.n = int(n)
         self.threads = int(threads or torch.get_num_threads())
-        self._config = asdict(config)
+        self._build_state = build_state
         self._pool: Optional[ProcessPoolExecutor] = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -154,7 +163,7 @@ class BackboneWorkers:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     self.n, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker, initargs=(self._config, self.threads),
+                    initializer=_start_worker, initargs=(self._build_state, self.threads),
                 )
             return self._pool
 
@@ -182,21 +191,19 @@ class BackboneWorkers:
 
     def features(self, release_id: str, image: "Image.Image", layers: list[str], t: int, size: Optional[int],
                  seed: int, ensemble: int, error_layers: Sequence[str] = ()
-                 ) -> tuple[dict[str, "torch.Tensor"], dict[str, float]]:
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """``({layer: 1×C×H×W} float32 CPU maps, {layer: SAE reconstruction error})`` of one image.
 
         The maps are what :meth:`AppState._backbone_pass` returns; the errors are
         those of the SAEs of ``error_layers`` on them (the app's out-of-distribution
         check), computed in the worker so the server process has less to do.
         """
-        import torch
-
         maps, errors = self._call(_worker_pass, release_id, image, list(layers), int(t), size, int(seed),
                                   int(ensemble), list(error_layers))
         return {layer: torch.from_numpy(value) for layer, value in maps.items()}, errors
 
     def backbone_pass(self, release_id: str, image: "Image.Image", layers: list[str], t: int,
-                      size: Optional[int], seed: int, ensemble: int) -> dict[str, "torch.Tensor"]:
+                      size: Optional[int], seed: int, ensemble: int) -> dict[str, torch.Tensor]:
         """``{layer: 1×C×H×W}`` float32 CPU maps, as :meth:`AppState._backbone_pass` returns them."""
         return self.features(release_id, image, layers, t, size, seed, ensemble)[0]
 
@@ -223,4 +230,4 @@ class BackboneWorkers:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["BackboneWorkers", "WorkerDied", "WORKER_DIED", "default_workers"]
+__all__ = ["BackboneWorkers", "PassRunner", "WorkerDied", "WORKER_DIED", "default_workers"]
