@@ -1,4 +1,4 @@
-"""The Gradio Blocks: layout, events and the two API endpoints.
+"""The Gradio Blocks: layout, events and the API endpoints (`/analyze_json`, `/attribute_json`, `/compare_json`, `/search_neurons`, …; README lists them all).
 
 Every event function here is a thin shell: it unpacks component values, calls
 :mod:`revelio_hub.app.analysis`, and turns a ``ValueError`` into ``gr.Error``
