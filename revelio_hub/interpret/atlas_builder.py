@@ -2,21 +2,23 @@
 
 :func:`build_atlas` streams (x, labels, image_ids) batches through the SAE into
 the accumulators of :mod:`~revelio_hub.interpret.atlas_statistics`;
-:func:`finalize_atlas` turns them into the read model (label evidence, the
-layer summary, atlas.json, thumbnails and heat maps). A
+:func:`finalize_atlas` turns them into the read model in named steps (label
+evidence, peak positions, the reconstruction-error distribution, the layer
+summary, atlas.json, example summaries, thumbnails and heat maps). A
 multi-process build (``training/build_atlas.py``) feeds its own accumulators and
 calls :func:`finalize_atlas` once on the merged ones.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 from revelio_hub.interpret.atlas_config import ERROR_QUANTILES, FORMAT_VERSION, TOP_LABELS_PREFIX, AtlasConfig, PathLike
 from revelio_hub.interpret.atlas_model import NeuronAtlas
-from revelio_hub.interpret.atlas_rendering import add_heatmaps, make_thumbnail
+from revelio_hub.interpret.atlas_rendering import add_heatmaps, add_thumbnails
 from revelio_hub.interpret.atlas_statistics import (
     TopKAccumulator,
     pre_topk_accumulator,
@@ -87,13 +89,9 @@ def build_atlas(
     config = config or AtlasConfig()
     columns = _label_columns(class_names, label_columns)
     class_names = list(next(iter(columns.values()))) if columns else []
-    first = next(iter(columns), None)
     if device is None:
         device = next(sae.parameters()).device if sae is not None else "cpu"
-    acc = accumulator
-    pre_topk: Optional[TopKAccumulator] = None
-    log: Optional[ActivationLog] = None
-    peak_grid: Optional[tuple[int, ...]] = None
+    stream = _AtlasStream(config, columns, device, accumulator)
     iterator: Iterator = iter(batches)
     if progress:
         from tqdm.auto import tqdm
@@ -101,43 +99,77 @@ def build_atlas(
         iterator = iter(tqdm(batches, desc="atlas", unit="batch"))
     with torch.no_grad():
         for batch in iterator:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-                raise ValueError("each batch must be a tuple (x, labels, image_ids)")
-            x, labels, image_ids = batch
-            x = _as_tensor(x, torch.float32)
-            errors = dense = peaks = None
-            if sae is not None:
-                xs = x.to(device=device, dtype=next(sae.parameters()).dtype)
-                acts, dense = (a.float() for a in sae.image_codes(xs))
-                errors = image_reconstruction_error(sae, xs)
-                if xs.dim() == 4 and getattr(sae, "granularity", "pooled") != "pooled":
-                    peaks, peak_grid = peak_positions(sae, xs), tuple(xs.shape[2:])
-            else:
-                acts = x
-            ids = _as_tensor(image_ids, torch.long).reshape(-1)
-            by_column = _batch_labels(labels, columns, ids)
-            labs = by_column.get(first, torch.full_like(ids, -1)) if first else torch.full_like(ids, -1)
-            for name, lab in by_column.items():
-                if lab.numel() and int(lab.max()) >= len(columns[name]):
-                    what = "class names" if name == first else f"values in column {name!r}"
-                    raise ValueError(f"label {int(lab.max())} has no name: only {len(columns[name])} {what} given")
-            if acc is None:
-                acc = TopKAccumulator(acts.shape[1], config.top_n, config.threshold, device=device)
-            if log is None:
-                log = ActivationLog(acts.shape[1], list(columns), config.threshold)
-            if dense is not None:
-                if pre_topk is None:
-                    pre_topk = pre_topk_accumulator(acts.shape[1], config, device)
-                pre_topk.update(dense, labs, ids)
-            acc.update(acts, labs, ids)
-            log.update(acts, ids, by_column, errors, peaks)
-    if acc is None:
+            stream.add(batch, sae)
+    if stream.acc is None:
         raise ValueError("build_atlas got no batches: there is nothing to build an atlas from")
-    return finalize_atlas(acc, class_names, config=config, sae=sae, thumbnails=thumbnails,
+    return finalize_atlas(stream.acc, class_names, config=config, sae=sae, thumbnails=thumbnails,
                           heatmap_maps=heatmap_maps, heatmap_neurons=heatmap_neurons, out=out,
-                          extra_meta=extra_meta, progress=progress, log=log, label_columns=columns,
-                          pre_topk=pre_topk, peak_grid=peak_grid)
+                          extra_meta=extra_meta, progress=progress, log=stream.log, label_columns=columns,
+                          pre_topk=stream.pre_topk, peak_grid=stream.peak_grid)
 
+
+@dataclass
+class _AtlasStream:
+    """The running statistics of one build, created on the first batch (when the number of latents is known).
+
+    ``acc``: top-N and firing rates of the SAE's TopK codes (or the given
+    activations); ``pre_topk``: the same on ReLU of the pre-TopK codes (the
+    paper's σ_label); ``log``: every image's activations, labels, errors and peaks.
+    """
+
+    config: AtlasConfig
+    columns: dict[str, list[str]]
+    device: Union[str, torch.device]
+    acc: Optional[TopKAccumulator] = None
+    pre_topk: Optional[TopKAccumulator] = None
+    log: Optional[ActivationLog] = None
+    peak_grid: Optional[tuple[int, ...]] = None
+
+    def add(self, batch: Any, sae: Any) -> None:
+        """Fold in one ``(x, labels, image_ids)`` batch; bad labels raise before any statistic changes."""
+        if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+            raise ValueError("each batch must be a tuple (x, labels, image_ids)")
+        x, labels, image_ids = batch
+        acts, dense, errors, peaks = self._codes(_as_tensor(x, torch.float32), sae)
+        ids = _as_tensor(image_ids, torch.long).reshape(-1)
+        by_column = _batch_labels(labels, self.columns, ids)
+        first = next(iter(self.columns), None)
+        labs = by_column.get(first, torch.full_like(ids, -1)) if first else torch.full_like(ids, -1)
+        _check_label_names(by_column, self.columns, first)
+        if self.acc is None:
+            self.acc = TopKAccumulator(acts.shape[1], self.config.top_n, self.config.threshold, device=self.device)
+        if self.log is None:
+            self.log = ActivationLog(acts.shape[1], list(self.columns), self.config.threshold)
+        if dense is not None:
+            if self.pre_topk is None:
+                self.pre_topk = pre_topk_accumulator(acts.shape[1], self.config, self.device)
+            self.pre_topk.update(dense, labs, ids)
+        self.acc.update(acts, labs, ids)
+        self.log.update(acts, ids, by_column, errors, peaks)
+
+    def _codes(self, x: torch.Tensor, sae: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], Any, Any]:
+        """(image activations, pre-TopK codes, reconstruction errors, peak positions) of a batch.
+
+        Without an SAE, ``x`` already is the activations and the rest is ``None``.
+        """
+        if sae is None:
+            return x, None, None, None
+        xs = x.to(device=self.device, dtype=next(sae.parameters()).dtype)
+        acts, dense = (a.float() for a in sae.image_codes(xs))
+        errors = image_reconstruction_error(sae, xs)
+        peaks = None
+        if xs.dim() == 4 and getattr(sae, "granularity", "pooled") != "pooled":
+            peaks, self.peak_grid = peak_positions(sae, xs), tuple(xs.shape[2:])
+        return acts, dense, errors, peaks
+
+
+def _check_label_names(by_column: Mapping[str, torch.Tensor], columns: Mapping[str, Sequence[str]],
+                       first: Optional[str]) -> None:
+    """Every label id of the batch must name a value of its column."""
+    for name, lab in by_column.items():
+        if lab.numel() and int(lab.max()) >= len(columns[name]):
+            what = "class names" if name == first else f"values in column {name!r}"
+            raise ValueError(f"label {int(lab.max())} has no name: only {len(columns[name])} {what} given")
 
 
 def _label_columns(class_names: Optional[Sequence[str]],
@@ -217,31 +249,70 @@ def finalize_atlas(
     }
     meta_extra: dict[str, Any] = {}
     if log is not None and columns:
-        ids = res["top_image_ids"]
-        size = int(max(int(ids.max()) if ids.numel() else -1, int(log.all_image_ids().max()) if log.num_images else -1)) + 1
-        for c in list(columns)[1:]:
-            table = log.labels_by_image_id(c, size)
-            stats[TOP_LABELS_PREFIX + c] = torch.where(ids >= 0, table[ids.clamp_min(0)], torch.full_like(ids, -1))
-        stats["value_auroc"] = value_auroc(log, columns)
-        if config.claim_calibration is not None:
-            meta_extra["claim_calibration"] = calibrate_claims(
-                log, columns, top=config.purity_top, dense_frequency=config.dense_frequency,
-                config=config.claim_calibration).to_dict()
+        _add_label_evidence(stats, meta_extra, log, columns, config)
     if log is not None and peak_grid is not None:
-        peaks = log.peak_lookup(res["top_image_ids"], torch.arange(acc.n_latents)[:, None].expand_as(
-            res["top_image_ids"]))
-        if peaks is not None:
-            stats["top_peak_positions"] = peaks
-            meta_extra["peak_grid"] = [int(g) for g in peak_grid]
+        _add_peak_positions(stats, meta_extra, log, acc.n_latents, peak_grid)
+    errors = _error_distribution(log)
+    if errors is not None:
+        meta_extra["reconstruction_error"] = errors
+    summary = _layer_summary(res, purity, entropy, config,
+                             sigma_labels(res, pre_topk, log, columns, config, stats))
+    meta = _atlas_meta(acc, class_names, columns, config, sae, summary, pre_topk is not None, meta_extra)
+    meta.update(extra_meta or {})
+    atlas = NeuronAtlas(stats=stats, meta=meta)
+    if atlas.label_columns and "value_auroc" in stats:
+        _add_example_summaries(atlas, summary)
+    if thumbnails is not None:
+        add_thumbnails(atlas, thumbnails, config, progress)
+        if heatmap_maps is not None and sae is not None:
+            add_heatmaps(atlas, sae, heatmap_maps, heatmap_neurons, config)
+    if out is not None:
+        atlas.save(out)
+    return atlas
+
+
+def _add_label_evidence(stats: dict[str, torch.Tensor], meta_extra: dict[str, Any], log: ActivationLog,
+                        columns: Mapping[str, Sequence[str]], config: AtlasConfig) -> None:
+    """The other label columns' top labels, every value's AUROC, and (when configured) the claims' calibration."""
+    ids = stats["top_image_ids"]
+    size = int(max(int(ids.max()) if ids.numel() else -1, int(log.all_image_ids().max()) if log.num_images else -1)) + 1
+    for c in list(columns)[1:]:
+        table = log.labels_by_image_id(c, size)
+        stats[TOP_LABELS_PREFIX + c] = torch.where(ids >= 0, table[ids.clamp_min(0)], torch.full_like(ids, -1))
+    stats["value_auroc"] = value_auroc(log, columns)
+    if config.claim_calibration is not None:
+        meta_extra["claim_calibration"] = calibrate_claims(
+            log, columns, top=config.purity_top, dense_frequency=config.dense_frequency,
+            config=config.claim_calibration).to_dict()
+
+
+def _add_peak_positions(stats: dict[str, torch.Tensor], meta_extra: dict[str, Any], log: ActivationLog,
+                        n_latents: int, peak_grid: Sequence[int]) -> None:
+    """Where on the feature map (``peak_grid``) each top image peaked, when the log recorded peaks."""
+    ids = stats["top_image_ids"]
+    peaks = log.peak_lookup(ids, torch.arange(n_latents)[:, None].expand_as(ids))
+    if peaks is not None:
+        stats["top_peak_positions"] = peaks
+        meta_extra["peak_grid"] = [int(g) for g in peak_grid]
+
+
+def _error_distribution(log: Optional[ActivationLog]) -> Optional[dict[str, Any]]:
+    """Quantiles of the SAE's reconstruction error over the atlas images (what the OOD warning compares to)."""
     errors = log.reconstruction_errors() if log is not None else None
-    if errors is not None and errors.numel():
-        q = torch.quantile(errors.double(), torch.linspace(0, 1, min(ERROR_QUANTILES, max(errors.numel(), 2)),
-                                                            dtype=torch.float64))
-        meta_extra["reconstruction_error"] = {
-            "quantiles": [float(v) for v in q], "num_images": int(errors.numel()),
-            "median": float(errors.median()),
-            "definition": "Σ‖x − x̂‖² / Σ‖x − b_pre‖² over an image's SAE inputs (tokens or its pooled vector)",
-        }
+    if errors is None or not errors.numel():
+        return None
+    q = torch.quantile(errors.double(), torch.linspace(0, 1, min(ERROR_QUANTILES, max(errors.numel(), 2)),
+                                                        dtype=torch.float64))
+    return {
+        "quantiles": [float(v) for v in q], "num_images": int(errors.numel()),
+        "median": float(errors.median()),
+        "definition": "Σ‖x − x̂‖² / Σ‖x − b_pre‖² over an image's SAE inputs (tokens or its pooled vector)",
+    }
+
+
+def _layer_summary(res: dict[str, torch.Tensor], purity: torch.Tensor, entropy: torch.Tensor, config: AtlasConfig,
+                   sigma: dict[str, Any]) -> dict[str, Any]:
+    """atlas.json's ``summary``: dead and dense counts, σ_label, purity and entropy of the most frequent neurons."""
     freq = res["frequency"]
     alive = freq > 0
     order = torch.sort(freq.double(), descending=True, stable=True).indices
@@ -250,20 +321,25 @@ def finalize_atlas(
     chosen_purity = chosen_purity[~torch.isnan(chosen_purity)]
     chosen_entropy = entropy[order]
     chosen_entropy = chosen_entropy[~torch.isnan(chosen_entropy)]
-    n = acc.n_latents
+    n = freq.shape[0]
     dead = int((~alive).sum())
-    summary = {
+    return {
         "num_neurons": n,
         "dead_count": dead,
         "dead_fraction": dead / n,
         "summary_neurons": config.summary_neurons,
-        **sigma_labels(res, pre_topk, log, columns, config, stats),
+        **sigma,
         "mean_purity": float(chosen_purity.mean()) if chosen_purity.numel() else None,
         "mean_entropy": float(chosen_entropy.mean()) if chosen_entropy.numel() else None,
         "mean_frequency": float(freq.mean()),
         "median_frequency_alive": float(freq[alive].median()) if alive.any() else None,
         "dense_count": int((freq > config.dense_frequency).sum()),
     }
+
+
+def _atlas_meta(acc: TopKAccumulator, class_names: list[str], columns: dict[str, list[str]], config: AtlasConfig,
+                sae: Any, summary: dict[str, Any], paper_sigma: bool, meta_extra: dict[str, Any]) -> dict[str, Any]:
+    """The content of atlas.json (before ``extra_meta``, example summaries and thumbnail counts are added)."""
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "class_names": class_names,
@@ -282,7 +358,7 @@ def finalize_atlas(
                                f"of the {config.summary_neurons} neurons with the highest mean activation among those "
                                f"firing on more than {config.sigma_min_images} images (lower = more class-specific), "
                                + ("on ReLU of the SAE's pre-TopK activations, as the original Revelio code; "
-                                  "topk_sigma_label: the same on the TopK codes" if pre_topk is not None
+                                  "topk_sigma_label: the same on the TopK codes" if paper_sigma
                                   else "on the activations given") + "; *_shuffled: labels permuted across images"),
         "top_images_activations": "topk_code" if sae is not None else "given",
         "purity_metric": "per neuron: population std of the class ids of its top images (lower = more class-specific)",
@@ -291,40 +367,18 @@ def finalize_atlas(
     }
     if sae is not None and getattr(sae, "recipe", None):
         meta["recipe"] = dict(sae.recipe)
-    meta.update(extra_meta or {})
-    atlas = NeuronAtlas(stats=stats, meta=meta)
-    if atlas.label_columns and "value_auroc" in stats:
-        named = sum(1 for i in range(n) if alive[i] and atlas.explanation(i))
-        summary["named_fraction_alive"] = named / max(int(alive.sum()), 1)
-        # a few summaries for the card, written by the same code the app uses
-        best = atlas.best_auroc().nan_to_num(-1.0)
-        best[~alive] = -2.0
-        picks = [int(i) for i in torch.argsort(best, descending=True, stable=True)[:5] if best[i] > 0]
-        meta["example_summaries"] = [{"neuron": i, "summary": atlas.summary(i)} for i in picks]
+    return meta
 
-    if thumbnails is not None:
-        ids = torch.unique(res["top_image_ids"])
-        ids = ids[ids >= 0].tolist()
-        missing = []
-        iterator: Iterable[int] = ids
-        if progress:
-            from tqdm.auto import tqdm
 
-            iterator = tqdm(ids, desc="thumbnails", unit="img")
-        for image_id in iterator:
-            image = thumbnails(int(image_id))
-            if image is None:
-                missing.append(int(image_id))
-                continue
-            atlas._thumbnails[int(image_id)] = make_thumbnail(image, config.thumbnail_size)
-        meta["thumbnails"] = len(atlas._thumbnails)
-        meta["missing_thumbnails"] = missing
-        if heatmap_maps is not None and sae is not None:
-            add_heatmaps(atlas, sae, heatmap_maps, heatmap_neurons, config)
-    if out is not None:
-        atlas.save(out)
-    return atlas
-
+def _add_example_summaries(atlas: NeuronAtlas, summary: dict[str, Any]) -> None:
+    """The share of living neurons the summaries name, and a few summaries for the card (the app's own words)."""
+    alive = atlas.stats["frequency"] > 0
+    named = sum(1 for i in range(atlas.num_neurons) if alive[i] and atlas.explanation(i))
+    summary["named_fraction_alive"] = named / max(int(alive.sum()), 1)
+    best = atlas.best_auroc().nan_to_num(-1.0)
+    best[~alive] = -2.0
+    picks = [int(i) for i in torch.argsort(best, descending=True, stable=True)[:5] if best[i] > 0]
+    atlas.meta["example_summaries"] = [{"neuron": i, "summary": atlas.summary(i)} for i in picks]
 
 
 # ---------------------------------------------------------------------- feature stores

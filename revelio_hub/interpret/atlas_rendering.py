@@ -7,14 +7,14 @@ neuron's top list are drawn); the read model
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
 from revelio_hub.interpret.atlas_config import AtlasConfig
 from revelio_hub.interpret.atlas_model import NeuronAtlas
 
-__all__ = ["make_thumbnail", "heat_overlay", "add_heatmaps"]
+__all__ = ["make_thumbnail", "heat_overlay", "add_thumbnails", "add_heatmaps"]
 
 
 def make_thumbnail(image: Any, size: int):
@@ -40,6 +40,27 @@ def heat_overlay(thumb: Any, heat: torch.Tensor, vmax: float):
     out = thumb.copy()
     out.paste(colour, (0, 0), alpha)
     return out
+
+
+def add_thumbnails(atlas: NeuronAtlas, thumbnails: Callable[[int], Any], config: AtlasConfig,
+                   progress: bool = False) -> None:
+    """Store a thumbnail of every image in some neuron's top list; record which ones the source lacked."""
+    ids = torch.unique(atlas.stats["top_image_ids"])
+    ids = ids[ids >= 0].tolist()
+    missing = []
+    iterator: Iterable[int] = ids
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(ids, desc="thumbnails", unit="img")
+    for image_id in iterator:
+        image = thumbnails(int(image_id))
+        if image is None:
+            missing.append(int(image_id))
+            continue
+        atlas._thumbnails[int(image_id)] = make_thumbnail(image, config.thumbnail_size)
+    atlas.meta["thumbnails"] = len(atlas._thumbnails)
+    atlas.meta["missing_thumbnails"] = missing
 
 
 def add_heatmaps(atlas: NeuronAtlas, sae: Any, maps: Callable[[Sequence[int]], torch.Tensor],
