@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Baseline: the same analysis in this process, no server.
         import torch
 
-        from revelio_hub.app import analysis as A
+        from revelio_hub.app import analysis
         from revelio_hub.app.state import AppConfig, AppState, default_threads
         from revelio_hub.app.workers import default_workers
 
@@ -376,16 +376,16 @@ def main(argv: list[str] | None = None) -> dict:
         layer = args.layer or None
         t = None if args.timestep < 0 else args.timestep
         for path in images[1:1 + args.warmup]:
-            A.analyze(state, str(path), layer, t)
+            analysis.analyze(state, str(path), layer, t)
         direct_new, direct_repeated = [], []
         for path in images[1 + args.warmup:]:
             start = time.perf_counter()
-            A.analyze(state, str(path), layer, t)
+            analysis.analyze(state, str(path), layer, t)
             direct_new.append(time.perf_counter() - start)
-        A.analyze(state, str(images[0]), layer, t)
+        analysis.analyze(state, str(images[0]), layer, t)
         for _ in range(args.calls):
             start = time.perf_counter()
-            A.analyze(state, str(images[0]), layer, t)
+            analysis.analyze(state, str(images[0]), layer, t)
             direct_repeated.append(time.perf_counter() - start)
 
         # The answers under load, against the same analysis one at a time in this process.
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
             answers = run.pop("answers")
             run["differences"] = sum(
                 1 for path, got in zip(load_images[key], answers)
-                if got is not None and got != A.analyze(state, str(path), layer, t).to_json()
+                if got is not None and got != analysis.analyze(state, str(path), layer, t).to_json()
             )
         for n in sides:
             load_runs[n] = _merge_rounds([rounds[(r, n)] for r in range(args.rounds)])

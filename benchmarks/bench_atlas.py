@@ -38,7 +38,8 @@ def measure(args: argparse.Namespace) -> dict:
     """Time both on the settings in ``args`` (see :func:`parse_args`); the report as a dict."""
     import torch
 
-    from revelio_hub.interpret.atlas import AtlasConfig, build_atlas
+    from revelio_hub.interpret.atlas_builder import build_atlas
+    from revelio_hub.interpret.atlas_config import AtlasConfig
     from revelio_hub.sae.model import KSparseAutoencoder
 
     torch.manual_seed(0)

@@ -104,23 +104,23 @@ def unlike_images(n_each: int, image_size: int, seed: int = 123) -> dict[str, li
     return {"blank": as_img(blank[:n_each]), "noise": as_img(noise), "gradient": as_img(grad)}
 
 
-def _analyze(A, state, image, layer, t, ranking: Optional[str]):
+def _analyze(analysis, state, image, layer, t, ranking: Optional[str]):
     if ranking is None:
-        return A.analyze(state, image, layer, t)
-    return A.analyze(state, image, layer, t, ranking=ranking)
+        return analysis.analyze(state, image, layer, t)
+    return analysis.analyze(state, image, layer, t, ranking=ranking)
 
 
 def _listed(payload: dict[str, Any], top: int) -> list[dict[str, Any]]:
     return [n for n in payload["neurons"] if not n.get("dense", False)][:top]
 
 
-def score_entry(A, state, images, layer: str, t: int, top: int, ranking: Optional[str]) -> dict[str, Any]:
+def score_entry(analysis, state, images, layer: str, t: int, top: int, ranking: Optional[str]) -> dict[str, Any]:
     """Coverage and precision of the first ``top`` listed neurons' summaries over ``images``, plus OOD false alarms."""
     listed = named = correct = 0
     flagged = 0
     with_ood = 0
     for image, truth in images:
-        payload = _analyze(A, state, image, layer, t, ranking).to_json()
+        payload = _analyze(analysis, state, image, layer, t, ranking).to_json()
         for n in _listed(payload, top):
             listed += 1
             values = named_values(n["summary"])
@@ -139,12 +139,12 @@ def score_entry(A, state, images, layer: str, t: int, top: int, ranking: Optiona
     }
 
 
-def ood_rates(A, state, kinds: dict[str, list[Image.Image]], layer: str, t: int) -> dict[str, Any]:
+def ood_rates(analysis, state, kinds: dict[str, list[Image.Image]], layer: str, t: int) -> dict[str, Any]:
     out = {}
     for kind, imgs in kinds.items():
         flags = []
         for img in imgs:
-            ood = A.analyze(state, img, layer, t).to_json().get("ood")
+            ood = analysis.analyze(state, img, layer, t).to_json().get("ood")
             if ood is None or ood.get("error_percentile") is None:
                 break
             flags.append(bool(ood["out_of_distribution"]))
@@ -156,19 +156,19 @@ def why_scores(state, images, layer: str, t: int, top: int = 3) -> dict[str, Any
     """"Why this class?" on correctly classified images: does one of the first ``top`` neurons pushing the
     predicted class up name that class (shape)? With dense neurons hidden (the app's default) and shown;
     also whether the by-concept view's largest group names it."""
-    from revelio_hub.app import attribution_view as V
+    from revelio_hub.app import attribution_view
 
     counts = {"hidden": 0, "shown": 0, "concept": 0}
     correct = 0
     for image, truth in images:
-        view = V.attribute_image(state, image, layer, t)
+        view = attribution_view.attribute_image(state, image, layer, t)
         name = view.attribution.target_name
         if name not in truth:
             continue
         correct += 1
         for key, dense in (("hidden", False), ("shown", True)):
             view.show_dense = dense
-            rows = [r for r in V._chart_rows(view, top) if r["effect_prob"] > 0][:top]
+            rows = [r for r in attribution_view._chart_rows(view, top) if r["effect_prob"] > 0][:top]
             counts[key] += any(name in named_values(r["summary"]) for r in rows)
         up = [c for c in view.concepts if c.effect_prob > 0]
         counts["concept"] += bool(up) and up[0].value == name
@@ -177,15 +177,16 @@ def why_scores(state, images, layer: str, t: int, top: int = 3) -> dict[str, Any
             f"top{top}_names_class_dense_shown": share("shown"), "largest_concept_names_class": share("concept")}
 
 
-def tune(A, state, images, entries, top: int, grid_auroc, grid_precision,
+def tune(analysis, state, images, entries, top: int, grid_auroc, grid_precision,
          ranking: Optional[str] = None, max_values: Optional[int] = None) -> list[dict[str, Any]]:
     """Coverage/precision of every threshold pair on the tuning images (rankings fixed, summaries recomputed)."""
     from revelio_hub.interpret.neuron_labels import SummaryThresholds
 
     lists = {}
     for layer, t in entries:
-        lists[(layer, t)] = [([n["id"] for n in _listed(_analyze(A, state, img, layer, t, ranking).to_json(), top)], truth)
-                             for img, truth in images]
+        lists[(layer, t)] = [
+            ([n["id"] for n in _listed(_analyze(analysis, state, img, layer, t, ranking).to_json(), top)], truth)
+            for img, truth in images]
     rows = []
     for a in grid_auroc:
         for p in grid_precision:
@@ -238,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if a.seed in (0, 1) and not a.tune:
         p.error("--seed 0 and 1 are the release's own train/test images; pick another (default 7)")
 
-    from revelio_hub.app import analysis as A
+    from revelio_hub.app import analysis
     from revelio_hub.app.state import AppConfig, AppState
 
     state = AppState.from_config(AppConfig(releases=[a.release], feature_cache_size=8, top_neurons=max(a.top, 10)))
@@ -253,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "machine": f"{platform.machine()} {platform.system()}", "date": time.strftime("%Y-%m-%d"),
     }
     if a.tune:
-        report["tuning"] = tune(A, state, images, entries, a.top, a.grid_auroc, a.grid_precision,
+        report["tuning"] = tune(analysis, state, images, entries, a.top, a.grid_auroc, a.grid_precision,
                                 (a.rankings or [None])[0], a.max_values)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         _print(report, a.json)
@@ -266,9 +267,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         entry = rel.entry(layer, t)
         res: dict[str, Any] = {}
         for ranking in rankings:
-            res[ranking or "default"] = score_entry(A, state, images, layer, t, a.top, ranking)
+            res[ranking or "default"] = score_entry(analysis, state, images, layer, t, a.top, ranking)
         if kinds:
-            res["ood_flagged"] = ood_rates(A, state, kinds, layer, t)
+            res["ood_flagged"] = ood_rates(analysis, state, kinds, layer, t)
         metrics = next((e.get("metrics") or {} for e in rel.release.config.get("entries", [])
                         if e["layer"] == layer and int(e["timestep"]) == t), {})
         summary = entry.atlas.summary_stats if entry.atlas is not None else {}

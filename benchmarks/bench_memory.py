@@ -91,7 +91,7 @@ def _measure(variant: str, photos: list[str], warm: str) -> dict:
     """Run in a fresh process: warm up, then analyse each photo and report RSS growth (MB)."""
     import torch
 
-    from revelio_hub.app import analysis as A
+    from revelio_hub.app import analysis
     from revelio_hub.app.state import AppConfig, AppState, default_threads
     from revelio_hub.app.validation import ImageLimits
     from revelio_hub.images import load_image
@@ -100,16 +100,16 @@ def _measure(variant: str, photos: list[str], warm: str) -> dict:
     torch.set_num_threads(default_threads(config.concurrency))
     state = AppState.from_config(config)
     limits = ImageLimits()
-    A.analyze(state, warm)  # loads the backbone and the default entry
+    analysis.analyze(state, warm)  # loads the backbone and the default entry
     gc.collect()
 
     def request(path: str) -> None:
         if variant == "draft":
-            A.analyze(state, path, limits=limits)
+            analysis.analyze(state, path, limits=limits)
         else:
             img = load_image(path, max_pixels=limits.max_pixels, min_side=limits.min_side)
             img.thumbnail((limits.max_side, limits.max_side))
-            A.analyze(state, img, limits=limits)
+            analysis.analyze(state, img, limits=limits)
             del img
 
     before = _rss()

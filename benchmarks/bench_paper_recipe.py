@@ -131,15 +131,15 @@ def _sae_config(arm: dict[str, Any], args: argparse.Namespace, seed: int):
 
 def _sigma_pair(sae, x: torch.Tensor, labels: torch.Tensor) -> tuple[float | None, float | None, int]:
     """The paper's σ_label on ReLU(pre-TopK) over ``x`` and its shuffled-label value."""
-    from revelio_hub.interpret import metrics as M
+    from revelio_hub.interpret import metrics
 
     with torch.no_grad():
         _, dense = sae.image_codes(x)
     count = (dense > 0).sum(0)
     mean = dense.sum(0) / count.clamp_min(1)
     top_ids = dense.topk(10, dim=0).indices.T  # n_latents × 10
-    sigma, used = M.sigma_label(labels[top_ids], count, mean)
-    shuffled = M.shuffled_sigma_label(top_ids, labels, count, mean)
+    sigma, used = metrics.sigma_label(labels[top_ids], count, mean)
+    shuffled = metrics.shuffled_sigma_label(top_ids, labels, count, mean)
     return sigma, shuffled, used
 
 

@@ -179,7 +179,7 @@ def score_entry(release: Release, layer: str, t: int, m, samples: list[Sample], 
 def analysis_latency(release_dir: str, layer: str, t: int, images: list[Image.Image], tmp: Path) -> dict[str, Any]:
     """What the check costs a user: ``analyze`` on new images (cold feature cache) with the stored calibration,
     against the same release with the calibration ignored (the previous rule: no mirrored pass), same process."""
-    from revelio_hub.app import analysis as A
+    from revelio_hub.app import analysis
     from revelio_hub.app.state import AppConfig, AppState
 
     paths = []
@@ -190,12 +190,12 @@ def analysis_latency(release_dir: str, layer: str, t: int, images: list[Image.Im
     for name in ("previous_rule", "calibrated", "previous_rule_again"):
         state = AppState.from_config(AppConfig(releases=[release_dir], workers=0, feature_cache_size=2 * len(paths)))
         rel = state.get_release()
-        A.analyze(state, str(paths[0]), layer, t)  # loads the backbone and the entries: not timed
+        analysis.analyze(state, str(paths[0]), layer, t)  # loads the backbone and the entries: not timed
         if name != "calibrated":
             rel.entry(layer, t).reliability = None
         start = time.perf_counter()
         for path in paths[1:]:
-            A.analyze(state, str(path), layer, t)
+            analysis.analyze(state, str(path), layer, t)
         out[f"{name}_ms"] = round(1000 * (time.perf_counter() - start) / (len(paths) - 1), 2)
         state.close()
     out["ratio"] = round(out["calibrated_ms"] / ((out["previous_rule_ms"] + out["previous_rule_again_ms"]) / 2), 2)

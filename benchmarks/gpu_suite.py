@@ -479,7 +479,8 @@ def build_release(ctx: Context) -> Path:
     from PIL import Image
 
     import paper_models
-    from revelio_hub.interpret.atlas import AtlasConfig, build_atlas
+    from revelio_hub.interpret.atlas_builder import build_atlas
+    from revelio_hub.interpret.atlas_config import AtlasConfig
     from revelio_hub.diffc.model import DiffC
     from revelio_hub.recipe import FeatureRecipe
     from revelio_hub.release import EntrySource, assemble_release

@@ -18,7 +18,7 @@ _EXPORTS = {
     "FeatureStore": "revelio_hub.features",
     "KSparseAutoencoder": "revelio_hub.sae.model",
     "DiffC": "revelio_hub.diffc.model",
-    "NeuronAtlas": "revelio_hub.interpret.atlas",
+    "NeuronAtlas": "revelio_hub.interpret.atlas_model",
     "Release": "revelio_hub.release",
 }
 

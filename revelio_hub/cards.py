@@ -209,31 +209,12 @@ def _recipes_line(config: dict[str, Any], part: str) -> str:
 def render_card(config: dict[str, Any], repo_id: Optional[str] = None) -> ModelCard:
     """The model card of a release described by ``config`` (the content of ``release.json``)."""
     repo_id = repo_id or config.get("repo_id") or f"<user>/{config.get('name') or 'revelio-release'}"
-    base_model, hub_dataset = hub_metadata(config)
     dataset = _display_name((config.get("dataset") or {}).get("id"))
     backbone = _display_name(config.get("backbone"))
     has_diffc = any(item.get("diffc") for item in config.get("entries", []))
-    tags = ["revelio-hub", "sparse-autoencoder", "k-sparse-autoencoder", "interpretability", "diffusion-features"]
-    if has_diffc:
-        tags.append("image-classification")
-    if config.get("embedded_backbone"):
-        tags.append("toy-model")
     name = config.get("name") or "revelio-release"
-    data = ModelCardData(
-        library_name="revelio-hub",
-        tags=tags,
-        base_model=base_model,
-        datasets=[hub_dataset] if hub_dataset else None,
-        license=config.get("license") or "apache-2.0",
-        model_name=name,
-        eval_results=card_metrics(config) or None,
-    )
     item = _default_entry(config)
     entries = ", ".join(f"`{e['layer']}` t={e['timestep']}" for e in config.get("entries", []))
-    backbone_line = f"`{backbone}`" + (f" (revision `{config['backbone_revision']}`)" if config.get("backbone_revision") else "")
-    if config.get("embedded_backbone"):
-        backbone_line += f", embedded in this repo under `{config['embedded_backbone']}/`"
-    classes = (config.get("dataset") or {}).get("class_names") or []
     figure = f"![sigma_label and Diff-C accuracy by layer and timestep]({config['figure']})\n" if config.get("figure") else ""
     description = config.get("description") or (
         f"k-sparse autoencoders (k-SAEs){', Diff-C classifiers' if has_diffc else ''} and neuron atlases "
@@ -267,7 +248,41 @@ To browse the neurons interactively: `python app.py --release {repo_id}`.
 
 {_table(config)}
 
-FVU is the fraction of variance unexplained on held-out features (lower is better), L0 the mean number of active
+{_metrics_explained(config)}
+
+{_examples(item)}
+{figure}
+## Recipe
+
+{_recipe(config, item, backbone)}
+
+Files: `release.json` (machine-readable summary of all of the above), `<layer>/t<t>/{{sae,diffc,atlas}}/`.
+"""
+    return ModelCard(f"---\n{_card_data(config, name, has_diffc).to_yaml()}\n---\n{body}")
+
+
+def _card_data(config: dict[str, Any], name: str, has_diffc: bool) -> ModelCardData:
+    """The card's YAML header: what the Hub indexes (tags, base model, dataset, license, metrics)."""
+    base_model, hub_dataset = hub_metadata(config)
+    tags = ["revelio-hub", "sparse-autoencoder", "k-sparse-autoencoder", "interpretability", "diffusion-features"]
+    if has_diffc:
+        tags.append("image-classification")
+    if config.get("embedded_backbone"):
+        tags.append("toy-model")
+    return ModelCardData(
+        library_name="revelio-hub",
+        tags=tags,
+        base_model=base_model,
+        datasets=[hub_dataset] if hub_dataset else None,
+        license=config.get("license") or "apache-2.0",
+        model_name=name,
+        eval_results=card_metrics(config) or None,
+    )
+
+
+def _metrics_explained(config: dict[str, Any]) -> str:
+    """What each column of the metrics table means, and how the summaries' claims are calibrated."""
+    return f"""FVU is the fraction of variance unexplained on held-out features (lower is better), L0 the mean number of active
 latents, *dead* the share of latents that never fired. σ_label is the paper's metric, computed as the original Revelio
 code does: on ReLU of the SAE's dense pre-TopK activations, the sample standard deviation of the class ids of a
 neuron's top-10 images, averaged over the (up to) 1,000 neurons with the highest mean activation among those firing on
@@ -282,13 +297,16 @@ band, top-image share and density) were true on at least 90% of those held-out i
 on 94% of held-out images it fires strongly on"); otherwise it says `unsure` and the share measured. Token-level
 entries add where the neuron peaks on its top images ("where: top-left", or "anywhere"). Atlases built before the
 calibration name a value when most top images carry it and its AUROC (shown: 0.5 = chance, 1 = perfect) is at least
-0.55. Diff-C accuracy is measured on the test split.
+0.55. Diff-C accuracy is measured on the test split."""
 
-{_examples(item)}
-{figure}
-## Recipe
 
-- **Backbone:** {backbone_line}, family `{config.get('family')}`.
+def _recipe(config: dict[str, Any], item: dict[str, Any], backbone: str) -> str:
+    """How the features, k-SAEs, Diff-Cs and atlases of the release were made."""
+    backbone_line = f"`{backbone}`" + (f" (revision `{config['backbone_revision']}`)" if config.get("backbone_revision") else "")
+    if config.get("embedded_backbone"):
+        backbone_line += f", embedded in this repo under `{config['embedded_backbone']}/`"
+    classes = (config.get("dataset") or {}).get("class_names") or []
+    return f"""- **Backbone:** {backbone_line}, family `{config.get('family')}`.
 - **Features:** images resized and center-cropped to {config.get('image_size')} px, noised to timestep *t* with seeded
   per-image noise (seed {config.get('noise_seed', 0)}, ensemble of {config.get('ensemble', 1)}), one denoiser pass with
   the prompt `{config.get('prompt', '')!r}`, block output read from the listed layer.
@@ -301,11 +319,7 @@ calibration name a value when most top images carry it and its AUROC (shown: 0.5
   unpooled feature map, AdamW 1e-4 with a cosine schedule; settings in `diffc/train_config.json`.
 - **Atlas:** for each neuron its top-20 images (128-px WebP thumbnails in `atlas/thumbnails/`), firing frequency,
   mean activation when active, per label value AUROC, entropy and a one-line summary, built over {_fmt(((item.get('metrics') or {}).get('atlas') or {}).get('num_images'), 'int')} images.
-- **Classes:** {len(classes)}{(': ' + ', '.join(classes[:12]) + (' …' if len(classes) > 12 else '')) if classes else ''}.
-
-Files: `release.json` (machine-readable summary of all of the above), `<layer>/t<t>/{{sae,diffc,atlas}}/`.
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+- **Classes:** {len(classes)}{(': ' + ', '.join(classes[:12]) + (' …' if len(classes) > 12 else '')) if classes else ''}."""
 
 
 def render_figure(config: dict[str, Any], path: Path) -> bool:

@@ -9,7 +9,7 @@ argparse's own errors do.
 
 **One definition per option.** A script's options are the fields of dataclasses
 (the library's own configs, such as
-:class:`~revelio_hub.interpret.atlas.AtlasConfig`, or a script's options class):
+:class:`~revelio_hub.interpret.atlas_config.AtlasConfig`, or a script's options class):
 :func:`add_options` turns each field into an argparse option, its name, type,
 default and help taken from the field (help from :func:`option` metadata or the
 class docstring's ``Attributes:`` entry), and :func:`from_args` builds the

@@ -309,7 +309,7 @@ class Release:
         Only ``<layer>/t<timestep>/**`` is downloaded. Missing or corrupt files
         raise an error naming the file.
         """
-        from revelio_hub.interpret.atlas import NeuronAtlas
+        from revelio_hub.interpret.atlas_model import NeuronAtlas
         from revelio_hub.diffc.model import DiffC
         from revelio_hub.sae.model import KSparseAutoencoder
 
@@ -528,7 +528,8 @@ class _PlannedEntry:
 
 def _plan_entries(sources: Sequence[EntrySource]) -> tuple[list[_PlannedEntry], list[dict], list[str], Optional[str]]:
     """Validate every entry's folders (read only); returns (plan, recipes, class names, dataset from the atlases)."""
-    from revelio_hub.interpret.atlas import ATLAS_FILE, NeuronAtlas
+    from revelio_hub.interpret.atlas_config import ATLAS_FILE
+    from revelio_hub.interpret.atlas_model import NeuronAtlas
 
     planned: list[_PlannedEntry] = []
     recipes: list[dict] = []

@@ -8,14 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from revelio_hub.interpret.atlas import (
-    ATLAS_FILE,
-    STATS_FILE,
-    AtlasConfig,
-    NeuronAtlas,
-    TopKAccumulator,
-    build_atlas,
-)
+from revelio_hub.interpret.atlas_builder import build_atlas
+from revelio_hub.interpret.atlas_config import ATLAS_FILE, STATS_FILE, AtlasConfig
+from revelio_hub.interpret.atlas_model import NeuronAtlas
+from revelio_hub.interpret.atlas_statistics import TopKAccumulator
 from process_group import run_group
 
 CLASSES = ["circle", "square", "triangle", "star"]

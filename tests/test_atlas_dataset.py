@@ -19,7 +19,7 @@ from app_inputs import app_release_path  # noqa: E402
 
 import datasets  # noqa: E402
 
-from revelio_hub.interpret.atlas import NeuronAtlas  # noqa: E402
+from revelio_hub.interpret.atlas_model import NeuronAtlas  # noqa: E402
 from revelio_hub.interpret.atlas_dataset import (  # noqa: E402
     SPLIT, auroc_columns, config_name, write_atlas_dataset, write_release_atlas_dataset)
 from revelio_hub.release import Release  # noqa: E402

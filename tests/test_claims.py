@@ -13,7 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from app_inputs import app_release_path  # noqa: E402
 
-from revelio_hub.interpret.atlas import ATLAS_FILE, AtlasConfig, NeuronAtlas, build_atlas  # noqa: E402
+from revelio_hub.interpret.atlas_builder import build_atlas  # noqa: E402
+from revelio_hub.interpret.atlas_config import ATLAS_FILE, AtlasConfig  # noqa: E402
+from revelio_hub.interpret.atlas_model import NeuronAtlas  # noqa: E402
 from revelio_hub.interpret.claim_calibration import CalibrationConfig, ClaimCalibration  # noqa: E402
 from revelio_hub.interpret.where import where_label  # noqa: E402
 

@@ -16,7 +16,7 @@ from typing import Literal, Optional
 import pytest
 
 from revelio_hub.cli import HelpFormatter, add_options, field_docs, from_args, option
-from revelio_hub.interpret.atlas import AtlasConfig
+from revelio_hub.interpret.atlas_config import AtlasConfig
 from revelio_hub.toy.backbone_training import ToyBackboneConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from revelio_hub.interpret.atlas import build_atlas
+from revelio_hub.interpret.atlas_builder import build_atlas
 from revelio_hub.interpret.ood import OODConfig, assess, image_reconstruction_error, ordinal
 from revelio_hub.sae.model import KSparseAutoencoder
 

@@ -223,7 +223,7 @@ def test_readme_recipe_runs_as_written(tmp_path, hub):
     assert not (work / "runs/diffc/up_ft1_t25/checkpoint").exists()  # optimizer state removed after the run
     # the multi-GPU block ran with 2 processes: an atlas over the test split
     assert Release.from_pretrained(work / RELEASE).config["dataset"]["split"] == "test"
-    from revelio_hub.interpret.atlas import NeuronAtlas
+    from revelio_hub.interpret.atlas_model import NeuronAtlas
 
     assert NeuronAtlas.load(work / "runs/atlas-test/up_ft1_t25").num_images == 2 * len(CLASSES)
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from tiny_models import make_tiny_pixel  # noqa: E402
 
-from revelio_hub.interpret.atlas import NeuronAtlas, build_atlas  # noqa: E402
+from revelio_hub.interpret.atlas_builder import build_atlas  # noqa: E402
+from revelio_hub.interpret.atlas_model import NeuronAtlas  # noqa: E402
 from revelio_hub.diffc.model import DiffC  # noqa: E402
 from revelio_hub.release import EntrySource, Release, assemble_release, push_release  # noqa: E402
 from revelio_hub.sae.model import KSparseAutoencoder  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the neuron atlas of a k-SAE over a feature store (top images, label AUROCs, summaries, thumbnails).
 
-Thin command-line wrapper over :func:`revelio_hub.interpret.atlas.build_atlas`. Under
+Thin command-line wrapper over :func:`revelio_hub.interpret.atlas_builder.build_atlas`. Under
 ``accelerate launch`` the images are split over processes; each keeps a
 streaming per-neuron top-N and the states are gathered and merged on the main
 process, which then writes the atlas.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from revelio_hub.cli import HelpFormatter, add_options, from_args, option
-from revelio_hub.interpret.atlas import AtlasConfig
+from revelio_hub.interpret.atlas_config import AtlasConfig
 from revelio_hub.layer_names import canonical_layer
 
 EPILOG = """\
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from revelio_hub.interpret.atlas import (TopKAccumulator, atlas_inputs, finalize_atlas, pre_topk_accumulator,
-                                             store_batches)
+    from revelio_hub.interpret.atlas_builder import atlas_inputs, finalize_atlas, store_batches
+    from revelio_hub.interpret.atlas_statistics import TopKAccumulator, pre_topk_accumulator
     from revelio_hub.interpret.neuron_labels import ActivationLog
     from revelio_hub.interpret.ood import image_reconstruction_error
     from revelio_hub.interpret.where import peak_positions
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _gathered(accelerator, acc):
     """One accumulator over every process's images: the concatenated per-process top-N rows are the candidates."""
-    from revelio_hub.interpret.atlas import TopKAccumulator
+    from revelio_hub.interpret.atlas_statistics import TopKAccumulator
 
     state = {k: accelerator.gather(v.contiguous()) for k, v in acc.state().items()}
     merged = TopKAccumulator(acc.n_latents, acc.top_n, acc.threshold, device=accelerator.device)

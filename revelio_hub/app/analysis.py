@@ -441,7 +441,7 @@ def _top_images(atlas: Any, neuron_id: int, n: int) -> list[tuple[Any, str]]:
     """
     if atlas is None:
         return []
-    from revelio_hub.interpret.atlas import THUMBNAIL_DIR
+    from revelio_hub.interpret.atlas_config import THUMBNAIL_DIR
 
     info = atlas.neuron(neuron_id)
     items: list[tuple[Any, str]] = []

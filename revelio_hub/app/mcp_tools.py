@@ -41,7 +41,7 @@ from revelio_hub.app import analysis
 from revelio_hub.app.api_surface import json_endpoint
 from revelio_hub.app.state import AppState
 from revelio_hub.app.validation import whole_number
-from revelio_hub.interpret.atlas import THUMBNAIL_DIR
+from revelio_hub.interpret.atlas_config import THUMBNAIL_DIR
 
 #: Environment variable that turns the MCP server on where there is no command line (a Space's variables).
 MCP_ENV = "REVELIO_MCP"

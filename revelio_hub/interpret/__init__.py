@@ -1,6 +1,9 @@
 """What the SAE neurons mean and what they do: atlases, metrics, labels, OOD, attribution, comparison.
 
-* :mod:`~revelio_hub.interpret.atlas`: per-neuron statistics and top images (:class:`NeuronAtlas`), search.
+* :mod:`~revelio_hub.interpret.atlas_model`: per-neuron statistics and top images (:class:`NeuronAtlas`), search;
+  built by :mod:`~revelio_hub.interpret.atlas_builder` from the streaming statistics of
+  :mod:`~revelio_hub.interpret.atlas_statistics`, with :mod:`~revelio_hub.interpret.atlas_config` (config, file names)
+  and :mod:`~revelio_hub.interpret.atlas_rendering` (thumbnails, heat-map overlays).
 * :mod:`~revelio_hub.interpret.metrics`: sigma_label, label entropy, AUROC, rank agreement (defined once; the
   training metrics live in :mod:`revelio_hub.sae.metrics` and :mod:`revelio_hub.diffc.metrics`).
 * :mod:`~revelio_hub.interpret.neuron_labels`: the evidence behind a neuron's summary, and when to say "mixed".

@@ -1,6 +1,6 @@
 """A release's neuron atlases as a Hub dataset: parquet files with image columns and a dataset card.
 
-The atlas folder format (:mod:`revelio_hub.interpret.atlas`) is what the app
+The atlas folder format (:mod:`revelio_hub.interpret.atlas_config`) is what the app
 loads fast; this is the same content for everyone else. As a dataset it gets
 the Hub's dataset viewer, ``datasets.load_dataset``, and SQL or pandas over the
 parquet files, with no Revelio code. One row per neuron, one configuration per
@@ -40,7 +40,8 @@ from typing import Any, Iterator, Mapping, Optional, Union
 import datasets
 from huggingface_hub import HfApi
 
-from revelio_hub.interpret.atlas import THUMBNAIL_DIR, NeuronAtlas
+from revelio_hub.interpret.atlas_config import THUMBNAIL_DIR
+from revelio_hub.interpret.atlas_model import NeuronAtlas
 
 PathLike = Union[str, Path]
 SPLIT = "neurons"

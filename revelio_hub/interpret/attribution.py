@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -246,16 +246,7 @@ def attribute(
     Returns:
         One :class:`Attribution` per image, in order.
     """
-    check_pair(sae, diffc)
-    maps = as_maps(features)
-    if maps.shape[1] != int(diffc.in_channels):
-        raise ValueError(f"The features have {maps.shape[1]} channels; this entry reads {diffc.in_channels}.")
-    if top is not None and (isinstance(top, bool) or int(top) != top or top < 0):
-        raise ValueError(f"top must be a whole number ≥ 0 (or None for every active neuron), got {top!r}.")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
-    device = diffc.fc.weight.device
-    maps = maps.to(device=device, dtype=diffc.fc.weight.dtype)
+    maps = _checked_maps(sae, diffc, features, top, batch_size)
     n = maps.shape[0]
     targets = resolve_targets(target, diffc.class_names, n)
 
@@ -266,54 +257,85 @@ def attribute(
     try:
         _, t, g_logit, g_prob = _logits_and_grads(diffc, maps, targets)
         codes = encode_codes(sae, maps)
-        plans, batches = [], []
-        for i in range(n):
-            c = codes[i]
-            est_p = _estimates(c, g_prob[i]).cpu()
-            est_l = _estimates(c, g_logit[i]).cpu()
-            order = torch.argsort(est_p.abs(), descending=True, stable=True)
-            m = len(c) if top is None else min(int(top), len(c))
-            measured = order[:m]
-            ablated = maps[i][None] - c.deltas(measured.to(c.amap.device)).to(maps.dtype)
-            batches.append(torch.cat([maps[i][None], ablated]))  # row 0: nothing removed
-            plans.append((c, order, measured, est_p, est_l))
-        logits = _run(diffc, torch.cat(batches), int(batch_size)).cpu()
+        plans = [_plan(codes[i], maps[i], g_prob[i], g_logit[i], top) for i in range(n)]
+        logits = _run(diffc, torch.cat([p.batch for p in plans]), int(batch_size)).cpu()
     finally:
         for m in modules:
             m.train()
 
     results, start = [], 0
-    for i, (c, order, measured, est_p, est_l) in enumerate(plans):
-        block = logits[start : start + 1 + measured.numel()]
+    for i, plan in enumerate(plans):
+        block = logits[start : start + 1 + plan.measured.numel()]
         start += block.shape[0]
-        ti = int(t[i])
-        probs = torch.softmax(block, dim=1)[:, ti]
-        eff_p = probs[0] - probs[1:]
-        eff_l = block[0, ti] - block[1:, ti]
-        ids = c.neurons[measured]
-        summaries = [str(atlas.summary(int(j))) if atlas is not None else "" for j in ids.tolist()]
-        results.append(
-            Attribution(
-                target=ti,
-                target_name=str(diffc.class_names[ti]),
-                predicted=int(block[0].argmax()),
-                prob=float(probs[0]),
-                logit=float(block[0, ti]),
-                neurons=ids,
-                activations=c.activations[measured].cpu(),
-                effects_prob=eff_p,
-                effects_logit=eff_l,
-                estimates_prob=est_p[measured],
-                estimates_logit=est_l[measured],
-                summaries=summaries,
-                spearman=spearman(est_p[measured], eff_p),
-                spearman_logit=spearman(est_l[measured], eff_l),
-                all_neurons=c.neurons[order],
-                all_activations=c.activations[order].cpu(),
-                all_estimates_prob=est_p[order],
-                all_estimates_logit=est_l[order],
-                layer=layer,
-                timestep=timestep,
-            )
-        )
+        results.append(_attribution(plan, block, int(t[i]), diffc.class_names, atlas, layer, timestep))
     return results
+
+
+def _checked_maps(sae: Any, diffc: Any, features: torch.Tensor, top: Optional[int], batch_size: int) -> torch.Tensor:
+    """The features as N×C×H×W maps on Diff-C's device and dtype, after checking the pair and the options."""
+    check_pair(sae, diffc)
+    maps = as_maps(features)
+    if maps.shape[1] != int(diffc.in_channels):
+        raise ValueError(f"The features have {maps.shape[1]} channels; this entry reads {diffc.in_channels}.")
+    if top is not None and (isinstance(top, bool) or int(top) != top or top < 0):
+        raise ValueError(f"top must be a whole number ≥ 0 (or None for every active neuron), got {top!r}.")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+    device = diffc.fc.weight.device
+    return maps.to(device=device, dtype=diffc.fc.weight.dtype)
+
+
+class _Plan(NamedTuple):
+    """One image's active neurons ordered by estimate, the ones to measure, and the maps Diff-C will read."""
+
+    codes: NeuronCodes
+    order: torch.Tensor
+    measured: torch.Tensor
+    estimates_prob: torch.Tensor
+    estimates_logit: torch.Tensor
+    batch: torch.Tensor  # row 0: nothing removed; row 1 + j: measured neuron j removed
+
+
+def _plan(codes: NeuronCodes, image_map: torch.Tensor, grad_prob: torch.Tensor, grad_logit: torch.Tensor,
+          top: Optional[int]) -> _Plan:
+    """Rank one image's active neurons by ``|estimate|`` and build the ablated maps of the ``top`` measured."""
+    est_p = _estimates(codes, grad_prob).cpu()
+    est_l = _estimates(codes, grad_logit).cpu()
+    order = torch.argsort(est_p.abs(), descending=True, stable=True)
+    m = len(codes) if top is None else min(int(top), len(codes))
+    measured = order[:m]
+    ablated = image_map[None] - codes.deltas(measured.to(codes.amap.device)).to(image_map.dtype)
+    return _Plan(codes, order, measured, est_p, est_l, torch.cat([image_map[None], ablated]))
+
+
+def _attribution(plan: _Plan, block: torch.Tensor, target: int, class_names: Sequence[str], atlas: Any,
+                 layer: Optional[str], timestep: Optional[int]) -> Attribution:
+    """One image's :class:`Attribution` from Diff-C's logits on its plan's maps (row 0 untouched)."""
+    c, order, measured, est_p, est_l = plan.codes, plan.order, plan.measured, plan.estimates_prob, plan.estimates_logit
+    probs = torch.softmax(block, dim=1)[:, target]
+    eff_p = probs[0] - probs[1:]
+    eff_l = block[0, target] - block[1:, target]
+    ids = c.neurons[measured]
+    summaries = [str(atlas.summary(int(j))) if atlas is not None else "" for j in ids.tolist()]
+    return Attribution(
+        target=target,
+        target_name=str(class_names[target]),
+        predicted=int(block[0].argmax()),
+        prob=float(probs[0]),
+        logit=float(block[0, target]),
+        neurons=ids,
+        activations=c.activations[measured].cpu(),
+        effects_prob=eff_p,
+        effects_logit=eff_l,
+        estimates_prob=est_p[measured],
+        estimates_logit=est_l[measured],
+        summaries=summaries,
+        spearman=spearman(est_p[measured], eff_p),
+        spearman_logit=spearman(est_l[measured], eff_l),
+        all_neurons=c.neurons[order],
+        all_activations=c.activations[order].cpu(),
+        all_estimates_prob=est_p[order],
+        all_estimates_logit=est_l[order],
+        layer=layer,
+        timestep=timestep,
+    )

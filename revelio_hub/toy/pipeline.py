@@ -188,7 +188,8 @@ def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int
     The test split keeps the number of distinct thumbnails (and so the release) small;
     thumbnails are the 32-px images themselves.
     """
-    from revelio_hub.interpret.atlas import AtlasConfig, build_atlas
+    from revelio_hub.interpret.atlas_builder import build_atlas
+    from revelio_hub.interpret.atlas_config import AtlasConfig
     from revelio_hub.sae.model import KSparseAutoencoder
 
     sae = KSparseAutoencoder.from_pretrained(str(paths.sae(layer, t)))
