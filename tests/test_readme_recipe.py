@@ -71,11 +71,17 @@ def _is_app_block(code: str) -> bool:
     return len(commands) == 1 and commands[0].lstrip().startswith("python app.py")
 
 
+TEST_PER_CLASS = 7
+
+
 def _make_dataset(root: Path) -> Path:
-    """Three classes of coloured shapes, 4 train and 2 test images each, as ImageFolder splits."""
+    """Three classes of coloured shapes, 4 train and 7 test images each, as ImageFolder splits.
+
+    7 test images per class: the README's calibration step needs at least 20 held-out images.
+    """
     from PIL import Image, ImageDraw
 
-    for split, count in (("train", 4), ("test", 2)):
+    for split, count in (("train", 4), ("test", TEST_PER_CLASS)):
         for c, (name, colour) in enumerate(CLASSES.items()):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -225,7 +231,7 @@ def test_readme_recipe_runs_as_written(tmp_path, hub):
     assert Release.from_pretrained(work / RELEASE).config["dataset"]["split"] == "test"
     from revelio_hub.interpret.atlas_model import NeuronAtlas
 
-    assert NeuronAtlas.load(work / "runs/atlas-test/up_ft1_t25").num_images == 2 * len(CLASSES)
+    assert NeuronAtlas.load(work / "runs/atlas-test/up_ft1_t25").num_images == TEST_PER_CLASS * len(CLASSES)
 
     # pushed to the (loopback) Hub; the README's Python block loads it back
     remote = Release.from_pretrained("your-hf-username/revelio-sd15-oxford-pets")
