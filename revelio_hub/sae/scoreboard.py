@@ -148,7 +148,9 @@ def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         last = i == len(reports) - 1
         toy += [dict(r, variant=_arm(report, r["variant"])) for r in report.get("toy", [])
                 if r["variant"] != "release" or last]
-        synthetic += [dict(r, variant=_arm(report, r["variant"])) for r in report.get("synthetic", [])]
+        # the synthetic part trains at the default recipe's rate whatever --lr says; each row records its rate
+        synthetic += [dict(r, variant=f"{r['variant']} · lr {r['lr']:.2g}" if r.get("lr") else r["variant"])
+                      for r in report.get("synthetic", [])]
     toy.sort(key=lambda r: (r["entry"], r["variant"] != "this release", r["variant"]))
     return {"benchmark": "sae_variants", "toy": toy, "synthetic": synthetic,
             "settings": [r.get("settings") for r in reports]}
@@ -160,7 +162,8 @@ def card_section(report: dict[str, Any]) -> str:
             "held-out shapes at the same L0 (`python benchmarks/bench_sae_variants.py --help` says how each column is "
             f"computed; the rows are in `{SCOREBOARD_FILE}`). Matched correlation pairs each of the 16 values of "
             "shape, colour, size and background with its own neuron (1 = a dedicated neuron per value); Diff-C loss "
-            "recovered is the release's Diff-C accuracy on SAE reconstructions ÷ on the raw features.\n\n"
+            "recovered is the release's Diff-C accuracy on SAE reconstructions ÷ on the raw features. Rows compare at "
+            "equal L0 only: a row whose L0 is far from k did not reach matched sparsity.\n\n"
             + scoreboard_markdown(report) + "\n")
 
 
