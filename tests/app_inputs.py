@@ -313,7 +313,7 @@ def held_out_shapes(n: int, start: int = 0, image_size: int = 32) -> tuple[list[
 
 def calibrated_release(images: int = 30) -> str:
     """A copy of :func:`app_release_path` with its t=25 entries calibrated on a small shift suite, made once per
-    test process (the bundled release ships no calibration until it is rebuilt; ~20 s on 2 idle cores)."""
+    test process (a small suite, ~20 s on 2 idle cores; the bundled release's own calibration took minutes)."""
     import shutil
     import tempfile
 

@@ -114,7 +114,8 @@ def test_make_release_atlas_dataset_round_trips_through_the_hub(atlas, hub, tmp_
     snippet = snippet.replace('"up_ft1_t25", split="neurons"', f'"down_ft1_t25", split="neurons", cache_dir={str(tmp_path / "c3")!r}')
     exec(compile(snippet, "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert "neuron" in printed and "summary" in printed and "AUROC" in printed
+    assert "neuron" in printed and "summary" in printed
+    assert any(word in printed for word in ("true on", "unsure", "mixed", "AUROC"))  # the atlas's summary lines
     # A second run without --overwrite stops before building anything.
     with pytest.raises(SystemExit, match="--atlas-dataset: .*already exists"):
         main(["--sae", str(entry / "sae"), "--atlas", str(entry / "atlas"), "--examples", "--out",

@@ -278,7 +278,7 @@ def test_readme_paper_recipe_runs_as_written(tmp_path):
     sae_eval = json.loads((work / "runs/sae/up_ft1_t25/eval.json").read_text())
     assert sae_cfg["training_recipe"] == "paper" and sae_cfg["relu"] is False and sae_cfg["input_norm"] is None
     assert sae_eval["evaluated_on"] == "eval_split" and sae_eval["n_train"] == 4 * len(CLASSES)
-    assert sae_eval["n_samples"] == 2 * len(CLASSES) and "original_l0_dense_pre_topk" in sae_eval
+    assert sae_eval["n_samples"] == TEST_PER_CLASS * len(CLASSES) and "original_l0_dense_pre_topk" in sae_eval
     diffc_cfg = json.loads((work / "runs/diffc/up_ft1_t25/config.json").read_text())
     diffc_eval = json.loads((work / "runs/diffc/up_ft1_t25/eval.json").read_text())
     assert diffc_cfg["training_recipe"] == "paper" and diffc_cfg["dropout"] == 0.0
