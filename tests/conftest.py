@@ -17,6 +17,16 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for this test: for tiny models on a shared 2-core machine, thread hand-offs cost more
+    than the maths (files whose models are all tiny use it for every test: ``pytestmark``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def hub(monkeypatch, tmp_path):
     """A loopback Hub (``tests/hub_server.py``) with the real ``huggingface_hub`` client pointed at it.
 

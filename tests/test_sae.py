@@ -18,13 +18,7 @@ from revelio_hub.sae.training import SAETrainConfig, evaluate_sae, sample_tokens
 from process_group import run_group
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: on a shared 2-core machine, thread hand-offs cost more than the maths.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe(d_in=16, layer="up_ft1", granularity="pooled"):

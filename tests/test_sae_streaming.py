@@ -33,12 +33,7 @@ TIMESTEPS = [25, 200]
 N_IMAGES = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png(i: int) -> bytes:

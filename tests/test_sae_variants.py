@@ -14,12 +14,7 @@ from revelio_hub.sae.variants import VARIANTS, default_prefixes, encode_for_trai
 from revelio_hub.training_recipes import get_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPEC = SyntheticAtoms(d=16, n_atoms=32, min_active=2, max_active=4)
