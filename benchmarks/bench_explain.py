@@ -11,7 +11,13 @@ every entry of the release; of the first ``--top`` neurons the app lists
 * **coverage**: the share whose summary names a label value (not ``mixed``);
 * **precision**: of those, the share whose named value(s) are all true of the image.
 
-The summary *text* is parsed, so what is measured is what a user reads. Also
+The summary *text* is parsed, so what is measured is what a user reads.
+**oracle coverage** is what no labelling rule can beat on these neurons: a
+labeller that knows every benchmark image's factors names each listed neuron
+by the one value most common on the images it is listed for, when that value
+holds on at least the given share of them (``oracle_coverage_at_0.85`` /
+``_0.9``). Where it is below a coverage goal, the SAE's neurons, not the
+summaries, are what falls short. Also
 reported per entry: how often blank, noise and gradient images are flagged out
 of distribution and how often held-out shapes are (false alarms); the SAE and
 atlas dead fractions; the paper's sigma_label. ``--rankings`` compares neuron
@@ -119,10 +125,12 @@ def score_entry(analysis, state, images, layer: str, t: int, top: int, ranking: 
     listed = named = correct = 0
     flagged = 0
     with_ood = 0
+    seen: dict[int, list[set[str]]] = {}
     for image, truth in images:
         payload = _analyze(analysis, state, image, layer, t, ranking).to_json()
         for n in _listed(payload, top):
             listed += 1
+            seen.setdefault(int(n["id"]), []).append(truth)
             values = named_values(n["summary"])
             if values:
                 named += 1
@@ -136,7 +144,29 @@ def score_entry(analysis, state, images, layer: str, t: int, top: int, ranking: 
         "precision": round(correct / named, 4) if named else None,
         "listed": listed, "named": named, "correct": correct,
         "held_out_flagged": round(flagged / with_ood, 4) if with_ood else None,
+        **{f"oracle_coverage_at_{p}": oracle_coverage(seen, p) for p in (0.85, 0.9)},
     }
+
+
+def oracle_coverage(seen: dict[int, list[set[str]]], precision: float) -> Optional[float]:
+    """Share of listings whose neuron an all-knowing single-value labeller could name at ``precision``.
+
+    ``seen``: neuron → the value sets of the images it was listed for. The
+    labeller names a neuron by its most common value there when that value
+    holds on ≥ ``precision`` of them, an upper bound for any summary rule (it
+    sees the answers, and a neuron listed once is always nameable).
+    """
+    total = sum(len(v) for v in seen.values())
+    if not total:
+        return None
+    nameable = 0
+    for truths in seen.values():
+        counts: dict[str, int] = {}
+        for truth in truths:
+            for value in truth:
+                counts[value] = counts.get(value, 0) + 1
+        nameable += len(truths) * (max(counts.values(), default=0) >= precision * len(truths))
+    return round(nameable / total, 4)
 
 
 def ood_rates(analysis, state, kinds: dict[str, list[Image.Image]], layer: str, t: int) -> dict[str, Any]:
@@ -160,6 +190,7 @@ def why_scores(state, images, layer: str, t: int, top: int = 3) -> dict[str, Any
 
     counts = {"hidden": 0, "shown": 0, "concept": 0}
     correct = 0
+    tops: list[tuple[str, list[int]]] = []
     for image, truth in images:
         view = attribution_view.attribute_image(state, image, layer, t)
         name = view.attribution.target_name
@@ -170,11 +201,31 @@ def why_scores(state, images, layer: str, t: int, top: int = 3) -> dict[str, Any
             view.show_dense = dense
             rows = [r for r in attribution_view._chart_rows(view, top) if r["effect_prob"] > 0][:top]
             counts[key] += any(name in named_values(r["summary"]) for r in rows)
+            if not dense:
+                tops.append((name, [int(r["neuron"]) for r in rows]))
         up = [c for c in view.concepts if c.effect_prob > 0]
         counts["concept"] += bool(up) and up[0].value == name
     share = lambda k: round(counts[k] / correct, 4) if correct else None  # noqa: E731
     return {"correct_images": correct, f"top{top}_names_class": share("hidden"),
-            f"top{top}_names_class_dense_shown": share("shown"), "largest_concept_names_class": share("concept")}
+            f"top{top}_names_class_dense_shown": share("shown"), "largest_concept_names_class": share("concept"),
+            f"oracle_top{top}_names_class": why_oracle(tops)}
+
+
+def why_oracle(tops: list[tuple[str, list[int]]], precision: float = 0.9) -> Optional[float]:
+    """Upper bound of the "names the class" share: each neuron named by the class it is most often a top
+    "why" neuron for (when that holds on ≥ ``precision`` of its appearances), by a labeller that sees the answers."""
+    if not tops:
+        return None
+    classes: dict[int, list[str]] = {}
+    for name, neurons in tops:
+        for n in neurons:
+            classes.setdefault(n, []).append(name)
+    label = {}
+    for n, names in classes.items():
+        best = max(set(names), key=names.count)
+        if names.count(best) >= precision * len(names):
+            label[n] = best
+    return round(sum(any(label.get(n) == name for n in neurons) for name, neurons in tops) / len(tops), 4)
 
 
 def tune(analysis, state, images, entries, top: int, grid_auroc, grid_precision,

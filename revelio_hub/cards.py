@@ -292,9 +292,11 @@ the label entropy of the top images of the (up to) 1,000 most frequent neurons. 
 whose summary names a label value (the rest say `unsure` or `mixed`). Claims are calibrated when the atlas is
 built: the atlas images are cut into 5 parts; claims made from four parts (per label column the value with the best
 AUROC, with the share of the top images carrying it) are checked on the fifth, on the images the neuron fires strongly
-on (activation at least 1.5 × its mean when firing). A summary names a value only where claims like it (same AUROC
-band, top-image share and density) were true on at least 90% of those held-out images, and quotes that share ("true
-on 94% of held-out images it fires strongly on"); otherwise it says `unsure` and the share measured. Token-level
+on (activation at least 1.5 × its mean when firing). Each claim's figure is the neuron's own record on those
+held-out images, shrunk towards the record of all claims like it (same AUROC band, top-image share and density) by 10
+pseudo-images, so a neuron seldom seen keeps its band's figure and one often seen earns its own. A summary names a
+value only where that figure is at least 90%, and quotes it ("true on 94% of held-out images it fires strongly on");
+otherwise it says `unsure` and the figure measured. Token-level
 entries add where the neuron peaks on its top images ("where: top-left", or "anywhere"). Atlases built before the
 calibration name a value when most top images carry it and its AUROC (shown: 0.5 = chance, 1 = perfect) is at least
 0.55. Diff-C accuracy is measured on the test split."""

@@ -63,7 +63,7 @@ def test_claims_below_the_precision_floor_are_not_named(tmp_path):
     # The square neuron's top images are 10/10 squares, yet its claims held on far fewer held-out images.
     e = next(e for e in atlas.evidence(1) if e.column == "shape")
     assert e.value == "square" and e.hits == e.filled == 10
-    measured = cal.precision(e.auroc, e.precision, dense=bool(atlas.dense_mask[1]))
+    measured = cal.precision(e.auroc, e.precision, dense=bool(atlas.dense_mask[1]), neuron=1, column="shape")
     assert measured is not None and measured < 0.9
     # ... and recomputing the measured share by hand over the held-out folds agrees in size
     strong_square = (labels["shape"][acts[:, 1] > 0] == 1).float().mean()
@@ -102,6 +102,58 @@ def test_calibration_round_trips_and_old_atlases_keep_their_summaries(tmp_path):
         CalibrationConfig(min_precision=0)
     with pytest.raises(ValueError, match="folds"):
         CalibrationConfig(folds=1)
+
+
+def _two_square_neurons(n: int = 900, seed: int = 1):
+    """Two neurons whose top-10 images are all squares, with the same AUROC band: neuron 0 fires strongly only on
+    squares; neuron 1 fires as strongly on a third of the other shapes (claims like neuron 0's hold, its own do not)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.randint(0, 3, (n,), generator=g)
+    colour = torch.randint(0, 2, (n,), generator=g)
+    square = shape == 1
+    acts = torch.zeros(n, 2)
+    acts[:, 0] = torch.where(square, 2 + torch.rand(n, generator=g), torch.zeros(n))
+    other = ~square & (torch.rand(n, generator=g) < 0.3)
+    acts[:, 1] = torch.where(square | other, 2 + torch.rand(n, generator=g), torch.zeros(n))
+    for j in (0, 1):  # the top-10 of both are squares
+        top = torch.argsort(acts[:, j], descending=True)[:10]
+        shape[top] = 1
+    return acts, {"shape": shape, "colour": colour}
+
+
+def test_a_neuron_is_judged_by_its_own_held_out_record_not_only_its_band(tmp_path):
+    acts, labels = _two_square_neurons()
+    ids = torch.arange(acts.shape[0])
+    # One AUROC band holds both. A prior of 0 pairs: each neuron's figure is its own record; a huge prior: the
+    # band's (version-1 behaviour).
+    own = build_atlas([(acts, labels, ids)], label_columns=COLUMNS, out=tmp_path / "own",
+                      config=AtlasConfig(claim_calibration=CalibrationConfig(strong=1.0, prior_pairs=0, auroc_edges=(0.5,))))
+    own = NeuronAtlas.load(tmp_path / "own")
+    cal = own.calibration
+    assert cal.version == 2 and cal.columns == list(COLUMNS)
+    t0, n0 = cal.neuron_record(0, "shape")
+    t1, n1 = cal.neuron_record(1, "shape")
+    # the records are the held-out strong firings: every one of neuron 0's is a square, about 60 % of neuron 1's
+    assert n0 > 30 and t0 == n0
+    square_share = float((labels["shape"][acts[:, 1] > 0] == 1).float().mean())
+    assert n1 > 30 and t1 / n1 == pytest.approx(square_share, abs=0.08) and t1 / n1 < 0.8
+    assert [e.value for e in own.explanation(0)] == ["square"] and own.explanation(0)[0].held_out == 1.0
+    assert own.explanation(1) == [] and own.summary(1).startswith("unsure: square (shape)?")
+    banded = build_atlas([(acts, labels, ids)], label_columns=COLUMNS,
+                         config=AtlasConfig(claim_calibration=CalibrationConfig(strong=1.0, prior_pairs=1e9, auroc_edges=(0.5,))))
+    e0, e1 = (next(e for e in banded.evidence(j) if e.column == "shape") for j in (0, 1))
+    assert banded.calibration.band(e0.auroc, e0.precision) == banded.calibration.band(e1.auroc, e1.precision)
+    # by band alone both neurons get the same figure: the band cannot tell them apart
+    assert banded.calibration.precision(e0.auroc, e0.precision, False, 0, "shape") == pytest.approx(
+        banded.calibration.precision(e1.auroc, e1.precision, False, 1, "shape"), abs=1e-6)
+    # the stored per-neuron record round-trips, and a version-1 table (no records) still loads, band figures only
+    stored = json.loads((tmp_path / "own" / ATLAS_FILE).read_text())["claim_calibration"]
+    assert ClaimCalibration.from_dict(stored).to_dict() == stored
+    v1 = {k: v for k, v in stored.items() if k not in ("columns", "neuron_true", "neuron_pairs")}
+    old = ClaimCalibration.from_dict({**v1, "version": 1})
+    assert old is not None and old.neuron_record(1, "shape") is None and old.to_dict()["version"] == 1
+    with pytest.raises(ValueError, match="prior_pairs"):
+        CalibrationConfig(prior_pairs=-1)
 
 
 def test_where_label_names_the_region_of_the_peaks():

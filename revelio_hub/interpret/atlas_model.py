@@ -274,7 +274,7 @@ class NeuronAtlas:
         for e in self.evidence(i):
             if e.filled < cal.config.min_top_images or cal.band(e.auroc, e.precision) is None:
                 continue
-            p = cal.precision(e.auroc, e.precision, dense)
+            p = cal.precision(e.auroc, e.precision, dense, neuron=i, column=e.column)
             candidates.append(replace(e, held_out=math.nan if p is None else p))
         named = [e for e in candidates if e.held_out >= cal.config.min_precision]
         named.sort(key=lambda e: (e.held_out, e.strength()), reverse=True)

@@ -10,8 +10,13 @@ strongly on** (activation at least ``strong`` × its mean activation when firing
 on the claim images; the app lists an image's neurons by that ratio, its
 "relevance") and how many of them carry the claimed value. Pooled over the claims of one *band* (AUROC band ×
 top-image agreement × dense or not), that share is the band's measured
-precision. A summary then names a value only when its band measured at least
-``min_precision`` (0.9) and quotes the figure; otherwise it says "unsure".
+precision. A band pools neurons of very different quality, so each neuron's
+own held-out record (the same count, for its claims only) is kept too, and
+what a summary quotes is that record shrunk towards the band's precision
+(``prior_pairs`` pseudo-pairs at the band's rate): a neuron with few strong
+held-out firings keeps its band's figure, one with many earns its own. A
+summary then names a value only when that figure is at least ``min_precision``
+(0.9) and quotes it; otherwise it says "unsure".
 
 The table is stored in ``atlas.json`` (``claim_calibration``, see
 docs/CONTRACTS.md); atlases built before it keep their uncalibrated summaries.
@@ -34,7 +39,9 @@ from revelio_hub.interpret.neuron_labels import ActivationLog, chunk_auroc, colu
 __all__ = ["CalibrationConfig", "ClaimCalibration", "calibrate_claims", "CALIBRATION_VERSION"]
 
 #: Version of the stored table; a reader ignores tables of a version it does not know (summaries stay uncalibrated).
-CALIBRATION_VERSION = 1
+#: 2 adds each neuron's own record (``neuron_true``/``neuron_pairs``); a version-1 table still loads (bands only).
+CALIBRATION_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -54,6 +61,11 @@ class CalibrationConfig:
             1.5 measured the regime of the neurons the app lists first for an image (docs/benchmarks.md,
             "Calibrated claims"); at 1.0 a neuron's many middling firings dominate.
         seed: of the split into parts.
+        prior_pairs: weight of the band's precision in a neuron's figure, in pairs: the figure is
+            (neuron's true + prior_pairs × band precision) / (neuron's pairs + prior_pairs). 0 trusts a
+            neuron's own record alone; a very large value gives the band's figure to every neuron (version 1).
+            10 was chosen on tuning images (generator seed 5, not the reporting seed) with
+            ``benchmarks/bench_explain.py`` (docs/benchmarks.md, "Per-neuron claim records").
     """
 
     auroc_edges: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -65,6 +77,7 @@ class CalibrationConfig:
     folds: int = 5
     strong: float = 1.5
     seed: int = 0
+    prior_pairs: float = 10.0
 
     def __post_init__(self) -> None:
         self.auroc_edges = [float(e) for e in self.auroc_edges]
@@ -78,6 +91,8 @@ class CalibrationConfig:
             raise ValueError(f"folds must be ≥ 2 (claims and their check need different images), got {self.folds}")
         if self.min_pairs < 1 or self.min_top_images < 1 or self.max_values < 1:
             raise ValueError("min_pairs, min_top_images and max_values must be ≥ 1")
+        if not self.prior_pairs >= 0:
+            raise ValueError(f"prior_pairs must be ≥ 0, got {self.prior_pairs}")
 
 
 @dataclass
@@ -87,6 +102,8 @@ class ClaimCalibration:
     ``true``/``pairs`` are indexed ``[dense][auroc band][agreement band]``;
     precision = true / pairs, ``None`` where the band has fewer than
     ``min_pairs`` pairs (unmeasured: no claim is made there).
+    ``neuron_true``/``neuron_pairs`` (version 2) are the same counts per
+    neuron and label column (``columns`` order), for that neuron's claims only.
     """
 
     config: CalibrationConfig
@@ -98,6 +115,9 @@ class ClaimCalibration:
     version: int = CALIBRATION_VERSION
     firing: str = ("held-out images on which the neuron's activation is at least `strong` × its mean activation when "
                    "firing on the claim images")
+    columns: Optional[list[str]] = None
+    neuron_true: Optional[list[list[int]]] = None
+    neuron_pairs: Optional[list[list[int]]] = None
 
     def band(self, auroc: float, agreement: float) -> Optional[tuple[int, int]]:
         """(AUROC band, agreement band) of a claim, or ``None`` when it is below the first edges (never claimed)."""
@@ -107,31 +127,59 @@ class ClaimCalibration:
         g = bisect.bisect_right(self.config.agreement_edges, agreement + 1e-9) - 1
         return None if a < 0 or g < 0 else (a, g)
 
-    def precision(self, auroc: float, agreement: float, dense: bool) -> Optional[float]:
-        """Measured precision of claims like this one; ``None`` when unmeasured (too few pairs) or below the edges."""
+    def precision(self, auroc: float, agreement: float, dense: bool, neuron: Optional[int] = None,
+                  column: Optional[str] = None) -> Optional[float]:
+        """Measured precision of claims like this one; ``None`` when unmeasured (too few pairs) or below the edges.
+
+        With ``neuron`` and ``column`` (and a version-2 table), the band's
+        figure shrunk towards that neuron's own held-out record (module docstring).
+        """
         b = self.band(auroc, agreement)
         if b is None:
             return None
         n = self.pairs[int(dense)][b[0]][b[1]]
-        return self.true[int(dense)][b[0]][b[1]] / n if n >= self.config.min_pairs else None
+        if n < self.config.min_pairs:
+            return None
+        band = self.true[int(dense)][b[0]][b[1]] / n
+        own = self.neuron_record(neuron, column)
+        if own is None:
+            return band
+        m = self.config.prior_pairs
+        return (own[0] + m * band) / (own[1] + m) if own[1] + m > 0 else band
+
+    def neuron_record(self, neuron: Optional[int], column: Optional[str]) -> Optional[tuple[int, int]]:
+        """(true, pairs) of one neuron's claims in ``column`` on held-out images; ``None`` without a version-2 table."""
+        if neuron is None or column is None or self.neuron_pairs is None or not self.columns:
+            return None
+        if column not in self.columns or not 0 <= neuron < len(self.neuron_pairs):
+            return None
+        c = self.columns.index(column)
+        return int(self.neuron_true[neuron][c]), int(self.neuron_pairs[neuron][c])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "config": asdict(self.config), "true": self.true, "pairs": self.pairs,
-                "claims": self.claims, "held_out_images": self.held_out_images,
-                "dense_frequency": self.dense_frequency, "firing": self.firing}
+        out = {"version": self.version, "config": asdict(self.config), "true": self.true, "pairs": self.pairs,
+               "claims": self.claims, "held_out_images": self.held_out_images,
+               "dense_frequency": self.dense_frequency, "firing": self.firing}
+        if self.neuron_pairs is not None:
+            out.update(columns=self.columns, neuron_true=self.neuron_true, neuron_pairs=self.neuron_pairs)
+        return out
 
     @classmethod
     def from_dict(cls, data: Optional[Mapping[str, Any]]) -> Optional["ClaimCalibration"]:
         """The stored table, or ``None`` when absent or of an unknown version (uncalibrated summaries)."""
-        if not data or data.get("version") != CALIBRATION_VERSION:
+        if not data or data.get("version") not in _READABLE_VERSIONS:
             return None
         cfg = data.get("config") or {}
         known = set(CalibrationConfig.__dataclass_fields__)
+        per_neuron = data.get("neuron_pairs") is not None and data["version"] >= 2
+        as_rows = lambda rows: [list(map(int, r)) for r in rows] if per_neuron else None  # noqa: E731
         return cls(CalibrationConfig(**{k: v for k, v in cfg.items() if k in known}),
                    [[list(map(int, r)) for r in d] for d in data["true"]],
                    [[list(map(int, r)) for r in d] for d in data["pairs"]],
                    [[list(map(int, r)) for r in d] for d in data.get("claims", data["pairs"])],
-                   int(data.get("held_out_images", 0)), float(data.get("dense_frequency", 0.5)))
+                   int(data.get("held_out_images", 0)), float(data.get("dense_frequency", 0.5)),
+                   version=int(data["version"]), columns=list(data["columns"]) if per_neuron else None,
+                   neuron_true=as_rows(data.get("neuron_true")), neuron_pairs=as_rows(data.get("neuron_pairs")))
 
     def table(self) -> list[dict[str, Any]]:
         """Rows ``{dense, auroc_from, agreement_from, claims, pairs, precision}`` for cards and docs."""
@@ -165,22 +213,27 @@ def calibrate_claims(log: ActivationLog, label_columns: Mapping[str, Sequence[st
     shape = (2, len(config.auroc_edges), len(config.agreement_edges))
     true, pairs, claims = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), \
         torch.zeros(shape, dtype=torch.long)
+    own = torch.zeros(2, log.n_latents, len(label_columns), dtype=torch.long)  # [true | pairs] × neurons × columns
     n_img = log.num_images
     labels = {c: log.column_labels(c) for c in label_columns}
     if n_img >= 2 * config.folds and label_columns:
-        for _, _, dense in log.dense_chunks(chunk):
+        for start, stop, dense in log.dense_chunks(chunk):
             for made, held in _folds(n_img, config.folds, config.seed):
                 _count_fold(dense[made], dense[held], {c: v[made] for c, v in labels.items()},
                             {c: v[held] for c, v in labels.items()}, label_columns, top, dense_frequency, config,
-                            (true, pairs, claims))
-    return ClaimCalibration(config, true.tolist(), pairs.tolist(), claims.tolist(), n_img, dense_frequency)
+                            (true, pairs, claims, own[:, start:stop]))
+    return ClaimCalibration(config, true.tolist(), pairs.tolist(), claims.tolist(), n_img, dense_frequency,
+                            columns=list(label_columns), neuron_true=own[0].tolist(), neuron_pairs=own[1].tolist())
 
 
 def _count_fold(made: torch.Tensor, held: torch.Tensor, made_labels: Mapping[str, torch.Tensor],
                 held_labels: Mapping[str, torch.Tensor], label_columns: Mapping[str, Sequence[str]], top: int,
                 dense_frequency: float, config: CalibrationConfig, out: tuple[torch.Tensor, ...]) -> None:
-    """Make every neuron's claims on ``made`` (images × neurons) and check them on ``held``; add to ``out``."""
-    true, pairs, claims = out
+    """Make every neuron's claims on ``made`` (images × neurons) and check them on ``held``; add to ``out``.
+
+    ``out`` = (true, pairs, claims) per band, and 2 × neurons × columns: each neuron's own (true, pairs).
+    """
+    true, pairs, claims, own = out
     fired = made > 0
     count = fired.sum(0)
     freq = count.float() / max(made.shape[0], 1)
@@ -193,7 +246,7 @@ def _count_fold(made: torch.Tensor, held: torch.Tensor, made_labels: Mapping[str
     auc = chunk_auroc(made, label_onehots(made_labels, label_columns, made.shape[0]), label_columns)
     a_edges = torch.tensor(config.auroc_edges) - 1e-9
     g_edges = torch.tensor(config.agreement_edges) - 1e-9
-    for column, (a, b) in column_offsets(label_columns).items():
+    for c_index, (column, (a, b)) in enumerate(column_offsets(label_columns).items()):
         if b == a:
             continue
         col_auc = auc[:, a:b]
@@ -215,3 +268,5 @@ def _count_fold(made: torch.Tensor, held: torch.Tensor, made_labels: Mapping[str
         true.view(-1).index_add_(0, flat, (s & hit_img).sum(0))
         pairs.view(-1).index_add_(0, flat, s.sum(0))
         claims.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        own[0, idx, c_index] += (s & hit_img).sum(0)
+        own[1, idx, c_index] += s.sum(0)
