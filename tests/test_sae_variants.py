@@ -222,14 +222,15 @@ def test_toy_build_records_its_sae_variant_and_rate_and_old_files_read_as_before
 def test_merged_scoreboard_names_each_arm_and_its_card_section_is_replaced_not_duplicated():
     from revelio_hub.sae.scoreboard import CARD_HEADING, card_section, merge_reports, with_card_section
 
-    def report(lr, fvu):
+    def report(lr, fvu, steps=1000):
         rows = [{"entry": "bottleneck/t25", "variant": v, "fvu": fvu, "matched_correlation": 0.5}
                 for v in ("release", "topk")]
-        return {"settings": {"lr": lr}, "toy": rows, "synthetic": []}
+        return {"settings": {"lr": lr, "steps": steps}, "toy": rows, "synthetic": []}
 
-    merged = merge_reports([report(2e-3, 0.2), report(0.0, 0.1)])
+    merged = merge_reports([report(2e-3, 0.2), report(0.0, 0.15, steps=6000), report(0.0, 0.1)])
     arms = [r["variant"] for r in merged["toy"]]
-    assert arms == ["this release", "topk · default lr rule", "topk · lr 0.002"]
+    assert arms == ["this release", "topk · default lr rule · 1000 steps", "topk · default lr rule · 6000 steps",
+                    "topk · lr 0.002 · 1000 steps"]
     assert [r["fvu"] for r in merged["toy"]][0] == 0.1  # the release row of the last report (the release scored now)
     card = "# Card\n\nintro\n\n## Later section\n\ntext\n"
     once = with_card_section(card, card_section(merged))

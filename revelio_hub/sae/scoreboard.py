@@ -129,11 +129,13 @@ SCOREBOARD_FILE = "sae_variants.json"
 
 
 def _arm(report: dict[str, Any], variant: str) -> str:
-    """A row's label: the variant and the learning rate it was trained at (``lr 0`` in a report = the default rule)."""
+    """A row's label: the variant, the learning rate (``lr 0`` in a report = the default rule) and the steps it was
+    trained for."""
     if variant == "release":
         return "this release"
-    lr = (report.get("settings") or {}).get("lr")
-    return f"{variant} · {'default lr rule' if not lr else f'lr {lr:g}'}"
+    settings = report.get("settings") or {}
+    lr, steps = settings.get("lr"), settings.get("steps")
+    return f"{variant} · {'default lr rule' if not lr else f'lr {lr:g}'}" + (f" · {steps} steps" if steps else "")
 
 
 def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
