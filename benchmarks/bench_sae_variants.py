@@ -20,6 +20,11 @@ the toy build), plus the bundled release's SAE as ``release``:
   neurons per value with the largest mean-activation difference, fitted on the
   even held-out images, accuracy on the odd ones, mean over the four factors;
   ``probe_dense``: the same probe on all raw mean-pooled channels;
+* nameable listings / …true: of the 5 neurons each odd held-out image lists (as
+  the app: most relevant, dense hidden), the share whose neuron an all-knowing
+  labeller, fitted on the even images, names with a value holding on ≥ 90 % of
+  its strong firings, and the share of those names true of the image
+  (:func:`revelio_hub.sae.scoreboard.nameable_listings`);
 * Diff-C loss recovered: the release's Diff-C shape accuracy on the SAE's
   reconstruction of every position of the held-out maps ÷ on the raw maps
   (entries whose release has a Diff-C head).
@@ -46,8 +51,8 @@ from revelio_hub.diffc.training import predict_logits
 from revelio_hub.features import FeatureStore
 from revelio_hub.sae.model import KSparseAutoencoder
 from revelio_hub.sae.scoreboard import (SCOREBOARD_FILE, card_section, factor_indicators, matched_correlation,
-                                        merge_reports, probe_accuracy, scoreboard_markdown, sparse_probe_accuracy,
-                                        with_card_section)
+                                        merge_reports, nameable_listings, probe_accuracy, scoreboard_markdown,
+                                        sparse_probe_accuracy, with_card_section)
 from revelio_hub.sae.synthetic import SyntheticAtoms, atom_mcc, make_synthetic
 from revelio_hub.sae.training import SAETrainConfig, evaluate_sae, load_store_features, sample_tokens, train_sae
 from revelio_hub.sae.variants import VARIANTS
@@ -160,6 +165,7 @@ def score(model: KSparseAutoencoder, h: HeldOut, head, raw_acc) -> dict:
     acts = image_acts(model, h.maps)
     row = {"fvu": ev["fvu"], "l0": ev["l0"], "dead_fraction": ev["dead_fraction"],
            "matched_correlation": matched_correlation(acts, h.indicators), **probes(acts, h)}
+    row["nameable"], row["nameable_precision"] = nameable_listings(acts, h.labels, h.fit)
     if head is not None:
         row["diffc_loss_recovered"] = diffc_accuracy(head, reconstruct_maps(model, h.maps), h.shape_labels) / raw_acc
     return row

@@ -236,3 +236,25 @@ def test_merged_scoreboard_names_each_arm_and_its_card_section_is_replaced_not_d
     once = with_card_section(card, card_section(merged))
     twice = with_card_section(once, card_section(merge_reports([report(0.0, 0.3)])))
     assert twice.count(CARD_HEADING) == 1 and "## Later section" in twice and "0.300" in twice and "0.100" not in twice
+
+
+def test_nameable_listings_names_single_value_neurons_and_not_mixed_ones():
+    from revelio_hub.sae.scoreboard import nameable_listings
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    y = torch.randint(0, 3, (n,), generator=g)
+    mixed = torch.rand(n, generator=g) < 0.4  # fires on 40 % of images whatever their value
+    acts = torch.stack([(y == 1) * (1 + torch.rand(n, generator=g)), mixed * (1 + torch.rand(n, generator=g)),
+                        (y == 0) * (1 + torch.rand(n, generator=g))], 1).float()
+    fit = torch.arange(n) % 2 == 0
+    coverage, precision = nameable_listings(acts, {"f": y}, fit, strong=1.0)
+    # a held-out image of value 0 or 1 lists its single-value neuron, and the mixed one where it fires
+    listed_single = int((~fit & (y < 2)).sum())
+    listed_mixed = int((mixed & ~fit).sum())
+    assert coverage == pytest.approx(listed_single / (listed_single + listed_mixed))
+    assert precision == 1.0
+    # a single-value neuron whose value flips on the held-out images is named, and its name is then false
+    flipped = acts.clone()
+    flipped[~fit, 0], flipped[~fit, 2] = acts[~fit, 2], acts[~fit, 0]
+    assert nameable_listings(flipped, {"f": y}, fit, strong=1.0)[1] == 0.0

@@ -95,12 +95,50 @@ def sparse_probe_accuracy(train_acts: torch.Tensor, train_y: torch.Tensor, test_
     return probe_accuracy(train_acts[:, cols], train_y, test_acts[:, cols], test_y, n_classes)
 
 
+def nameable_listings(acts: torch.Tensor, labels: dict[str, torch.Tensor], fit: torch.Tensor, *, top: int = 5,
+                      precision: float = 0.9, strong: float = 1.5, dense_frequency: float = 0.5,
+                      min_firings: int = 3) -> tuple[float, float]:
+    """How often the neurons an image lists could be named, and how often that name is then true.
+
+    The app lists an image's ``top`` most relevant neurons (activation ÷ the
+    neuron's mean activation when firing; neurons firing on more than
+    ``dense_frequency`` of images hidden). Here each neuron is named, from the
+    ``fit`` images, by the label value most common on the images it fires
+    strongly on (≥ ``strong`` × its mean), when that value holds on at least
+    ``precision`` of them (and it fired strongly ``min_firings`` times); this
+    labeller knows every factor, so it bounds what any summary rule can name.
+    Returns (share of the other images' listings whose neuron is named, share
+    of those named listings whose value is true of the image): an SAE whose
+    neurons carry single values scores high on both.
+    """
+    fired = acts[fit] > 0
+    mean = acts[fit].sum(0) / fired.sum(0).clamp_min(1)
+    dense = fired.float().mean(0) > dense_frequency
+    strong_fit = (acts[fit] >= strong * mean) & fired
+    values = torch.cat([torch.nn.functional.one_hot(y.clamp_min(0), int(y.max()) + 1) * (y >= 0)[:, None]
+                        for y in labels.values()], 1).float()  # images × all values
+    counts = strong_fit.float().t() @ values[fit]  # neurons × values
+    n = strong_fit.sum(0)
+    best_count, best_value = counts.max(1)
+    named = (n >= min_firings) & (best_count >= precision * n.clamp_min(1))
+    relevance = torch.where(acts[~fit] > 0, acts[~fit] / mean.clamp_min(1e-12), torch.full_like(acts[~fit], -1.0))
+    relevance[:, dense] = -1.0
+    rel, listed = relevance.topk(min(top, acts.shape[1]), dim=1)
+    shown = rel > 0
+    is_named = named[listed] & shown
+    true = values[~fit].gather(1, best_value[listed]) > 0
+    total, n_named = int(shown.sum()), int(is_named.sum())
+    return (n_named / total if total else float("nan"),
+            int((true & is_named).sum()) / n_named if n_named else float("nan"))
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def scoreboard_markdown(report: dict[str, Any], columns: Sequence[str] = ("fvu", "l0", "dead_fraction",
-                        "matched_correlation", "probe_1", "probe_5", "probe_dense", "diffc_loss_recovered")) -> str:
+                        "matched_correlation", "probe_1", "probe_5", "probe_dense", "nameable", "nameable_precision",
+                        "diffc_loss_recovered")) -> str:
     """The per-(entry, variant) rows of a ``bench_sae_variants.py --json`` report as a Markdown table.
 
     Also the synthetic rows (MCC of decoder atoms) when the report has them. Used by
@@ -108,7 +146,7 @@ def scoreboard_markdown(report: dict[str, Any], columns: Sequence[str] = ("fvu",
     """
     heads = {"fvu": "FVU", "l0": "L0", "dead_fraction": "dead", "matched_correlation": "matched corr.",
              "probe_1": "probe 1/value", "probe_5": "probe 5/value", "probe_dense": "dense probe",
-             "diffc_loss_recovered": "Diff-C loss rec."}
+             "nameable": "nameable listings", "nameable_precision": "…true", "diffc_loss_recovered": "Diff-C loss rec."}
     lines = ["| entry | variant | " + " | ".join(heads.get(c, c) for c in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     for row in report.get("toy", []):
