@@ -65,7 +65,7 @@ _VALUE = re.compile(r"^([^()]+?)(?: \([^()]+\))?$")
 
 def named_values(summary: str) -> list[str]:
     """The label values a summary names (empty for ``mixed``/``unsure``/dead); reads every summary format so far."""
-    if summary.startswith(("mixed", "dead", "unsure")) or not summary:
+    if summary.startswith(("mixed", "dead", "unsure", "not named here")) or not summary:
         return []
     m = _CALIBRATED.match(summary)
     if m:

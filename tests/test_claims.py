@@ -275,3 +275,43 @@ def test_neuron_browser_shows_sigma_label_beside_chance():
     markdown, _, _ = Events(state).neuron_details(rel.name, layer, t, A.sorted_neurons(state, "", layer, t)[0][0])
     assert f"σ_label of this layer: {stats['sigma_label']:.2f}" in markdown
     assert f"shuffled labels on the same neurons: {stats['sigma_label_shuffled']:.2f}" in markdown
+
+
+def test_an_atlas_claims_can_be_recalibrated_from_its_activation_log(tmp_path):
+    """What benchmarks/bench_claim_prior.py does: the log rebuilt from the same batches gives the atlas' own table."""
+    from revelio_hub.interpret.atlas_builder import activation_log
+    from revelio_hub.interpret.claim_calibration import calibrate_claims
+    from revelio_hub.sae.model import KSparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = KSparseAutoencoder(6, 12, k=3).eval()
+    x = torch.randn(120, 6)
+    labels = {"shape": torch.randint(0, 3, (120,)), "colour": torch.randint(0, 2, (120,))}
+    batches = [(x[i:i + 40], {c: v[i:i + 40] for c, v in labels.items()}, torch.arange(i, i + 40)) for i in (0, 40, 80)]
+    config = AtlasConfig(claim_calibration=CalibrationConfig(strong=1.0, min_pairs=1))
+    atlas = build_atlas(batches, sae=sae, label_columns=COLUMNS, config=config)
+    log = activation_log(batches, sae, COLUMNS)
+    again = calibrate_claims(log, COLUMNS, top=config.purity_top, dense_frequency=config.dense_frequency,
+                             config=config.claim_calibration)
+    assert again.to_dict() == atlas.calibration.to_dict() and sum(map(sum, again.neuron_pairs)) > 0
+    with pytest.raises(ValueError, match="no batches"):
+        activation_log([], sae, COLUMNS)
+
+
+def test_an_image_gets_a_neurons_names_only_where_it_fires_as_strongly_as_the_claims_were_checked(tmp_path):
+    atlas, acts, _ = _atlas(tmp_path)  # claims checked where a neuron fires ≥ 1× its mean activation
+    assert [e.value for e in atlas.explanation(0)] == ["red"]
+    mean = float(atlas.stats["mean_activation"][0])
+    strong, weak = 1.1 * mean, 0.5 * mean
+    assert atlas.named_on_image(0, strong) and atlas.summary_on_image(0, strong) == atlas.summary(0)
+    assert not atlas.named_on_image(0, weak)
+    line = atlas.summary_on_image(0, weak)
+    assert line.startswith("not named here: fires weakly (0.5× its usual); where it fires ≥ 1×: red (colour)")
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_explain.py"))
+    assert bench["named_values"](line) == [] and bench["named_values"](atlas.summary_on_image(0, strong)) == ["red"]
+    # a neuron that names nothing, and an uncalibrated atlas, withhold nothing
+    assert atlas.explanation(1) == [] and atlas.summary_on_image(1, 0.01) == atlas.summary(1)
+    old, _, _ = _atlas(tmp_path / "old", calibration=None)
+    assert old.named_on_image(0, 1e-6) and old.summary_on_image(0, 1e-6) == old.summary(0)

@@ -196,8 +196,12 @@ def _check_neuron(entry: Any, neuron: Any) -> int:
     return value
 
 
-def _atlas_summary(atlas: Any, i: int) -> str:
-    return str(atlas.summary(i)) if atlas is not None else ""
+def _atlas_summary(atlas: Any, i: int, activation: Optional[float] = None) -> str:
+    """The neuron's line; with an image's ``activation``, as it applies to that image (names withheld where the
+    neuron fires too weakly there for its claims, see :meth:`NeuronAtlas.summary_on_image`)."""
+    if atlas is None:
+        return ""
+    return str(atlas.summary(i) if activation is None else atlas.summary_on_image(i, activation))
 
 
 def _atlas(entry: Any, rel: LoadedRelease, layer: str, t: int) -> Any:
@@ -301,7 +305,7 @@ def rank_neurons(atlas: Any, acts: "torch.Tensor", n: int, ranking: str = DEFAUL
         order = ids[torch.argsort(scores[ids], descending=True, stable=True)][:n]
         for i in order.tolist():
             freq = float(atlas.stats["frequency"][i]) if atlas is not None else float("nan")
-            hits.append(NeuronHit(int(i), round(float(acts[i]), 6), _atlas_summary(atlas, int(i)),
+            hits.append(NeuronHit(int(i), round(float(acts[i]), 6), _atlas_summary(atlas, int(i), float(acts[i])),
                                   relevance=round(float(scores[i]), 4), frequency=round(freq, 4),
                                   dense=bool(dense[i])))
     hits.sort(key=lambda h: h.relevance if h.relevance == h.relevance else h.activation, reverse=True)
@@ -465,7 +469,8 @@ def neuron_view(state: AppState, analysis: Analysis, neuron: Any) -> tuple[list[
     peak = float(amap.max())
     overlay = with_colour_scale(overlay_heatmap(analysis.image, amap), max(peak, 0.0))
     gallery = _top_images(entry.atlas, neuron_id, state.config.top_images)
-    summary = _atlas_summary(entry.atlas, neuron_id)
+    listed = next((h.activation for h in analysis.neurons if h.id == neuron_id), None)
+    summary = _atlas_summary(entry.atlas, neuron_id, peak if listed is None else listed)
     where = f"peak activation {peak:.3g}" if peak > 0 else "does not fire anywhere on this image"
     caption = (f"Neuron {neuron_id}" + (f" — {summary}" if summary else "") + f" ({where}). "
                "The heat map covers the square centre crop the backbone sees.")

@@ -108,6 +108,23 @@ def build_atlas(
                           pre_topk=stream.pre_topk, peak_grid=stream.peak_grid)
 
 
+def activation_log(batches: Iterable[Batch], sae: Any, label_columns: Mapping[str, Sequence[str]],
+                   config: Optional[AtlasConfig] = None) -> ActivationLog:
+    """Every image's activations and labels, as an atlas build logs them, without building the atlas.
+
+    What claims are calibrated from (:func:`~revelio_hub.interpret.claim_calibration.calibrate_claims`):
+    lets a study recalibrate an existing atlas' claims under other settings.
+    """
+    stream = _AtlasStream(config or AtlasConfig(), {c: list(v) for c, v in label_columns.items()},
+                          next(sae.parameters()).device)
+    with torch.no_grad():
+        for batch in batches:
+            stream.add(batch, sae)
+    if stream.log is None:
+        raise ValueError("activation_log got no batches")
+    return stream.log
+
+
 @dataclass
 class _AtlasStream:
     """The running statistics of one build, created on the first batch (when the number of latents is known).

@@ -365,6 +365,32 @@ class NeuronAtlas:
             self._summaries[key] = text
         return text
 
+    def named_on_image(self, i: int, activation: float) -> bool:
+        """Whether neuron ``i``'s named values apply to an image where it fires with ``activation``.
+
+        A calibrated claim's figure was measured on held-out images the neuron
+        fires *strongly* on (≥ ``strong`` × its mean activation when firing);
+        on a weaker firing it was not measured, and there names were often
+        false (docs/benchmarks.md, "Per-neuron claim records"). Uncalibrated
+        atlases and neurons that name nothing: always ``True`` (nothing to withhold).
+        """
+        cal = self.calibration
+        if cal is None or not self.explanation(i):
+            return True
+        mean = float(self.stats["mean_activation"][self._check(i)])
+        return mean <= 0 or activation >= cal.config.strong * mean
+
+    def summary_on_image(self, i: int, activation: float) -> str:
+        """:meth:`summary`, or, where the image is outside the regime its claims were checked in, a line that
+        names nothing for this image: ``"not named here: fires weakly (0.6× its usual); where it fires ≥ 1.5×:
+        cyan (color) · true on 94% ..."``."""
+        text = self.summary(i)
+        if self.named_on_image(i, activation):
+            return text
+        mean = float(self.stats["mean_activation"][self._check(i)])
+        strong = self.calibration.config.strong
+        return f"not named here: fires weakly ({activation / mean:.1f}× its usual); where it fires ≥ {strong:g}×: {text}"
+
     def search(self, value: str, column: Optional[str] = None, limit: int = 20) -> list[dict[str, Any]]:
         """Neurons that detect a label value, best first: ``[{"neuron", "column", "value", "auroc", "precision"}]``.
 

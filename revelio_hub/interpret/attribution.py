@@ -316,7 +316,9 @@ def _attribution(plan: _Plan, block: torch.Tensor, target: int, class_names: Seq
     eff_p = probs[0] - probs[1:]
     eff_l = block[0, target] - block[1:, target]
     ids = c.neurons[measured]
-    summaries = [str(atlas.summary(int(j))) if atlas is not None else "" for j in ids.tolist()]
+    acts = c.activations[measured].cpu()
+    summaries = [str(atlas.summary_on_image(int(j), float(x))) if atlas is not None else ""
+                 for j, x in zip(ids.tolist(), acts.tolist())]
     return Attribution(
         target=target,
         target_name=str(class_names[target]),
@@ -324,7 +326,7 @@ def _attribution(plan: _Plan, block: torch.Tensor, target: int, class_names: Seq
         prob=float(probs[0]),
         logit=float(block[0, target]),
         neurons=ids,
-        activations=c.activations[measured].cpu(),
+        activations=acts,
         effects_prob=eff_p,
         effects_logit=eff_l,
         estimates_prob=est_p[measured],

@@ -94,8 +94,8 @@ def compare(sae: Any, first: torch.Tensor, second: torch.Tensor, *, top: int = 1
         k = min(int(top), int((scores > 0).sum()))
         ids = torch.topk(scores, k).indices.tolist() if k else []
         return [
-            NeuronDifference(int(j), float(a[j]), float(b[j]), float(diff[j]),
-                             str(atlas.summary(int(j))) if atlas is not None else "")
+            NeuronDifference(int(j), float(a[j]), float(b[j]), float(diff[j]),  # named where it fires strongly
+                             str(atlas.summary_on_image(int(j), float(max(a[j], b[j])))) if atlas is not None else "")
             for j in ids
         ]
 
