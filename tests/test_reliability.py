@@ -234,3 +234,22 @@ def test_trust_signals_need_their_labelled_references(release_dir, tmp_path):
     save_file({k: v for k, v in tensors.items() if k != "labels"}, str(copy / "references.safetensors"))
     with pytest.raises(ValueError, match="lacks the labelled references"):
         ReliabilityModel.load(copy)
+
+
+def test_a_pairwise_term_counts_only_when_both_signals_are_high(tmp_path):
+    """The combiner's products: two signals that mean "wrong" only together raise the score only together."""
+    model = ReliabilityModel(layer="down_ft1", timestep=25, signals=["diffc_entropy", "view_disagreement:flip"],
+                             mean=[0.0, 0.0], std=[1.0, 1.0], weights=[0.0, 0.0], bias=-1.0, threshold=0.5,
+                             quantiles={s: [i / 50 - 1 for i in range(101)] for s in ("diffc_entropy",
+                                                                                       "view_disagreement:flip")},
+                             pairs=[[0, 1]], pair_weights=[2.0])
+    both = {"diffc_entropy": 1.5, "view_disagreement:flip": 1.5}
+    one = {"diffc_entropy": 1.5, "view_disagreement:flip": 0.0}
+    assert model.verdict(both).score > model.threshold > model.verdict(one).score
+    assert len(model.verdict(both).reasons) == 2  # the pair's weight is shared by the two signals it multiplies
+    again = ReliabilityModel.load(model.save(tmp_path / "pairs"))
+    assert again.verdict(both).score == pytest.approx(model.verdict(both).score)
+    data = json.loads((tmp_path / "pairs" / RELIABILITY_FILE).read_text())
+    (tmp_path / "pairs" / RELIABILITY_FILE).write_text(json.dumps({**data, "pairs": [[0, 2]]}))
+    with pytest.raises(ValueError, match="inconsistent"):
+        ReliabilityModel.load(tmp_path / "pairs")

@@ -63,6 +63,8 @@ class CalibrationConfig:
         timesteps: calibrate only the Diff-C entries at these t (``None``: all).
         trust: add the ``trust:<layer>`` signals (format 2; off: the format-1 signal set). Measured on the
             bundled release, they raise the AUROC for "Diff-C wrong" by 0.007–0.033 (docs/benchmarks.md).
+        pairwise: also weigh the product of every two standardised signals (a non-linear combiner that stays
+            a ridge-penalised regression; off: linear in the signals).
     """
 
     seed: int = 0
@@ -76,6 +78,7 @@ class CalibrationConfig:
     batch_size: int = 64
     timesteps: Optional[tuple[int, ...]] = None
     trust: bool = True
+    pairwise: bool = True
 
     def __post_init__(self) -> None:
         self.shifts, self.views = tuple(self.shifts), tuple(self.views)
@@ -238,12 +241,15 @@ def fit(signals: dict[str, torch.Tensor], wrong: torch.Tensor, held_out: torch.T
     names = sorted(signals)
     x = torch.stack([signals[s].double() for s in names], dim=1)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    w, b = _logistic((x - mean) / std, wrong.double(), config.l2)
+    z = (x - mean) / std
+    pairs = [[i, j] for i in range(len(names)) for j in range(i + 1, len(names))] if config.pairwise else []
+    w, b = _logistic(torch.cat([z, *(z[:, [i]] * z[:, [j]] for i, j in pairs)], dim=1), wrong.double(), config.l2)
     probe = torch.linspace(0, 1, 101, dtype=torch.float64)
     quantiles = {s: torch.quantile(signals[s][held_out].double(), probe).tolist() for s in names}
     model = ReliabilityModel(layer=layer, timestep=int(t), signals=names, mean=mean.tolist(), std=std.tolist(),
-                             weights=w.tolist(), bias=b, threshold=0.0, quantiles=quantiles,
-                             layers=list(layers), views=list(config.views))
+                             weights=w[: len(names)].tolist(), bias=b, threshold=0.0, quantiles=quantiles,
+                             layers=list(layers), views=list(config.views), pairs=pairs,
+                             pair_weights=w[len(names):].tolist())
     scores = model.score(signals)
     model.threshold = float(torch.quantile(scores[held_out].double(), 1 - config.false_alarm))
     return model

@@ -241,7 +241,10 @@ class ReliabilityModel:
     (each costs one more backbone pass); ``quantiles[signal]`` the 0th…100th
     percentiles of the signal over the held-out images (for reasons);
     ``class_references[layer]`` the labelled held-out features the
-    ``trust:<layer>`` signals compare with.
+    ``trust:<layer>`` signals compare with; ``pairs``/``pair_weights``
+    (format 2, optional) the products of two standardised signals (indices
+    into ``signals``) the regression also weighs, so that one signal may
+    matter more when another is high.
     """
 
     layer: str
@@ -259,6 +262,8 @@ class ReliabilityModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     references: Optional[torch.Tensor] = field(default=None, repr=False)
     centre: Optional[torch.Tensor] = field(default=None, repr=False)
+    pairs: list[list[int]] = field(default_factory=list)
+    pair_weights: list[float] = field(default_factory=list)
     class_references: dict[str, ClassReferences] = field(default_factory=dict, repr=False)
     format_version: int = FORMAT_VERSION
 
@@ -272,8 +277,16 @@ class ReliabilityModel:
         missing = [s for s in self.signals if s not in values]
         if missing:
             raise ValueError(f"reliability score needs the signals {missing}")
-        z = self._standardised(values)
-        return torch.sigmoid(z @ torch.tensor(self.weights, dtype=torch.float64) + self.bias).float()
+        return torch.sigmoid(self._contributions(self._standardised(values)).sum(1) + self.bias).float()
+
+    def _contributions(self, z: torch.Tensor) -> torch.Tensor:
+        """B×S: each signal's share of the logit, w_i·z_i plus half of every pairwise term z_i·z_j it is in."""
+        out = z * torch.tensor(self.weights, dtype=torch.float64)
+        for (i, j), w in zip(self.pairs, self.pair_weights):
+            half = 0.5 * w * z[:, i] * z[:, j]
+            out[:, i] += half
+            out[:, j] += half
+        return out
 
     def image_values(self, errors: dict[str, float], logits: torch.Tensor,
                      view_logits: Optional[dict[str, torch.Tensor]] = None,
@@ -321,7 +334,7 @@ class ReliabilityModel:
         """The verdict on one image whose signals are ``values`` (floats by name)."""
         tensors = {k: torch.tensor([float(v)]) for k, v in values.items()}
         score = float(self.score(tensors)[0])
-        contrib = (self._standardised(tensors)[0] * torch.tensor(self.weights, dtype=torch.float64)).tolist()
+        contrib = self._contributions(self._standardised(tensors))[0].tolist()
         order = sorted(range(len(self.signals)), key=lambda i: contrib[i], reverse=True)
         decided = self.signals[order[0]]
         pct = {s: self.percentile(s, float(values[s])) for s in self.signals}
@@ -378,9 +391,13 @@ class ReliabilityModel:
             model = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:
             raise ValueError(f"{file} is incomplete: {exc}") from exc
+        numbers = [*model.mean, *model.std, *model.weights, *model.pair_weights, model.bias]
         if not (len(model.signals) == len(model.mean) == len(model.std) == len(model.weights)) or \
-                not all(math.isfinite(float(v)) for v in [*model.mean, *model.std, *model.weights, model.bias]):
-            raise ValueError(f"{file} is inconsistent: signals, mean, std and weights differ in length or are not finite")
+                len(model.pairs) != len(model.pair_weights) or \
+                any(len(p) != 2 or not all(0 <= int(i) < len(model.signals) for i in p) for p in model.pairs) or \
+                not all(math.isfinite(float(v)) for v in numbers):
+            raise ValueError(f"{file} is inconsistent: signals, mean, std and weights (or pairs and pair_weights) "
+                             "differ in length, a pair names no signal, or a number is not finite")
         tensors = load_file(str(folder / REFERENCES_FILE)) if (folder / REFERENCES_FILE).is_file() else {}
         if "references" in tensors:
             model.references, model.centre = tensors["references"], tensors["centre"]
