@@ -119,6 +119,10 @@ class ClassReferences:
     centre: torch.Tensor
     labels: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # unit rows once, not per uploaded image
+        self.unit = torch.nn.functional.normalize(self.features.float(), dim=1)
+
     @classmethod
     def of(cls, maxpooled: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> "ClassReferences":
         centre = maxpooled.float().mean(0)
@@ -137,7 +141,7 @@ def trust_ratio(features: torch.Tensor, predicted: torch.Tensor, refs: ClassRefe
     class with no reference counts as infinitely far (distance 2).
     """
     x = torch.nn.functional.normalize(features.float() - refs.centre, dim=1)
-    sims = x @ torch.nn.functional.normalize(refs.features.float(), dim=1).T
+    sims = x @ refs.unit.T
     if exclude is not None:
         for b, rows in enumerate(exclude):
             if rows:
@@ -282,10 +286,10 @@ class ReliabilityModel:
     def _contributions(self, z: torch.Tensor) -> torch.Tensor:
         """B×S: each signal's share of the logit, w_i·z_i plus half of every pairwise term z_i·z_j it is in."""
         out = z * torch.tensor(self.weights, dtype=torch.float64)
-        for (i, j), w in zip(self.pairs, self.pair_weights):
-            half = 0.5 * w * z[:, i] * z[:, j]
-            out[:, i] += half
-            out[:, j] += half
+        if self.pairs:
+            i, j = torch.tensor(self.pairs, dtype=torch.long).T
+            half = 0.5 * torch.tensor(self.pair_weights, dtype=torch.float64) * z[:, i] * z[:, j]
+            out.index_add_(1, i, half).index_add_(1, j, half)
         return out
 
     def image_values(self, errors: dict[str, float], logits: torch.Tensor,
@@ -332,9 +336,12 @@ class ReliabilityModel:
 
     def verdict(self, values: dict[str, float], max_reasons: int = 2) -> Verdict:
         """The verdict on one image whose signals are ``values`` (floats by name)."""
-        tensors = {k: torch.tensor([float(v)]) for k, v in values.items()}
-        score = float(self.score(tensors)[0])
-        contrib = self._contributions(self._standardised(tensors))[0].tolist()
+        missing = [s for s in self.signals if s not in values]
+        if missing:
+            raise ValueError(f"reliability score needs the signals {missing}")
+        contributions = self._contributions(self._standardised({k: torch.tensor([float(v)]) for k, v in values.items()}))
+        score = float(torch.sigmoid(contributions.sum(1) + self.bias)[0])
+        contrib = contributions[0].tolist()
         order = sorted(range(len(self.signals)), key=lambda i: contrib[i], reverse=True)
         decided = self.signals[order[0]]
         pct = {s: self.percentile(s, float(values[s])) for s in self.signals}
