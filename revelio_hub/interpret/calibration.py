@@ -61,10 +61,11 @@ class CalibrationConfig:
         l2: ridge penalty of the logistic regression (standardised signals).
         batch_size: images per backbone pass.
         timesteps: calibrate only the Diff-C entries at these t (``None``: all).
-        trust: add the ``trust:<layer>`` signals (format 2; off: the format-1 signal set). Measured on the
-            bundled release, they raise the AUROC for "Diff-C wrong" by 0.007–0.033 (docs/benchmarks.md).
+        trust: use the ``trust:<layer>`` signals (format 2; off: the format-1 signal set). On the bundled
+            release they raised the AUROC for "Diff-C wrong" on new images by 0.007–0.033 (docs/benchmarks.md,
+            "Trust signals and pairwise terms").
         pairwise: also weigh the product of every two standardised signals (a non-linear combiner that stays
-            a ridge-penalised regression; off: linear in the signals).
+            a ridge-penalised regression; off: linear in the signals); a further 0.005–0.008 there.
     """
 
     seed: int = 0
