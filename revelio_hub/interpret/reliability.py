@@ -201,7 +201,8 @@ def describe(signal: str, percentile: float) -> str:
         "diffc_entropy": "Diff-C is unsure",
         "diffc_energy": "Diff-C's logits are unlike those on the release's images",
         "view_disagreement": f"Diff-C changes its answer on a {'mirrored' if detail == 'flip' else detail} copy",
-        "trust": f"at layer {detail}, held-out images of another class are nearer than those of the predicted one",
+        "trust": f"at layer {detail}, held-out images of other classes lie about as near as, or nearer than, "
+                 "those of the predicted class",
     }.get(kind, signal)
     return f"{words} ({signal} {where} of the release's held-out images)"
 
