@@ -253,3 +253,21 @@ def test_a_pairwise_term_counts_only_when_both_signals_are_high(tmp_path):
     (tmp_path / "pairs" / RELIABILITY_FILE).write_text(json.dumps({**data, "pairs": [[0, 2]]}))
     with pytest.raises(ValueError, match="inconsistent"):
         ReliabilityModel.load(tmp_path / "pairs")
+
+
+def test_the_false_alarm_budget_counts_only_held_out_answers_that_are_right():
+    """Where Diff-C is often wrong on ordinary images, the threshold must not sit among those wrong answers."""
+    from revelio_hub.interpret.calibration import fit
+
+    g = torch.Generator().manual_seed(0)
+    right_held = torch.randn(200, generator=g) * 0.3            # ordinary images, right answers
+    wrong_held = 3.0 + torch.randn(100, generator=g) * 0.3      # ordinary images, wrong answers: the clearest ones
+    wrong_shifted = 1.5 + torch.randn(300, generator=g) * 0.3   # shifted images, wrong answers
+    x = torch.cat([right_held, wrong_held, wrong_shifted])
+    wrong = torch.cat([torch.zeros(200), torch.ones(400)]).bool()
+    held = torch.cat([torch.ones(300), torch.zeros(300)]).bool()
+    config = CalibrationConfig(trust=False, pairwise=False, false_alarm=0.03)
+    model = fit({"diffc_entropy": x}, wrong, held, "down_ft1", 100, config, ["down_ft1"])
+    flagged = model.score({"diffc_entropy": x}) > model.threshold
+    assert float(flagged[:200].float().mean()) <= 0.05   # false alarms: right answers on ordinary images
+    assert float(flagged[300:].float().mean()) >= 0.9    # the shifted images' wrong answers are caught

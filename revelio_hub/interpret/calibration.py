@@ -9,7 +9,7 @@ Steps, each a function so the toy build, ``training/calibrate_release.py`` and
 2. :func:`measure` — one backbone pass per image (and per view) at t, every
    layer's SAE error, Diff-C's logits, pooled features: the raw signals;
 3. :func:`fit` — logistic regression on the standardised signals for "Diff-C is
-   wrong", threshold = the score that flags ``false_alarm`` of the held-out images;
+   wrong", threshold = the score that flags ``false_alarm`` of the held-out images Diff-C gets right;
 4. :func:`evaluate` — AUROC, false alarms, wrong answers left unflagged, per signal
    and per shift (the calibration's own numbers are stored in the model; the
    benchmark calls it on a suite drawn from another seed and other images).
@@ -54,8 +54,9 @@ class CalibrationConfig:
         per_image: shifted copies per held-out image and shift.
         views: transformed copies compared with the image (each one more backbone pass in the app; none:
             the option alone).
-        false_alarm: share of held-out images the threshold may flag (the calibration's budget; the goal
-            is at most 5 % on new images, so the default 0.03 leaves room for sampling error).
+        false_alarm: share of the held-out images Diff-C gets right that the threshold may flag (the
+            calibration's budget; the goal is at most 5 % of new held-out images, so the default 0.03 leaves
+            room for sampling error and the few wrong answers among them).
         max_images: held-out images used (the first ones).
         max_sae_params: other layers' SAEs join only when this small (d_in × n_latents), as the app's check.
         l2: ridge penalty of the logistic regression (standardised signals).
@@ -238,7 +239,14 @@ def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor
 
 def fit(signals: dict[str, torch.Tensor], wrong: torch.Tensor, held_out: torch.Tensor, layer: str, t: int,
         config: CalibrationConfig, layers: Sequence[str]) -> ReliabilityModel:
-    """Fit the score on all samples; threshold from the held-out ones (``held_out`` mask)."""
+    """Fit the score on all samples; threshold from the held-out ones (``held_out`` mask) Diff-C gets right.
+
+    A false alarm is a warning on an ordinary image whose answer is right. Where
+    Diff-C is often wrong on ordinary images (high t), a quantile over all of
+    them would sit among those wrong answers, which the trust signals score
+    highest, and let most wrong answers on shifted images through (89 % at
+    down_ft1 t=100 on the toy release, against 30 % with format 1).
+    """
     names = sorted(signals)
     x = torch.stack([signals[s].double() for s in names], dim=1)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -252,7 +260,8 @@ def fit(signals: dict[str, torch.Tensor], wrong: torch.Tensor, held_out: torch.T
                              layers=list(layers), views=list(config.views), pairs=pairs,
                              pair_weights=w[len(names):].tolist())
     scores = model.score(signals)
-    model.threshold = float(torch.quantile(scores[held_out].double(), 1 - config.false_alarm))
+    right = held_out & ~wrong.bool()
+    model.threshold = float(torch.quantile(scores[right if right.any() else held_out].double(), 1 - config.false_alarm))
     return model
 
 
@@ -384,7 +393,7 @@ def card_section(metrics: dict[str, dict[str, Any]], config: CalibrationConfig) 
            if config.trust else "")
         + ", in a logistic regression fitted on held-out images of the release and generic "
         f"shifts of them ({', '.join(config.shifts)}; shift seed {config.seed}). The threshold flags "
-        f"{config.false_alarm:.0%} of the held-out images; a flagged image's predictions and neuron names are "
+        f"{config.false_alarm:.0%} of the held-out images Diff-C gets right; a flagged image's predictions and neuron names are "
         "shown greyed, and the JSON API answers `\"reliable\": false` with the reasons.\n\n"
         "Rates on the calibration images themselves (in-sample; rates on new images and shifts drawn from another "
         "seed: `python benchmarks/bench_trust.py --release <this folder>`):\n\n"
