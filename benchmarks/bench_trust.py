@@ -142,7 +142,8 @@ def score_entry(release: Release, layer: str, t: int, m, samples: list[Sample], 
                 groups: dict[str, slice]) -> dict[str, Any]:
     """Every figure of one entry from the measurements ``m`` of all images (groups: slices of ``m``)."""
     model = release.load(layer, t).reliability
-    signals = entry_signals(m, layer, model.layers, model.views, (model.references, model.centre))
+    signals = entry_signals(m, layer, model.layers, model.views, (model.references, model.centre),
+                            class_references=model.class_references)
     scores = model.score(signals)
     flagged = scores > model.threshold
     preds = m.logits[layer].argmax(-1)

@@ -353,7 +353,8 @@ def out_of_distribution(rel: LoadedRelease, layer: str, t: int, maps: dict[str, 
         report["reliable"] = not report["out_of_distribution"]
         report["reasons"] = [report["message"]] if report["out_of_distribution"] else []
         return report
-    values = model.image_values(measured, logits, view_logits, maps[layer].mean(dim=(2, 3)))
+    values = model.image_values(measured, logits, view_logits, maps[layer].mean(dim=(2, 3)),
+                                {name: maps[name].amax(dim=(2, 3)) for name in model.trust_layers if name in maps})
     return {**report, **reliability_report(model, values)}
 
 
