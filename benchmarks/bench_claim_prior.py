@@ -49,26 +49,30 @@ def atlas_log(entry: Any, store: FeatureStore, rows: Any, layer: str, t: int, n:
 
 def listings(state: AppState, layer: str, t: int, images, why: int) -> tuple[list, list]:
     """(listed neuron ids + truth per image, "why" rows per correctly-or-not classified image)."""
-    listed = [([n["id"] for n in EXPLAIN["_listed"](analysis.analyze(state, img, layer, t).to_json(), 5)], truth)
-              for img, truth in images]
+    listed = [([(n["id"], n["activation"]) for n in EXPLAIN["_listed"](analysis.analyze(state, img, layer, t).to_json(), 5)],
+               truth) for img, truth in images]
     rows = []
     if state.get_release().entry(layer, t).diffc is not None:
         for img, truth in images[:why]:
             view = attribution_view.attribute_image(state, img, layer, t)
             view.show_dense = True
             rows.append((view.attribution.target_name, truth,
-                         [(r["neuron"], r["effect_prob"], r["neuron"] in view.dense)
+                         [(r["neuron"], r["effect_prob"], r["neuron"] in view.dense, r["activation"])
                           for r in attribution_view._chart_rows(view, attribution_view.WHY_TOP)]))
     return listed, rows
 
 
 def score(atlas: Any, listed: list, why_rows: list) -> dict[str, Any]:
-    """bench_explain's coverage/precision and "why" shares with the atlas' current claims."""
+    """bench_explain's coverage/precision and "why" shares with the atlas' current claims (as the app shows them:
+    none where the neuron fires too weakly on the image, :meth:`NeuronAtlas.named_on_image`)."""
+    def names(i: int, activation: float) -> list[str]:
+        return [e.value for e in atlas.explanation(i)] if atlas.named_on_image(i, activation) else []
+
     n_listed = named = correct = 0
     for ids, truth in listed:
-        for i in ids:
+        for i, activation in ids:
             n_listed += 1
-            values = [e.value for e in atlas.explanation(i)]
+            values = names(i, activation)
             if values:
                 named += 1
                 correct += all(v in truth for v in values)
@@ -76,8 +80,7 @@ def score(atlas: Any, listed: list, why_rows: list) -> dict[str, Any]:
     right = [(name, rows) for name, truth, rows in why_rows if name in truth]
     for key, show in (("why", False), ("why_dense_shown", True)):
         if right:
-            hits = sum(any(name in [e.value for e in atlas.explanation(n)]
-                           for n, _, _ in [r for r in rows if (show or not r[2]) and r[1] > 0][:3])
+            hits = sum(any(name in names(n, act) for n, _, _, act in [r for r in rows if (show or not r[2]) and r[1] > 0][:3])
                        for name, rows in right)
             out[key] = round(hits / len(right), 4)
     return out

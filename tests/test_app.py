@@ -87,7 +87,7 @@ def test_analyze_matches_library_and_is_sorted(state, images):
     for n in result.neurons:
         assert n.activation == pytest.approx(float(acts[n.id]), rel=1e-4, abs=1e-5)
         assert n.relevance == pytest.approx(float(relevance[n.id]), rel=1e-3, abs=1e-4)
-        assert n.dense == bool(atlas.dense_mask[n.id]) and n.summary == atlas.summary(n.id)
+        assert n.dense == bool(atlas.dense_mask[n.id]) and n.summary == atlas.summary_on_image(n.id, float(acts[n.id]))
         assert n.frequency == pytest.approx(float(atlas.stats["frequency"][n.id]), abs=1e-4)
     # Predictions are the entry's Diff-C top-5: probabilities, summing to at most 1.
     assert set(result.predictions) == set(preds)

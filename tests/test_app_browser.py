@@ -44,7 +44,8 @@ def test_upload_analyze_and_see_everything(app, browser, tmp_path):
     assert any(name in predictions_text for name in class_names), predictions_text
     cells = [c.strip() for c in page.locator("#neurons").inner_text().split("\n")]
     expected = str(entry.atlas.summary(int(next(c for c in cells if c.isdigit()))))
-    assert any(expected == c for c in cells), cells  # each neuron row carries its atlas summary
+    # each neuron row carries its atlas summary (after "not named here: ..." where it fires weakly on the image)
+    assert any(c.endswith(expected) for c in cells), cells
     assert page.locator("#neuron-gallery img").count() >= 1
     assert page.locator("[data-testid='toast-body']").count() == 0  # no error toast
 

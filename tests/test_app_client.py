@@ -71,7 +71,7 @@ def test_analyze_json_matches_the_library(app, client, images):
         assert visible == firing[torch.argsort(relevance[firing], descending=True, stable=True)][: len(visible)].tolist()
         for n in got["neurons"]:
             assert n["activation"] == pytest.approx(float(acts[n["id"]]), rel=1e-4, abs=1e-5)
-            assert n["summary"] == atlas.summary(n["id"])
+            assert n["summary"] == atlas.summary_on_image(n["id"], float(acts[n["id"]]))
         assert [n["relevance"] for n in got["neurons"]] == sorted((n["relevance"] for n in got["neurons"]), reverse=True)
         assert isinstance(got["ood"]["out_of_distribution"], bool)
         assert got["predictions"] == pytest.approx(preds, abs=1e-5)

@@ -96,8 +96,9 @@ def test_token_attribution_equals_brute_force(entry, features):
             bp, bl = brute_force_token(entry.sae, entry.diffc, x[None], n, res.target)
             assert ep == pytest.approx(bp, abs=2e-6), (n, j)
             assert el == pytest.approx(bl, abs=2e-5), (n, j)
-        # the atlas line of each measured neuron comes along
-        assert res.summaries == [entry.atlas.summary(n) for n in res.neurons.tolist()]
+        # the atlas line of each measured neuron comes along, as it applies to this image
+        assert res.summaries == [entry.atlas.summary_on_image(n, float(x))
+                                 for n, x in zip(res.neurons.tolist(), res.activations.tolist())]
 
 
 def test_pooled_attribution_equals_brute_force(entry, features):
