@@ -315,3 +315,22 @@ def test_an_image_gets_a_neurons_names_only_where_it_fires_as_strongly_as_the_cl
     assert atlas.explanation(1) == [] and atlas.summary_on_image(1, 0.01) == atlas.summary(1)
     old, _, _ = _atlas(tmp_path / "old", calibration=None)
     assert old.named_on_image(0, 1e-6) and old.summary_on_image(0, 1e-6) == old.summary(0)
+
+
+def test_why_note_says_when_no_single_neuron_moves_the_class():
+    """At the toy bottleneck Diff-C answers with P ≈ 1 and single removals barely move it: the note must say the
+    bars' order says little; at down_ft1 single neurons move P by tens of points and the note must not."""
+    from revelio_hub.app import attribution_view as V
+    from revelio_hub.app.state import AppConfig, AppState
+
+    release = app_release_path()
+    state = AppState.from_config(AppConfig(releases=[str(release)]))
+    star = str(Path(release) / "examples" / "star.png")
+    seen = set()
+    for layer, t in (("bottleneck", 25), ("down_ft1", 25)):
+        view = V.attribute_image(state, star, layer, t)
+        largest = float(view.attribution.effects_prob.abs().max())
+        saturated = largest < V.SATURATED_EFFECT
+        assert ("No single neuron's removal changes P(" in V.why_note(view)) == saturated
+        seen.add(saturated)
+    assert seen == {True, False}  # the bundled release shows both cases

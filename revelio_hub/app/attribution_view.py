@@ -253,8 +253,28 @@ def why_note(view: AttributionView) -> str:
         f"{len(a)} of the {len(a.all_neurons)} active neurons were measured (the {len(a)} with the largest "
         f"gradient × activation estimate; rank agreement of that estimate with the exact effects: ρ = {rho}). "
         "Click a bar or a thumbnail to see where that neuron fires."
-        + _dense_line(view) + _concept_lines(view)
+        + _saturation_line(view) + _dense_line(view) + _concept_lines(view)
     )
+
+
+#: Below this largest single-neuron change of P(class), the bars' order is mostly noise: say so.
+SATURATED_EFFECT = 0.01
+
+
+def _saturation_line(view: AttributionView) -> str:
+    """Where no single removal moves P(class) by ``SATURATED_EFFECT``, the chart ranks tiny effects; say that.
+
+    On the toy release's bottleneck Diff-C answers with P ≈ 1 and single removals change it by less than 0.005
+    (docs/benchmarks.md, "Per-neuron claim records"), so the top bars there explain little on their own.
+    """
+    effects = view.attribution.effects_prob
+    largest = float(effects.abs().max()) if len(effects) else 0.0
+    if largest >= SATURATED_EFFECT:
+        return ""
+    name = view.attribution.target_name
+    return (f" No single neuron's removal changes P({name}) by {SATURATED_EFFECT:.0%} or more (largest: "
+            f"{largest:.2%}): Diff-C rests on many neurons at once here, so the order of these bars says little; "
+            "removing groups of neurons together (by concept, where shown) measures more.")
 
 
 def _dense_line(view: AttributionView) -> str:
