@@ -68,14 +68,7 @@ def score(atlas: Any, listed: list, why_rows: list) -> dict[str, Any]:
     def names(i: int, activation: float) -> list[str]:
         return [e.value for e in atlas.explanation(i)] if atlas.named_on_image(i, activation) else []
 
-    n_listed = named = correct = 0
-    for ids, truth in listed:
-        for i, activation in ids:
-            n_listed += 1
-            values = names(i, activation)
-            if values:
-                named += 1
-                correct += all(v in truth for v in values)
+    n_listed, named, correct = EXPLAIN["name_counts"](listed, lambda neuron: names(*neuron))
     out = {"coverage": round(named / max(n_listed, 1), 4), "precision": round(correct / max(named, 1), 4)}
     right = [(name, rows) for name, truth, rows in why_rows if name in truth]
     for key, show in (("why", False), ("why_dense_shown", True)):
@@ -113,14 +106,13 @@ def main(argv=None) -> dict[str, Any]:
         atlas = entry.atlas
         log = atlas_log(entry, store, rows, layer, a.timestep, atlas.num_images)
         listed, why_rows = listings(state, layer, a.timestep, images, a.why)
-        saved = atlas.meta.get("claim_calibration")
+        saved = atlas.calibration
         for prior in a.priors:
-            cal = calibrate_claims(log, atlas.label_columns, top=int(atlas.meta.get("purity_top", 10)),
-                                   dense_frequency=atlas.dense_frequency, config=CalibrationConfig(prior_pairs=prior))
-            atlas.meta["claim_calibration"] = cal.to_dict()
-            atlas._calibration, atlas._summaries = None, {}
+            atlas.set_calibration(calibrate_claims(log, atlas.label_columns, top=int(atlas.meta.get("purity_top", 10)),
+                                                   dense_frequency=atlas.dense_frequency,
+                                                   config=CalibrationConfig(prior_pairs=prior)))
             report["priors"].setdefault(f"{prior:g}", {})[f"{layer}/t{a.timestep}"] = score(atlas, listed, why_rows)
-        atlas.meta["claim_calibration"], atlas._calibration, atlas._summaries = saved, None, {}
+        atlas.set_calibration(saved)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if a.json:
         print(json.dumps(report, indent=2))

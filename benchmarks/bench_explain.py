@@ -48,7 +48,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -229,6 +229,20 @@ def why_oracle(tops: list[tuple[str, list[int]]], precision: float = 0.9) -> Opt
     return round(sum(any(label.get(n) == name for n in neurons) for name, neurons in tops) / len(tops), 4)
 
 
+def name_counts(lists: list[tuple[list[Any], set[str]]], names: Callable[[Any], list[str]]) -> tuple[int, int, int]:
+    """(listed, named, correct) over per-image lists of neurons: ``names(neuron)`` are the values a neuron's line
+    names for that image; a named line is correct when all its values are true of the image."""
+    listed = named = correct = 0
+    for neurons, truth in lists:
+        for neuron in neurons:
+            listed += 1
+            values = names(neuron)
+            if values:
+                named += 1
+                correct += all(v in truth for v in values)
+    return listed, named, correct
+
+
 def tune(analysis, state, images, entries, top: int, grid_auroc, grid_precision,
          ranking: Optional[str] = None, max_values: Optional[int] = None) -> list[dict[str, Any]]:
     """Coverage/precision of every threshold pair on the tuning images (rankings fixed, summaries recomputed)."""
@@ -248,14 +262,7 @@ def tune(analysis, state, images, entries, top: int, grid_auroc, grid_precision,
                 saved = atlas.thresholds
                 atlas.thresholds = SummaryThresholds(min_auroc=a, min_precision=p, min_top_images=saved.min_top_images,
                                                      max_values=max_values or saved.max_values)
-                listed = named = correct = 0
-                for ids, truth in items:
-                    for i in ids:
-                        listed += 1
-                        values = [e.value for e in atlas.explanation(i)]
-                        if values:
-                            named += 1
-                            correct += all(v in truth for v in values)
+                listed, named, correct = name_counts(items, lambda i: [e.value for e in atlas.explanation(i)])
                 atlas.thresholds = saved
                 per[f"{layer}/t{t}"] = (named / listed if listed else 0.0, correct / named if named else 1.0)
             rows.append({"min_auroc": a, "min_precision": p, "max_values": max_values,

@@ -294,6 +294,13 @@ def test_an_atlas_claims_can_be_recalibrated_from_its_activation_log(tmp_path):
     again = calibrate_claims(log, COLUMNS, top=config.purity_top, dense_frequency=config.dense_frequency,
                              config=config.claim_calibration)
     assert again.to_dict() == atlas.calibration.to_dict() and sum(map(sum, again.neuron_pairs)) > 0
+    # swapping the table drops what was cached from the old one
+    lines = [atlas.summary(i) for i in range(atlas.num_neurons)]
+    atlas.set_calibration(None)
+    assert atlas.calibration is None
+    assert all("true on" not in atlas.summary(i) and "unsure" not in atlas.summary(i) for i in range(atlas.num_neurons))
+    atlas.set_calibration(again)
+    assert [atlas.summary(i) for i in range(atlas.num_neurons)] == lines
     with pytest.raises(ValueError, match="no batches"):
         activation_log([], sae, COLUMNS)
 

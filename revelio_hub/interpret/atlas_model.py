@@ -96,6 +96,10 @@ class NeuronAtlas:
     # summary(i) per (neuron, thresholds): the app lists ~10 neurons per request, and building each line
     # (evidence over every label column, thresholds parsed from meta) was 9% of a toy request's server time.
     _summaries: dict[tuple[int, str], str] = field(default_factory=dict, repr=False)
+    # _claims(i) per (neuron, thresholds): the request path asks for a listed neuron's names once per image
+    # (summary_on_image, concept groups), each time over every label column
+    _claim_cache: dict[tuple[int, str], tuple[list[ValueEvidence], Optional[ValueEvidence]]] = field(
+        default_factory=dict, repr=False)
     _calibration: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ basic properties
@@ -135,6 +139,14 @@ class NeuronAtlas:
     @thresholds.setter
     def thresholds(self, value: SummaryThresholds) -> None:
         self.meta["summary_thresholds"] = SummaryThresholds.from_dict(value.to_dict()).to_dict()
+
+    def set_calibration(self, calibration: Optional[ClaimCalibration]) -> None:
+        """Replace the claim table (``None``: uncalibrated summaries), e.g. to study other calibration settings;
+        cached summaries and claims are dropped."""
+        self.meta["claim_calibration"] = calibration.to_dict() if calibration is not None else None
+        self._calibration = None
+        self._summaries.clear()
+        self._claim_cache.clear()
 
     @property
     def calibration(self) -> Optional[ClaimCalibration]:
@@ -261,9 +273,19 @@ class NeuronAtlas:
         """
         return self._claims(i)[0]
 
+    def _cache_key(self, i: int) -> tuple[int, str]:
+        return i, json.dumps(self.meta.get("summary_thresholds"), sort_keys=True, default=str)
+
     def _claims(self, i: int) -> tuple[list[ValueEvidence], Optional[ValueEvidence]]:
-        """(named values, the best unnamed candidate: "unsure") of neuron ``i``."""
-        freq = float(self.stats["frequency"][self._check(i)])
+        """(named values, the best unnamed candidate: "unsure") of neuron ``i``; cached."""
+        key = self._cache_key(self._check(i))
+        found = self._claim_cache.get(key)
+        if found is None:
+            found = self._claim_cache[key] = self._make_claims(key[0])
+        return found
+
+    def _make_claims(self, i: int) -> tuple[list[ValueEvidence], Optional[ValueEvidence]]:
+        freq = float(self.stats["frequency"][i])
         if freq <= 0:
             return [], None
         cal = self.calibration
@@ -355,7 +377,7 @@ class NeuronAtlas:
         same text is shown in the app, the JSON API and the card.
         """
         i = self._check(i)
-        key = (i, json.dumps(self.meta.get("summary_thresholds"), sort_keys=True, default=str))
+        key = self._cache_key(i)
         text = self._summaries.get(key)
         if text is None:
             freq = float(self.stats["frequency"][i])
@@ -377,7 +399,7 @@ class NeuronAtlas:
         cal = self.calibration
         if cal is None or not self.explanation(i):
             return True
-        mean = float(self.stats["mean_activation"][self._check(i)])
+        mean = float(self.stats["mean_activation"][i])
         return mean <= 0 or activation >= cal.config.strong * mean
 
     def summary_on_image(self, i: int, activation: float) -> str:
