@@ -17,6 +17,18 @@ import numpy as np
 from PIL import Image
 
 
+def class_colour_png(i: int, height: int = 32, width: int = 32) -> bytes:
+    """PNG bytes of seeded pixel noise whose channel ``i % 3`` is saturated: image ``i`` of a 3-class dataset
+    whose class is its colour (the feature-store and streaming tests' rows)."""
+    import io
+
+    pixels = np.random.default_rng(i).integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    pixels[..., i % 3] = 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def red_and_blue(folder: Path) -> dict[str, Path]:
     """Two shape images that differ in colour and background (the app tests' usual pair)."""
     return {

@@ -25,6 +25,7 @@ from revelio_hub.backbones import load_backbone
 from revelio_hub.data import open_image_dataset
 from revelio_hub.features import FeatureStore, augment_view, entry_dir, extract_to_store
 
+from app_inputs import class_colour_png
 from tiny_models import make_tiny_pixel
 from process_group import run_group
 
@@ -38,12 +39,7 @@ TIMESTEPS = [25, 200]
 
 
 def _png(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    pixels = rng.integers(0, 255, size=(32 + 4 * (i % 2), 32, 3), dtype=np.uint8)
-    pixels[..., i % 3] = 255  # class colour
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+    return class_colour_png(i, height=32 + 4 * (i % 2))  # odd rows are not square
 
 
 @pytest.fixture(scope="module")

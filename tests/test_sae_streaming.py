@@ -5,17 +5,14 @@ Uses the real pixel backbone built from a tiny config (tests/tiny_models.py) on 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from revelio_hub.backbones import load_backbone
 from revelio_hub.data import open_image_dataset
@@ -24,6 +21,7 @@ from revelio_hub.sae.model import KSparseAutoencoder
 from revelio_hub.sae.streaming import FeatureStream, entry_dir, train_sae_stream
 from revelio_hub.sae.training import SAETrainConfig, sample_tokens, train_sae
 
+from app_inputs import class_colour_png
 from process_group import run_group
 from tiny_models import make_tiny_pixel
 
@@ -36,20 +34,11 @@ N_IMAGES = 24
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _png(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    pixels = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
-    pixels[..., i % 3] = 255
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
     ds = datasets.Dataset.from_dict(
-        {"image": [{"bytes": _png(i), "path": None} for i in range(N_IMAGES)], "label": [i % 3 for i in range(N_IMAGES)]},
+        {"image": [{"bytes": class_colour_png(i), "path": None} for i in range(N_IMAGES)], "label": [i % 3 for i in range(N_IMAGES)]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["r", "g", "b"])}),
     )
     ds.to_parquet(str(root / "images.parquet"))
