@@ -40,7 +40,7 @@ def _planted(n: int = 600, seed: int = 0):
     return acts, {"shape": shape, "colour": colour}
 
 
-def _atlas(tmp_path, calibration=CalibrationConfig(strong=1.0)):
+def _atlas(tmp_path, calibration=CalibrationConfig(regimes=(1.0,))):
     acts, labels = _planted()
     ids = torch.arange(acts.shape[0])
     config = AtlasConfig(claim_calibration=calibration)
@@ -79,10 +79,15 @@ def test_claims_below_the_precision_floor_are_not_named(tmp_path):
     # A stricter floor un-names the red detector too; the table is data in atlas.json.
     meta = json.loads((tmp_path / "a" / ATLAS_FILE).read_text())
     meta["claim_calibration"]["config"]["min_precision"] = 1.01 if named[0].held_out < 1 else 1.0
-    meta["claim_calibration"]["true"] = [[[0 for _ in r] for r in d] for d in meta["claim_calibration"]["true"]]
+    meta["claim_calibration"]["true"] = _filled(meta["claim_calibration"]["true"], 0)
     (tmp_path / "a" / ATLAS_FILE).write_text(json.dumps(meta))
     stricter = NeuronAtlas.load(tmp_path / "a")
     assert stricter.explanation(0) == [] and stricter.summary(0).startswith("unsure: red (colour)?")
+
+
+def _filled(table, value):
+    """A stored count table (nested lists) with every count replaced by ``value``."""
+    return [_filled(x, value) for x in table] if isinstance(table, list) else value
 
 
 def test_calibration_round_trips_and_old_atlases_keep_their_summaries(tmp_path):
@@ -91,7 +96,7 @@ def test_calibration_round_trips_and_old_atlases_keep_their_summaries(tmp_path):
     again = ClaimCalibration.from_dict(stored)
     assert again.to_dict() == atlas.calibration.to_dict() == stored
     # too few pairs in a band = unmeasured: no claim is made there
-    few = ClaimCalibration.from_dict({**stored, "pairs": [[[5 for _ in r] for r in d] for d in stored["pairs"]]})
+    few = ClaimCalibration.from_dict({**stored, "pairs": _filled(stored["pairs"], 5)})
     assert few.precision(0.99, 1.0, dense=False) is None
     # An atlas built without calibration (or of an unknown table version) keeps the AUROC / top-image line.
     old, _, _ = _atlas(tmp_path / "old", calibration=None)
@@ -127,10 +132,10 @@ def test_a_neuron_is_judged_by_its_own_held_out_record_not_only_its_band(tmp_pat
     # One AUROC band holds both. A prior of 0 pairs: each neuron's figure is its own record; a huge prior: the
     # band's (version-1 behaviour).
     own = build_atlas([(acts, labels, ids)], label_columns=COLUMNS, out=tmp_path / "own",
-                      config=AtlasConfig(claim_calibration=CalibrationConfig(strong=1.0, prior_pairs=0, auroc_edges=(0.5,))))
+                      config=AtlasConfig(claim_calibration=CalibrationConfig(regimes=(1.0,), prior_pairs=0, auroc_edges=(0.5,))))
     own = NeuronAtlas.load(tmp_path / "own")
     cal = own.calibration
-    assert cal.version == 2 and cal.columns == list(COLUMNS)
+    assert cal.version == 3 and cal.columns == list(COLUMNS)
     t0, n0 = cal.neuron_record(0, "shape")
     t1, n1 = cal.neuron_record(1, "shape")
     # the records are the held-out strong firings: every one of neuron 0's is a square, about 60 % of neuron 1's
@@ -140,7 +145,7 @@ def test_a_neuron_is_judged_by_its_own_held_out_record_not_only_its_band(tmp_pat
     assert [e.value for e in own.explanation(0)] == ["square"] and own.explanation(0)[0].held_out == 1.0
     assert own.explanation(1) == [] and own.summary(1).startswith("unsure: square (shape)?")
     banded = build_atlas([(acts, labels, ids)], label_columns=COLUMNS,
-                         config=AtlasConfig(claim_calibration=CalibrationConfig(strong=1.0, prior_pairs=1e9, auroc_edges=(0.5,))))
+                         config=AtlasConfig(claim_calibration=CalibrationConfig(regimes=(1.0,), prior_pairs=1e9, auroc_edges=(0.5,))))
     e0, e1 = (next(e for e in banded.evidence(j) if e.column == "shape") for j in (0, 1))
     assert banded.calibration.band(e0.auroc, e0.precision) == banded.calibration.band(e1.auroc, e1.precision)
     # by band alone both neurons get the same figure: the band cannot tell them apart
@@ -149,7 +154,15 @@ def test_a_neuron_is_judged_by_its_own_held_out_record_not_only_its_band(tmp_pat
     # the stored per-neuron record round-trips, and a version-1 table (no records) still loads, band figures only
     stored = json.loads((tmp_path / "own" / ATLAS_FILE).read_text())["claim_calibration"]
     assert ClaimCalibration.from_dict(stored).to_dict() == stored
-    v1 = {k: v for k, v in stored.items() if k not in ("columns", "neuron_true", "neuron_pairs")}
+    # tables of versions 2 (one regime, no regime axis) and 1 (no records: band figures only) still load
+    config2 = {**{k: v for k, v in stored["config"].items() if k != "regimes"}, "strong": 1.0}
+    v2 = {**stored, "version": 2, "config": config2,
+          **{k: stored[k][0] for k in ("true", "pairs", "neuron_true", "neuron_pairs")}}
+    two = ClaimCalibration.from_dict(v2)
+    assert two.config.regimes == [1.0] and two.neuron_record(1, "shape") == (t1, n1) and two.to_dict() == v2
+    assert two.precision(e0.auroc, e0.precision, False, 0, "shape") == cal.precision(e0.auroc, e0.precision, False, 0,
+                                                                                     "shape")
+    v1 = {k: v for k, v in v2.items() if k not in ("columns", "neuron_true", "neuron_pairs")}
     old = ClaimCalibration.from_dict({**v1, "version": 1})
     assert old is not None and old.neuron_record(1, "shape") is None and old.to_dict()["version"] == 1
     with pytest.raises(ValueError, match="prior_pairs"):
@@ -288,12 +301,12 @@ def test_an_atlas_claims_can_be_recalibrated_from_its_activation_log(tmp_path):
     x = torch.randn(120, 6)
     labels = {"shape": torch.randint(0, 3, (120,)), "colour": torch.randint(0, 2, (120,))}
     batches = [(x[i:i + 40], {c: v[i:i + 40] for c, v in labels.items()}, torch.arange(i, i + 40)) for i in (0, 40, 80)]
-    config = AtlasConfig(claim_calibration=CalibrationConfig(strong=1.0, min_pairs=1))
+    config = AtlasConfig(claim_calibration=CalibrationConfig(regimes=(1.0,), min_pairs=1))
     atlas = build_atlas(batches, sae=sae, label_columns=COLUMNS, config=config)
     log = activation_log(batches, sae, COLUMNS)
     again = calibrate_claims(log, COLUMNS, top=config.purity_top, dense_frequency=config.dense_frequency,
                              config=config.claim_calibration)
-    assert again.to_dict() == atlas.calibration.to_dict() and sum(map(sum, again.neuron_pairs)) > 0
+    assert again.to_dict() == atlas.calibration.to_dict() and torch.tensor(again.neuron_pairs).sum() > 0
     # swapping the table drops what was cached from the old one
     lines = [atlas.summary(i) for i in range(atlas.num_neurons)]
     atlas.set_calibration(None)
@@ -305,23 +318,71 @@ def test_an_atlas_claims_can_be_recalibrated_from_its_activation_log(tmp_path):
         activation_log([], sae, COLUMNS)
 
 
-def test_an_image_gets_a_neurons_names_only_where_it_fires_as_strongly_as_the_claims_were_checked(tmp_path):
-    atlas, acts, _ = _atlas(tmp_path)  # claims checked where a neuron fires ≥ 1× its mean activation
-    assert [e.value for e in atlas.explanation(0)] == ["red"]
-    mean = float(atlas.stats["mean_activation"][0])
-    strong, weak = 1.1 * mean, 0.5 * mean
-    assert atlas.named_on_image(0, strong) and atlas.summary_on_image(0, strong) == atlas.summary(0)
-    assert not atlas.named_on_image(0, weak)
-    line = atlas.summary_on_image(0, weak)
-    assert line.startswith("not named here: fires weakly (0.5× its usual); where it fires ≥ 1×: red (colour)")
+def _two_red_neurons(n: int = 600, seed: int = 2):
+    """Two red detectors whose strong firings are all red. Neuron 0 fires only on red, at three levels (strong,
+    typical, weak); neuron 1's typical firings (about 0.7× its mean) are all on blue images."""
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.randint(0, 3, (n,), generator=g)
+    colour = torch.randint(0, 2, (n,), generator=g)
+    red = colour == 1
+    u = torch.rand(n, generator=g)
+    noise = lambda: 0.2 * torch.rand(n, generator=g)  # noqa: E731
+    level0 = torch.where(u < 0.3, 8.0, torch.where(u < 0.7, 4.5, 1.0)) + noise()
+    acts = torch.zeros(n, 2)
+    acts[:, 0] = torch.where(red, level0, torch.zeros(n))
+    acts[:, 1] = torch.where((torch.rand(n, generator=g) < 0.5), torch.where(red, 8.0, 4.5) + noise(), torch.zeros(n))
+    return acts, {"shape": shape, "colour": colour}
+
+
+def test_an_image_gets_a_neurons_names_only_in_a_firing_regime_where_they_were_checked(tmp_path):
+    acts, labels = _two_red_neurons()
+    config = AtlasConfig(claim_calibration=CalibrationConfig(regimes=(1.2, 0.6), prior_pairs=0))
+    build_atlas([(acts, labels, torch.arange(acts.shape[0]))], label_columns=COLUMNS, config=config, out=tmp_path / "a")
+    atlas = NeuronAtlas.load(tmp_path / "a")
+    cal = atlas.calibration
+    assert cal.version == 3 and cal.config.regimes == [1.2, 0.6]
+    assert [e.value for e in atlas.explanation(0)] == ["red"] == [e.value for e in atlas.explanation(1)]
+    mean = atlas.stats["mean_activation"]
+    # the held-out records per regime: neuron 0's typical firings are all red, neuron 1's none
+    t0, n0 = cal.neuron_record(0, "colour", regime=1)
+    t1, n1 = cal.neuron_record(1, "colour", regime=1)
+    assert n0 > 50 and t0 == n0 and n1 > 50 and t1 == 0
     import runpy
 
     bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_explain.py"))
-    assert bench["named_values"](line) == [] and bench["named_values"](atlas.summary_on_image(0, strong)) == ["red"]
-    # a neuron that names nothing, and an uncalibrated atlas, withhold nothing
-    assert atlas.explanation(1) == [] and atlas.summary_on_image(1, 0.01) == atlas.summary(1)
+    for j in (0, 1):  # a strong firing: the summary itself
+        strong = 1.3 * float(mean[j])
+        assert atlas.names_on_image(j, strong) == atlas.explanation(j)
+        assert atlas.summary_on_image(j, strong) == atlas.summary(j)
+    # a typical firing: neuron 0 keeps its name with the figure of that regime; neuron 1 names nothing
+    typical0 = atlas.names_on_image(0, 0.9 * float(mean[0]))
+    assert [e.value for e in typical0] == ["red"] and typical0[0].held_out == pytest.approx(1.0)
+    line0 = atlas.summary_on_image(0, 0.9 * float(mean[0]))
+    assert line0.startswith("red (colour) · true on 100% of held-out images it fires 0.6–1.2× its usual on")
+    assert bench["named_values"](line0) == ["red"]
+    assert atlas.names_on_image(1, 0.9 * float(mean[1])) == []
+    line1 = atlas.summary_on_image(1, 0.9 * float(mean[1]))
+    assert line1.startswith("not named here: fires 0.9× its usual, where its names held too rarely on held-out images; "
+                            "where it fires ≥ 1.2×: red (colour)")
+    assert bench["named_values"](line1) == []
+    # weaker than every regime: nothing is named
+    weak = atlas.summary_on_image(0, 0.5 * float(mean[0]))
+    assert atlas.names_on_image(0, 0.5 * float(mean[0])) == []
+    assert weak.startswith("not named here: fires weakly (0.5× its usual); where it fires ≥ 1.2×: red (colour)")
+    assert bench["named_values"](weak) == []
+    # the table round-trips; one regime = the version-2 rule (weaker firings name nothing)
+    stored = json.loads((tmp_path / "a" / ATLAS_FILE).read_text())["claim_calibration"]
+    assert ClaimCalibration.from_dict(stored).to_dict() == stored
+    only = build_atlas([(acts, labels, torch.arange(acts.shape[0]))], label_columns=COLUMNS,
+                       config=AtlasConfig(claim_calibration=CalibrationConfig(regimes=(1.2,), prior_pairs=0)))
+    assert only.names_on_image(0, 0.9 * float(mean[0])) == []
+    # an uncalibrated atlas and a neuron that names nothing withhold nothing
     old, _, _ = _atlas(tmp_path / "old", calibration=None)
-    assert old.named_on_image(0, 1e-6) and old.summary_on_image(0, 1e-6) == old.summary(0)
+    assert old.summary_on_image(0, 1e-6) == old.summary(0) and old.names_on_image(0, 1e-6) == old.explanation(0)
+    plain, _, _ = _atlas(tmp_path / "plain")
+    assert plain.explanation(1) == [] and plain.summary_on_image(1, 0.01) == plain.summary(1)
+    with pytest.raises(ValueError, match="regimes"):
+        CalibrationConfig(regimes=(1.0, 1.5))
 
 
 def test_why_note_says_when_no_single_neuron_moves_the_class():

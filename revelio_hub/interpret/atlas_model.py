@@ -387,31 +387,67 @@ class NeuronAtlas:
             self._summaries[key] = text
         return text
 
-    def named_on_image(self, i: int, activation: float) -> bool:
-        """Whether neuron ``i``'s named values apply to an image where it fires with ``activation``.
-
-        A calibrated claim's figure was measured on held-out images the neuron
-        fires *strongly* on (≥ ``strong`` × its mean activation when firing);
-        on a weaker firing it was not measured, and there names were often
-        false (docs/benchmarks.md, "Per-neuron claim records"). Uncalibrated
-        atlases and neurons that name nothing: always ``True`` (nothing to withhold).
-        """
-        cal = self.calibration
-        if cal is None or not self.explanation(i):
-            return True
+    def _regime(self, i: int, activation: float) -> Optional[int]:
+        """The calibration's firing regime of an image where neuron ``i`` fires with ``activation`` (0 = strongly;
+        ``None`` = weaker than any regime its claims were checked in)."""
         mean = float(self.stats["mean_activation"][i])
-        return mean <= 0 or activation >= cal.config.strong * mean
+        return 0 if mean <= 0 else self.calibration.config.regime_of(activation / mean)
+
+    def names_on_image(self, i: int, activation: float) -> list[ValueEvidence]:
+        """The values neuron ``i`` names on an image where it fires with ``activation``, each with the figure
+        measured for firings like it.
+
+        A calibrated claim's summary figure was measured on held-out images the
+        neuron fires *strongly* on; on a weaker firing it says nothing, and there
+        names were often false (docs/benchmarks.md, "Per-neuron claim records").
+        So on a firing of a weaker regime (``CalibrationConfig.regimes``) a named
+        value applies only where that regime measured at least ``min_precision``
+        for it, and carries that regime's figure; weaker than every regime,
+        nothing applies. Uncalibrated atlases: the summary's values, always.
+        """
+        named = self.explanation(i)
+        cal = self.calibration
+        if cal is None or not named:
+            return named
+        r = self._regime(i, activation)
+        if r == 0:
+            return named
+        if r is None:
+            return []
+        dense = float(self.stats["frequency"][i]) > self.dense_frequency
+        out = []
+        for e in named:
+            p = cal.precision(e.auroc, e.precision, dense, neuron=i, column=e.column, regime=r)
+            if p is not None and p >= cal.config.min_precision:
+                out.append(replace(e, held_out=p))
+        return out
 
     def summary_on_image(self, i: int, activation: float) -> str:
-        """:meth:`summary`, or, where the image is outside the regime its claims were checked in, a line that
-        names nothing for this image: ``"not named here: fires weakly (0.6× its usual); where it fires ≥ 1.5×:
-        cyan (color) · true on 94% ..."``."""
+        """:meth:`summary` as it applies to an image where neuron ``i`` fires with ``activation``.
+
+        A strong firing: the summary itself. A weaker one whose regime measured
+        its names true often enough: the names with that regime's figure
+        (``"red (colour) · true on 92% of held-out images it fires 1–1.5× its usual on · ..."``). Otherwise a line
+        that names nothing for this image: ``"not named here: fires weakly (0.6× its usual); where it fires ≥
+        1.5×: <summary>"``.
+        """
+        i = self._check(i)
         text = self.summary(i)
-        if self.named_on_image(i, activation):
+        cal = self.calibration
+        if cal is None or not self.explanation(i):
             return text
-        mean = float(self.stats["mean_activation"][self._check(i)])
-        strong = self.calibration.config.strong
-        return f"not named here: fires weakly ({activation / mean:.1f}× its usual); where it fires ≥ {strong:g}×: {text}"
+        r = self._regime(i, activation)
+        if r == 0:
+            return text
+        names = self.names_on_image(i, activation)
+        if names:
+            return summary_text(names, float(self.stats["frequency"][i]), self.num_images,
+                                single_column=len(self.label_columns) <= 1, where=self.where(i),
+                                phrase=cal.config.regime_phrase(r))
+        ratio = activation / float(self.stats["mean_activation"][i])
+        why = (f"fires weakly ({ratio:.1f}× its usual)" if r is None else
+               f"fires {ratio:.1f}× its usual, where its names held too rarely on held-out images")
+        return f"not named here: {why}; where it fires ≥ {cal.config.strong:g}×: {text}"
 
     def search(self, value: str, column: Optional[str] = None, limit: int = 20) -> list[dict[str, Any]]:
         """Neurons that detect a label value, best first: ``[{"neuron", "column", "value", "auroc", "precision"}]``.

@@ -63,7 +63,7 @@ def concept_effects(sae: Any, diffc: Any, features: torch.Tensor, attribution: A
     ``features`` is the one map the attribution was computed on (``C×H×W`` or
     ``1×C×H×W``); ``attribution`` one :class:`~revelio_hub.interpret.attribution.Attribution`.
     Neurons whose summary names nothing, or whose names do not apply to this image (they fire too weakly
-    on it, :meth:`NeuronAtlas.named_on_image`), form no group.
+    on it, :meth:`NeuronAtlas.names_on_image`), form no group.
     """
     if atlas is None:
         return []
@@ -72,9 +72,7 @@ def concept_effects(sae: Any, diffc: Any, features: torch.Tensor, attribution: A
     for k in shown_neurons(attribution, atlas, include_dense):
         j = int(attribution.neurons[k])
         single[j] = float(attribution.effects_prob[k])
-        if not atlas.named_on_image(j, float(attribution.activations[k])):
-            continue
-        for e in atlas.explanation(j):
+        for e in atlas.names_on_image(j, float(attribution.activations[k])):
             groups.setdefault((e.column, e.value), []).append(j)
     if not groups:
         return []

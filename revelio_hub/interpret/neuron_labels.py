@@ -352,7 +352,8 @@ def _named_part(e: ValueEvidence, single_column: bool) -> str:
 
 
 def summary_text(named: Sequence[ValueEvidence], frequency: float, num_images: int, single_column: bool = False,
-                 unsure: Optional[ValueEvidence] = None, where: Optional[str] = None) -> str:
+                 unsure: Optional[ValueEvidence] = None, where: Optional[str] = None,
+                 phrase: str = HELD_OUT_PHRASE) -> str:
     """One line: ``cyan (color) · true on 94% of held-out images it fires strongly on · fires on 4% of images``.
 
     Calibrated values (``held_out`` set) quote their measured precision; two
@@ -363,14 +364,16 @@ def summary_text(named: Sequence[ValueEvidence], frequency: float, num_images: i
     older line: ``magenta (color) · AUROC 0.99 · 10/10 top images``. AUROC reads
     "higher = the neuron singles this value out better" (0.5 = chance). The
     column name is left out when the atlas has only one label column.
-    ``where`` (token SAEs) says where the neuron's top images peak.
+    ``where`` (token SAEs) says where the neuron's top images peak. ``phrase`` says
+    which held-out firings a calibrated figure counts (another firing regime than
+    "strongly": ``"of held-out images it fires 1–1.5× its usual on"``).
     """
     if frequency <= 0:
         return f"dead neuron (never fired on {num_images} images)"
     calibrated = [e for e in named if not math.isnan(e.held_out)]
     if calibrated:
         rates = " and ".join(f"{100 * e.held_out:.0f}%" for e in calibrated)
-        head = " · ".join(_named_part(e, single_column) for e in calibrated) + f" · true on {rates} {HELD_OUT_PHRASE}"
+        head = " · ".join(_named_part(e, single_column) for e in calibrated) + f" · true on {rates} {phrase}"
     elif named:
         parts = []
         for e in named:
@@ -381,7 +384,7 @@ def summary_text(named: Sequence[ValueEvidence], frequency: float, num_images: i
             parts.append(" · ".join(bits))
         head = "; ".join(parts)
     elif unsure is not None:
-        checked = (f"claims like it held on {100 * unsure.held_out:.0f}% {HELD_OUT_PHRASE}"
+        checked = (f"claims like it held on {100 * unsure.held_out:.0f}% {phrase}"
                    if not math.isnan(unsure.held_out) else "too few held-out images to check claims like it")
         head = f"unsure: {_named_part(unsure, single_column)}? {checked}"
     else:
