@@ -289,17 +289,47 @@ neuron's top-10 images, averaged over the (up to) 1,000 neurons with the highest
 more than 10 images (lower means more class-specific); beside it the same number with the labels shuffled across
 images, its value without any class structure. {_top_images_line(config)} Entropy is
 the label entropy of the top images of the (up to) 1,000 most frequent neurons. *Named* is the share of live neurons
-whose summary names a label value (the rest say `unsure` or `mixed`). Claims are calibrated when the atlas is
-built: the atlas images are cut into 5 parts; claims made from four parts (per label column the value with the best
-AUROC, with the share of the top images carrying it) are checked on the fifth, on the images the neuron fires strongly
-on (activation at least 1.5 × its mean when firing). Each claim's figure is the neuron's own record on those
-held-out images, shrunk towards the record of all claims like it (same AUROC band, top-image share and density) by 10
-pseudo-images, so a neuron seldom seen keeps its band's figure and one often seen earns its own. A summary names a
-value only where that figure is at least 90%, and quotes it ("true on 94% of held-out images it fires strongly on");
-otherwise it says `unsure` and the figure measured. Token-level
+whose summary names a label value (the rest say `unsure` or `mixed`). {_claims_explained(config)} Token-level
 entries add where the neuron peaks on its top images ("where: top-left", or "anywhere"). Atlases built before the
 calibration name a value when most top images carry it and its AUROC (shown: 0.5 = chance, 1 = perfect) is at least
 0.55. Diff-C accuracy is measured on the test split."""
+
+
+def _claims_explained(config: dict[str, Any]) -> str:
+    """How the summaries' claims were checked, in the figures of the stored claim tables (``release.json``)."""
+    tables = [c for e in config.get("entries", []) if (c := ((e.get("metrics") or {}).get("atlas") or {})
+                                                        .get("claim_calibration"))]
+    if not tables:
+        return "The summaries' claims were not checked on held-out images (an atlas built before claim calibration)."
+    c = tables[0]
+    folds, floor, prior = int(c.get("folds", 5)), 100 * float(c.get("min_precision", 0.9)), c.get("prior_pairs")
+    regimes = [float(r) for r in c.get("regimes") or [c.get("strong", 1.5)]]
+    text = (f"Claims are calibrated when the atlas is built: the atlas images are cut into {folds} parts; claims "
+            f"made from {folds - 1} parts (per label column the value with the best AUROC, with the share of the top "
+            "images carrying it) are checked on the remaining one, on the images the neuron fires strongly on "
+            f"(activation at least {regimes[0]:g} × its mean when firing). Each claim's figure is the neuron's own "
+            "record on those held-out images")
+    if prior is not None:
+        text += (f", shrunk towards the record of all claims like it (same AUROC band, top-image share and density) "
+                 f"by {float(prior):g} pseudo-images, so a neuron seldom seen keeps its band's figure and one often "
+                 "seen earns its own")
+    text += (f". A summary names a value only where that figure is at least {floor:.0f}%, and quotes it (\"true on "
+             "94% of held-out images it fires strongly on\"); otherwise it says `unsure` and the figure measured.")
+    if len(regimes) > 1:
+        spans = ", ".join(f"{lo:g}–{hi:g}×" for lo, hi in zip(regimes[1:], regimes))
+        text += (f" Weaker firings ({spans} its mean) are checked the same way on their own: on an image where the "
+                 f"neuron fires that way the app names a value only where that check reached {floor:.0f}% too, and "
+                 f"quotes that figure; below {regimes[-1]:g}× it names nothing for the image.")
+    else:
+        text += " On an image where the neuron fires more weakly, the app names nothing for it."
+    if len({_settings_key(t) for t in tables}) > 1:
+        text += " (The entries' atlases were calibrated with different settings; these are the first entry's.)"
+    return text
+
+
+def _settings_key(table: dict[str, Any]) -> str:
+    """A comparable text form of a claim table's settings."""
+    return repr(sorted((k, repr(v)) for k, v in table.items()))
 
 
 def _recipe(config: dict[str, Any], item: dict[str, Any], backbone: str) -> str:

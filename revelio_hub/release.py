@@ -469,9 +469,18 @@ def _entry_metrics(sae_cfg: dict, sae_eval: dict, diffc_cfg: dict, diffc_eval: d
             "dense_count": summary.get("dense_count"),
             "label_columns": list((atlas_meta.get("label_columns") or {}).keys()) or None,
             "examples": atlas_meta.get("example_summaries") or None,
+            # how its claims were checked, so the card can say so (version and config of the stored table)
+            "claim_calibration": _claims_config(atlas_meta.get("claim_calibration")),
         }
         metrics["atlas"] = {k: v for k, v in metrics["atlas"].items() if v is not None or k == "mean_purity"}
     return metrics
+
+
+def _claims_config(table: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """``{"version", **config}`` of an atlas' claim table, ``None`` without one (uncalibrated summaries)."""
+    if not table or not isinstance(table.get("config"), dict):
+        return None
+    return {"version": table.get("version"), **table["config"]}
 
 
 def _hub_id(name: Optional[str]) -> Optional[str]:

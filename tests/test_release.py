@@ -366,3 +366,26 @@ def test_relative_release_path_from_another_directory_says_no_such_folder(tmp_pa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"no local folder 'releases/toy-shapes' \(looked for .*releases/toy-shapes\)"):
         Release.from_pretrained("releases/toy-shapes")
+
+
+def test_card_says_how_claims_were_checked_with_the_atlas_stored_settings(release_dir):
+    """The card's calibration paragraph is read from each atlas' stored claim table, not written from defaults."""
+    from revelio_hub.cards import render_card
+
+    config = json.loads((release_dir / "release.json").read_text())
+    stored = config["entries"][0]["metrics"]["atlas"]["claim_calibration"]
+    atlas_table = json.loads((release_dir / config["entries"][0]["path"] / "atlas" / "atlas.json").read_text())
+    assert stored["version"] == atlas_table["claim_calibration"]["version"]
+    assert stored["regimes"] == atlas_table["claim_calibration"]["config"]["regimes"]
+    text = render_card(config).text
+    lo, hi = stored["regimes"][1], stored["regimes"][0]
+    assert f"cut into {stored['folds']} parts" in text and f"at least {hi:g} × its mean" in text
+    assert f"Weaker firings ({lo:g}–{hi:g}× its mean)" in text
+    for e in config["entries"]:  # other settings: the card follows them
+        e["metrics"]["atlas"]["claim_calibration"] = {**stored, "folds": 4, "regimes": [2.0], "min_precision": 0.95}
+    text = render_card(config).text
+    assert "cut into 4 parts" in text and "at least 2 × its mean" in text and "at least 95%" in text
+    assert "Weaker firings" not in text and "fires more weakly, the app names nothing" in text
+    for e in config["entries"]:
+        e["metrics"]["atlas"].pop("claim_calibration")
+    assert "were not checked on held-out images" in render_card(config).text
