@@ -264,8 +264,12 @@ HELP = """
 **How to read this.** The backbone noises the image to timestep *t* and reads one layer.
 A k-sparse autoencoder splits that feature into neurons; the table lists those firing most unusually
 strongly *for them* ("× usual": activation over the neuron's mean when it fires). A summary names a
-label value only when most of the neuron's top images carry it and its activation goes with that value
-across the atlas (AUROC: 0.5 = chance, 1 = perfect); otherwise it says *mixed*. Neurons firing on most images are hidden
+label value only where claims like it were checked on held-out atlas images and held (by default on at least
+90% of them), and says how often ("true on 94% of held-out images it fires strongly on"); otherwise it says
+*unsure* or *mixed*. The check is made separately for strong and for typical firings, so on your image a row
+names a value only if the check for the way the neuron fires here held too, and quotes that check; otherwise
+it says *not named here*. (Atlases built before this check name a value when most of the neuron's top images
+carry it, with its AUROC: 0.5 = chance, 1 = perfect.) Neurons firing on most images are hidden
 unless you tick the box. Pick a neuron (click a row) to see the dataset images that excite it most and,
 on the right, *where* it fires on your image. Small *t* keeps fine detail; larger *t* keeps coarse layout.
 """
