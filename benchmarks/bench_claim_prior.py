@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Choose how much a neuron's own held-out record counts against its band's (``CalibrationConfig.prior_pairs``).
+"""Choose how much a neuron's own held-out record counts against its band's (``CalibrationConfig.prior_pairs``),
+and in which firing regimes claims are checked (``CalibrationConfig.regimes``).
 
 On tuning images of the toy generator (seed 5 by default: neither the release's
 train/test seeds 0/1 nor the reporting seed 7 of ``bench_explain.py``), every
@@ -9,10 +10,14 @@ toy build's stored test features (the atlas images) and scored as
 ``bench_explain.py`` scores them: coverage and precision of the listed
 neurons' names, and "Why this class?" (one of the top-3 neurons pushing the
 predicted class names it; dense neurons hidden, and shown). A very large prior
-is the band-only calibration of table version 1.
+is the band-only calibration of table version 1. ``--regimes`` tries sets of
+firing-regime edges (comma-separated, strongest first; ``1.5`` alone is the
+version-2 rule: names only on strong firings), each with every prior.
 
-Example:
+Examples:
     python benchmarks/bench_claim_prior.py --work runs/toy-build --priors 1e9 40 20 10 5 --json
+    python benchmarks/bench_claim_prior.py --work runs/toy-build --priors 10 --regimes 1.5 1.5,1.0 1.5,1.0,0.5 \
+        1.5,1.2,1.0,0.75 1.5,1.0,0.75,0.5 --json
 """
 
 from __future__ import annotations
@@ -64,9 +69,9 @@ def listings(state: AppState, layer: str, t: int, images, why: int) -> tuple[lis
 
 def score(atlas: Any, listed: list, why_rows: list) -> dict[str, Any]:
     """bench_explain's coverage/precision and "why" shares with the atlas' current claims (as the app shows them:
-    none where the neuron fires too weakly on the image, :meth:`NeuronAtlas.named_on_image`)."""
+    none where the neuron fires too weakly on the image, :meth:`NeuronAtlas.names_on_image`)."""
     def names(i: int, activation: float) -> list[str]:
-        return [e.value for e in atlas.explanation(i)] if atlas.named_on_image(i, activation) else []
+        return [e.value for e in atlas.names_on_image(i, activation)]
 
     n_listed, named, correct = EXPLAIN["name_counts"](listed, lambda neuron: names(*neuron))
     out = {"coverage": round(named / max(n_listed, 1), 4), "precision": round(correct / max(named, 1), 4)}
@@ -89,6 +94,9 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--timestep", type=int, default=25)
     p.add_argument("--priors", type=float, nargs="+", default=[1e9, 40, 20, 10, 5],
                    help="prior_pairs values tried (default: %(default)s)")
+    p.add_argument("--regimes", type=_edges, nargs="+", default=[tuple(CalibrationConfig().regimes)],
+                   help="firing-regime edge sets tried, each comma-separated, strongest first (default: the "
+                        f"calibration's, {','.join(f'{r:g}' for r in CalibrationConfig().regimes)})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
     if a.seed in (0, 1, 7):
@@ -99,6 +107,7 @@ def main(argv=None) -> dict[str, Any]:
     images = EXPLAIN["held_out"](a.images, a.seed, 32)
     store, rows = FeatureStore(Path(a.work) / "features" / "test"), datasets.load_from_disk(str(Path(a.work) / "data" / "test"))
     report: dict[str, Any] = {"seed": a.seed, "images": a.images, "priors": {}}
+    arms = [(prior, regimes) for regimes in a.regimes for prior in a.priors]
     for layer in rel.layers:
         if a.timestep not in rel.timesteps(layer):
             continue
@@ -107,11 +116,12 @@ def main(argv=None) -> dict[str, Any]:
         log = atlas_log(entry, store, rows, layer, a.timestep, atlas.num_images)
         listed, why_rows = listings(state, layer, a.timestep, images, a.why)
         saved = atlas.calibration
-        for prior in a.priors:
+        for prior, regimes in arms:
             atlas.set_calibration(calibrate_claims(log, atlas.label_columns, top=int(atlas.meta.get("purity_top", 10)),
                                                    dense_frequency=atlas.dense_frequency,
-                                                   config=CalibrationConfig(prior_pairs=prior)))
-            report["priors"].setdefault(f"{prior:g}", {})[f"{layer}/t{a.timestep}"] = score(atlas, listed, why_rows)
+                                                   config=CalibrationConfig(prior_pairs=prior, regimes=regimes)))
+            report["priors"].setdefault(_arm_name(prior, regimes, a.regimes), {})[f"{layer}/t{a.timestep}"] = \
+                score(atlas, listed, why_rows)
         atlas.set_calibration(saved)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if a.json:
@@ -120,6 +130,19 @@ def main(argv=None) -> dict[str, Any]:
         for prior, entries in report["priors"].items():
             print(f"prior_pairs {prior}: " + " | ".join(f"{k} {v}" for k, v in entries.items()))
     return report
+
+
+def _edges(text: str) -> tuple[float, ...]:
+    """``"1.5,1.0"`` → (1.5, 1.0); checked as the calibration checks it."""
+    try:
+        return tuple(CalibrationConfig(regimes=[float(x) for x in text.split(",")]).regimes)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _arm_name(prior: float, regimes: tuple[float, ...], tried: list) -> str:
+    """The report key of one arm: the prior, and the regime edges when more than one set is tried."""
+    return f"{prior:g}" if len(tried) == 1 else f"{prior:g} | regimes {','.join(f'{r:g}' for r in regimes)}"
 
 
 if __name__ == "__main__":

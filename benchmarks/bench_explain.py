@@ -9,7 +9,8 @@ every entry of the release; of the first ``--top`` neurons the app lists
 (dense ones hidden, as in the app), we count
 
 * **coverage**: the share whose summary names a label value (not ``mixed``, ``unsure``, nor ``not named
-  here``, the app's line for a neuron firing on the image more weakly than its claims were checked on);
+  here``, the app's line for a neuron firing on the image in a regime where its claims were not checked, or
+  held too rarely: :meth:`NeuronAtlas.summary_on_image`);
 * **precision**: of those, the share whose named value(s) are all true of the image.
 
 The summary *text* is parsed, so what is measured is what a user reads.
