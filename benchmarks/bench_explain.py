@@ -46,7 +46,6 @@ import argparse
 import json
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -55,7 +54,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # "value (column) · AUROC 0.99 · 10/10 top images" (one or two, "; "-separated), or the old "value 9/10 · ..."
 _NEW = re.compile(r"(?:^|; )([^;·()]+?)(?: \(([^()]+)\))? · (?:AUROC [0-9.]+ · )?\d+/\d+ top images")

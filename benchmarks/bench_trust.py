@@ -34,7 +34,6 @@ import io
 import json
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -42,15 +41,14 @@ from typing import Any, Optional
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from revelio_hub.interpret.calibration import (  # noqa: E402
+from revelio_hub.interpret.calibration import (
     Sample, calibration_set, CalibrationConfig, entry_signals, measure, wrong_answers, held_out_images,
 )
-from revelio_hub.interpret.ood import OODConfig  # noqa: E402
-from revelio_hub.interpret.reliability import auroc  # noqa: E402
-from revelio_hub.release import Release  # noqa: E402
+from revelio_hub.interpret.ood import OODConfig
+from revelio_hub.interpret.reliability import auroc
+from revelio_hub.release import Release
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: Generator seed of the toy check's shapes: neither the release's train (0) nor test (1) stream.
 TOY_CHECK_SEED = 11
