@@ -86,7 +86,12 @@ def _parse(script: str, argv: list[str]):
 def test_one_name_per_idea_and_no_hidden_old_names(capsys):
     diffc = ["train", "--train-store", "s", "--layer", "up_ft1", "--out", "o"]
     assert _parse("train_diffc", diffc + ["--timestep", "25"]).timestep == 25
-    assert _parse("train_diffc", diffc + ["--timestep", "1", "--view-mode", "all"]).view_mode == "all"
+    parsed = _parse("train_diffc", diffc + ["--timestep", "1", "--view-mode", "all", "--lr", "3e-4"])
+    # the options are the config's fields: the command line builds the config code would build
+    from revelio_hub.cli import from_args
+    from revelio_hub.diffc.training import DiffCTrainConfig
+
+    assert from_args(DiffCTrainConfig, parsed, online=None) == DiffCTrainConfig(views="all", lr=3e-4)
     for old in (["--t", "100"], ["--timestep", "1", "--views", "all"]):  # the old spellings are gone
         with pytest.raises(SystemExit):
             _parse("train_diffc", diffc + old)

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from revelio_hub.cli import HelpFormatter, error_line, usage_error
+from revelio_hub.cli import HelpFormatter, add_options, error_line, from_args, usage_error
 from revelio_hub.layer_names import canonical_layer
 
 EPILOG = """\
@@ -48,9 +48,7 @@ resumes from the last finished epoch (checkpoint/, removed when the run finishes
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.diffc.sweep import SweepConfig
     from revelio_hub.diffc.training import DiffCTrainConfig
-    from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES
 
-    d, s = DiffCTrainConfig(), SweepConfig()
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -73,37 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="--online: backbone precision (default: %(default)s)")
     t.add_argument("--max-images", type=int, default=None, help="--online: only the first N images of each split (default: all)")
-    t.add_argument("--head", choices=["conv", "linear"], default=d.head, help="classifier head (default: %(default)s)")
-    t.add_argument("--hidden", type=int, default=d.hidden, help="conv head width (default: %(default)s)")
-    t.add_argument("--recipe", choices=list(RECIPE_NAMES), default=DEFAULT_RECIPE,
-                   help="paper: the original Revelio code's training (dropout 0, CosineAnnealingLR(T_max=90) per "
-                        "epoch, no warm-up, every training image, last epoch kept, fresh augmentation and noise "
-                        "every epoch: needs --online); default: the same, and also allows cached views (--train-store), "
-                        "measured less accurate. Options below override single choices "
-                        "(default: %(default)s)")
-    t.add_argument("--dropout", type=float, default=None,
-                   help="conv head dropout (default: the recipe's, 0.0)")
-    t.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
-    t.add_argument("--schedule", choices=["cosine_per_epoch", "warmup_cosine_per_step"], default=None,
-                   help="learning-rate schedule (default: the recipe's, cosine_per_epoch: CosineAnnealingLR(T_max=90) "
-                        "stepped per epoch)")
-    t.add_argument("--warmup-fraction", type=float, default=None,
-                   help="share of steps in linear warm-up before a per-step cosine decay (default: the recipe's "
-                        "per-epoch cosine, which has none)")
-    t.add_argument("--val-fraction", type=float, default=None,
-                   help="training images per class held out for model selection (default: the recipe's, 0: every "
-                        "image trains, the last epoch is kept)")
-    t.add_argument("--view-mode", choices=["sample", "all"], default=d.views,
-                   help="'sample': one cached view per image per epoch; 'all': every view (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
-    t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=d.mixed_precision,
-                   help="autocast precision of the head")
-    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints")
-    t.add_argument("--keep-checkpoint", action="store_true",
-                   help="keep checkpoint/ (model, optimizer and scheduler state) after the run finishes")
+    add_options(t.add_argument_group("head and optimisation (numbers: the paper's)"), DiffCTrainConfig)
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     w = sub.add_parser("sweep", help="linear probes for every cached (layer, t): table + heat map",
@@ -113,11 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--out", required=True, help="output folder for sweep.json, sweep.csv, sweep.png")
     w.add_argument("--layers", nargs="+", type=canonical_layer, default=None, help="subset of layers (default: all in the store)")
     w.add_argument("--timesteps", nargs="+", type=int, default=None, help="subset of timesteps (default: all)")
-    w.add_argument("--steps", type=int, default=s.steps, help="optimiser steps per probe (default: %(default)s)")
-    w.add_argument("--batch-size", type=int, default=s.batch_size, help="default: %(default)s")
-    w.add_argument("--lr", type=float, default=s.lr, help="default: %(default)s")
-    w.add_argument("--val-fraction", type=float, default=s.val_fraction, help="default: %(default)s")
-    w.add_argument("--seed", type=int, default=s.seed, help="default: %(default)s")
+    add_options(w.add_argument_group("linear probes"), SweepConfig)
     w.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
@@ -125,12 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _train(a: argparse.Namespace, acc: Any) -> dict:
     from revelio_hub.diffc.training import DiffCTrainConfig, train_diffc_from_store, train_diffc_online
 
-    config = DiffCTrainConfig(
-        recipe=a.recipe, head=a.head, hidden=a.hidden, dropout=a.dropout, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        weight_decay=a.weight_decay, schedule=a.schedule, warmup_fraction=a.warmup_fraction, val_fraction=a.val_fraction,
-        views=a.view_mode, seed=a.seed, mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,
-        keep_checkpoint=a.keep_checkpoint,
-    )
+    config = from_args(DiffCTrainConfig, a, online=None)  # the recipe fills it; --online picks the trainer below
     if a.recipe == "paper" and not a.online:
         raise SystemExit("train: the paper recipe recomputes features from a fresh augmentation and fresh noise "
                          "every epoch; add --online with --backbone and --dataset")
@@ -169,7 +128,7 @@ def _train(a: argparse.Namespace, acc: Any) -> dict:
 def _sweep(a: argparse.Namespace) -> list:
     from revelio_hub.diffc.sweep import SweepConfig, sweep
 
-    config = SweepConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, seed=a.seed)
+    config = from_args(SweepConfig, a)
     return sweep(a.train_store, a.out, a.layers, a.timesteps, test_store=a.test_store, config=config,
                  progress=not a.no_progress)
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revelio_hub.cli import option
 from revelio_hub.diffc.model import HEADS, DiffC
 from revelio_hub.distributed import make_accelerator
 from revelio_hub.data import carve_validation
@@ -47,7 +48,7 @@ from revelio_hub.features import augment_view
 from revelio_hub.images import to_rgb
 from revelio_hub.diffc.metrics import per_class_accuracy, topk_accuracy
 from revelio_hub.recipe import FeatureRecipe
-from revelio_hub.training_recipes import DEFAULT_RECIPE, DiffCRecipe, get_recipe
+from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES, DiffCRecipe, get_recipe
 
 VIEW_MODES = ("sample", "all")
 CHECKPOINT_DIR = "checkpoint"
@@ -95,25 +96,40 @@ class DiffCTrainConfig:
         mixed_precision: passed to ``accelerate.Accelerator`` (``"no"``, ``"bf16"``, ``"fp16"``).
     """
 
-    recipe: str = DEFAULT_RECIPE
-    head: str = "conv"
+    recipe: str = field(default=DEFAULT_RECIPE, metadata=option(
+        "paper: the original Revelio code's training (dropout 0, CosineAnnealingLR(T_max=90) per epoch, no warm-up, "
+        "every training image, last epoch kept, fresh augmentation and noise every epoch: needs --online); default: "
+        "the same, and also allows cached views (--train-store), measured less accurate. Options below override "
+        "single choices (default: %(default)s)", choices=list(RECIPE_NAMES)))
+    head: str = field(default="conv", metadata=option(choices=list(HEADS)))
     hidden: int = 1024
-    dropout: Optional[float] = None
+    dropout: Optional[float] = field(default=None, metadata=option(
+        "conv head dropout (default: the recipe's, 0.0)"))
     epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.01
-    schedule: Optional[str] = None
-    warmup_fraction: Optional[float] = None
-    cosine_t_max: Optional[int] = None
-    val_fraction: Optional[float] = None
-    online: Optional[bool] = None
-    fresh_noise: Optional[bool] = None
-    views: str = "sample"
+    schedule: Optional[str] = field(default=None, metadata=option(
+        "learning-rate schedule (default: the recipe's, cosine_per_epoch: CosineAnnealingLR(T_max=90) stepped per "
+        "epoch)", choices=["cosine_per_epoch", "warmup_cosine_per_step"]))
+    warmup_fraction: Optional[float] = field(default=None, metadata=option(
+        "share of steps in linear warm-up before a per-step cosine decay (default: the recipe's per-epoch cosine, "
+        "which has none)"))
+    cosine_t_max: Optional[int] = field(default=None, metadata=option(
+        "T_max of the per-epoch cosine, in epochs (default: the recipe's, 90)"))
+    val_fraction: Optional[float] = field(default=None, metadata=option(
+        "training images per class held out for model selection (default: the recipe's, 0: every image trains, "
+        "the last epoch is kept)"))
+    online: Optional[bool] = field(default=None, metadata=option(hidden=True))  # the script's --online picks it
+    fresh_noise: Optional[bool] = field(default=None, metadata=option(hidden=True))
+    views: str = field(default="sample", metadata=option(
+        "'sample': one cached view per image per epoch; 'all': every view", flag="--view-mode",
+        choices=["sample", "all"]))
     seed: int = 0
     eval_batch_size: int = 128
     checkpoint_every: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str = field(default="no", metadata=option(
+        "autocast precision of the head (accelerate's mixed_precision)", choices=["no", "bf16", "fp16"]))
     keep_checkpoint: bool = False
 
     def __post_init__(self) -> None:
