@@ -115,7 +115,9 @@ class Option:
     ``help`` overrides the class docstring's entry; ``flag`` the ``--field-name``
     spelling (one name, never an alias); ``parse`` converts each value (the
     annotation's type otherwise); ``metavar``, ``choices``, ``nargs`` and ``const``
-    are argparse's; ``repeat`` collects every use of the option into a list;
+    are argparse's (on a bool field ``const`` makes a flag that stores that value, the
+    field's default otherwise: ``--no-normalize-input`` → False, else None, "the
+    recipe's"); ``repeat`` collects every use of the option into a list;
     ``required`` makes a field that has a default required on the command line.
     ``hidden=True`` keeps a field off the command line.
     """
@@ -210,6 +212,9 @@ def _argparse_kwargs(field: dataclasses.Field, annotation: Any, how: Option, def
     """argparse keyword arguments for one field: type, nargs, choices, action and default from its annotation."""
     kwargs: dict[str, Any] = {"dest": field.name}
     kind = _unwrap_optional(annotation)
+    if kind is bool and how.const is not NO_CONST:  # a flag that sets one value, else the default (None: a preset's)
+        kwargs.update(action="store_const", const=how.const, default=None if default is dataclasses.MISSING else default)
+        return kwargs
     if kind is bool:
         kwargs["action"] = "store_false" if default is True else "store_true"
         kwargs["default"] = bool(default) if default is not dataclasses.MISSING else False

@@ -50,6 +50,9 @@ class Example:
     tag: list[str] = field(default_factory=list, metadata=option("repeatable", repeat=True, metavar="T"))
     extra: Optional[str] = field(default=None, metadata=option("optional value", nargs="?", const=""))
     secret: int = field(default=7, metadata=option(hidden=True))
+    # a flag that sets False, else None ("a preset decides"), as train_ksae.py's --no-normalize-input
+    preset: Optional[bool] = field(default=None, metadata=option("turn the preset off", flag="--no-preset",
+                                                                 const=False))
 
 
 def _parser(*classes) -> argparse.ArgumentParser:
@@ -63,10 +66,10 @@ def test_every_field_kind_parses_into_the_dataclass():
     parser = _parser(Example)
     args = parser.parse_args(["--name", "n", "--count", "5", "--scale", "2.5", "--sizes", "3", "4", "5",
                               "--shape", "8", "8", "--mode", "b", "--fast", "--no-tidy", "--tag", "x", "--tag", "y",
-                              "--extra"])
+                              "--extra", "--no-preset"])
     made = from_args(Example, args)
     assert made == Example(name="n", count=5, scale=2.5, sizes=[3, 4, 5], shape=(8, 8), mode="b", fast=True,
-                           tidy=False, tag=["x", "y"], extra="")
+                           tidy=False, tag=["x", "y"], extra="", preset=False)
     assert from_args(Example, parser.parse_args(["--name", "n"])) == Example(name="n")
 
 
@@ -158,3 +161,23 @@ def test_the_toy_backbone_cli_builds_the_config_the_library_would(monkeypatch):
     assert from_args(ToyBackboneConfig, parser.parse_args(["--out", "o"])) == ToyBackboneConfig()
     with pytest.raises(SystemExit):
         parser.parse_args(["--out", "o", "--learning-rate", "0.01"])  # the field has one spelling: --lr
+
+
+def test_the_training_clis_build_the_configs_the_library_would():
+    """train_ksae.py and train_diffc.py take their model options from SAETrainConfig / DiffCTrainConfig."""
+    from revelio_hub.diffc.training import DiffCTrainConfig
+    from revelio_hub.sae.training import SAETrainConfig
+
+    ksae = runpy.run_path(str(ROOT / "training" / "train_ksae.py"))
+    base = ["--features", "f.safetensors", "--out", "o"]
+    assert ksae["_config"](ksae["parse_args"](base)) == SAETrainConfig()
+    args = ksae["parse_args"](base + ["--recipe", "paper", "--k", "8", "--samples", "1000", "--no-normalize-input",
+                                      "--variant", "batchtopk", "--eval-fraction", "0.1", "--log-every", "7"])
+    assert ksae["_config"](args) == SAETrainConfig(recipe="paper", k=8, total_samples=1000, normalize_input=False,
+                                                   variant="batchtopk", eval_fraction=0.1, log_every=7)
+    with pytest.raises(SystemExit):
+        ksae["parse_args"](base + ["--samples", "10", "--steps", "2"])  # one training length
+    diffc = runpy.run_path(str(ROOT / "training" / "train_diffc.py"))
+    args = diffc["parse_args"](["train", "--train-store", "s", "--layer", "up_ft1", "--timestep", "25", "--out", "o",
+                                "--head", "linear", "--view-mode", "all", "--epochs", "3"])
+    assert from_args(DiffCTrainConfig, args, online=None) == DiffCTrainConfig(head="linear", views="all", epochs=3)

@@ -13,9 +13,8 @@ import json
 import sys
 from typing import Any
 
-from revelio_hub.cli import HelpFormatter, error_line
+from revelio_hub.cli import HelpFormatter, add_options, error_line, from_args
 from revelio_hub.layer_names import canonical_layer
-from revelio_hub.training_recipes import SAE_VARIANTS
 
 EPILOG = """\
 examples:
@@ -83,60 +82,21 @@ def _stream_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-images", type=int, default=None, help="Only the first N images (default: all).")
 
 
-def _model_args(p: argparse.ArgumentParser, d: Any, recipe_names: Any, default_recipe: str) -> None:
+def _model_args(p: argparse.ArgumentParser, config_cls: type) -> None:
     m = p.add_argument_group("model and optimisation (numbers: the paper's)")
-    m.add_argument("--recipe", choices=list(recipe_names), default=default_recipe,
-                   help="paper: the original Revelio code's training exactly (TopK without ReLU, no input "
-                        "normalisation, two Kaiming-uniform matrices, batch-normalised MSE, no AuxK, no hold-out: "
-                        "pass --eval-store); default: the same with bf16 matmuls on CUDA, since no measured deviation won (README, "
-                        "'Paper recipe vs. default'). "
-                        "Options below override single choices (default: %(default)s).")
-    m.add_argument("--k", type=int, default=d.k, help="Active latents per sample (default: %(default)s).")
-    m.add_argument("--expansion", type=int, default=d.expansion, help="n_latents = expansion x d_in (default: %(default)s).")
-    m.add_argument("--n-latents", type=int, default=None, help="Explicit dictionary size (overrides --expansion; default: expansion x d_in).")
-    m.add_argument("--batch-size", type=int, default=d.batch_size, help="Global batch size (default: %(default)s).")
-    length = m.add_mutually_exclusive_group()
-    length.add_argument("--samples", type=int, default=d.total_samples, help="Training samples; with a batch larger than the data, each step uses the whole set "
-                        "and counts as batch-size samples, as in the original Revelio code (default: %(default)s).")
-    length.add_argument("--steps", type=int, default=None,
-                        help="Training steps (overrides --samples; default: samples / batch size).")
-    m.add_argument("--variant", choices=list(SAE_VARIANTS), default=None,
-                   help="Sparsity rule: topk (the paper), batchtopk, matryoshka or multitopk; see "
-                        "revelio_hub.sae.variants (default: the recipe's).")
-    m.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: the recipe's; paper: 4e-4, default: scaled to the dictionary "
-                        "size and run length, revelio_hub.sae.schedule).")
-    m.add_argument("--warmup-steps", type=int, default=None,
-                   help="Linear warm-up (default: the recipe's; paper: 500, default: a share of the run).")
-    m.add_argument("--lr-decay-fraction", type=float, default=d.lr_decay_fraction,
-                   help="Final fraction of training with linear decay to 0 (default: %(default)s).")
-    m.add_argument("--aux-k", type=int, default=None,
-                   help="AuxK latents when the recipe uses AuxK (default: d_in // 2; 0 disables AuxK).")
-    m.add_argument("--aux-coef", type=float, default=d.aux_coef, help="AuxK loss weight (default: 1/32).")
-    m.add_argument("--dead-window", type=int, default=d.dead_window,
-                   help="Samples without firing after which a latent counts as dead (default: %(default)s, "
-                        "clamped to the training-set size).")
-    m.add_argument("--b-pre-init", choices=["mean", "geometric_median", "zeros"], default=d.b_pre_init,
-                   help="Initial pre-encoder bias (default: %(default)s).")
-    m.add_argument("--no-normalize-input", action="store_true",
-                   help="Do not record a scalar input normalisation (default: the recipe's; the default recipe "
-                        "scales so E|x-mean|^2 = 1, paper: none).")
-    m.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default=None,
-                   help="auto: bf16 matmuls on CUDA, fp32 on CPU (default: the recipe's; auto, paper: no).")
-    m.add_argument("--seed", type=int, default=d.seed, help="Seeds init, split and batch order (default: %(default)s).")
+    add_options(m, config_cls, only=("recipe", "k", "expansion", "n_latents", "batch_size", "variant", "lr",
+                                     "warmup_steps", "lr_decay_fraction", "aux_k", "aux_coef", "dead_window",
+                                     "b_pre_init", "normalize_input", "mixed_precision", "seed"))
+    add_options(m.add_mutually_exclusive_group(), config_cls, only=("total_samples", "steps"))
 
 
-def _run_args(p: argparse.ArgumentParser, d: Any) -> None:
+def _run_args(p: argparse.ArgumentParser, config_cls: type) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="Output folder (weights, eval.json, metrics.jsonl, checkpoint/).")
-    r.add_argument("--eval-fraction", type=float, default=None,
-                   help="Held-out share for the final evaluation (default: the recipe's, 0.05; paper: 0).")
+    add_options(r, config_cls, only=("eval_fraction", "checkpoint_every", "log_every"))
     r.add_argument("--eval-store", default=None,
                    help="Feature store of a separate split (same layer and timestep) to evaluate on instead of a "
                         "held-out share (default: none).")
-    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="Steps between resumable checkpoints (default: %(default)s).")
-    r.add_argument("--log-every", type=int, default=d.log_every, help="Steps between log lines (default: %(default)s).")
     r.add_argument("--no-resume", action="store_true", help="Ignore an existing checkpoint (fails if one exists).")
     r.add_argument("--overwrite", action="store_true", help="Delete a previous run in --out first.")
     r.add_argument("--no-progress", action="store_true", help="No progress bar.")
@@ -156,9 +116,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from revelio_hub.sae.training import SAETrainConfig
-    from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES
 
-    d = SAETrainConfig()
     p = argparse.ArgumentParser(
         description="Train a k-sparse autoencoder (TopK or --variant, unit-norm decoder; --recipe paper: the original "
         "Revelio code's training exactly, --recipe default: the same with bf16 matmuls on CUDA and a learning rate "
@@ -169,8 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     _data_args(p)
     _stream_args(p)
-    _model_args(p, d, RECIPE_NAMES, DEFAULT_RECIPE)
-    _run_args(p, d)
+    _model_args(p, SAETrainConfig)
+    _run_args(p, SAETrainConfig)
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
@@ -179,14 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _config(args: argparse.Namespace) -> Any:
     from revelio_hub.sae.training import SAETrainConfig
 
-    return SAETrainConfig(
-        recipe=args.recipe, k=args.k, expansion=args.expansion, n_latents=args.n_latents, batch_size=args.batch_size,
-        total_samples=args.samples, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
-        lr_decay_fraction=args.lr_decay_fraction, aux_k=args.aux_k, aux_coef=args.aux_coef,
-        dead_window=args.dead_window, b_pre_init=args.b_pre_init, normalize_input=False if args.no_normalize_input else None,
-        eval_fraction=args.eval_fraction, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        seed=args.seed, mixed_precision=args.mixed_precision, variant=args.variant,
-    )
+    return from_args(SAETrainConfig, args)
 
 
 def _train_stored(args: argparse.Namespace, acc: Any) -> dict:

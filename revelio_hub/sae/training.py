@@ -54,9 +54,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
+from revelio_hub.cli import option
 from revelio_hub.sae import metrics as sae_metrics
 from revelio_hub.sae.model import KSparseAutoencoder
-from revelio_hub.training_recipes import DEFAULT_RECIPE, SAERecipe, get_recipe
+from revelio_hub.training_recipes import DEFAULT_RECIPE, RECIPE_NAMES, SAE_VARIANTS, SAERecipe, get_recipe
 from revelio_hub.sae.kernels import sparse_decode
 from revelio_hub.sae.schedule import auto_lr, auto_warmup
 from revelio_hub.sae.variants import encode_for_training, update_threshold
@@ -131,43 +132,65 @@ class SAETrainConfig:
         checkpoint_every: steps between resumable checkpoints (0 = only at the end).
         log_every: steps between log lines.
         seed: seeds the init, the split and the batch order.
-        normalize_input, init, relu, auxk, eval_fraction, loss_norm, warmup_offset, decoder_renorm,
-        drop_last, mixed_precision, variant: the recipe's choices (see :class:`~revelio_hub.training_recipes.SAERecipe`);
-            ``None`` takes the recipe's.
+        normalize_input / init / relu / auxk / eval_fraction / loss_norm: the recipe's choices (see
+            :class:`~revelio_hub.training_recipes.SAERecipe`); ``None`` takes the recipe's.
+        warmup_offset / decoder_renorm / drop_last / mixed_precision / variant: the same.
     """
 
-    recipe: str = DEFAULT_RECIPE
+    # ``option(...)``: how a field reads on train_ksae.py's command line, where its docstring entry does not say it
+    recipe: str = field(default=DEFAULT_RECIPE, metadata=option(
+        "paper: the original Revelio code's training exactly (TopK without ReLU, no input normalisation, two "
+        "Kaiming-uniform matrices, batch-normalised MSE, no AuxK, no hold-out: pass --eval-store); default: the same "
+        "with bf16 matmuls on CUDA, since no measured deviation won (README, 'Paper recipe vs. default'). Options "
+        "below override single choices (default: %(default)s).", choices=list(RECIPE_NAMES)))
     k: int = 32
     expansion: int = 64
-    n_latents: Optional[int] = None
+    n_latents: Optional[int] = field(default=None, metadata=option(
+        "Explicit dictionary size (overrides --expansion; default: expansion x d_in)."))
     batch_size: int = 8192
-    total_samples: int = 83_886_080
-    steps: Optional[int] = None
-    lr: Optional[float] = None
-    warmup_steps: Optional[int] = None
+    total_samples: int = field(default=83_886_080, metadata=option(
+        "Training samples; with a batch larger than the data, each step uses the whole set and counts as "
+        "batch-size samples, as in the original Revelio code (default: %(default)s).", flag="--samples", metavar="N"))
+    steps: Optional[int] = field(default=None, metadata=option(
+        "Training steps (overrides --samples; default: samples / batch size)."))
+    lr: Optional[float] = field(default=None, metadata=option(
+        "Adam learning rate (default: the recipe's; paper: 4e-4, default: scaled to the dictionary size and run "
+        "length, revelio_hub.sae.schedule)."))
+    warmup_steps: Optional[int] = field(default=None, metadata=option(
+        "Linear warm-up (default: the recipe's; paper: 500, default: a share of the run)."))
     lr_decay_fraction: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    aux_k: Optional[int] = None
-    aux_coef: float = 1 / 32
-    dead_window: int = 10_000_000
+    aux_k: Optional[int] = field(default=None, metadata=option(
+        "AuxK latents when the recipe uses AuxK (default: d_in // 2; 0 disables AuxK)."))
+    aux_coef: float = field(default=1 / 32, metadata=option("AuxK loss weight (default: 1/32)."))
+    dead_window: int = field(default=10_000_000, metadata=option(
+        "Samples without firing after which a latent counts as dead (default: %(default)s, clamped to the "
+        "training-set size)."))
     dead_eval_min_samples: int = 100_000
-    b_pre_init: str = "mean"
+    b_pre_init: str = field(default="mean", metadata=option(choices=["mean", "geometric_median", "zeros"]))
     eval_batch_size: int = 8192
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
-    normalize_input: Optional[bool] = None
+    normalize_input: Optional[bool] = field(default=None, metadata=option(
+        "Do not record a scalar input normalisation (default: the recipe's; the default recipe scales so "
+        "E|x-mean|^2 = 1, paper: none).", flag="--no-normalize-input", const=False))
     init: Optional[str] = None
     relu: Optional[bool] = None
     auxk: Optional[bool] = None
-    eval_fraction: Optional[float] = None
+    eval_fraction: Optional[float] = field(default=None, metadata=option(
+        "Held-out share for the final evaluation (default: the recipe's, 0.05; paper: 0)."))
     loss_norm: Optional[str] = None
     warmup_offset: Optional[int] = None
     decoder_renorm: Optional[str] = None
     drop_last: Optional[bool] = None
-    mixed_precision: Optional[str] = None
-    variant: Optional[str] = None
+    mixed_precision: Optional[str] = field(default=None, metadata=option(
+        "auto: bf16 matmuls on CUDA, fp32 on CPU (default: the recipe's; auto, paper: no).",
+        choices=["auto", "bf16", "no"]))
+    variant: Optional[str] = field(default=None, metadata=option(
+        "Sparsity rule: topk (the paper), batchtopk, matryoshka or multitopk; see revelio_hub.sae.variants "
+        "(default: the recipe's).", choices=list(SAE_VARIANTS)))
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
