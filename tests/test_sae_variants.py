@@ -225,9 +225,13 @@ def test_merged_scoreboard_names_each_arm_and_its_card_section_is_replaced_not_d
     def report(lr, fvu, steps=1000):
         rows = [{"entry": "bottleneck/t25", "variant": v, "fvu": fvu, "matched_correlation": 0.5}
                 for v in ("release", "topk")]
-        return {"settings": {"lr": lr, "steps": steps}, "toy": rows, "synthetic": []}
+        return {"settings": {"lr": lr, "steps": steps, "work": "/srv/builds/toy-work", "layers": ["bottleneck"],
+                             "merge": ["/home/me/a.json"]}, "toy": rows, "synthetic": []}
 
     merged = merge_reports([report(2e-3, 0.2), report(0.0, 0.15, steps=6000), report(0.0, 0.1)])
+    # the scoreboard is published with the release: the folders it was made in are cut to their names
+    assert merged["settings"][0] == {"lr": 2e-3, "steps": 1000, "work": "toy-work", "layers": ["bottleneck"],
+                                     "merge": ["a.json"]}
     arms = [r["variant"] for r in merged["toy"]]
     assert arms == ["this release", "topk · default lr rule · 1000 steps", "topk · default lr rule · 6000 steps",
                     "topk · lr 0.002 · 1000 steps"]

@@ -125,6 +125,10 @@ def test_smoke_build_makes_a_loadable_release(smoke_release):
     _check_release(out)
     card = (out / "README.md").read_text()
     assert "figures/samples.png" in card
+    # a release is published: none of its text files names the folders it was built in
+    for path in [*out.rglob("*.json"), *out.rglob("*.md")]:
+        assert str(root) not in path.read_text(), path
+    assert json.loads((out / "monosemanticity.json").read_text())["release"] == "release"
     # the reliability stage calibrated every Diff-C entry, from generic shifts of the test split only
     from revelio_hub.interpret.calibration import CARD_HEADING
     from revelio_hub.release import Release

@@ -21,6 +21,7 @@ report as the Markdown table used in ``docs/benchmarks.md`` and in release cards
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any, Sequence
 
 import torch
@@ -193,7 +194,19 @@ def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
                       for r in report.get("synthetic", [])]
     toy.sort(key=lambda r: (r["entry"], r["variant"] != "this release", r["variant"]))
     return {"benchmark": "sae_variants", "toy": toy, "synthetic": synthetic,
-            "settings": [r.get("settings") for r in reports]}
+            "settings": [_without_paths(r.get("settings")) for r in reports]}
+
+
+def _without_paths(value: Any) -> Any:
+    """``value`` with every absolute path cut to its last part: the scoreboard is published with the release,
+    and the folders a benchmark ran in say nothing about its rows but where they were made."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, str) and PurePath(value).is_absolute():
+        return PurePath(value).name
+    return value
 
 
 def card_section(report: dict[str, Any]) -> str:

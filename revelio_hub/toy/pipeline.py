@@ -478,6 +478,7 @@ def add_benchmark(config: ToyBuildConfig, out: Path, report: dict[str, Any], log
                                                     random_train_images=config.bench_random_train_images),
                           log=lambda m: log(f"[toy build] {m}"))
     results = bench.pop("_results")
+    bench["release"] = out.name  # the report lives in the release: its folder's name, not where it was built
     (out / "figures").mkdir(exist_ok=True)
     save_heatmap(results, list(FACTORS), str(out / "figures" / "monosemanticity.png"))
     (out / "monosemanticity.json").write_text(json.dumps(bench, indent=2) + "\n")
