@@ -406,14 +406,15 @@ class NeuronAtlas:
         nothing applies. Uncalibrated atlases: the summary's values, always.
         """
         named = self.explanation(i)
+        if self.calibration is None or not named:
+            return named
+        return self._names_in_regime(i, named, self._regime(i, activation))
+
+    def _names_in_regime(self, i: int, named: list[ValueEvidence], r: Optional[int]) -> list[ValueEvidence]:
+        """The ``named`` values of neuron ``i`` that hold in firing regime ``r``, with that regime's figure."""
+        if r == 0 or r is None:
+            return named if r == 0 else []
         cal = self.calibration
-        if cal is None or not named:
-            return named
-        r = self._regime(i, activation)
-        if r == 0:
-            return named
-        if r is None:
-            return []
         dense = float(self.stats["frequency"][i]) > self.dense_frequency
         out = []
         for e in named:
@@ -434,12 +435,13 @@ class NeuronAtlas:
         i = self._check(i)
         text = self.summary(i)
         cal = self.calibration
-        if cal is None or not self.explanation(i):
+        named = self.explanation(i)
+        if cal is None or not named:
             return text
         r = self._regime(i, activation)
         if r == 0:
             return text
-        names = self.names_on_image(i, activation)
+        names = self._names_in_regime(i, named, r)
         if names:
             return summary_text(names, float(self.stats["frequency"][i]), self.num_images,
                                 single_column=len(self.label_columns) <= 1, where=self.where(i),

@@ -94,7 +94,7 @@ def compare(sae: Any, first: torch.Tensor, second: torch.Tensor, *, top: int = 1
         k = min(int(top), int((scores > 0).sum()))
         ids = torch.topk(scores, k).indices.tolist() if k else []
         return [
-            NeuronDifference(int(j), float(a[j]), float(b[j]), float(diff[j]),  # named where it fires strongly
+            NeuronDifference(int(j), float(a[j]), float(b[j]), float(diff[j]),  # as on the image firing it more
                              str(atlas.summary_on_image(int(j), float(max(a[j], b[j])))) if atlas is not None else "")
             for j in ids
         ]

@@ -30,7 +30,7 @@ TOY_BUILD_FILE = "toy_build.json"
 TOY_SAE_VARIANT = "topk"
 TOY_SAE_LR: Optional[float] = None
 #: training steps of the release SAEs: at 1,000 they were under-trained (an image's listed neurons could be named
-#: at precision 0.9 for 31-86 % of listings by an all-knowing labeller, 62-93 % at 6,000, with lower FVU at
+#: at precision 0.9 for 26-86 % of listings by an all-knowing labeller, 59-94 % at 6,000, with lower FVU at
 #: every layer; docs/benchmarks.md, "SAE training length")
 TOY_SAE_STEPS = 6000
 
