@@ -319,7 +319,10 @@ def _claims_explained(config: dict[str, Any]) -> str:
         spans = ", ".join(f"{lo:g}–{hi:g}×" for lo, hi in zip(regimes[1:], regimes))
         text += (f" Weaker firings ({spans} its mean) are checked the same way on their own: on an image where the "
                  f"neuron fires that way the app names a value only where that check reached {floor:.0f}% too, and "
-                 f"quotes that figure; below {regimes[-1]:g}× it names nothing for the image.")
+                 f"quotes that figure; below {regimes[-1]:g}× it names nothing for the image. A neuron that "
+                 "seldom fires strongly (too few such held-out images to measure any of its claims) is summarised "
+                 "from the strongest of these checks that was measured, and says which (\"true on 97% of held-out "
+                 f"images it fires {regimes[1]:g}–{regimes[0]:g}× its usual on\").")
     else:
         text += " On an image where the neuron fires more weakly, the app names nothing for it."
     if len({_settings_key(t) for t in tables}) > 1:

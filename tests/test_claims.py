@@ -385,6 +385,62 @@ def test_an_image_gets_a_neurons_names_only_in_a_firing_regime_where_they_were_c
         CalibrationConfig(regimes=(1.0, 1.5))
 
 
+def test_a_neuron_that_never_fires_strongly_is_summarised_from_its_typical_firings(tmp_path):
+    """A clean red detector that fires about equally wherever it fires (as pooled SAEs' neurons do) is never
+    measured on strong firings; its summary must name red from its typical firings, say so, and name nothing on a
+    strong firing, where it was never checked."""
+    g = torch.Generator().manual_seed(3)
+    n = 600
+    colour = torch.randint(0, 2, (n,), generator=g)
+    shape = torch.randint(0, 3, (n,), generator=g)
+    flat = torch.where(colour == 1, 1.0 + 0.1 * torch.rand(n, generator=g), torch.zeros(n))
+    config = AtlasConfig(claim_calibration=CalibrationConfig(regimes=(1.2, 0.6), prior_pairs=0))
+    atlas = build_atlas([(flat[:, None], {"shape": shape, "colour": colour}, torch.arange(n))], label_columns=COLUMNS,
+                        config=config, out=tmp_path / "a")
+    cal, mean = atlas.calibration, float(atlas.stats["mean_activation"][0])
+    assert cal.neuron_record(0, "colour", regime=0)[1] == 0 and cal.neuron_record(0, "colour", regime=1)[1] > 100
+    named = atlas.explanation(0)
+    assert [e.value for e in named] == ["red"] and named[0].held_out == pytest.approx(1.0)
+    assert atlas.summary(0).startswith("red (colour) · true on 100% of held-out images it fires 0.6–1.2× its usual on")
+    assert NeuronAtlas.load(tmp_path / "a").summary(0) == atlas.summary(0)
+    # a typical firing: the summary itself; a strong one (never checked) and a weak one name nothing
+    assert atlas.summary_on_image(0, mean) == atlas.summary(0) and atlas.names_on_image(0, mean) == named
+    assert atlas.names_on_image(0, 1.5 * mean) == [] and atlas.names_on_image(0, 0.3 * mean) == []
+    assert atlas.summary_on_image(0, 1.5 * mean).startswith(
+        "not named here: fires 1.5× its usual, where too few held-out images checked its names; where it fires "
+        "0.6–1.2×: red (colour)")
+    # with strong firings required alone (one regime) it stays unsure, as before
+    strict = build_atlas([(flat[:, None], {"shape": shape, "colour": colour}, torch.arange(n))],
+                         label_columns=COLUMNS, config=AtlasConfig(claim_calibration=CalibrationConfig(regimes=(1.2,))))
+    assert strict.explanation(0) == [] and strict.summary(0).startswith("unsure: red (colour)? too few held-out")
+
+
+def test_an_image_gets_the_names_checked_in_its_own_firing_regime(tmp_path):
+    """A neuron whose strong firings are circles of any colour (red ones strongest) and whose typical firings are
+    red squares and stars (as a pooled SAE's background detector fires strongly on small shapes): the summary names
+    circle (red held on half its strong firings); on a typical firing the image gets red, checked there, not "not
+    named here" nor circle."""
+    g = torch.Generator().manual_seed(4)
+    n = 900
+    shape = torch.randint(0, 3, (n,), generator=g)
+    colour = torch.randint(0, 2, (n,), generator=g)
+    jitter = 0.1 * torch.rand(n, generator=g)
+    circle = 5.0 + 0.5 * colour + jitter  # red circles top the neuron's top images
+    act = torch.where(shape == 0, circle, torch.where(colour == 1, 1.0 + jitter, torch.zeros(n)))
+    config = AtlasConfig(claim_calibration=CalibrationConfig(regimes=(1.5, 0.3), prior_pairs=0))
+    atlas = build_atlas([(act[:, None], {"shape": shape, "colour": colour}, torch.arange(n))], label_columns=COLUMNS,
+                        config=config, out=tmp_path / "a")
+    mean = float(atlas.stats["mean_activation"][0])
+    assert [e.value for e in atlas.explanation(0)] == ["circle"]
+    assert atlas.summary(0).startswith("circle (shape) · true on 100% of held-out images it fires strongly on")
+    assert atlas.names_on_image(0, 5.0) == atlas.explanation(0) and atlas.summary_on_image(0, 5.0) == atlas.summary(0)
+    typical = atlas.names_on_image(0, 1.05)
+    assert 0.3 < 1.05 / mean < 1.5 and [e.value for e in typical] == ["red"] and typical[0].held_out == pytest.approx(1.0)
+    assert atlas.summary_on_image(0, 1.05).startswith(
+        "red (colour) · true on 100% of held-out images it fires 0.3–1.5× its usual on")
+    assert atlas.names_on_image(0, 0.2 * mean) == []
+
+
 def test_why_note_says_when_no_single_neuron_moves_the_class():
     """At the toy bottleneck Diff-C answers with P ≈ 1 and single removals barely move it: the note must say the
     bars' order says little; at down_ft1 single neurons move P by tens of points and the note must not."""

@@ -268,7 +268,8 @@ label value only where claims like it were checked on held-out atlas images and 
 90% of them), and says how often ("true on 94% of held-out images it fires strongly on"); otherwise it says
 *unsure* or *mixed*. The check is made separately for strong and for typical firings, so on your image a row
 names a value only if the check for the way the neuron fires here held too, and quotes that check; otherwise
-it says *not named here*. (Atlases built before this check name a value when most of the neuron's top images
+it says *not named here*. (A neuron that seldom fires strongly is summarised from its typical firings, and its
+line says so.) (Atlases built before this check name a value when most of the neuron's top images
 carry it, with its AUROC: 0.5 = chance, 1 = perfect.) Neurons firing on most images are hidden
 unless you tick the box. Pick a neuron (click a row) to see the dataset images that excite it most and,
 on the right, *where* it fires on your image. Small *t* keeps fine detail; larger *t* keeps coarse layout.

@@ -43,7 +43,14 @@ from revelio_hub.interpret.atlas_config import (
     is_int_key,
 )
 from revelio_hub.interpret.claim_calibration import ClaimCalibration
-from revelio_hub.interpret.neuron_labels import SummaryThresholds, ValueEvidence, column_offsets, explain, summary_text
+from revelio_hub.interpret.neuron_labels import (
+    HELD_OUT_PHRASE,
+    SummaryThresholds,
+    ValueEvidence,
+    column_offsets,
+    explain,
+    summary_text,
+)
 from revelio_hub.interpret.where import where_label
 
 __all__ = ["NeuronInfo", "NeuronAtlas"]
@@ -276,33 +283,52 @@ class NeuronAtlas:
     def _cache_key(self, i: int) -> tuple[int, str]:
         return i, json.dumps(self.meta.get("summary_thresholds"), sort_keys=True, default=str)
 
-    def _claims(self, i: int) -> tuple[list[ValueEvidence], Optional[ValueEvidence]]:
-        """(named values, the best unnamed candidate: "unsure") of neuron ``i``; cached."""
+    def _claims(self, i: int) -> tuple[list[ValueEvidence], Optional[ValueEvidence], int]:
+        """(named values, the best unnamed candidate: "unsure", the firing regime their figures count); cached."""
         key = self._cache_key(self._check(i))
         found = self._claim_cache.get(key)
         if found is None:
             found = self._claim_cache[key] = self._make_claims(key[0])
         return found
 
-    def _make_claims(self, i: int) -> tuple[list[ValueEvidence], Optional[ValueEvidence]]:
-        freq = float(self.stats["frequency"][i])
-        if freq <= 0:
-            return [], None
+    def _make_claims(self, i: int) -> tuple[list[ValueEvidence], Optional[ValueEvidence], int]:
+        """Calibrated claims are judged in the strongest firing regime where any of them was measured.
+
+        Usually that is "fires strongly". A neuron that fires about equally on every image it fires on (a clean
+        detector of a common value, as pooled SAEs have) seldom fires 1.5× its usual, so its claims are unmeasured
+        there; they are then judged, and quoted, on its typical firings instead of being called unsure.
+        """
+        if float(self.stats["frequency"][i]) <= 0:
+            return [], None, 0
         cal = self.calibration
         if cal is None:
-            return explain(self.evidence(i), self.thresholds), None
-        dense = freq > self.dense_frequency
-        candidates = []
-        for e in self.evidence(i):
-            if e.filled < cal.config.min_top_images or cal.band(e.auroc, e.precision) is None:
-                continue
-            p = cal.precision(e.auroc, e.precision, dense, neuron=i, column=e.column)
-            candidates.append(replace(e, held_out=math.nan if p is None else p))
-        named = [e for e in candidates if e.held_out >= cal.config.min_precision]
-        named.sort(key=lambda e: (e.held_out, e.strength()), reverse=True)
+            return explain(self.evidence(i), self.thresholds), None, 0
+        regimes = range(len(cal.config.regimes))
+        regime = next((r for r in regimes if any(not math.isnan(e.held_out) for e in self._regime_claims(i, r)[1])), 0)
+        named, candidates = self._regime_claims(i, regime)
         unsure = max(candidates, key=lambda e: (-1.0 if math.isnan(e.held_out) else e.held_out, e.strength()),
                      default=None)
-        return named[: cal.config.max_values], (None if named else unsure)
+        return named, (None if named else unsure), regime
+
+    def _regime_claims(self, i: int, regime: int) -> tuple[list[ValueEvidence], list[ValueEvidence]]:
+        """(values named, every candidate claim) of neuron ``i`` judged on held-out firings of ``regime``, each
+        carrying that regime's figure (NaN: unmeasured); cached. Per label column the candidate is the summary's
+        (best AUROC, with its top-image share); named are those at ``min_precision`` or more, best first."""
+        key = (self._cache_key(i), regime)
+        found = self._claim_cache.get(key)
+        if found is None:
+            cal = self.calibration
+            dense = float(self.stats["frequency"][i]) > self.dense_frequency
+            candidates = []
+            for e in self.evidence(i):
+                if e.filled < cal.config.min_top_images or cal.band(e.auroc, e.precision) is None:
+                    continue
+                p = cal.precision(e.auroc, e.precision, dense, neuron=i, column=e.column, regime=regime)
+                candidates.append(replace(e, held_out=math.nan if p is None else p))
+            named = sorted((e for e in candidates if e.held_out >= cal.config.min_precision),
+                           key=lambda e: (e.held_out, e.strength()), reverse=True)
+            found = self._claim_cache[key] = (named[: cal.config.max_values], candidates)
+        return found
 
     def where(self, i: int) -> Optional[str]:
         """Where neuron ``i``'s top images peak ("top-left", "centre", "anywhere", ...); ``None`` when not recorded.
@@ -381,9 +407,10 @@ class NeuronAtlas:
         text = self._summaries.get(key)
         if text is None:
             freq = float(self.stats["frequency"][i])
-            named, unsure = self._claims(i)
+            named, unsure, regime = self._claims(i)
+            phrase = self.calibration.config.regime_phrase(regime) if self.calibration is not None else HELD_OUT_PHRASE
             text = summary_text(named, freq, self.num_images, single_column=len(self.label_columns) <= 1,
-                                unsure=unsure, where=self.where(i))
+                                unsure=unsure, where=self.where(i), phrase=phrase)
             self._summaries[key] = text
         return text
 
@@ -397,59 +424,61 @@ class NeuronAtlas:
         """The values neuron ``i`` names on an image where it fires with ``activation``, each with the figure
         measured for firings like it.
 
-        A calibrated claim's summary figure was measured on held-out images the
-        neuron fires *strongly* on; on a weaker firing it says nothing, and there
-        names were often false (docs/benchmarks.md, "Per-neuron claim records").
-        So on a firing of a weaker regime (``CalibrationConfig.regimes``) a named
-        value applies only where that regime measured at least ``min_precision``
-        for it, and carries that regime's figure; weaker than every regime,
-        nothing applies. Uncalibrated atlases: the summary's values, always.
+        A calibrated claim's figure was measured on held-out images where the
+        neuron fired in one regime (``CalibrationConfig.regimes``: strongly,
+        typically); on a firing of another regime it says nothing, and on weaker
+        firings names were often false (docs/benchmarks.md, "Per-neuron claim
+        records"). So an image gets the values whose claims held (at least
+        ``min_precision``) in the regime of its own firing, with that regime's
+        figure: the summary's names on a firing of the regime the summary counts,
+        that regime's own names otherwise (a background detector whose strong
+        firings are all small shapes names "small" there and "dark background"
+        on its typical firings). Weaker than every regime, nothing applies.
+        Uncalibrated atlases: the summary's values, always.
         """
-        named = self.explanation(i)
-        if self.calibration is None or not named:
-            return named
-        return self._names_in_regime(i, named, self._regime(i, activation))
+        if self.calibration is None or float(self.stats["frequency"][self._check(i)]) <= 0:
+            return self.explanation(i)
+        return self._names_in_regime(i, self._regime(i, activation))
 
-    def _names_in_regime(self, i: int, named: list[ValueEvidence], r: Optional[int]) -> list[ValueEvidence]:
-        """The ``named`` values of neuron ``i`` that hold in firing regime ``r``, with that regime's figure."""
-        if r == 0 or r is None:
-            return named if r == 0 else []
-        cal = self.calibration
-        dense = float(self.stats["frequency"][i]) > self.dense_frequency
-        out = []
-        for e in named:
-            p = cal.precision(e.auroc, e.precision, dense, neuron=i, column=e.column, regime=r)
-            if p is not None and p >= cal.config.min_precision:
-                out.append(replace(e, held_out=p))
-        return out
+    def _names_in_regime(self, i: int, r: Optional[int]) -> list[ValueEvidence]:
+        """The values neuron ``i`` names on firings of regime ``r`` (see :meth:`names_on_image`)."""
+        if r is None:
+            return []
+        if r == self._claims(i)[2]:  # the regime the summary's own figures count
+            return self.explanation(i)
+        return self._regime_claims(i, r)[0]
 
     def summary_on_image(self, i: int, activation: float) -> str:
         """:meth:`summary` as it applies to an image where neuron ``i`` fires with ``activation``.
 
-        A strong firing: the summary itself. A weaker one whose regime measured
-        its names true often enough: the names with that regime's figure
+        A firing of the regime the summary counts (usually strong): the summary itself. Another regime's
+        firing: the names that held in that regime, with its figure
         (``"red (colour) · true on 92% of held-out images it fires 1–1.5× its usual on · ..."``). Otherwise a line
         that names nothing for this image: ``"not named here: fires weakly (0.6× its usual); where it fires ≥
-        1.5×: <summary>"``.
+        1.5×: <summary>"``, or the summary itself when it names nothing either (``unsure``/``mixed``).
         """
         i = self._check(i)
         text = self.summary(i)
         cal = self.calibration
-        named = self.explanation(i)
-        if cal is None or not named:
+        if cal is None or float(self.stats["frequency"][i]) <= 0:
             return text
         r = self._regime(i, activation)
-        if r == 0:
+        summary_regime = self._claims(i)[2]
+        if r == summary_regime:
             return text
-        names = self._names_in_regime(i, named, r)
+        names = self._names_in_regime(i, r)
         if names:
             return summary_text(names, float(self.stats["frequency"][i]), self.num_images,
                                 single_column=len(self.label_columns) <= 1, where=self.where(i),
                                 phrase=cal.config.regime_phrase(r))
+        if not self.explanation(i):
+            return text
         ratio = activation / float(self.stats["mean_activation"][i])
+        unchecked = r is not None and all(math.isnan(e.held_out) for e in self._regime_claims(i, r)[1])
         why = (f"fires weakly ({ratio:.1f}× its usual)" if r is None else
+               f"fires {ratio:.1f}× its usual, where too few held-out images checked its names" if unchecked else
                f"fires {ratio:.1f}× its usual, where its names held too rarely on held-out images")
-        return f"not named here: {why}; where it fires ≥ {cal.config.strong:g}×: {text}"
+        return f"not named here: {why}; where it fires {cal.config.regime_span(summary_regime)}: {text}"
 
     def search(self, value: str, column: Optional[str] = None, limit: int = 20) -> list[dict[str, Any]]:
         """Neurons that detect a label value, best first: ``[{"neuron", "column", "value", "auroc", "precision"}]``.

@@ -24,7 +24,11 @@ strong firings says nothing about a typical one, where it was often false
 (docs/benchmarks.md, "Per-neuron claim records"), yet some neurons' names hold
 there too. On an image, the app names a value only where the image's regime
 measured at least ``min_precision`` for it, and quotes that regime's figure
-(:meth:`NeuronAtlas.names_on_image`).
+(:meth:`NeuronAtlas.names_on_image`). A neuron that seldom fires strongly
+(a clean detector of a common value fires about equally wherever it fires, as
+pooled SAEs' neurons do) may have no measured claim on strong firings at all;
+its summary is then judged and quoted in the strongest regime where one was
+measured, instead of saying "unsure" for want of checks.
 
 The table is stored in ``atlas.json`` (``claim_calibration``, see
 docs/CONTRACTS.md); atlases built before it keep their uncalibrated summaries.
@@ -130,6 +134,10 @@ class CalibrationConfig:
             if ratio >= edge:
                 return r
         return None
+
+    def regime_span(self, r: int) -> str:
+        """Regime ``r``'s firings as activation over the neuron's usual: "≥ 1.5×" or "1–1.5×"."""
+        return f"≥ {self.regimes[0]:g}×" if r == 0 else f"{self.regimes[r]:g}–{self.regimes[r - 1]:g}×"
 
     def regime_phrase(self, r: int) -> str:
         """How a summary says what regime ``r``'s figure counts: "of held-out images it fires strongly on" or
