@@ -381,11 +381,14 @@ def test_card_says_how_claims_were_checked_with_the_atlas_stored_settings(releas
     lo, hi = stored["regimes"][1], stored["regimes"][0]
     assert f"cut into {stored['folds']} parts" in text and f"at least {hi:g} × its mean" in text
     assert f"Weaker firings ({lo:g}–{hi:g}× its mean)" in text
+    assert "is summarised from the strongest of these checks that was measured" in text
+    assert f"images it fires {lo:g}–{hi:g}× its usual on" in text
     for e in config["entries"]:  # other settings: the card follows them
         e["metrics"]["atlas"]["claim_calibration"] = {**stored, "folds": 4, "regimes": [2.0], "min_precision": 0.95}
     text = render_card(config).text
     assert "cut into 4 parts" in text and "at least 2 × its mean" in text and "at least 95%" in text
     assert "Weaker firings" not in text and "fires more weakly, the app names nothing" in text
+    assert "strongest of these checks" not in text
     for e in config["entries"]:
         e["metrics"]["atlas"].pop("claim_calibration")
     assert "were not checked on held-out images" in render_card(config).text
