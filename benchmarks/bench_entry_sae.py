@@ -16,6 +16,7 @@ release's SAEs), so only the names are compared.
 
 Example:
     python benchmarks/bench_entry_sae.py --work runs/toy-build --layer down_ft1 --set sae_k=4
+    python benchmarks/bench_entry_sae.py --work runs/toy-build --layer up_ft1 --set sae_pooled_layers=
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def parse_setting(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a ToyBuildConfig field, got {text!r}; fields: "
                                          + ", ".join(n for n in fields if n.startswith(("sae_", "seed"))))
     default = getattr(ToyBuildConfig(), key)
+    if isinstance(default, tuple):  # "sae_pooled_layers=up_ft1,down_ft1"; "sae_pooled_layers=" for none
+        return key, tuple(v for v in value.split(",") if v)
     kind = type(default) if default is not None and not isinstance(default, bool) else str
     try:
         return key, kind(value)

@@ -185,6 +185,9 @@ def toy_rows(a) -> list[dict]:
                                         [0], a.seed)
         bundled = release / layer / f"t{a.timestep}" / "sae"
         models = [("release", KSparseAutoencoder.from_pretrained(bundled), 0.0)] if bundled.exists() else []
+        if models and models[0][1].granularity != "token":  # scored on tokens, a pooled SAE is off its inputs
+            log(f"{entry}: the bundled SAE is {models[0][1].granularity}, not token-level; not scored here", a)
+            models = []
         for variant in a.variants:
             cfg = SAETrainConfig(k=a.k, expansion=a.expansion, batch_size=a.batch_size, steps=a.steps,
                                  lr=a.lr or None, warmup_steps=a.warmup_steps if a.lr else None,  # 0: the rule

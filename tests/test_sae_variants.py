@@ -240,6 +240,11 @@ def test_merged_scoreboard_names_each_arm_and_its_card_section_is_replaced_not_d
     once = with_card_section(card, card_section(merged))
     twice = with_card_section(once, card_section(merge_reports([report(0.0, 0.3)])))
     assert twice.count(CARD_HEADING) == 1 and "## Later section" in twice and "0.300" in twice and "0.100" not in twice
+    assert "no row there" not in once
+    # an entry whose release SAE is pooled has variant rows but no release row (never scored on tokens): said so
+    pooled = dict(merged, toy=merged["toy"] + [{"entry": "up_ft1/t25", "variant": "topk", "fvu": 0.2}])
+    assert "at up_ft1/t25 this release's SAE is trained on pooled vectors instead, so it has no row there" in \
+        card_section(pooled)
 
 
 def test_nameable_listings_names_single_value_neurons_and_not_mixed_ones():

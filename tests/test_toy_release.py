@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from revelio_hub.toy.build_recipe import TOY_BUILD_FILE, ToyBuildConfig
 from revelio_hub.toy.monosemanticity import best_raw_channel_auroc, best_unit_auroc, summarize, _targets
 from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
 
@@ -75,6 +76,7 @@ def _check_release(path: Path, n_images: int = 6) -> None:
     from revelio_hub.release import Release
 
     release = Release.from_pretrained(str(path))
+    build = ToyBuildConfig.from_dict(json.loads((path / TOY_BUILD_FILE).read_text()))
     backbone = release.load_backbone()
     assert backbone.family == "pixel" and release.embedded_backbone == "backbone"
     images = list(make_shapes_dataset(n_images, seed=99, image_size=backbone.image_size)["image"])
@@ -84,8 +86,9 @@ def _check_release(path: Path, n_images: int = 6) -> None:
     diffc_seen = 0
     for layer, t in release.entries:
         entry = release.load(layer, t)
-        assert entry.sae.granularity == "token"
-        entry.sae.check_recipe(backbone.recipe(layer, t, "token"))
+        granularity = build.sae_granularity(layer)
+        assert entry.sae.granularity == granularity
+        entry.sae.check_recipe(backbone.recipe(layer, t, granularity))
         acts = entry.sae.image_activations(maps[(layer, t)])
         assert acts.shape == (n_images, entry.sae.n_latents) and torch.isfinite(acts).all()
         assert (acts > 0).any()
@@ -98,7 +101,7 @@ def _check_release(path: Path, n_images: int = 6) -> None:
         other = next((l for l in layers if l != layer), None)
         if other is not None and backbone.channels(other) == backbone.channels(layer):
             with pytest.raises(ValueError, match="layer"):
-                entry.sae.check_recipe(backbone.recipe(other, t, "token"))
+                entry.sae.check_recipe(backbone.recipe(other, t, granularity))
     assert diffc_seen > 0, "no entry of the release has a Diff-C head"
 
 
@@ -125,6 +128,8 @@ def test_smoke_build_makes_a_loadable_release(smoke_release):
     _check_release(out)
     card = (out / "README.md").read_text()
     assert "figures/samples.png" in card
+    # the smoke build trains one layer's SAE on pooled vectors: the card says which, and _check_release its recipe
+    assert "each image's mean-pooled vector (the paper's granularity; up_ft0)" in card
     # a release is published: none of its text files names the folders it was built in
     for path in [*out.rglob("*.json"), *out.rglob("*.md")]:
         assert str(root) not in path.read_text(), path

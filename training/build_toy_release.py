@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the bundled toy release end to end: shapes → toy DDPM → features → token k-SAEs → Diff-C → atlases → release.
+"""Build the bundled toy release end to end: shapes → toy DDPM → features → k-SAEs → Diff-C → atlases → release.
 
 Thin CLI over :func:`revelio_hub.toy.pipeline.build_toy_release`. The full build
 (default) reproduces the committed ``releases/toy-shapes`` in about half an hour

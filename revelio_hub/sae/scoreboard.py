@@ -216,8 +216,20 @@ def card_section(report: dict[str, Any]) -> str:
             f"computed; the rows are in `{SCOREBOARD_FILE}`). Matched correlation pairs each of the 16 values of "
             "shape, colour, size and background with its own neuron (1 = a dedicated neuron per value); Diff-C loss "
             "recovered is the release's Diff-C accuracy on SAE reconstructions ÷ on the raw features. Rows compare at "
-            "equal L0 only: a row whose L0 is far from k did not reach matched sparsity.\n\n"
-            + scoreboard_markdown(report) + "\n")
+            "equal L0 only: a row whose L0 is far from k did not reach matched sparsity." + _unscored_note(report)
+            + "\n\n" + scoreboard_markdown(report) + "\n")
+
+
+def _unscored_note(report: dict[str, Any]) -> str:
+    """Entries with variant rows but no "this release" row: the release's SAE there is not token-level (the
+    variants are; ``bench_sae_variants.py`` does not score a pooled SAE on tokens)."""
+    entries = sorted({r["entry"] for r in report.get("toy", [])})
+    missing = [e for e in entries if not any(r["entry"] == e and r["variant"] == "this release"
+                                             for r in report.get("toy", []))]
+    if not missing:
+        return ""
+    return (f" The variants are token-level SAEs; at {', '.join(missing)} this release's SAE is trained on pooled "
+            "vectors instead, so it has no row there (on tokens it would be scored off its inputs).")
 
 
 def with_card_section(card: str, section: str) -> str:

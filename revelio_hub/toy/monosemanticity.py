@@ -26,7 +26,7 @@ import torch
 from revelio_hub.interpret.metrics import auroc
 from revelio_hub.release import Release
 from revelio_hub.toy.backbone_training import ToyBackboneConfig, random_backbone
-from revelio_hub.toy.build_recipe import TOY_BUILD_FILE, ToyBuildConfig, load_toy_backbone, train_tokens_sae
+from revelio_hub.toy.build_recipe import TOY_BUILD_FILE, ToyBuildConfig, load_toy_backbone, train_toy_sae
 from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
 
 
@@ -246,7 +246,8 @@ def run_benchmark(release_path: str, config: Optional[BenchmarkConfig] = None, *
             rtest = rnd.extract(images, layers, timesteps, seed=noise_seed, batch_size=cfg.batch_size)
             for layer, t in entries:
                 name = _entry_name(layer, t)
-                sae = train_tokens_sae(build, rtrain[(layer, t)], rnd.recipe(layer, t, "token").to_dict()).model
+                recipe = rnd.recipe(layer, t, build.sae_granularity(layer)).to_dict()
+                sae = train_toy_sae(build, layer, rtrain[(layer, t)], recipe).model
                 results["random_sae"][name] = best_unit_auroc(sae_image_activations(sae, rtest[(layer, t)]), labels,
                                                               class_names)
                 results["random_raw"][name] = best_raw_channel_auroc(rtest[(layer, t)], labels, class_names)

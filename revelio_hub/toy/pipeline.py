@@ -34,7 +34,7 @@ from revelio_hub.toy.build_recipe import (
     TOY_BUILD_FILE,
     ToyBuildConfig,
     load_toy_backbone,
-    train_tokens_sae,
+    train_toy_sae,
 )
 from revelio_hub.toy.monosemanticity import BenchmarkConfig, markdown_summary, run_benchmark, save_heatmap
 from revelio_hub.toy.shapes import FACTORS, make_shapes_dataset
@@ -119,7 +119,8 @@ def factor_labels(dataset, image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path, progress: bool = False,
                     test_store: Any = None):
-    """The release SAE of one (layer, t), trained on the train store's spatial maps, evaluated on the test store's."""
+    """The release SAE of one (layer, t), trained on the train store's spatial maps (positions or their mean, per
+    :meth:`ToyBuildConfig.sae_granularity`), evaluated on the test store's."""
     from revelio_hub.sae.model import KSparseAutoencoder
 
     marker = out / "toy_stage.json"
@@ -127,13 +128,16 @@ def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path
             "sae_warmup_steps", "sae_aux_k", "sae_aux_coef", "sae_variant", "seed")
     settings = {**{k: getattr(config, k) for k in keys}, "layer": layer, "timestep": t, "train": str(store.path),
                 "trainer": SAE_TRAINER_VERSION}
+    granularity = config.sae_granularity(layer)
+    if granularity != "token":  # token-level runs recorded no granularity: their markers stay valid
+        settings["granularity"] = granularity
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "eval.json").exists():
         return _Reused(KSparseAutoencoder.from_pretrained(str(out)), json.loads((out / "eval.json").read_text()))
     if out.exists():
         shutil.rmtree(out)
     maps = store.load(layer, t, kind="spatial", views=0).features
     eval_maps = test_store.load(layer, t, kind="spatial", views=0).features if test_store is not None else None
-    res = train_tokens_sae(config, maps, store.recipe(layer, t, "token").to_dict(), out, progress, eval_maps)
+    res = train_toy_sae(config, layer, maps, store.recipe(layer, t, granularity).to_dict(), out, progress, eval_maps)
     marker.write_text(json.dumps(settings))
     return res
 
@@ -210,7 +214,7 @@ def build_entry_atlas(config: ToyBuildConfig, store, dataset, layer: str, t: int
     return build_atlas(
         batches(), sae=sae, config=cfg, label_columns={f: list(v) for f, v in FACTORS.items()},
         thumbnails=lambda i: dataset[int(i)]["image"], out=out,
-        extra_meta={"recipe": store.recipe(layer, t, "token").to_dict(), "layer": layer, "timestep": t,
+        extra_meta={"recipe": store.recipe(layer, t, sae.granularity).to_dict(), "layer": layer, "timestep": t,
                     "dataset": "revelio-hub toy shapes (test split)"},
     )
 
@@ -251,7 +255,7 @@ def assemble(config: ToyBuildConfig, paths: BuildPaths, out: Path, test_dataset,
         out, entries, backbone=TOY_BACKBONE_NAME, embed_backbone=paths.backbone, examples=examples,
         dataset="revelio-hub toy shapes (procedural; labels: shape)", dataset_split="test", name="toy-shapes",
         description=("The embedded default of Revelio Hub: a small pixel-space DDPM trained on procedural shapes "
-                     "(shape, colour, size, position, background known for every image), with token-level k-SAEs, "
+                     "(shape, colour, size, position, background known for every image), with k-SAEs, "
                      "Diff-C shape classifiers and neuron atlases. Built on CPU by training/build_toy_release.py."),
         overwrite=True,
     )
@@ -275,18 +279,31 @@ def _append_card(out: Path, report: dict[str, Any]) -> None:
         f"resolution, learned constant null conditioning) trained as a pixel-space DDPM on {bb['image_size']}-px "
         f"procedural shapes for {bb['steps']} steps of batch {bb['batch_size']}. Ancestral DDPM samples "
         f"({bb['sample_steps']} steps):\n\n![samples](figures/samples.png)\n\n"
-        "Entries: token-level k-SAEs (k = {k}, {e}× expansion) trained on {n} sampled positions per image of "
+        "Entries: k-SAEs (k = {k}, {e}× expansion) trained on {what} of "
         "{tr} training images; Diff-C conv heads (hidden {h}) on the shape label for {dl} (tested on "
         "{te} test images); atlases over {ai} test images. "
         "Ground-truth monosemanticity (best single neuron AUROC per factor value): "
         "`python benchmarks/bench_monosemanticity.py --release <this folder>`.\n"
-    ).format(k=cfg["sae_k"], e=cfg["sae_expansion"], n=cfg["sae_tokens_per_image"], tr=cfg["train_images"],
+    ).format(k=cfg["sae_k"], e=cfg["sae_expansion"], what=_sae_inputs(cfg), tr=cfg["train_images"],
              h=cfg["diffc_hidden"], te=cfg["test_images"],
              dl=", ".join(cfg["diffc_layers"]), ai=min(cfg["atlas_images"], cfg["test_images"]))
     mono = report.get("monosemanticity")
     if mono:
         text += "\n" + mono + "\n"
     card.write_text(text)
+
+
+def _sae_inputs(cfg: dict[str, Any]) -> str:
+    """What the card says the SAEs were trained on, per granularity."""
+    pooled = [l for l in cfg["layers"] if l in cfg.get("sae_pooled_layers", ())]
+    token = [l for l in cfg["layers"] if l not in pooled]
+    parts = []
+    if token:
+        parts.append(f"{cfg['sae_tokens_per_image']} sampled positions per image (token level; "
+                     f"{', '.join(token)})")
+    if pooled:
+        parts.append(f"each image's mean-pooled vector (the paper's granularity; {', '.join(pooled)})")
+    return " and ".join(parts)
 
 
 def _store_complete(path: Path, config: ToyBuildConfig) -> bool:
