@@ -211,6 +211,29 @@ def test_heatmap_overlay_marks_where_the_neuron_fires():
     assert np.array_equal(np.asarray(overlay_heatmap(image, torch.zeros(4, 4))), np.asarray(image))
 
 
+def test_a_pooled_saes_heat_map_says_what_it_shows(state, images):
+    """A listed neuron fires on the image. A token SAE's map peaks where it does; a pooled SAE reads the image's
+    mean vector, so its map (each position encoded alone) is labelled as rough and never says the neuron is silent."""
+    rel = state.get_release()
+    kinds = {}
+    for layer, t in rel.entries:
+        kinds.setdefault(rel.entry(layer, t).sae.granularity, (layer, t))
+    if "pooled" not in kinds and Path(release_path()).resolve() == (REPO / "releases" / "toy-shapes").resolve():
+        pytest.fail("the bundled release has pooled SAE entries (down_ft1, up_ft1)")
+    for granularity, (layer, t) in kinds.items():
+        result = A.analyze(state, images["blue"], layer, t)
+        for hit in result.visible_neurons()[:3]:
+            _, _, caption = A.neuron_view(state, result, hit.id)
+            assert hit.activation > 0 and "does not fire anywhere" not in caption
+            assert ("mean feature vector" in caption) == (granularity == "pooled"), caption
+            if granularity == "token":  # the image's activation is the max over positions: the map peaks there
+                peak = float(A.activation_map(state, result, hit.id).max())
+                assert peak == pytest.approx(hit.activation, rel=1e-3) and "peak activation" in caption
+    pooled = type("SAE", (), {"granularity": "pooled"})()
+    assert A._map_peak(pooled, 0.0) == "no single position fires it on its own"
+    assert A._map_peak(type("SAE", (), {"granularity": "token"})(), 0.0) == "does not fire anywhere on this image"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_inputs_give_plain_errors(state, tmp_path, case):
     make, pattern = BAD_INPUTS[case]

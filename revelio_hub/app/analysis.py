@@ -472,10 +472,26 @@ def neuron_view(state: AppState, analysis: Analysis, neuron: Any) -> tuple[list[
     gallery = _top_images(entry.atlas, neuron_id, state.config.top_images)
     listed = next((h.activation for h in analysis.neurons if h.id == neuron_id), None)
     summary = _atlas_summary(entry.atlas, neuron_id, peak if listed is None else listed)
-    where = f"peak activation {peak:.3g}" if peak > 0 else "does not fire anywhere on this image"
-    caption = (f"Neuron {neuron_id}" + (f" — {summary}" if summary else "") + f" ({where}). "
-               "The heat map covers the square centre crop the backbone sees.")
+    caption = (f"Neuron {neuron_id}" + (f" — {summary}" if summary else "") + f" ({_map_peak(entry.sae, peak)}). "
+               "The heat map covers the square centre crop the backbone sees." + _map_caveat(entry.sae))
     return gallery, overlay, caption
+
+
+def _map_peak(sae: Any, peak: float) -> str:
+    """The heat map's peak in words. A pooled SAE's neuron can fire on the image's mean vector while no single
+    position fires it alone, so "does not fire anywhere" would be false there."""
+    pooled = getattr(sae, "granularity", "token") == "pooled"
+    if peak > 0:
+        return f"{'per-position ' if pooled else ''}peak activation {peak:.3g}"
+    return "no single position fires it on its own" if pooled else "does not fire anywhere on this image"
+
+
+def _map_caveat(sae: Any) -> str:
+    """What a pooled SAE's heat map is (its neurons read the mean over positions, the map encodes each alone)."""
+    if getattr(sae, "granularity", "token") != "pooled":
+        return ""
+    return (" This layer's SAE reads the image's mean feature vector; the map encodes each position on its own, so "
+            "it shows roughly where, not how much.")
 
 
 # -------------------------------------------------------------- neuron browser
