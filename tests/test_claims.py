@@ -370,6 +370,8 @@ def test_an_image_gets_a_neurons_names_only_in_a_firing_regime_where_they_were_c
     assert atlas.names_on_image(0, 0.5 * float(mean[0])) == []
     assert weak.startswith("not named here: fires weakly (0.5× its usual); where it fires ≥ 1.2×: red (colour)")
     assert bench["named_values"](weak) == []
+    # the ratio shown is floored: a firing just under the typical regime's edge must not read as at it
+    assert atlas.summary_on_image(0, 0.599 * float(mean[0])).startswith("not named here: fires weakly (0.5× its usual)")
     # the table round-trips; one regime = the version-2 rule (weaker firings name nothing)
     stored = json.loads((tmp_path / "a" / ATLAS_FILE).read_text())["claim_calibration"]
     assert ClaimCalibration.from_dict(stored).to_dict() == stored

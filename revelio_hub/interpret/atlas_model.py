@@ -473,7 +473,8 @@ class NeuronAtlas:
                                 phrase=cal.config.regime_phrase(r))
         if not self.explanation(i):
             return text
-        ratio = activation / float(self.stats["mean_activation"][i])
+        # floored, not rounded: 0.996× is a weak firing and must not read "1.0×", the typical regime's edge
+        ratio = math.floor(activation / float(self.stats["mean_activation"][i]) * 10 + 1e-6) / 10
         unchecked = r is not None and all(math.isnan(e.held_out) for e in self._regime_claims(i, r)[1])
         why = (f"fires weakly ({ratio:.1f}× its usual)" if r is None else
                f"fires {ratio:.1f}× its usual, where too few held-out images checked its names" if unchecked else
