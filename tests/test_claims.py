@@ -460,3 +460,14 @@ def test_why_note_says_when_no_single_neuron_moves_the_class():
         assert ("No single neuron's removal changes P(" in V.why_note(view)) == saturated
         seen.add(saturated)
     assert seen == {True, False}  # the bundled release shows both cases
+
+
+def test_an_unsure_figure_just_under_the_floor_never_reads_as_the_floor():
+    """0.8996 was shown as "held on 90%" beside "unsure", as if it had met the 90% floor; it must read 89%."""
+    from revelio_hub.interpret.neuron_labels import ValueEvidence, summary_text
+
+    unsure = ValueEvidence("colour", "red", 0.95, 9, 10, held_out=0.8996)
+    line = summary_text([], 0.3, 100, unsure=unsure)
+    assert line.startswith("unsure: red (colour)? claims like it held on 89% of held-out images it fires strongly on")
+    named = summary_text([ValueEvidence("colour", "red", 0.95, 9, 10, held_out=0.9996)], 0.3, 100)
+    assert named.startswith("red (colour) · true on 100% of held-out")  # named figures are at the floor or above

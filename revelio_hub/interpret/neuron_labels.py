@@ -384,7 +384,8 @@ def summary_text(named: Sequence[ValueEvidence], frequency: float, num_images: i
             parts.append(" · ".join(bits))
         head = "; ".join(parts)
     elif unsure is not None:
-        checked = (f"claims like it held on {100 * unsure.held_out:.0f}% {phrase}"
+        # floored: a figure just under the floor (89.96%) must not read as the floor itself ("90%")
+        checked = (f"claims like it held on {math.floor(100 * unsure.held_out):.0f}% {phrase}"
                    if not math.isnan(unsure.held_out) else "too few held-out images to check claims like it")
         head = f"unsure: {_named_part(unsure, single_column)}? {checked}"
     else:
