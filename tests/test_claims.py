@@ -221,14 +221,20 @@ def toy_entry():
 
 
 def _remove_together(sae, diffc, x: torch.Tensor, neurons: list[int], target: int) -> float:
-    """P(target) lost when every neuron of ``neurons`` is zeroed at every position (decode + error + Diff-C)."""
+    """P(target) lost when every neuron of ``neurons`` is zeroed (decode + error + Diff-C): at every position for a
+    token SAE; for a pooled SAE, in the code of the mean, its decoder contribution taken from every position."""
     with torch.no_grad():
-        vals, idx = sae.encode(x)
-        error = x - sae.decode(vals, idx).permute(0, 3, 1, 2)
+        pooled = sae.granularity == "pooled"
+        vals, idx = sae.encode(x.mean(dim=(2, 3)) if pooled else x)
         drop = torch.zeros_like(idx, dtype=torch.bool)
         for j in neurons:
             drop |= idx == j
-        ablated = sae.decode(vals.masked_fill(drop, 0.0), idx).permute(0, 3, 1, 2) + error
+        if pooled:
+            removed = sae.decode(vals, idx) - sae.decode(vals.masked_fill(drop, 0.0), idx)
+            ablated = x - removed[:, :, None, None]
+        else:
+            error = x - sae.decode(vals, idx).permute(0, 3, 1, 2)
+            ablated = sae.decode(vals.masked_fill(drop, 0.0), idx).permute(0, 3, 1, 2) + error
         probs = diffc.eval()(torch.cat([x, ablated])).softmax(1)[:, target]
     return float(probs[0] - probs[1])
 
@@ -246,8 +252,10 @@ def test_concept_effects_are_exact_joint_removals_of_the_shown_neurons(toy_entry
         groups = concept_effects(entry.sae, entry.diffc, x, a, atlas)
         for g in groups:
             found += 1
-            # every member is a shown neuron whose summary names the group's value
-            assert all(any(e.column == g.column and e.value == g.value for e in atlas.explanation(j)) for j in g.neurons)
+            # every member is a shown neuron that names the group's value on this image (checked for its firing)
+            act = {int(a.neurons[k]): float(a.activations[k]) for k in range(len(a))}
+            assert all(any(e.column == g.column and e.value == g.value for e in atlas.names_on_image(j, act[j]))
+                       for j in g.neurons)
             assert set(g.neurons) <= {int(a.neurons[k]) for k in shown}
             assert g.effect_prob == pytest.approx(_remove_together(entry.sae, entry.diffc, x[None], g.neurons,
                                                                    a.target), abs=2e-6)

@@ -62,8 +62,8 @@ def concept_effects(sae: Any, diffc: Any, features: torch.Tensor, attribution: A
 
     ``features`` is the one map the attribution was computed on (``C×H×W`` or
     ``1×C×H×W``); ``attribution`` one :class:`~revelio_hub.interpret.attribution.Attribution`.
-    Neurons whose summary names nothing, or whose names do not apply to this image (they fire too weakly
-    on it, :meth:`NeuronAtlas.names_on_image`), form no group.
+    A neuron joins the groups of the values it names on this image (:meth:`NeuronAtlas.names_on_image`: the
+    claims checked for the way it fires here); one that names nothing here forms no group.
     """
     if atlas is None:
         return []
