@@ -11,7 +11,9 @@ every entry of the release; of the first ``--top`` neurons the app lists
 * **coverage**: the share whose summary names a label value (not ``mixed``, ``unsure``, nor ``not named
   here``, the app's line for a neuron firing on the image in a regime where its claims were not checked, or
   held too rarely: :meth:`NeuronAtlas.summary_on_image`);
-* **precision**: of those, the share whose named value(s) are all true of the image.
+* **precision**: of those, the share whose named value(s) are all true of the image;
+* **unnamed**: the others counted by why their line names nothing (fires below every checked regime, its
+  names did not hold in the regime it fires in, unsure, mixed, dead).
 
 The summary *text* is parsed, so what is measured is what a user reads.
 **oracle coverage** is what no labelling rule can beat on these neurons: a
@@ -120,9 +122,21 @@ def _listed(payload: dict[str, Any], top: int) -> list[dict[str, Any]]:
     return [n for n in payload["neurons"] if not n.get("dense", False)][:top]
 
 
+#: Why a listed neuron's line names nothing, by the line's start (NeuronAtlas.summary_on_image / summary).
+UNNAMED_REASONS = {"not named here: fires weakly": "fires_weakly", "not named here": "not_held_in_its_regime",
+                   "unsure": "unsure", "mixed": "mixed", "dead": "dead"}
+
+
+def unnamed_reason(summary: str) -> str:
+    """Which of :data:`UNNAMED_REASONS` a line that names nothing gives (``"other"`` for none)."""
+    return next((reason for start, reason in UNNAMED_REASONS.items() if summary.startswith(start)), "other")
+
+
 def score_entry(analysis, state, images, layer: str, t: int, top: int, ranking: Optional[str]) -> dict[str, Any]:
-    """Coverage and precision of the first ``top`` listed neurons' summaries over ``images``, plus OOD false alarms."""
+    """Coverage and precision of the first ``top`` listed neurons' summaries over ``images``, why the rest name
+    nothing, plus OOD false alarms."""
     listed = named = correct = 0
+    unnamed: dict[str, int] = {}
     flagged = 0
     with_ood = 0
     seen: dict[int, list[set[str]]] = {}
@@ -135,6 +149,9 @@ def score_entry(analysis, state, images, layer: str, t: int, top: int, ranking: 
             if values:
                 named += 1
                 correct += all(v in truth for v in values)
+            else:
+                reason = unnamed_reason(n["summary"])
+                unnamed[reason] = unnamed.get(reason, 0) + 1
         ood = payload.get("ood")
         if ood is not None and ood.get("error_percentile") is not None:
             with_ood += 1
@@ -142,7 +159,7 @@ def score_entry(analysis, state, images, layer: str, t: int, top: int, ranking: 
     return {
         "coverage": round(named / listed, 4) if listed else None,
         "precision": round(correct / named, 4) if named else None,
-        "listed": listed, "named": named, "correct": correct,
+        "listed": listed, "named": named, "correct": correct, "unnamed": dict(sorted(unnamed.items())),
         "held_out_flagged": round(flagged / with_ood, 4) if with_ood else None,
         **{f"oracle_coverage_at_{p}": oracle_coverage(seen, p) for p in (0.85, 0.9)},
     }

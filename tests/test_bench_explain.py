@@ -32,6 +32,15 @@ def test_summary_parser_reads_what_users_read():
 
 
 @pytest.mark.skipif(not (Path(app_release_path()) / "release.json").is_file(), reason="no bundled release")
+def test_unnamed_lines_are_sorted_by_the_reason_they_give():
+    reason = BENCH["unnamed_reason"]
+    assert reason("not named here: fires weakly (0.5× its usual); where it fires ≥ 1.5×: red") == "fires_weakly"
+    assert reason("not named here: fires 1.2× its usual, where its names held too rarely") == "not_held_in_its_regime"
+    assert reason("unsure: red (colour)? claims like it held on 80% ...") == "unsure"
+    assert reason("mixed (no single label value explains its top images)") == "mixed"
+    assert reason("red (colour) · true on 95% ...") == "other"
+
+
 def test_small_run_scores_summaries_against_the_generator_labels():
     from revelio_hub.toy.shapes import FACTORS
 
@@ -42,6 +51,8 @@ def test_small_run_scores_summaries_against_the_generator_labels():
     r = res["default"]
     assert r["listed"] == 6 * 5  # five listed neurons per image
     assert 0 <= r["correct"] <= r["named"] <= r["listed"]
+    # every listing that names nothing is counted once, under a reason its line gives
+    assert sum(r["unnamed"].values()) == r["listed"] - r["named"] and "other" not in r["unnamed"]
     if r["named"]:
         assert r["precision"] == pytest.approx(r["correct"] / r["named"], abs=1e-4)
     # every parsed value is a real label value of the generator
