@@ -438,14 +438,17 @@ class NeuronAtlas:
         """
         if self.calibration is None or float(self.stats["frequency"][self._check(i)]) <= 0:
             return self.explanation(i)
-        return self._names_in_regime(i, self._regime(i, activation))
+        return self._names_in_regime(i, self._regime(i, activation), self._claims(i))
 
-    def _names_in_regime(self, i: int, r: Optional[int]) -> list[ValueEvidence]:
-        """The values neuron ``i`` names on firings of regime ``r`` (see :meth:`names_on_image`)."""
+    def _names_in_regime(self, i: int, r: Optional[int],
+                         claims: tuple[list[ValueEvidence], Optional[ValueEvidence], int]) -> list[ValueEvidence]:
+        """The values neuron ``i`` names on firings of regime ``r`` (see :meth:`names_on_image`); ``claims`` is
+        :meth:`_claims` of ``i``, passed in so a request looks it up once per neuron."""
         if r is None:
             return []
-        if r == self._claims(i)[2]:  # the regime the summary's own figures count
-            return self.explanation(i)
+        named, _, summary_regime = claims
+        if r == summary_regime:  # the regime the summary's own figures count
+            return named
         return self._regime_claims(i, r)[0]
 
     def summary_on_image(self, i: int, activation: float) -> str:
@@ -463,15 +466,16 @@ class NeuronAtlas:
         if cal is None or float(self.stats["frequency"][i]) <= 0:
             return text
         r = self._regime(i, activation)
-        summary_regime = self._claims(i)[2]
+        claims = self._claims(i)
+        summary_regime = claims[2]
         if r == summary_regime:
             return text
-        names = self._names_in_regime(i, r)
+        names = self._names_in_regime(i, r, claims)
         if names:
             return summary_text(names, float(self.stats["frequency"][i]), self.num_images,
                                 single_column=len(self.label_columns) <= 1, where=self.where(i),
                                 phrase=cal.config.regime_phrase(r))
-        if not self.explanation(i):
+        if not claims[0]:
             return text
         # floored, not rounded: 0.996× is a weak firing and must not read "1.0×", the typical regime's edge
         ratio = math.floor(activation / float(self.stats["mean_activation"][i]) * 10 + 1e-6) / 10
