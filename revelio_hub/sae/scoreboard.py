@@ -223,9 +223,8 @@ def card_section(report: dict[str, Any]) -> str:
 def _unscored_note(report: dict[str, Any]) -> str:
     """Entries with variant rows but no "this release" row: the release's SAE there is not token-level (the
     variants are; ``bench_sae_variants.py`` does not score a pooled SAE on tokens)."""
-    entries = sorted({r["entry"] for r in report.get("toy", [])})
-    missing = [e for e in entries if not any(r["entry"] == e and r["variant"] == "this release"
-                                             for r in report.get("toy", []))]
+    rows = report.get("toy", [])
+    missing = sorted({r["entry"] for r in rows} - {r["entry"] for r in rows if r["variant"] == "this release"})
     if not missing:
         return ""
     return (f" The variants are token-level SAEs; at {', '.join(missing)} this release's SAE is trained on pooled "
