@@ -65,9 +65,14 @@ _CALIBRATED = re.compile(r"^(.+?) · true on [0-9]+%")
 _VALUE = re.compile(r"^([^()]+?)(?: \([^()]+\))?$")
 
 
+#: Why a listed neuron's line names nothing, by the line's start (NeuronAtlas.summary_on_image / summary).
+UNNAMED_REASONS = {"not named here: fires weakly": "fires_weakly", "not named here": "not_held_in_its_regime",
+                   "unsure": "unsure", "mixed": "mixed", "dead": "dead"}
+
+
 def named_values(summary: str) -> list[str]:
     """The label values a summary names (empty for ``mixed``/``unsure``/dead); reads every summary format so far."""
-    if summary.startswith(("mixed", "dead", "unsure", "not named here")) or not summary:
+    if summary.startswith(tuple(UNNAMED_REASONS)) or not summary:
         return []
     m = _CALIBRATED.match(summary)
     if m:
@@ -120,11 +125,6 @@ def _analyze(analysis, state, image, layer, t, ranking: Optional[str]):
 
 def _listed(payload: dict[str, Any], top: int) -> list[dict[str, Any]]:
     return [n for n in payload["neurons"] if not n.get("dense", False)][:top]
-
-
-#: Why a listed neuron's line names nothing, by the line's start (NeuronAtlas.summary_on_image / summary).
-UNNAMED_REASONS = {"not named here: fires weakly": "fires_weakly", "not named here": "not_held_in_its_regime",
-                   "unsure": "unsure", "mixed": "mixed", "dead": "dead"}
 
 
 def unnamed_reason(summary: str) -> str:
