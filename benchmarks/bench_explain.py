@@ -32,8 +32,9 @@ thresholds on a separate tuning seed (never the reporting seed) to choose them.
 the first N held-out images at entries with a Diff-C: of the correctly
 classified ones, the share where one of the top-3 neurons pushing the class up
 (dense ones hidden, as in the app) names the predicted shape; the same with
-dense neurons shown; and the share where the largest by-concept group pushing
-it up is that shape.
+dense neurons shown; the share where the largest by-concept group pushing
+it up is that shape; and the share whose note says that no charted neuron
+pushing it up (or no neuron of the layer) is named for it.
 
 Examples:
     python benchmarks/bench_explain.py --json
@@ -202,10 +203,11 @@ def ood_rates(analysis, state, kinds: dict[str, list[Image.Image]], layer: str, 
 def why_scores(state, images, layer: str, t: int, top: int = 3) -> dict[str, Any]:
     """"Why this class?" on correctly classified images: does one of the first ``top`` neurons pushing the
     predicted class up name that class (shape)? With dense neurons hidden (the app's default) and shown;
-    also whether the by-concept view's largest group names it."""
+    also whether the by-concept view's largest group names it, and how often the note under the chart says no
+    charted neuron (or no neuron of the layer) is named for the class."""
     from revelio_hub.app import attribution_view
 
-    counts = {"hidden": 0, "shown": 0, "concept": 0}
+    counts = {"hidden": 0, "shown": 0, "concept": 0, "line": 0}
     correct = 0
     tops: list[tuple[str, list[int]]] = []
     for image, truth in images:
@@ -222,10 +224,13 @@ def why_scores(state, images, layer: str, t: int, top: int = 3) -> dict[str, Any
                 tops.append((name, [int(r["neuron"]) for r in rows]))
         up = [c for c in view.concepts if c.effect_prob > 0]
         counts["concept"] += bool(up) and up[0].value == name
+        view.show_dense = False
+        note = attribution_view.why_note(view)
+        counts["line"] += f"is named {name}" in note and ("None of the charted" in note or "No neuron of" in note)
     share = lambda k: round(counts[k] / correct, 4) if correct else None  # noqa: E731
     return {"correct_images": correct, f"top{top}_names_class": share("hidden"),
             f"top{top}_names_class_dense_shown": share("shown"), "largest_concept_names_class": share("concept"),
-            f"oracle_top{top}_names_class": why_oracle(tops)}
+            f"oracle_top{top}_names_class": why_oracle(tops), "class_not_named_line": share("line")}
 
 
 def why_oracle(tops: list[tuple[str, list[int]]], precision: float = 0.9) -> Optional[float]:

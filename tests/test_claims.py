@@ -449,6 +449,9 @@ def test_an_image_gets_the_names_checked_in_its_own_firing_regime(tmp_path):
     assert atlas.summary_on_image(0, 1.05).startswith(
         "red (colour) · true on 100% of held-out images it fires 0.3–1.5× its usual on")
     assert atlas.names_on_image(0, 0.2 * mean) == []
+    # which neurons the app ever calls a value: red only on typical firings still counts; square, never named
+    assert atlas.neurons_naming("circle") == [0] and atlas.neurons_naming("red") == [0]
+    assert atlas.neurons_naming("square") == [] and atlas.neurons_naming("blue") == []
 
 
 def test_why_note_says_when_no_single_neuron_moves_the_class():
@@ -468,6 +471,36 @@ def test_why_note_says_when_no_single_neuron_moves_the_class():
         assert ("No single neuron's removal changes P(" in V.why_note(view)) == saturated
         seen.add(saturated)
     assert seen == {True, False}  # the bundled release shows both cases
+
+
+def test_why_says_when_no_charted_neuron_is_named_for_the_class():
+    """The bars answer "whose removal lowers P(star)?", often a size neuron: the note must say when none of the
+    charted neurons pushing the class up is named for it on this image (each neuron's names checked against the
+    atlas for the way it fires here), and when no neuron of the layer is named for it at all; quiet otherwise."""
+    from revelio_hub.app import attribution_view as V
+    from revelio_hub.app.state import AppConfig, AppState
+
+    release = app_release_path()
+    state = AppState.from_config(AppConfig(releases=[str(release)]))
+    seen = set()
+    for layer in ("down_ft1", "bottleneck"):
+        atlas = state.get_release().entry(layer, 25).atlas
+        for shape in ("star", "circle", "cross", "square"):
+            view = V.attribute_image(state, str(Path(release) / "examples" / f"{shape}.png"), layer, 25)
+            name = view.attribution.target_name
+            up = [r for r in V._chart_rows(view, V.CHART_BARS) if r["effect_prob"] > 0]
+            named = [r["neuron"] for r in up
+                     if name in [e.value for e in atlas.names_on_image(r["neuron"], r["activation"])]]
+            layer_wide = sum(name in [e.value for e in atlas.names_on_image(i, a * float(atlas.stats["mean_activation"][i]))]
+                             for i in range(atlas.num_neurons) for a in (1.0, 1.6))
+            note, payload = V.why_note(view), view.to_json()
+            assert (payload["class_neurons"] == 0) == (layer_wide == 0)
+            assert ("No neuron of this layer is named " + name in note) == (layer_wide == 0)
+            unnamed = bool(up) and not named and layer_wide > 0
+            assert (f"None of the charted neurons pushing {name} up is named {name}" in note) == unnamed
+            assert {r["neuron"] for r in payload["neurons"] if r["names_class"]} >= set(named)
+            seen.add("none in layer" if layer_wide == 0 else "unnamed" if unnamed else "named" if named else "-")
+    assert {"none in layer", "unnamed", "named"} <= seen  # the bundled release shows each case
 
 
 def test_an_unsure_figure_just_under_the_floor_never_reads_as_the_floor():

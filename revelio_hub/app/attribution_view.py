@@ -62,6 +62,10 @@ class AttributionView:
     concepts: list[ConceptEffect] = field(default_factory=list)
     #: The reliability verdict (as ``Analysis.ood``): a flagged image keeps its numbers, marked unreliable.
     ood: Optional[dict[str, Any]] = None
+    #: measured neurons that name the explained class where they fire on this image (its checked claims)
+    names_class: set[int] = field(default_factory=set)
+    #: how many of the layer's neurons name the class on some firing (``None``: the atlas has no such value)
+    class_neurons: Optional[int] = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``/attribute_json`` payload (``reliable``/``reasons`` as ``/analyze_json``'s)."""
@@ -72,6 +76,8 @@ class AttributionView:
         out.update(a.to_dict())
         for row in out["neurons"]:
             row["dense"] = row["neuron"] in self.dense
+            row["names_class"] = row["neuron"] in self.names_class
+        out["class_neurons"] = self.class_neurons
         out["concepts"] = [dict(c.to_dict(), text=c.text(a.target_name)) for c in self.concepts]
         out["predicted"] = self.class_names[a.predicted] if self.class_names else a.predicted
         out["pushing_up"] = [r["neuron"] for r in a.pushing("up")]
@@ -145,8 +151,23 @@ def _attribute(rel: LoadedRelease, entry: Any, layer: str, t: int, fmap: Any, di
     dense = ({int(j) for j in result.neurons.tolist() if bool(atlas.dense_mask[int(j)])}
              if atlas is not None else set())
     concepts = concept_effects(entry.sae, entry.diffc, fmap, result, atlas, include_dense=bool(show_dense))
+    names_class, class_neurons = _class_names(atlas, result)
     return AttributionView(rel.name, layer, t, result, digest, class_names=list(entry.diffc.class_names),
-                           dense=dense, show_dense=bool(show_dense), concepts=concepts)
+                           dense=dense, show_dense=bool(show_dense), concepts=concepts, names_class=names_class,
+                           class_neurons=class_neurons)
+
+
+def _class_names(atlas: Any, result: "Attribution") -> tuple[set[int], Optional[int]]:
+    """(measured neurons naming the explained class on this image, the layer's neurons naming it on some firing).
+
+    Both ``(set(), None)`` when no atlas label value is the class's name: nothing can be said either way.
+    """
+    name = result.target_name
+    if atlas is None or not any(name in values for values in atlas.label_columns.values()):
+        return set(), None
+    naming = {int(j) for j, x in zip(result.neurons.tolist(), result.activations.tolist())
+              if any(e.value == name for e in atlas.names_on_image(int(j), float(x)))}
+    return naming, len(atlas.neurons_naming(name))
 
 
 @dataclass
@@ -253,7 +274,7 @@ def why_note(view: AttributionView) -> str:
         f"{len(a)} of the {len(a.all_neurons)} active neurons were measured (the {len(a)} with the largest "
         f"gradient × activation estimate; rank agreement of that estimate with the exact effects: ρ = {rho}). "
         "Click a bar or a thumbnail to see where that neuron fires."
-        + _saturation_line(view) + _dense_line(view) + _concept_lines(view)
+        + _saturation_line(view) + _dense_line(view) + _class_line(view) + _concept_lines(view)
     )
 
 
@@ -275,6 +296,28 @@ def _saturation_line(view: AttributionView) -> str:
     return (f" No single neuron's removal changes P({name}) by {SATURATED_EFFECT:.0%} or more (largest: "
             f"{largest:.2%}): Diff-C rests on many neurons at once here, so the order of these bars says little; "
             "removing groups of neurons together (by concept, where shown) measures more.")
+
+
+def _class_line(view: AttributionView) -> str:
+    """Say so when no charted bar pushing the class up is named for it, so "small (size)" is not read as "star".
+
+    The bars answer "whose removal lowers P(star)?"; at the toy bottleneck that is, for most small shapes, a size
+    neuron, and at down_ft1 no neuron is named for any shape at all (docs/benchmarks.md, "Why this class: what
+    the layer's neurons allow"). Quiet when the atlas has no value of the class's name.
+    """
+    name = view.attribution.target_name
+    if view.class_neurons is None:
+        return ""
+    if view.class_neurons == 0:
+        return (f" No neuron of this layer is named {name} on held-out images, so no bar here can be: Diff-C's "
+                f"{name} rests on neurons named for other things, or on several together.")
+    up = [r for r in _chart_rows(view, CHART_BARS) if r["effect_prob"] > 0]
+    if not up or any(r["neuron"] in view.names_class for r in up):
+        return ""
+    many = view.class_neurons
+    return (f" None of the charted neurons pushing {name} up is named {name} where it fires here "
+            f"({many} of this layer's neuron{'s are' if many != 1 else ' is'} on some firings): the bars show "
+            f"what P({name}) rests on at this layer, not {name} detectors.")
 
 
 def _dense_line(view: AttributionView) -> str:

@@ -524,6 +524,26 @@ class NeuronAtlas:
         rows.sort(key=lambda r: (r["auroc"], r["precision"]), reverse=True)
         return rows[:limit]
 
+    def neurons_naming(self, value: str) -> list[int]:
+        """Neurons that name ``value`` on some firing: their checked claims name it in at least one firing regime
+        (uncalibrated atlases: their summary names it); ascending ids, cached.
+
+        :meth:`search` ranks every neuron by its AUROC for a value; this says which ones the app will ever *call*
+        that value. "Why this class?" uses it to tell a user when no neuron of a layer is named for the class, so
+        no bar can be (a layer whose neurons carry colour and size, while Diff-C reads shape from their mix).
+        """
+        key = ("naming", value, self._cache_key(0)[1])
+        found = self._claim_cache.get(key)
+        if found is None:
+            cal = self.calibration
+            regimes = range(len(cal.config.regimes)) if cal is not None else ()
+            alive = torch.nonzero(self.stats["frequency"] > 0).flatten().tolist()
+            found = [i for i in alive
+                     if any(e.value == value for e in self.explanation(i))
+                     or any(e.value == value for r in regimes for e in self._regime_claims(i, r)[0])]
+            self._claim_cache[key] = found
+        return list(found)
+
     def relevance(self, activations: torch.Tensor) -> torch.Tensor:
         """How unusual each activation is for its neuron: activation / the neuron's mean activation when firing.
 
