@@ -407,6 +407,29 @@ def test_sample_tokens():
     assert torch.equal(sample_tokens(maps, 2, seed=5)[0], sample_tokens(maps, 2, seed=5)[0])
 
 
+def test_deviation_sampling_spends_the_budget_on_positions_unlike_their_map():
+    """A map of plain background with one "object" position: uniform draws find it once in 16 maps, deviation draws
+    nearly always, still distinct positions and seeded; a map that is the same everywhere is still drawn from."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.ones(400, 3, 4, 4) + 0.01 * torch.randn(400, 3, 4, 4, generator=g)
+    where = torch.randint(0, 16, (400,), generator=g)
+    maps.view(400, 3, 16)[torch.arange(400), :, where] += 5.0  # the object, one position per map
+
+    def object_share(sampling: str) -> float:
+        tokens, image = sample_tokens(maps, 1, seed=3, sampling=sampling)
+        return float((tokens[:, 0] > 3).float().mean())
+
+    assert object_share("deviation") > 0.9 and object_share("uniform") < 0.15  # 0.94 and 1/16 expected
+    tokens, image = sample_tokens(maps, 4, seed=3, sampling="deviation")
+    per_image = tokens.view(400, 4, 3)
+    assert all(len({tuple(t.tolist()) for t in per_image[i]}) == 4 for i in range(400))  # distinct positions
+    assert torch.equal(tokens, sample_tokens(maps, 4, seed=3, sampling="deviation")[0])
+    flat, _ = sample_tokens(torch.ones(2, 3, 4, 4), 4, sampling="deviation")
+    assert flat.shape == (8, 3) and torch.isfinite(flat).all()
+    with pytest.raises(ValueError, match="sampling must be one of uniform, deviation"):
+        sample_tokens(maps, 2, sampling="norm")
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -126,6 +126,14 @@ def test_token_streaming_feeds_the_stored_maps_tokens_and_saves_token_saes(backb
     expected = torch.cat([sample_tokens(got.features[where[i]:where[i] + 1].float(), 5, seed=i)[0] for i in ids])
     # the stored maps' positions (what a store-fed token SAE sees), to fp16 rounding of a different batch
     torch.testing.assert_close(rows, expected, atol=1e-3, rtol=1e-3)
+    # drawn by deviation: still the image's own positions, not the uniform ones
+    deviation = FeatureStream(backbone, _source(workspace), ["bottleneck"], [25], granularity="token",
+                              tokens_per_image=5, token_sampling="deviation").features(ids)[key]
+    assert not torch.equal(deviation, rows)
+    for j, i in enumerate(ids):
+        positions = got.features[where[i]].float().flatten(1).t()  # HW×C
+        for token in deviation[5 * j:5 * j + 5]:
+            assert (positions - token).abs().amax(1).min() < 1e-2
     results = train_sae_stream(backbone, _source(workspace), tmp_path / "tok", ["bottleneck"], [25],
                                _cfg(steps=4, checkpoint_every=0), granularity="token", tokens_per_image=5,
                                progress=False)

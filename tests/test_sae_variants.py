@@ -215,8 +215,13 @@ def test_toy_build_records_its_sae_variant_and_rate_and_old_files_read_as_before
     full = ToyBuildConfig.full().to_dict()
     assert (full["sae_variant"], full["sae_lr"]) == (TOY_SAE_VARIANT, TOY_SAE_LR)
     assert ToyBuildConfig.from_dict(full) == ToyBuildConfig.full()
-    old = {k: v for k, v in full.items() if k != "sae_variant"} | {"sae_lr": 2e-3}  # a toy_build.json from before
+    old = {k: v for k, v in full.items() if k not in ("sae_variant", "sae_token_sampling")} | {"sae_lr": 2e-3}
+    # ^ a toy_build.json from before
     assert ToyBuildConfig.from_dict(old).sae_variant == "topk"
+    assert ToyBuildConfig.from_dict(old).sae_token_sampling == "uniform"  # drawn uniformly before the choice existed
+    assert full["sae_token_sampling"] == "deviation"
+    with pytest.raises(ValueError, match="sae_token_sampling must be one of"):
+        ToyBuildConfig(sae_token_sampling="norm")
 
 
 def test_merged_scoreboard_names_each_arm_and_its_card_section_is_replaced_not_duplicated():

@@ -49,6 +49,8 @@ cosine), metrics.jsonl, train_config.json.
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
+    from revelio_hub.sae.training import TOKEN_SAMPLINGS
+
     src = p.add_argument_group("data (one of --store, --features or --backbone)")
     src.add_argument("--store", help="Feature store folder written by training/extract_features.py.")
     src.add_argument("--layer", type=canonical_layer, help="Layer of the store entry, e.g. up_ft1 (required with --store).")
@@ -58,6 +60,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                           "spatial maps (needs a store extracted with --spatial). Default: %(default)s.")
     src.add_argument("--tokens-per-image", type=int, default=64,
                      help="Positions sampled per map for --granularity token (default: %(default)s).")
+    src.add_argument("--token-sampling", choices=list(TOKEN_SAMPLINGS), default="uniform",
+                     help="How --granularity token draws positions: uniform, or deviation (in proportion to a "
+                          "position's squared distance from its map's mean, so objects outweigh plain background; "
+                          "held-out metrics still use uniform draws). Default: %(default)s.")
     src.add_argument("--view-ids", type=int, nargs="+", default=None,
                      help="Use only these views of the store, e.g. 0 for the un-augmented images (default: all).")
     src.add_argument("--features", help="Plain safetensors file with an N×d_in tensor (instead of --store; default: none).")
@@ -146,7 +152,7 @@ def _train_stored(args: argparse.Namespace, acc: Any) -> dict:
 
     if args.store is not None:
         feats, recipe = load_store_features(args.store, args.layer, args.timestep, args.granularity,
-                                            args.tokens_per_image, args.view_ids, args.seed)
+                                            args.tokens_per_image, args.view_ids, args.seed, args.token_sampling)
     else:
         feats, recipe = load_tensor_features(args.features, args.features_key)
     eval_feats = None
@@ -198,7 +204,8 @@ def _train_streaming(args: argparse.Namespace, acc: Any) -> dict:
     results = train_sae_stream(backbone, source, args.out, args.layers, args.timesteps, cfg, accelerator=acc,
                                noise_seed=args.noise_seed, ensemble=args.ensemble,
                                extract_batch_size=args.extract_batch_size, num_workers=args.num_workers,
-                               granularity=args.granularity, tokens_per_image=args.tokens_per_image, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
+                               granularity=args.granularity, tokens_per_image=args.tokens_per_image,
+                               token_sampling=args.token_sampling, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
     return {f"{layer}/t{t}": r.eval for (layer, t), r in results.items()}
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -76,6 +76,8 @@ class FeatureStream:
     #: ``"pooled"``: one mean-pooled vector per image; ``"token"``: ``tokens_per_image`` sampled positions per map
     granularity: str = "pooled"
     tokens_per_image: int = 64
+    #: how positions are drawn (:data:`~revelio_hub.sae.training.TOKEN_SAMPLINGS`)
+    token_sampling: str = "uniform"
 
     @property
     def keys(self) -> list[LayerKey]:
@@ -102,7 +104,7 @@ class FeatureStream:
 
     def _tokens(self, maps: torch.Tensor, image_ids: Sequence[int]) -> torch.Tensor:
         return torch.cat([sample_tokens(maps[j:j + 1], self.tokens_per_image,
-                                        seed=self.noise_seed * 1_000_003 + int(i))[0]
+                                        seed=self.noise_seed * 1_000_003 + int(i), sampling=self.token_sampling)[0]
                           for j, i in enumerate(image_ids)])
 
     def recipe(self, key: LayerKey) -> dict[str, Any]:
@@ -205,6 +207,7 @@ def train_sae_stream(
     num_workers: int = 0,
     granularity: str = "pooled",
     tokens_per_image: int = 64,
+    token_sampling: str = "uniform",
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -225,6 +228,7 @@ def train_sae_stream(
         extract_batch_size: images per backbone call (a step's share is split into such calls).
         granularity, tokens_per_image: ``"pooled"`` (one vector per image, the paper) or ``"token"``
             (``tokens_per_image`` sampled positions per map; ``batch_size`` still counts images).
+        token_sampling: how those positions are drawn (:func:`~revelio_hub.sae.training.sample_tokens`).
         resume, overwrite, progress, stop_after_step: as in ``train_sae``.
 
     Returns:
@@ -236,7 +240,7 @@ def train_sae_stream(
     if granularity not in ("pooled", "token"):
         raise ValueError(f"granularity must be 'pooled' or 'token', got {granularity!r}")
     stream = FeatureStream(backbone, source, layers, timesteps, noise_seed, ensemble, extract_batch_size, num_workers,
-                           granularity, tokens_per_image)
+                           granularity, tokens_per_image, token_sampling)
     train_ids, eval_ids = _split_images(len(source), cfg)
     if len(train_ids) < cfg.batch_size:
         cfg = whole_set_batches(cfg, len(train_ids), acc.num_processes, acc.is_main_process)
@@ -254,7 +258,8 @@ def train_sae_stream(
     if stop < cfg.total_steps:
         return {**results, **{k: TrainResult(e.trainer.model.cpu(), {}, stop, e.trainer.history, seconds)
                                for k, e in entries.items()}}
-    held_out = stream.features(eval_ids.tolist())
+    # held-out metrics on uniformly drawn positions, as every position is encoded in use, whatever the training draw
+    held_out = replace(stream, token_sampling="uniform").features(eval_ids.tolist())
     for key, entry in entries.items():
         metrics = final_evaluation(entry.trainer, held_out[key], "held_out", None, len(train_ids))
         save_run(entry.out, entry.trainer, metrics)

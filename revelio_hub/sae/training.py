@@ -76,6 +76,7 @@ __all__ = [
     "split_features",
     "evaluate_sae",
     "sample_tokens",
+    "TOKEN_SAMPLINGS",
     "geometric_median",
     "load_store_features",
     "load_tensor_features",
@@ -242,11 +243,24 @@ class TrainResult:
 # ---------------------------------------------------------------- data helpers
 
 
-def sample_tokens(maps: torch.Tensor, n_per_image: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+#: How :func:`sample_tokens` draws positions: ``"uniform"``, or ``"deviation"``: in proportion to each position's
+#: squared distance from its map's mean, so object positions get more of the budget than plain background.
+TOKEN_SAMPLINGS = ("uniform", "deviation")
+
+
+def sample_tokens(maps: torch.Tensor, n_per_image: int, seed: int = 0,
+                  sampling: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
     """Sample per-position vectors from spatial maps to train a token-level SAE.
 
     ``maps``: N×C×H×W. Draws ``n_per_image`` distinct positions per image
     (all positions when ``n_per_image ≥ H·W``) with a seeded generator.
+    ``sampling="deviation"`` draws them (still distinct) with probability
+    proportional to ``‖x_p − mean_p(x)‖²``: most positions of a map are
+    background alike, and uniform draws spend the SAE's dictionary on them. At
+    the toy bottleneck, 16 such positions per image gave "Why this class?"
+    neurons named for the class about 1.4× as often as 32 uniform ones
+    (docs/benchmarks.md, "Token sampling by deviation"). A map that is the same
+    everywhere is drawn uniformly.
     Returns ``(tokens (N·n)×C, image_index (N·n))`` where ``image_index[i]`` is
     the row of ``maps`` token i came from.
     """
@@ -254,14 +268,21 @@ def sample_tokens(maps: torch.Tensor, n_per_image: int, seed: int = 0) -> tuple[
         raise ValueError(f"sample_tokens needs maps of shape N×C×H×W, got {tuple(maps.shape)}")
     if n_per_image < 1:
         raise ValueError(f"n_per_image must be ≥ 1, got {n_per_image}")
+    if sampling not in TOKEN_SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(TOKEN_SAMPLINGS)}, got {sampling!r}")
     n, c, h, w = maps.shape
     flat = maps.reshape(n, c, h * w)
     m = min(n_per_image, h * w)
     if m == h * w:
         pos = torch.arange(h * w).expand(n, -1)
-    else:
+    elif sampling == "uniform":
         g = torch.Generator().manual_seed(seed)
         pos = torch.rand(n, h * w, generator=g).argsort(dim=1)[:, :m]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        dev = (flat - flat.mean(2, keepdim=True)).float().pow(2).sum(1).cpu()  # N×HW
+        weight = dev / dev.sum(1, keepdim=True).clamp_min(1e-30) + 1e-9  # > 0 everywhere: m distinct draws exist
+        pos = torch.multinomial(weight, m, replacement=False, generator=g)
     pos = pos.to(maps.device)
     tokens = torch.gather(flat, 2, pos.unsqueeze(1).expand(n, c, m))  # N×C×m
     tokens = tokens.permute(0, 2, 1).reshape(n * m, c)
@@ -295,13 +316,14 @@ def load_store_features(
     tokens_per_image: int = 64,
     views: Optional[list[int]] = None,
     seed: int = 0,
+    token_sampling: str = "uniform",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Training vectors and their recipe from a feature store (``revelio_hub.features``).
 
     ``pooled``: the stored N×C pooled vectors. ``token``: ``tokens_per_image``
-    positions sampled from each spatial map (:func:`sample_tokens`); the store
-    must have been extracted with ``--spatial``. ``views`` keeps only those
-    augmented views (default: all).
+    positions sampled from each spatial map (:func:`sample_tokens`, drawn as
+    ``token_sampling`` says); the store must have been extracted with
+    ``--spatial``. ``views`` keeps only those augmented views (default: all).
     """
     from revelio_hub.features import FeatureStore
 
@@ -315,7 +337,7 @@ def load_store_features(
         feats = fs.load(layer, int(timestep), kind="pooled", views=views).features.float()
     else:
         maps = fs.load(layer, int(timestep), kind="spatial", views=views).features
-        feats, _ = sample_tokens(maps.float(), tokens_per_image, seed=seed)
+        feats, _ = sample_tokens(maps.float(), tokens_per_image, seed=seed, sampling=token_sampling)
     return feats, recipe
 
 

@@ -124,13 +124,13 @@ def train_entry_sae(config: ToyBuildConfig, store, layer: str, t: int, out: Path
     from revelio_hub.sae.model import KSparseAutoencoder
 
     marker = out / "toy_stage.json"
-    keys = ("sae_expansion", "sae_k", "sae_tokens_per_image", "sae_steps", "sae_batch_size", "sae_lr",
-            "sae_warmup_steps", "sae_aux_k", "sae_aux_coef", "sae_variant", "seed")
-    settings = {**{k: getattr(config, k) for k in keys}, "layer": layer, "timestep": t, "train": str(store.path),
-                "trainer": SAE_TRAINER_VERSION}
     granularity = config.sae_granularity(layer)
-    if granularity != "token":  # token-level runs recorded no granularity: their markers stay valid
-        settings["granularity"] = granularity
+    keys = ["sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_lr", "sae_warmup_steps", "sae_aux_k",
+            "sae_aux_coef", "sae_variant", "seed"]
+    if granularity == "token":  # how positions are drawn says nothing about a pooled SAE
+        keys += ["sae_tokens_per_image", "sae_token_sampling"]
+    settings = {**{k: getattr(config, k) for k in keys}, "layer": layer, "timestep": t, "train": str(store.path),
+                "trainer": SAE_TRAINER_VERSION, "granularity": granularity}
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "eval.json").exists():
         return _Reused(KSparseAutoencoder.from_pretrained(str(out)), json.loads((out / "eval.json").read_text()))
     if out.exists():
@@ -299,8 +299,9 @@ def _sae_inputs(cfg: dict[str, Any]) -> str:
     token = [l for l in cfg["layers"] if l not in pooled]
     parts = []
     if token:
-        parts.append(f"{cfg['sae_tokens_per_image']} sampled positions per image (token level; "
-                     f"{', '.join(token)})")
+        drawn = ("drawn in proportion to their squared distance from the map's mean"
+                 if cfg.get("sae_token_sampling") == "deviation" else "drawn uniformly")
+        parts.append(f"{cfg['sae_tokens_per_image']} positions per image, {drawn} (token level; {', '.join(token)})")
     if pooled:
         parts.append(f"each image's mean-pooled vector (the paper's granularity; {', '.join(pooled)})")
     return " and ".join(parts)
