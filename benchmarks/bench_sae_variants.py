@@ -8,8 +8,8 @@ matching of |cosine|, SAELens's definition), held-out FVU, L0, dead fraction.
 Toy (every ``--layers`` entry at ``--timestep``, features of the toy build's
 work folder ``--work``: ``features/train`` trains, ``features/test`` = held-out
 shapes scores): per variant trained exactly like the release's SAEs (token
-level, ``--tokens-per-image`` positions per image, k, expansion, steps, lr of
-the toy build), plus the bundled release's SAE as ``release``:
+level, ``--tokens-per-image`` positions per image drawn as ``--token-sampling``, k, expansion, steps, lr
+of the toy build), plus the bundled release's SAE as ``release``:
 
 * FVU, L0 and dead fraction (never active with a value > 0) on held-out tokens;
 * matched correlation: one-to-one (Hungarian) Pearson correlation between
@@ -54,8 +54,10 @@ from revelio_hub.sae.scoreboard import (SCOREBOARD_FILE, card_section, factor_in
                                         merge_reports, nameable_listings, probe_accuracy, scoreboard_markdown,
                                         sparse_probe_accuracy, with_card_section)
 from revelio_hub.sae.synthetic import SyntheticAtoms, atom_mcc, make_synthetic
-from revelio_hub.sae.training import SAETrainConfig, evaluate_sae, load_store_features, sample_tokens, train_sae
+from revelio_hub.sae.training import (TOKEN_SAMPLINGS, SAETrainConfig, evaluate_sae, load_store_features,
+                                      sample_tokens, train_sae)
 from revelio_hub.sae.variants import VARIANTS
+from revelio_hub.toy.build_recipe import TOY_SAE_TOKEN_SAMPLING, TOY_SAE_TOKENS_PER_IMAGE
 from revelio_hub.toy.shapes import FACTORS
 
 SCORED_FACTORS = ("shape", "color", "size", "background")
@@ -79,7 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3,
                    help="(default: the toy build's, %(default)s; 0 = the default recipe's rule for lr and warm-up)")
     p.add_argument("--warmup-steps", type=int, default=100, help="(default: the toy build's, %(default)s)")
-    p.add_argument("--tokens-per-image", type=int, default=32, help="(default: the toy build's, %(default)s)")
+    p.add_argument("--tokens-per-image", type=int, default=TOY_SAE_TOKENS_PER_IMAGE,
+                   help="training positions per image (default: the toy build's, %(default)s)")
+    p.add_argument("--token-sampling", choices=TOKEN_SAMPLINGS, default=TOY_SAE_TOKEN_SAMPLING,
+                   help="how they are drawn (default: the toy build's, %(default)s); held-out tokens are uniform")
     p.add_argument("--synthetic-samples", type=int, default=1_000_000, help="0 skips the synthetic part (default: %(default)s).")
     p.add_argument("--synthetic-k", type=int, default=8)
     p.add_argument("--synthetic-latents", type=int, default=4096)
@@ -182,7 +187,7 @@ def toy_rows(a) -> list[dict]:
         head = DiffC.from_pretrained(head_dir) if (head_dir / "model.safetensors").exists() else None
         raw_acc = diffc_accuracy(head, h.maps, h.shape_labels) if head is not None else None
         x, recipe = load_store_features(work / "features" / "train", layer, a.timestep, "token", a.tokens_per_image,
-                                        [0], a.seed)
+                                        [0], a.seed, a.token_sampling)
         bundled = release / layer / f"t{a.timestep}" / "sae"
         models = [("release", KSparseAutoencoder.from_pretrained(bundled), 0.0)] if bundled.exists() else []
         if models and models[0][1].granularity != "token":  # scored on tokens, a pooled SAE is off its inputs

@@ -272,3 +272,18 @@ def test_nameable_listings_names_single_value_neurons_and_not_mixed_ones():
     flipped = acts.clone()
     flipped[~fit, 0], flipped[~fit, 2] = acts[~fit, 2], acts[~fit, 0]
     assert nameable_listings(flipped, {"f": y}, fit, strong=1.0)[1] == 0.0
+
+
+def test_scoreboard_rows_say_how_their_training_positions_were_drawn():
+    """The release's token SAEs may draw positions by deviation while older variant rows drew 32 uniformly: a row
+    must say which, or the card compares unlike trainings as like."""
+    from revelio_hub.sae.scoreboard import merge_reports
+
+    def report(**settings):
+        return {"settings": {"lr": 0.0, "steps": 6000, **settings},
+                "toy": [{"entry": "bottleneck/t25", "variant": "topk", "fvu": 0.1}], "synthetic": []}
+
+    merged = merge_reports([report(tokens_per_image=32), report(tokens_per_image=16, token_sampling="deviation")])
+    assert [r["variant"] for r in merged["toy"]] == [
+        "topk · default lr rule · 6000 steps · 16 deviation positions",
+        "topk · default lr rule · 6000 steps · 32 uniform positions"]

@@ -168,13 +168,15 @@ SCOREBOARD_FILE = "sae_variants.json"
 
 
 def _arm(report: dict[str, Any], variant: str) -> str:
-    """A row's label: the variant, the learning rate (``lr 0`` in a report = the default rule) and the steps it was
-    trained for."""
+    """A row's label: the variant, the learning rate (``lr 0`` in a report = the default rule), the steps it was
+    trained for and the training positions per image with how they were drawn."""
     if variant == "release":
         return "this release"
     settings = report.get("settings") or {}
-    lr, steps = settings.get("lr"), settings.get("steps")
-    return f"{variant} · {'default lr rule' if not lr else f'lr {lr:g}'}" + (f" · {steps} steps" if steps else "")
+    lr, steps, tokens = settings.get("lr"), settings.get("steps"), settings.get("tokens_per_image")
+    drawn = settings.get("token_sampling", "uniform")  # reports from before the choice drew uniformly
+    return (f"{variant} · {'default lr rule' if not lr else f'lr {lr:g}'}" + (f" · {steps} steps" if steps else "")
+            + (f" · {tokens} {drawn} positions" if tokens else ""))
 
 
 def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -211,8 +213,8 @@ def _without_paths(value: Any) -> Any:
 
 def card_section(report: dict[str, Any]) -> str:
     """The release card's scoreboard section: how the rows were made, then the table."""
-    return (f"{CARD_HEADING}\n\nEach variant trained like this release's SAEs on the same features and scored on "
-            "held-out shapes at the same L0 (`python benchmarks/bench_sae_variants.py --help` says how each column is "
+    return (f"{CARD_HEADING}\n\nEach variant trained on the same features as this release's SAEs, with the settings "
+            "its row names, and scored on held-out shapes at the same L0 (`python benchmarks/bench_sae_variants.py --help` says how each column is "
             f"computed; the rows are in `{SCOREBOARD_FILE}`). Matched correlation pairs each of the 16 values of "
             "shape, colour, size and background with its own neuron (1 = a dedicated neuron per value); Diff-C loss "
             "recovered is the release's Diff-C accuracy on SAE reconstructions ÷ on the raw features. Rows compare at "
