@@ -130,6 +130,8 @@ def test_smoke_build_makes_a_loadable_release(smoke_release):
     assert "figures/samples.png" in card
     # the smoke build trains one layer's SAE on pooled vectors: the card says which, and _check_release its recipe
     assert "each image's mean-pooled vector (the paper's granularity; up_ft0)" in card
+    assert ("8 positions per image, drawn in proportion to their squared distance from the map's mean (token level; "
+            "bottleneck)") in card
     # a release is published: none of its text files names the folders it was built in
     for path in [*out.rglob("*.json"), *out.rglob("*.md")]:
         assert str(root) not in path.read_text(), path

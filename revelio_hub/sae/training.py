@@ -259,7 +259,7 @@ def sample_tokens(maps: torch.Tensor, n_per_image: int, seed: int = 0,
     background alike, and uniform draws spend the SAE's dictionary on them. At
     the toy bottleneck, 8 such positions per image gave "Why this class?"
     neurons named for the class in 61-62 % of tuning images against 37-47 % for
-    32 uniform ones, at a 10 % higher held-out FVU (docs/benchmarks.md, "Token
+    32 uniform ones, at a 10-16 % higher held-out FVU (docs/benchmarks.md, "Token
     sampling by deviation"). A map that is the same everywhere is drawn uniformly.
     Returns ``(tokens (N·n)×C, image_index (N·n))`` where ``image_index[i]`` is
     the row of ``maps`` token i came from.
