@@ -316,8 +316,8 @@ def _class_line(view: AttributionView) -> str:
         return ""
     many = view.class_neurons
     return (f" None of the charted neurons pushing {name} up is named {name} where it fires here "
-            f"({many} of this layer's neuron{'s are' if many != 1 else ' is'} on some firings): the bars show "
-            f"what P({name}) rests on at this layer, not {name} detectors.")
+            f"({many} of this layer's neuron{'s are' if many != 1 else ' is'} named {name} on some firings): the bars "
+            f"show what P({name}) rests on at this layer, not {name} detectors.")
 
 
 def _dense_line(view: AttributionView) -> str:

@@ -213,9 +213,10 @@ def _without_paths(value: Any) -> Any:
 
 def card_section(report: dict[str, Any]) -> str:
     """The release card's scoreboard section: how the rows were made, then the table."""
-    return (f"{CARD_HEADING}\n\nEach variant trained on the same features as this release's SAEs, with the settings "
-            "its row names, and scored on held-out shapes at the same L0 (`python benchmarks/bench_sae_variants.py --help` says how each column is "
-            f"computed; the rows are in `{SCOREBOARD_FILE}`). Matched correlation pairs each of the 16 values of "
+    return (f"{CARD_HEADING}\n\nEach variant trained on the same features as this release's SAEs, with the "
+            "settings its row names, and scored on held-out shapes at the same L0 (`python "
+            "benchmarks/bench_sae_variants.py --help` says how each column is computed; the rows are in "
+            f"`{SCOREBOARD_FILE}`). Matched correlation pairs each of the 16 values of "
             "shape, colour, size and background with its own neuron (1 = a dedicated neuron per value); Diff-C loss "
             "recovered is the release's Diff-C accuracy on SAE reconstructions ÷ on the raw features. Rows compare at "
             "equal L0 only: a row whose L0 is far from k did not reach matched sparsity." + _unscored_note(report)

@@ -273,13 +273,12 @@ def sample_tokens(maps: torch.Tensor, n_per_image: int, seed: int = 0,
     n, c, h, w = maps.shape
     flat = maps.reshape(n, c, h * w)
     m = min(n_per_image, h * w)
+    g = torch.Generator().manual_seed(seed)
     if m == h * w:
         pos = torch.arange(h * w).expand(n, -1)
     elif sampling == "uniform":
-        g = torch.Generator().manual_seed(seed)
         pos = torch.rand(n, h * w, generator=g).argsort(dim=1)[:, :m]
     else:
-        g = torch.Generator().manual_seed(seed)
         dev = (flat - flat.mean(2, keepdim=True)).float().pow(2).sum(1).cpu()  # N×HW
         weight = dev / dev.sum(1, keepdim=True).clamp_min(1e-30) + 1e-9  # > 0 everywhere: m distinct draws exist
         pos = torch.multinomial(weight, m, replacement=False, generator=g)
