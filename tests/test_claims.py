@@ -499,6 +499,8 @@ def test_why_says_when_no_charted_neuron_is_named_for_the_class():
             unnamed = bool(up) and not named and layer_wide > 0
             assert (f"None of the charted neurons pushing {name} up is named {name}" in note) == unnamed
             assert {r["neuron"] for r in payload["neurons"] if r["names_class"]} >= set(named)
+            for r in payload["neurons"]:  # every measured neuron's flag is its names on this image
+                assert r["names_class"] == (name in [e.value for e in atlas.names_on_image(r["neuron"], r["activation"])])
             seen.add("none in layer" if layer_wide == 0 else "unnamed" if unnamed else "named" if named else "-")
     assert {"none in layer", "unnamed", "named"} <= seen  # the bundled release shows each case
 

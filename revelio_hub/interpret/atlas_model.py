@@ -281,7 +281,11 @@ class NeuronAtlas:
         return self._claims(i)[0]
 
     def _cache_key(self, i: int) -> tuple[int, str]:
-        return i, json.dumps(self.meta.get("summary_thresholds"), sort_keys=True, default=str)
+        return i, self._thresholds_key()
+
+    def _thresholds_key(self) -> str:
+        """The summary thresholds as cached results depend on them (the ``thresholds`` setter may change them)."""
+        return json.dumps(self.meta.get("summary_thresholds"), sort_keys=True, default=str)
 
     def _claims(self, i: int) -> tuple[list[ValueEvidence], Optional[ValueEvidence], int]:
         """(named values, the best unnamed candidate: "unsure", the firing regime their figures count); cached."""
@@ -532,15 +536,16 @@ class NeuronAtlas:
         that value. "Why this class?" uses it to tell a user when no neuron of a layer is named for the class, so
         no bar can be (a layer whose neurons carry colour and size, while Diff-C reads shape from their mix).
         """
-        key = ("naming", value, self._cache_key(0)[1])
+        key = ("naming", value, self._thresholds_key())
         found = self._claim_cache.get(key)
         if found is None:
             cal = self.calibration
-            regimes = range(len(cal.config.regimes)) if cal is not None else ()
             alive = torch.nonzero(self.stats["frequency"] > 0).flatten().tolist()
-            found = [i for i in alive
-                     if any(e.value == value for e in self.explanation(i))
-                     or any(e.value == value for r in regimes for e in self._regime_claims(i, r)[0])]
+            if cal is None:
+                found = [i for i in alive if any(e.value == value for e in self.explanation(i))]
+            else:  # the summary's names are those of one of the regimes
+                found = [i for i in alive if any(e.value == value for r in range(len(cal.config.regimes))
+                                                 for e in self._regime_claims(i, r)[0])]
             self._claim_cache[key] = found
         return list(found)
 
